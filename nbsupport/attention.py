@@ -1,0 +1,166 @@
+"""Attention building blocks (Chapter 1), reused by UMONS (Chapters 3-4) and MESM (Chapters 5-6).
+
+Conventions: masks are boolean with **True = may attend**, the convention of
+``torch.nn.functional.scaled_dot_product_attention``. A key mask of shape ``(batch, n_keys)`` is
+broadcast over queries; a full mask of shape ``(batch, n_queries, n_keys)`` is used as given.
+
+A query row whose keys are *all* masked has no well-defined softmax. Here such a row gets all-zero
+weights and therefore a zero output vector (PyTorch's fused kernel returns NaN there); this keeps
+padded queries from poisoning gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "masked_softmax", "additive_attention", "scaled_dot_product_attention", "AdditiveAttention",
+    "MultiHeadAttention", "PositionwiseFeedForward", "TransformerEncoderBlock", "key_padding_mask",
+]
+
+
+def key_padding_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """Boolean mask (batch, max_len), True on the first ``lengths[b]`` positions (the real tokens)."""
+    lengths = torch.as_tensor(lengths)
+    max_len = int(lengths.max()) if max_len is None else max_len
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _expand_mask(mask: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor | None:
+    """Broadcast a key mask (B, K) or a full mask (B, Q, K) / (B, H, Q, K) to the scores' shape."""
+    if mask is None:
+        return None
+    mask = mask.to(torch.bool)
+    if mask.dim() == 2 and scores.dim() >= 3:  # (B, K) -> (B, 1.., K)
+        mask = mask.view(mask.shape[0], *([1] * (scores.dim() - 2)), mask.shape[1])
+    while mask.dim() < scores.dim():  # (B, Q, K) -> (B, 1, Q, K) for heads
+        mask = mask.unsqueeze(1)
+    return mask
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last axis that gives masked keys exactly zero weight.
+
+    Rows whose keys are all masked return zeros (not NaN). Bahdanau et al. 2015, eq. 6; Vaswani et
+    al. 2017, eq. 1.
+    """
+    mask = _expand_mask(mask, scores)
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    any_key = mask.any(dim=-1, keepdim=True)
+    scores = torch.where(any_key, scores, torch.zeros_like(scores))  # avoid softmax of all -inf
+    weights = torch.softmax(scores, dim=-1)
+    return torch.where(mask & any_key, weights, torch.zeros_like(weights))
+
+
+def scaled_dot_product_attention(query, keys, values, mask=None):
+    """Scaled dot-product attention ``softmax(Q K^T / sqrt(d)) V`` (Vaswani et al. 2017, eq. 1).
+
+    query (..., Q, d), keys (..., K, d), values (..., K, d_v); mask True = may attend.
+    Returns ``(output (..., Q, d_v), weights (..., Q, K))``.
+    """
+    scores = query @ keys.transpose(-2, -1) / math.sqrt(query.shape[-1])  # (..., Q, K)
+    weights = masked_softmax(scores, mask)
+    return weights @ values, weights
+
+
+def additive_attention(query, keys, values, mask=None, *, w_query=None, w_key=None, v=None):
+    """Additive (Bahdanau) attention ``score = v^T tanh(W_q q + W_k k)`` (Bahdanau et al. 2015, eq. 6).
+
+    query (B, Q, d_q) or (B, d_q); keys (B, K, d_k); values (B, K, d_v). Without projection
+    matrices the query and keys must share a size and the score is ``sum(tanh(q + k))`` (the
+    parameter-free form used to explain the idea in Chapter 1); :class:`AdditiveAttention` holds
+    learned ``W_q, W_k, v`` (MESM's cross-modal attention, Chapter 6).
+    Returns ``(output, weights)`` with the query axis dropped when ``query`` had none.
+    """
+    squeeze = query.dim() == keys.dim() - 1
+    if squeeze:
+        query = query.unsqueeze(-2)
+    q = query if w_query is None else w_query(query)
+    k = keys if w_key is None else w_key(keys)
+    hidden = torch.tanh(q.unsqueeze(-2) + k.unsqueeze(-3))  # (B, Q, K, h)
+    scores = hidden.sum(-1) if v is None else v(hidden).squeeze(-1)  # (B, Q, K)
+    weights = masked_softmax(scores, mask)
+    out = weights @ values
+    if squeeze:
+        return out.squeeze(-2), weights.squeeze(-2)
+    return out, weights
+
+
+class AdditiveAttention(nn.Module):
+    """Learned additive attention (Bahdanau et al. 2015): ``v^T tanh(W_q q + W_k k)``; used for MESM's
+    text-to-image/spectrogram cross-modal attention (Dai et al. 2021, Sec. 3.2)."""
+
+    def __init__(self, query_dim: int, key_dim: int, hidden: int):
+        super().__init__()
+        self.w_query = nn.Linear(query_dim, hidden, bias=False)
+        self.w_key = nn.Linear(key_dim, hidden, bias=True)
+        self.v = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, query, keys, values=None, mask=None):
+        """query (B, d_q) or (B, Q, d_q); keys (B, K, d_k) -> (output, weights)."""
+        return additive_attention(query, keys, keys if values is None else values, mask,
+                                  w_query=self.w_query, w_key=self.w_key, v=self.v)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al. 2017, Sec. 3.2.2): ``h`` scaled dot-product attentions over
+    learned projections, concatenated and projected. Called as ``mha(query, key, value, mask=None)``;
+    stores the last attention weights (batch, heads, Q, K) in ``self.weights`` for plotting."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"MultiHeadAttention: dim={dim} must be divisible by heads={heads}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.weights: torch.Tensor | None = None
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, dim) -> (B, heads, T, head_dim)
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query, key, value, mask=None):
+        q, k, v = self._split(self.q_proj(query)), self._split(self.k_proj(key)), self._split(self.v_proj(value))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, heads, Q, K)
+        weights = masked_softmax(scores, mask)
+        self.weights = weights.detach()
+        out = self.dropout(weights) @ v  # (B, heads, Q, head_dim)
+        out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.dim)
+        return self.out_proj(out)
+
+
+class PositionwiseFeedForward(nn.Module):
+    """The transformer MLP ``W_2 ReLU(W_1 x)`` (Vaswani et al. 2017, eq. 2)."""
+
+    def __init__(self, dim: int, ff_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, ff_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_size, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransformerEncoderBlock(nn.Module):
+    """Post-LN encoder block ``x = LayerNorm(x + MHA(x)); x = LayerNorm(x + MLP(x))`` as in UMONS
+    (Delbrouck et al. 2020, Sec. 2) and the original transformer (Vaswani et al. 2017, Sec. 3.1)."""
+
+    def __init__(self, dim: int, heads: int, ff_size: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.attention = MultiHeadAttention(dim, heads, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ff = PositionwiseFeedForward(dim, ff_size or 4 * dim, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None):
+        """x (B, T, dim); mask (B, T) True on real positions."""
+        x = self.norm1(x + self.dropout(self.attention(x, x, x, mask)))
+        return self.norm2(x + self.dropout(self.ff(x)))
