@@ -1,0 +1,529 @@
+"""The shared trainer (Chapters 3-8): ``fit``, ``evaluate``, ``predict``.
+
+Any ``nn.Module`` called as ``model(batch) -> logits (B, n_outputs)`` on a batch dict (DESIGN.md data
+contract) can be trained. Three tasks:
+
+* ``"emotion"`` -- multi-label, one logit per emotion, BCE-with-logits with ``pos_weight = neg/pos``
+  counted on the training labels (Dai et al. 2021, Sec. 4.3; also UMONS' binary-per-emotion setup);
+* ``"sentiment7"`` -- 7 classes ``round(clip(s, -3, 3)) + 3``, cross-entropy (CMU-MOSEI Acc-7);
+* ``"sentiment2"`` -- 2 classes, ``s >= 0`` (non-negative) vs ``s < 0``, cross-entropy (Acc-2, the
+  "negative / non-negative" convention of Zadeh et al. 2018; the "non-zero" variant drops s == 0).
+
+Reproducibility: every epoch re-seeds PyTorch's generator (and the loader's own shuffle generator)
+from ``(seed, epoch)``, so the shuffle order and dropout masks of epoch ``e`` do not depend on what
+ran before. Together with the checkpoint (model, optimiser, epoch, best state, history, RNG states,
+written atomically after every epoch) an interrupted run resumes to the same final result.
+
+Distributed training: when ``torch.distributed`` is initialised (``torchrun``), :func:`fit` wraps the
+model in ``DistributedDataParallel``, :func:`make_loader` uses a ``DistributedSampler``, predictions
+are gathered from all ranks before metrics (:func:`_gather`), and only rank 0 writes checkpoints.
+Without it all of these are the identity.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+__all__ = [
+    "TASKS", "n_outputs", "targets_for", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
+    "FitResult", "resolve_device", "compute_metrics", "choose_thresholds", "count_parameters",
+]
+
+#: Task name -> (number of outputs, metric monitored by early stopping).
+TASKS = {"emotion": (None, "wacc"), "sentiment7": (7, "acc7"), "sentiment2": (2, "acc2")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+def _check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"nbsupport.train: parameter 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+    return task
+
+
+def n_outputs(task: str, n_emotions: int = 6) -> int:
+    """Size of the classifier for ``task``: ``n_emotions`` logits, 7 or 2 classes (Chapters 3-4)."""
+    n = TASKS[_check_task(task)][0]
+    return n_emotions if n is None else n
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU (with torch.distributed on CUDA: this rank's GPU)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("nbsupport.train: device 'cuda' requested but no CUDA GPU is available")
+        if _dist_on():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(device)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (the ``n_params`` metric)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def sentiment_classes(sentiment: torch.Tensor, task: str) -> torch.Tensor:
+    """Sentiment scores in [-3, 3] -> class ids: 7 classes ``round(clip(s,-3,3))+3`` or 2 classes ``s >= 0``."""
+    s = torch.as_tensor(sentiment, dtype=torch.float32)
+    if torch.isnan(s).any():
+        raise ValueError(f"nbsupport.train: task {task!r} needs batch['sentiment'] but it holds NaN "
+                         "(IEMOCAP has no sentiment; use task='emotion')")
+    if task == "sentiment7":
+        return (torch.round(torch.clamp(s, -3.0, 3.0)) + 3).long()
+    return (s >= 0).long()
+
+
+def targets_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
+    """The training target of ``task`` in a batch dict: ``emotion`` (B, E) float or sentiment classes (B,)."""
+    _check_task(task)
+    key = "emotion" if task == "emotion" else "sentiment"
+    if key not in batch:
+        raise KeyError(f"nbsupport.train: batch has no field {key!r} needed by task {task!r}; "
+                       f"fields: {sorted(batch)}")
+    if task == "emotion":
+        return torch.as_tensor(batch["emotion"], dtype=torch.float32)
+    return sentiment_classes(batch["sentiment"], task)
+
+
+def pos_weight_from(labels: torch.Tensor) -> torch.Tensor:
+    """BCE ``pos_weight`` per emotion = negatives / positives on the training labels (Dai et al. 2021).
+
+    An emotion with no positive example gets weight 1 (nothing to re-balance).
+    """
+    labels = torch.as_tensor(labels, dtype=torch.float64)
+    pos = labels.sum(0)
+    neg = labels.shape[0] - pos
+    return torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos)).float()
+
+
+def _labels_of_loader(loader: Iterable, task: str) -> torch.Tensor:
+    """All training targets of ``loader`` (read from the dataset's items when possible, else one pass)."""
+    return torch.cat([targets_for(b, task) for b in loader])
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed hooks (identity when torch.distributed is not initialised)
+# ------------------------------------------------------------------------------------------------
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _dist_on() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if _dist_on() else 1
+
+
+def _wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``model`` under torchrun; the model itself otherwise."""
+    if not _dist_on():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _gather(tensor: torch.Tensor, n_total: int | None = None) -> torch.Tensor:
+    """Collect a per-rank tensor of predictions from every rank (identity without torch.distributed).
+
+    ``DistributedSampler(shuffle=False)`` gives rank ``r`` the items ``r, r+W, r+2W, ...`` of a list
+    padded to a multiple of ``W``; interleaving the gathered pieces and cutting to ``n_total``
+    restores the dataset order exactly.
+    """
+    if not _dist_on():
+        return tensor
+    pieces = [None] * _world()
+    torch.distributed.all_gather_object(pieces, tensor.cpu())
+    stacked = torch.stack([p for p in pieces], dim=1)  # (n_per_rank, W, ...)
+    out = stacked.reshape(-1, *tensor.shape[1:])
+    return out[:n_total] if n_total is not None else out
+
+
+def _gather_list(items: list, n_total: int | None = None) -> list:
+    if not _dist_on():
+        return items
+    pieces = [None] * _world()
+    torch.distributed.all_gather_object(pieces, list(items))
+    out = [pieces[r][i] for i in range(len(pieces[0])) for r in range(_world())]
+    return out[:n_total] if n_total is not None else out
+
+
+def make_loader(dataset, *, batch_size: int = 32, shuffle: bool = False, seed: int = 0,
+                collate_fn: Callable | None = None, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """A seeded ``DataLoader`` (its own ``torch.Generator``); a ``DistributedSampler`` under torchrun.
+
+    :func:`fit` re-seeds the loader's generator every epoch (``set_epoch`` for the distributed
+    sampler), so the shuffle order of epoch ``e`` depends only on ``(seed, e)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"nbsupport.train.make_loader: parameter 'batch_size' must be >= 1, got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    if _dist_on():
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                          num_workers=num_workers, generator=generator, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn,
+                      num_workers=num_workers, generator=generator, drop_last=drop_last)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
+
+
+def _seed_epoch(loader, seed: int, epoch: int) -> None:
+    """Fix the shuffle order and dropout of one epoch from ``(seed, epoch)`` alone (exact resume)."""
+    s = _epoch_seed(seed, epoch)
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(s)
+    gen = getattr(sampler, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(s)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics: through nbsupport.metrics
+# ------------------------------------------------------------------------------------------------
+def _metrics_module():
+    try:
+        from nbsupport import metrics
+    except ImportError:
+        return None
+    return metrics
+
+
+def choose_thresholds(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-emotion probability threshold maximising F1 on validation (Dai et al. 2021, Sec. 4.3)."""
+    metrics = _metrics_module()
+    if metrics is not None and hasattr(metrics, "choose_thresholds"):
+        return np.asarray(metrics.choose_thresholds(probs, targets), dtype=float)
+    from sklearn.metrics import f1_score  # fallback while nbsupport.metrics is not there
+
+    out = []
+    for k in range(probs.shape[1]):
+        cands = np.unique(np.concatenate([[0.5], probs[:, k]]))
+        f1s = [f1_score(targets[:, k] > 0.5, probs[:, k] >= c, zero_division=0) for c in cands]
+        out.append(float(cands[int(np.argmax(f1s))]))
+    return np.asarray(out)
+
+
+def _emotion_metrics(probs: np.ndarray, targets: np.ndarray, thresholds) -> dict:
+    """Per-emotion weighted accuracy ``(TP*N/P + TN) / 2N`` (Tong et al. 2017), accuracy, F1, AUC, averaged."""
+    metrics = _metrics_module()
+    if metrics is not None and hasattr(metrics, "emotion_metrics"):
+        return dict(metrics.emotion_metrics(probs, targets, thresholds=thresholds))
+    # fallback while nbsupport.metrics is not there: scikit-learn per emotion
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    th = np.broadcast_to(np.asarray(thresholds, dtype=float), (probs.shape[1],))
+    y = targets > 0.5
+    pred = probs >= th[None, :]
+    out = {}
+    per = {"wacc": [], "acc": [], "f1": [], "auc": []}
+    for k in range(probs.shape[1]):
+        per["wacc"].append(balanced_accuracy_score(y[:, k], pred[:, k]) if 0 < y[:, k].sum() < len(y) else
+                           accuracy_score(y[:, k], pred[:, k]))
+        per["acc"].append(accuracy_score(y[:, k], pred[:, k]))
+        per["f1"].append(f1_score(y[:, k], pred[:, k], zero_division=0))
+        per["auc"].append(roc_auc_score(y[:, k], probs[:, k]) if 0 < y[:, k].sum() < len(y) else float("nan"))
+    for name, vals in per.items():
+        out[name] = float(np.nanmean(vals)) if not np.all(np.isnan(vals)) else float("nan")
+    for name in ("wacc", "f1"):
+        out.update({f"{name}_{k}": float(v) for k, v in enumerate(per[name])})
+    return out
+
+
+def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, task: str,
+                    thresholds: np.ndarray | float | None = None) -> dict:
+    """Shared metric names from logits and training targets (the numbers every chapter reports).
+
+    emotion: ``wacc, acc, f1, auc`` averaged over emotions plus per-emotion ``wacc_<k>``/``f1_<k>``
+    (index k), probabilities thresholded at ``thresholds`` (0.5 by default);
+    sentiment7: ``acc7`` and ``acc2`` (predicted class >= 3 vs true score >= 0), ``mae`` of the
+    expected score; sentiment2: ``acc2``.
+    """
+    _check_task(task)
+    logits = logits.detach().float().cpu()
+    if task == "emotion":
+        probs = torch.sigmoid(logits).numpy()
+        th = 0.5 if thresholds is None else thresholds
+        return _emotion_metrics(probs, targets.cpu().numpy(), th)
+    probs = torch.softmax(logits, -1).numpy()
+    y = targets.cpu().numpy()
+    pred = probs.argmax(-1)
+    if task == "sentiment7":
+        scores = probs @ np.arange(-3, 4, dtype=float)  # expected score
+        out = {"acc7": float((pred == y).mean()), "acc2": float(((pred >= 3) == (y >= 3)).mean()),
+               "mae": float(np.abs(scores - (y - 3)).mean())}
+        return out
+    return {"acc2": float((pred == y).mean())}
+
+
+# ------------------------------------------------------------------------------------------------
+# Predict / evaluate
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, *, task: str = "emotion", device="auto"):
+    """Run ``model`` over ``loader`` in eval mode -> ``(logits (N, C), targets, ids)``, gathered over ranks."""
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    logits, targets, ids = [], [], []
+    for batch in loader:
+        tgt = targets_for(batch, task)
+        out = model(_to_device(batch, device))
+        logits.append(out.float().cpu())
+        targets.append(tgt)
+        ids.extend(batch.get("ids", [None] * len(tgt)) if isinstance(batch, Mapping) else [None] * len(tgt))
+    model.train(was_training)
+    if not logits:
+        raise ValueError("nbsupport.train.predict: the loader yielded no batch")
+    n_total = len(loader.dataset) if _dist_on() and hasattr(loader, "dataset") else None
+    return _gather(torch.cat(logits), n_total), _gather(torch.cat(targets), n_total), _gather_list(ids, n_total)
+
+
+def evaluate(model: nn.Module, loader: Iterable, *, task: str = "emotion", device="auto",
+             thresholds: np.ndarray | float | str | None = None) -> dict:
+    """Metrics with the shared names of ``model`` on ``loader`` (Chapters 3-8).
+
+    ``thresholds``: None/0.5 default, an array of per-emotion thresholds (e.g. ``FitResult.thresholds``
+    chosen on validation), or ``"validation"`` to choose them on this very loader (optimistic).
+    """
+    logits, targets, _ = predict(model, loader, task=task, device=device)
+    if isinstance(thresholds, str):
+        if thresholds != "validation":
+            raise ValueError(f"nbsupport.train.evaluate: parameter 'thresholds' must be None, a number, an array "
+                             f"or 'validation', got {thresholds!r}")
+        thresholds = choose_thresholds(torch.sigmoid(logits).numpy(), targets.numpy()) if task == "emotion" else None
+    return compute_metrics(logits, targets, task, thresholds)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fit
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the model with its best weights loaded, the history and the best epoch."""
+
+    model: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    best_score: float
+    monitor: str
+    valid_metrics: dict
+    thresholds: Any = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+    n_params: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _param_groups(model: nn.Module, lr: float, weight_decay: float):
+    """``model.param_groups(lr)`` when the model defines it (e.g. MESM's text encoder at lr/10), else all."""
+    if hasattr(model, "param_groups") and callable(model.param_groups):
+        groups = list(model.param_groups(lr))
+        for g in groups:
+            g.setdefault("weight_decay", weight_decay)
+        return groups
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
+
+
+def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emotion", epochs: int = 10,
+        lr: float = 1e-3, weight_decay: float = 0.0, device="auto", seed: int = 0, grad_clip: float | None = 1.0,
+        patience: int | None = None, monitor: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = True, thresholds: str | float = 0.5, pos_weight: str | torch.Tensor | None = "auto",
+        progress: bool = True, callbacks: Sequence[Callable] = (), desc: str | None = None) -> FitResult:
+    """Train ``model`` on ``train_loader``, early-stop on ``valid_loader``, keep the best weights (Ch. 3-8).
+
+    Loss: BCE-with-logits with ``pos_weight`` = neg/pos of the training labels for ``task="emotion"``
+    (``pos_weight=None`` switches it off, a tensor sets it), cross-entropy for ``sentiment7``/``sentiment2``.
+    Optimiser: AdamW over ``model.param_groups(lr)`` when defined; gradient norm clipped at ``grad_clip``.
+    Early stopping: after ``patience`` epochs without improvement of ``monitor`` (default ``wacc``,
+    ``acc7`` or ``acc2`` by task; ``"loss"`` = validation loss, minimised). ``thresholds="validation"``
+    tunes per-emotion thresholds on the validation set by F1 every epoch (MESM); the best epoch's are
+    returned in ``FitResult.thresholds`` for the test set.
+    ``checkpoint_dir``: ``last.pt`` (everything needed to resume) and ``best.pt`` (best weights) are
+    written there atomically after each epoch; with ``resume=True`` an existing ``last.pt`` is loaded
+    and training continues from the next epoch, ending where an uninterrupted run would have.
+    ``callbacks``: functions ``cb(epoch, row_dict)`` called after each epoch (after the checkpoint).
+    """
+    _check_task(task)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"nbsupport.train.fit: parameter 'epochs' must be an integer >= 1, got {epochs!r}")
+    if not lr > 0:
+        raise ValueError(f"nbsupport.train.fit: parameter 'lr' must be > 0, got {lr!r}")
+    if thresholds != "validation" and not isinstance(thresholds, (int, float)):
+        raise ValueError(f"nbsupport.train.fit: parameter 'thresholds' must be a number or 'validation', "
+                         f"got {thresholds!r}")
+    monitor = monitor or TASKS[task][1]
+    maximise = monitor != "loss"
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    model = model.to(device)
+    net = _wrap_model(model, device)
+    optimiser = torch.optim.AdamW(_param_groups(model, lr, weight_decay), lr=lr, weight_decay=weight_decay)
+
+    if task == "emotion":
+        if isinstance(pos_weight, str):
+            if pos_weight != "auto":
+                raise ValueError(f"nbsupport.train.fit: parameter 'pos_weight' must be 'auto', None or a tensor, "
+                                 f"got {pos_weight!r}")
+            pos_weight = pos_weight_from(_labels_of_loader(train_loader, task))
+        criterion = nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else
+                                         torch.as_tensor(pos_weight, dtype=torch.float32).to(device))
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    last_path = ckpt_dir / "last.pt" if ckpt_dir else None
+    state = {"epoch": 0, "history": [], "best_state": _cpu_state(model), "best_score": -math.inf if maximise
+             else math.inf, "best_epoch": 0, "best_metrics": {}, "best_thresholds": None, "bad_epochs": 0,
+             "stopped_early": False, "seconds": 0.0}
+    if last_path is not None and resume and last_path.exists():
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        state = ckpt["state"]
+        _set_rng_state(ckpt["rng"])
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    epoch_bar = range(state["epoch"] + 1, epochs + 1)
+    if progress and tqdm is not None and _rank() == 0:
+        epoch_bar = tqdm(epoch_bar, desc=desc or f"fit {task}", initial=state["epoch"], total=epochs, leave=False)
+
+    for epoch in epoch_bar:
+        if state["stopped_early"]:
+            break
+        t0 = time.perf_counter()
+        _seed_epoch(train_loader, seed, epoch)
+        net.train()
+        total, count = 0.0, 0
+        for batch in train_loader:
+            target = targets_for(batch, task).to(device)
+            logits = net(_to_device(batch, device))
+            loss = criterion(logits, target)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimiser.step()
+            total += float(loss.detach()) * len(target)
+            count += len(target)
+        row = {"epoch": epoch, "train_loss": total / max(count, 1)}
+        th = None
+        if valid_loader is not None:
+            v_logits, v_targets, _ = predict(model, valid_loader, task=task, device=device)
+            row["valid_loss"] = float(criterion(v_logits.to(device), v_targets.to(device)))
+            if task == "emotion" and thresholds == "validation":
+                th = choose_thresholds(torch.sigmoid(v_logits).numpy(), v_targets.numpy())
+            elif task == "emotion":
+                th = float(thresholds)
+            metrics = compute_metrics(v_logits, v_targets, task, th)
+            row.update({f"valid_{k}": v for k, v in metrics.items()})
+            score = row["valid_loss"] if monitor == "loss" else metrics.get(monitor)
+            if score is None:
+                raise ValueError(f"nbsupport.train.fit: parameter 'monitor'={monitor!r} is not a validation "
+                                 f"metric of task {task!r}; available: loss, {', '.join(metrics)}")
+        else:
+            metrics, score = {}, -row["train_loss"] if maximise else row["train_loss"]
+        improved = score > state["best_score"] if maximise else score < state["best_score"]
+        if improved:
+            state.update(best_score=float(score), best_epoch=epoch, best_state=_cpu_state(model),
+                         best_metrics=metrics, best_thresholds=th, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["seconds"] += time.perf_counter() - t0
+        row["seconds"] = time.perf_counter() - t0
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if patience is not None and state["bad_epochs"] >= patience:
+            state["stopped_early"] = True
+        if last_path is not None and _rank() == 0:
+            _atomic_save({"model": _cpu_state(model), "optimiser": optimiser.state_dict(), "state": state,
+                          "rng": _rng_state(), "task": task, "seed": seed}, last_path)
+            if improved:
+                _atomic_save({"model": state["best_state"], "epoch": epoch, "score": state["best_score"],
+                              "thresholds": th}, ckpt_dir / "best.pt")
+        if hasattr(epoch_bar, "set_postfix"):
+            epoch_bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"
+                                   and isinstance(v, float) and k in ("train_loss", f"valid_{monitor}")})
+        for cb in callbacks:
+            cb(epoch, dict(row))
+        if state["stopped_early"]:
+            break
+    if hasattr(epoch_bar, "close"):
+        epoch_bar.close()
+
+    model.load_state_dict(state["best_state"])
+    return FitResult(model=model, history=pd.DataFrame(state["history"]), best_epoch=state["best_epoch"],
+                     best_score=state["best_score"], monitor=monitor, valid_metrics=state["best_metrics"],
+                     thresholds=state["best_thresholds"], stopped_early=state["stopped_early"],
+                     seconds=state["seconds"], checkpoint=last_path, n_params=count_parameters(model))

@@ -1,0 +1,182 @@
+"""Tests of nbsupport.train (the shared trainer): loss weights, seeding, resume, early stopping."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nbsupport import train
+
+
+class TinyNet(nn.Module):
+    """A small MLP over batch['x'] with dropout (so that RNG handling matters for exact resume)."""
+
+    def __init__(self, d_in=8, n_out=6):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, n_out))
+
+    def forward(self, batch):
+        return self.net(batch["x"])
+
+
+def _items(n=48, seed=0, d_in=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    w = torch.randn(d_in, 6, generator=g)
+    emo = (x @ w > 0.5).float()
+    sent = torch.clamp(x[:, 0] * 2, -3, 3)
+    return [{"ids": f"u{i}", "x": x[i], "emotion": emo[i], "sentiment": sent[i]} for i in range(n)]
+
+
+def _collate(items):
+    return {"ids": [it["ids"] for it in items], "x": torch.stack([it["x"] for it in items]),
+            "emotion": torch.stack([it["emotion"] for it in items]),
+            "sentiment": torch.stack([it["sentiment"] for it in items])}
+
+
+def _loaders(seed=0):
+    tr = train.make_loader(_items(48, 1), batch_size=8, shuffle=True, seed=seed, collate_fn=_collate)
+    va = train.make_loader(_items(24, 2), batch_size=8, shuffle=False, collate_fn=_collate)
+    return tr, va
+
+
+def _fit(epochs=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    tr, va = _loaders(seed)
+    return train.fit(model, tr, va, epochs=epochs, lr=1e-2, seed=seed, device="cpu", progress=False, **kw)
+
+
+def test_pos_weight_is_neg_over_pos_hand_computed():
+    labels = torch.tensor([[1, 0, 1], [0, 0, 1], [0, 1, 1], [0, 0, 0]], dtype=torch.float32)
+    # column 0: 1 positive, 3 negatives -> 3; column 1: 1 pos 3 neg -> 3; column 2: 3 pos, 1 neg -> 1/3
+    assert torch.allclose(train.pos_weight_from(labels), torch.tensor([3.0, 3.0, 1 / 3]))
+    # an emotion without positives gets weight 1
+    assert train.pos_weight_from(torch.zeros(5, 2)).tolist() == [1.0, 1.0]
+
+
+def test_fit_uses_bce_with_the_training_pos_weight():
+    tr, _ = _loaders()
+    labels = torch.stack([it["emotion"] for it in _items(48, 1)])
+    pos = labels.sum(0)
+    expected = (48 - pos) / pos
+    seen = {}
+    orig = nn.BCEWithLogitsLoss.__init__
+
+    def spy(self, *a, pos_weight=None, **k):
+        seen["pw"] = pos_weight
+        orig(self, *a, pos_weight=pos_weight, **k)
+
+    nn.BCEWithLogitsLoss.__init__ = spy
+    try:
+        train.fit(TinyNet(), tr, None, epochs=1, device="cpu", progress=False)
+    finally:
+        nn.BCEWithLogitsLoss.__init__ = orig
+    assert torch.allclose(seen["pw"], expected)
+
+
+def test_sentiment_classes_hand_computed():
+    s = torch.tensor([-3.4, -2.6, -0.4, 0.0, 0.49, 0.51, 2.5, 3.7])
+    assert train.sentiment_classes(s, "sentiment7").tolist() == [0, 0, 3, 3, 3, 4, 5, 6]
+    assert train.sentiment_classes(s, "sentiment2").tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="sentiment"):
+        train.sentiment_classes(torch.tensor([float("nan")]), "sentiment7")
+
+
+def test_same_seed_same_metrics_and_history():
+    a, b = _fit(seed=3), _fit(seed=3)
+    assert a.history.drop(columns="seconds").equals(b.history.drop(columns="seconds"))
+    assert a.valid_metrics == b.valid_metrics
+    c = _fit(seed=4)
+    assert not a.history["train_loss"].equals(c.history["train_loss"])
+
+
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path):
+    full = _fit(epochs=4, checkpoint_dir=tmp_path / "full")
+
+    def crash(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill after the first epoch")
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(epochs=4, checkpoint_dir=tmp_path / "cut", callbacks=[crash])
+    assert (tmp_path / "cut" / "last.pt").exists()
+    resumed = _fit(epochs=4, checkpoint_dir=tmp_path / "cut")  # fresh model object, loads last.pt
+    cols = [c for c in full.history.columns if c != "seconds"]
+    pd_full, pd_res = full.history[cols], resumed.history[cols]
+    assert list(pd_res["epoch"]) == [1, 2, 3, 4]
+    assert np.allclose(pd_full.to_numpy(float), pd_res.to_numpy(float), atol=0, rtol=0)
+    assert full.valid_metrics == resumed.valid_metrics
+    for (k, v), (_, w) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_resume_with_more_epochs_continues(tmp_path):
+    full = _fit(epochs=3)
+    _fit(epochs=1, checkpoint_dir=tmp_path)
+    more = _fit(epochs=3, checkpoint_dir=tmp_path)
+    assert np.array_equal(full.history["train_loss"].to_numpy(), more.history["train_loss"].to_numpy())
+    assert (tmp_path / "best.pt").exists()
+
+
+def test_early_stopping_stops():
+    # a learning rate so small that the validation metric never improves after epoch 1
+    torch.manual_seed(0)
+    tr, va = _loaders()
+    res = train.fit(TinyNet(), tr, va, epochs=20, lr=1e-12, patience=2, device="cpu", progress=False)
+    assert res.stopped_early and len(res.history) == 3 and res.best_epoch == 1
+
+
+def test_best_weights_are_returned():
+    res = _fit(epochs=5)
+    tr, va = _loaders()
+    again = train.evaluate(res.model, va, task="emotion", device="cpu")
+    assert again["wacc"] == pytest.approx(res.valid_metrics["wacc"])
+    assert res.history["valid_wacc"].max() == pytest.approx(res.best_score)
+
+
+@pytest.mark.parametrize("task,n", [("sentiment7", 7), ("sentiment2", 2)])
+def test_sentiment_tasks_train_with_cross_entropy(task, n):
+    torch.manual_seed(0)
+    tr, va = _loaders()
+    res = train.fit(TinyNet(n_out=n), tr, va, task=task, epochs=2, device="cpu", progress=False)
+    key = "acc7" if task == "sentiment7" else "acc2"
+    assert res.monitor == key and 0 <= res.valid_metrics[key] <= 1
+    assert train.n_outputs(task) == n
+
+
+def test_validation_thresholds_are_per_emotion():
+    res = _fit(epochs=2, thresholds="validation")
+    assert np.asarray(res.thresholds).shape == (6,)
+
+
+def test_param_groups_are_used():
+    class Grouped(TinyNet):
+        def param_groups(self, lr):
+            return [{"params": self.net[0].parameters(), "lr": lr / 10},
+                    {"params": self.net[3].parameters(), "lr": lr}]
+
+    tr, va = _loaders()
+    seen = {}
+    orig = torch.optim.AdamW.__init__
+
+    def spy(self, params, *a, **k):
+        params = list(params)
+        seen["lrs"] = [g["lr"] for g in params]
+        orig(self, params, *a, **k)
+
+    torch.optim.AdamW.__init__ = spy
+    try:
+        train.fit(Grouped(), tr, va, epochs=1, lr=1e-2, device="cpu", progress=False)
+    finally:
+        torch.optim.AdamW.__init__ = orig
+    assert seen["lrs"] == pytest.approx([1e-3, 1e-2])
+
+
+def test_bad_arguments_are_named():
+    tr, va = _loaders()
+    with pytest.raises(ValueError, match="task"):
+        train.fit(TinyNet(), tr, va, task="emotions", epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="epochs"):
+        train.fit(TinyNet(), tr, va, epochs=0, device="cpu")
+    with pytest.raises(ValueError, match="monitor"):
+        train.fit(TinyNet(), tr, va, epochs=1, monitor="nope", device="cpu", progress=False)
