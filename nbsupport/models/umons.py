@@ -1,0 +1,253 @@
+"""UMONS transformers (Delbrouck et al., Challenge-HML @ ACL 2020): Chapters 3 and 4.
+
+* :class:`GlimpseLayer` -- attention flattening: an MLP scores every position into ``G`` glimpses, a
+  masked softmax over positions turns each score column into weights, and the ``G`` weighted sums
+  are either kept as a sequence of ``G`` vectors (the per-block glimpse) or concatenated and
+  projected back to ``hidden_size`` (the final glimpse of size 1). The idea comes from MCAN's
+  "attentional reduction" (Yu et al. 2019) that UMONS reuses.
+* :class:`CoAttentionBlock` -- modular co-attention: a non-linguistic sequence ``y`` attends to itself
+  and then to the language sequence ``x``: ``y = LayerNorm(y + MHA(y, x, x))``, then the MLP.
+* :class:`UmonsTransformer` -- any combination of L, A, V. One modality: a plain stack of post-LN
+  self-attention + MLP blocks (the monomodal encoder, Chapter 3). Several: one stack per modality,
+  A and V attend to L in every layer, a glimpse layer closes every block but the last (Chapter 4).
+  Classification (both): a glimpse of size 1 per modality, the vectors summed, LayerNorm, Linear.
+
+Inputs are the UMONS batch dict of ``nbsupport.data.collate_umons``: ``text`` (B, Lt, Dw) word
+vectors -> LSTM; ``audio`` (B, La, 80) mel frames and ``video`` (B, Lv, Dv) frame features -> linear
+adapters; ``*_mask`` (B, L) True on real positions. Every modality is cut or padded to ``seq_len``
+positions (the paper's 60): the per-block glimpse keeps ``seq_len`` glimpse vectors and adds them
+back to the sequence, so the sequence length is fixed by the configuration. Padded positions are
+zeroed after the adapters and masked in every attention, so they never change an output.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nbsupport.attention import MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock, masked_softmax
+
+__all__ = ["UmonsConfig", "PAPER_CONFIG", "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
+           "UmonsTransformer", "MODALITY_KEYS"]
+
+#: Modality letter -> batch field (its mask is ``<field>_mask``).
+MODALITY_KEYS = {"L": "text", "A": "audio", "V": "video"}
+
+
+@dataclass
+class UmonsConfig:
+    """Hyper-parameters with the paper's names (Delbrouck et al. 2020, Sec. 4): defaults = paper config."""
+
+    hidden_size: int = 512
+    ff_size: int = 1024
+    layers: int = 4
+    heads: int = 4
+    dropout: float = 0.1
+    seq_len: int = 60
+
+    def __post_init__(self):
+        for name in ("hidden_size", "ff_size", "layers", "heads", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"UmonsConfig: parameter '{name}' must be an integer >= 1, got {value!r}")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"UmonsConfig: parameter 'hidden_size'={self.hidden_size} must be divisible by "
+                             f"'heads'={self.heads}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"UmonsConfig: parameter 'dropout' must be in [0, 1), got {self.dropout!r}")
+
+
+#: The configuration of the paper: hidden 512, ff 1024, 4 layers, 4 heads, dropout 0.1, 60 positions.
+PAPER_CONFIG = UmonsConfig(512, 1024, 4, 4, 0.1, 60)
+
+
+class GlimpseLayer(nn.Module):
+    """Attention flattening with ``glimpses`` glimpses (UMONS Sec. 3; MCAN's attentional reduction).
+
+    ``scores = MLP(x)`` (B, T, G); ``w = softmax_T(scores)`` with padded positions at weight 0;
+    ``g_k = sum_t w[t, k] x_t``. ``merge=True``: ``Linear(concat_k g_k)`` -> (B, hidden); ``merge=False``:
+    the glimpses as a sequence (B, G, hidden). The last weights (B, G, T) are kept in ``self.weights``.
+    """
+
+    def __init__(self, hidden_size: int, glimpses: int = 1, mlp_size: int | None = None, dropout: float = 0.0,
+                 merge: bool = True):
+        super().__init__()
+        self.glimpses, self.merge = glimpses, merge
+        mlp_size = mlp_size or hidden_size
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_size, glimpses))
+        self.proj = nn.Linear(glimpses * hidden_size, hidden_size) if merge else None
+        self.weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        scores = self.mlp(x).transpose(1, 2)  # (B, G, T)
+        weights = masked_softmax(scores, mask)  # mask (B, T) broadcast over glimpses
+        self.weights = weights.detach()
+        glimpses = weights @ x  # (B, G, hidden)
+        if not self.merge:
+            return glimpses
+        return self.proj(glimpses.flatten(1))  # (B, G*hidden) -> (B, hidden)
+
+
+class CoAttentionBlock(nn.Module):
+    """Modular co-attention for a non-linguistic modality (UMONS Sec. 3, after MCAN's SGA unit):
+
+    ``y = LN(y + SA(y)); y = LN(y + MHA(y, x, x)); y = LN(y + MLP(y))`` with ``x`` the language.
+    ``self.cross.weights`` (B, heads, Ty, Tx) holds the last co-attention map (frames -> words).
+    """
+
+    def __init__(self, hidden_size: int, heads: int, ff_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.self_att = MultiHeadAttention(hidden_size, heads, dropout)
+        self.cross = MultiHeadAttention(hidden_size, heads, dropout)
+        self.ff = PositionwiseFeedForward(hidden_size, ff_size, dropout)
+        self.norms = nn.ModuleList([nn.LayerNorm(hidden_size) for _ in range(3)])
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, y, y_mask, x, x_mask):
+        """y (B, Ty, hidden), x (B, Tx, hidden); masks (B, T) True on real positions -> (B, Ty, hidden)."""
+        y = self.norms[0](y + self.dropout(self.self_att(y, y, y, y_mask)))
+        y = self.norms[1](y + self.dropout(self.cross(y, x, x, x_mask)))
+        return self.norms[2](y + self.dropout(self.ff(y)))
+
+
+class ModalityAdapter(nn.Module):
+    """Input adapter: word vectors -> LSTM (language), frame features -> Linear (audio, video); UMONS Sec. 3.
+
+    Output (B, seq_len, hidden) with padded positions set to 0, and the mask (B, seq_len). The LSTM
+    runs left to right, so padding after an utterance cannot change its real positions.
+    """
+
+    def __init__(self, modality: str, in_dim: int, hidden_size: int, seq_len: int):
+        super().__init__()
+        self.modality, self.seq_len = modality, seq_len
+        self.net = nn.LSTM(in_dim, hidden_size, batch_first=True) if modality == "L" else nn.Linear(in_dim, hidden_size)
+        self.in_dim = in_dim
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor):
+        field = MODALITY_KEYS[self.modality]
+        if feats.dim() != 3 or feats.shape[-1] != self.in_dim:
+            raise ValueError(f"UmonsTransformer: batch field {field!r} must have shape (batch, length, "
+                             f"{self.in_dim}), got {tuple(feats.shape)}")
+        feats, mask = feats[:, : self.seq_len], mask[:, : self.seq_len].to(torch.bool)  # cut to seq_len
+        pad = self.seq_len - feats.shape[1]
+        if pad:
+            feats = F.pad(feats, (0, 0, 0, pad))  # (B, seq_len, in_dim)
+            mask = F.pad(mask, (0, pad), value=False)
+        feats = feats.float() * mask.unsqueeze(-1)  # padded input values never enter the network
+        h = self.net(feats)[0] if self.modality == "L" else self.net(feats)  # (B, seq_len, hidden)
+        return h * mask.unsqueeze(-1), mask
+
+
+class UmonsTransformer(nn.Module):
+    """UMONS monomodal encoder (one modality) or multimodal joint-encoding transformer (L + A and/or V).
+
+    ``model(batch) -> logits`` (B, n_outputs). ``modalities`` is a string over L, A, V; with more than
+    one it must contain L, which the others attend to. ``input_dims`` maps letters to feature sizes
+    (defaults: text 300, audio 80, video 512 as in the paper). After every forward,
+    :meth:`attention_maps` returns the glimpse weights per modality and co-attention maps per layer.
+    """
+
+    def __init__(self, modalities: str = "LAV", n_outputs: int = 6, config: UmonsConfig | None = None,
+                 input_dims: Mapping[str, int] | None = None, **config_kw):
+        super().__init__()
+        if config is None:
+            config = UmonsConfig(**config_kw)
+        elif config_kw:
+            raise ValueError("UmonsTransformer: give either 'config' or keyword hyper-parameters, not both")
+        if not isinstance(modalities, str) or not modalities or set(modalities) - set("LAV") \
+                or len(set(modalities)) != len(modalities):
+            raise ValueError(f"UmonsTransformer: parameter 'modalities' must be distinct letters from 'LAV', "
+                             f"got {modalities!r}")
+        modalities = "".join(m for m in "LAV" if m in modalities)
+        if len(modalities) > 1 and "L" not in modalities:
+            raise ValueError(f"UmonsTransformer: multimodal 'modalities' must include 'L' (A and V attend to "
+                             f"language), got {modalities!r}")
+        dims = {"L": 300, "A": 80, "V": 512, **dict(input_dims or {})}
+        self.config, self.modalities, self.n_outputs = config, modalities, n_outputs
+        c = config
+        self.adapters = nn.ModuleDict({m: ModalityAdapter(m, dims[m], c.hidden_size, c.seq_len) for m in modalities})
+        self.multimodal = len(modalities) > 1
+        if not self.multimodal:
+            self.blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout)
+                                         for _ in range(c.layers)])
+        else:
+            self.lang_blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout)
+                                              for _ in range(c.layers)])
+            self.co_blocks = nn.ModuleDict({m: nn.ModuleList([CoAttentionBlock(c.hidden_size, c.heads, c.ff_size,
+                                                                               c.dropout) for _ in range(c.layers)])
+                                            for m in modalities if m != "L"})
+            # a glimpse layer closes every block but the last: seq_len glimpses added back to the sequence
+            self.block_glimpses = nn.ModuleDict({m: nn.ModuleList([GlimpseLayer(c.hidden_size, c.seq_len,
+                                                                                dropout=c.dropout, merge=False)
+                                                                   for _ in range(c.layers - 1)])
+                                                 for m in modalities})
+            self.block_norms = nn.ModuleDict({m: nn.ModuleList([nn.LayerNorm(c.hidden_size)
+                                                                for _ in range(c.layers - 1)]) for m in modalities})
+        self.final_glimpse = nn.ModuleDict({m: GlimpseLayer(c.hidden_size, 1, dropout=c.dropout, merge=True)
+                                            for m in modalities})
+        self.norm = nn.LayerNorm(c.hidden_size)
+        self.classifier = nn.Linear(c.hidden_size, n_outputs)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def _inputs(self, batch: Mapping[str, torch.Tensor]):
+        seqs, masks = {}, {}
+        for m in self.modalities:
+            field = MODALITY_KEYS[m]
+            if field not in batch:
+                raise KeyError(f"UmonsTransformer: batch has no field {field!r} needed by modality {m!r}; "
+                               f"fields: {sorted(batch)}")
+            feats = batch[field]
+            mask = batch.get(f"{field}_mask")
+            if mask is None:
+                mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+            seqs[m], masks[m] = self.adapters[m](feats, mask)
+        return seqs, masks
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """batch: UMONS batch dict -> logits (B, n_outputs)."""
+        z, masks = self._inputs(batch)  # each (B, seq_len, hidden)
+        if not self.multimodal:
+            m = self.modalities
+            for block in self.blocks:
+                z[m] = block(z[m], masks[m])
+        else:
+            for i in range(self.config.layers):
+                z["L"] = self.lang_blocks[i](z["L"], masks["L"])
+                for m in self.co_blocks:
+                    z[m] = self.co_blocks[m][i](z[m], masks[m], z["L"], masks["L"])
+                if i < self.config.layers - 1:
+                    for m in self.modalities:  # z = LN(z + glimpses(z)), (B, seq_len, hidden)
+                        g = self.block_glimpses[m][i](z[m], masks[m])
+                        z[m] = self.block_norms[m][i](z[m] + self.dropout(g))
+        fused = sum(self.final_glimpse[m](z[m], masks[m]) for m in self.modalities)  # (B, hidden)
+        return self.classifier(self.norm(fused))  # (B, n_outputs)
+
+    @torch.no_grad()
+    def attention_maps(self) -> dict:
+        """Maps of the last forward, for plotting (Chapters 3-4), all on CPU:
+
+        ``glimpse``: {modality: (B, seq_len)} final glimpse weights over tokens / frames;
+        ``self_attention``: {modality: [layer -> (B, heads, T, T)]};
+        ``coattention``: {"A"/"V": [layer -> (B, heads, T_frames, T_words)]} frames attending to words.
+        """
+        out = {"glimpse": {m: g.weights[:, 0].cpu() for m, g in self.final_glimpse.items() if g.weights is not None},
+               "self_attention": {}, "coattention": {}}
+        if not self.multimodal:
+            out["self_attention"][self.modalities] = [b.attention.weights.cpu() for b in self.blocks
+                                                      if b.attention.weights is not None]
+        else:
+            out["self_attention"]["L"] = [b.attention.weights.cpu() for b in self.lang_blocks
+                                          if b.attention.weights is not None]
+            for m, blocks in self.co_blocks.items():
+                out["self_attention"][m] = [b.self_att.weights.cpu() for b in blocks if b.self_att.weights is not None]
+                out["coattention"][m] = [b.cross.weights.cpu() for b in blocks if b.cross.weights is not None]
+        return out
+
+    def describe(self) -> dict:
+        """Configuration, modalities and parameter count (printed by Chapter 4)."""
+        return {"modalities": self.modalities, **asdict(self.config),
+                "n_params": sum(p.numel() for p in self.parameters() if p.requires_grad)}

@@ -1,0 +1,150 @@
+"""Tests of nbsupport.models.umons: glimpse against a hand-written reference, padding invariance,
+co-attention wiring, overfitting a tiny batch, the paper configuration."""
+import pytest
+import torch
+
+from nbsupport.models.umons import PAPER_CONFIG, GlimpseLayer, UmonsConfig, UmonsTransformer
+
+DIMS = {"L": 12, "A": 10, "V": 14}
+SMALL = dict(hidden_size=16, ff_size=32, layers=2, heads=2, dropout=0.0, seq_len=8)
+
+
+def _batch(b=3, lengths=None, seed=0, pad_to=None):
+    """Random UMONS batch; positions past each length are padding (mask False)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or {"L": [5, 3, 7], "A": [8, 2, 6], "V": [4, 6, 1]}
+    batch = {}
+    for m, field in (("L", "text"), ("A", "audio"), ("V", "video")):
+        t = pad_to or max(lengths[m])
+        batch[field] = torch.randn(b, t, DIMS[m], generator=g)
+        batch[f"{field}_mask"] = torch.arange(t)[None, :] < torch.tensor(lengths[m])[:, None]
+    batch["emotion"] = (torch.rand(b, 6, generator=g) > 0.5).float()
+    return batch
+
+
+def _with_garbage_padding(batch, extra=3, seed=1):
+    """Append ``extra`` padded positions filled with large garbage, and overwrite existing padding too."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(batch)
+    for field in ("text", "audio", "video"):
+        x, mask = batch[field], batch[f"{field}_mask"]
+        x = torch.cat([x, torch.zeros(x.shape[0], extra, x.shape[2])], 1)
+        mask = torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=torch.bool)], 1)
+        garbage = 100 * torch.randn(x.shape, generator=g)
+        out[field] = torch.where(mask[..., None], x, garbage)
+        out[f"{field}_mask"] = mask
+    return out
+
+
+def test_glimpse_matches_a_per_example_reference():
+    torch.manual_seed(0)
+    layer = GlimpseLayer(8, glimpses=3, merge=True)
+    x = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = layer(x, mask)
+    for b in range(2):
+        real = x[b, mask[b]]  # (T_real, 8): the reference never sees the padding
+        w = torch.softmax(layer.mlp(real), dim=0)  # (T_real, 3), softmax over positions
+        g = (w.T @ real).reshape(-1)  # concat of the 3 glimpses
+        assert torch.allclose(out[b], layer.proj(g), atol=1e-6)
+        assert torch.allclose(layer.weights[b, :, ~mask[b]], torch.zeros(3, int((~mask[b]).sum())))
+    seq = GlimpseLayer(8, glimpses=5, merge=False)(x, mask)
+    assert seq.shape == (2, 5, 8)
+
+
+@pytest.mark.parametrize("modalities", ["L", "A", "V", "LA", "LV", "LAV"])
+def test_padding_never_changes_an_output(modalities):
+    torch.manual_seed(0)
+    model = UmonsTransformer(modalities, 6, input_dims=DIMS, **SMALL).eval()
+    batch = _batch()
+    with torch.no_grad():
+        ref = model(batch)
+        maps_ref = model.attention_maps()
+        out = model(_with_garbage_padding(batch))
+        maps = model.attention_maps()
+    assert torch.allclose(ref, out, atol=1e-5)
+    for m in modalities:
+        assert torch.allclose(maps_ref["glimpse"][m], maps["glimpse"][m], atol=1e-6)
+        field_mask = batch[{"L": "text", "A": "audio", "V": "video"}[m] + "_mask"]
+        pad = torch.nn.functional.pad(field_mask, (0, SMALL["seq_len"] - field_mask.shape[1]))
+        assert torch.all(maps["glimpse"][m][~pad] == 0)  # no weight on padding
+        assert torch.allclose(maps["glimpse"][m].sum(-1), torch.ones(3))
+
+
+def test_each_example_is_independent_of_the_others():
+    torch.manual_seed(0)
+    model = UmonsTransformer("LAV", 6, input_dims=DIMS, **SMALL).eval()
+    batch = _batch()
+    with torch.no_grad():
+        full = model(batch)
+        one = model({k: v[1:2] for k, v in batch.items()})
+    assert torch.allclose(full[1:2], one, atol=1e-5)
+
+
+def test_coattention_makes_audio_depend_on_language_and_shapes():
+    torch.manual_seed(0)
+    model = UmonsTransformer("LA", 6, input_dims=DIMS, **SMALL).eval()
+    batch = _batch()
+    with torch.no_grad():
+        model(batch)
+        maps = model.attention_maps()
+    co = maps["coattention"]["A"]
+    assert len(co) == SMALL["layers"] and co[0].shape == (3, SMALL["heads"], SMALL["seq_len"], SMALL["seq_len"])
+    # frames attend only to real words: zero weight on padded words, rows of real frames sum to 1
+    text_mask = torch.nn.functional.pad(batch["text_mask"], (0, SMALL["seq_len"] - batch["text_mask"].shape[1]))
+    for b in range(3):
+        assert torch.all(co[0][b][..., ~text_mask[b]] == 0)
+        assert torch.allclose(co[0][b].sum(-1), torch.ones_like(co[0][b].sum(-1)))
+    # the final audio glimpse vector changes when only the words change (co-attention wiring)
+    other = dict(batch, text=torch.randn_like(batch["text"]))
+    with torch.no_grad():
+        model(batch)
+        g1 = model.final_glimpse["A"].weights.clone()
+        model(other)
+        g2 = model.final_glimpse["A"].weights.clone()
+    assert not torch.allclose(g1, g2)
+
+
+@pytest.mark.parametrize("modalities", ["L", "A", "V", "LA", "LAV"])
+def test_each_model_overfits_a_tiny_batch(modalities):
+    torch.manual_seed(0)
+    model = UmonsTransformer(modalities, 6, input_dims=DIMS, **{**SMALL, "hidden_size": 32, "ff_size": 64})
+    batch = _batch(b=6, lengths={"L": [5, 3, 7, 8, 2, 6], "A": [8, 2, 6, 4, 5, 7], "V": [4, 6, 1, 8, 3, 5]})
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for _ in range(150):
+        loss = loss_fn(model(batch), batch["emotion"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(batch) > 0
+    assert loss.item() < 0.05
+    assert torch.equal(pred.float(), batch["emotion"])
+
+
+def test_paper_configuration_builds():
+    model = UmonsTransformer("LAV", 6, config=PAPER_CONFIG)
+    info = model.describe()
+    assert (info["hidden_size"], info["ff_size"], info["layers"], info["heads"], info["dropout"],
+            info["seq_len"]) == (512, 1024, 4, 4, 0.1, 60)
+    assert info["n_params"] > 10_000_000
+    batch = {"text": torch.randn(2, 70, 300), "audio": torch.randn(2, 50, 80), "video": torch.randn(2, 60, 512)}
+    assert model.eval()(batch).shape == (2, 6)  # inputs longer than seq_len are cut to 60
+
+
+def test_bad_configuration_and_inputs_are_named():
+    with pytest.raises(ValueError, match="heads"):
+        UmonsConfig(hidden_size=10, heads=4)
+    with pytest.raises(ValueError, match="dropout"):
+        UmonsConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="must include 'L'"):
+        UmonsTransformer("AV", 6)
+    with pytest.raises(ValueError, match="modalities"):
+        UmonsTransformer("LX", 6)
+    model = UmonsTransformer("LA", 6, input_dims=DIMS, **SMALL)
+    with pytest.raises(KeyError, match="audio"):
+        model({"text": torch.randn(1, 3, 12)})
+    with pytest.raises(ValueError, match="'text'"):
+        model({"text": torch.randn(1, 3, 5), "audio": torch.randn(1, 3, 10)})
