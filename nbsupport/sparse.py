@@ -1,0 +1,635 @@
+"""Sparse tensors, top-p site selection and submanifold sparse convolution (MESM, Chapter 6).
+
+MESM (Dai, Cahyawijaya et al., NAACL 2021, Sec. 3.3) scores every spatial site of a feature map with
+cross-modal attention from the text, keeps per frame (or mel piece) the *nucleus* of sites whose
+attention mass reaches ``top_p`` (:func:`top_p_mask`) and runs the following CNN blocks only on
+those sites, as a sparse tensor: submanifold 3x3 convolutions (Graham & van der Maaten, 2017) that
+compute outputs only at active sites and read only active neighbours (:func:`subm_conv2d`), then
+a 2x2 max-pool over active inputs (:func:`sparse_max_pool2d`).
+
+Two backends, chosen automatically and visible through :func:`sparse_backend`:
+
+* ``"spconv"`` on CUDA tensors when ``spconv`` (``spconv-cu12x``) is installed: spconv's
+  ``SubMConv2d`` / ``SparseMaxPool2d`` run with *our* weights (dense PyTorch layout, converted on
+  the fly), so a dense and a sparse block share one ``state_dict``;
+* ``"torch-rulebook"`` everywhere else: a pure-PyTorch rulebook implementation, verified against
+  dense ``conv2d`` / ``max_pool2d`` forward and backward in ``tests/test_sparse.py``. spconv's
+  CPU wheel returns wrong answers here (DESIGN.md, "Sparse convolution"), so it is never used on CPU.
+  ``NBSUPPORT_SPARSE_BACKEND=torch-rulebook`` forces ours on CUDA too.
+
+How the rulebook works (hand-written because no installed library does correct sparse convolution
+on CPU): coordinates ``(batch, y, x)`` are hashed to linear keys; for each of the ``k*k`` kernel
+offsets the index of the neighbour site is looked up (a dense index grid when the bounding grid is
+small, ``torch.searchsorted`` on sorted keys otherwise); missing neighbours point to an extra zero
+row.  The convolution is then *im2col on sites*: one gather ``(N, k*k*C_in)`` and one matmul with
+the weight reshaped to ``(k*k*C_in, C_out)``.  Because the submanifold neighbour relation is
+symmetric, the backward pass is the same gather with the mirrored table and one matmul (no scatter).
+
+Shapes of the paper (MESM's original code, checked): after the dense stage (conv5x5-64, BN, ReLU,
+max-pool 2, two VGG-64 blocks *without* pooling) a 48x48 face is a 64x24x24 map and a 128x32 mel piece
+a 64x64x16 map; the three sparse blocks (128, 256, 512) halve that to 12x12, 6x6, 3x3 (faces) and
+32x8, 16x4, 8x2 (mel).  See :data:`PAPER_SPARSE_INPUT`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "sparse_backend", "backend_description",
+    "top_p_mask", "top_p_mask_segments", "top_p_mask_loop",
+    "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "subm_conv2d", "sparse_max_pool2d",
+    "SubMConv2d", "SparseConvBNReLU", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",
+]
+
+#: (channels, height, width) entering the first sparse block, per modality, as in MESM's code.
+PAPER_SPARSE_INPUT = {"faces": (64, 24, 24), "mel": (64, 64, 16)}
+#: Name of the verified pure-PyTorch backend (the one used on CPU).
+SPARSE_BACKEND_CPU = "torch-rulebook"
+
+# A dense index grid is used for neighbour lookup when the padded grid has at most this many cells.
+_DENSE_GRID_MAX_CELLS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------
+_SPCONV_OK: bool | None = None
+
+
+def _spconv_available() -> bool:
+    """Import spconv lazily (only when a CUDA tensor arrives) and remember whether it worked."""
+    global _SPCONV_OK
+    if _SPCONV_OK is None:
+        try:
+            import spconv.pytorch  # noqa: F401
+            _SPCONV_OK = True
+        except Exception:  # ImportError, or a CPU-only build failing to load its CUDA parts
+            _SPCONV_OK = False
+    return _SPCONV_OK
+
+
+def sparse_backend(device: torch.device | str | None = None) -> str:
+    """Which sparse-convolution engine runs on ``device``: ``"spconv"`` or ``"torch-rulebook"``.
+
+    Chapter 6 prints it.  spconv is used only for CUDA devices with ``spconv`` importable and
+    ``NBSUPPORT_SPARSE_BACKEND`` not set to ``torch-rulebook``; CPU always gets the verified
+    rulebook (spconv's CPU wheel is wrong here, DESIGN.md).
+    """
+    forced = os.environ.get("NBSUPPORT_SPARSE_BACKEND", "").strip()
+    if forced not in ("", "spconv", SPARSE_BACKEND_CPU):
+        raise ValueError(f"environment variable NBSUPPORT_SPARSE_BACKEND must be 'spconv' or "
+                         f"'{SPARSE_BACKEND_CPU}', got {forced!r}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cuda" or forced == SPARSE_BACKEND_CPU:
+        return SPARSE_BACKEND_CPU
+    return "spconv" if _spconv_available() else SPARSE_BACKEND_CPU
+
+
+def backend_description(device: torch.device | str | None = None) -> str:
+    """One line for the chapter: the backend in use on ``device`` and why."""
+    name = sparse_backend(device)
+    if name == "spconv":
+        import spconv
+        return f"spconv {getattr(spconv, '__version__', '?')} on {device} (SubMConv2d / SparseMaxPool2d)"
+    why = "CPU: spconv's CPU wheel is wrong here" if torch.device(device or "cpu").type != "cuda" \
+        else "CUDA without a usable spconv (or forced)"
+    return f"{SPARSE_BACKEND_CPU} (pure PyTorch, verified against dense conv2d; {why})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-p (nucleus) site selection
+# ---------------------------------------------------------------------------------------------
+# Mass within this (relative) distance of p counts as reaching p: float32 attention weights summing
+# to "0.7" are often 0.69999999, which must not pull in one more site.
+_TOP_P_TOL = 1e-6
+
+
+def _check_p(p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < float(p) <= 1.0):
+        raise ValueError(f"nbsupport.sparse.top_p_mask: parameter 'p' must be a number in (0, 1], got {p!r}")
+    return float(p)
+
+
+def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus selection of MESM (Dai et al. 2021, Sec. 3.3): per row, the smallest set of
+    highest-probability entries whose mass reaches ``p``.
+
+    ``probs`` (..., S) is a distribution over the last dimension (rows need not be exactly
+    normalised: the threshold is ``p`` times the row's total).  Returns a bool mask of the same shape.
+    An entry is kept when the mass of the entries ranked strictly above it is below ``p * total``,
+    which keeps exactly the smallest prefix of the sorted row whose mass reaches the threshold
+    (ties broken by sort order; mass within 1e-6 of ``p`` counts as reaching it, so float32
+    rounding does not add a site).  ``p = 1.0`` keeps every entry, zeros included, without relying on
+    floating-point sums.  A row of all zeros keeps nothing for ``p < 1``.  Used in Chapter 6.
+    """
+    p = _check_p(p)
+    if not torch.is_tensor(probs) or not probs.is_floating_point():
+        raise TypeError("nbsupport.sparse.top_p_mask: 'probs' must be a floating-point tensor")
+    if probs.dim() == 0:
+        raise ValueError("nbsupport.sparse.top_p_mask: 'probs' needs at least one dimension (sites)")
+    if p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_p, order = torch.sort(probs.detach(), dim=-1, descending=True)  # (..., S)
+    cum = torch.cumsum(sorted_p.double(), dim=-1)
+    before = cum - sorted_p.double()  # mass ranked strictly above each entry
+    keep_sorted = before < (p - _TOP_P_TOL) * cum[..., -1:]
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def top_p_mask_segments(probs: torch.Tensor, segment_ids: torch.Tensor, p: float) -> torch.Tensor:
+    """Ragged :func:`top_p_mask`: ``probs`` (N,) of sites of several frames packed together,
+    ``segment_ids`` (N,) integer frame index of each site; selection is done per segment.
+
+    Used after the first sparse block of MESM (Chapter 6), where frames keep different numbers of
+    sites.  Vectorised: one sort by probability then a stable sort by segment, cumulative sums in
+    float64 minus each segment's starting offset.  Each segment's probabilities should sum to 1 (the
+    threshold is ``p`` times the segment's total).  ``p = 1.0`` keeps every site.
+    """
+    p = _check_p(p)
+    if probs.dim() != 1 or segment_ids.shape != probs.shape:
+        raise ValueError(f"nbsupport.sparse.top_p_mask_segments: 'probs' and 'segment_ids' must be 1-D of "
+                         f"the same length, got {tuple(probs.shape)} and {tuple(segment_ids.shape)}")
+    if segment_ids.is_floating_point():
+        raise TypeError("nbsupport.sparse.top_p_mask_segments: 'segment_ids' must be an integer tensor")
+    n = probs.numel()
+    if p >= 1.0 or n == 0:
+        return torch.ones(n, dtype=torch.bool, device=probs.device)
+    pr = probs.detach().double()
+    order = torch.argsort(pr, descending=True, stable=True)
+    seg_sorted_first = segment_ids[order]
+    order = order[torch.argsort(seg_sorted_first, stable=True)]  # by segment, then by -prob
+    seg = segment_ids[order]
+    sp = pr[order]
+    cum = torch.cumsum(sp, 0)
+    # start offset of each segment run = cum just before its first element
+    new_run = torch.ones(n, dtype=torch.bool, device=probs.device)
+    new_run[1:] = seg[1:] != seg[:-1]
+    run_id = torch.cumsum(new_run.long(), 0) - 1  # (N,) 0..R-1
+    starts = (cum - sp)[new_run]  # (R,)
+    is_last = torch.ones(n, dtype=torch.bool, device=probs.device)
+    is_last[:-1] = new_run[1:]
+    ends = cum[is_last]  # (R,) cum at each run's last element
+    before = cum - sp - starts[run_id]
+    total = (ends - starts)[run_id]
+    keep_sorted = before < (p - _TOP_P_TOL) * total
+    return torch.zeros(n, dtype=torch.bool, device=probs.device).scatter(0, order, keep_sorted)
+
+
+def top_p_mask_loop(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-sample Python loop in the style of MESM's original ``to_sparse_by_cdf`` (for the
+    benchmark and as an independent test reference): sort, cumsum, keep entries until the mass
+    reaches ``p`` (the first entry reaching it included).  ``probs`` (B, S)."""
+    out = torch.zeros_like(probs, dtype=torch.bool)
+    for i in range(probs.shape[0]):
+        sp, idx = torch.sort(probs[i], descending=True)
+        cum = torch.cumsum(sp, 0)
+        m = cum < (p - _TOP_P_TOL) * float(cum[-1])
+        k = min(int(m.sum()), probs.shape[1] - 1)
+        m[k] = True
+        if p >= 1.0:
+            m[:] = True
+        out[i, idx[m]] = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse tensor + rulebook
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SparseTensor:
+    """Active sites of a batch of 2-D feature maps (MESM's sparse CNN input, Chapter 6).
+
+    ``features`` (N, C); ``coords`` (N, 3) long ``(batch, y, x)``; ``spatial_shape`` (H, W);
+    ``batch_size`` B (number of images/frames/pieces).  The neighbour tables of the rulebook are
+    cached per kernel size, so the two convolutions of a VGG block build it once; methods that
+    change the sites (:meth:`select`, pooling) return a tensor with a fresh cache.
+    """
+
+    features: torch.Tensor
+    coords: torch.Tensor
+    spatial_shape: tuple[int, int]
+    batch_size: int
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.features.dim() != 2:
+            raise ValueError(f"SparseTensor: 'features' must be (N, C), got shape {tuple(self.features.shape)}")
+        if self.coords.dim() != 2 or self.coords.shape[1] != 3 or self.coords.shape[0] != self.features.shape[0]:
+            raise ValueError(f"SparseTensor: 'coords' must be (N, 3) with N = {self.features.shape[0]}, "
+                             f"got shape {tuple(self.coords.shape)}")
+        if self.coords.is_floating_point():
+            raise TypeError("SparseTensor: 'coords' must be an integer tensor (batch, y, x)")
+        self.coords = self.coords.long()
+        self.spatial_shape = (int(self.spatial_shape[0]), int(self.spatial_shape[1]))
+        self.batch_size = int(self.batch_size)
+
+    @property
+    def num_sites(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Share of the B*H*W grid that is active."""
+        cells = self.batch_size * self.spatial_shape[0] * self.spatial_shape[1]
+        return self.num_sites / cells if cells else 0.0
+
+    def replace(self, features: torch.Tensor) -> "SparseTensor":
+        """Same sites (and cached rulebook), new features (N, C')."""
+        if features.shape[0] != self.num_sites:
+            raise ValueError(f"SparseTensor.replace: features must have {self.num_sites} rows, got {features.shape[0]}")
+        return SparseTensor(features, self.coords, self.spatial_shape, self.batch_size, self.cache)
+
+    def select(self, mask: torch.Tensor) -> "SparseTensor":
+        """Keep the sites where ``mask`` (N,) bool is True (e.g. a top-p mask); fresh cache."""
+        return SparseTensor(self.features[mask], self.coords[mask], self.spatial_shape, self.batch_size)
+
+    def neighbours(self, kernel_size: int = 3) -> torch.Tensor:
+        """Cached rulebook (N, k*k) long: neighbour site of each site per kernel offset, N = missing."""
+        key = ("nbr", int(kernel_size))
+        if key not in self.cache:
+            self.cache[key] = neighbour_table(self.coords, self.spatial_shape, self.batch_size, kernel_size)
+        return self.cache[key]
+
+    def dense(self, fill: float = 0.0) -> torch.Tensor:
+        """(B, C, H, W) with ``fill`` at inactive sites."""
+        return to_dense(self.features, self.coords, (self.batch_size, *self.spatial_shape), fill=fill)
+
+    def to(self, device: torch.device | str) -> "SparseTensor":
+        """Move features and coordinates to ``device`` (the rulebook cache is rebuilt there)."""
+        return SparseTensor(self.features.to(device), self.coords.to(device), self.spatial_shape, self.batch_size)
+
+
+def to_sparse(dense: torch.Tensor, mask: torch.Tensor | None = None) -> SparseTensor:
+    """Dense maps (B, C, H, W) and a site mask (B, H, W) bool -> :class:`SparseTensor` of the True sites
+    (sites ordered by batch, y, x).  ``mask=None`` keeps every site.  Chapter 6 (MESM's first block)."""
+    if dense.dim() != 4:
+        raise ValueError(f"nbsupport.sparse.to_sparse: 'dense' must be (B, C, H, W), got {tuple(dense.shape)}")
+    b, c, h, w = dense.shape
+    if mask is None:
+        mask = torch.ones(b, h, w, dtype=torch.bool, device=dense.device)
+    if mask.shape != (b, h, w):
+        raise ValueError(f"nbsupport.sparse.to_sparse: 'mask' must be (B, H, W) = {(b, h, w)}, got {tuple(mask.shape)}")
+    coords = mask.nonzero()  # (N, 3)
+    feats = dense.permute(0, 2, 3, 1)[mask.bool()]  # (N, C)
+    return SparseTensor(feats, coords, (h, w), b)
+
+
+def to_dense(features: torch.Tensor, coords: torch.Tensor, shape: Sequence[int], fill: float = 0.0) -> torch.Tensor:
+    """Scatter sparse ``features`` (N, C) at ``coords`` (N, 3) into a (B, C, H, W) map, ``shape`` = (B, H, W)
+    or (B, C, H, W); inactive sites hold ``fill`` (0, or ``-inf`` for the max-pool equivalence).  Differentiable."""
+    if len(shape) == 4:
+        shape = (shape[0], shape[2], shape[3])
+    if len(shape) != 3:
+        raise ValueError(f"nbsupport.sparse.to_dense: 'shape' must be (B, H, W) or (B, C, H, W), got {tuple(shape)}")
+    b, h, w = (int(s) for s in shape)
+    c = features.shape[1]
+    coords = coords.long()
+    lin = (coords[:, 0] * h + coords[:, 1]) * w + coords[:, 2]
+    out = features.new_full((b * h * w, c), fill)
+    out = out.index_copy(0, lin, features)
+    return out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def neighbour_table(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: int, kernel_size: int = 3,
+                    method: str = "auto") -> torch.Tensor:
+    """Rulebook of a submanifold convolution: (N, k*k) long, entry [i, a*k+b] is the index of the site at
+    ``(y + a - k//2, x + b - k//2)`` in the same image, or N when that site is inactive (or off the map).
+
+    ``method``: "grid" (dense index grid, O(B*H*W) memory), "search" (``torch.searchsorted`` on sorted
+    linear keys), or "auto" (grid when the padded grid is small).  Chapter 6.
+    """
+    k = int(kernel_size)
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"nbsupport.sparse: 'kernel_size' must be a positive odd integer, got {kernel_size!r}")
+    coords = coords.long()
+    n = coords.shape[0]
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    r = k // 2
+    dev = coords.device
+    if n == 0:
+        return torch.zeros(0, k * k, dtype=torch.long, device=dev)
+    off = torch.arange(-r, r + 1, device=dev)
+    dy = off.repeat_interleave(k)  # (K,) row-major kernel offsets
+    dx = off.repeat(k)
+    hp, wp = h + 2 * r, w + 2 * r
+    if method == "auto":
+        method = "grid" if batch_size * hp * wp <= _DENSE_GRID_MAX_CELLS else "search"
+    if method == "grid":
+        grid = torch.full((batch_size * hp * wp,), n, dtype=torch.long, device=dev)
+        lin = (coords[:, 0] * hp + coords[:, 1] + r) * wp + coords[:, 2] + r  # (N,) padded keys
+        grid[lin] = torch.arange(n, device=dev)
+        return grid[lin[:, None] + (dy * wp + dx)[None, :]]  # (N, K)
+    if method != "search":
+        raise ValueError(f"nbsupport.sparse.neighbour_table: 'method' must be auto/grid/search, got {method!r}")
+    lin = (coords[:, 0] * h + coords[:, 1]) * w + coords[:, 2]
+    skeys, sidx = torch.sort(lin)
+    ny = coords[:, 1:2] + dy[None, :]  # (N, K)
+    nx = coords[:, 2:3] + dx[None, :]
+    inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    q = (coords[:, 0:1] * h + ny) * w + nx
+    pos = torch.searchsorted(skeys, q.clamp(min=0)).clamp(max=n - 1)
+    found = inside & (skeys[pos] == q)
+    return torch.where(found, sidx[pos], torch.full_like(pos, n))
+
+
+def _flip_table(nbr: torch.Tensor) -> torch.Tensor:
+    # Mirrored offsets: column K-1-j of a submanifold table holds the site at the opposite offset.
+    return nbr.flip(1)
+
+
+class _SubmConvFunction(torch.autograd.Function):
+    """im2col-on-sites convolution; backward = mirrored gather + one matmul (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, features, weight, nbr):
+        n, c_in = features.shape
+        c_out, _, kh, kw = weight.shape
+        kk = kh * kw
+        fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)  # (N+1, C_in), row N = missing
+        cols = fpad.index_select(0, nbr.reshape(-1)).view(n, kk * c_in)  # (N, K*C_in)
+        w_mat = weight.permute(2, 3, 1, 0).reshape(kk * c_in, c_out)  # (K*C_in, C_out)
+        ctx.save_for_backward(features, weight, nbr)
+        return cols @ w_mat  # (N, C_out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        features, weight, nbr = ctx.saved_tensors
+        n, c_in = features.shape
+        c_out, _, kh, kw = weight.shape
+        kk = kh * kw
+        grad_out = grad_out.contiguous()
+        grad_f = grad_w = None
+        if ctx.needs_input_grad[0]:
+            gpad = torch.cat([grad_out, grad_out.new_zeros(1, c_out)], 0)  # (N+1, C_out)
+            gcols = gpad.index_select(0, _flip_table(nbr).reshape(-1)).view(n, kk * c_out)
+            w_back = weight.permute(2, 3, 0, 1).reshape(kk * c_out, c_in)  # (K*C_out, C_in)
+            grad_f = gcols @ w_back  # (N, C_in)
+        if ctx.needs_input_grad[1]:
+            fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)
+            cols = fpad.index_select(0, nbr.reshape(-1)).view(n, kk * c_in)
+            gw = cols.t() @ grad_out  # (K*C_in, C_out)
+            grad_w = gw.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1).contiguous()
+        return grad_f, grad_w, None
+
+
+def _check_weight(weight: torch.Tensor, c_in: int) -> None:
+    if weight.dim() != 4 or weight.shape[1] != c_in or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+        raise ValueError(f"nbsupport.sparse.subm_conv2d: 'weight' must be (C_out, C_in={c_in}, k, k) with odd k "
+                         f"(PyTorch's dense layout), got {tuple(weight.shape)}")
+
+
+def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None,
+                neighbours: torch.Tensor | None = None) -> torch.Tensor:
+    """Submanifold sparse convolution (Graham & van der Maaten 2017; MESM's sparse blocks, Chapter 6).
+
+    ``features`` (N, C_in) at ``coords`` (N, 3) integer (batch, y, x); ``weight`` (C_out, C_in, k, k) in
+    PyTorch's dense layout, k odd -> (N, C_out) at the same sites.  Equals dense
+    ``conv2d(padding=k//2)`` of the zero-filled map, read at the active sites.  ``spatial_shape`` and
+    ``batch_size`` default to the coordinates' bounding box (the result does not depend on them);
+    pass ``neighbours`` (from :func:`neighbour_table`) to reuse a rulebook.  Differentiable.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"nbsupport.sparse.subm_conv2d: 'features' must be (N, C_in), got {tuple(features.shape)}")
+    _check_weight(weight, features.shape[1])
+    if coords.dim() != 2 or coords.shape != (features.shape[0], 3):
+        raise ValueError(f"nbsupport.sparse.subm_conv2d: 'coords' must be (N={features.shape[0]}, 3), "
+                         f"got {tuple(coords.shape)}")
+    k = weight.shape[2]
+    if neighbours is None:
+        if features.shape[0] == 0:
+            spatial_shape, batch_size = (1, 1), 1
+        if spatial_shape is None:
+            spatial_shape = (int(coords[:, 1].max()) + 1, int(coords[:, 2].max()) + 1)
+        if batch_size is None:
+            batch_size = int(coords[:, 0].max()) + 1
+        neighbours = neighbour_table(coords, spatial_shape, batch_size, k)
+    out = _SubmConvFunction.apply(features, weight, neighbours)
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def _pool_pairs(coords: torch.Tensor, spatial_shape: Sequence[int], k: int, s: int):
+    """(input index, output linear key, window rank) of every (active input, pooled site) pair."""
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    ho, wo = (h - k) // s + 1, (w - k) // s + 1
+    dev = coords.device
+    a = torch.arange(k, device=dev)
+    wa, wb = a.repeat_interleave(k), a.repeat(k)  # (k*k,) position of the input inside the window
+    ny = coords[:, 1:2] - wa[None, :]  # (N, k*k): oy*s
+    nx = coords[:, 2:3] - wb[None, :]
+    ok = (ny >= 0) & (nx >= 0) & (ny % s == 0) & (nx % s == 0)
+    oy, ox = torch.div(ny, s, rounding_mode="floor"), torch.div(nx, s, rounding_mode="floor")
+    ok &= (oy < ho) & (ox < wo)
+    inp, slot = ok.nonzero(as_tuple=True)
+    key = (coords[inp, 0] * ho + oy[inp, slot]) * wo + ox[inp, slot]
+    return inp, key, slot, (ho, wo)
+
+
+def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size: int = 2, stride: int | None = None,
+                      *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None):
+    """Sparse max-pooling (MESM's 2x2 pool after each sparse block, Chapter 6).
+
+    Returns ``(features (M, C), coords (M, 3))`` of the pooled sites: an output site exists where its
+    window (no padding, floor mode) holds at least one active input, and its value is the max over the
+    *active* inputs only.  This equals dense ``max_pool2d`` of the map with ``-inf`` at inactive sites,
+    read at those output sites -- forward and backward (the gradient goes to the first maximal active
+    input of the window in row-major order, like PyTorch's CPU kernel).  ``spatial_shape`` (H, W)
+    defaults to the coordinates' bounding box; pass it to match a dense map's floor-mode border.
+    Output sites are ordered by (batch, y, x).
+    """
+    k = int(kernel_size)
+    s = int(stride) if stride is not None else k
+    if k < 1 or s < 1:
+        raise ValueError(f"nbsupport.sparse.sparse_max_pool2d: 'kernel_size' and 'stride' must be >= 1, got {k}, {s}")
+    if features.dim() != 2 or coords.shape != (features.shape[0], 3):
+        raise ValueError(f"nbsupport.sparse.sparse_max_pool2d: need features (N, C) and coords (N, 3), got "
+                         f"{tuple(features.shape)} and {tuple(coords.shape)}")
+    coords = coords.long()
+    c = features.shape[1]
+    if features.shape[0] == 0:
+        return features.new_zeros(0, c), coords.new_zeros(0, 3)
+    if spatial_shape is None:
+        spatial_shape = (int(coords[:, 1].max()) + 1, int(coords[:, 2].max()) + 1)
+    inp, key, slot, (ho, wo) = _pool_pairs(coords, spatial_shape, k, s)
+    out_keys, pair_out = torch.unique(key, return_inverse=True)  # sorted keys -> (b, y, x) order
+    m = out_keys.numel()
+    with torch.no_grad():
+        vals = features[inp]  # (P, C)
+        idx = pair_out[:, None].expand(-1, c)
+        vmax = features.new_full((m, c), -math.inf).scatter_reduce(0, idx, vals, "amax", include_self=True)
+        # first maximal input in window (row-major rank), like dense max_pool2d
+        rank = torch.where(vals == vmax[pair_out], slot[:, None].expand(-1, c), torch.full_like(idx, k * k))
+        best = torch.full((m, c), k * k, dtype=torch.long, device=features.device).scatter_reduce(
+            0, idx, rank, "amin", include_self=True)
+        win = (rank == best[pair_out])  # (P, C) exactly one True per (output, channel)
+        arg = torch.zeros((m, c), dtype=torch.long, device=features.device)
+        pi, ci = win.nonzero(as_tuple=True)
+        arg[pair_out[pi], ci] = inp[pi]
+    out = torch.gather(features, 0, arg)  # (M, C), gradient flows to the argmax only
+    b = torch.div(out_keys, ho * wo, rounding_mode="floor")
+    rem = out_keys - b * ho * wo
+    out_coords = torch.stack([b, torch.div(rem, wo, rounding_mode="floor"), rem % wo], 1)
+    return out, out_coords
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+def _spconv_weight(module, weight: torch.Tensor) -> torch.Tensor:
+    """Convert our (C_out, C_in, kh, kw) weight to the layout of spconv module ``module.weight``."""
+    c_out, c_in, kh, kw = weight.shape
+    target = tuple(module.weight.shape)
+    if target == (c_out, kh, kw, c_in):  # KRSC (spconv >= 2.2)
+        return weight.permute(0, 2, 3, 1).contiguous()
+    if target == (kh, kw, c_in, c_out):  # RSCK
+        return weight.permute(2, 3, 1, 0).contiguous()
+    if target == (kh, kw, c_out, c_in):  # RSKC
+        return weight.permute(2, 3, 0, 1).contiguous()
+    raise RuntimeError(f"nbsupport.sparse: unknown spconv weight layout {target} for weight {tuple(weight.shape)}")
+
+
+class SubMConv2d(nn.Module):
+    """Submanifold k x k convolution on a :class:`SparseTensor` (MESM sparse blocks, Chapter 6).
+
+    The weight is kept in PyTorch's dense layout (C_out, C_in, k, k) under the name ``weight``, the same
+    as ``nn.Conv2d``, so dense and sparse blocks share a ``state_dict``.  Backend: spconv on CUDA when
+    available (weight converted on the fly), else :func:`subm_conv2d`.  ``last_backend`` tells which ran.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"SubMConv2d: 'kernel_size' must be odd, got {kernel_size}")
+        ref = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)  # same init
+        self.weight = ref.weight
+        self.bias = ref.bias
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.last_backend: str | None = None
+        self._spconv_mod = None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        backend = sparse_backend(x.features.device)
+        self.last_backend = backend
+        if backend == "spconv" and x.num_sites > 0:
+            return x.replace(self._forward_spconv(x))
+        out = subm_conv2d(x.features, x.coords, self.weight, self.bias, neighbours=x.neighbours(self.kernel_size))
+        return x.replace(out)
+
+    def _forward_spconv(self, x: SparseTensor) -> torch.Tensor:
+        import spconv.pytorch as spc
+        from torch.func import functional_call
+        if self._spconv_mod is None:
+            self._spconv_mod = spc.SubMConv2d(self.in_channels, self.out_channels, self.kernel_size,
+                                              padding=self.kernel_size // 2, bias=False,
+                                              indice_key=f"nbsupport_subm{self.kernel_size}").to(x.features.device)
+        st = x.cache.get("spconv")
+        if st is None:
+            st = spc.SparseConvTensor(x.features, x.coords.int(), list(x.spatial_shape), x.batch_size)
+            x.cache["spconv"] = st
+        st = st.replace_feature(x.features)
+        w = _spconv_weight(self._spconv_mod, self.weight)
+        out = functional_call(self._spconv_mod, {"weight": w}, (st,)).features
+        x.cache["spconv"] = st  # indice dict shared by later convs on these sites
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+class SparseConvBNReLU(nn.Module):
+    """Submanifold conv -> BatchNorm over active sites only (``nn.BatchNorm1d`` on the features) -> ReLU.
+
+    Parameter names (``conv.weight``, ``bn.*``) match :class:`DenseConvBNReLU` so state dicts are
+    interchangeable (Chapter 6)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = SubMConv2d(in_channels, out_channels, kernel_size)
+        self.bn = nn.BatchNorm1d(out_channels)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        y = self.conv(x)
+        if y.num_sites == 0:
+            return y
+        return y.replace(F.relu(self.bn(y.features)))
+
+
+def _sparse_pool_spconv(x: SparseTensor, k: int, s: int) -> SparseTensor:
+    import spconv.pytorch as spc
+    st = x.cache.get("spconv")
+    if st is None:
+        st = spc.SparseConvTensor(x.features, x.coords.int(), list(x.spatial_shape), x.batch_size)
+    st = st.replace_feature(x.features)
+    pooled = spc.SparseMaxPool2d(k, s)(st)
+    shape = tuple(int(v) for v in pooled.spatial_shape)
+    return SparseTensor(pooled.features, pooled.indices.long(), shape, x.batch_size)
+
+
+class SparseMaxPool2d(nn.Module):
+    """2x2 (by default) sparse max-pool of a :class:`SparseTensor`; see :func:`sparse_max_pool2d`."""
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        h, w = x.spatial_shape
+        k, s = self.kernel_size, self.stride
+        shape = ((h - k) // s + 1, (w - k) // s + 1)
+        if sparse_backend(x.features.device) == "spconv" and x.num_sites > 0:
+            return _sparse_pool_spconv(x, k, s)
+        f, c = sparse_max_pool2d(x.features, x.coords, k, s, spatial_shape=x.spatial_shape)
+        return SparseTensor(f, c, shape, x.batch_size)
+
+
+class SparseVggBlock(nn.Module):
+    """MESM sparse block (Chapter 6): two submanifold 3x3 conv + BN + ReLU, then a 2x2 sparse max-pool.
+
+    The rulebook is built once and reused by both convolutions.  ``state_dict`` keys equal
+    :class:`DenseVggBlock`'s, so FE2E weights load into MESM and back."""
+
+    def __init__(self, in_channels: int, out_channels: int, pool: bool = True):
+        super().__init__()
+        self.conv1 = SparseConvBNReLU(in_channels, out_channels)
+        self.conv2 = SparseConvBNReLU(out_channels, out_channels)
+        self.pool = SparseMaxPool2d(2) if pool else nn.Identity()
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return self.pool(self.conv2(self.conv1(x)))
+
+
+class DenseConvBNReLU(nn.Module):
+    """Dense twin of :class:`SparseConvBNReLU`: ``nn.Conv2d`` (padding k//2, no bias) + BatchNorm2d + ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+class DenseVggBlock(nn.Module):
+    """FE2E's VGG block (Chapters 5-6): two 3x3 conv + BN + ReLU, then 2x2 max-pool (``pool=False``: none,
+    as in the two VGG-64 blocks of the dense stage).  Same parameter names as :class:`SparseVggBlock`."""
+
+    def __init__(self, in_channels: int, out_channels: int, pool: bool = True):
+        super().__init__()
+        self.conv1 = DenseConvBNReLU(in_channels, out_channels)
+        self.conv2 = DenseConvBNReLU(out_channels, out_channels)
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H/2, W/2)
+        return self.pool(self.conv2(self.conv1(x)))

@@ -1,0 +1,234 @@
+"""nbsupport.sparse against independent references: dense conv2d / max_pool2d and a per-sample loop."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nbsupport import sparse as sp
+
+torch.set_num_threads(1)
+
+
+def _random_case(seed, b, h, w, c, density):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, h, w, generator=g) < density
+    if density >= 1.0:
+        mask[:] = True
+    dense = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    return g, mask, dense
+
+
+CONV_CASES = [  # seed, batch, H, W, C_in, C_out, density, kernel
+    (0, 2, 7, 9, 3, 5, 0.05, 3),
+    (1, 3, 12, 12, 4, 8, 0.2, 3),
+    (2, 2, 6, 11, 8, 3, 0.5, 3),
+    (3, 4, 5, 5, 16, 16, 0.8, 3),
+    (4, 2, 9, 7, 5, 6, 1.0, 3),
+    (5, 3, 10, 8, 2, 4, 0.4, 5),
+    (6, 2, 8, 8, 3, 2, 0.3, 1),
+]
+
+
+@pytest.mark.parametrize("seed,b,h,w,cin,cout,density,k", CONV_CASES)
+@pytest.mark.parametrize("method", ["grid", "search"])
+def test_subm_conv2d_matches_dense_forward_and_backward(seed, b, h, w, cin, cout, density, k, method):
+    g, mask, dense = _random_case(seed, b, h, w, cin, density)
+    dense = dense * mask[:, None]  # inactive sites are zeros
+    weight = torch.randn(cout, cin, k, k, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    x = sp.to_sparse(dense, mask)
+    feats = x.features.clone().requires_grad_(True)
+    wt = weight.clone().requires_grad_(True)
+    bs = bias.clone().requires_grad_(True)
+    nbr = sp.neighbour_table(x.coords, (h, w), b, k, method=method)
+    out = sp.subm_conv2d(feats, x.coords, wt, bs, neighbours=nbr)
+    # reference: dense conv on the zero-filled map, read at active sites
+    dref = dense.clone().requires_grad_(True)
+    wref = weight.clone().requires_grad_(True)
+    bref = bias.clone().requires_grad_(True)
+    ref_map = F.conv2d(dref, wref, bref, padding=k // 2)
+    ref = ref_map.permute(0, 2, 3, 1)[mask]
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(feats.grad, dref.grad.permute(0, 2, 3, 1)[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(wt.grad, wref.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bs.grad, bref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_subm_conv2d_float32_and_default_shape():
+    g, mask, dense = _random_case(11, 2, 8, 8, 6, 0.3)
+    dense = (dense * mask[:, None]).float()
+    weight = torch.randn(7, 6, 3, 3, generator=g)
+    x = sp.to_sparse(dense, mask)
+    out = sp.subm_conv2d(x.features, x.coords, weight)  # bounding box inferred
+    ref = F.conv2d(dense, weight, padding=1).permute(0, 2, 3, 1)[mask]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_subm_conv2d_empty_and_single_site():
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    f0 = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    out0 = sp.subm_conv2d(f0, torch.zeros(0, 3, dtype=torch.long), w)
+    assert out0.shape == (0, 4)
+    out0.sum().backward()
+    assert torch.count_nonzero(w.grad) == 0
+    # single site: only the centre tap sees a neighbour
+    f1 = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    c1 = torch.tensor([[1, 2, 3]])
+    out1 = sp.subm_conv2d(f1, c1, w, spatial_shape=(5, 5), batch_size=2)
+    torch.testing.assert_close(out1, f1 @ w[:, :, 1, 1].t())
+    dense = torch.zeros(2, 3, 5, 5, dtype=torch.float64)
+    dense[1, :, 2, 3] = f1.detach()[0]
+    torch.testing.assert_close(out1, F.conv2d(dense, w.detach(), padding=1)[1, :, 2, 3][None])
+
+
+def test_subm_conv2d_bad_weight_names_parameter():
+    with pytest.raises(ValueError, match="weight"):
+        sp.subm_conv2d(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), torch.zeros(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="kernel_size"):
+        sp.neighbour_table(torch.zeros(1, 3, dtype=torch.long), (3, 3), 1, 2)
+
+
+POOL_CASES = [  # seed, batch, H, W, C, density, kernel, stride
+    (0, 2, 8, 8, 3, 0.05, 2, 2),
+    (1, 3, 12, 12, 5, 0.3, 2, 2),
+    (2, 2, 7, 9, 4, 0.6, 2, 2),
+    (3, 4, 6, 6, 2, 1.0, 2, 2),
+    (4, 2, 9, 8, 3, 0.5, 3, 2),
+    (5, 2, 10, 7, 3, 0.4, 3, 3),
+]
+
+
+@pytest.mark.parametrize("seed,b,h,w,c,density,k,s", POOL_CASES)
+def test_sparse_max_pool_matches_dense_with_minus_inf(seed, b, h, w, c, density, k, s):
+    g, mask, dense = _random_case(seed, b, h, w, c, density)
+    x = sp.to_sparse(dense, mask)
+    feats = x.features.clone().requires_grad_(True)
+    out, oc = sp.sparse_max_pool2d(feats, x.coords, k, s, spatial_shape=(h, w))
+    # reference: dense max-pool with -inf at inactive sites
+    dref = dense.masked_fill(~mask[:, None], -math.inf).requires_grad_(True)
+    ref_map = F.max_pool2d(dref, k, s)
+    site = torch.isfinite(ref_map[:, 0])  # output exists where the window holds an active input
+    assert oc.tolist() == site.nonzero().tolist()
+    ref = ref_map.permute(0, 2, 3, 1)[site]
+    torch.testing.assert_close(out, ref)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(feats.grad, dref.grad.permute(0, 2, 3, 1)[mask])
+
+
+def test_sparse_max_pool_ties_go_to_first_in_window_like_dense():
+    dense = torch.zeros(1, 1, 2, 2, dtype=torch.float64)  # all ties (e.g. after ReLU)
+    mask = torch.tensor([[[False, True], [True, True]]])
+    x = sp.to_sparse(dense, mask)
+    f = x.features.clone().requires_grad_(True)
+    out, _ = sp.sparse_max_pool2d(f, x.coords, 2, 2)
+    out.sum().backward()
+    dref = dense.masked_fill(~mask[:, None], -math.inf).requires_grad_(True)
+    F.max_pool2d(dref, 2).sum().backward()
+    torch.testing.assert_close(f.grad, dref.grad.permute(0, 2, 3, 1)[mask])
+
+
+def test_sparse_max_pool_empty():
+    f, c = sp.sparse_max_pool2d(torch.zeros(0, 4), torch.zeros(0, 3, dtype=torch.long), 2, 2)
+    assert f.shape == (0, 4) and c.shape == (0, 3)
+
+
+def test_to_dense_roundtrip():
+    g, mask, dense = _random_case(3, 2, 5, 6, 4, 0.5)
+    x = sp.to_sparse(dense, mask)
+    back = x.dense()
+    torch.testing.assert_close(back, dense * mask[:, None])
+    assert torch.isinf(sp.to_dense(x.features, x.coords, (2, 5, 6), fill=-math.inf)[~mask[:, None].expand(-1, 4, -1, -1)]).all()
+
+
+# ----------------------------------------------------------------------------- top-p
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.7, 0.9, 0.999])
+def test_top_p_mask_matches_loop_and_is_smallest_set(p):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(16, 50, generator=g), -1)
+    m = sp.top_p_mask(probs, p)
+    assert m.shape == probs.shape and m.dtype == torch.bool
+    assert torch.equal(m, sp.top_p_mask_loop(probs, p))
+    for row, mr in zip(probs, m):
+        kept = row[mr]
+        assert kept.sum() >= p - 1e-6  # reaches p
+        assert kept.sum() - kept.min() < p  # dropping the smallest kept entry falls short: smallest set
+        assert row[~mr].max() <= kept.min() if (~mr).any() else True  # highest first
+
+
+def test_top_p_mask_one_keeps_all_and_hand_example():
+    probs = torch.tensor([[0.5, 0.2, 0.3, 0.0], [0.1, 0.1, 0.1, 0.7]])
+    assert sp.top_p_mask(probs, 1.0).all()
+    assert sp.top_p_mask(probs, 0.7).tolist() == [[True, False, True, False], [False, False, False, True]]
+    assert sp.top_p_mask(probs, 0.5).tolist() == [[True, False, False, False], [False, False, False, True]]
+    with pytest.raises(ValueError, match="'p'"):
+        sp.top_p_mask(probs, 0.0)
+    with pytest.raises(ValueError, match="'p'"):
+        sp.top_p_mask(probs, 1.5)
+
+
+def test_top_p_mask_segments_matches_per_segment_mask():
+    g = torch.Generator().manual_seed(1)
+    sizes = [5, 1, 17, 9, 30]
+    seg = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    probs = torch.cat([torch.softmax(2 * torch.randn(n, generator=g), 0) for n in sizes])
+    perm = torch.randperm(len(seg), generator=g)  # segments interleaved
+    for p in (0.3, 0.7, 0.95, 1.0):
+        m = sp.top_p_mask_segments(probs[perm], seg[perm], p)
+        for i in range(len(sizes)):
+            sel = seg[perm] == i
+            assert torch.equal(m[sel], sp.top_p_mask(probs[perm][sel][None], p)[0])
+
+
+# ----------------------------------------------------------------------------- modules
+def test_sparse_vgg_block_equals_dense_twin_at_full_density_and_shares_state_dict():
+    torch.manual_seed(0)
+    dense_block = sp.DenseVggBlock(4, 6).double()
+    sparse_block = sp.SparseVggBlock(4, 6).double()
+    sparse_block.load_state_dict(dense_block.state_dict())  # same keys, same layout
+    assert set(dense_block.state_dict()) == set(sparse_block.state_dict())
+    x = torch.randn(3, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    ref = dense_block(x)  # train mode: BN statistics over all sites = all active sites
+    s = sp.to_sparse(x)
+    out = sparse_block(s)
+    assert out.spatial_shape == (3, 4) and out.batch_size == 3
+    torch.testing.assert_close(out.dense(), ref, atol=1e-4, rtol=1e-4)
+    ref.pow(2).sum().backward()
+    out.features.pow(2).sum().backward()
+    torch.testing.assert_close(sparse_block.conv1.conv.weight.grad, dense_block.conv1.conv.weight.grad,
+                               atol=1e-4, rtol=1e-4)
+    assert sparse_block.conv1.conv.last_backend == sp.SPARSE_BACKEND_CPU
+
+
+def test_sparse_block_on_partial_sites_equals_masked_dense_layers():
+    torch.manual_seed(1)
+    block = sp.SparseVggBlock(3, 5).double().eval()  # eval: BN uses running stats (site-independent)
+    for bn in (block.conv1.bn, block.conv2.bn):
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.data.normal_()
+        bn.running_var.data.uniform_(0.5, 2.0)
+
+    def bn2d(x, bn):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    g, mask, dense = _random_case(2, 2, 8, 8, 3, 0.4)
+    x = sp.to_sparse(dense * mask[:, None], mask)
+    out = block(x)
+    # reference: dense conv, BN, ReLU, re-mask, again, then -inf max-pool
+    m = mask[:, None]
+    h = torch.relu(bn2d(F.conv2d(dense * m, block.conv1.conv.weight, padding=1), block.conv1.bn)) * m
+    h = torch.relu(bn2d(F.conv2d(h, block.conv2.conv.weight, padding=1), block.conv2.bn))
+    ref = F.max_pool2d(h.masked_fill(~m, -math.inf), 2)
+    site = torch.isfinite(ref[:, 0])
+    assert out.coords.tolist() == site.nonzero().tolist()
+    torch.testing.assert_close(out.features, ref.permute(0, 2, 3, 1)[site])
+
+
+def test_backend_is_torch_rulebook_on_cpu():
+    assert sp.sparse_backend("cpu") == "torch-rulebook"
+    assert "torch-rulebook" in sp.backend_description("cpu")
