@@ -1,0 +1,140 @@
+"""Multiply-accumulates (MACs) of a feature extractor *as it ran* (MESM's compute claim, Chapters 5-6).
+
+MESM (Dai et al. 2021, Sec. 4) claims to keep FE2E's quality with about half the feature-extraction
+compute.  We count what actually ran: a dense convolution costs ``H_out * W_out * C_in/groups * C_out
+* k_h * k_w`` MACs per image, a submanifold convolution costs ``C_in * C_out`` per (active output site,
+active neighbour) pair -- the size of the rulebook it executed -- and a linear layer
+``in_features * out_features`` per row.  :class:`MacCounter` / :func:`count_macs` install forward
+hooks on ``nn.Conv2d``, ``nn.Linear`` and :class:`nbsupport.sparse.SubMConv2d` and return one row per
+call, with the dense-equivalent MACs of each sparse layer next to its real ones.  Attention matmuls
+and elementwise ops (BN, ReLU, pooling) are not counted: they are small next to the convolutions and
+are the same for FE2E and MESM.
+
+Hand-written because the usual counters (thop, fvcore, ptflops) are not installed here, and none of
+them knows our rulebook convolution.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import sparse as sp
+
+__all__ = ["dense_conv_macs", "subm_conv_macs", "linear_macs", "MacCounter", "count_macs", "summarize_macs"]
+
+
+def dense_conv_macs(height: int, width: int, c_in: int, c_out: int, kernel_size: int | tuple[int, int] = 3,
+                    n_images: int = 1, groups: int = 1) -> int:
+    """MACs of a dense 2-D convolution with output size ``height x width``: ``n * H * W * C_in/groups * C_out * kh * kw``."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    return int(n_images) * int(height) * int(width) * (int(c_in) // int(groups)) * int(c_out) * int(kh) * int(kw)
+
+
+def subm_conv_macs(neighbours_or_sites: Any, c_in: int, c_out: int, kernel_size: int = 3,
+                   spatial_shape=None, batch_size: int | None = None) -> int:
+    """MACs of a submanifold convolution = (active neighbour pairs in the rulebook) * C_in * C_out.
+
+    ``neighbours_or_sites``: a neighbour table (N, k*k) from :func:`nbsupport.sparse.neighbour_table`
+    (missing = N), a :class:`nbsupport.sparse.SparseTensor`, or coordinates (N, 3) with
+    ``spatial_shape``/``batch_size``.
+    """
+    x = neighbours_or_sites
+    if isinstance(x, sp.SparseTensor):
+        nbr = x.neighbours(kernel_size)
+    elif torch.is_tensor(x) and x.dim() == 2 and x.shape[1] == 3:  # k*k is never 3
+        if spatial_shape is None or batch_size is None:
+            raise ValueError("nbsupport.flops.subm_conv_macs: coordinates need 'spatial_shape' and 'batch_size'")
+        nbr = sp.neighbour_table(x, spatial_shape, batch_size, kernel_size)
+    elif torch.is_tensor(x) and x.dim() == 2:
+        nbr = x
+    else:
+        raise TypeError("nbsupport.flops.subm_conv_macs: 'neighbours_or_sites' must be a neighbour table, a "
+                        f"SparseTensor or (N, 3) coordinates, got {type(x).__name__}")
+    pairs = int((nbr < nbr.shape[0]).sum())
+    return pairs * int(c_in) * int(c_out)
+
+
+def linear_macs(rows: int, in_features: int, out_features: int) -> int:
+    """MACs of ``nn.Linear`` applied to ``rows`` vectors."""
+    return int(rows) * int(in_features) * int(out_features)
+
+
+class MacCounter:
+    """Context manager counting MACs per layer call with forward hooks (Chapters 5-6).
+
+    >>> with MacCounter(model) as mc:
+    ...     model(batch)
+    >>> mc.table()   # DataFrame: layer, kind, macs, dense_macs, sites, dense_sites, density
+
+    ``kind`` is ``conv2d``, ``subm_conv2d`` or ``linear``; ``dense_macs`` is what a dense layer would
+    cost on the full grid (equal to ``macs`` for dense layers).  ``include`` filters layer names.
+    """
+
+    def __init__(self, module: nn.Module, include: Callable[[str], bool] | None = None):
+        self.module = module
+        self.include = include
+        self.rows: list[dict] = []
+        self._handles = []
+
+    def __enter__(self) -> "MacCounter":
+        for name, mod in self.module.named_modules():
+            if self.include is not None and not self.include(name):
+                continue
+            if isinstance(mod, (nn.Conv2d, nn.Linear, sp.SubMConv2d)):
+                self._handles.append(mod.register_forward_hook(self._hook(name or type(mod).__name__)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(mod, inputs, output):
+            if isinstance(mod, sp.SubMConv2d):
+                x = inputs[0]
+                k = mod.kernel_size
+                macs = subm_conv_macs(x, mod.in_channels, mod.out_channels, k)
+                cells = x.batch_size * x.spatial_shape[0] * x.spatial_shape[1]
+                dense = dense_conv_macs(*x.spatial_shape, mod.in_channels, mod.out_channels, k, x.batch_size)
+                row = dict(layer=name, kind="subm_conv2d", macs=macs, dense_macs=dense, sites=x.num_sites,
+                           dense_sites=cells)
+            elif isinstance(mod, nn.Conv2d):
+                b, c_out, h, w = output.shape if output.dim() == 4 else (1, *output.shape)
+                macs = dense_conv_macs(h, w, mod.in_channels, mod.out_channels, mod.kernel_size, b, mod.groups)
+                row = dict(layer=name, kind="conv2d", macs=macs, dense_macs=macs, sites=b * h * w,
+                           dense_sites=b * h * w)
+            else:  # nn.Linear
+                rows = output.numel() // mod.out_features
+                macs = linear_macs(rows, mod.in_features, mod.out_features)
+                row = dict(layer=name, kind="linear", macs=macs, dense_macs=macs, sites=rows, dense_sites=rows)
+            row["density"] = row["sites"] / row["dense_sites"] if row["dense_sites"] else 0.0
+            self.rows.append(row)
+        return hook
+
+    def table(self) -> pd.DataFrame:
+        """One row per layer call, in execution order."""
+        cols = ["layer", "kind", "macs", "dense_macs", "sites", "dense_sites", "density"]
+        return pd.DataFrame(self.rows, columns=cols)
+
+    @property
+    def total(self) -> int:
+        return int(sum(r["macs"] for r in self.rows))
+
+
+def count_macs(module: nn.Module, *inputs: Any, include: Callable[[str], bool] | None = None,
+               **kwargs: Any) -> pd.DataFrame:
+    """Run ``module(*inputs, **kwargs)`` once under ``torch.no_grad`` and return its per-layer MAC table
+    (see :class:`MacCounter`); ``include(name)`` restricts the layers (e.g. to the feature extractor)."""
+    with torch.no_grad(), MacCounter(module, include) as mc:
+        module(*inputs, **kwargs)
+    return mc.table()
+
+
+def summarize_macs(table: pd.DataFrame) -> dict:
+    """Totals of a MAC table: ``macs``, ``dense_macs`` and their ratio (MESM's 'half the compute' check)."""
+    macs, dense = int(table["macs"].sum()), int(table["dense_macs"].sum())
+    return {"macs": macs, "dense_macs": dense, "ratio": macs / dense if dense else float("nan")}
