@@ -1,0 +1,156 @@
+"""Tests of FE2E / MESM (nbsupport.models.mesm, Chapters 5-6) against independent references:
+dense PyTorch blocks, hand-computed top-p counts, and the model's own invariances (padding)."""
+import math
+
+import pytest
+import torch
+
+from nbsupport.models.mesm import EndToEndModel, FE2E, MESM, top_p_keep
+
+SMALL = dict(tiny_text=True, stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2,
+             attention_hidden=8, dropout=0.0)
+
+
+def make_batch(b=3, t=3, p=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    faces_mask = torch.zeros(b, t, dtype=torch.bool)
+    mel_mask = torch.zeros(b, p, dtype=torch.bool)
+    for i in range(b):
+        faces_mask[i, : max(1, t - i)] = True
+        mel_mask[i, : max(1, p - i)] = True
+    return dict(input_ids=torch.randint(1000, 3000, (b, 6), generator=g),
+                attention_mask=torch.ones(b, 6, dtype=torch.long),
+                faces=torch.rand(b, t, 48, 48, generator=g), faces_mask=faces_mask,
+                mel=torch.randn(b, p, 128, 32, generator=g), mel_mask=mel_mask,
+                emotion=(torch.rand(b, 6, generator=g) > 0.5).float())
+
+
+@pytest.mark.parametrize("modalities", ["L", "LA", "LV", "LAV"])
+def test_shapes_every_modality_subset(modalities):
+    torch.manual_seed(0)
+    model = MESM(modalities, top_p=0.7, **SMALL)
+    out = model(make_batch())
+    assert out.shape == (3, 6) and torch.isfinite(out).all()
+    assert set(model.last_maps) == set(modalities) - {"L"}
+    if "V" in modalities:  # 48x48 face -> 24x24 after the stem -> 12x12 -> 6x6 before the blocks
+        assert [tuple(r.kept.shape[1:]) for r in model.last_maps["V"]] == [(24, 24), (12, 12), (6, 6)]
+        assert model.last_maps["V"][0].kept.shape[0] == int(make_batch()["faces_mask"].sum())
+    if "A" in modalities:  # 128x32 mel piece -> 64x16 -> 32x8 -> 16x4
+        assert [tuple(r.kept.shape[1:]) for r in model.last_maps["A"]] == [(64, 16), (32, 8), (16, 4)]
+    w = model.fusion_weights()
+    assert math.isclose(sum(w.values()), 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_sparse_blocks_without_attention_equal_fe2e(train):
+    """Sparse blocks at full density (no attention, nothing dropped) = FE2E's dense torch conv blocks."""
+    torch.manual_seed(1)
+    dense = FE2E("LAV", **SMALL)
+    sparse = EndToEndModel("LAV", attention=False, sparse=True, **SMALL)
+    sparse.load_state_dict(dense.state_dict())  # shared parameter names
+    dense.train(train), sparse.train(train)
+    batch = make_batch()
+    torch.manual_seed(0)  # the text encoder's dropout draws the same masks in both runs
+    out_sparse = sparse(batch)
+    torch.manual_seed(0)
+    torch.testing.assert_close(out_sparse, dense(batch), atol=1e-4, rtol=1e-4)
+
+
+def test_mesm_top_p_one_equals_dense_with_attention():
+    """MESM with top_p = 1 keeps every site: same outputs as the dense model with the same attention."""
+    torch.manual_seed(2)
+    mesm = MESM("LAV", top_p=1.0, **SMALL).eval()
+    dense_att = EndToEndModel("LAV", attention=True, sparse=False, **SMALL).eval()
+    dense_att.load_state_dict(mesm.state_dict())
+    batch = make_batch()
+    torch.testing.assert_close(mesm(batch), dense_att(batch), atol=1e-4, rtol=1e-4)
+    assert all(r.kept.all() for r in mesm.last_maps["V"])
+
+
+def test_top_p_keep_hand_made():
+    probs = torch.tensor([[0.1, 0.5, 0.1, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    # row 0 sorted: 0.5, 0.3, 0.1, 0.1 -> mass 0.5 < 0.7, 0.8 >= 0.7: keep {1, 3}
+    assert top_p_keep(probs, 0.7).tolist() == [[False, True, False, True], [True, True, True, False]]
+    assert top_p_keep(probs, 0.3).sum(1).tolist() == [1, 2]
+    assert top_p_keep(probs, 1.0).all()
+
+
+def test_uniform_attention_keeps_ceil_p_sites_per_frame():
+    """With the score vector v = 0 the attention is uniform over the 24x24 sites, so top-p keeps
+    ceil(p * 576) sites in every frame (hand count), and the features are not rescaled."""
+    torch.manual_seed(3)
+    model = MESM("LV", top_p=0.3, **SMALL).eval()
+    with torch.no_grad():
+        for att in model.pathways["V"].cross_attention:
+            att.v.weight.zero_()
+    model(make_batch())
+    rec = model.last_maps["V"][0]
+    torch.testing.assert_close(rec.attention.sum((1, 2)), torch.ones(rec.attention.shape[0]))
+    assert rec.kept.flatten(1).sum(1).tolist() == [math.ceil(0.3 * 576)] * rec.kept.shape[0]
+    # later layers only keep sites that were active after the previous sparse pool
+    for r in model.last_maps["V"][1:]:
+        assert not (r.kept & ~r.active).any()
+
+
+def test_padding_frames_do_not_change_outputs():
+    torch.manual_seed(4)
+    model = MESM("LAV", top_p=0.6, **SMALL)
+    batch = make_batch()
+    other = {k: v.clone() for k, v in batch.items()}
+    pad = ~other["faces_mask"]
+    other["faces"][pad] = torch.rand(int(pad.sum()), 48, 48) * 5
+    other["mel"][~other["mel_mask"]] = 7.0
+    model.train()  # batch-norm statistics must ignore padding too
+    torch.manual_seed(0)
+    out = model(batch)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(other), out)
+    model.eval()  # and an utterance alone (no padding at all) gives its batched output
+    full = model(batch)
+    alone = {k: v[2:3] for k, v in batch.items()}
+    alone["faces"], alone["faces_mask"] = alone["faces"][:, :1], alone["faces_mask"][:, :1]
+    alone["mel"], alone["mel_mask"] = alone["mel"][:, :1], alone["mel_mask"][:, :1]
+    torch.testing.assert_close(model(alone), full[2:3], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_text_encoder_and_attention():
+    torch.manual_seed(5)
+    model = MESM("LAV", top_p=0.7, **SMALL)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(make_batch()), make_batch()["emotion"])
+    loss.backward()
+    text_grad = sum(p.grad.abs().sum() for p in model.text.parameters() if p.grad is not None)
+    assert text_grad > 0
+    for att in model.pathways["V"].cross_attention:  # the attention * n_sites modulation passes gradients
+        assert att.w_key.weight.grad is not None and att.w_key.weight.grad.abs().sum() > 0
+    groups = model.param_groups(1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_trains_on_a_tiny_batch():
+    torch.manual_seed(6)
+    model = MESM("LAV", top_p=0.7, **SMALL)
+    batch = make_batch(b=4)
+    opt = torch.optim.Adam(model.param_groups(1e-2))
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["emotion"])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ValueError, match="modalities"):
+        FE2E("AV", **SMALL)
+    with pytest.raises(ValueError, match="top_p"):
+        MESM("LV", top_p=1.5, **SMALL)
+    with pytest.raises(ValueError, match="top_p"):
+        FE2E("LV", top_p=0.5, **SMALL)
+    model = MESM("LV", **SMALL)
+    model.top_p = 0.4
+    assert model.top_p == 0.4
+    with pytest.raises(KeyError, match="faces"):
+        model({"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)})
