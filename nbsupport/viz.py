@@ -1,0 +1,68 @@
+"""Plot helpers shared by the chapters: attention heatmaps and animations that work without a kernel."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+__all__ = ["attention_heatmap", "head_heatmaps", "slider_animation"]
+
+
+def attention_heatmap(weights, x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None,
+                      ax=None, title: str = "", xlabel: str = "key", ylabel: str = "query", annot: bool = False):
+    """Draw attention weights (queries x keys) as a heatmap: row q shows where query q looks (Chapter 1)."""
+    weights = np.asarray(getattr(weights, "detach", lambda: weights)().cpu() if hasattr(weights, "cpu") else weights)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.45 * weights.shape[1] + 2, 0.4 * weights.shape[0] + 1.5))
+    sns.heatmap(weights, ax=ax, vmin=0, vmax=max(float(weights.max()), 1e-9), cmap="viridis", square=False,
+                xticklabels=list(x_labels) if x_labels is not None else "auto",
+                yticklabels=list(y_labels) if y_labels is not None else "auto",
+                annot=annot, fmt=".2f", cbar_kws={"label": "attention weight"})
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def head_heatmaps(weights, tokens: Sequence[str], title: str = "", max_cols: int = 4):
+    """One heatmap per attention head; ``weights`` (heads, T, T) over a sentence's ``tokens`` (Chapter 1)."""
+    weights = np.asarray(weights)
+    heads = weights.shape[0]
+    cols = min(heads, max_cols)
+    rows = int(np.ceil(heads / cols))
+    size = 0.32 * len(tokens) + 1.5
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        if h >= heads:
+            ax.axis("off")
+            continue
+        sns.heatmap(weights[h], ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=False,
+                    xticklabels=tokens, yticklabels=tokens if h % cols == 0 else False, square=True)
+        ax.set_title(f"head {h}")
+        ax.set_xlabel("key token")
+        if h % cols == 0:
+            ax.set_ylabel("query token")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def slider_animation(draw: Callable[[object, object], None], values: Sequence, figsize=(6, 3.5), interval: int = 400):
+    """A matplotlib animation over ``values`` rendered with ``to_jshtml``: a slider a reader can move in the
+    static book, without a kernel (DESIGN.md, rendering notes). ``draw(fig, value)`` redraws the figure."""
+    from matplotlib import animation
+
+    fig = plt.figure(figsize=figsize)
+
+    def frame(i):
+        fig.clf()
+        draw(fig, values[i])
+
+    anim = animation.FuncAnimation(fig, frame, frames=len(values), interval=interval)
+    html = anim.to_jshtml(default_mode="once")
+    plt.close(fig)
+    return html

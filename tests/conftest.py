@@ -1,0 +1,117 @@
+"""Notebook harness shared by the tests: discovers the book's notebooks from _toc.yml, runs each once
+headless with papermill (smoke=True) and builds a fast HTML book from those executed copies."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+SMOKE_WORKERS = int(os.environ.get("NB_SMOKE_WORKERS", "2"))
+
+
+def _toc_files(node) -> list[str]:
+    files = []
+    if isinstance(node, dict):
+        if "file" in node:
+            files.append(node["file"])
+        if "root" in node:
+            files.append(node["root"])
+        for key in ("chapters", "sections", "parts"):
+            for child in node.get(key, []) or []:
+                files.extend(_toc_files(child))
+    elif isinstance(node, list):
+        for child in node:
+            files.extend(_toc_files(child))
+    return files
+
+
+def toc_notebooks() -> list[Path]:
+    """Every .ipynb listed in _toc.yml, in book order."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    paths = []
+    for f in _toc_files(toc):
+        p = ROOT / f
+        if p.suffix == "":
+            p = p.with_suffix(".ipynb") if p.with_suffix(".ipynb").exists() else p.with_suffix(".md")
+        if p.suffix == ".ipynb":
+            paths.append(p)
+    return paths
+
+
+NOTEBOOKS = toc_notebooks()
+
+
+@dataclass
+class SmokeRun:
+    notebook: Path
+    executed: Path
+    output_dir: Path
+    seconds: float
+    error: str | None
+
+
+def run_papermill(notebook: Path, executed: Path, parameters: dict, env_extra: dict | None = None,
+                  timeout: int = 900) -> tuple[float, str | None]:
+    """Run ``notebook`` with papermill in a subprocess (kernel cwd = book/); return (seconds, error text or None)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(executed), "--cwd", str(notebook.parent),
+           "--kernel", "python3", "--no-progress-bar"]
+    for k, v in parameters.items():
+        cmd += ["-p", k, str(v)] if not isinstance(v, str) else ["-r", k, v]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    seconds = time.perf_counter() - start
+    return seconds, None if proc.returncode == 0 else (proc.stdout[-4000:] + proc.stderr[-8000:])
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory) -> dict[str, SmokeRun]:
+    """Every notebook of the book executed once with smoke=True, two at a time."""
+    base = tmp_path_factory.mktemp("smoke")
+
+    def one(nb: Path) -> SmokeRun:
+        out = base / nb.stem
+        out.mkdir()
+        executed = base / f"{nb.stem}.executed.ipynb"
+        seconds, error = run_papermill(nb, executed, {"smoke": True, "output_dir": str(out)})
+        return SmokeRun(nb, executed, out, seconds, error)
+
+    with ThreadPoolExecutor(SMOKE_WORKERS) as pool:
+        runs = list(pool.map(one, NOTEBOOKS))
+    for r in runs:
+        print(f"smoke run {r.notebook.name}: {r.seconds:.1f} s{' FAILED' if r.error else ''}")
+    return {r.notebook.stem: r for r in runs}
+
+
+@pytest.fixture(scope="session")
+def smoke_book(smoke_runs, tmp_path_factory) -> Path:
+    """The HTML book built (execution off) from the smoke-executed notebooks; returns _build/html."""
+    site = tmp_path_factory.mktemp("site")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, site / name)
+    shutil.copytree(BOOK, site / "book", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for run in smoke_runs.values():
+        if run.error is None:
+            shutil.copy(run.executed, site / "book" / run.notebook.name)
+    cfg = yaml.safe_load((site / "_config.yml").read_text())
+    cfg.setdefault("execute", {})["execute_notebooks"] = "off"
+    (site / "_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", str(site),
+                           "--warningiserror", "--keep-going"], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"jupyter-book build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}")
+    artifacts = ROOT / "_build" / "smoke-html"
+    shutil.rmtree(artifacts, ignore_errors=True)
+    shutil.copytree(site / "_build" / "html", artifacts)
+    return artifacts
