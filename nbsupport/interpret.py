@@ -1,0 +1,160 @@
+"""Measured interpretability of MESM's cross-modal attention (Chapter 6).
+
+Dai et al. (2021, Sec. 5.3) *looked at* MESM's attention maps and saw them land on facial action
+units (FACS) and on energetic regions of the mel-spectrogram. The synthetic corpus saves where the
+cues really are (``cue.pkl``: per frame the union mask of the active AU regions in image
+coordinates, and the audio cue's time-frequency box), so here we *measure* it:
+
+* the cue region is mapped to the model's input (48x48 face crop, 128x32 mel piece) and then to
+  each sparse layer's grid as the **fraction of every cell inside the region** (area pooling);
+* per frame/piece, ``attention share`` = attention mass on the region = ``sum(a * r) / sum(a)``,
+  ``kept share`` = share of the kept sites inside it = ``sum(k * r) / sum(k)``, and **chance** = the
+  region's share of the sites that were available (active) = ``sum(act * r) / sum(act)``: what a
+  uniform attention / a random selection would score. A ratio share/chance above 1 means the
+  attention prefers the cue.
+
+Only frames/pieces whose region is non-empty are averaged (a neutral face has no active AU).
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+__all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "face_region_in_crop", "audio_box_to_pieces",
+           "load_cue", "unpack_au_masks", "summarize_cue_table"]
+
+
+def region_to_grid(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Fraction of each cell of a (h, w) grid covered by ``region`` (N, H, W) (bool or [0,1] float).
+
+    Area pooling (``adaptive_avg_pool2d``) from the input resolution to a layer's grid; H/h and W/w
+    are integers for MESM's layers (48 -> 24/12/6, 128x32 -> 64x16/32x8/16x4). Returns (N, h, w).
+    """
+    region = torch.as_tensor(region).float()
+    if region.dim() != 3:
+        raise ValueError(f"region_to_grid: 'region' must be (N, H, W), got shape {tuple(region.shape)}")
+    return F.adaptive_avg_pool2d(region[:, None], tuple(int(g) for g in grid))[:, 0]
+
+
+def cue_shares(attention: torch.Tensor | None, kept: torch.Tensor, active: torch.Tensor,
+               region: torch.Tensor) -> dict:
+    """Per-frame shares on one layer: attention mass, kept sites and chance inside the cue ``region``.
+
+    attention (N,h,w) float (None: not measured), kept / active (N,h,w) bool, region (N,h,w) in [0,1]
+    (from :func:`region_to_grid`). Frames with an empty region or no kept site are dropped. Returns
+    numpy arrays ``attention_share``, ``kept_share``, ``chance`` (one value per kept frame) and ``rows``.
+    """
+    kept, active, region = kept.float(), active.float(), region.float()
+    if not (kept.shape == active.shape == region.shape):
+        raise ValueError(f"cue_shares: kept {tuple(kept.shape)}, active {tuple(active.shape)} and region "
+                         f"{tuple(region.shape)} must have the same (N, h, w) shape")
+    dims = (1, 2)
+    chance = (active * region).sum(dims) / active.sum(dims).clamp_min(1e-12)
+    kept_share = (kept * region).sum(dims) / kept.sum(dims).clamp_min(1e-12)
+    use = ((region * active).sum(dims) > 0) & (kept.sum(dims) > 0)
+    out = {"kept_share": kept_share[use].numpy(), "chance": chance[use].numpy(), "rows": use.nonzero()[:, 0].numpy()}
+    if attention is not None:
+        a = attention.float() * active
+        out["attention_share"] = ((a * region).sum(dims) / a.sum(dims).clamp_min(1e-12))[use].numpy()
+    return out
+
+
+def layer_cue_table(records: Sequence, regions: torch.Tensor, modality: str) -> pd.DataFrame:
+    """One row per layer: mean attention share, kept share and chance over frames with a cue region.
+
+    ``records``: the model's ``last_maps[modality]`` (:class:`nbsupport.models.mesm.LayerRecord` with
+    ``attention``, ``kept``, ``active``); ``regions`` (N, H, W): the cue region of every frame/piece of
+    that forward pass, in model-input coordinates, in the same order as the records' rows.
+    """
+    rows = []
+    for i, rec in enumerate(records):
+        grid = rec.kept.shape[1:]
+        r = region_to_grid(regions, grid)
+        s = cue_shares(rec.attention, rec.kept, rec.active, r)
+        rows.append(dict(modality=modality, layer=i + 1, grid=f"{grid[0]}x{grid[1]}", n=len(s["chance"]),
+                         attention_share=float(np.mean(s["attention_share"])) if len(s["chance"]) else np.nan,
+                         kept_share=float(np.mean(s["kept_share"])) if len(s["chance"]) else np.nan,
+                         chance=float(np.mean(s["chance"])) if len(s["chance"]) else np.nan))
+    return pd.DataFrame(rows)
+
+
+def summarize_cue_table(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Frame-weighted mean of several :func:`layer_cue_table` results (e.g. one per batch), with the
+    lift = share / chance (1 = no better than chance)."""
+    df = pd.concat(list(tables), ignore_index=True)
+    df = df[df["n"] > 0]
+    cols = ["attention_share", "kept_share", "chance"]
+    w = df[cols].mul(df["n"], axis=0)
+    w[["modality", "layer", "grid", "n"]] = df[["modality", "layer", "grid", "n"]]
+    out = w.groupby(["modality", "layer", "grid"], as_index=False).sum(numeric_only=True)
+    out[cols] = out[cols].div(out["n"], axis=0)
+    out["attention_lift"] = out["attention_share"] / out["chance"]
+    out["kept_lift"] = out["kept_share"] / out["chance"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# From the corpus' cue.pkl to model-input coordinates
+# ------------------------------------------------------------------------------------------------
+def load_cue(folder: str | Path) -> dict:
+    """Read an utterance's ``cue.pkl`` (synthetic corpus, :mod:`nbsupport.data.synth`)."""
+    path = Path(folder) / "cue.pkl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: cue ground truth missing (only the synthetic corpus has cue.pkl)")
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def unpack_au_masks(cue: dict) -> np.ndarray:
+    """(frames, H, W) bool AU-region masks in image coordinates from a cue dict (bit-packed rows)."""
+    h, w = cue["image_size"]
+    return np.unpackbits(cue["au_mask_packed"], axis=-1, count=w).astype(bool).reshape(-1, h, w)
+
+
+def face_region_in_crop(mask: np.ndarray, box: Sequence[int] | None = None, size: int = 48) -> np.ndarray:
+    """Map an image-coordinate region (H, W) to the ``size`` x ``size`` face crop as area fractions.
+
+    ``box`` = (x0, y0, side) of the square crop the face pipeline took; None = the central square
+    (the crop :func:`nbsupport.data.features.face_crop` falls back to). Area interpolation (OpenCV
+    INTER_AREA, as the crop itself is resized) gives each crop pixel its covered fraction.
+    """
+    import cv2
+
+    mask = np.asarray(mask, np.float32)
+    H, W = mask.shape
+    if box is None:
+        s = min(H, W)
+        box = ((W - s) // 2, (H - s) // 2, s)
+    x0, y0, s = (int(v) for v in box)
+    crop = np.zeros((s, s), np.float32)
+    sub = mask[max(0, y0):y0 + s, max(0, x0):x0 + s]
+    crop[max(0, -y0):max(0, -y0) + sub.shape[0], max(0, -x0):max(0, -x0) + sub.shape[1]] = sub
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def audio_box_to_pieces(box: dict, n_pieces: int, *, sr: int = 16000, hop: int = 200, n_mels: int = 128,
+                        piece: int = 32, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+    """The audio cue's time-frequency box -> (P, n_mels, piece) bool masks on MESM's mel pieces.
+
+    ``box`` = {"t0", "t1" (s), "f0_hz", "f1_hz"}. Frame ``j`` of the log-mel (librosa, centred
+    frames) sits at ``j * hop / sr`` seconds; mel band ``m`` is inside when its centre frequency
+    (``librosa.mel_frequencies``) lies in [f0_hz, f1_hz]. Pieces are consecutive ``piece``-frame cuts
+    (:func:`nbsupport.data.features.mel_pieces`).
+    """
+    import librosa
+
+    for key in ("t0", "t1", "f0_hz", "f1_hz"):
+        if key not in box:
+            raise KeyError(f"audio_box_to_pieces: 'box' lacks field '{key}' (expected t0, t1, f0_hz, f1_hz)")
+    centres = librosa.mel_frequencies(n_mels + 2, fmin=fmin, fmax=fmax or sr / 2)[1:-1]  # (n_mels,)
+    freq_in = (centres >= box["f0_hz"]) & (centres <= box["f1_hz"])
+    times = np.arange(n_pieces * piece) * hop / sr
+    time_in = (times >= box["t0"]) & (times <= box["t1"])
+    full = freq_in[:, None] & time_in[None, :]  # (n_mels, P*piece)
+    return np.ascontiguousarray(full.reshape(n_mels, n_pieces, piece).transpose(1, 0, 2))

@@ -1,0 +1,76 @@
+"""Tests of nbsupport.interpret (Chapter 6's measured interpretability) with hand-made maps and
+hand-computed shares."""
+import numpy as np
+import pytest
+import torch
+
+from nbsupport.interpret import (audio_box_to_pieces, cue_shares, face_region_in_crop, layer_cue_table,
+                                 region_to_grid, summarize_cue_table)
+from nbsupport.models.mesm import LayerRecord
+
+
+def test_region_to_grid_area_fractions():
+    region = torch.zeros(1, 4, 4)
+    region[0, 0, :3] = 1  # top row, three of four pixels
+    grid = region_to_grid(region, (2, 2))
+    assert grid[0].tolist() == [[0.5, 0.25], [0.0, 0.0]]  # hand count: 2/4 and 1/4 pixels
+
+
+def test_cue_shares_hand_computed():
+    region = torch.zeros(2, 2, 2)
+    region[:, 0, 0] = 1.0  # cue in the top-left cell (a quarter of the grid)
+    att = torch.tensor([[[0.7, 0.1], [0.1, 0.1]], [[0.25, 0.25], [0.25, 0.25]]])
+    kept = torch.tensor([[[True, False], [False, False]], [[True, True], [True, True]]])
+    active = torch.ones(2, 2, 2, dtype=torch.bool)
+    s = cue_shares(att, kept, active, region)
+    np.testing.assert_allclose(s["attention_share"], [0.7, 0.25])
+    np.testing.assert_allclose(s["kept_share"], [1.0, 0.25])
+    np.testing.assert_allclose(s["chance"], [0.25, 0.25])
+    # chance counts only the available (active) sites; frames without a region are dropped
+    active2 = active.clone()
+    active2[0, 1, :] = False
+    region2 = region.clone()
+    region2[1] = 0
+    s2 = cue_shares(att, kept, active2, region2)
+    np.testing.assert_allclose(s2["chance"], [0.5])
+    assert s2["rows"].tolist() == [0]
+
+
+def test_layer_table_and_summary():
+    n = 3
+    region = torch.zeros(n, 8, 8)
+    region[:, :4, :4] = 1  # a quarter of the image
+    att = torch.full((n, 4, 4), 1 / 16)
+    kept = torch.zeros(n, 4, 4, dtype=torch.bool)
+    kept[:, :2, :2] = True  # all kept sites inside the cue
+    rec = LayerRecord(att, kept, torch.ones(n, 4, 4, dtype=torch.bool), torch.zeros(n, 2, dtype=torch.long))
+    table = layer_cue_table([rec], region, "V")
+    row = table.iloc[0]
+    assert (row.attention_share, row.kept_share, row.chance, row.n) == (pytest.approx(0.25), 1.0, 0.25, 3)
+    summary = summarize_cue_table([table, table])
+    assert summary.iloc[0]["kept_lift"] == pytest.approx(4.0) and summary.iloc[0]["n"] == 6
+
+
+def test_face_region_in_crop_central_square():
+    mask = np.zeros((96, 128), bool)
+    mask[:48, 16:64] = True  # top-left quarter of the central 96x96 square
+    crop = face_region_in_crop(mask, None, size=48)
+    assert crop.shape == (48, 48)
+    assert crop[:24, :24].mean() == pytest.approx(1.0) and crop[24:, :].sum() == 0 and crop[:, 24:].sum() == 0
+
+
+def test_audio_box_to_pieces():
+    import librosa
+
+    box = dict(t0=0.5, t1=1.0, f0_hz=1000.0, f1_hz=4000.0)
+    m = audio_box_to_pieces(box, n_pieces=4)
+    assert m.shape == (4, 128, 32)
+    full = np.concatenate(list(m), axis=1)  # (128, 128 frames)
+    frames = np.nonzero(full.any(0))[0]
+    assert frames.min() == 40 and frames.max() == 80  # 0.5 s and 1.0 s at hop 200 / 16 kHz
+    centres = librosa.mel_frequencies(130, fmin=0, fmax=8000)[1:-1]
+    bands = np.nonzero(full.any(1))[0]
+    assert centres[bands].min() >= 1000 and centres[bands].max() <= 4000
+    assert centres[bands.min() - 1] < 1000 and centres[bands.max() + 1] > 4000
+    with pytest.raises(KeyError, match="t0"):
+        audio_box_to_pieces({}, 1)
