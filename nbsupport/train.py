@@ -114,8 +114,8 @@ def pos_weight_from(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _labels_of_loader(loader: Iterable, task: str) -> torch.Tensor:
-    """All training targets of ``loader`` (read from the dataset's items when possible, else one pass)."""
-    return torch.cat([targets_for(b, task) for b in loader])
+    """All training targets of ``loader`` (one pass; under torchrun gathered from every rank)."""
+    return _gather(torch.cat([targets_for(b, task) for b in loader]))
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -180,3 +180,40 @@ def test_bad_arguments_are_named():
         train.fit(TinyNet(), tr, va, epochs=0, device="cpu")
     with pytest.raises(ValueError, match="monitor"):
         train.fit(TinyNet(), tr, va, epochs=1, monitor="nope", device="cpu", progress=False)
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        tr = train.make_loader(_items(48, 1), batch_size=8, shuffle=True, seed=0, collate_fn=_collate)
+        va = train.make_loader(_items(21, 2), batch_size=8, shuffle=False, collate_fn=_collate)
+        res = train.fit(TinyNet(), tr, va, epochs=2, device="cpu", progress=False, checkpoint_dir=out_dir / "ck")
+        logits, _, ids = train.predict(res.model, va, device="cpu")
+        torch.save({"logits": logits, "ids": ids, "state": res.model.state_dict()}, out_dir / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes re-import torch (~15 s on 2 cores)
+def test_distributed_two_ranks_gather_in_dataset_order(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["ids"] == r1["ids"] == [f"u{i}" for i in range(21)]  # every item once, in order
+    assert torch.equal(r0["logits"], r1["logits"])
+    model = TinyNet()
+    model.load_state_dict(r0["state"])  # the same predictions from a plain single-process forward
+    va = train.make_loader(_items(21, 2), batch_size=8, shuffle=False, collate_fn=_collate)
+    single, _, _ = train.predict(model, va, device="cpu")
+    assert torch.allclose(single, r0["logits"], atol=1e-6)
+    assert (tmp_path / "ck" / "last.pt").exists()

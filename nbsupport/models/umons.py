@@ -251,3 +251,38 @@ class UmonsTransformer(nn.Module):
         """Configuration, modalities and parameter count (printed by Chapter 4)."""
         return {"modalities": self.modalities, **asdict(self.config),
                 "n_params": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter helpers: train one UMONS model and report it with the shared metric names
+# ------------------------------------------------------------------------------------------------
+def input_dims_from(batch: Mapping[str, torch.Tensor]) -> dict:
+    """Feature sizes of a UMONS batch: {"L": Dw, "A": 80, "V": Dv} (read from the data, Chapters 3-4)."""
+    return {m: int(batch[f].shape[-1]) for m, f in MODALITY_KEYS.items() if f in batch}
+
+
+def train_umons(modalities: str, train_loader, valid_loader, test_loader=None, *, task: str = "emotion",
+                config: UmonsConfig | None = None, epochs: int = 10, lr: float = 1e-3, device="auto", seed: int = 0,
+                patience: int | None = None, checkpoint_dir=None, progress: bool = True, n_emotions: int = 6):
+    """Build a :class:`UmonsTransformer` for ``modalities``, fit it with :func:`nbsupport.train.fit` and
+    evaluate its best checkpoint on ``test_loader`` (or validation). Returns ``(row, fit_result)`` where
+    ``row`` has ``model``, ``modalities``, the task's metrics, ``n_params`` and ``seconds`` (Chapters 3-4).
+    """
+    import time
+
+    from nbsupport import train
+
+    torch.manual_seed(seed)  # same initial weights for the same (seed, modalities)
+    first = next(iter(train_loader))
+    model = UmonsTransformer(modalities, train.n_outputs(task, n_emotions), config=config or UmonsConfig(),
+                             input_dims=input_dims_from(first))
+    t0 = time.perf_counter()
+    res = train.fit(model, train_loader, valid_loader, task=task, epochs=epochs, lr=lr, device=device, seed=seed,
+                    patience=patience, checkpoint_dir=checkpoint_dir, progress=progress,
+                    desc=f"UMONS {model.modalities} {task}")
+    seconds = time.perf_counter() - t0
+    metrics = train.evaluate(res.model, test_loader if test_loader is not None else valid_loader, task=task,
+                             device=device)
+    row = {"model": f"UMONS-{model.modalities}", "modalities": model.modalities, "task": task, **metrics,
+           "n_params": res.n_params, "seconds": round(seconds, 2), "best_epoch": res.best_epoch}
+    return row, res
