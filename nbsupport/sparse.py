@@ -44,7 +44,7 @@ from torch import nn
 __all__ = [
     "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "sparse_backend", "backend_description",
     "top_p_mask", "top_p_mask_segments", "top_p_mask_loop",
-    "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "subm_conv2d", "sparse_max_pool2d",
+    "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "choose_strategy", "subm_conv2d", "sparse_max_pool2d",
     "SubMConv2d", "SparseConvBNReLU", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",
 ]
 
@@ -257,6 +257,13 @@ class SparseTensor:
             self.cache[key] = neighbour_table(self.coords, self.spatial_shape, self.batch_size, kernel_size)
         return self.cache[key]
 
+    def pairs(self, kernel_size: int = 3) -> list:
+        """Cached per-offset (output, input) site pairs of the rulebook (see :func:`rulebook_pairs`)."""
+        key = ("pairs", int(kernel_size))
+        if key not in self.cache:
+            self.cache[key] = rulebook_pairs(self.neighbours(kernel_size))
+        return self.cache[key]
+
     def dense(self, fill: float = 0.0) -> torch.Tensor:
         """(B, C, H, W) with ``fill`` at inactive sites."""
         return to_dense(self.features, self.coords, (self.batch_size, *self.spatial_shape), fill=fill)
@@ -379,6 +386,78 @@ class _SubmConvFunction(torch.autograd.Function):
         return grad_f, grad_w, None
 
 
+def rulebook_pairs(nbr: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per kernel offset j, the (output site, input site) index pairs of a neighbour table (N, K);
+    ``None`` for the centre offset of an odd kernel (every site pairs with itself)."""
+    n, kk = nbr.shape
+    out = []
+    for j in range(kk):
+        if j == kk // 2:
+            out.append(None)
+            continue
+        o = (nbr[:, j] < n).nonzero().squeeze(1)  # (P_j,) output sites with an active neighbour at j
+        out.append((o, nbr[o, j]))
+    return out
+
+
+class _SubmConvPairsFunction(torch.autograd.Function):
+    """Rulebook convolution offset by offset: out[o] += f[i] @ W_j over the active pairs (o, i) only, so
+    the work is the real rulebook size (low densities); gather -> matmul -> index_add per offset."""
+
+    @staticmethod
+    def forward(ctx, features, weight, pairs_holder):
+        pairs = pairs_holder.pairs
+        kh, kw = weight.shape[2:]
+        w_j = weight.permute(2, 3, 1, 0).reshape(kh * kw, weight.shape[1], weight.shape[0])  # (K, C_in, C_out)
+        out = features @ w_j[(kh * kw) // 2]  # centre tap: every site with itself
+        for j, pr in enumerate(pairs):
+            if pr is None or pr[0].numel() == 0:
+                continue
+            o, i = pr
+            out.index_add_(0, o, features.index_select(0, i) @ w_j[j])
+        ctx.save_for_backward(features, weight)
+        ctx.pairs = pairs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        features, weight = ctx.saved_tensors
+        pairs = ctx.pairs
+        c_out, c_in, kh, kw = weight.shape
+        kk = kh * kw
+        grad_out = grad_out.contiguous()
+        w_j = weight.permute(2, 3, 1, 0).reshape(kk, c_in, c_out)
+        need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_f = grad_out @ w_j[kk // 2].t() if need_f else None
+        gw = features.new_zeros(kk, c_in, c_out) if need_w else None
+        if need_w:
+            gw[kk // 2] = features.t() @ grad_out
+        for j, pr in enumerate(pairs):
+            if pr is None or pr[0].numel() == 0:
+                continue
+            o, i = pr
+            g = grad_out.index_select(0, o)  # (P_j, C_out)
+            if need_f:
+                grad_f.index_add_(0, i, g @ w_j[j].t())
+            if need_w:
+                gw[j] = features.index_select(0, i).t() @ g
+        grad_w = gw.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1).contiguous() if need_w else None
+        return grad_f, grad_w, None
+
+
+class _Pairs:
+    # plain holder so autograd.Function.apply does not try to treat the list as a tensor argument
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+
+#: At or above this share of the dense grid's taps being active pairs, the CPU plan is oneDNN's dense
+#: conv2d on the zero-filled map (identical result); below it, the per-offset rulebook.  The im2col
+#: plan is kept for reference but measured slower than "pairs" at every density on this CPU
+#: (benchmarks/sparse_vs_dense.py).
+DENSE_STRATEGY_MIN_FILL = 0.4
+
+
 def _check_weight(weight: torch.Tensor, c_in: int) -> None:
     if weight.dim() != 4 or weight.shape[1] != c_in or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
         raise ValueError(f"nbsupport.sparse.subm_conv2d: 'weight' must be (C_out, C_in={c_in}, k, k) with odd k "
@@ -387,7 +466,8 @@ def _check_weight(weight: torch.Tensor, c_in: int) -> None:
 
 def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None,
-                neighbours: torch.Tensor | None = None) -> torch.Tensor:
+                neighbours: torch.Tensor | None = None, strategy: str = "auto",
+                pairs: list | None = None) -> torch.Tensor:
     """Submanifold sparse convolution (Graham & van der Maaten 2017; MESM's sparse blocks, Chapter 6).
 
     ``features`` (N, C_in) at ``coords`` (N, 3) integer (batch, y, x); ``weight`` (C_out, C_in, k, k) in
@@ -395,6 +475,12 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
     ``conv2d(padding=k//2)`` of the zero-filled map, read at the active sites.  ``spatial_shape`` and
     ``batch_size`` default to the coordinates' bounding box (the result does not depend on them);
     pass ``neighbours`` (from :func:`neighbour_table`) to reuse a rulebook.  Differentiable.
+
+    ``strategy`` (how the CPU executes it; the result is the same): "pairs" (per offset, gather ->
+    matmul -> index_add over the active pairs only: the real rulebook size, best at low density),
+    "im2col" (one gather to (N, k*k*C_in) + one matmul; missing neighbours read a zero row), "dense"
+    (conv2d on the zero-filled map, read at the sites; needs ``spatial_shape``/``batch_size``) or
+    "auto" (:func:`choose_strategy`).
     """
     if features.dim() != 2:
         raise ValueError(f"nbsupport.sparse.subm_conv2d: 'features' must be (N, C_in), got {tuple(features.shape)}")
@@ -411,10 +497,42 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
         if batch_size is None:
             batch_size = int(coords[:, 0].max()) + 1
         neighbours = neighbour_table(coords, spatial_shape, batch_size, k)
-    out = _SubmConvFunction.apply(features, weight, neighbours)
+    if strategy not in ("auto", "im2col", "pairs", "dense"):
+        raise ValueError(f"nbsupport.sparse.subm_conv2d: 'strategy' must be auto/im2col/pairs/dense, got {strategy!r}")
+    n = features.shape[0]
+    if strategy == "auto":
+        strategy = choose_strategy(neighbours, spatial_shape, batch_size)
+    if strategy == "dense" and n > 0:
+        if spatial_shape is None or batch_size is None:
+            raise ValueError("nbsupport.sparse.subm_conv2d: strategy 'dense' needs 'spatial_shape' and 'batch_size'")
+        h, w = int(spatial_shape[0]), int(spatial_shape[1])
+        grid = to_dense(features, coords, (batch_size, h, w))  # (B, C_in, H, W), channels-last memory
+        out_map = F.conv2d(grid, weight, bias, padding=k // 2)  # (B, C_out, H, W)
+        lin = (coords[:, 0].long() * h + coords[:, 1]) * w + coords[:, 2]
+        return out_map.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]).index_select(0, lin)  # (N, C_out)
+    if strategy == "pairs" and n > 0:
+        if pairs is None:
+            pairs = rulebook_pairs(neighbours)
+        out = _SubmConvPairsFunction.apply(features, weight, _Pairs(pairs))
+    else:
+        out = _SubmConvFunction.apply(features, weight, neighbours)
     if bias is not None:
         out = out + bias
     return out
+
+
+def choose_strategy(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = None,
+                    batch_size: int | None = None) -> str:
+    """CPU execution plan of a submanifold convolution from its rulebook: "pairs" (per-offset rulebook)
+    while the active (site, neighbour) pairs are under :data:`DENSE_STRATEGY_MIN_FILL` of the dense
+    grid's taps, else "dense" (oneDNN's conv2d on the zero-filled map, read at the active sites; same
+    result, faster when most of the grid is active).  Without a grid size: "pairs"."""
+    n, kk = neighbours.shape
+    if n == 0 or spatial_shape is None or batch_size is None:
+        return "pairs"
+    taps = int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]) * kk
+    fill = float((neighbours < n).sum()) / taps
+    return "dense" if fill >= DENSE_STRATEGY_MIN_FILL else "pairs"
 
 
 def _pool_pairs(coords: torch.Tensor, spatial_shape: Sequence[int], k: int, s: int):
@@ -514,6 +632,8 @@ class SubMConv2d(nn.Module):
         self.bias = ref.bias
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.last_backend: str | None = None
+        self.strategy = "auto"  # torch-rulebook execution plan: auto/pairs/dense/im2col (see subm_conv2d)
+        self.last_strategy: str | None = None
         self._spconv_mod = None
 
     def extra_repr(self) -> str:
@@ -524,7 +644,17 @@ class SubMConv2d(nn.Module):
         self.last_backend = backend
         if backend == "spconv" and x.num_sites > 0:
             return x.replace(self._forward_spconv(x))
-        out = subm_conv2d(x.features, x.coords, self.weight, self.bias, neighbours=x.neighbours(self.kernel_size))
+        nbr = x.neighbours(self.kernel_size)
+        strategy = self.strategy
+        if strategy == "auto":
+            key = ("strategy", self.kernel_size)
+            if key not in x.cache:
+                x.cache[key] = choose_strategy(nbr, x.spatial_shape, x.batch_size)
+            strategy = x.cache[key]
+        self.last_strategy = strategy
+        pairs = x.pairs(self.kernel_size) if strategy == "pairs" else None
+        out = subm_conv2d(x.features, x.coords, self.weight, self.bias, neighbours=nbr, strategy=strategy,
+                          pairs=pairs, spatial_shape=x.spatial_shape, batch_size=x.batch_size)
         return x.replace(out)
 
     def _forward_spconv(self, x: SparseTensor) -> torch.Tensor:

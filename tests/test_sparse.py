@@ -31,8 +31,9 @@ CONV_CASES = [  # seed, batch, H, W, C_in, C_out, density, kernel
 
 
 @pytest.mark.parametrize("seed,b,h,w,cin,cout,density,k", CONV_CASES)
-@pytest.mark.parametrize("method", ["grid", "search"])
-def test_subm_conv2d_matches_dense_forward_and_backward(seed, b, h, w, cin, cout, density, k, method):
+@pytest.mark.parametrize("method,strategy", [("grid", "pairs"), ("search", "pairs"), ("grid", "im2col"),
+                                             ("search", "dense"), ("grid", "auto")])
+def test_subm_conv2d_matches_dense_forward_and_backward(seed, b, h, w, cin, cout, density, k, method, strategy):
     g, mask, dense = _random_case(seed, b, h, w, cin, density)
     dense = dense * mask[:, None]  # inactive sites are zeros
     weight = torch.randn(cout, cin, k, k, generator=g, dtype=torch.float64)
@@ -42,7 +43,8 @@ def test_subm_conv2d_matches_dense_forward_and_backward(seed, b, h, w, cin, cout
     wt = weight.clone().requires_grad_(True)
     bs = bias.clone().requires_grad_(True)
     nbr = sp.neighbour_table(x.coords, (h, w), b, k, method=method)
-    out = sp.subm_conv2d(feats, x.coords, wt, bs, neighbours=nbr)
+    out = sp.subm_conv2d(feats, x.coords, wt, bs, neighbours=nbr, strategy=strategy, spatial_shape=(h, w),
+                         batch_size=b)
     # reference: dense conv on the zero-filled map, read at active sites
     dref = dense.clone().requires_grad_(True)
     wref = weight.clone().requires_grad_(True)
@@ -204,6 +206,21 @@ def test_sparse_vgg_block_equals_dense_twin_at_full_density_and_shares_state_dic
     torch.testing.assert_close(sparse_block.conv1.conv.weight.grad, dense_block.conv1.conv.weight.grad,
                                atol=1e-4, rtol=1e-4)
     assert sparse_block.conv1.conv.last_backend == sp.SPARSE_BACKEND_CPU
+    assert sparse_block.conv1.conv.last_strategy == "dense"  # full grid -> oneDNN plan
+
+
+@pytest.mark.parametrize("strategy", ["pairs", "im2col", "dense"])
+def test_sparse_block_strategies_agree(strategy):
+    torch.manual_seed(3)
+    block = sp.SparseVggBlock(3, 4).double()
+    g, mask, dense = _random_case(4, 2, 9, 9, 3, 0.3)
+    x = sp.to_sparse(dense, mask)
+    ref = block(x)
+    for conv in (block.conv1.conv, block.conv2.conv):
+        conv.strategy = strategy
+    out = block(sp.to_sparse(dense, mask))
+    assert block.conv2.conv.last_strategy == strategy
+    torch.testing.assert_close(out.features, ref.features)
 
 
 def test_sparse_block_on_partial_sites_equals_masked_dense_layers():
