@@ -1,0 +1,306 @@
+"""Model-family datasets that stream per-utterance features cached on disk, and their collate functions.
+
+* MESM / FE2E (Chapters 5-6): :func:`mesm_dataset` -> :func:`collate_mesm`.
+* UMONS (Chapters 3-4): :func:`umons_dataset` -> :func:`collate_umons`.
+* Two-phase hand-crafted baselines (Chapter 7): :func:`handcrafted_dataset` -> :func:`collate_umons`.
+
+Features are computed once per utterance and saved as ``<cache>/<id>.pt`` (written to a temporary
+name, then renamed); items are loaded from disk on demand, so a corpus is never held in memory. The
+cache folder is keyed by the corpus (absolute root and ``meta.pkl`` size/mtime), the dataset, the
+feature kind, its settings and :data:`FEATURE_VERSION`. ``$NBSUPPORT_CACHE`` moves the cache root
+(default ``<repo>/data_cache/features``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import features as F
+from .common import DataError
+from .raw import RawSplit, read_frame, sample_frame_positions, speaker_side
+
+__all__ = ["FEATURE_VERSION", "FeatureDataset", "mesm_dataset", "umons_dataset", "handcrafted_dataset",
+           "umons_pickle_dataset", "collate_mesm", "collate_umons", "feature_cache_root"]
+
+FEATURE_VERSION = 1
+
+
+def feature_cache_root() -> Path:
+    """Where feature caches live: ``$NBSUPPORT_CACHE`` or ``<repo>/data_cache/features``."""
+    env = os.environ.get("NBSUPPORT_CACHE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "data_cache" / "features"
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _sampled_faces(raw: RawSplit, i: int, img_interval: float, max_frames: int | None = None):
+    """Face crops (T, 48, 48) uint8 of the frames read every ``img_interval`` ms, and how many had a face."""
+    paths, idx = raw.frames(i)
+    pos = sample_frame_positions(idx, img_interval)
+    if max_frames is not None and len(pos) > max_frames:
+        pos = [pos[j] for j in np.linspace(0, len(pos) - 1, max_frames).round().astype(int)]
+    crops, found = [], 0
+    for p in pos:
+        c, ok = F.face_crop(read_frame(paths[p]))
+        crops.append(c)
+        found += ok
+    return np.stack(crops), found
+
+
+class FeatureDataset(Dataset):
+    """A split whose items are computed by ``compute(raw, i) -> dict of arrays`` and cached on disk.
+
+    ``finish(i, cached) -> item`` turns the cached arrays into the model family's item (adds ids,
+    labels, tokens). :meth:`precompute` fills the cache with a progress bar.
+    """
+
+    def __init__(self, raw: RawSplit, kind: str, settings: dict, compute, finish, cache_dir=None):
+        self.raw, self.kind, self.settings = raw, kind, settings
+        self._compute, self._finish = compute, finish
+        meta = raw.raw_dir / "meta.pkl"
+        st = meta.stat()
+        key = json.dumps(dict(root=str(raw.root.resolve()), meta=[st.st_size, int(st.st_mtime)],
+                              dataset=raw.dataset, kind=kind, settings=settings, v=FEATURE_VERSION), sort_keys=True)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        base = Path(cache_dir) if cache_dir else feature_cache_root()
+        self.cache_dir = base / f"{raw.dataset}-{kind}-{digest}"
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def cache_path(self, i: int) -> Path:
+        """The cache file of item ``i``."""
+        return self.cache_dir / f"{self.raw.ids[i]}.pt"
+
+    def features(self, i: int) -> dict:
+        """Cached arrays of item ``i`` (computed and saved on first use)."""
+        path = self.cache_path(i)
+        if path.exists():
+            try:
+                return torch.load(path, weights_only=False)
+            except Exception:  # a cache file from a killed writer cannot exist (atomic), but be safe
+                pass
+        feats = self._compute(self.raw, i)
+        _atomic_torch_save(feats, path)
+        return feats
+
+    def precompute(self, progress: bool = True) -> "FeatureDataset":
+        """Compute every missing cache file now (tqdm progress bar); returns self."""
+        from tqdm.auto import tqdm
+
+        todo = [i for i in range(len(self)) if not self.cache_path(i).exists()]
+        for i in tqdm(todo, desc=f"{self.kind} features ({self.raw.split})", disable=not progress or not todo,
+                      leave=False):
+            self.features(i)
+        return self
+
+    def __getitem__(self, i: int) -> dict:
+        return self._finish(i, self.features(i))
+
+    def _labels(self, i: int) -> dict:
+        return {"id": self.raw.ids[i], "emotion": torch.from_numpy(self.raw.labels[i].copy()),
+                "sentiment": float(self.raw.sentiments[i])}
+
+
+# ----------------------------------------------------------------------------------------------
+# MESM family
+# ----------------------------------------------------------------------------------------------
+def mesm_dataset(root, dataset: str, split: str, *, tokenizer=None, max_text_len: int = 50,
+                 img_interval: float = 500, cache_dir=None) -> FeatureDataset:
+    """MESM / FE2E inputs (Dai et al. 2021, Sec. 3.1; Chapters 5-6) streamed from the feature cache.
+
+    Item: ``id``, ``input_ids`` (Lt,) long subword ids (``tokenizer``: a tokenizer object, a local
+    folder / model id, or None for the bundled MiniLM), ``pad_id``, ``faces`` (T, 48, 48) float in
+    [0, 1] from frames every ``img_interval`` ms, ``mel`` (P, 128, 32) float pieces, ``emotion`` (6,),
+    ``sentiment``. Batch with :func:`collate_mesm`.
+    """
+    raw = RawSplit(root, dataset, split)
+    if max_text_len < 2:
+        raise DataError(f"max_text_len must be >= 2 (CLS and SEP), got {max_text_len!r}")
+    tok = tokenizer if (tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike))) else \
+        F.get_tokenizer(str(tokenizer) if tokenizer else None)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def compute(raw, i):
+        faces, _ = _sampled_faces(raw, i, img_interval)
+        wav, sr = F_read_audio(raw, i)
+        return {"faces": torch.from_numpy(faces),  # (T, 48, 48) uint8
+                "mel": torch.from_numpy(F.mel_pieces(wav, sr)).to(torch.float16)}  # (P, 128, 32)
+
+    def finish(i, c):
+        ids = tok(raw.texts[i], truncation=True, max_length=max_text_len)["input_ids"]
+        return {**ds._labels(i), "input_ids": torch.tensor(ids, dtype=torch.long), "pad_id": int(pad_id),
+                "faces": c["faces"].float() / 255.0, "mel": c["mel"].float()}
+
+    ds = FeatureDataset(raw, "mesm", dict(img_interval=float(img_interval), n_mels=128, piece=32), compute, finish,
+                        cache_dir)
+    return ds
+
+
+def F_read_audio(raw: RawSplit, i: int):
+    """The 16 kHz waveform of item ``i`` of a raw split."""
+    from .raw import read_audio
+
+    return read_audio(raw.audio_path(i), F.SR)
+
+
+def _pad(seqs: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length tensors (L_i, ...) into (B, L, ...) plus a (B, L) bool mask True=real."""
+    L = max(max(s.shape[0] for s in seqs), 1)
+    out = seqs[0].new_full((len(seqs), L, *seqs[0].shape[1:]), value)
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        out[b, :s.shape[0]] = s
+        mask[b, :s.shape[0]] = True
+    return out, mask
+
+
+def _labels_batch(items) -> dict:
+    return {"ids": [it["id"] for it in items],
+            "emotion": torch.stack([it["emotion"].float() for it in items]),  # (B, 6)
+            "sentiment": torch.tensor([float(it["sentiment"]) for it in items], dtype=torch.float32)}  # (B,)
+
+
+def collate_mesm(items: list[dict]) -> dict:
+    """Batch MESM items: ``input_ids``/``attention_mask`` (B, Lt) long, ``faces`` (B, T, 48, 48),
+    ``faces_mask`` (B, T) bool, ``mel`` (B, P, 128, 32), ``mel_mask`` (B, P) bool, ``emotion`` (B, 6),
+    ``sentiment`` (B,), ``ids`` (Chapters 5-6)."""
+    if not items:
+        raise DataError("collate_mesm: empty batch")
+    pad_id = items[0].get("pad_id", 0)
+    input_ids, am = _pad([it["input_ids"] for it in items], pad_id)
+    faces, fm = _pad([it["faces"] for it in items])
+    mel, mm = _pad([it["mel"] for it in items])
+    return {**_labels_batch(items), "input_ids": input_ids, "attention_mask": am.long(),
+            "faces": faces, "faces_mask": fm, "mel": mel, "mel_mask": mm}
+
+
+# ----------------------------------------------------------------------------------------------
+# UMONS family and two-phase features
+# ----------------------------------------------------------------------------------------------
+_WORD_VECTORS: dict = {}
+
+
+def _word_vectors(glove, text_model) -> F.WordVectors:
+    key = (glove, text_model)
+    if key not in _WORD_VECTORS:
+        _WORD_VECTORS[key] = F.WordVectors(glove=glove, model=text_model)
+    return _WORD_VECTORS[key]
+
+
+def _words_item(raw, i, wv, seq_len):
+    words = F.split_words(raw.texts[i])[:seq_len] or ["<empty>"]
+    return torch.from_numpy(wv(words)).to(torch.float16)  # (Lt, Dw)
+
+
+def umons_dataset(root, dataset: str, split: str, *, seq_len: int = 60, glove: str | None = None,
+                  text_model: str | None = None, img_interval: float = 100, cache_dir=None) -> FeatureDataset:
+    """UMONS inputs (Delbrouck et al. 2020, Sec. 4; Chapters 3-4) streamed from the feature cache.
+
+    Item: ``text`` (Lt, Dw) word vectors (GloVe file ``glove`` or the encoder's input embeddings),
+    ``audio`` (La, 80) log-mel frames, ``video`` (Lv, 900) HOG of the 48x48 face crop per frame (frames
+    every ``img_interval`` ms), each at most ``seq_len`` long; ``emotion`` (6,), ``sentiment``.
+    Batch with :func:`collate_umons`.
+    """
+    raw = RawSplit(root, dataset, split)
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len!r}")
+    wv = _word_vectors(glove, text_model)
+
+    def compute(raw, i):
+        faces, _ = _sampled_faces(raw, i, img_interval, max_frames=seq_len)
+        wav, sr = F_read_audio(raw, i)
+        return {"text": _words_item(raw, i, wv, seq_len),
+                "audio": torch.from_numpy(F.umons_mel(wav, sr, 80, seq_len)),
+                "video": torch.from_numpy(np.stack([F.hog_features(f) for f in faces])).to(torch.float16)}
+
+    ds = FeatureDataset(raw, "umons", dict(seq_len=seq_len, words=wv.key, img_interval=float(img_interval)),
+                        compute, lambda i, c: {**ds._labels(i), **{k: c[k].float() for k in ("text", "audio", "video")}},
+                        cache_dir)
+    return ds
+
+
+def handcrafted_dataset(root, dataset: str, split: str, *, seq_len: int = 60, glove: str | None = None,
+                        text_model: str | None = None, img_interval: float = 100, cache_dir=None) -> FeatureDataset:
+    """Two-phase hand-crafted features (MESM's LF-LSTM / LF-Transformer baselines; Chapter 7).
+
+    Same item keys as :func:`umons_dataset`: ``text`` word vectors, ``audio`` (W, 33) MFCC/prosody
+    statistics per 250 ms window (:func:`~nbsupport.data.features.prosody_windows`), ``video`` (Lv, 356)
+    face descriptors per frame (:func:`~nbsupport.data.features.face_geometry`). Batch with
+    :func:`collate_umons`.
+    """
+    raw = RawSplit(root, dataset, split)
+    wv = _word_vectors(glove, text_model)
+
+    def compute(raw, i):
+        faces, _ = _sampled_faces(raw, i, img_interval, max_frames=seq_len)
+        wav, sr = F_read_audio(raw, i)
+        return {"text": _words_item(raw, i, wv, seq_len),
+                "audio": torch.from_numpy(F.prosody_windows(wav, sr, max_windows=seq_len)),
+                "video": torch.from_numpy(np.stack([F.face_geometry(f) for f in faces]))}
+
+    ds = FeatureDataset(raw, "handcrafted", dict(seq_len=seq_len, words=wv.key, img_interval=float(img_interval)),
+                        compute, lambda i, c: {**ds._labels(i), **{k: c[k].float() for k in ("text", "audio", "video")}},
+                        cache_dir)
+    return ds
+
+
+class _UmonsPickleItems(Dataset):
+    def __init__(self, split, wv, seq_len):
+        self.split, self.wv, self.seq_len = split, wv, seq_len
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        it = self.split[i]
+        words = it["words"][:self.seq_len] or ["<empty>"]
+        mel = it["mel"]
+        if mel.shape[0] > self.seq_len:
+            mel = np.stack([c.mean(0) for c in np.array_split(mel, self.seq_len, axis=0)])
+        return {"id": it["id"], "emotion": it["emotion"], "sentiment": it["sentiment"],
+                "text": torch.from_numpy(self.wv(words)), "audio": torch.from_numpy(np.ascontiguousarray(mel))}
+
+
+def umons_pickle_dataset(folder, split: str, *, seq_len: int = 60, glove: str | None = None,
+                         text_model: str | None = None) -> Dataset:
+    """UMONS items (``text``, ``audio``; no ``video``) from UMONS's pre-extracted pickles (Chapter 3);
+    batch with :func:`collate_umons`."""
+    from .raw import load_umons_pickles
+
+    return _UmonsPickleItems(load_umons_pickles(folder, split), _word_vectors(glove, text_model), seq_len)
+
+
+def collate_umons(items: list[dict]) -> dict:
+    """Batch UMONS / hand-crafted items: ``text`` (B, Lt, Dw), ``audio`` (B, La, Da), ``video`` (B, Lv, Dv)
+    floats with (B, L) bool masks ``text_mask``, ``audio_mask``, ``video_mask`` (True = real), plus
+    ``emotion`` (B, 6), ``sentiment`` (B,), ``ids``. Keys absent from the items (``video`` for the
+    pickles) are absent from the batch (Chapters 3-4, 7)."""
+    if not items:
+        raise DataError("collate_umons: empty batch")
+    out = _labels_batch(items)
+    for key in ("text", "audio", "video"):
+        if key in items[0]:
+            out[key], out[f"{key}_mask"] = _pad([it[key].float() for it in items])
+    return out
