@@ -67,10 +67,14 @@ class MacCounter:
 
     >>> with MacCounter(model) as mc:
     ...     model(batch)
-    >>> mc.table()   # DataFrame: layer, kind, macs, dense_macs, sites, dense_sites, density
+    >>> mc.table()   # DataFrame: layer, kind, macs, dense_macs, executed_macs, sites, dense_sites, density
 
-    ``kind`` is ``conv2d``, ``subm_conv2d`` or ``linear``; ``dense_macs`` is what a dense layer would
-    cost on the full grid (equal to ``macs`` for dense layers).  ``include`` filters layer names.
+    ``kind`` is ``conv2d``, ``subm_conv2d`` or ``linear``.  ``macs`` of a submanifold layer is its
+    rulebook size (what a sparse engine such as spconv executes); ``dense_macs`` is what a dense layer
+    costs on the full grid (equal to ``macs`` for dense layers); ``executed_macs`` is what the CPU plan
+    really multiplied (:func:`nbsupport.sparse.choose_strategy` runs oneDNN's dense conv on the
+    zero-filled grid when most of it is active, then ``executed_macs == dense_macs``).  ``include``
+    filters layer names.
     """
 
     def __init__(self, module: nn.Module, include: Callable[[str], bool] | None = None):
@@ -100,24 +104,28 @@ class MacCounter:
                 macs = subm_conv_macs(x, mod.in_channels, mod.out_channels, k)
                 cells = x.batch_size * x.spatial_shape[0] * x.spatial_shape[1]
                 dense = dense_conv_macs(*x.spatial_shape, mod.in_channels, mod.out_channels, k, x.batch_size)
-                row = dict(layer=name, kind="subm_conv2d", macs=macs, dense_macs=dense, sites=x.num_sites,
-                           dense_sites=cells)
+                plan = getattr(mod, "last_strategy", None) if getattr(mod, "last_backend", None) != "spconv" else None
+                executed = {"dense": dense, "im2col": x.num_sites * k * k * mod.in_channels * mod.out_channels}.get(
+                    plan, macs)
+                row = dict(layer=name, kind="subm_conv2d", macs=macs, dense_macs=dense, executed_macs=executed,
+                           sites=x.num_sites, dense_sites=cells)
             elif isinstance(mod, nn.Conv2d):
                 b, c_out, h, w = output.shape if output.dim() == 4 else (1, *output.shape)
                 macs = dense_conv_macs(h, w, mod.in_channels, mod.out_channels, mod.kernel_size, b, mod.groups)
-                row = dict(layer=name, kind="conv2d", macs=macs, dense_macs=macs, sites=b * h * w,
+                row = dict(layer=name, kind="conv2d", macs=macs, dense_macs=macs, executed_macs=macs, sites=b * h * w,
                            dense_sites=b * h * w)
             else:  # nn.Linear
                 rows = output.numel() // mod.out_features
                 macs = linear_macs(rows, mod.in_features, mod.out_features)
-                row = dict(layer=name, kind="linear", macs=macs, dense_macs=macs, sites=rows, dense_sites=rows)
+                row = dict(layer=name, kind="linear", macs=macs, dense_macs=macs, executed_macs=macs, sites=rows,
+                           dense_sites=rows)
             row["density"] = row["sites"] / row["dense_sites"] if row["dense_sites"] else 0.0
             self.rows.append(row)
         return hook
 
     def table(self) -> pd.DataFrame:
         """One row per layer call, in execution order."""
-        cols = ["layer", "kind", "macs", "dense_macs", "sites", "dense_sites", "density"]
+        cols = ["layer", "kind", "macs", "dense_macs", "executed_macs", "sites", "dense_sites", "density"]
         return pd.DataFrame(self.rows, columns=cols)
 
     @property

@@ -60,3 +60,19 @@ def test_counter_on_mixed_model():
     assert table["sites"].iloc[1] == 3
     s = flops.summarize_macs(table)
     assert s["macs"] == sum(expected)
+
+
+def test_executed_macs_follow_the_cpu_plan():
+    conv = sp.SubMConv2d(2, 3)
+    x = sp.to_sparse(torch.randn(1, 2, 4, 4))  # full grid -> dense plan
+    with flops.MacCounter(conv) as mc:
+        conv(x)
+    row = mc.table().iloc[0]
+    assert conv.last_strategy == "dense"
+    assert row["executed_macs"] == row["dense_macs"] == 16 * 2 * 3 * 9
+    conv.strategy = "pairs"
+    with flops.MacCounter(conv) as mc:
+        conv(x)
+    row = mc.table().iloc[0]
+    assert row["executed_macs"] == row["macs"] == sum((min(y + 1, 3) - max(y - 1, 0) + 1) * (min(z + 1, 3) - max(z - 1, 0) + 1)
+            for y in range(4) for z in range(4)) * 2 * 3
