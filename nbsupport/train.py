@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 __all__ = [
-    "TASKS", "n_outputs", "targets_for", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
+    "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
     "FitResult", "resolve_device", "compute_metrics", "choose_thresholds", "count_parameters",
 ]
 
@@ -90,16 +90,24 @@ def sentiment_classes(sentiment: torch.Tensor, task: str) -> torch.Tensor:
     return (s >= 0).long()
 
 
-def targets_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
-    """The training target of ``task`` in a batch dict: ``emotion`` (B, E) float or sentiment classes (B,)."""
+def labels_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
+    """The raw labels of ``task`` in a batch dict: ``emotion`` (B, E) 0/1 or ``sentiment`` scores (B,)."""
     _check_task(task)
     key = "emotion" if task == "emotion" else "sentiment"
     if key not in batch:
         raise KeyError(f"nbsupport.train: batch has no field {key!r} needed by task {task!r}; "
                        f"fields: {sorted(batch)}")
-    if task == "emotion":
-        return torch.as_tensor(batch["emotion"], dtype=torch.float32)
-    return sentiment_classes(batch["sentiment"], task)
+    return torch.as_tensor(batch[key], dtype=torch.float32)
+
+
+def targets_from_labels(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Training targets from raw labels: emotions as floats, sentiment scores as class ids."""
+    return labels.float() if task == "emotion" else sentiment_classes(labels, task)
+
+
+def targets_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
+    """The training target of ``task`` in a batch dict: ``emotion`` (B, E) float or sentiment classes (B,)."""
+    return targets_from_labels(labels_for(batch, task), task)
 
 
 def pos_weight_from(labels: torch.Tensor) -> torch.Tensor:
@@ -221,79 +229,46 @@ def _seed_epoch(loader, seed: int, epoch: int) -> None:
 # ------------------------------------------------------------------------------------------------
 # Metrics: through nbsupport.metrics
 # ------------------------------------------------------------------------------------------------
-def _metrics_module():
-    try:
-        from nbsupport import metrics
-    except ImportError:
-        return None
-    return metrics
+def choose_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-emotion probability threshold maximising F1 on validation (Dai et al. 2021, Sec. 4.3), via
+    :func:`nbsupport.metrics.best_thresholds`."""
+    from nbsupport import metrics
+
+    return np.asarray(metrics.best_thresholds(labels, probs), dtype=float)
 
 
-def choose_thresholds(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-emotion probability threshold maximising F1 on validation (Dai et al. 2021, Sec. 4.3)."""
-    metrics = _metrics_module()
-    if metrics is not None and hasattr(metrics, "choose_thresholds"):
-        return np.asarray(metrics.choose_thresholds(probs, targets), dtype=float)
-    from sklearn.metrics import f1_score  # fallback while nbsupport.metrics is not there
-
-    out = []
-    for k in range(probs.shape[1]):
-        cands = np.unique(np.concatenate([[0.5], probs[:, k]]))
-        f1s = [f1_score(targets[:, k] > 0.5, probs[:, k] >= c, zero_division=0) for c in cands]
-        out.append(float(cands[int(np.argmax(f1s))]))
-    return np.asarray(out)
-
-
-def _emotion_metrics(probs: np.ndarray, targets: np.ndarray, thresholds) -> dict:
-    """Per-emotion weighted accuracy ``(TP*N/P + TN) / 2N`` (Tong et al. 2017), accuracy, F1, AUC, averaged."""
-    metrics = _metrics_module()
-    if metrics is not None and hasattr(metrics, "emotion_metrics"):
-        return dict(metrics.emotion_metrics(probs, targets, thresholds=thresholds))
-    # fallback while nbsupport.metrics is not there: scikit-learn per emotion
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-
-    th = np.broadcast_to(np.asarray(thresholds, dtype=float), (probs.shape[1],))
-    y = targets > 0.5
-    pred = probs >= th[None, :]
-    out = {}
-    per = {"wacc": [], "acc": [], "f1": [], "auc": []}
-    for k in range(probs.shape[1]):
-        per["wacc"].append(balanced_accuracy_score(y[:, k], pred[:, k]) if 0 < y[:, k].sum() < len(y) else
-                           accuracy_score(y[:, k], pred[:, k]))
-        per["acc"].append(accuracy_score(y[:, k], pred[:, k]))
-        per["f1"].append(f1_score(y[:, k], pred[:, k], zero_division=0))
-        per["auc"].append(roc_auc_score(y[:, k], probs[:, k]) if 0 < y[:, k].sum() < len(y) else float("nan"))
-    for name, vals in per.items():
-        out[name] = float(np.nanmean(vals)) if not np.all(np.isnan(vals)) else float("nan")
-    for name in ("wacc", "f1"):
-        out.update({f"{name}_{k}": float(v) for k, v in enumerate(per[name])})
-    return out
-
-
-def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, task: str,
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str,
                     thresholds: np.ndarray | float | None = None) -> dict:
-    """Shared metric names from logits and training targets (the numbers every chapter reports).
+    """Shared metric names from logits and the batch labels (``emotion`` 0/1 or ``sentiment`` scores),
+    through :mod:`nbsupport.metrics` (Chapters 3-8).
 
-    emotion: ``wacc, acc, f1, auc`` averaged over emotions plus per-emotion ``wacc_<k>``/``f1_<k>``
-    (index k), probabilities thresholded at ``thresholds`` (0.5 by default);
-    sentiment7: ``acc7`` and ``acc2`` (predicted class >= 3 vs true score >= 0), ``mae`` of the
-    expected score; sentiment2: ``acc2``.
+    emotion: ``wacc, acc, f1, f1_weighted, auc`` averaged over emotions, and per emotion ``wacc_<k>``,
+    ``acc_<k>``, ``f1_<k>``, ``auc_<k>`` (k = column index of ``nbsupport.data.EMOTIONS``); decisions
+    ``sigmoid(logit) > thresholds`` (0.5 by default).
+    sentiment7: ``acc7``/``acc5`` from the predicted class (class - 3 = score); ``acc2`` (non-zero
+    protocol), ``acc2_zero``, ``mae``, ``corr`` from the expected score ``sum_c p_c (c - 3)``.
+    sentiment2: ``acc2`` (non-zero protocol: items with score 0 dropped) and ``acc2_zero`` (0 counted
+    as non-negative, the convention the classes are trained with).
     """
+    from nbsupport import metrics
+
     _check_task(task)
     logits = logits.detach().float().cpu()
+    labels = labels.detach().float().cpu().numpy()
     if task == "emotion":
-        probs = torch.sigmoid(logits).numpy()
-        th = 0.5 if thresholds is None else thresholds
-        return _emotion_metrics(probs, targets.cpu().numpy(), th)
+        out = metrics.emotion_metrics(logits.numpy(), labels, thresholds)
+        for name in ("wacc", "acc", "f1", "auc"):  # flat per-emotion numbers for tables and metrics.json
+            out.update({f"{name}_{k}": float(v) for k, v in enumerate(out.pop(f"{name}_per"))})
+        return out
     probs = torch.softmax(logits, -1).numpy()
-    y = targets.cpu().numpy()
     pred = probs.argmax(-1)
     if task == "sentiment7":
-        scores = probs @ np.arange(-3, 4, dtype=float)  # expected score
-        out = {"acc7": float((pred == y).mean()), "acc2": float(((pred >= 3) == (y >= 3)).mean()),
-               "mae": float(np.abs(scores - (y - 3)).mean())}
+        expected = probs @ np.arange(-3, 4, dtype=float)  # (N,) expected score
+        out = metrics.sentiment_metrics(labels, expected)
+        out.update(acc7=metrics.acc7(labels, pred - 3.0), acc5=metrics.acc5(labels, pred - 3.0))
         return out
-    return {"acc2": float((pred == y).mean())}
+    score = np.where(pred == 1, 1.0, -1.0)  # class 1 = non-negative
+    return {"acc2": metrics.acc2(labels, score), "acc2_zero": metrics.acc2_with_zero(labels, score)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,13 +276,15 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, task: str,
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, *, task: str = "emotion", device="auto"):
-    """Run ``model`` over ``loader`` in eval mode -> ``(logits (N, C), targets, ids)``, gathered over ranks."""
+    """Run ``model`` over ``loader`` in eval mode -> ``(logits (N, C), labels, ids)``, gathered over ranks.
+
+    ``labels`` are the raw ``emotion`` (N, E) or ``sentiment`` (N,) values of the batches."""
     device = resolve_device(device)
     was_training = model.training
     model.eval()
     logits, targets, ids = [], [], []
     for batch in loader:
-        tgt = targets_for(batch, task)
+        tgt = labels_for(batch, task)
         out = model(_to_device(batch, device))
         logits.append(out.float().cpu())
         targets.append(tgt)
@@ -481,7 +458,7 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         th = None
         if valid_loader is not None:
             v_logits, v_targets, _ = predict(model, valid_loader, task=task, device=device)
-            row["valid_loss"] = float(criterion(v_logits.to(device), v_targets.to(device)))
+            row["valid_loss"] = float(criterion(v_logits.to(device), targets_from_labels(v_targets, task).to(device)))
             if task == "emotion" and thresholds == "validation":
                 th = choose_thresholds(torch.sigmoid(v_logits).numpy(), v_targets.numpy())
             elif task == "emotion":

@@ -217,3 +217,26 @@ def test_distributed_two_ranks_gather_in_dataset_order(tmp_path):
     single, _, _ = train.predict(model, va, device="cpu")
     assert torch.allclose(single, r0["logits"], atol=1e-6)
     assert (tmp_path / "ck" / "last.pt").exists()
+
+
+def test_compute_metrics_against_sklearn_and_hand_values():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 6, generator=g)
+    labels = (torch.rand(40, 6, generator=g) > 0.6).float()
+    out = train.compute_metrics(logits, labels, "emotion")
+    pred = (torch.sigmoid(logits) > 0.5).numpy()
+    for k in range(6):
+        assert out[f"wacc_{k}"] == pytest.approx(balanced_accuracy_score(labels[:, k].numpy(), pred[:, k]))
+        assert out[f"f1_{k}"] == pytest.approx(f1_score(labels[:, k].numpy(), pred[:, k]))
+    assert out["wacc"] == pytest.approx(np.mean([out[f"wacc_{k}"] for k in range(6)]))
+    # sentiment7: predicted classes 0 and 6 -> scores -3, +3; true scores -2.6 (class 0) and 0.4 (class 3)
+    logits7 = torch.full((2, 7), -20.0)
+    logits7[0, 0] = logits7[1, 6] = 20.0
+    s7 = train.compute_metrics(logits7, torch.tensor([-2.6, 0.4]), "sentiment7")
+    assert s7["acc7"] == pytest.approx(0.5) and s7["acc2"] == pytest.approx(1.0)
+    # sentiment2: class 1 = non-negative; the item with score 0 is dropped by the non-zero acc2
+    logits2 = torch.tensor([[0.0, 5.0], [5.0, 0.0], [5.0, 0.0]])
+    s2 = train.compute_metrics(logits2, torch.tensor([1.0, -1.0, 0.0]), "sentiment2")
+    assert s2["acc2"] == pytest.approx(1.0) and s2["acc2_zero"] == pytest.approx(2 / 3)
