@@ -55,7 +55,8 @@ from .notebook import atomic_write_json, atomic_write_text, environment
 
 __all__ = [
     "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "expand_grid",
-    "point_name", "notebook_parameters", "check_parameters", "run_sweep", "collect", "main",
+    "point_name", "notebook_parameters", "check_parameters", "run_sweep", "collect", "main", "summary",
+    "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook",
 ]
 
 DONE = "DONE"
@@ -189,6 +190,81 @@ def expand_grid(fixed: Mapping[str, Any] | None = None, grid: Mapping[str, Seque
         if names.count(p.name) > 1:
             p.name = f"{p.name[:_NAME_MAX - 9]}-{_short_hash(p.grid_values)}"
     return points
+
+
+def shrink_grid(grid: Mapping[str, Sequence[Any]], max_points: int = 2) -> dict:
+    """A smoke-sized grid: the first parameter keeps ``max_points`` evenly spread values, the others their first.
+
+    Chapter 8 in ``smoke`` mode runs the same sweep code on ``max_points`` points.
+    """
+    grid = {k: list(v) for k, v in grid.items()}
+    if not grid:
+        return {}
+    first, *rest = grid
+    vals = grid[first]
+    if len(vals) > max_points:  # evenly spread, ends included (e.g. the smallest and largest top_p)
+        idx = sorted({round(i * (len(vals) - 1) / max(max_points - 1, 1)) for i in range(max_points)})
+        vals = [vals[i] for i in idx]
+    return {first: vals, **{k: grid[k][:1] for k in rest}}
+
+
+@dataclass
+class GridRule:
+    """``nb.start`` rule for a grid parameter: a dict mapping parameter names to non-empty lists of values."""
+
+    def __call__(self, name: str, value: Any) -> dict:
+        from .notebook import ParameterError
+
+        if not isinstance(value, Mapping):
+            raise ParameterError(f"parameter '{name}' must be a dict {{parameter: [values...]}}, got {value!r}")
+        for k, v in value.items():
+            if not isinstance(k, str) or not k.isidentifier():
+                raise ParameterError(f"parameter '{name}': key {k!r} is not a parameter name")
+            if not isinstance(v, (list, tuple)) or not v:
+                raise ParameterError(f"parameter '{name}': values of {k!r} must be a non-empty list, got {v!r}")
+        return {k: list(v) for k, v in value.items()}
+
+
+@dataclass
+class ParamsRule:
+    """``nb.start`` rule for a dict of fixed parameters (identifier keys, literal values)."""
+
+    def __call__(self, name: str, value: Any) -> dict:
+        from .notebook import ParameterError
+
+        if not isinstance(value, Mapping):
+            raise ParameterError(f"parameter '{name}' must be a dict {{parameter: value}}, got {value!r}")
+        bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ParameterError(f"parameter '{name}': key(s) {bad} are not parameter names")
+        return dict(value)
+
+
+def find_notebook(name: str | os.PathLike) -> Path:
+    """Resolve a chapter name: an existing path as given, else under ``./book`` or the repository's ``book/``."""
+    path = Path(name)
+    candidates = [path] if path.is_absolute() else [
+        Path.cwd() / path, Path.cwd() / "book" / path, Path(__file__).resolve().parents[1] / "book" / path]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise SweepError(f"notebook {str(name)!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
+
+
+def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Mapping[str, Any] | None = None,
+                 grid: Mapping[str, Sequence[Any]] | None = None, workers: int = 1) -> str:
+    """The shell command that runs the same sweep as :func:`run_sweep` with these arguments."""
+    import shlex
+
+    lit = lambda v: v if isinstance(v, str) and parse_value(v) == v else repr(v)  # noqa: E731
+    parts = ["python -m nbsupport.experiments run", shlex.quote(str(notebook)), "--out", shlex.quote(str(out))]
+    for k, v in (params or {}).items():
+        parts += ["-p", k, shlex.quote(lit(v))]
+    for k, vs in (grid or {}).items():
+        parts += ["--grid", shlex.quote(f"{k}=" + ",".join(lit(v) for v in vs))]
+    if workers != 1:
+        parts += ["--workers", str(workers)]
+    return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +626,15 @@ def collect(*dirs: str | os.PathLike, include_failed: bool = True):
         df = df.sort_values(["point"], kind="stable").reset_index(drop=True)
     df.attrs["parameters"] = param_cols
     return df
+
+
+def column(df, name: str) -> str:
+    """The column of parameter ``name`` in a :func:`collect` table (``param_<name>`` when renamed)."""
+    if f"param_{name}" in df.columns:
+        return f"param_{name}"
+    if name in df.columns:
+        return name
+    raise KeyError(f"collect table has no parameter column '{name}'; columns: {', '.join(map(str, df.columns))}")
 
 
 # ---------------------------------------------------------------------------------------------
