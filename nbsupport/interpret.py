@@ -158,3 +158,155 @@ def audio_box_to_pieces(box: dict, n_pieces: int, *, sr: int = 16000, hop: int =
     time_in = (times >= box["t0"]) & (times <= box["t1"])
     full = freq_in[:, None] & time_in[None, :]  # (n_mels, P*piece)
     return np.ascontiguousarray(full.reshape(n_mels, n_pieces, piece).transpose(1, 0, 2))
+
+
+def face_crop_box(img_bgr: np.ndarray) -> tuple[int, int, int]:
+    """(x0, y0, side) of the square that :func:`nbsupport.data.features.face_crop` crops from a frame.
+
+    Mirrors ``face_crop``'s box logic (same detector, same widening, same centre fallback) because
+    that function returns only the resized crop; ``tests/test_interpret.py`` checks that slicing this
+    box and resizing gives exactly ``face_crop``'s output, so a change there is caught.
+    """
+    import cv2
+
+    from nbsupport.data import features
+
+    grey = cv2.cvtColor(img_bgr, cv2.COLOR_BGR2GRAY) if img_bgr.ndim == 3 else img_bgr
+    H, W = grey.shape
+    m = max(24, min(H, W) // 4)
+    faces = features._face_detector().detect_multi_scale(grey, scale_factor=1.25, step_ratio=1.5, min_size=(m, m),
+                                                         max_size=(min(H, W), min(H, W)), min_neighbor_number=2)
+    if faces:
+        f = max(faces, key=lambda d: d["width"] * d["height"])
+        c_x, c_y = f["c"] + f["width"] / 2, f["r"] + f["height"] / 2
+        s = int(max(f["width"], f["height"]) * 1.2)
+        return int(max(0, c_x - s / 2)), int(max(0, c_y - s / 2)), s
+    s = min(H, W)
+    return (W - s) // 2, (H - s) // 2, s
+
+
+def _clip_box(box, H, W):
+    """The crop ``grey[y0:y0+s, x0:x0+s]`` may be cut by the image border: (x0, y0, width, height)."""
+    x0, y0, s = box
+    return x0, y0, min(s, W - x0), min(s, H - y0)
+
+
+def face_region_from_box(mask: np.ndarray, box, size: int = 48) -> np.ndarray:
+    """AU mask (H, W) -> area fractions on the ``size`` face crop taken with ``box`` = (x0, y0, side),
+    border-clipped exactly as the crop itself (``grey[y0:y0+s, x0:x0+s]``, then resized)."""
+    import cv2
+
+    H, W = mask.shape
+    x0, y0, w, h = _clip_box(box, H, W)
+    sub = np.asarray(mask, np.float32)[y0:y0 + h, x0:x0 + w]
+    return cv2.resize(sub, (size, size), interpolation=cv2.INTER_AREA)
+
+
+class CueRegions:
+    """Ground-truth cue regions of a MESM dataset's utterances on the model's inputs (Ch. 6).
+
+    ``CueRegions(ds, img_interval=500)`` with ``ds`` from :func:`nbsupport.data.mesm_dataset` (its raw
+    split gives the corpus folders). ``faces(uid)`` -> (T, 48, 48) area fractions of the active AU
+    regions on each sampled face crop; ``mel(uid, n_pieces)`` -> (P, 128, 32) audio cue box (empty when
+    the audio shows no emotion). Results are cached per utterance.
+    """
+
+    def __init__(self, ds, img_interval: float = 500):
+        self.raw, self.img_interval = ds.raw, img_interval
+        self.index = {uid: i for i, uid in enumerate(self.raw.ids)}
+        self._faces: dict = {}
+
+    def _cue(self, uid):
+        from nbsupport.data import load_cues
+
+        return load_cues(self.raw.root, self.raw.dataset, uid)
+
+    def faces(self, uid: str) -> np.ndarray:
+        if uid not in self._faces:
+            from nbsupport.data.raw import read_frame, sample_frame_positions
+
+            cue = self._cue(uid)
+            paths, idx = self.raw.frames(self.index[uid])
+            pos = sample_frame_positions(idx, self.img_interval)
+            where = {k: j for j, k in enumerate(cue["frame_index"])}
+            out = []
+            for p in pos:
+                mask = cue["au_mask"][where[idx[p]]] if idx[p] in where else np.zeros(cue["image_size"], bool)
+                out.append(face_region_from_box(mask, face_crop_box(read_frame(paths[p]))))
+            self._faces[uid] = np.stack(out)
+        return self._faces[uid]
+
+    def mel(self, uid: str, n_pieces: int) -> np.ndarray:
+        cue = self._cue(uid)
+        if all(p == "neutral" for p in cue.get("shown", {}).get("A", ["?"])):
+            return np.zeros((n_pieces, 128, 32), bool)
+        return audio_box_to_pieces(cue["audio_box"], n_pieces)
+
+    def for_batch(self, batch: dict, modality: str) -> torch.Tensor:
+        """Regions (N, H, W) of every real frame ("V") or piece ("A") of a ``collate_mesm`` batch, in
+        the row order of the model's :class:`~nbsupport.models.mesm.LayerRecord` (batch-major)."""
+        mask = batch["faces_mask" if modality == "V" else "mel_mask"]
+        parts = []
+        for b, uid in enumerate(batch["ids"]):
+            n = int(mask[b].sum())
+            r = self.faces(uid) if modality == "V" else self.mel(uid, n)
+            if r.shape[0] != n:
+                raise ValueError(f"CueRegions: utterance {uid!r} has {n} {modality} inputs in the batch but "
+                                 f"{r.shape[0]} cue regions (img_interval mismatch?)")
+            parts.append(torch.as_tensor(np.asarray(r, np.float32)))
+        return torch.cat(parts)
+
+
+@torch.no_grad()
+def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_batches: int | None = None,
+                          progress: bool = True) -> pd.DataFrame:
+    """Share of attention mass and of kept sites inside the cue regions vs chance, per modality and
+    layer, over ``loader`` (Ch. 6's measured interpretability); see :func:`summarize_cue_table`."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    tables = []
+    for k, batch in enumerate(tqdm(loader, desc="cue regions", disable=not progress, leave=False)):
+        if max_batches is not None and k >= max_batches:
+            break
+        model({key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()})
+        for m, records in model.last_maps.items():
+            tables.append(layer_cue_table(records, cues.for_batch(batch, m), m))
+    model.train(was_training)
+    return summarize_cue_table(tables)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures (Ch. 6): attention maps and kept sites over faces and mel-spectrograms
+# ------------------------------------------------------------------------------------------------
+def utterance_maps(model, batch: dict, b: int, modality: str) -> tuple[np.ndarray, list[dict]]:
+    """After a forward pass on ``batch``: the input image of utterance ``b`` and, per layer, its
+    attention and kept masks. Faces: the middle real frame (48x48); audio: the pieces side by side
+    (128 x 32P). Returns ``(image, [{"attention", "kept", "active"} (h, w) arrays per layer])``."""
+    x_key, m_key = ("faces", "faces_mask") if modality == "V" else ("mel", "mel_mask")
+    n = int(batch[m_key][b].sum())
+    layers = []
+    for rec in model.last_maps[modality]:
+        rows = (rec.frame_index[:, 0] == b).nonzero()[:, 0]
+        if modality == "V":
+            rows = rows[len(rows) // 2: len(rows) // 2 + 1]
+        layers.append({k: torch.cat(list(getattr(rec, k)[rows]), dim=1).float().numpy()
+                       for k in ("attention", "kept", "active")})
+    x = batch[x_key][b, :n].float()
+    image = x[n // 2].numpy() if modality == "V" else torch.cat(list(x), dim=1).numpy()
+    return image, layers
+
+
+def draw_maps(axes, image: np.ndarray, layers: list[dict], what: str = "attention", cmap_image: str = "gray"):
+    """Draw ``image`` with each layer's attention (heat overlay) or kept sites (tinted) on ``axes``."""
+    H, W = image.shape
+    for ax, layer in zip(axes, layers):
+        ax.imshow(image, cmap=cmap_image, origin="lower" if H != W else "upper", aspect="auto")
+        data = layer["attention"] if what == "attention" else layer["kept"]
+        if what == "attention":
+            data = np.where(layer["active"] > 0, data, np.nan)
+        ax.imshow(data, cmap="inferno" if what == "attention" else "Greens", alpha=0.55,
+                  extent=(-0.5, W - 0.5, -0.5, H - 0.5) if H != W else (-0.5, W - 0.5, H - 0.5, -0.5),
+                  origin="lower" if H != W else "upper", aspect="auto", interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])

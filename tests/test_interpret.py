@@ -74,3 +74,48 @@ def test_audio_box_to_pieces():
     assert centres[bands.min() - 1] < 1000 and centres[bands.max() + 1] > 4000
     with pytest.raises(KeyError, match="t0"):
         audio_box_to_pieces({}, 1)
+
+
+def test_face_crop_box_matches_face_crop():
+    """Slicing our box and resizing reproduces the data pipeline's own crop (detected and fallback)."""
+    import cv2
+
+    from nbsupport.data.features import face_crop
+    from nbsupport.interpret import face_crop_box
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((80, 120, 3)) * 255).astype(np.uint8)  # noise: no face -> central square
+    for frame in (img,):
+        crop, _ = face_crop(frame)
+        x0, y0, s = face_crop_box(frame)
+        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        mine = cv2.resize(grey[y0:y0 + s, x0:x0 + s], (48, 48), interpolation=cv2.INTER_AREA)
+        np.testing.assert_array_equal(mine, crop)
+
+
+@pytest.mark.slow
+def test_cue_regions_on_a_tiny_synthetic_corpus(tmp_path):
+    """End to end on real corpus files: crop boxes match face_crop on every sampled frame, and the
+    regions line up with the collate_mesm batch (one per real frame / piece)."""
+    import cv2
+
+    from nbsupport.data import collate_mesm, generate_corpus, mesm_dataset
+    from nbsupport.data.features import face_crop
+    from nbsupport.data.raw import read_frame
+    from nbsupport.interpret import CueRegions, face_crop_box
+
+    root = generate_corpus(tmp_path / "c", n=4, seed=1, progress=False)
+    ds = mesm_dataset(root, "mosei", "train", cache_dir=tmp_path / "f")
+    paths, _ = ds.raw.frames(0)
+    for p in paths[:4]:
+        frame = read_frame(p)
+        x0, y0, s = face_crop_box(frame)
+        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        np.testing.assert_array_equal(
+            cv2.resize(grey[y0:y0 + s, x0:x0 + s], (48, 48), interpolation=cv2.INTER_AREA), face_crop(frame)[0])
+    batch = collate_mesm([ds[i] for i in range(len(ds))])
+    cues = CueRegions(ds)
+    faces, mel = cues.for_batch(batch, "V"), cues.for_batch(batch, "A")
+    assert faces.shape == (int(batch["faces_mask"].sum()), 48, 48)
+    assert mel.shape == (int(batch["mel_mask"].sum()), 128, 32)
+    assert 0.0 <= float(faces.min()) and float(faces.max()) <= 1.0

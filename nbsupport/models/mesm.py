@@ -301,3 +301,69 @@ def FE2E(modalities: str = "LAV", n_outputs: int = 6, **kwargs) -> EndToEndModel
 def MESM(modalities: str = "LAV", n_outputs: int = 6, top_p: float = 0.7, **kwargs) -> EndToEndModel:
     """MESM (Dai et al. 2021, Sec. 3.2-3.3; Ch. 6): cross-modal attention, top-p selection, sparse blocks."""
     return EndToEndModel(modalities, n_outputs, attention=True, sparse=True, top_p=top_p, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring the model as it ran: MACs of the feature extractor, and the top-p sweep (Chapter 6)
+# --------------------------------------------------------------------------------------------------
+def is_extractor_layer(name: str) -> bool:
+    """Layers counted as MESM's *feature extractor*: the CNN stems, the three blocks and the cross-modal
+    attention that chooses the sites (its cost is MESM's overhead, so it is counted too)."""
+    return name.startswith("pathways.") and any(p in name for p in (".stem.", ".blocks.", ".cross_attention."))
+
+
+def extractor_macs(model: EndToEndModel, batches) -> dict:
+    """Multiply-accumulates of the feature extractor over ``batches`` (a batch dict or an iterable of
+    them) as it actually ran (:mod:`nbsupport.flops`): ``macs`` (kept sites), ``dense_macs`` (what FE2E
+    would spend on the same inputs), their ``ratio``, and the per-layer ``table`` (Dai et al. 2021, Sec. 4)."""
+    from nbsupport import flops
+
+    if isinstance(batches, dict):
+        batches = [batches]
+    tables = []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        tables.append(flops.count_macs(model, batch, include=is_extractor_layer))
+    model.train(was_training)
+    import pandas as pd
+
+    table = pd.concat(tables, ignore_index=True).groupby(["layer", "kind"], as_index=False, sort=False).sum(
+        numeric_only=True)
+    table["density"] = table["sites"] / table["dense_sites"].where(table["dense_sites"] > 0)
+    out = flops.summarize_macs(table)
+    out["table"] = table
+    return out
+
+
+def top_p_sweep(model: EndToEndModel, loader, top_ps, *, thresholds=None, device="cpu", progress: bool = True):
+    """Evaluate one trained MESM at several ``top_p`` (Ch. 6): quality, extractor MACs and wall time.
+
+    The same weights are used for every ``p`` (the selection is a test-time knob here; the paper
+    retrains per p). Returns a DataFrame with ``top_p, wacc, acc, f1, macs, dense_macs, seconds``;
+    ``seconds`` is the wall time of the full forward pass over ``loader``. ``model.top_p`` is restored.
+    """
+    import time
+
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from nbsupport import flops, train
+
+    original, rows = model.top_p, []
+    try:
+        for p in tqdm(list(top_ps), desc="top_p sweep", disable=not progress, leave=False):
+            model.top_p = float(p)
+            with flops.MacCounter(model, include=is_extractor_layer) as mc:
+                start = time.perf_counter()
+                metrics = train.evaluate(model, loader, device=device, thresholds=thresholds)
+                seconds = time.perf_counter() - start
+            table = mc.table()
+            rows.append(dict(top_p=float(p), wacc=metrics["wacc"], acc=metrics["acc"], f1=metrics["f1"],
+                             macs=int(table["macs"].sum()), dense_macs=int(table["dense_macs"].sum()),
+                             seconds=seconds))
+    finally:
+        model.top_p = original
+    return pd.DataFrame(rows)
