@@ -145,12 +145,14 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 def top_p_mask_segments(probs: torch.Tensor, segment_ids: torch.Tensor, p: float) -> torch.Tensor:
     """Ragged :func:`top_p_mask`: ``probs`` (N,) of sites of several frames packed together,
-    ``segment_ids`` (N,) integer frame index of each site; selection is done per segment.
+    ``segment_ids`` (N,) integer frame index of each site; the nucleus is chosen per segment.
 
     Used after the first sparse block of MESM (Chapter 6), where frames keep different numbers of
-    sites.  Vectorised: one sort by probability then a stable sort by segment, cumulative sums in
-    float64 minus each segment's starting offset.  Each segment's probabilities should sum to 1 (the
-    threshold is ``p`` times the segment's total).  ``p = 1.0`` keeps every site.
+    sites.  Vectorised: sites are laid out in a zero-padded (segments, longest segment) matrix
+    (a stable integer sort by segment only if they are not already grouped) and :func:`top_p_mask`
+    runs once on it, so both functions share one definition; padding (probability 0) is never kept
+    for ``p < 1``.  Each segment's probabilities should sum to 1 (the threshold is ``p`` times the
+    segment's total).  ``p = 1.0`` keeps every site.
     """
     p = _check_p(p)
     if probs.dim() != 1 or segment_ids.shape != probs.shape:
@@ -161,25 +163,20 @@ def top_p_mask_segments(probs: torch.Tensor, segment_ids: torch.Tensor, p: float
     n = probs.numel()
     if p >= 1.0 or n == 0:
         return torch.ones(n, dtype=torch.bool, device=probs.device)
-    pr = probs.detach().double()
-    order = torch.argsort(pr, descending=True, stable=True)
-    seg_sorted_first = segment_ids[order]
-    order = order[torch.argsort(seg_sorted_first, stable=True)]  # by segment, then by -prob
-    seg = segment_ids[order]
-    sp = pr[order]
-    cum = torch.cumsum(sp, 0)
-    # start offset of each segment run = cum just before its first element
-    new_run = torch.ones(n, dtype=torch.bool, device=probs.device)
-    new_run[1:] = seg[1:] != seg[:-1]
-    run_id = torch.cumsum(new_run.long(), 0) - 1  # (N,) 0..R-1
-    starts = (cum - sp)[new_run]  # (R,)
-    is_last = torch.ones(n, dtype=torch.bool, device=probs.device)
-    is_last[:-1] = new_run[1:]
-    ends = cum[is_last]  # (R,) cum at each run's last element
-    before = cum - sp - starts[run_id]
-    total = (ends - starts)[run_id]
-    keep_sorted = before < (p - _TOP_P_TOL) * total
-    return torch.zeros(n, dtype=torch.bool, device=probs.device).scatter(0, order, keep_sorted)
+    seg = segment_ids.long()
+    grouped = bool((seg[1:] >= seg[:-1]).all())
+    order = None if grouped else torch.argsort(seg, stable=True)
+    seg_s = seg if grouped else seg[order]
+    pr = probs.detach() if grouped else probs.detach()[order]
+    _, run, counts = torch.unique_consecutive(seg_s, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=probs.device) - starts[run]  # position inside its segment
+    mat = pr.new_zeros(counts.numel(), int(counts.max()))  # (segments, longest) zero-padded
+    mat[run, pos] = pr
+    keep = top_p_mask(mat, p)[run, pos]
+    if grouped:
+        return keep
+    return torch.empty_like(keep).index_put_((order,), keep)
 
 
 def top_p_mask_loop(probs: torch.Tensor, p: float) -> torch.Tensor:

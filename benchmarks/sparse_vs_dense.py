@@ -1,0 +1,338 @@
+"""MESM's sparse feature extractor against FE2E's dense one: wall time, MACs and activation memory.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/sparse_vs_dense.py --out benchmarks/results/sparse_vs_dense.json
+
+For the paper's shapes after the dense stage (faces: 64x24x24, mel pieces: 64x64x16; MESM's code, see
+``nbsupport.sparse.PAPER_SPARSE_INPUT``), batch 8 and 32 images/pieces and ``top_p`` in {0.5, 0.7, 0.9,
+1.0}, it times one forward+backward pass of
+
+* the **sparse** extractor (MESM, Ch. 6): before each of the three VGG blocks (128, 256, 512) an additive
+  attention from a text vector scores every active site, ``top_p_mask`` keeps each frame's nucleus, and
+  the block runs as ``SparseVggBlock`` on the kept sites (sites stay sparse from block to block);
+* the **dense** extractor (FE2E, Ch. 5): the same three blocks as ``DenseVggBlock`` (shared weights),
+
+interleaved in the same run (median of ``--repeats``).  An untrained attention is nearly uniform, which
+is not what MESM learns, so the attention logits get a random *peaked* prior (one Gaussian blob per
+frame, width ``--blob`` of the map): "random but peaked" attention.  The densities this produces are
+reported per block.  Memory: bytes saved for backward (autograd saved-tensor hooks; the activation
+memory of training), since PyTorch's CPU allocator keeps no peak statistics.
+
+Also measured: one submanifold layer at density d against the dense layer (goal: <= 1.5 d x dense for
+d >= 0.2) and the vectorised ``top_p_mask`` against a per-sample loop like MESM's original code.
+Writes the JSON (list of rows under "rows" plus the other tables) and a PNG plot next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbsupport import flops
+from nbsupport import sparse as sp
+from nbsupport.notebook import atomic_write_json
+
+CHANNELS = (128, 256, 512)
+
+
+# ------------------------------------------------------------------------------------------ models
+class SiteAttention(nn.Module):
+    """Additive (Bahdanau) attention of a text vector over the sites of each frame (MESM Sec. 3.2)."""
+
+    def __init__(self, channels: int, text_dim: int = 64, hidden: int = 64):
+        super().__init__()
+        self.key = nn.Linear(channels, hidden)
+        self.query = nn.Linear(text_dim, hidden, bias=False)
+        self.v = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, feats: torch.Tensor, frame: torch.Tensor, text: torch.Tensor, prior: torch.Tensor):
+        # feats (N, C) of sites, frame (N,) frame index, text (B, D), prior (N,) log-prior -> probs (N,)
+        logits = self.v(torch.tanh(self.key(feats) + self.query(text)[frame])).squeeze(1) + prior
+        n_frames = text.shape[0]
+        mx = logits.new_full((n_frames,), -math.inf).scatter_reduce(0, frame, logits, "amax")
+        e = torch.exp(logits - mx[frame])
+        return e / e.new_zeros(n_frames).index_add(0, frame, e)[frame]  # softmax within each frame
+
+
+class SparseExtractor(nn.Module):
+    """MESM's three attention-gated sparse blocks."""
+
+    def __init__(self, in_ch: int, top_p: float):
+        super().__init__()
+        chans = (in_ch,) + CHANNELS
+        self.attn = nn.ModuleList(SiteAttention(c) for c in chans[:-1])
+        self.blocks = nn.ModuleList(sp.SparseVggBlock(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.top_p = top_p
+        self.densities: list[float] = []
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, prior_map: torch.Tensor) -> torch.Tensor:
+        s = sp.to_sparse(x)  # every site of the dense stage's output
+        self.densities = []
+        for attn, block in zip(self.attn, self.blocks):
+            frame = s.coords[:, 0]
+            h, w = s.spatial_shape
+            pm = F.adaptive_avg_pool2d(prior_map[:, None], (h, w))[:, 0]  # prior at this resolution
+            prior = pm[frame, s.coords[:, 1], s.coords[:, 2]]
+            probs = attn(s.features, frame, text, prior)  # (N,)
+            keep = sp.top_p_mask_segments(probs, frame, self.top_p)
+            s = s.replace(s.features * (1.0 + probs[:, None]))  # attention reweights the kept sites
+            s = s.select(keep)
+            self.densities.append(s.density)
+            s = block(s)
+        return s.features  # (M, 512) sites of the last pooled map
+
+
+class DenseExtractor(nn.Module):
+    """FE2E's three dense VGG blocks."""
+
+    def __init__(self, in_ch: int):
+        super().__init__()
+        chans = (in_ch,) + CHANNELS
+        self.blocks = nn.Sequential(*(sp.DenseVggBlock(a, b) for a, b in zip(chans[:-1], chans[1:])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def peaked_prior(n: int, h: int, w: int, blob: float, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Log-prior (n, h, w): one Gaussian blob per frame at a random centre, width ``blob`` of the map."""
+    cy = torch.rand(n, 1, 1, generator=gen) * h
+    cx = torch.rand(n, 1, 1, generator=gen) * w
+    yy = torch.arange(h).view(1, h, 1) + 0.5
+    xx = torch.arange(w).view(1, 1, w) + 0.5
+    d2 = ((yy - cy) / (blob * h)) ** 2 + ((xx - cx) / (blob * w)) ** 2
+    return -strength * d2 / 2
+
+
+# ------------------------------------------------------------------------------------------ timing
+def saved_bytes(fn) -> int:
+    """Bytes of distinct tensors autograd saves for backward while ``fn()`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except Exception:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: float, seed: int) -> list[dict]:
+    c, h, w = sp.PAPER_SPARSE_INPUT[modality]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(batch, c, h, w, generator=gen))  # post-ReLU output of the dense stage
+    text = torch.randn(batch, 64, generator=gen)
+    prior = peaked_prior(batch, h, w, blob, gen, strength=1.0)
+    torch.manual_seed(seed)
+    dense = DenseExtractor(c)
+    sparse_models = {}
+    for p in top_ps:
+        m = SparseExtractor(c, p)
+        m.blocks.load_state_dict(dense.blocks.state_dict())  # shared weights (same parameter names)
+        sparse_models[p] = m
+
+    def run_dense():
+        xin = x.clone().requires_grad_(True)
+        dense(xin).square().mean().backward()
+
+    def run_sparse(m):
+        def f():
+            xin = x.clone().requires_grad_(True)
+            m(xin, text, prior).square().mean().backward()
+        return f
+
+    rows = []
+    for p in top_ps:
+        m = sparse_models[p]
+        run_dense(), run_sparse(m)()  # warm-up
+        ts, td = [], []
+        for _ in range(repeats):  # interleaved: both see the same machine load
+            ts.append(timed(run_sparse(m)))
+            td.append(timed(run_dense))
+        with torch.no_grad():
+            with flops.MacCounter(m, include=lambda n: n.startswith(("blocks", "attn"))) as mc_s:
+                m(x, text, prior)
+            with flops.MacCounter(dense) as mc_d:
+                dense(x)
+        tab_s = mc_s.table()
+        strategies = [mod.last_strategy for mod in m.modules() if isinstance(mod, sp.SubMConv2d)]
+        sb = saved_bytes(lambda: m(x.clone().requires_grad_(True), text, prior))
+        db = saved_bytes(lambda: dense(x.clone().requires_grad_(True)))
+        row = dict(modality=modality, batch=batch, top_p=p,
+                   sparse_seconds=statistics.median(ts), dense_seconds=statistics.median(td),
+                   sparse_macs=int(tab_s["macs"].sum()), dense_macs=int(mc_d.table()["macs"].sum()),
+                   sparse_executed_macs=int(tab_s["executed_macs"].sum()),
+                   sparse_saved_mb=sb / 2**20, dense_saved_mb=db / 2**20,
+                   densities=[round(d, 4) for d in m.densities], cpu_plans=strategies)
+        row["time_ratio"] = row["sparse_seconds"] / row["dense_seconds"]
+        row["macs_ratio"] = row["sparse_macs"] / row["dense_macs"]
+        rows.append(row)
+        print(f"{modality:5s} B={batch:2d} p={p:.1f}: sparse {row['sparse_seconds']*1e3:7.1f} ms  dense "
+              f"{row['dense_seconds']*1e3:7.1f} ms  ratio {row['time_ratio']:.2f}  MACs ratio {row['macs_ratio']:.2f}"
+              f"  densities {row['densities']}", flush=True)
+    return rows
+
+
+def bench_layer(densities, repeats: int, seed: int, batch: int = 32) -> list[dict]:
+    """One submanifold 3x3 conv (faces block 1: 64->128 at 24x24) at density d vs the dense conv."""
+    c_in, c_out, h, w = 64, 128, 24, 24
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c_in, h, w, generator=gen)
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    sub = sp.SubMConv2d(c_in, c_out)
+    sub.load_state_dict(conv.state_dict())
+    rows = []
+    for d in densities:
+        mask = torch.rand(batch, h, w, generator=gen) < d
+        s0 = sp.to_sparse(x, mask)
+        s0.neighbours(3), s0.pairs(3)
+
+        def run_dense():
+            xin = x.clone().requires_grad_(True)
+            conv(xin).square().mean().backward()
+
+        def run_sparse():
+            s = s0.replace(s0.features.clone().requires_grad_(True))
+            sub(s).features.square().mean().backward()
+        run_dense(), run_sparse()
+        ts, td = [], []
+        for _ in range(repeats):
+            ts.append(timed(run_sparse))
+            td.append(timed(run_dense))
+        row = dict(density=d, actual_density=s0.density, sparse_seconds=statistics.median(ts),
+                   dense_seconds=statistics.median(td), cpu_plan=sub.last_strategy)
+        row["ratio"] = row["sparse_seconds"] / row["dense_seconds"]
+        row["ratio_over_density"] = row["ratio"] / max(s0.density, 1e-9)
+        row["goal_met"] = bool(row["ratio"] <= 1.5 * s0.density) if d >= 0.2 else None
+        rows.append(row)
+        print(f"layer d={d:.2f} ({row['cpu_plan']}): sparse {row['sparse_seconds']*1e3:6.1f} ms dense "
+              f"{row['dense_seconds']*1e3:6.1f} ms ratio {row['ratio']:.2f} = {row['ratio_over_density']:.2f} x d",
+              flush=True)
+    return rows
+
+
+def bench_top_p(seed: int, repeats: int) -> list[dict]:
+    """Vectorised top_p_mask vs a per-sample loop (MESM's original to_sparse_by_cdf style)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n_frames, sites in [(32, 576), (256, 576), (1024, 144)]:
+        probs = torch.softmax(3 * torch.randn(n_frames, sites, generator=gen), -1)
+        assert torch.equal(sp.top_p_mask(probs, 0.7), sp.top_p_mask_loop(probs, 0.7))
+        tv = statistics.median(timed(lambda: sp.top_p_mask(probs, 0.7)) for _ in range(repeats))
+        tl = statistics.median(timed(lambda: sp.top_p_mask_loop(probs, 0.7)) for _ in range(repeats))
+        rows.append(dict(frames=n_frames, sites=sites, vectorised_seconds=tv, loop_seconds=tl, speedup=tl / tv))
+        print(f"top_p_mask {n_frames}x{sites}: vectorised {tv*1e3:.2f} ms, loop {tl*1e3:.2f} ms, x{tl/tv:.0f}",
+              flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ plot
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.DataFrame(result["rows"])
+    df["series"] = df["modality"] + ", batch " + df["batch"].astype(str)
+    lay = pd.DataFrame(result["layer"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    sns.lineplot(df, x="top_p", y="time_ratio", hue="series", marker="o", ax=axes[0])
+    axes[0].axhline(0.5, ls="--", c="grey", lw=1)
+    axes[0].axhline(1.0, ls=":", c="grey", lw=1)
+    axes[0].set(xlabel="top_p", ylabel="sparse / dense wall time (fwd+bwd)",
+                title="MESM extractor vs FE2E: time (goal 0.5 at p=0.7)")
+    sns.lineplot(df, x="top_p", y="macs_ratio", hue="series", marker="o", ax=axes[1], legend=False)
+    axes[1].set(xlabel="top_p", ylabel="sparse / dense MACs", title="MACs (rulebook size) ratio")
+    axes[2].plot(lay["actual_density"], lay["ratio"], "o-", label="measured")
+    dd = lay["actual_density"]
+    axes[2].plot(dd, 1.5 * dd, "--", c="grey", label="goal 1.5 d")
+    axes[2].plot(dd, dd, ":", c="grey", label="ideal d")
+    axes[2].set(xlabel="density d of active sites", ylabel="sparse / dense layer time",
+                title="one 3x3 layer, 64->128 at 24x24")
+    axes[2].legend()
+    fig.suptitle(f"{result['machine']['cpu']} | torch {result['machine']['torch']} | "
+                 f"threads {result['machine']['threads']}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file to write (a PNG plot is written next to it)")
+    ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--top-p", default="0.5,0.7,0.9,1.0")
+    ap.add_argument("--modalities", default="faces,mel")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--blob", type=float, default=0.25, help="width of the attention prior blob (share of the map)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (2 only on a quiet machine)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix != ".json":
+        ap.error(f"--out must name a .json file, got {args.out!r}")
+    if args.device != "cpu":
+        ap.error("--device: only 'cpu' is timed by this script (the GPU path is spconv; see README)")
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    top_ps = [float(p) for p in args.top_p.split(",")]
+    mods = args.modalities.split(",")
+    for m in mods:
+        if m not in sp.PAPER_SPARSE_INPUT:
+            ap.error(f"--modalities: unknown modality {m!r}, expected some of {sorted(sp.PAPER_SPARSE_INPUT)}")
+    if args.quick:
+        batches, top_ps, args.repeats = [2], [0.7, 1.0], 1
+    t0 = time.perf_counter()
+    machine = dict(cpu=platform.processor() or platform.machine(), python=sys.version.split()[0],
+                   torch=torch.__version__, threads=torch.get_num_threads(),
+                   backend=sp.backend_description("cpu"))
+    result = dict(machine=machine, parameters=vars(args), rows=[], layer=[], top_p_mask=[])
+    result["top_p_mask"] = bench_top_p(args.seed, 3 if args.quick else 7)
+    result["layer"] = bench_layer([0.2, 0.5, 1.0] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+                                  args.repeats, args.seed, batch=4 if args.quick else 32)
+    for m in mods:
+        for b in batches:
+            result["rows"] += bench_extractors(m, b, top_ps, args.repeats, args.blob, args.seed)
+    at07 = [r["time_ratio"] for r in result["rows"] if abs(r["top_p"] - 0.7) < 1e-9]
+    result["summary"] = dict(
+        time_ratio_at_0_7=at07, goal_time_ratio_at_0_7=0.5,
+        goal_met_at_0_7=all(r <= 0.5 for r in at07) if at07 else None,
+        layer_goal_met=[r["goal_met"] for r in result["layer"]],
+        seconds_total=time.perf_counter() - t0,
+        max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {result['summary']['seconds_total']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
