@@ -54,7 +54,7 @@ __all__ = ["GENERATOR_VERSION", "EMOTIONS", "STYLES", "SynthConfig", "generate_c
            "CUE_PROFILES", "cue_profile_for", "main"]
 
 #: Bump when the generator's output changes; part of :func:`nbsupport.data.ensure_corpus`'s cache key.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 from .common import EMOTIONS
 
@@ -128,9 +128,9 @@ class SynthConfig:
     n: int = 600
     seed: int = 0
     style: str = "mosei"
-    p_text: float = 0.55       # probability that the transcript carries the label's cue
-    p_audio: float = 0.55      # ... that the prosody carries it
-    p_video: float = 0.55      # ... that the face carries it
+    p_text: float = 0.45       # probability that the transcript carries the label's cue
+    p_audio: float = 0.7       # ... that the prosody carries it (acoustic features are noisier than words)
+    p_video: float = 0.7       # ... that the face carries it
     p_contradict: float = 0.35  # when a modality does not carry the cue: probability it shows another emotion
     p_second: float = 0.3      # mosei: probability of a second co-occurring emotion
     noise: float = 1.0         # scales image noise, audio background noise and cue-intensity jitter
@@ -307,8 +307,8 @@ def _video(rng, cfg, profiles, dur):
     for p in profiles:
         for k, w in CUE_PROFILES[p]["aus"].items():
             aus[k] = max(aus.get(k, 0.0), w)
-    strength = float(np.clip(rng.uniform(0.6, 1.0) - 0.1 * cfg.noise * rng.random(), 0.3, 1.0))
-    on = rng.uniform(0.1, 0.35) * dur
+    strength = float(np.clip(rng.uniform(0.75, 1.0) - 0.1 * cfg.noise * rng.random(), 0.3, 1.0))
+    on = rng.uniform(0.1, 0.3) * dur
     off = on + rng.uniform(0.45, 0.65) * dur
     ks = np.arange(0, int(dur * FPS), cfg.frame_step)
     frames, masks = [], []

@@ -1,0 +1,64 @@
+"""nbsupport.metrics against scikit-learn, scipy and hand-computed cases."""
+import numpy as np
+import pytest
+from scipy.stats import pearsonr
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from nbsupport import metrics as M
+
+
+def test_weighted_accuracy_hand_computed():
+    # P=2 positives, N=4 negatives; TP=1, TN=3 -> (1*4/2 + 3) / (2*4) = 5/8
+    y = [1, 1, 0, 0, 0, 0]
+    p = [1, 0, 1, 0, 0, 0]
+    assert M.weighted_accuracy(y, p) == pytest.approx(5 / 8)
+
+
+def test_against_sklearn():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 6)) < 0.3).astype(float)
+    s = y * 0.8 + rng.normal(0, 0.6, y.shape)
+    p = s > 0.5
+    for j in range(6):
+        assert M.per_emotion_weighted_accuracy(y, p)[j] == pytest.approx(balanced_accuracy_score(y[:, j], p[:, j]))
+        assert M.per_emotion_accuracy(y, p)[j] == pytest.approx(accuracy_score(y[:, j], p[:, j]))
+        assert M.f1_per_emotion(y, p)[j] == pytest.approx(f1_score(y[:, j], p[:, j]))
+        assert M.auc_per_emotion(y, s)[j] == pytest.approx(roc_auc_score(y[:, j], s[:, j]))
+    assert M.weighted_f1(y, p) == pytest.approx(f1_score(y, p, average="weighted"))
+    m = M.emotion_metrics(s, y, thresholds=np.full(6, 0.5), probs=True)
+    assert m["f1"] == pytest.approx(np.mean([f1_score(y[:, j], p[:, j]) for j in range(6)]))
+    assert m["wacc"] == pytest.approx(np.mean([balanced_accuracy_score(y[:, j], p[:, j]) for j in range(6)]))
+    logits = rng.normal(size=(200, 6))
+    assert M.emotion_metrics(logits, y)["acc"] == pytest.approx(np.mean((1 / (1 + np.exp(-logits)) > 0.5) == y))
+
+
+def test_best_thresholds_hand_computed():
+    y = np.array([[1], [1], [0], [0]])
+    pr = np.array([[0.9], [0.35], [0.3], [0.1]])  # any threshold in [0.30, 0.35) separates perfectly
+    assert M.best_thresholds(y, pr)[0] == pytest.approx(0.30)
+    assert M.best_thresholds(y, pr, grid=[0.5, 0.32])[0] == pytest.approx(0.32)
+
+
+def test_sentiment_hand_computed():
+    t = np.array([-3.0, -1.2, 0.0, 0.4, 2.6, 1.0])
+    p = np.array([-2.0, 0.3, -0.2, 0.6, 3.4, 1.4])
+    # non-zero Acc-2 drops the 0 target: signs agree for -3, 0.4, 2.6, 1.0 of 5 -> 4/5
+    assert M.acc2(t, p) == pytest.approx(4 / 5)
+    # with zero: (t>=0)==(p>=0): T, F, F, T, T, T -> 4/6
+    assert M.acc2_with_zero(t, p) == pytest.approx(4 / 6)
+    # Acc-7: rounded clipped: t -> -3,-1,0,0,3,1 ; p -> -2,0,0,1,3,1 -> 3/6
+    assert M.acc7(t, p) == pytest.approx(3 / 6)
+    # Acc-5: clip to [-2,2]: t -> -2,-1,0,0,2,1 ; p -> -2,0,0,1,2,1 -> 4/6
+    assert M.acc5(t, p) == pytest.approx(4 / 6)
+    assert M.mae(t, p) == pytest.approx(np.mean(np.abs(t - p)))
+    assert M.pearson_r(t, p) == pytest.approx(pearsonr(t, p)[0])
+    assert set(M.sentiment_metrics(t, p)) == {"acc2", "acc2_zero", "acc5", "acc7", "mae", "corr"}
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        M.weighted_accuracy(np.zeros((3, 6)), np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="same length"):
+        M.acc7([1, 2], [1])
+    with pytest.raises(ValueError, match="finite"):
+        M.mae([np.nan], [0.0])  # IEMOCAP has no sentiment

@@ -1,0 +1,109 @@
+"""Synthetic corpus generator (nbsupport.data.synth): layout, determinism, atomicity, cue ground truth."""
+import filecmp
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from nbsupport.data import DataError, ensure_corpus, load_cues, synth
+
+
+def _same_tree(a, b):
+    cmp = filecmp.dircmp(a, b)
+    assert not cmp.left_only and not cmp.right_only and not cmp.funny_files
+    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+    assert not mismatch and not errors, mismatch
+    for d in cmp.common_dirs:
+        _same_tree(a / d, b / d)
+
+
+def test_mosei_layout_and_labels(tmp_path):
+    out = synth.generate_corpus(tmp_path / "c", n=12, seed=1, style="mosei", progress=False)
+    raw = out / "MOSEI_RAW_PROCESSED"
+    meta = pickle.loads((raw / "meta.pkl").read_bytes())
+    ids = sum(((out / "MOSEI_SPLIT" / f"{s}_split.txt").read_text().split() for s in ("train", "valid", "test")), [])
+    assert sorted(ids) == sorted(meta) and len(ids) == 12
+    for uid, m in meta.items():
+        assert len(m["label"]) == 6 and sum(m["label"]) >= 1 and -3 <= m["sentiment"] <= 3
+        assert (raw / uid / "audio.wav").is_file() and (raw / uid / "image_0.jpg").is_file()
+        assert (raw / uid / "image_15.jpg").is_file()  # frames numbered as 30 fps video, every 500 ms
+    info = json.loads((out / "synth_info.json").read_text())
+    assert info["version"] == synth.GENERATOR_VERSION and info["config"]["n"] == 12
+
+
+def test_iemocap_layout_speaker_tags(tmp_path):
+    out = synth.generate_corpus(tmp_path / "c", n=10, seed=0, style="iemocap", progress=False)
+    meta = pickle.loads((out / "IEMOCAP_RAW_PROCESSED" / "meta.pkl").read_bytes())
+    assert set(m["label"] for m in meta.values()) <= {"ang", "exc", "fru", "hap", "neu", "sad"}
+    folders = [p for p in (out / "IEMOCAP_RAW_PROCESSED").glob("*/*") if p.is_dir()]
+    assert len(folders) == 10
+    for f in folders:
+        side = "L" if f.name.split("_")[0][-1] == f.name.split("_")[-1][0] else "R"  # hand rule of the release
+        assert (f / f"audio_{side}.wav").is_file() and (f / f"image_{side}_0.jpg").is_file()
+
+
+def test_deterministic_byte_identical(tmp_path):
+    a = synth.generate_corpus(tmp_path / "a", n=8, seed=5, progress=False)
+    b = synth.generate_corpus(tmp_path / "b", n=8, seed=5, progress=False)
+    _same_tree(a, b)
+    c = synth.generate_corpus(tmp_path / "c", n=8, seed=6, progress=False)
+    assert (a / "MOSEI_RAW_PROCESSED" / "meta.pkl").read_bytes() != (c / "MOSEI_RAW_PROCESSED" / "meta.pkl").read_bytes()
+
+
+def test_killed_run_leaves_no_corpus(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = synth._write_utterance
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(synth, "_write_utterance", boom)
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate_corpus(tmp_path / "c", n=8, seed=0, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cue_ground_truth(tmp_path):
+    out = synth.generate_corpus(tmp_path / "c", n=12, seed=2, progress=False)
+    meta = pickle.loads((out / "MOSEI_RAW_PROCESSED" / "meta.pkl").read_bytes())
+    seen_face = False
+    for uid in meta:
+        cue = load_cues(out, "mosei", uid)
+        assert cue["au_mask"].shape == (len(cue["frame_index"]), 96, 96)
+        box = cue["audio_box"]
+        assert 0 <= box["t0"] < box["t1"] <= meta[uid]["duration"] + 1e-6 and box["f0_hz"] < box["f1_hz"]
+        if cue["active_aus"]:
+            t = np.asarray(cue["frame_index"]) / 30.0
+            on, off = cue["video_window_s"]
+            inside = (t > on + 0.3) & (t < off - 0.3)
+            assert not cue["au_mask"][~((t > on) & (t < off))].any()  # no cue region outside onset..offset
+            if inside.any():
+                assert cue["au_mask"][inside].any()
+                seen_face = True
+        else:
+            assert not cue["au_mask"].any()
+    assert seen_face
+
+
+def test_unknown_style_errors(tmp_path):
+    with pytest.raises(ValueError, match="style"):
+        synth.generate_corpus(tmp_path / "c", n=8, style="meld", progress=False)
+    with pytest.raises(DataError, match="style"):
+        ensure_corpus(style="meld")
+    assert synth.main(["--out", str(tmp_path / "x"), "--n", "2"]) == 2  # n too small: clean CLI error
+
+
+def test_ensure_corpus_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path))
+    a = ensure_corpus(n=6, seed=0, progress=False)
+    stamp = (a / "synth_info.json").stat().st_mtime_ns
+    b = ensure_corpus(n=6, seed=0, progress=False)
+    assert a == b and (b / "synth_info.json").stat().st_mtime_ns == stamp
+    assert f"v{synth.GENERATOR_VERSION}" in a.name and "n6" in a.name and "s0" in a.name
+    assert ensure_corpus(a) == a  # a given root is returned as is
+    with pytest.raises(DataError, match="IEMOCAP_RAW_PROCESSED"):
+        ensure_corpus(a, style="iemocap")
