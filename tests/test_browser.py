@@ -1,0 +1,404 @@
+"""The rendered book as a reader sees it: every page of the smoke-built HTML book in headless Chromium.
+
+With the network blocked (only 127.0.0.1 resolves), each page listed in _toc.yml must load with no
+console error and no request leaving the machine; equations typeset by the book's own MathJax;
+figures of every chapter load and are not blank; tables have rows; widgets render from the state
+papermill saved (DESIGN.md, "Rendering notes"); no traceback is shown; internal links and
+citations point at pages and anchors that exist; chapters carry the "run in JupyterLab" box.
+A full-page screenshot of each page is kept under ``_build/test-artifacts/browser/``.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them) and the ``selenium``
+package. Without them the tests are skipped locally, and fail when ``CI`` is set.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlparse
+
+import pytest
+import yaml
+
+from conftest import NOTEBOOKS, ROOT, _toc_files
+
+ARTIFACTS = ROOT / "_build" / "test-artifacts" / "browser"
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+PAGE_TIMEOUT_S = 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the browser: skip locally, fail in CI
+# ---------------------------------------------------------------------------------------------
+def find_chromium() -> tuple[str | None, str | None, str]:
+    """(chromium, chromedriver, reason) from $CHROMIUM / $CHROMEDRIVER or Debian's packages."""
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
+    missing = [name for name, path in (("chromium", chromium), ("chromedriver", driver)) if not path]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium Python package")
+    reason = ""
+    if missing:
+        reason = (f"{' and '.join(missing)} not installed (apt-get install chromium chromium-driver; "
+                  "pip install -r requirements.txt)")
+    return chromium, driver, reason
+
+
+def require_chromium() -> tuple[str, str]:
+    """Paths of chromium and chromedriver; skip (locally) or fail (CI=true) when they are missing."""
+    chromium, driver, reason = find_chromium()
+    if reason:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI is set but the browser tests cannot run: {reason}")
+        pytest.skip(reason)
+    return chromium, driver
+
+
+CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--disable-default-apps", "--disable-extensions",
+                "--hide-scrollbars", "--window-size=1280,1000",
+                # offline reader: nothing but the local server resolves
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+
+
+def start_chromium(chromium: str, driver: str, profile: Path):
+    """Headless Chromium through Selenium with console and network logs enabled, fresh profile."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROME_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    browser.set_page_load_timeout(PAGE_TIMEOUT_S)
+    return browser
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: the smoke-built book served on 127.0.0.1, one browser for the module
+# ---------------------------------------------------------------------------------------------
+def toc_pages() -> list[tuple[str, bool]]:
+    """(html path relative to the site root, is a notebook) for every file of _toc.yml, in order."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    notebooks = {nb.relative_to(ROOT).with_suffix("").as_posix() for nb in NOTEBOOKS}
+    pages = []
+    for f in _toc_files(toc):
+        stem = str(Path(f).with_suffix("")) if Path(f).suffix in (".md", ".ipynb") else f
+        pages.append((f"{stem}.html", stem in notebooks))
+    return pages
+
+
+PAGES = toc_pages()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def site(request) -> Path:
+    """The HTML book under test: the harness's smoke build, or $NBSUPPORT_BOOK_HTML (e.g. the
+    `make book` output, `NBSUPPORT_BOOK_HTML=_build/html pytest tests/test_browser.py`)."""
+    require_chromium()  # skip before paying for the smoke build when there is no browser
+    given = os.environ.get("NBSUPPORT_BOOK_HTML")
+    if given:
+        path = Path(given).resolve()
+        if not (path / "index.html").is_file():
+            pytest.fail(f"NBSUPPORT_BOOK_HTML={given}: no index.html there (build the book first)")
+        return path
+    return Path(request.getfixturevalue("smoke_book"))
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    """The built book on http://127.0.0.1:<free port>/ (a reader's web server), shut down after."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(_QuietHandler, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium, driver = require_chromium()
+    b = start_chromium(chromium, driver, tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        yield b
+    finally:
+        b.quit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Page loading and inspection
+# ---------------------------------------------------------------------------------------------
+_WAIT_READY_JS = """
+const done = arguments[arguments.length - 1];
+const deadline = Date.now() + arguments[0];
+function widgetsPending() {
+  const views = document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]');
+  if (!views.length) return false;
+  const rendered = document.querySelectorAll('.jupyter-widgets.widget-container, .jupyter-widgets.widget-inline-hbox, .jupyter-widgets.widget-inline-vbox, .jupyter-widgets-output-area, .jupyter-widgets.widget-box, .jupyter-widgets');
+  return rendered.length === 0;
+}
+function imagesPending() {
+  return Array.from(document.images).some(img => !img.complete);
+}
+function tick() {
+  const mj = window.MathJax;
+  const mathReady = !mj || !mj.startup || !mj.startup.promise;
+  const wait = () => (Date.now() > deadline) ? done('timeout') : setTimeout(tick, 100);
+  if (document.readyState !== 'complete' || widgetsPending() || imagesPending()) return wait();
+  if (!mathReady) {
+    mj.startup.promise.then(() => (mj.typesetPromise ? mj.typesetPromise() : null))
+      .then(() => setTimeout(() => done('ok'), 300), () => done('mathjax-failed'));
+    return;
+  }
+  setTimeout(() => done('ok'), 300);
+}
+tick();
+"""
+
+_INSPECT_JS = """
+const main = document.querySelector('main') || document.body;
+function blank(img) {
+  // not blank = the image's pixels are not all (nearly) one colour
+  try {
+    const c = document.createElement('canvas');
+    const w = c.width = Math.min(96, img.naturalWidth), h = c.height = Math.min(96, img.naturalHeight);
+    const ctx = c.getContext('2d');
+    ctx.drawImage(img, 0, 0, w, h);
+    const d = ctx.getImageData(0, 0, w, h).data;
+    let lo = 255, hi = 0;
+    for (let i = 0; i < d.length; i += 4) {
+      if (d[i + 3] < 10) continue;
+      const y = 0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2];
+      lo = Math.min(lo, y); hi = Math.max(hi, y);
+    }
+    return hi - lo < 8;
+  } catch (e) { return 'unreadable: ' + e; }
+}
+const imgs = Array.from(main.querySelectorAll('img')).map(img => ({
+  src: img.currentSrc.slice(0, 120), ok: img.complete && img.naturalWidth > 0,
+  w: img.naturalWidth, h: img.naturalHeight,
+  inOutput: !!img.closest('.cell_output, .output, .jupyter-widgets'),
+  inWidget: !!img.closest('.jupyter-widgets'),
+  blank: (img.complete && img.naturalWidth > 0) ? blank(img) : null}));
+const tables = Array.from(main.querySelectorAll('table')).map(t => ({
+  rows: t.querySelectorAll('tr').length, visible: t.offsetWidth > 0 && t.offsetHeight > 0,
+  inOutput: !!t.closest('.cell_output, .output'),
+  hidden: !!t.closest('details:not([open]), .toggle-hidden, [hidden]')}));
+return {
+  title: document.title,
+  imgs: imgs,
+  tables: tables,
+  mathjax: document.querySelectorAll('mjx-container').length,
+  mathErrors: Array.from(document.querySelectorAll('mjx-merror')).map(e => e.textContent).slice(0, 5),
+  rawMath: Array.from(main.querySelectorAll('.math')).filter(e => !e.querySelector('mjx-container')).length,
+  widgetViews: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
+  widgetRoots: document.querySelectorAll('.jupyter-widgets').length,
+  sliders: document.querySelectorAll('.widget-slider, .widget-hslider, .jupyter-widget-slider').length,
+  errorOutputs: main.querySelectorAll('.output.error, .output.traceback, [data-mime-type="application/vnd.jupyter.error"]').length,
+  text: main.innerText,
+  links: Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href')),
+  citations: Array.from(main.querySelectorAll('a[href*="bibliography"], span.citation a, a.reference.internal[href*="#id"]'))
+    .map(a => a.getAttribute('href')),
+  openLocally: !!main.querySelector('.nbsupport-open-locally'),
+};
+"""
+
+
+def _drain_logs(browser):
+    for kind in ("browser", "performance"):
+        browser.get_log(kind)
+
+
+def _network_problems(perf_log) -> list[str]:
+    """Requests that left the machine, failed, or got an HTTP error, from Chromium's performance log."""
+    urls, problems = {}, []
+    for entry in perf_log:
+        msg = json.loads(entry["message"])["message"]
+        params = msg.get("params", {})
+        if msg["method"] == "Network.requestWillBeSent":
+            url = params["request"]["url"]
+            urls[params["requestId"]] = url
+            parsed = urlparse(url)
+            if parsed.scheme in ("http", "https", "ws", "wss") and parsed.hostname not in LOCAL_HOSTS:
+                problems.append(f"request to the network: {url}")
+        elif msg["method"] == "Network.responseReceived":
+            status = params["response"].get("status", 0)
+            if status >= 400:
+                problems.append(f"HTTP {status}: {params['response']['url']}")
+        elif msg["method"] == "Network.loadingFailed":
+            url = urls.get(params["requestId"])
+            if url and not params.get("canceled"):
+                problems.append(f"failed ({params.get('errorText')}): {url}")
+    return problems
+
+
+def open_page(browser, url: str) -> tuple[dict, list[str], list[str], str]:
+    """Load ``url`` and wait until images, MathJax and widgets are done; return
+    (inspection, console errors, network problems, readiness)."""
+    _drain_logs(browser)
+    browser.get(url)
+    browser.set_script_timeout(PAGE_TIMEOUT_S + 5)
+    ready = browser.execute_async_script(_WAIT_READY_JS, PAGE_TIMEOUT_S * 1000)
+    info = browser.execute_script(_INSPECT_JS)
+    console = [f"{e['level']}: {e['message']}" for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    network = _network_problems(browser.get_log("performance"))
+    return info, console, network, ready
+
+
+def full_page_screenshot(browser, path: Path) -> None:
+    """PNG of the whole page (not only the viewport): the window is made as tall as the page."""
+    metrics = browser.execute_cdp_cmd("Page.getLayoutMetrics", {})
+    size = metrics.get("cssContentSize") or metrics["contentSize"]
+    height = max(600, min(int(size["height"]), 16000))
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    tmp.write_bytes(base64.b64decode(shot["data"]))
+    os.replace(tmp, path)
+
+
+def broken_internal_links(site: Path, page: str, hrefs: list[str]) -> list[str]:
+    """Links of ``page`` that point inside the book at a missing file or a missing anchor."""
+    base = f"http://book.invalid/{page}"
+    broken, cache = [], {}
+    for href in hrefs:
+        if href.startswith(("mailto:", "javascript:")):
+            continue
+        target = urlparse(urljoin(base, href))
+        if target.netloc != "book.invalid":
+            continue  # external link: not followed (no network), only its absence of requests is checked
+        path = unquote(target.path.lstrip("/")) or "index.html"
+        file = site / path
+        if file.is_dir():
+            file = file / "index.html"
+        if not file.is_file():
+            broken.append(f"{href} -> missing {path}")
+            continue
+        if target.fragment and file.suffix == ".html":
+            html = cache.setdefault(file, file.read_text(errors="replace"))
+            if not re.search(r'id="%s"' % re.escape(unquote(target.fragment)), html):
+                broken.append(f"{href} -> no anchor #{target.fragment} in {path}")
+    return broken
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page,is_notebook", PAGES, ids=[p for p, _ in PAGES])
+def test_page_renders_offline(page, is_notebook, site, server, browser):
+    assert (site / page).is_file(), f"{page} (listed in _toc.yml) is missing from the built book"
+    info, console, network, ready = open_page(browser, server + page)
+    full_page_screenshot(browser, ARTIFACTS / (page.replace("/", "__").removesuffix(".html") + ".png"))
+    problems = []
+    if ready != "ok":
+        problems.append(f"page not ready after {PAGE_TIMEOUT_S} s ({ready})")
+    problems += [f"console {c}" for c in console]
+    problems += network
+    # no traceback or error output
+    if info["errorOutputs"] or "Traceback (most recent call last)" in info["text"]:
+        problems.append("an error/traceback output is shown")
+    # math: typeset by the local MathJax, no TeX errors, no raw $...$ left
+    if info["mathErrors"]:
+        problems.append(f"MathJax errors: {info['mathErrors']}")
+    if info["rawMath"]:
+        problems.append(f"{info['rawMath']} math element(s) not typeset (MathJax did not run)")
+    # figures: every image loads and is not blank; chapters show at least one output figure
+    for img in info["imgs"]:
+        if not img["ok"]:
+            problems.append(f"image does not load: {img['src']}")
+        elif img["inOutput"] and img["blank"]:
+            problems.append(f"figure is blank ({img['blank']}): {img['src']}")
+    if is_notebook:
+        figures = [i for i in info["imgs"] if i["inOutput"] and i["ok"] and i["w"] >= 100 and i["h"] >= 100]
+        if not figures:
+            problems.append("chapter shows no figure")
+        if not info["openLocally"]:
+            problems.append('no "run this chapter in JupyterLab" box')
+    # tables render with rows
+    for t in info["tables"]:
+        if t["rows"] == 0 or (not t["visible"] and not t["hidden"]):
+            problems.append(f"table not rendered: {t}")
+    # widgets render from their saved state
+    if info["widgetViews"]:
+        if info["widgetRoots"] < info["widgetViews"]:
+            problems.append(f"{info['widgetViews']} saved widget view(s) but {info['widgetRoots']} rendered")
+        widget_imgs = [i for i in info["imgs"] if i["inWidget"]]
+        if any(not i["ok"] for i in widget_imgs):
+            problems.append("an image inside a widget does not load")
+    # internal links and citations resolve
+    problems += [f"broken link {b}" for b in broken_internal_links(site, page, info["links"])]
+    if re.search(r"\{cite[:pt]*\}`", info["text"]):
+        problems.append("an unresolved citation/reference is shown")
+    assert not problems, f"{page}:\n  " + "\n  ".join(problems)
+
+
+def test_notebook_widgets_and_sliders_render(site, server, browser):
+    """The chapters whose executed notebook saved widget state show live widget DOM (sliders)."""
+    with_widgets = []
+    for page, is_nb in PAGES:
+        html = (site / page).read_text(errors="replace") if (site / page).is_file() else ""
+        if is_nb and "application/vnd.jupyter.widget-view+json" in html:
+            with_widgets.append(page)
+    if not with_widgets:
+        pytest.skip("no chapter of this build saved widget state")
+    for page in with_widgets:
+        info, console, network, ready = open_page(browser, server + page)
+        assert info["sliders"] > 0, f"{page}: saved widgets but no slider rendered"
+        assert not console, f"{page}: console errors while rendering widgets: {console}"
+
+
+def test_bibliography_lists_the_papers(site, server, browser):
+    page = next((p for p, _ in PAGES if p.endswith("bibliography.html")), None)
+    if page is None:
+        pytest.fail("_toc.yml has no bibliography page (book/bibliography.md)")
+    info, console, network, ready = open_page(browser, server + page)
+    text = info["text"]
+    for author, year in [("Delbrouck", "2020"), ("Dai", "2021"), ("Bahdanau", "2015"), ("Vaswani", "2017"),
+                         ("Tsai", "2019"), ("Zadeh", "2018"), ("Busso", "2008")]:
+        assert re.search(rf"{author}.*{year}", text, re.S), f"bibliography lacks {author} {year}"
+
+
+def test_book_opens_from_disk_without_a_server(site, tmp_path_factory):
+    """An offline reader opening _build/html/... from disk (file://) sees equations and widgets too."""
+    chromium, driver = require_chromium()
+    page = next((p for p, is_nb in PAGES if is_nb), None)
+    if page is None:
+        pytest.skip("no chapter notebook in _toc.yml")
+    b = start_chromium(chromium, driver, tmp_path_factory.mktemp("chromium-file-profile"))
+    try:
+        info, console, network, ready = open_page(b, (site / page).resolve().as_uri())
+    finally:
+        b.quit()
+    assert ready == "ok" and not console, f"file:// {page}: {ready} {console}"
+    assert not [n for n in network if "request to the network" in n], network
+    assert info["mathjax"] > 0 or not info["rawMath"]
+    if info["widgetViews"]:
+        assert info["widgetRoots"] >= info["widgetViews"]
