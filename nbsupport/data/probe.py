@@ -45,6 +45,10 @@ def run_probes(root, dataset: str = "mosei", modalities=("L", "A", "V", "LAV"), 
         P = {s: np.zeros_like(feats[s]["y"]) for s in ("valid", "test")}
         for j in range(feats["train"]["y"].shape[1]):
             yj = feats["train"]["y"][:, j]
+            if yj.min() == yj.max():  # a tiny corpus may lack an emotion in train: predict the constant
+                for s in P:
+                    P[s][:, j] = yj[0]
+                continue
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, class_weight="balanced",
                                                                      random_state=seed))
             clf.fit(X["train"], yj)
@@ -52,6 +56,6 @@ def run_probes(root, dataset: str = "mosei", modalities=("L", "A", "V", "LAV"), 
                 P[s][:, j] = clf.predict_proba(X[s])[:, 1]
         th = best_thresholds(feats["valid"]["y"], P["valid"])
         m = emotion_metrics(P["test"], feats["test"]["y"], th, probs=True)
-        rows.append({"model": "probe-logreg", "modalities": mods, "wacc": m["wacc"], "acc": m["acc"], "f1": m["f1"],
-                     "auc": m["auc"], "n_train": int(len(X["train"])), "n_test": int(len(X["test"]))})
+        clean = {k: (None if not np.isfinite(m[k]) else float(m[k])) for k in ("wacc", "acc", "f1", "auc")}
+        rows.append({"model": "probe-logreg", "modalities": mods, **clean, "n_train": int(len(X["train"])), "n_test": int(len(X["test"]))})
     return rows
