@@ -90,7 +90,8 @@ def init_from_env(backend: str = "auto", device: str = "auto", timeout_s: float 
 
     ``backend="auto"`` is NCCL when this rank runs on CUDA and gloo on CPU; ``device="auto"`` is the
     GPU ``LOCAL_RANK`` when CUDA is present, else the CPU. Without ``WORLD_SIZE`` (a plain ``python``
-    or notebook run) nothing is initialised and a single-process :class:`DistInfo` is returned.
+    or notebook run) nothing is initialised and a single-process :class:`DistInfo` is returned; under
+    torchrun the group is joined even with one process, so one code path serves 1 and N ranks.
     Calling it again after initialisation returns the current state.
     """
     if device not in ("auto", "cpu", "cuda"):
@@ -116,7 +117,8 @@ def init_from_env(backend: str = "auto", device: str = "auto", timeout_s: float 
         backend = "nccl" if use_cuda else "gloo"
     if backend == "nccl" and not use_cuda:
         raise ValueError("nbsupport.distributed.init_from_env: backend 'nccl' needs CUDA; use 'gloo' on CPU")
-    if world > 1 and not is_distributed():
+    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun sets both, even for 1 process
+    if (world > 1 or under_launcher) and not is_distributed():
         torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if not is_distributed():
         return DistInfo(0, 1, 0, dev, None)

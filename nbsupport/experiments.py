@@ -536,7 +536,8 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
         bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"sweep {notebook.name}",
                    unit="point", disable=not progress)
         failed = 0
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
             futures = {pool.submit(task, p): p for p in todo}
             for fut in as_completed(futures):
                 r = fut.result()
@@ -544,7 +545,9 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
                 failed += r.status == "FAILED"
                 bar.update(1)
                 bar.set_postfix(failed=failed)
-        bar.close()
+        finally:  # Ctrl-C: points not started are dropped; running ones finish (or die with us)
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
         with contextlib.suppress(OSError):
             (out / PARTIAL).rmdir()  # only when empty
     return [results[p.name] for p in points]

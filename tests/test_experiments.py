@@ -260,3 +260,31 @@ def test_resume_after_kill_9_runs_every_point_once(toy_nb, tmp_path):
         assert json.loads((folder / "metrics.json").read_text())["parameters"]["x"] == x
     df = ex.collect(out)
     assert sorted(df["x"].unique()) == [1, 2, 3] and len(df) == 6
+
+
+def test_chapter_helpers(tmp_path, monkeypatch):
+    from nbsupport.notebook import ParameterError
+
+    assert ex.shrink_grid({"top_p": [0.3, 0.5, 0.7, 1.0], "modalities": ["LAV", "LA"]}) == \
+        {"top_p": [0.3, 1.0], "modalities": ["LAV"]}
+    assert ex.shrink_grid({"a": [1]}) == {"a": [1]} and ex.shrink_grid({}) == {}
+    assert ex.GridRule()("grid", {"top_p": (0.5,)}) == {"top_p": [0.5]}
+    with pytest.raises(ParameterError, match="'grid'.*non-empty list"):
+        ex.GridRule()("grid", {"top_p": []})
+    with pytest.raises(ParameterError, match="'fixed'"):
+        ex.ParamsRule()("fixed", ["smoke"])
+    # the printed shell command parses back (through the real argparse parser) to the same sweep
+    params, grid = {"smoke": True, "name": "LA", "lr": 0.5}, {"top_p": [0.3, 1.0], "modalities": ["LAV", "LA"]}
+    import shlex
+
+    argv = shlex.split(ex.command_line("nb.ipynb", "out dir", params, grid, workers=2))[3:]
+    a = ex._build_parser().parse_args(argv)
+    assert a.out == "out dir" and a.workers == 2
+    assert {k: ex.parse_value(v) for k, v in a.parameter} == params
+    assert dict(ex.parse_grid_option(g) for g in a.grid) == grid
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "book").mkdir()
+    make_notebook(tmp_path / "book" / "toy.ipynb")
+    assert ex.find_notebook("toy.ipynb") == (tmp_path / "book" / "toy.ipynb").resolve()
+    with pytest.raises(ex.SweepError, match="'nope.ipynb' not found"):
+        ex.find_notebook("nope.ipynb")
