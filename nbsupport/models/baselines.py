@@ -1,0 +1,437 @@
+"""Two-phase baselines on hand-crafted features: LF-LSTM, LF-Transformer and MulT (Chapter 7).
+
+MESM's first claim (Dai, Cahyawijaya et al., NAACL 2021, Sec. 1 and Table 2) is that learning from
+raw inputs end-to-end beats the *two-phase* pipeline: features are extracted first by fixed tools
+(word vectors, MFCC/prosody statistics, facial geometry/HOG; ``nbsupport.data.handcrafted_dataset``)
+and only then a model is trained on them. The paper compares against three such models:
+
+* **LF-LSTM** (late-fusion LSTM): one bidirectional LSTM per modality over its feature sequence, the
+  final forward/backward states concatenated across modalities, then an MLP (:class:`LFLSTM`);
+* **LF-Transformer**: one transformer encoder per modality, pooled, concatenated (:class:`LFTransformer`);
+* **MulT** (Tsai et al., "Multimodal Transformer for Unaligned Multimodal Language Sequences", ACL
+  2019): for every *target* modality, crossmodal transformers in which each *other* modality provides
+  the keys and values, then a self-attention transformer over the concatenated crossmodal outputs,
+  and a linear head over the concatenation of all targets (:class:`MulT`, :class:`CrossmodalBlock`).
+
+All three read the ``collate_umons`` batch keys (``text``/``audio``/``video`` (B, L, D) with boolean
+masks ``*_mask`` True = real) and return logits (B, n_outputs); any subset of "LAV" works, and
+padding never changes the output (LSTMs run on packed sequences, attention masks padded keys, pooling
+is masked). Inputs are standardised with per-feature mean/std measured on the training split
+(:meth:`fit_input_stats`), because raw MFCCs (~-300) and geometry ratios (~0.1) differ in scale by
+orders of magnitude.
+
+Chapter 7 also uses :func:`train_and_test` (the same trainer, thresholds and metrics for every model,
+FE2E/MESM included) and :func:`model_macs` (MACs per utterance, for the table's compute column).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from nbsupport.attention import MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock, key_padding_mask
+from nbsupport.models.umons import MODALITY_KEYS
+
+__all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "build_baseline",
+           "sinusoidal_positions", "masked_mean", "input_dims_from", "handcrafted_loaders", "train_and_test",
+           "model_macs", "emotion_table"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Small shared pieces
+# ------------------------------------------------------------------------------------------------
+def input_dims_from(batch: Mapping[str, torch.Tensor]) -> dict:
+    """Feature sizes of a hand-crafted batch, e.g. {"L": 384, "A": 33, "V": 356} (read from the data)."""
+    return {m: int(batch[k].shape[-1]) for m, k in MODALITY_KEYS.items() if k in batch}
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over time of the real positions only: x (B, L, D), mask (B, L) True = real -> (B, D).
+
+    A sequence with no real position gives the zero vector."""
+    m = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
+    x = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x))  # garbage (even inf/NaN) in padding -> 0
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    """Sinusoidal position encodings (Vaswani et al. 2017, Sec. 3.5), (length, dim); used by MulT too."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    i = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+    angle = pos / torch.pow(10000.0, i / dim)  # (L, ceil(dim/2))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return pe
+
+
+def _check_modalities(name: str, modalities: str, input_dims: Mapping[str, int]) -> str:
+    if not isinstance(modalities, str) or not modalities or set(modalities) - set("LAV") \
+            or len(set(modalities)) != len(modalities):
+        raise ValueError(f"{name}: parameter 'modalities' must be distinct letters from 'LAV', got {modalities!r}")
+    missing = [m for m in modalities if m not in input_dims]
+    if missing:
+        raise ValueError(f"{name}: parameter 'input_dims' has no size for modality {', '.join(missing)} "
+                         f"(expected e.g. {{'L': 384, 'A': 33, 'V': 356}}, got {dict(input_dims)})")
+    return "".join(m for m in "LAV" if m in modalities)
+
+
+class _LateFusionBase(nn.Module):
+    """Shared plumbing of the Chapter 7 baselines: modality subset, input standardisation, batch checks."""
+
+    def __init__(self, modalities: str, input_dims: Mapping[str, int]):
+        super().__init__()
+        self.modalities = _check_modalities(type(self).__name__, modalities, input_dims)
+        self.input_dims = {m: int(input_dims[m]) for m in self.modalities}
+        for m in self.modalities:  # per-feature standardisation, measured on the training split
+            self.register_buffer(f"mean_{m}", torch.zeros(self.input_dims[m]))
+            self.register_buffer(f"std_{m}", torch.ones(self.input_dims[m]))
+
+    @torch.no_grad()
+    def fit_input_stats(self, loader: Iterable) -> "_LateFusionBase":
+        """Set each modality's per-feature mean/std from the real (unpadded) positions of ``loader``'s
+        batches (the training split). Two-phase pipelines standardise their features like this."""
+        sums = {m: torch.zeros(self.input_dims[m], dtype=torch.float64) for m in self.modalities}
+        sq = {m: torch.zeros_like(sums[m]) for m in self.modalities}
+        count = {m: 0 for m in self.modalities}
+        for batch in loader:
+            for m in self.modalities:
+                x, mask = self._raw(batch, m)
+                real = x[mask.cpu()].double().cpu() if x.is_cuda else x[mask].double()  # (N_real, D)
+                sums[m] += real.sum(0)
+                sq[m] += (real ** 2).sum(0)
+                count[m] += real.shape[0]
+        for m in self.modalities:
+            if count[m] == 0:
+                raise ValueError(f"{type(self).__name__}.fit_input_stats: no real position of modality {m} in the loader")
+            mean = sums[m] / count[m]
+            std = (sq[m] / count[m] - mean ** 2).clamp(min=0).sqrt()
+            getattr(self, f"mean_{m}").copy_(mean.float())
+            getattr(self, f"std_{m}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).float())
+        return self
+
+    def _raw(self, batch: Mapping[str, torch.Tensor], m: str):
+        key = MODALITY_KEYS[m]
+        if key not in batch or f"{key}_mask" not in batch:
+            raise KeyError(f"{type(self).__name__}: modality '{m}' needs batch keys '{key}' and '{key}_mask' "
+                           f"(collate_umons output); batch has {sorted(batch)}")
+        x, mask = batch[key], batch[f"{key}_mask"].bool()
+        if x.dim() != 3 or x.shape[-1] != self.input_dims[m]:
+            raise ValueError(f"{type(self).__name__}: batch['{key}'] must be (B, L, {self.input_dims[m]}), "
+                             f"got {tuple(x.shape)}")
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"{type(self).__name__}: batch['{key}_mask'] must be {tuple(x.shape[:2])}, "
+                             f"got {tuple(mask.shape)}")
+        return x, mask
+
+    def _inputs(self, batch: Mapping[str, torch.Tensor], m: str):
+        """Standardised features with padding set to 0 (garbage, even NaN, cannot leak): (B, L, D), mask (B, L)."""
+        x, mask = self._raw(batch, m)
+        x = (x.float() - getattr(self, f"mean_{m}")) / getattr(self, f"std_{m}")
+        return torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x)), mask
+
+
+def _fusion_head(in_dim: int, hidden: int, n_outputs: int, dropout: float) -> nn.Sequential:
+    """Late-fusion classifier over the concatenated modality vectors: MLP with one hidden layer."""
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, n_outputs))
+
+
+# ------------------------------------------------------------------------------------------------
+# LF-LSTM
+# ------------------------------------------------------------------------------------------------
+class LFLSTM(_LateFusionBase):
+    """LF-LSTM (the late-fusion LSTM baseline of MESM's Table 2; Chapter 7).
+
+    Per modality m: a bidirectional LSTM over the feature sequence, run on a *packed* sequence of the
+    real positions only; the modality vector is ``[h_fwd(T_m); h_bwd(1)]`` of the last layer, (B, 2H).
+    Late fusion: concatenation over modalities, then an MLP to ``n_outputs`` logits.
+    ``model(batch) -> (B, n_outputs)``. Masks must be prefix masks (real positions first), as
+    ``collate_umons`` makes them.
+    """
+
+    def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None, n_outputs: int = 6, *,
+                 hidden: int = 64, layers: int = 1, dropout: float = 0.1):
+        super().__init__(modalities, input_dims or {})
+        self.hidden = hidden
+        self.lstms = nn.ModuleDict({m: nn.LSTM(self.input_dims[m], hidden, num_layers=layers, batch_first=True,
+                                               bidirectional=True, dropout=dropout if layers > 1 else 0.0)
+                                    for m in self.modalities})
+        self.head = _fusion_head(2 * hidden * len(self.modalities), hidden, n_outputs, dropout)
+
+    def encode(self, batch: Mapping[str, torch.Tensor], m: str) -> torch.Tensor:
+        """Final forward and backward states of modality ``m``'s biLSTM, (B, 2 * hidden)."""
+        x, mask = self._inputs(batch, m)
+        lengths = mask.sum(1)
+        if not torch.equal(mask, key_padding_mask(lengths, mask.shape[1])):
+            raise ValueError(f"LFLSTM: batch['{MODALITY_KEYS[m]}_mask'] must be a prefix mask (real positions "
+                             "first, then padding), as collate_umons makes it")
+        # an empty sequence reads one zero vector (padding was zeroed) instead of failing in pack
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstms[m](packed)  # h_n (layers * 2, B, H), in the original batch order
+        return torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        fused = torch.cat([self.encode(batch, m) for m in self.modalities], dim=-1)  # (B, M * 2H)
+        return self.head(fused)
+
+
+# ------------------------------------------------------------------------------------------------
+# LF-Transformer
+# ------------------------------------------------------------------------------------------------
+class LFTransformer(_LateFusionBase):
+    """LF-Transformer (late-fusion transformer baseline of MESM's Table 2; Chapter 7).
+
+    Per modality m: a linear map to ``dim``, sinusoidal positions (Vaswani et al. 2017, Sec. 3.5),
+    ``layers`` :class:`nbsupport.attention.TransformerEncoderBlock` with the padding mask, and masked
+    mean pooling over the real positions, (B, dim). Late fusion: concatenation, then an MLP.
+    """
+
+    def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None, n_outputs: int = 6, *,
+                 dim: int = 64, layers: int = 2, heads: int = 4, ff_size: int | None = None, dropout: float = 0.1):
+        super().__init__(modalities, input_dims or {})
+        self.dim = dim
+        self.proj = nn.ModuleDict({m: nn.Linear(self.input_dims[m], dim) for m in self.modalities})
+        self.encoders = nn.ModuleDict({m: nn.ModuleList([TransformerEncoderBlock(dim, heads, ff_size or 2 * dim, dropout)
+                                                         for _ in range(layers)]) for m in self.modalities})
+        self.head = _fusion_head(dim * len(self.modalities), dim, n_outputs, dropout)
+
+    def encode(self, batch: Mapping[str, torch.Tensor], m: str) -> torch.Tensor:
+        """Masked mean of modality ``m``'s transformer outputs, (B, dim)."""
+        x, mask = self._inputs(batch, m)
+        h = self.proj[m](x) + sinusoidal_positions(x.shape[1], self.dim, x.device)  # (B, L, dim)
+        for block in self.encoders[m]:
+            h = block(h, mask)
+        return masked_mean(h, mask)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(torch.cat([self.encode(batch, m) for m in self.modalities], dim=-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# MulT
+# ------------------------------------------------------------------------------------------------
+class CrossmodalBlock(nn.Module):
+    """One crossmodal attention layer of MulT (Tsai et al. 2019, Sec. 3.2, eq. 4), pre-LayerNorm form:
+
+    ``Z^ = Z + MHA(LN_q(Z), LN_kv(S), LN_kv(S))`` -- target sequence Z (queries) attends to the source
+    modality S (keys/values), masked on S's padding; ``Z' = Z^ + FF(LN_ff(Z^))``.
+    With ``source=None`` it is a self-attention layer (the source is Z itself, LN_q used for both),
+    the form of MulT's self-attention transformers.
+    """
+
+    def __init__(self, dim: int, heads: int, ff_size: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.attention = MultiHeadAttention(dim, heads, dropout)
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = PositionwiseFeedForward(dim, ff_size or 4 * dim, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, target, target_mask=None, source=None, source_mask=None):
+        """target (B, Lt, dim); source (B, Ls, dim) or None (self-attention); masks (B, L) True = real.
+        Returns (B, Lt, dim); padded target rows are computed but never read by :class:`MulT`."""
+        q = self.norm_q(target)
+        if source is None:
+            kv, kv_mask = q, target_mask
+        else:
+            kv, kv_mask = self.norm_kv(source), source_mask
+        z = target + self.dropout(self.attention(q, kv, kv, kv_mask))
+        return z + self.dropout(self.ff(self.norm_ff(z)))
+
+
+class MulT(_LateFusionBase):
+    """MulT-style crossmodal transformer (Tsai et al. 2019; MESM's strongest two-phase baseline, Ch. 7).
+
+    1. Each modality is projected to ``dim`` (MulT's temporal Conv1d with kernel 1 = a linear map, so
+       padding cannot leak into real positions) and gets sinusoidal positions.
+    2. For each target modality b and each other modality a, a crossmodal transformer a -> b of
+       ``cross_layers`` :class:`CrossmodalBlock` (queries from b, keys/values from a's low-level
+       features, a's padding masked), then a final LayerNorm.
+    3. The crossmodal outputs of target b are concatenated on the feature axis, (B, L_b, (M-1) * dim),
+       and go through ``self_layers`` self-attention blocks (MulT's Sec. 3.3); with a single modality
+       the self-attention runs on its own projection.
+    4. Each target sequence is pooled by a masked mean over its real positions (MulT reads the last
+       element; with padding at the end, the mean is the padding-safe choice), the targets are
+       concatenated, and MulT's residual MLP ``h + W2 ReLU(W1 h)`` and a linear layer give the logits.
+    """
+
+    def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None, n_outputs: int = 6, *,
+                 dim: int = 32, heads: int = 4, cross_layers: int = 2, self_layers: int = 1,
+                 ff_size: int | None = None, dropout: float = 0.1):
+        super().__init__(modalities, input_dims or {})
+        self.dim = dim
+        n_src = max(len(self.modalities) - 1, 1)
+        tdim = dim * n_src
+        if tdim % heads:
+            raise ValueError(f"MulT: (number of modalities - 1) * dim = {tdim} must be divisible by heads={heads}")
+        self.proj = nn.ModuleDict({m: nn.Linear(self.input_dims[m], dim) for m in self.modalities})
+        self.cross = nn.ModuleDict({f"{a}2{b}": nn.ModuleList([CrossmodalBlock(dim, heads, ff_size, dropout)
+                                                               for _ in range(cross_layers)])
+                                    for b in self.modalities for a in self.modalities if a != b})
+        self.cross_norm = nn.ModuleDict({k: nn.LayerNorm(dim) for k in self.cross})
+        self.self_attn = nn.ModuleDict({b: nn.ModuleList([CrossmodalBlock(tdim, heads, ff_size, dropout)
+                                                          for _ in range(self_layers)]) for b in self.modalities})
+        self.self_norm = nn.ModuleDict({b: nn.LayerNorm(tdim) for b in self.modalities})
+        out_dim = tdim * len(self.modalities)
+        self.proj1, self.proj2 = nn.Linear(out_dim, out_dim), nn.Linear(out_dim, out_dim)
+        self.out = nn.Linear(out_dim, n_outputs)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        seqs = {}
+        for m in self.modalities:
+            x, mask = self._inputs(batch, m)
+            seqs[m] = (self.proj[m](x) + sinusoidal_positions(x.shape[1], self.dim, x.device), mask)  # (B, L_m, dim)
+        pooled = []
+        for b in self.modalities:
+            zb, mb = seqs[b]
+            parts = []
+            for a in self.modalities:
+                if a == b:
+                    continue
+                za, ma = seqs[a]
+                z = zb
+                for block in self.cross[f"{a}2{b}"]:
+                    z = block(z, mb, za, ma)  # queries from b, keys/values from a's low-level features
+                parts.append(self.cross_norm[f"{a}2{b}"](z))
+            h = torch.cat(parts, dim=-1) if parts else zb  # (B, L_b, (M-1) * dim)
+            for block in self.self_attn[b]:
+                h = block(h, mb)
+            pooled.append(masked_mean(self.self_norm[b](h), mb))  # (B, (M-1) * dim)
+        h = torch.cat(pooled, dim=-1)  # (B, M * (M-1) * dim)
+        h = h + self.proj2(self.dropout(torch.relu(self.proj1(h))))
+        return self.out(h)
+
+
+#: Chapter 7's baseline names (metrics.json ``model`` field) -> classes.
+BASELINES = {"LF-LSTM": LFLSTM, "LF-Transformer": LFTransformer, "MulT": MulT}
+
+
+def build_baseline(name: str, modalities: str, input_dims: Mapping[str, int], n_outputs: int = 6, **sizes) -> nn.Module:
+    """Build one of :data:`BASELINES` by its table name ("LF-LSTM", "LF-Transformer", "MulT")."""
+    if name not in BASELINES:
+        raise ValueError(f"build_baseline: parameter 'name' must be one of {', '.join(BASELINES)}, got {name!r}")
+    return BASELINES[name](modalities, input_dims, n_outputs, **sizes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter plumbing: loaders, one training protocol for every model, MACs, the paper-style table
+# ------------------------------------------------------------------------------------------------
+def handcrafted_loaders(root, *, dataset: str = "mosei", batch_size: int = 16, seed: int = 0, progress: bool = True):
+    """Train/valid/test hand-crafted feature datasets (cached on disk) and seeded loaders (Chapter 7).
+
+    Returns ``(datasets, loaders)`` keyed by split; batches are ``collate_umons`` dicts."""
+    from nbsupport.data import collate_umons, handcrafted_dataset
+    from nbsupport.train import make_loader
+
+    sets = {s: handcrafted_dataset(root, dataset, s) for s in ("train", "valid", "test")}
+    for ds in sets.values():
+        ds.precompute(progress=progress)
+    loaders = {s: make_loader(ds, batch_size=batch_size, shuffle=(s == "train"), seed=seed, collate_fn=collate_umons)
+               for s, ds in sets.items()}
+    return sets, loaders
+
+
+def train_and_test(model: nn.Module, loaders: Mapping[str, Iterable], *, name: str, modalities: str, epochs: int,
+                   lr: float, device="auto", seed: int = 0, progress: bool = True) -> tuple[dict, object]:
+    """Chapter 7's single protocol for every model (baselines, FE2E, MESM): :func:`nbsupport.train.fit`
+    (BCE with pos_weight, best epoch on validation WAcc, per-emotion thresholds chosen on validation by
+    F1; Dai et al. 2021, Sec. 4.3), then the test split with those thresholds.
+
+    Returns ``(row, fit_result)``; ``row`` has ``model``, ``modalities``, ``wacc``, ``acc``, ``f1``,
+    ``auc``, per-emotion ``acc_<k>``/``wacc_<k>``/``f1_<k>``, ``n_params``, ``epochs``, ``best_epoch``
+    and ``seconds`` (training wall time)."""
+    from nbsupport import train
+
+    t0 = time.perf_counter()
+    res = train.fit(model, loaders["train"], loaders["valid"], task="emotion", epochs=epochs, lr=lr, device=device,
+                    seed=seed, thresholds="validation", progress=progress, desc=name)
+    seconds = time.perf_counter() - t0
+    test = train.evaluate(res.model, loaders["test"], task="emotion", device=device, thresholds=res.thresholds)
+    row = {"model": name, "modalities": modalities, **{k: float(v) for k, v in test.items()},
+           "n_params": res.n_params, "epochs": epochs, "best_epoch": res.best_epoch, "seconds": round(seconds, 2)}
+    return row, res
+
+
+def _lstm_macs(lstm: nn.LSTM, steps: int) -> int:
+    """MACs of an LSTM over ``steps`` real time steps: per step and direction 4 gates of
+    ``H * (I + H)`` (input and recurrent matrix-vector products)."""
+    dirs = 2 if lstm.bidirectional else 1
+    total = 0
+    for layer in range(lstm.num_layers):
+        in_size = lstm.input_size if layer == 0 else lstm.hidden_size * dirs
+        total += steps * dirs * 4 * lstm.hidden_size * (in_size + lstm.hidden_size)
+    return total
+
+
+@torch.no_grad()
+def model_macs(model: nn.Module, items: Iterable[Mapping], collate, *, device="cpu") -> float:
+    """Mean MACs per utterance of a whole baseline model, run one utterance at a time (no padding):
+    linear layers through :class:`nbsupport.flops.MacCounter`, LSTMs by the gate formula, and the two
+    attention matmuls ``QK^T`` and ``AV`` (``2 * Q * K * dim``) of every :class:`MultiHeadAttention`
+    (Chapter 7's compute column for the two-phase models; hand-crafted extraction is not counted)."""
+    from nbsupport import flops
+
+    extra = []
+
+    def lstm_hook(mod, inputs, output):
+        data = inputs[0]
+        steps = data.data.shape[0] if hasattr(data, "batch_sizes") else data.shape[0] * data.shape[1]
+        extra.append(_lstm_macs(mod, steps))
+
+    def attn_hook(mod, inputs, output):
+        q, k = inputs[0], inputs[1]
+        extra.append(2 * q.shape[0] * q.shape[1] * k.shape[1] * mod.dim)
+
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, nn.LSTM):
+            handles.append(mod.register_forward_hook(lstm_hook))
+        elif isinstance(mod, MultiHeadAttention):
+            handles.append(mod.register_forward_hook(attn_hook))
+    was_training = model.training
+    model.eval()
+    total, n = 0, 0
+    try:
+        with flops.MacCounter(model) as mc:
+            for item in items:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([item]).items()}
+                model(batch)
+                n += 1
+        total = mc.total + sum(extra)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("model_macs: parameter 'items' yielded no utterance")
+    return total / n
+
+
+def emotion_table(rows: Iterable[Mapping], emotions: list[str]):
+    """The paper's main-table layout (Dai et al. 2021, Table 2) from metric rows: one row per model,
+    per-emotion ``Acc``/``WAcc``/``F1`` columns (in %), their averages, parameters and MACs."""
+    import pandas as pd
+
+    out = []
+    for r in rows:
+        line = {"model": r["model"]}
+        for k, emo in enumerate(emotions):
+            line[(emo, "Acc")] = 100 * r[f"acc_{k}"]
+            line[(emo, "WAcc")] = 100 * r[f"wacc_{k}"]
+            line[(emo, "F1")] = 100 * r[f"f1_{k}"]
+        line[("Average", "Acc")] = 100 * r["acc"]
+        line[("Average", "WAcc")] = 100 * r["wacc"]
+        line[("Average", "F1")] = 100 * r["f1"]
+        line[("", "#params (M)")] = r["n_params"] / 1e6
+        line[("", "MACs (M)")] = r["macs"] / 1e6 if r.get("macs") is not None else float("nan")
+        out.append(line)
+    df = pd.DataFrame(out).set_index("model")
+    df.columns = pd.MultiIndex.from_tuples(df.columns)
+    return df

@@ -1,0 +1,187 @@
+"""Tests of the Chapter 7 two-phase baselines (nbsupport.models.baselines) against independent references."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbsupport.models import baselines as bl
+
+DIMS = {"L": 12, "A": 7, "V": 9}
+KEYS = {"L": "text", "A": "audio", "V": "video"}
+SMALL = {"LF-LSTM": dict(hidden=8), "LF-Transformer": dict(dim=8, layers=1, heads=2),
+         "MulT": dict(dim=8, heads=2, cross_layers=1, self_layers=1)}
+
+
+def make_batch(b=4, lengths=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or {"L": [5, 3, 1, 4][:b], "A": [6, 2, 4, 5][:b], "V": [3, 3, 2, 1][:b]}
+    batch = {"emotion": (torch.rand(b, 6, generator=g) > 0.5).float(), "sentiment": torch.zeros(b)}
+    for m, key in KEYS.items():
+        n = max(lengths[m])
+        mask = torch.arange(n)[None, :] < torch.tensor(lengths[m])[:, None]
+        x = torch.randn(b, n, DIMS[m], generator=g) * 3 + 1
+        batch[key] = torch.where(mask[..., None], x, torch.zeros_like(x))
+        batch[f"{key}_mask"] = mask
+    return batch
+
+
+def with_garbage(batch, extra=3, seed=1):
+    """Same utterances with garbage in the existing padding and ``extra`` more padded steps of garbage."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(batch)
+    for key in KEYS.values():
+        x, mask = batch[key], batch[f"{key}_mask"]
+        b, n, d = x.shape
+        big = torch.cat([x, torch.zeros(b, extra, d)], 1)
+        big_mask = torch.cat([mask, torch.zeros(b, extra, dtype=torch.bool)], 1)
+        noise = torch.randn(b, n + extra, d, generator=g) * 100
+        out[key] = torch.where(big_mask[..., None], big, noise)
+        out[f"{key}_mask"] = big_mask
+    return out
+
+
+def build(name, modalities="LAV", seed=0):
+    torch.manual_seed(seed)
+    return bl.build_baseline(name, modalities, DIMS, 6, dropout=0.0, **SMALL[name]).eval()
+
+
+@pytest.mark.parametrize("name", list(bl.BASELINES))
+def test_padding_does_not_change_outputs(name):
+    model = build(name)
+    batch = make_batch()
+    with torch.no_grad():
+        ref = model(batch)
+        got = model(with_garbage(batch))
+    assert ref.shape == (4, 6)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(bl.BASELINES))
+def test_batch_item_equals_single_item(name):
+    """An utterance's logits do not depend on the other utterances it is batched with (and their lengths)."""
+    model = build(name)
+    batch = make_batch()
+    with torch.no_grad():
+        full = model(batch)
+        for i in range(4):
+            one = {}
+            for key in KEYS.values():
+                n = int(batch[f"{key}_mask"][i].sum())
+                one[key] = batch[key][i:i + 1, :n]
+                one[f"{key}_mask"] = batch[f"{key}_mask"][i:i + 1, :n]
+            torch.testing.assert_close(model(one), full[i:i + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,modalities", list(itertools.product(bl.BASELINES, ["L", "A", "V", "LA", "AV", "LV", "LAV"])))
+def test_modality_subsets_shapes_and_only_needed_keys(name, modalities):
+    model = build(name, modalities)
+    batch = make_batch()
+    for m, key in KEYS.items():  # absent modalities are absent from the batch too
+        if m not in modalities:
+            del batch[key], batch[f"{key}_mask"]
+    out = model(batch)
+    assert out.shape == (4, 6) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list(bl.BASELINES))
+def test_overfits_a_tiny_batch(name):
+    model = build(name).train()
+    batch = make_batch(seed=3)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(80):
+        loss = F.binary_cross_entropy_with_logits(model(batch), batch["emotion"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        pred = (model(batch) > 0).float()
+    assert loss.item() < 0.05
+    assert torch.equal(pred, batch["emotion"])
+
+
+def test_crossmodal_block_matches_torch_multihead_attention():
+    """MulT's crossmodal layer = pre-LN residual attention of torch.nn.MultiheadAttention with copied
+    weights (key_padding_mask on the source) + pre-LN residual feed-forward."""
+    torch.manual_seed(0)
+    dim, heads = 8, 2
+    block = bl.CrossmodalBlock(dim, heads, ff_size=16).eval()
+    for ln in (block.norm_q, block.norm_kv, block.norm_ff):  # non-trivial affine LayerNorms
+        nn.init.normal_(ln.weight)
+        nn.init.normal_(ln.bias)
+    target, source = torch.randn(3, 5, dim), torch.randn(3, 4, dim)
+    src_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+
+    ref_mha = nn.MultiheadAttention(dim, heads, batch_first=True).eval()
+    a = block.attention
+    with torch.no_grad():
+        ref_mha.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        ref_mha.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+        ref_mha.out_proj.weight.copy_(a.out_proj.weight)
+        ref_mha.out_proj.bias.copy_(a.out_proj.bias)
+
+        q = F.layer_norm(target, (dim,), block.norm_q.weight, block.norm_q.bias)
+        kv = F.layer_norm(source, (dim,), block.norm_kv.weight, block.norm_kv.bias)
+        z = target + ref_mha(q, kv, kv, key_padding_mask=~src_mask, need_weights=False)[0]
+        lin1, lin2 = block.ff.net[0], block.ff.net[3]
+        h = F.layer_norm(z, (dim,), block.norm_ff.weight, block.norm_ff.bias)
+        ref = z + F.linear(F.relu(F.linear(h, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)
+
+        got = block(target, torch.ones(3, 5, dtype=torch.bool), source, src_mask)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lstm_encoder_matches_unpadded_torch_lstm():
+    """LF-LSTM's modality vector = [last forward state; first-step backward state] of torch's LSTM run on
+    the unpadded sequence alone."""
+    model = build("LF-LSTM", "A")
+    batch = make_batch()
+    with torch.no_grad():
+        vec = model.encode(batch, "A")
+        lstm = model.lstms["A"]
+        for i in range(4):
+            n = int(batch["audio_mask"][i].sum())
+            x = batch["audio"][i:i + 1, :n]
+            out, _ = lstm(x)  # (1, n, 2H): forward half at t=n-1, backward half at t=0
+            h = lstm.hidden_size
+            torch.testing.assert_close(vec[i], torch.cat([out[0, -1, :h], out[0, 0, h:]]), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_mean_and_input_stats():
+    x = torch.tensor([[[1.0], [3.0], [float("nan")]], [[2.0], [float("inf")], [7.0]]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    torch.testing.assert_close(bl.masked_mean(x, mask), torch.tensor([[2.0], [2.0]]))
+    model = build("LF-LSTM", "A")
+    batch = make_batch()
+    model.fit_input_stats([batch])
+    real = batch["audio"][batch["audio_mask"]]
+    torch.testing.assert_close(model.mean_A, real.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.std_A, real.std(0, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def test_lstm_macs_formula_matches_hand_count():
+    lstm = nn.LSTM(3, 5, bidirectional=True, num_layers=2)
+    # layer 0: 2 dirs * 4 gates * 5 * (3 + 5); layer 1: 2 * 4 * 5 * (10 + 5); per step
+    assert bl._lstm_macs(lstm, 7) == 7 * (2 * 4 * 5 * 8 + 2 * 4 * 5 * 15)
+
+
+def test_bad_inputs_name_the_field():
+    with pytest.raises(ValueError, match="modalities"):
+        bl.LFLSTM("LX", DIMS)
+    with pytest.raises(ValueError, match="input_dims"):
+        bl.MulT("LAV", {"L": 3})
+    with pytest.raises(ValueError, match="name"):
+        bl.build_baseline("GRU", "L", DIMS)
+    model = build("LF-Transformer", "LA")
+    batch = make_batch()
+    del batch["audio_mask"]
+    with pytest.raises(KeyError, match="audio_mask"):
+        model(batch)
+    batch = make_batch()
+    batch["text"] = batch["text"][..., :5]
+    with pytest.raises(ValueError, match="text"):
+        model(batch)
