@@ -303,10 +303,71 @@ def draw_maps(axes, image: np.ndarray, layers: list[dict], what: str = "attentio
     H, W = image.shape
     for ax, layer in zip(axes, layers):
         ax.imshow(image, cmap=cmap_image, origin="lower" if H != W else "upper", aspect="auto")
-        data = layer["attention"] if what == "attention" else layer["kept"]
-        if what == "attention":
-            data = np.where(layer["active"] > 0, data, np.nan)
-        ax.imshow(data, cmap="inferno" if what == "attention" else "Greens", alpha=0.55,
+        if what == "attention":  # heat over the active sites
+            data, cmap, alpha = np.where(layer["active"] > 0, layer["attention"], np.nan), "inferno", 0.55
+        else:  # dropped sites darkened, kept sites left clear
+            data, cmap, alpha = np.where(layer["kept"] > 0, np.nan, 1.0), "Greys", 0.7
+        ax.imshow(data, cmap=cmap, alpha=alpha, vmin=None if what == "attention" else 0.0,
+                  vmax=None if what == "attention" else 1.0,
                   extent=(-0.5, W - 0.5, -0.5, H - 0.5) if H != W else (-0.5, W - 0.5, H - 0.5, -0.5),
                   origin="lower" if H != W else "upper", aspect="auto", interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
+
+
+def single_utterance(batch: dict, b: int) -> dict:
+    """Utterance ``b`` of a ``collate_mesm`` batch as a batch of one, padding removed (widget input)."""
+    out = {}
+    nf, nm = int(batch["faces_mask"][b].sum()), int(batch["mel_mask"][b].sum())
+    nt = int(batch["attention_mask"][b].sum())
+    for k, v in batch.items():
+        if k == "ids":
+            out[k] = [v[b]]
+        elif torch.is_tensor(v):
+            v = v[b:b + 1]
+            if k in ("faces", "faces_mask"):
+                v = v[:, :nf]
+            elif k in ("mel", "mel_mask"):
+                v = v[:, :nm]
+            elif k in ("input_ids", "attention_mask"):
+                v = v[:, :nt]
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def draw_kept_sites(model, batch: dict, b: int, top_p: float, fig=None):
+    """Chapter 6's widget view: utterance ``b`` run at ``top_p``; kept sites of each sparse layer over
+    the middle face frame and over the mel-spectrogram, with the feature extractor's MACs in the title.
+    Returns the figure (a new one when ``fig`` is None). ``model.top_p`` is restored afterwards."""
+    import matplotlib.pyplot as plt
+
+    from nbsupport import flops
+    from nbsupport.models.mesm import is_extractor_layer
+
+    one = single_utterance(batch, b)
+    original = model.top_p
+    was_training = model.training
+    model.eval()
+    try:
+        model.top_p = float(top_p)
+        with flops.MacCounter(model, include=is_extractor_layer) as mc:
+            model(one)
+        table = mc.table()
+    finally:
+        model.top_p = original
+        model.train(was_training)
+    mods = [m for m in ("V", "A") if m in model.last_maps]
+    fig = fig or plt.figure(figsize=(11, 2.6 * len(mods)))
+    fig.clear()
+    axes = np.atleast_2d(fig.subplots(len(mods), 3))
+    for r, m in enumerate(mods):
+        image, layers = utterance_maps(model, one, 0, m)
+        draw_maps(axes[r], image, layers, what="kept", cmap_image="gray" if m == "V" else "magma")
+        for j, layer in enumerate(layers):
+            kept, act = int(layer["kept"].sum()), int(layer["active"].sum())
+            axes[r, j].set_title(f"{'face' if m == 'V' else 'mel'} layer {j + 1}: {kept}/{act} sites kept", fontsize=9)
+    macs, dense = int(table["macs"].sum()), int(table["dense_macs"].sum())
+    fig.suptitle(f"{one['ids'][0]}  top_p = {top_p:.2f}: extractor {macs / 1e6:.1f} M MACs "
+                 f"({macs / max(dense, 1):.0%} of dense)", fontsize=10)
+    fig.tight_layout()
+    return fig

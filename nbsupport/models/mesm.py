@@ -367,3 +367,31 @@ def top_p_sweep(model: EndToEndModel, loader, top_ps, *, thresholds=None, device
     finally:
         model.top_p = original
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chapter plumbing: data loaders and sizes
+# --------------------------------------------------------------------------------------------------
+#: Model sizes of a smoke run (same code path, tiny tensors).
+SMOKE_SIZES = dict(stem_channels=8, block_channels=(8, 16, 16), dim=16, layers=1, heads=2, attention_hidden=16)
+#: The paper's sizes (Dai et al. 2021, Sec. 4.2).
+PAPER_SIZES = dict(stem_channels=64, block_channels=(128, 256, 512), dim=64, layers=4, heads=4)
+
+
+def mesm_loaders(root, *, dataset: str = "mosei", text_model: str | None = None, batch_size: int = 16,
+                 seed: int = 0, img_interval: float = 500, progress: bool = True):
+    """Train/valid/test MESM datasets (features cached on disk) and seeded loaders (Ch. 5-6).
+
+    Tokens come from ``text_model``'s tokenizer ('' / None = bundled MiniLM, also used by the tiny
+    encoder). Returns ``(datasets, loaders)``, dicts keyed by split.
+    """
+    from nbsupport.data import collate_mesm, mesm_dataset
+    from nbsupport.train import make_loader
+
+    sets = {s: mesm_dataset(root, dataset, s, tokenizer=text_model or None, img_interval=img_interval)
+            for s in ("train", "valid", "test")}
+    for ds in sets.values():
+        ds.precompute(progress=progress)
+    loaders = {s: make_loader(ds, batch_size=batch_size, shuffle=(s == "train"), seed=seed, collate_fn=collate_mesm)
+               for s, ds in sets.items()}
+    return sets, loaders
