@@ -44,7 +44,7 @@ from torch import nn
 __all__ = [
     "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "sparse_backend", "backend_description",
     "top_p_mask", "top_p_mask_segments", "top_p_mask_loop",
-    "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "choose_strategy", "subm_conv2d", "sparse_max_pool2d",
+    "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "choose_strategy", "subm_conv2d", "sparse_max_pool2d",
     "SubMConv2d", "SparseConvBNReLU", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",
 ]
 
@@ -254,8 +254,8 @@ class SparseTensor:
             self.cache[key] = neighbour_table(self.coords, self.spatial_shape, self.batch_size, kernel_size)
         return self.cache[key]
 
-    def pairs(self, kernel_size: int = 3) -> list:
-        """Cached per-offset (output, input) site pairs of the rulebook (see :func:`rulebook_pairs`)."""
+    def pairs(self, kernel_size: int = 3) -> "RulebookPairs":
+        """Cached (output, input) site pairs of the rulebook per kernel offset (see :func:`rulebook_pairs`)."""
         key = ("pairs", int(kernel_size))
         if key not in self.cache:
             self.cache[key] = rulebook_pairs(self.neighbours(kernel_size))
@@ -383,67 +383,110 @@ class _SubmConvFunction(torch.autograd.Function):
         return grad_f, grad_w, None
 
 
-def rulebook_pairs(nbr: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Per kernel offset j, the (output site, input site) index pairs of a neighbour table (N, K);
-    ``None`` for the centre offset of an odd kernel (every site pairs with itself)."""
+@dataclass
+class RulebookPairs:
+    """Active (output, input) site pairs of a submanifold rulebook, per non-centre kernel offset, padded to
+    the longest offset so all offsets run as one batched matmul.  ``out_idx``/``in_idx`` (K-1, P_max)
+    long; padding points to row N (a zero input row / a discarded output row).  ``n_pairs`` counts the
+    real pairs including the centre tap (N)."""
+
+    out_idx: torch.Tensor
+    in_idx: torch.Tensor
+    offsets: list[int]
+    n_pairs: int
+
+
+def rulebook_pairs(nbr: torch.Tensor) -> RulebookPairs:
+    """Turn a neighbour table (N, K) into :class:`RulebookPairs` (the classic gather-GEMM-scatter rulebook)."""
     n, kk = nbr.shape
-    out = []
-    for j in range(kk):
-        if j == kk // 2:
-            out.append(None)
-            continue
-        o = (nbr[:, j] < n).nonzero().squeeze(1)  # (P_j,) output sites with an active neighbour at j
-        out.append((o, nbr[o, j]))
-    return out
+    offsets = [j for j in range(kk) if j != kk // 2]
+    cols = nbr[:, offsets]  # (N, K-1)
+    active = cols < n
+    counts = active.sum(0)  # (K-1,)
+    p_max = int(counts.max()) if n > 0 and kk > 1 else 0
+    # stable order of the active rows per offset: sort "inactive" flags, active rows first
+    order = torch.argsort((~active).to(torch.int8), dim=0, stable=True)[:p_max]  # (P_max, K-1) row ids
+    valid = torch.arange(p_max, device=nbr.device)[:, None] < counts[None, :]
+    out_idx = torch.where(valid, order, torch.full_like(order, n)).t().contiguous()  # (K-1, P_max)
+    in_idx = torch.where(valid, torch.gather(cols, 0, order), torch.full_like(order, n)).t().contiguous()
+    return RulebookPairs(out_idx, in_idx, offsets, int(counts.sum()) + n)
+
+
+def _weight_by_offset(weight: torch.Tensor) -> torch.Tensor:
+    # (C_out, C_in, kh, kw) -> (K, C_in, C_out), offsets row-major; a free view for SubMConv2d's weights
+    # (stored offset-major, see SubMConv2d), one copy for a plain contiguous weight
+    c_out, c_in, kh, kw = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out)
 
 
 class _SubmConvPairsFunction(torch.autograd.Function):
-    """Rulebook convolution offset by offset: out[o] += f[i] @ W_j over the active pairs (o, i) only, so
-    the work is the real rulebook size (low densities); gather -> matmul -> index_add per offset."""
+    """Rulebook convolution over the active pairs only (the real rulebook size, best at low density):
+    centre tap as one matmul, the other offsets as gather -> batched matmul (two: the offsets before and
+    after the centre, so the weight needs no copy) -> index_add."""
 
     @staticmethod
-    def forward(ctx, features, weight, pairs_holder):
-        pairs = pairs_holder.pairs
-        kh, kw = weight.shape[2:]
-        w_j = weight.permute(2, 3, 1, 0).reshape(kh * kw, weight.shape[1], weight.shape[0])  # (K, C_in, C_out)
-        out = features @ w_j[(kh * kw) // 2]  # centre tap: every site with itself
-        for j, pr in enumerate(pairs):
-            if pr is None or pr[0].numel() == 0:
-                continue
-            o, i = pr
-            out.index_add_(0, o, features.index_select(0, i) @ w_j[j])
+    def forward(ctx, features, weight, holder):
+        rb: RulebookPairs = holder.pairs
+        n, c_in = features.shape
+        c_out, _, kh, kw = weight.shape
+        kk, centre = kh * kw, (kh * kw) // 2
+        w_all = _weight_by_offset(weight)  # (K, C_in, C_out)
+        out = features.new_empty(n + 1, c_out)
+        torch.mm(features, w_all[centre], out=out[:n])  # centre tap: every site with itself
+        out[n] = 0
+        if rb.out_idx.numel():
+            fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)  # (N+1, C_in), row N = padding
+            x = fpad.index_select(0, rb.in_idx.reshape(-1)).view(*rb.in_idx.shape, c_in)  # (K-1, P, C_in)
+            y = features.new_empty(kk - 1, x.shape[1], c_out)  # (K-1, P, C_out)
+            torch.bmm(x[:centre], w_all[:centre], out=y[:centre])
+            torch.bmm(x[centre:], w_all[centre + 1:], out=y[centre:])
+            out.index_add_(0, rb.out_idx.reshape(-1), y.view(-1, c_out))
         ctx.save_for_backward(features, weight)
-        ctx.pairs = pairs
-        return out
+        ctx.rb = rb
+        return out[:n]
 
     @staticmethod
     def backward(ctx, grad_out):
         features, weight = ctx.saved_tensors
-        pairs = ctx.pairs
-        c_out, c_in, kh, kw = weight.shape
-        kk = kh * kw
+        rb: RulebookPairs = ctx.rb
+        n, c_in = features.shape
+        c_out, _, kh, kw = weight.shape
+        kk, centre = kh * kw, (kh * kw) // 2
+        w_all = _weight_by_offset(weight)
         grad_out = grad_out.contiguous()
-        w_j = weight.permute(2, 3, 1, 0).reshape(kk, c_in, c_out)
         need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_f = grad_out @ w_j[kk // 2].t() if need_f else None
-        gw = features.new_zeros(kk, c_in, c_out) if need_w else None
+        grad_f = grad_w = None
+        has_pairs = rb.out_idx.numel() > 0
+        if has_pairs:
+            gpad = torch.cat([grad_out, grad_out.new_zeros(1, c_out)], 0)
+            g = gpad.index_select(0, rb.out_idx.reshape(-1)).view(*rb.out_idx.shape, c_out)  # (K-1, P, C_out)
+        if need_f:
+            gf = features.new_empty(n + 1, c_in)
+            torch.mm(grad_out, w_all[centre].t(), out=gf[:n])
+            gf[n] = 0
+            if has_pairs:
+                gx = features.new_empty(kk - 1, g.shape[1], c_in)  # (K-1, P, C_in)
+                torch.bmm(g[:centre], w_all[:centre].transpose(1, 2), out=gx[:centre])
+                torch.bmm(g[centre:], w_all[centre + 1:].transpose(1, 2), out=gx[centre:])
+                gf.index_add_(0, rb.in_idx.reshape(-1), gx.view(-1, c_in))
+            grad_f = gf[:n]
         if need_w:
-            gw[kk // 2] = features.t() @ grad_out
-        for j, pr in enumerate(pairs):
-            if pr is None or pr[0].numel() == 0:
-                continue
-            o, i = pr
-            g = grad_out.index_select(0, o)  # (P_j, C_out)
-            if need_f:
-                grad_f.index_add_(0, i, g @ w_j[j].t())
-            if need_w:
-                gw[j] = features.index_select(0, i).t() @ g
-        grad_w = gw.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1).contiguous() if need_w else None
+            gw = features.new_empty(kk, c_in, c_out)  # offset-major, like SubMConv2d's weight storage
+            torch.mm(features.t(), grad_out, out=gw[centre])
+            if has_pairs:
+                fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)
+                xt = fpad.index_select(0, rb.in_idx.reshape(-1)).view(*rb.in_idx.shape, c_in).transpose(1, 2)
+                torch.bmm(xt[:centre], g[:centre], out=gw[:centre])
+                torch.bmm(xt[centre:], g[centre:], out=gw[centre + 1:])
+            else:
+                gw[:centre] = 0
+                gw[centre + 1:] = 0
+            grad_w = gw.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)  # (C_out, C_in, kh, kw) view
         return grad_f, grad_w, None
 
 
 class _Pairs:
-    # plain holder so autograd.Function.apply does not try to treat the list as a tensor argument
+    # plain holder so autograd.Function.apply does not treat the rulebook as a tensor argument
     def __init__(self, pairs):
         self.pairs = pairs
 
@@ -464,7 +507,7 @@ def _check_weight(weight: torch.Tensor, c_in: int) -> None:
 def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None,
                 neighbours: torch.Tensor | None = None, strategy: str = "auto",
-                pairs: list | None = None) -> torch.Tensor:
+                pairs: "RulebookPairs | None" = None) -> torch.Tensor:
     """Submanifold sparse convolution (Graham & van der Maaten 2017; MESM's sparse blocks, Chapter 6).
 
     ``features`` (N, C_in) at ``coords`` (N, 3) integer (batch, y, x); ``weight`` (C_out, C_in, k, k) in
@@ -625,7 +668,10 @@ class SubMConv2d(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f"SubMConv2d: 'kernel_size' must be odd, got {kernel_size}")
         ref = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)  # same init
-        self.weight = ref.weight
+        # Shape (C_out, C_in, k, k) like nn.Conv2d (state dicts are shared), but stored offset-major
+        # (k, k, C_in, C_out) in memory so the rulebook reads each offset's (C_in, C_out) matrix without a copy.
+        storage = ref.weight.detach().permute(2, 3, 1, 0).contiguous()
+        self.weight = nn.Parameter(storage.permute(3, 2, 0, 1))
         self.bias = ref.bias
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.last_backend: str | None = None
