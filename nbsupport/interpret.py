@@ -17,8 +17,6 @@ Only frames/pieces whose region is non-empty are averaged (a neutral face has no
 """
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -27,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "face_region_in_crop", "audio_box_to_pieces",
-           "load_cue", "unpack_au_masks", "summarize_cue_table"]
+           "summarize_cue_table", "face_crop_box", "face_region_from_box", "CueRegions",
+           "measure_cue_attention", "utterance_maps", "draw_maps", "single_utterance", "draw_kept_sites"]
 
 
 def region_to_grid(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -100,23 +99,8 @@ def summarize_cue_table(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------
-# From the corpus' cue.pkl to model-input coordinates
+# From the corpus' cue.pkl (read by nbsupport.data.load_cues) to model-input coordinates
 # ------------------------------------------------------------------------------------------------
-def load_cue(folder: str | Path) -> dict:
-    """Read an utterance's ``cue.pkl`` (synthetic corpus, :mod:`nbsupport.data.synth`)."""
-    path = Path(folder) / "cue.pkl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: cue ground truth missing (only the synthetic corpus has cue.pkl)")
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
-
-
-def unpack_au_masks(cue: dict) -> np.ndarray:
-    """(frames, H, W) bool AU-region masks in image coordinates from a cue dict (bit-packed rows)."""
-    h, w = cue["image_size"]
-    return np.unpackbits(cue["au_mask_packed"], axis=-1, count=w).astype(bool).reshape(-1, h, w)
-
-
 def face_region_in_crop(mask: np.ndarray, box: Sequence[int] | None = None, size: int = 48) -> np.ndarray:
     """Map an image-coordinate region (H, W) to the ``size`` x ``size`` face crop as area fractions.
 

@@ -154,3 +154,22 @@ def test_bad_parameters_are_named():
     assert model.top_p == 0.4
     with pytest.raises(KeyError, match="faces"):
         model({"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)})
+
+
+def test_extractor_macs_hand_count_and_sparsity():
+    """FE2E's extractor MACs equal the hand count of its convolutions; MESM spends fewer at lower top_p."""
+    from nbsupport.models.mesm import extractor_macs
+
+    torch.manual_seed(7)
+    batch = make_batch(b=1, t=1)
+    fe2e = FE2E("LV", **SMALL)
+    conv = lambda hw, cin, cout, k=3: hw * cin * cout * k * k  # noqa: E731  dense conv, one image
+    hand = (conv(48 * 48, 1, 4, 5) + 4 * conv(24 * 24, 4, 4)  # stem: 5x5 conv, two VGG-4 blocks
+            + conv(24 * 24, 4, 4) + conv(24 * 24, 4, 4)  # block 1 (4 -> 4) at 24x24
+            + conv(12 * 12, 4, 8) + conv(12 * 12, 8, 8)  # block 2 (4 -> 8) at 12x12
+            + conv(6 * 6, 8, 8) + conv(6 * 6, 8, 8))  # block 3 (8 -> 8) at 6x6
+    assert extractor_macs(fe2e, batch)["macs"] == hand
+    model = MESM("LV", top_p=1.0, **SMALL)
+    full = extractor_macs(model, batch)["macs"]
+    model.top_p = 0.3
+    assert extractor_macs(model, batch)["macs"] < full

@@ -50,7 +50,8 @@ from nbsupport.models.text import TextEncoder
 
 __all__ = [
     "EndToEndModel", "FE2E", "MESM", "DenseStem", "VisualPathway", "run_block", "top_p_keep",
-    "sparse_backend_name", "INPUT_KEYS", "LayerRecord",
+    "sparse_backend_name", "INPUT_KEYS", "LayerRecord", "is_extractor_layer", "extractor_macs", "top_p_sweep",
+    "mesm_loaders", "SMOKE_SIZES", "PAPER_SIZES",
 ]
 
 #: Batch keys (``collate_mesm``) of each non-text modality: (inputs, mask).
