@@ -358,7 +358,7 @@ class _SubmConvFunction(torch.autograd.Function):
         kk = kh * kw
         fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)  # (N+1, C_in), row N = missing
         cols = fpad.index_select(0, nbr.reshape(-1)).view(n, kk * c_in)  # (N, K*C_in)
-        w_mat = weight.permute(2, 3, 1, 0).reshape(kk * c_in, c_out)  # (K*C_in, C_out)
+        w_mat = _weight_by_offset(weight).view(kk * c_in, c_out)  # (K*C_in, C_out)
         ctx.save_for_backward(features, weight, nbr)
         return cols @ w_mat  # (N, C_out)
 
@@ -373,13 +373,13 @@ class _SubmConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gpad = torch.cat([grad_out, grad_out.new_zeros(1, c_out)], 0)  # (N+1, C_out)
             gcols = gpad.index_select(0, _flip_table(nbr).reshape(-1)).view(n, kk * c_out)
-            w_back = weight.permute(2, 3, 0, 1).reshape(kk * c_out, c_in)  # (K*C_out, C_in)
+            w_back = _weight_by_offset(weight).transpose(1, 2).reshape(kk * c_out, c_in)  # (K*C_out, C_in)
             grad_f = gcols @ w_back  # (N, C_in)
         if ctx.needs_input_grad[1]:
             fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)
             cols = fpad.index_select(0, nbr.reshape(-1)).view(n, kk * c_in)
             gw = cols.t() @ grad_out  # (K*C_in, C_out)
-            grad_w = gw.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1).contiguous()
+            grad_w = _weight_from_offset(gw.view(kk, c_in, c_out), kh, kw)
         return grad_f, grad_w, None
 
 
@@ -413,16 +413,25 @@ def rulebook_pairs(nbr: torch.Tensor) -> RulebookPairs:
 
 
 def _weight_by_offset(weight: torch.Tensor) -> torch.Tensor:
-    # (C_out, C_in, kh, kw) -> (K, C_in, C_out), offsets row-major; a free view for SubMConv2d's weights
-    # (stored offset-major, see SubMConv2d), one copy for a plain contiguous weight
+    """(C_out, C_in, kh, kw) -> contiguous (K, C_in, C_out), offsets row-major.  Done as a 2-D transpose then
+    a row shuffle: about 3x faster on CPU than one 3-D permute copy (which dominated small layers)."""
     c_out, c_in, kh, kw = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out)
+    kk = kh * kw
+    w = weight.contiguous().view(c_out, c_in * kk).t().contiguous()  # (C_in*K, C_out)
+    return w.view(c_in, kk, c_out).transpose(0, 1).contiguous()  # (K, C_in, C_out)
+
+
+def _weight_from_offset(w_all: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Inverse of :func:`_weight_by_offset`: (K, C_in, C_out) -> contiguous (C_out, C_in, kh, kw)."""
+    kk, c_in, c_out = w_all.shape
+    w = w_all.transpose(0, 1).contiguous().view(c_in * kk, c_out)  # (C_in*K, C_out)
+    return w.t().contiguous().view(c_out, c_in, kh, kw)
 
 
 class _SubmConvPairsFunction(torch.autograd.Function):
     """Rulebook convolution over the active pairs only (the real rulebook size, best at low density):
     centre tap as one matmul, the other offsets as gather -> batched matmul (two: the offsets before and
-    after the centre, so the weight needs no copy) -> index_add."""
+    after the centre, reading slices of one offset-major weight copy) -> index_add."""
 
     @staticmethod
     def forward(ctx, features, weight, holder):
@@ -441,18 +450,19 @@ class _SubmConvPairsFunction(torch.autograd.Function):
             torch.bmm(x[:centre], w_all[:centre], out=y[:centre])
             torch.bmm(x[centre:], w_all[centre + 1:], out=y[centre:])
             out.index_add_(0, rb.out_idx.reshape(-1), y.view(-1, c_out))
-        ctx.save_for_backward(features, weight)
+        ctx.save_for_backward(features, w_all)
         ctx.rb = rb
+        ctx.kernel = (kh, kw)
         return out[:n]
 
     @staticmethod
     def backward(ctx, grad_out):
-        features, weight = ctx.saved_tensors
+        features, w_all = ctx.saved_tensors
         rb: RulebookPairs = ctx.rb
         n, c_in = features.shape
-        c_out, _, kh, kw = weight.shape
+        c_out = w_all.shape[2]
+        kh, kw = ctx.kernel
         kk, centre = kh * kw, (kh * kw) // 2
-        w_all = _weight_by_offset(weight)
         grad_out = grad_out.contiguous()
         need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_f = grad_w = None
@@ -471,7 +481,7 @@ class _SubmConvPairsFunction(torch.autograd.Function):
                 gf.index_add_(0, rb.in_idx.reshape(-1), gx.view(-1, c_in))
             grad_f = gf[:n]
         if need_w:
-            gw = features.new_empty(kk, c_in, c_out)  # offset-major, like SubMConv2d's weight storage
+            gw = features.new_empty(kk, c_in, c_out)  # offset-major
             torch.mm(features.t(), grad_out, out=gw[centre])
             if has_pairs:
                 fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)
@@ -481,7 +491,7 @@ class _SubmConvPairsFunction(torch.autograd.Function):
             else:
                 gw[:centre] = 0
                 gw[centre + 1:] = 0
-            grad_w = gw.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)  # (C_out, C_in, kh, kw) view
+            grad_w = _weight_from_offset(gw, kh, kw)  # (C_out, C_in, kh, kw)
         return grad_f, grad_w, None
 
 
@@ -644,8 +654,12 @@ def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size:
 # ---------------------------------------------------------------------------------------------
 def _spconv_weight(module, weight: torch.Tensor) -> torch.Tensor:
     """Convert our (C_out, C_in, kh, kw) weight to the layout of spconv module ``module.weight``."""
+    return _spconv_weight_shape(tuple(module.weight.shape), weight)
+
+
+def _spconv_weight_shape(target: tuple, weight: torch.Tensor) -> torch.Tensor:
+    """Convert our (C_out, C_in, kh, kw) weight to an spconv weight of shape ``target``."""
     c_out, c_in, kh, kw = weight.shape
-    target = tuple(module.weight.shape)
     if target == (c_out, kh, kw, c_in):  # KRSC (spconv >= 2.2)
         return weight.permute(0, 2, 3, 1).contiguous()
     if target == (kh, kw, c_in, c_out):  # RSCK
@@ -668,10 +682,7 @@ class SubMConv2d(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f"SubMConv2d: 'kernel_size' must be odd, got {kernel_size}")
         ref = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)  # same init
-        # Shape (C_out, C_in, k, k) like nn.Conv2d (state dicts are shared), but stored offset-major
-        # (k, k, C_in, C_out) in memory so the rulebook reads each offset's (C_in, C_out) matrix without a copy.
-        storage = ref.weight.detach().permute(2, 3, 1, 0).contiguous()
-        self.weight = nn.Parameter(storage.permute(3, 2, 0, 1))
+        self.weight = ref.weight  # (C_out, C_in, k, k), contiguous: nn.Conv2d's layout and init
         self.bias = ref.bias
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.last_backend: str | None = None
@@ -702,7 +713,6 @@ class SubMConv2d(nn.Module):
 
     def _forward_spconv(self, x: SparseTensor) -> torch.Tensor:
         import spconv.pytorch as spc
-        from torch.func import functional_call
         if self._spconv_mod is None:
             self._spconv_mod = spc.SubMConv2d(self.in_channels, self.out_channels, self.kernel_size,
                                               padding=self.kernel_size // 2, bias=False,
@@ -712,8 +722,13 @@ class SubMConv2d(nn.Module):
             st = spc.SparseConvTensor(x.features, x.coords.int(), list(x.spatial_shape), x.batch_size)
             x.cache["spconv"] = st
         st = st.replace_feature(x.features)
-        w = _spconv_weight(self._spconv_mod, self.weight)
-        out = functional_call(self._spconv_mod, {"weight": w}, (st,)).features
+        mod = self._spconv_mod
+        if "weight" in mod._parameters:  # spconv's own parameter is replaced by a view of ours on each call
+            mod.weight_shape = tuple(mod.weight.shape)
+            del mod._parameters["weight"]
+        # our (C_out, C_in, k, k) weight in spconv's layout; a plain tensor attribute, so autograd reaches ours
+        mod.weight = _spconv_weight_shape(mod.weight_shape, self.weight)
+        out = mod(st).features
         x.cache["spconv"] = st  # indice dict shared by later convs on these sites
         if self.bias is not None:
             out = out + self.bias
