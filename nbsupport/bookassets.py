@@ -399,7 +399,7 @@ def _add_open_locally(app, pagename, templatename, context, doctree) -> None:
 
 
 def results_table_html(data, key: str | None = None, columns: Sequence[str] | None = None,
-                       floatfmt: str = "{:.4g}") -> str:
+                       floatfmt: str = "{:.3g}") -> str:
     """HTML table of benchmark/experiment records (list of dicts, or a dict holding one under ``key``,
     ``"results"``, ``"rows"`` or ``"records"``): the measured numbers the Performance page shows."""
     import pandas as pd
@@ -418,8 +418,11 @@ def results_table_html(data, key: str | None = None, columns: Sequence[str] | No
     frame = pd.json_normalize(records)
     if columns:
         frame = frame[[c for c in columns if c in frame.columns]]
-    return frame.to_html(index=False, border=0, classes="table nbsupport-results",
-                         float_format=lambda v: floatfmt.format(v), na_rep="")
+    table = frame.to_html(index=False, border=0, classes="table nbsupport-results",
+                          float_format=lambda v: floatfmt.format(v), na_rep="")
+    # scrolls inside its own box instead of widening the page (pydata theme's table container)
+    return f'<div class="pst-scrollable-table-container" style="overflow-x: auto">{table}</div>'
+
 
 
 def _results_directive():
