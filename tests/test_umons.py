@@ -148,3 +148,13 @@ def test_bad_configuration_and_inputs_are_named():
         model({"text": torch.randn(1, 3, 12)})
     with pytest.raises(ValueError, match="'text'"):
         model({"text": torch.randn(1, 3, 5), "audio": torch.randn(1, 3, 10)})
+
+
+def test_input_normalisation_uses_real_positions_only():
+    model = UmonsTransformer("LA", 6, input_dims=DIMS, **SMALL)
+    batch = _with_garbage_padding(_batch())
+    model.fit_input_normalisation([batch])
+    for m, field in (("L", "text"), ("A", "audio")):
+        real = batch[field][batch[f"{field}_mask"]].double()  # numpy-independent reference: torch mean/std
+        assert torch.allclose(model.adapters[m].in_mean, real.mean(0).float(), atol=1e-5)
+        assert torch.allclose(model.adapters[m].in_std, real.std(0, unbiased=False).float(), atol=1e-5)

@@ -126,6 +126,9 @@ class ModalityAdapter(nn.Module):
         self.modality, self.seq_len = modality, seq_len
         self.net = nn.LSTM(in_dim, hidden_size, batch_first=True) if modality == "L" else nn.Linear(in_dim, hidden_size)
         self.in_dim = in_dim
+        # per-feature standardisation (training-set mean/std, see fit_input_normalisation); identity by default
+        self.register_buffer("in_mean", torch.zeros(in_dim))
+        self.register_buffer("in_std", torch.ones(in_dim))
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor):
         field = MODALITY_KEYS[self.modality]
@@ -137,7 +140,8 @@ class ModalityAdapter(nn.Module):
         if pad:
             feats = F.pad(feats, (0, 0, 0, pad))  # (B, seq_len, in_dim)
             mask = F.pad(mask, (0, pad), value=False)
-        feats = feats.float() * mask.unsqueeze(-1)  # padded input values never enter the network
+        feats = (feats.float() - self.in_mean) / self.in_std
+        feats = feats * mask.unsqueeze(-1)  # padded input values never enter the network
         h = self.net(feats)[0] if self.modality == "L" else self.net(feats)  # (B, seq_len, hidden)
         return h * mask.unsqueeze(-1), mask
 
@@ -247,6 +251,38 @@ class UmonsTransformer(nn.Module):
                 out["coattention"][m] = [b.cross.weights.cpu() for b in blocks if b.cross.weights is not None]
         return out
 
+    @torch.no_grad()
+    def fit_input_normalisation(self, loader, max_batches: int | None = None) -> "UmonsTransformer":
+        """Set every adapter's per-feature mean/std from the real (unmasked) positions of ``loader``.
+
+        The word vectors, HOG and mel features come at very different scales (per-feature std from
+        0.05 to 0.25 on the synthetic corpus); standardising them with training statistics, as
+        pre-extracted features usually are, lets one learning rate suit every modality. Stored as
+        buffers, so they travel with the checkpoint.
+        """
+        sums = {m: [0.0, 0.0, 0] for m in self.modalities}
+        for b, batch in enumerate(loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            for m in self.modalities:
+                field = MODALITY_KEYS[m]
+                x = batch[field].double()
+                mask = batch.get(f"{field}_mask")
+                x = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])  # (n_real, D)
+                sums[m][0] += x.sum(0)
+                sums[m][1] += (x * x).sum(0)
+                sums[m][2] += x.shape[0]
+        for m, (s1, s2, n) in sums.items():
+            if n < 2:
+                raise ValueError(f"UmonsTransformer.fit_input_normalisation: fewer than 2 real positions of "
+                                 f"{MODALITY_KEYS[m]!r} in the loader")
+            mean = s1 / n
+            std = (s2 / n - mean * mean).clamp(min=0).sqrt()
+            ad = self.adapters[m]
+            ad.in_mean.copy_(mean.float().to(ad.in_mean.device))
+            ad.in_std.copy_(std.clamp(min=1e-3).float().to(ad.in_std.device))
+        return self
+
     def describe(self) -> dict:
         """Configuration, modalities and parameter count (printed by Chapter 4)."""
         return {"modalities": self.modalities, **asdict(self.config),
@@ -263,7 +299,8 @@ def input_dims_from(batch: Mapping[str, torch.Tensor]) -> dict:
 
 def train_umons(modalities: str, train_loader, valid_loader, test_loader=None, *, task: str = "emotion",
                 config: UmonsConfig | None = None, epochs: int = 10, lr: float = 1e-3, device="auto", seed: int = 0,
-                patience: int | None = None, checkpoint_dir=None, progress: bool = True, n_emotions: int = 6):
+                patience: int | None = None, checkpoint_dir=None, progress: bool = True, n_emotions: int = 6,
+                normalise_inputs: bool = True):
     """Build a :class:`UmonsTransformer` for ``modalities``, fit it with :func:`nbsupport.train.fit` and
     evaluate its best checkpoint on ``test_loader`` (or validation). Returns ``(row, fit_result)`` where
     ``row`` has ``model``, ``modalities``, the task's metrics, ``n_params`` and ``seconds`` (Chapters 3-4).
@@ -276,6 +313,8 @@ def train_umons(modalities: str, train_loader, valid_loader, test_loader=None, *
     first = next(iter(train_loader))
     model = UmonsTransformer(modalities, train.n_outputs(task, n_emotions), config=config or UmonsConfig(),
                              input_dims=input_dims_from(first))
+    if normalise_inputs:
+        model.fit_input_normalisation(train_loader)
     t0 = time.perf_counter()
     res = train.fit(model, train_loader, valid_loader, task=task, epochs=epochs, lr=lr, device=device, seed=seed,
                     patience=patience, checkpoint_dir=checkpoint_dir, progress=progress,
