@@ -44,7 +44,7 @@ from torch import nn
 __all__ = [
     "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "sparse_backend", "backend_description",
     "top_p_mask", "top_p_mask_segments", "top_p_mask_loop",
-    "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "choose_strategy", "subm_conv2d", "sparse_max_pool2d",
+    "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "offset_major", "choose_strategy", "subm_conv2d", "sparse_max_pool2d",
     "SubMConv2d", "SparseConvBNReLU", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",
 ]
 
@@ -379,7 +379,7 @@ class _SubmConvFunction(torch.autograd.Function):
             fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)
             cols = fpad.index_select(0, nbr.reshape(-1)).view(n, kk * c_in)
             gw = cols.t() @ grad_out  # (K*C_in, C_out)
-            grad_w = _weight_from_offset(gw.view(kk, c_in, c_out), kh, kw)
+            grad_w = _grad_like(gw.view(kk, c_in, c_out), weight)
         return grad_f, grad_w, None
 
 
@@ -413,10 +413,14 @@ def rulebook_pairs(nbr: torch.Tensor) -> RulebookPairs:
 
 
 def _weight_by_offset(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, kh, kw) -> contiguous (K, C_in, C_out), offsets row-major.  Done as a 2-D transpose then
-    a row shuffle: about 3x faster on CPU than one 3-D permute copy (which dominated small layers)."""
+    """(C_out, C_in, kh, kw) -> (K, C_in, C_out), offsets row-major.  Free for SubMConv2d's weights (stored
+    offset-major, see there); otherwise a 2-D transpose then a row shuffle, about 3x faster on CPU than one
+    3-D permute copy (which dominated small layers)."""
     c_out, c_in, kh, kw = weight.shape
     kk = kh * kw
+    v = weight.permute(2, 3, 1, 0)
+    if v.is_contiguous():
+        return v.view(kk, c_in, c_out)
     w = weight.contiguous().view(c_out, c_in * kk).t().contiguous()  # (C_in*K, C_out)
     return w.view(c_in, kk, c_out).transpose(0, 1).contiguous()  # (K, C_in, C_out)
 
@@ -426,6 +430,37 @@ def _weight_from_offset(w_all: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     kk, c_in, c_out = w_all.shape
     w = w_all.transpose(0, 1).contiguous().view(c_in * kk, c_out)  # (C_in*K, C_out)
     return w.t().contiguous().view(c_out, c_in, kh, kw)
+
+
+def _grad_like(gw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Gradient (K, C_in, C_out) returned in the memory layout of ``weight`` (so autograd keeps it as is)."""
+    c_out, c_in, kh, kw = weight.shape
+    if weight.permute(2, 3, 1, 0).is_contiguous():
+        return gw.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
+    return _weight_from_offset(gw, kh, kw)
+
+
+def offset_major(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` (C_out, C_in, kh, kw) with the same shape and values, stored offset-major
+    (kh, kw, C_in, C_out) in memory: the storage :class:`SubMConv2d` uses so the rulebook reads each
+    offset's (C_in, C_out) matrix without copying."""
+    return weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+class _StandardLayout(torch.autograd.Function):
+    """Identity on values; returns a contiguous (C_out, C_in, kh, kw) copy of an offset-major weight for
+    oneDNN's conv2d (the dense plan), and converts the gradient back with the fast 2-step copies."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        c_out, c_in, kh, kw = weight.shape
+        ctx.kernel = (kh, kw)
+        return _weight_from_offset(_weight_by_offset(weight), kh, kw)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c_out, c_in, kh, kw = grad.shape
+        return _weight_by_offset(grad.contiguous()).view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
 
 
 class _SubmConvPairsFunction(torch.autograd.Function):
@@ -453,6 +488,7 @@ class _SubmConvPairsFunction(torch.autograd.Function):
         ctx.save_for_backward(features, w_all)
         ctx.rb = rb
         ctx.kernel = (kh, kw)
+        ctx.weight_ref = torch.empty_strided(weight.shape, weight.stride(), device="meta")  # layout only
         return out[:n]
 
     @staticmethod
@@ -491,7 +527,7 @@ class _SubmConvPairsFunction(torch.autograd.Function):
             else:
                 gw[:centre] = 0
                 gw[centre + 1:] = 0
-            grad_w = _weight_from_offset(gw, kh, kw)  # (C_out, C_in, kh, kw)
+            grad_w = _grad_like(gw, ctx.weight_ref)  # (C_out, C_in, kh, kw) in the weight's layout
         return grad_f, grad_w, None
 
 
@@ -557,6 +593,8 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
             raise ValueError("nbsupport.sparse.subm_conv2d: strategy 'dense' needs 'spatial_shape' and 'batch_size'")
         h, w = int(spatial_shape[0]), int(spatial_shape[1])
         grid = to_dense(features, coords, (batch_size, h, w))  # (B, C_in, H, W), channels-last memory
+        if not weight.is_contiguous() and weight.permute(2, 3, 1, 0).is_contiguous():
+            weight = _StandardLayout.apply(weight)  # offset-major storage -> oneDNN's layout, fast copy
         out_map = F.conv2d(grid, weight, bias, padding=k // 2)  # (B, C_out, H, W)
         lin = (coords[:, 0].long() * h + coords[:, 1]) * w + coords[:, 2]
         return out_map.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]).index_select(0, lin)  # (N, C_out)
@@ -682,7 +720,9 @@ class SubMConv2d(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f"SubMConv2d: 'kernel_size' must be odd, got {kernel_size}")
         ref = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)  # same init
-        self.weight = ref.weight  # (C_out, C_in, k, k), contiguous: nn.Conv2d's layout and init
+        # Shape (C_out, C_in, k, k) and init of nn.Conv2d (state dicts are shared with DenseConvBNReLU), but
+        # stored offset-major (k, k, C_in, C_out) in memory: the rulebook then needs no weight copies.
+        self.weight = nn.Parameter(offset_major(ref.weight))
         self.bias = ref.bias
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.last_backend: str | None = None

@@ -249,3 +249,32 @@ def test_sparse_block_on_partial_sites_equals_masked_dense_layers():
 def test_backend_is_torch_rulebook_on_cpu():
     assert sp.sparse_backend("cpu") == "torch-rulebook"
     assert "torch-rulebook" in sp.backend_description("cpu")
+
+
+@pytest.mark.parametrize("strategy", ["pairs", "im2col", "dense"])
+def test_offset_major_weight_storage_same_values_and_grad_layout(strategy):
+    g, mask, dense = _random_case(7, 2, 7, 6, 5, 0.5)
+    dense = dense * mask[:, None]
+    w_std = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64)
+    w_om = sp.offset_major(w_std).requires_grad_(True)
+    assert torch.equal(w_om, w_std) and not w_om.is_contiguous()
+    x = sp.to_sparse(dense, mask)
+    out = sp.subm_conv2d(x.features, x.coords, w_om, strategy=strategy, spatial_shape=(7, 6), batch_size=2)
+    wref = w_std.clone().requires_grad_(True)
+    ref = F.conv2d(dense, wref, padding=1).permute(0, 2, 3, 1)[mask]
+    torch.testing.assert_close(out, ref)
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(w_om.grad, wref.grad)
+    assert w_om.grad.stride() == w_om.stride()  # autograd keeps our layout: no copy per step
+
+
+def test_subm_module_state_dict_roundtrip_with_conv2d():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    sub = sp.SubMConv2d(3, 4)
+    sub.load_state_dict(conv.state_dict())
+    assert torch.equal(sub.weight, conv.weight)
+    conv2 = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    conv2.load_state_dict(sub.state_dict())
+    assert torch.equal(conv2.weight, conv.weight)
