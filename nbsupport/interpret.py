@@ -334,8 +334,9 @@ def draw_kept_sites(model, batch: dict, b: int, top_p: float, fig=None):
     model.eval()
     try:
         model.top_p = float(top_p)
+        device = next(model.parameters()).device
         with flops.MacCounter(model, include=is_extractor_layer) as mc:
-            model(one)
+            model({k: v.to(device) if torch.is_tensor(v) else v for k, v in one.items()})
         table = mc.table()
     finally:
         model.top_p = original
