@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test install clean benchmarks
+.PHONY: book test install assets clean benchmarks
 
 install: $(STAMP)
 
@@ -23,11 +23,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-book: $(STAMP)
+# MathJax, RequireJS and the ipywidgets HTML manager served from the book itself (npm registry at
+# install time, never a CDN at read time); idempotent, 0.1 s when present
+assets: $(STAMP)
+	$(BIN)/python -m nbsupport.bookassets book/_static
+
+book: $(STAMP) assets
 	$(BIN)/jupyter-book build . --warningiserror --keep-going --path-output .
 	@echo "HTML book: $(CURDIR)/_build/html/index.html"
 
-test: $(STAMP)
+test: $(STAMP) assets
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 benchmarks: $(STAMP)

@@ -52,9 +52,10 @@ def draw_query_attention(fig, angle_deg: float, length: float = 1.0, temperature
 
 def attention_explorer(angle: float = 30.0, length: float = 1.0, temperature: float = 1.0):
     """Sliders for the query's direction and length and the softmax temperature; the heatmap follows (Chapter 1)."""
-    angle_s = W.FloatSlider(value=angle, min=0, max=360, step=5, description="query angle")
-    length_s = W.FloatSlider(value=length, min=0.1, max=3, step=0.1, description="query length")
-    temp_s = W.FloatLogSlider(value=temperature, base=10, min=-1.5, max=1, step=0.1, description="temperature")
+    wide = {"description_width": "initial"}  # keep the labels readable
+    angle_s = W.FloatSlider(value=angle, min=0, max=360, step=5, description="query angle", style=wide)
+    length_s = W.FloatSlider(value=length, min=0.1, max=3, step=0.1, description="query length", style=wide)
+    temp_s = W.FloatLogSlider(value=temperature, base=10, min=-1.5, max=1, step=0.1, description="temperature", style=wide)
     out = W.Output()
 
     def redraw(*_):
