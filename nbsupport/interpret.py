@@ -119,7 +119,7 @@ def face_region_in_crop(mask: np.ndarray, box: Sequence[int] | None = None, size
     crop = np.zeros((s, s), np.float32)
     sub = mask[max(0, y0):y0 + s, max(0, x0):x0 + s]
     crop[max(0, -y0):max(0, -y0) + sub.shape[0], max(0, -x0):max(0, -x0) + sub.shape[1]] = sub
-    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    return np.clip(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA), 0.0, 1.0)  # area fractions
 
 
 def audio_box_to_pieces(box: dict, n_pieces: int, *, sr: int = 16000, hop: int = 200, n_mels: int = 128,
@@ -183,7 +183,7 @@ def face_region_from_box(mask: np.ndarray, box, size: int = 48) -> np.ndarray:
     H, W = mask.shape
     x0, y0, w, h = _clip_box(box, H, W)
     sub = np.asarray(mask, np.float32)[y0:y0 + h, x0:x0 + w]
-    return cv2.resize(sub, (size, size), interpolation=cv2.INTER_AREA)
+    return np.clip(cv2.resize(sub, (size, size), interpolation=cv2.INTER_AREA), 0.0, 1.0)  # float round-off
 
 
 class CueRegions:

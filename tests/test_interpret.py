@@ -104,7 +104,7 @@ def test_cue_regions_on_a_tiny_synthetic_corpus(tmp_path):
     from nbsupport.data.raw import read_frame
     from nbsupport.interpret import CueRegions, face_crop_box
 
-    root = generate_corpus(tmp_path / "c", n=4, seed=1, progress=False)
+    root = generate_corpus(tmp_path / "c", n=6, seed=1, progress=False)
     ds = mesm_dataset(root, "mosei", "train", cache_dir=tmp_path / "f")
     paths, _ = ds.raw.frames(0)
     for p in paths[:4]:

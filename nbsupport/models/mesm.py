@@ -389,7 +389,10 @@ def mesm_loaders(root, *, dataset: str = "mosei", text_model: str | None = None,
     from nbsupport.data import collate_mesm, mesm_dataset
     from nbsupport.train import make_loader
 
-    sets = {s: mesm_dataset(root, dataset, s, tokenizer=text_model or None, img_interval=img_interval)
+    from nbsupport.models.text import load_tokenizer
+
+    tokenizer = load_tokenizer(text_model or None)  # offline only; clear error naming the parameter
+    sets = {s: mesm_dataset(root, dataset, s, tokenizer=tokenizer, img_interval=img_interval)
             for s in ("train", "valid", "test")}
     for ds in sets.values():
         ds.precompute(progress=progress)
