@@ -640,8 +640,26 @@ def _pool_pairs(coords: torch.Tensor, spatial_shape: Sequence[int], k: int, s: i
     return inp, key, slot, (ho, wo)
 
 
+#: At or above this share of active sites, the CPU max-pool runs as dense max_pool2d on the -inf-filled map.
+DENSE_POOL_MIN_DENSITY = 0.5
+
+
+def _max_pool_dense_plan(features, coords, spatial_shape, batch_size, k, s):
+    # The documented identity, executed: dense max_pool2d of the map with -inf at inactive sites.
+    b = int(batch_size) if batch_size is not None else int(coords[:, 0].max()) + 1
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    grid = to_dense(features, coords, (b, h, w), fill=-math.inf)  # (B, C, H, W) channels-last memory
+    pooled = F.max_pool2d(grid, k, s)  # (B, C, Ho, Wo)
+    occ = torch.zeros(b, h, w, dtype=features.dtype, device=features.device)
+    occ[coords[:, 0], coords[:, 1], coords[:, 2]] = 1
+    site = F.max_pool2d(occ[:, None], k, s)[:, 0] > 0  # (B, Ho, Wo) windows with an active input
+    out_coords = site.nonzero()  # (M, 3) ordered by (b, y, x)
+    return pooled.permute(0, 2, 3, 1)[site], out_coords
+
+
 def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size: int = 2, stride: int | None = None,
-                      *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None):
+                      *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None,
+                      strategy: str = "auto"):
     """Sparse max-pooling (MESM's 2x2 pool after each sparse block, Chapter 6).
 
     Returns ``(features (M, C), coords (M, 3))`` of the pooled sites: an output site exists where its
@@ -650,7 +668,10 @@ def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size:
     read at those output sites -- forward and backward (the gradient goes to the first maximal active
     input of the window in row-major order, like PyTorch's CPU kernel).  ``spatial_shape`` (H, W)
     defaults to the coordinates' bounding box; pass it to match a dense map's floor-mode border.
-    Output sites are ordered by (batch, y, x).
+    Output sites are ordered by (batch, y, x).  ``strategy`` (CPU execution, same result): "sparse"
+    (pairs of active inputs and pooled sites, scatter-max), "dense" (that -inf identity executed with
+    ``max_pool2d``, faster when most sites are active) or "auto" (dense from
+    :data:`DENSE_POOL_MIN_DENSITY` of ``batch_size * H * W`` on; needs ``batch_size``).
     """
     k = int(kernel_size)
     s = int(stride) if stride is not None else k
@@ -665,6 +686,13 @@ def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size:
         return features.new_zeros(0, c), coords.new_zeros(0, 3)
     if spatial_shape is None:
         spatial_shape = (int(coords[:, 1].max()) + 1, int(coords[:, 2].max()) + 1)
+    if strategy not in ("auto", "sparse", "dense"):
+        raise ValueError(f"nbsupport.sparse.sparse_max_pool2d: 'strategy' must be auto/sparse/dense, got {strategy!r}")
+    if strategy == "auto":
+        cells = (batch_size or 0) * int(spatial_shape[0]) * int(spatial_shape[1])
+        strategy = "dense" if cells and features.shape[0] >= DENSE_POOL_MIN_DENSITY * cells else "sparse"
+    if strategy == "dense":
+        return _max_pool_dense_plan(features, coords, spatial_shape, batch_size, k, s)
     inp, key, slot, (ho, wo) = _pool_pairs(coords, spatial_shape, k, s)
     out_keys, pair_out = torch.unique(key, return_inverse=True)  # sorted keys -> (b, y, x) order
     m = out_keys.numel()
@@ -817,7 +845,7 @@ class SparseMaxPool2d(nn.Module):
         shape = ((h - k) // s + 1, (w - k) // s + 1)
         if sparse_backend(x.features.device) == "spconv" and x.num_sites > 0:
             return _sparse_pool_spconv(x, k, s)
-        f, c = sparse_max_pool2d(x.features, x.coords, k, s, spatial_shape=x.spatial_shape)
+        f, c = sparse_max_pool2d(x.features, x.coords, k, s, spatial_shape=x.spatial_shape, batch_size=x.batch_size)
         return SparseTensor(f, c, shape, x.batch_size)
 
 

@@ -106,11 +106,12 @@ POOL_CASES = [  # seed, batch, H, W, C, density, kernel, stride
 
 
 @pytest.mark.parametrize("seed,b,h,w,c,density,k,s", POOL_CASES)
-def test_sparse_max_pool_matches_dense_with_minus_inf(seed, b, h, w, c, density, k, s):
+@pytest.mark.parametrize("strategy", ["sparse", "dense", "auto"])
+def test_sparse_max_pool_matches_dense_with_minus_inf(seed, b, h, w, c, density, k, s, strategy):
     g, mask, dense = _random_case(seed, b, h, w, c, density)
     x = sp.to_sparse(dense, mask)
     feats = x.features.clone().requires_grad_(True)
-    out, oc = sp.sparse_max_pool2d(feats, x.coords, k, s, spatial_shape=(h, w))
+    out, oc = sp.sparse_max_pool2d(feats, x.coords, k, s, spatial_shape=(h, w), batch_size=b, strategy=strategy)
     # reference: dense max-pool with -inf at inactive sites
     dref = dense.masked_fill(~mask[:, None], -math.inf).requires_grad_(True)
     ref_map = F.max_pool2d(dref, k, s)
@@ -124,12 +125,13 @@ def test_sparse_max_pool_matches_dense_with_minus_inf(seed, b, h, w, c, density,
     torch.testing.assert_close(feats.grad, dref.grad.permute(0, 2, 3, 1)[mask])
 
 
-def test_sparse_max_pool_ties_go_to_first_in_window_like_dense():
+@pytest.mark.parametrize("strategy", ["sparse", "dense"])
+def test_sparse_max_pool_ties_go_to_first_in_window_like_dense(strategy):
     dense = torch.zeros(1, 1, 2, 2, dtype=torch.float64)  # all ties (e.g. after ReLU)
     mask = torch.tensor([[[False, True], [True, True]]])
     x = sp.to_sparse(dense, mask)
     f = x.features.clone().requires_grad_(True)
-    out, _ = sp.sparse_max_pool2d(f, x.coords, 2, 2)
+    out, _ = sp.sparse_max_pool2d(f, x.coords, 2, 2, batch_size=1, strategy=strategy)
     out.sum().backward()
     dref = dense.masked_fill(~mask[:, None], -math.inf).requires_grad_(True)
     F.max_pool2d(dref, 2).sum().backward()
