@@ -101,7 +101,7 @@ class _LateFusionBase(nn.Module):
         for batch in loader:
             for m in self.modalities:
                 x, mask = self._raw(batch, m)
-                real = x[mask.cpu()].double().cpu() if x.is_cuda else x[mask].double()  # (N_real, D)
+                real = x[mask.to(x.device)].double().cpu()  # (N_real, D)
                 sums[m] += real.sum(0)
                 sq[m] += (real ** 2).sum(0)
                 count[m] += real.shape[0]
