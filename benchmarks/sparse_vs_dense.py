@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import resource
 import statistics
@@ -115,14 +116,18 @@ def peaked_prior(n: int, h: int, w: int, blob: float, gen: torch.Generator, stre
 
 
 # ------------------------------------------------------------------------------------------ timing
-def saved_bytes(fn) -> int:
-    """Bytes of distinct tensors autograd saves for backward while ``fn()`` runs."""
+def saved_bytes(fn, model: nn.Module) -> int:
+    """Bytes of distinct activation tensors autograd saves for backward while ``fn()`` runs (the
+    training-time activation memory; the model's parameters are left out)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
         try:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        except Exception:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+        except Exception:  # tensors without storage (e.g. sparse/meta) carry no activation bytes
             pass
         return t
 
@@ -177,8 +182,8 @@ def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: floa
                 dense(x)
         tab_s = mc_s.table()
         strategies = [mod.last_strategy for mod in m.modules() if isinstance(mod, sp.SubMConv2d)]
-        sb = saved_bytes(lambda: m(x.clone().requires_grad_(True), text, prior))
-        db = saved_bytes(lambda: dense(x.clone().requires_grad_(True)))
+        sb = saved_bytes(lambda: m(x.clone().requires_grad_(True), text, prior), m)
+        db = saved_bytes(lambda: dense(x.clone().requires_grad_(True)), dense)
         row = dict(modality=modality, batch=batch, top_p=p,
                    sparse_seconds=statistics.median(ts), dense_seconds=statistics.median(td),
                    sparse_macs=int(tab_s["macs"].sum()), dense_macs=int(mc_d.table()["macs"].sum()),
@@ -247,6 +252,17 @@ def bench_top_p(seed: int, repeats: int) -> list[dict]:
     return rows
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # ------------------------------------------------------------------------------------------ plot
 def plot(result: dict, path: Path) -> None:
     import matplotlib
@@ -273,8 +289,10 @@ def plot(result: dict, path: Path) -> None:
     axes[2].set(xlabel="density d of active sites", ylabel="sparse / dense layer time",
                 title="one 3x3 layer, 64->128 at 24x24")
     axes[2].legend()
-    fig.suptitle(f"{result['machine']['cpu']} | torch {result['machine']['torch']} | "
-                 f"threads {result['machine']['threads']}", fontsize=9)
+    mach = result["machine"]
+    fig.suptitle(f"{mach['label'] + ' | ' if mach.get('label') else ''}{mach['cpu']} | torch {mach['torch']} | "
+                 f"threads {mach['threads']} | load avg {mach['load_average_before'][0]:.1f} on {mach['cores']} cores",
+                 fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -294,6 +312,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
+    ap.add_argument("--label", default="", help="free text describing the machine (stored in the JSON and plot)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if out.suffix != ".json":
@@ -310,9 +329,9 @@ def main(argv=None) -> dict:
     if args.quick:
         batches, top_ps, args.repeats = [2], [0.7, 1.0], 1
     t0 = time.perf_counter()
-    machine = dict(cpu=platform.processor() or platform.machine(), python=sys.version.split()[0],
-                   torch=torch.__version__, threads=torch.get_num_threads(),
-                   backend=sp.backend_description("cpu"))
+    machine = dict(cpu=cpu_name(), python=sys.version.split()[0], torch=torch.__version__,
+                   threads=torch.get_num_threads(), cores=os.cpu_count(), load_average_before=os.getloadavg(),
+                   backend=sp.backend_description("cpu"), label=args.label)
     result = dict(machine=machine, parameters=vars(args), rows=[], layer=[], top_p_mask=[])
     result["top_p_mask"] = bench_top_p(args.seed, 3 if args.quick else 7)
     result["layer"] = bench_layer([0.2, 0.5, 1.0] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
@@ -327,6 +346,7 @@ def main(argv=None) -> dict:
         layer_goal_met=[r["goal_met"] for r in result["layer"]],
         seconds_total=time.perf_counter() - t0,
         max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["machine"]["load_average_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     plot(result, out.with_suffix(".png"))
