@@ -21,9 +21,19 @@ How the rulebook works (hand-written because no installed library does correct s
 on CPU): coordinates ``(batch, y, x)`` are hashed to linear keys; for each of the ``k*k`` kernel
 offsets the index of the neighbour site is looked up (a dense index grid when the bounding grid is
 small, ``torch.searchsorted`` on sorted keys otherwise); missing neighbours point to an extra zero
-row.  The convolution is then *im2col on sites*: one gather ``(N, k*k*C_in)`` and one matmul with
-the weight reshaped to ``(k*k*C_in, C_out)``.  Because the submanifold neighbour relation is
-symmetric, the backward pass is the same gather with the mirrored table and one matmul (no scatter).
+row.  The table is cached on the :class:`SparseTensor`, so both convolutions of a block share it.
+The CPU then executes one of three plans with identical results (:func:`choose_strategy`):
+
+* ``"pairs"`` (low density, the MESM regime): the classic gather -> GEMM -> scatter rulebook over the
+  *active* (output, input) pairs only, all non-centre offsets in one batched matmul; the work is the
+  real rulebook size that :mod:`nbsupport.flops` counts;
+* ``"dense"`` (most of the grid active): oneDNN's ``conv2d`` on the zero-filled map, read at the sites;
+* ``"im2col"`` (reference): one gather to (N, k*k*C_in) and one matmul.  Because the submanifold
+  neighbour relation is symmetric, its backward is the mirrored gather and one matmul (no scatter).
+
+:class:`SubMConv2d` keeps its weight in PyTorch's (C_out, C_in, k, k) shape -- state dicts are shared
+with ``nn.Conv2d`` -- but stored offset-major in memory, so the rulebook reads it without copies.
+Measured in ``benchmarks/sparse_vs_dense.py`` (results in ``benchmarks/results/``).
 
 Shapes of the paper (MESM's original code, checked): after the dense stage (conv5x5-64, BN, ReLU,
 max-pool 2, two VGG-64 blocks *without* pooling) a 48x48 face is a 64x24x24 map and a 128x32 mel piece

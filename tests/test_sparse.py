@@ -280,3 +280,15 @@ def test_subm_module_state_dict_roundtrip_with_conv2d():
     conv2 = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
     conv2.load_state_dict(sub.state_dict())
     assert torch.equal(conv2.weight, conv.weight)
+
+
+def test_modules_on_empty_and_single_site_inputs():
+    block = sp.SparseVggBlock(3, 4).eval()
+    empty = sp.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long), (6, 6), 2)
+    out = block(empty)
+    assert out.features.shape == (0, 4) and out.spatial_shape == (3, 3)
+    one = sp.SparseTensor(torch.randn(1, 3), torch.tensor([[1, 3, 4]]), (6, 6), 2)
+    out = block(one)
+    assert out.coords.tolist() == [[1, 1, 2]]
+    f, c = sp.sparse_max_pool2d(one.features, one.coords, 2, 2, spatial_shape=(6, 6), batch_size=2)
+    torch.testing.assert_close(f, one.features)
