@@ -147,8 +147,8 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return torch.ones_like(probs, dtype=torch.bool)
     sorted_p, order = torch.sort(probs.detach(), dim=-1, descending=True)  # (..., S)
-    cum = torch.cumsum(sorted_p.double(), dim=-1)
-    before = cum - sorted_p.double()  # mass ranked strictly above each entry
+    cum = torch.cumsum(sorted_p, dim=-1)  # in the input's precision, like the per-sample loop
+    before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], -1)  # mass ranked strictly above
     keep_sorted = before < (p - _TOP_P_TOL) * cum[..., -1:]
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
