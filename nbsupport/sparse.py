@@ -55,7 +55,8 @@ __all__ = [
     "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "sparse_backend", "backend_description",
     "top_p_mask", "top_p_mask_segments", "top_p_mask_loop",
     "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "offset_major", "choose_strategy", "subm_conv2d", "sparse_max_pool2d",
-    "SubMConv2d", "SparseConvBNReLU", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",
+    "SubMConv2d", "SparseConvBNReLU", "SparseMaxPool2d", "SparseVggBlock", "DENSE_STRATEGY_MIN_FILL",
+    "DENSE_POOL_MIN_DENSITY", "DenseConvBNReLU", "DenseVggBlock",
 ]
 
 #: (channels, height, width) entering the first sparse block, per modality, as in MESM's code.
