@@ -138,22 +138,28 @@ def saved_bytes(fn, model: nn.Module) -> int:
 
 
 def timed(fn) -> float:
+    """Wall time of ``fn()``; on CUDA the queue is drained before and after (kernels run asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: float, seed: int) -> list[dict]:
+def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: float, seed: int,
+                     device: str = "cpu") -> list[dict]:
     c, h, w = sp.PAPER_SPARSE_INPUT[modality]
     gen = torch.Generator().manual_seed(seed)
-    x = torch.relu(torch.randn(batch, c, h, w, generator=gen))  # post-ReLU output of the dense stage
-    text = torch.randn(batch, 64, generator=gen)
-    prior = peaked_prior(batch, h, w, blob, gen, strength=1.0)
+    x = torch.relu(torch.randn(batch, c, h, w, generator=gen)).to(device)  # post-ReLU output of the dense stage
+    text = torch.randn(batch, 64, generator=gen).to(device)
+    prior = peaked_prior(batch, h, w, blob, gen, strength=1.0).to(device)
     torch.manual_seed(seed)
-    dense = DenseExtractor(c)
+    dense = DenseExtractor(c).to(device)
     sparse_models = {}
     for p in top_ps:
-        m = SparseExtractor(c, p)
+        m = SparseExtractor(c, p).to(device)
         m.blocks.load_state_dict(dense.blocks.state_dict())  # shared weights (same parameter names)
         sparse_models[p] = m
 
@@ -190,6 +196,12 @@ def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: floa
                    sparse_executed_macs=int(tab_s["executed_macs"].sum()),
                    sparse_saved_mb=sb / 2**20, dense_saved_mb=db / 2**20,
                    densities=[round(d, 4) for d in m.densities], cpu_plans=strategies)
+        row["device"] = str(device)
+        if str(device).startswith("cuda"):  # peak GPU memory of one forward+backward of each
+            for name, fn in (("sparse", run_sparse(m)), ("dense", run_dense)):
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                row[f"{name}_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         row["time_ratio"] = row["sparse_seconds"] / row["dense_seconds"]
         row["macs_ratio"] = row["sparse_macs"] / row["dense_macs"]
         rows.append(row)
@@ -317,8 +329,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     if out.suffix != ".json":
         ap.error(f"--out must name a .json file, got {args.out!r}")
-    if args.device != "cpu":
-        ap.error("--device: only 'cpu' is timed by this script (the GPU path is spconv; see README)")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        ap.error(f"--device: 'cpu', or 'cuda' on a machine with a GPU, got {args.device!r}")
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     top_ps = [float(p) for p in args.top_p.split(",")]
@@ -331,14 +343,16 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     machine = dict(cpu=cpu_name(), python=sys.version.split()[0], torch=torch.__version__,
                    threads=torch.get_num_threads(), cores=os.cpu_count(), load_average_before=os.getloadavg(),
-                   backend=sp.backend_description("cpu"), label=args.label)
+                   backend=sp.backend_description(args.device), label=args.label,
+                   gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
     result = dict(machine=machine, parameters=vars(args), rows=[], layer=[], top_p_mask=[])
-    result["top_p_mask"] = bench_top_p(args.seed, 3 if args.quick else 7)
-    result["layer"] = bench_layer([0.2, 0.5, 1.0] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
-                                  args.repeats, args.seed, batch=4 if args.quick else 32)
+    if args.device == "cpu":  # the per-layer and top-p studies are about the CPU implementation
+        result["top_p_mask"] = bench_top_p(args.seed, 3 if args.quick else 7)
+        result["layer"] = bench_layer([0.2, 0.5, 1.0] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+                                      args.repeats, args.seed, batch=4 if args.quick else 32)
     for m in mods:
         for b in batches:
-            result["rows"] += bench_extractors(m, b, top_ps, args.repeats, args.blob, args.seed)
+            result["rows"] += bench_extractors(m, b, top_ps, args.repeats, args.blob, args.seed, args.device)
     at07 = [r["time_ratio"] for r in result["rows"] if abs(r["top_p"] - 0.7) < 1e-9]
     result["summary"] = dict(
         time_ratio_at_0_7=at07, goal_time_ratio_at_0_7=0.5,
@@ -349,7 +363,8 @@ def main(argv=None) -> dict:
     result["machine"]["load_average_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
-    plot(result, out.with_suffix(".png"))
+    if result["layer"]:  # the CPU study; a GPU run writes only the JSON of extractor timings
+        plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} in {result['summary']['seconds_total']:.0f} s")
     return result
 
