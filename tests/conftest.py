@@ -63,7 +63,7 @@ class SmokeRun:
 def run_papermill(notebook: Path, executed: Path, parameters: dict, env_extra: dict | None = None,
                   timeout: int = 900) -> tuple[float, str | None]:
     """Run ``notebook`` with papermill in a subprocess (kernel cwd = book/); return (seconds, error text or None)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(executed), "--cwd", str(notebook.parent),
            "--kernel", "python3", "--no-progress-bar"]

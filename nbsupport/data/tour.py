@@ -141,6 +141,7 @@ def browser(raw: RawSplit):
     """ipywidgets browser: utterance and frame sliders redraw :func:`utterance_figure` (cheap callbacks)."""
     import ipywidgets as W
     import matplotlib.pyplot as plt
+    from IPython.display import display
 
     out = W.Output()
     u = W.IntSlider(0, 0, len(raw) - 1, description="utterance")
@@ -150,7 +151,7 @@ def browser(raw: RawSplit):
         with out:
             out.clear_output(wait=True)
             fig = utterance_figure(raw, u.value, f.value)
-            plt.show(fig)
+            display(fig)
             plt.close(fig)
 
     u.observe(draw, "value")
