@@ -139,16 +139,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 # ------------------------------------------------------------------------------------------------
 # Distributed hooks (identity when torch.distributed is not initialised)
 # ------------------------------------------------------------------------------------------------
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _dist_on() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if _dist_on() else 1
+from .distributed import is_distributed as _dist_on, rank as _rank, world_size as _world  # noqa: E402
 
 
 def _wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
