@@ -361,6 +361,27 @@ def _param_groups(model: nn.Module, lr: float, weight_decay: float):
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
 
 
+def _auxiliary_loss(model: nn.Module, batch: Mapping[str, Any], criterion: Callable,
+                    target: torch.Tensor) -> torch.Tensor | None:
+    """Extra training loss of models that define ``auxiliary_loss(batch, criterion)`` (hook of :func:`fit`).
+
+    ``criterion`` is handed to the model as ``logits -> scalar`` with this batch's targets bound, so
+    a model can score any auxiliary logits (B, n_outputs) with the task's own loss (BCE with
+    ``pos_weight`` or cross-entropy) without knowing the task. Used by the UMONS per-modality
+    auxiliary heads (deep supervision, Chapter 4). Called after the forward of the same batch;
+    returns a scalar tensor or None (no extra loss). Never used for evaluation.
+    """
+    hook = getattr(model, "auxiliary_loss", None)
+    if not callable(hook):
+        return None
+    aux = hook(batch, lambda logits: criterion(logits, target))
+    if aux is not None and (not torch.is_tensor(aux) or aux.dim() != 0):
+        raise ValueError(f"nbsupport.train.fit: {type(model).__name__}.auxiliary_loss must return a scalar "
+                         f"tensor or None, got {type(aux).__name__}"
+                         f"{'' if not torch.is_tensor(aux) else ' of shape ' + str(tuple(aux.shape))}")
+    return aux
+
+
 def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emotion", epochs: int = 10,
         lr: float = 1e-3, weight_decay: float = 0.0, device="auto", seed: int = 0, grad_clip: float | None = 1.0,
         patience: int | None = None, monitor: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
@@ -379,6 +400,10 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     written there atomically after each epoch; with ``resume=True`` an existing ``last.pt`` is loaded
     and training continues from the next epoch, ending where an uninterrupted run would have.
     ``callbacks``: functions ``cb(epoch, row_dict)`` called after each epoch (after the checkpoint).
+    Auxiliary losses: when the (unwrapped) model defines ``auxiliary_loss(batch, criterion)``, its
+    scalar is added to the training loss of each batch (``criterion``: logits -> loss with the batch's
+    targets bound; see :func:`_auxiliary_loss`); ``train_loss`` in the history includes it, validation
+    and evaluation do not.
     """
     _check_task(task)
     if not isinstance(epochs, int) or epochs < 1:
@@ -436,8 +461,12 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         total, count = 0.0, 0
         for batch in train_loader:
             target = targets_for(batch, task).to(device)
-            logits = net(_to_device(batch, device))
+            batch_dev = _to_device(batch, device)
+            logits = net(batch_dev)
             loss = criterion(logits, target)
+            aux = _auxiliary_loss(model, batch_dev, criterion, target)
+            if aux is not None:  # e.g. UMONS per-modality heads (deep supervision), training only
+                loss = loss + aux
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:

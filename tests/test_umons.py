@@ -158,3 +158,67 @@ def test_input_normalisation_uses_real_positions_only():
         real = batch[field][batch[f"{field}_mask"]].double()  # numpy-independent reference: torch mean/std
         assert torch.allclose(model.adapters[m].in_mean, real.mean(0).float(), atol=1e-5)
         assert torch.allclose(model.adapters[m].in_std, real.std(0, unbiased=False).float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("modalities", ["LA", "LAV"])
+def test_padding_never_changes_an_output_with_aux_heads_and_input_dropout(modalities):
+    torch.manual_seed(0)
+    model = UmonsTransformer(modalities, 6, input_dims=DIMS, **SMALL, aux_weight=1.0, input_dropout=0.3).eval()
+    batch = _batch()
+    with torch.no_grad():
+        ref = model(batch)
+        out = model(_with_garbage_padding(batch))
+    assert torch.allclose(ref, out, atol=1e-5)
+    assert model.auxiliary_loss(batch, lambda logits: logits.sum()) is None  # no auxiliary loss in eval
+    plain = UmonsTransformer(modalities, 6, input_dims=DIMS, **SMALL).eval()
+    plain.load_state_dict(model.state_dict())  # same parameters: the options add none
+    with torch.no_grad():
+        assert torch.allclose(plain(batch), ref, atol=1e-6)  # input dropout is the identity in eval
+
+
+def test_auxiliary_loss_is_the_mean_per_modality_loss_of_the_shared_head():
+    torch.manual_seed(0)
+    model = UmonsTransformer("LAV", 6, input_dims=DIMS, **SMALL, aux_weight=0.7).train()  # dropout 0 in SMALL
+    captured = {}
+    for m, layer in model.final_glimpse.items():  # capture the glimpse vectors independently of the model
+        layer.register_forward_hook(lambda mod, inp, out, m=m: captured.__setitem__(m, out.detach()))
+    batch = _batch()
+    model(batch)
+    y = batch["emotion"]
+    crit = lambda logits: torch.nn.functional.binary_cross_entropy_with_logits(logits, y)  # noqa: E731
+    aux = model.auxiliary_loss(batch, crit)
+    ln, fc = model.norm, model.classifier
+    expected = 0.7 * sum(crit(torch.nn.functional.linear(torch.nn.functional.layer_norm(
+        captured[m], (SMALL["hidden_size"],), ln.weight, ln.bias, ln.eps), fc.weight, fc.bias))
+        for m in "LAV") / 3
+    assert aux.dim() == 0 and torch.allclose(aux, expected, atol=1e-6)
+    aux.backward()
+    assert model.final_glimpse["V"].proj.weight.grad.abs().sum() > 0  # every modality is supervised
+    # off by default, and for a single modality
+    assert UmonsTransformer("LAV", 6, input_dims=DIMS, **SMALL).train().auxiliary_loss(batch, crit) is None
+    single = UmonsTransformer("A", 6, input_dims=DIMS, **SMALL, aux_weight=1.0).train()
+    single(batch)
+    assert single.auxiliary_loss(batch, crit) is None
+
+
+def test_input_dropout_drops_features_in_training_only():
+    torch.manual_seed(0)
+    model = UmonsTransformer("LA", 6, input_dims=DIMS, **SMALL, input_dropout=0.5)
+    batch = _batch()
+    seen = []
+    model.adapters["A"].net.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    model.train()(batch)
+    model.eval()(batch)
+    real = torch.nn.functional.pad(batch["audio_mask"], (0, SMALL["seq_len"] - batch["audio_mask"].shape[1]))
+    train_in, eval_in = seen
+    dropped = (train_in == 0) & real[..., None]
+    assert 0.3 < dropped.float().sum() / (real.sum() * DIMS["A"]) < 0.7  # about half the real features
+    # kept features are scaled by 1 / (1 - p), as torch.nn.functional.dropout does
+    assert torch.allclose(train_in[~dropped & real[..., None]], 2 * eval_in[~dropped & real[..., None]])
+
+
+def test_bad_aux_options_are_named():
+    with pytest.raises(ValueError, match="input_dropout"):
+        UmonsConfig(input_dropout=1.0)
+    with pytest.raises(ValueError, match="aux_weight"):
+        UmonsConfig(aux_weight=-1)

@@ -21,6 +21,7 @@ zeroed after the adapters and masked in every attention, so they never change an
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
@@ -39,7 +40,14 @@ MODALITY_KEYS = {"L": "text", "A": "audio", "V": "video"}
 
 @dataclass
 class UmonsConfig:
-    """Hyper-parameters with the paper's names (Delbrouck et al. 2020, Sec. 4): defaults = paper config."""
+    """Hyper-parameters with the paper's names (Delbrouck et al. 2020, Sec. 4): defaults = paper config.
+
+    Two regularisers that are not in the paper, both off by default (Chapter 4):
+    ``input_dropout`` -- feature dropout on each modality's (standardised) input features in training;
+    ``aux_weight`` -- weight of the per-modality auxiliary heads (deep supervision: every modality's
+    final glimpse vector must predict the labels alone, through the shared LayerNorm + classifier),
+    see :meth:`UmonsTransformer.auxiliary_loss`.
+    """
 
     hidden_size: int = 512
     ff_size: int = 1024
@@ -47,6 +55,8 @@ class UmonsConfig:
     heads: int = 4
     dropout: float = 0.1
     seq_len: int = 60
+    aux_weight: float = 0.0
+    input_dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("hidden_size", "ff_size", "layers", "heads", "seq_len"):
@@ -58,6 +68,11 @@ class UmonsConfig:
                              f"'heads'={self.heads}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"UmonsConfig: parameter 'dropout' must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= float(self.input_dropout) < 1.0:
+            raise ValueError(f"UmonsConfig: parameter 'input_dropout' must be in [0, 1), got {self.input_dropout!r}")
+        if not float(self.aux_weight) >= 0.0 or not math.isfinite(float(self.aux_weight)):
+            raise ValueError(f"UmonsConfig: parameter 'aux_weight' must be a finite number >= 0, "
+                             f"got {self.aux_weight!r}")
 
 
 #: The configuration of the paper: hidden 512, ff 1024, 4 layers, 4 heads, dropout 0.1, 60 positions.
@@ -119,10 +134,12 @@ class ModalityAdapter(nn.Module):
 
     Output (B, seq_len, hidden) with padded positions set to 0, and the mask (B, seq_len). The LSTM
     runs left to right, so padding after an utterance cannot change its real positions.
+    ``input_dropout``: feature dropout on the standardised inputs in training (identity in eval).
     """
 
-    def __init__(self, modality: str, in_dim: int, hidden_size: int, seq_len: int):
+    def __init__(self, modality: str, in_dim: int, hidden_size: int, seq_len: int, input_dropout: float = 0.0):
         super().__init__()
+        self.input_dropout = nn.Dropout(input_dropout)
         self.modality, self.seq_len = modality, seq_len
         self.net = nn.LSTM(in_dim, hidden_size, batch_first=True) if modality == "L" else nn.Linear(in_dim, hidden_size)
         self.in_dim = in_dim
@@ -141,7 +158,7 @@ class ModalityAdapter(nn.Module):
             feats = F.pad(feats, (0, 0, 0, pad))  # (B, seq_len, in_dim)
             mask = F.pad(mask, (0, pad), value=False)
         feats = (feats.float() - self.in_mean) / self.in_std
-        feats = feats * mask.unsqueeze(-1)  # padded input values never enter the network
+        feats = self.input_dropout(feats * mask.unsqueeze(-1))  # padding never enters; dropout keeps zeros 0
         h = self.net(feats)[0] if self.modality == "L" else self.net(feats)  # (B, seq_len, hidden)
         return h * mask.unsqueeze(-1), mask
 
@@ -173,7 +190,8 @@ class UmonsTransformer(nn.Module):
         dims = {"L": 300, "A": 80, "V": 512, **dict(input_dims or {})}
         self.config, self.modalities, self.n_outputs = config, modalities, n_outputs
         c = config
-        self.adapters = nn.ModuleDict({m: ModalityAdapter(m, dims[m], c.hidden_size, c.seq_len) for m in modalities})
+        self.adapters = nn.ModuleDict({m: ModalityAdapter(m, dims[m], c.hidden_size, c.seq_len,
+                                                          float(c.input_dropout)) for m in modalities})
         self.multimodal = len(modalities) > 1
         if not self.multimodal:
             self.blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout)
@@ -196,6 +214,7 @@ class UmonsTransformer(nn.Module):
         self.norm = nn.LayerNorm(c.hidden_size)
         self.classifier = nn.Linear(c.hidden_size, n_outputs)
         self.dropout = nn.Dropout(c.dropout)
+        self._glimpse_vectors: dict | None = None  # final glimpse per modality of the last forward
 
     def _inputs(self, batch: Mapping[str, torch.Tensor]):
         seqs, masks = {}, {}
@@ -227,8 +246,26 @@ class UmonsTransformer(nn.Module):
                     for m in self.modalities:  # z = LN(z + glimpses(z)), (B, seq_len, hidden)
                         g = self.block_glimpses[m][i](z[m], masks[m])
                         z[m] = self.block_norms[m][i](z[m] + self.dropout(g))
-        fused = sum(self.final_glimpse[m](z[m], masks[m]) for m in self.modalities)  # (B, hidden)
+        vectors = {m: self.final_glimpse[m](z[m], masks[m]) for m in self.modalities}  # each (B, hidden)
+        self._glimpse_vectors = vectors if self.training else None  # kept for auxiliary_loss only
+        fused = sum(vectors.values())  # (B, hidden)
         return self.classifier(self.norm(fused))  # (B, n_outputs)
+
+    def auxiliary_loss(self, batch: Mapping[str, torch.Tensor], criterion) -> torch.Tensor | None:
+        """Per-modality auxiliary heads (deep supervision; hook of :func:`nbsupport.train.fit`, Chapter 4).
+
+        ``aux_weight * mean_m criterion(classifier(LN(g^m)))`` over the final glimpse vectors
+        ``g^m`` (B, hidden) of the last training forward (the same ``batch``), with the main head's
+        LayerNorm and classifier shared by every modality. Each stream must then carry the labels on its
+        own, so the joint model cannot lean on the modality it overfits first. ``criterion``: logits
+        (B, n_outputs) -> scalar loss with the batch's targets bound. None when ``aux_weight`` is 0, the
+        model has one modality, or no training forward preceded the call.
+        """
+        if not self.config.aux_weight or not self.multimodal or self._glimpse_vectors is None:
+            return None
+        losses = [criterion(self.classifier(self.norm(g))) for g in self._glimpse_vectors.values()]
+        self._glimpse_vectors = None  # one auxiliary loss per forward
+        return float(self.config.aux_weight) * torch.stack(losses).mean()
 
     @torch.no_grad()
     def attention_maps(self) -> dict:
