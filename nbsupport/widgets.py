@@ -11,7 +11,19 @@ from IPython.display import display
 
 from .attention import scaled_dot_product_attention
 
-__all__ = ["KEY_WORDS", "key_vectors", "draw_query_attention", "attention_explorer"]
+__all__ = ["KEY_WORDS", "key_vectors", "draw_query_attention", "attention_explorer", "show_in"]
+
+
+def show_in(out: W.Output, fig) -> None:
+    """Replace what the Output widget ``out`` shows by the matplotlib figure ``fig`` (then closed).
+
+    The figure goes into the widget's ``outputs`` state directly instead of being captured with
+    ``with out:``: headless executors (nbclient under papermill and Jupyter Book) then see no output
+    capture, whose comm traffic was seen to leave an execution hanging; JupyterLab renders it the same.
+    """
+    out.outputs = ()
+    out.append_display_data(fig)
+    plt.close(fig)
 
 #: Words placed on a 2-D "meaning" plane (angle = kind of feeling) for the query explorer of Chapter 1.
 KEY_WORDS = ["joy", "delight", "calm", "table", "fear", "dread", "anger"]
@@ -59,11 +71,9 @@ def attention_explorer(angle: float = 30.0, length: float = 1.0, temperature: fl
     out = W.Output()
 
     def redraw(*_):
-        with out:
-            out.clear_output(wait=True)
-            fig = plt.figure(figsize=(9, 3.6))
-            draw_query_attention(fig, angle_s.value, length_s.value, temp_s.value)
-            plt.show()
+        fig = plt.figure(figsize=(9, 3.6))
+        draw_query_attention(fig, angle_s.value, length_s.value, temp_s.value)
+        show_in(out, fig)
 
     for s in (angle_s, length_s, temp_s):
         s.observe(redraw, names="value")

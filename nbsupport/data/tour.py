@@ -140,19 +140,15 @@ def utterance_figure(raw: RawSplit, i: int, frame: int = 0, fig=None):
 def browser(raw: RawSplit):
     """ipywidgets browser: utterance and frame sliders redraw :func:`utterance_figure` (cheap callbacks)."""
     import ipywidgets as W
-    import matplotlib.pyplot as plt
-    from IPython.display import display
+
+    from ..widgets import show_in
 
     out = W.Output()
     u = W.IntSlider(0, 0, len(raw) - 1, description="utterance")
     f = W.IntSlider(0, 0, 20, description="frame")
 
     def draw(*_):
-        with out:
-            out.clear_output(wait=True)
-            fig = utterance_figure(raw, u.value, f.value)
-            display(fig)
-            plt.close(fig)
+        show_in(out, utterance_figure(raw, u.value, f.value))
 
     u.observe(draw, "value")
     f.observe(draw, "value")
