@@ -71,9 +71,12 @@ def attention_explorer(angle: float = 30.0, length: float = 1.0, temperature: fl
     out = W.Output()
 
     def redraw(*_):
-        fig = plt.figure(figsize=(9, 3.6))
-        draw_query_attention(fig, angle_s.value, length_s.value, temp_s.value)
-        show_in(out, fig)
+        # captured output (not show_in): JupyterLab draws the live heatmap from it (tests/test_jupyterlab.py)
+        with out:
+            out.clear_output(wait=True)
+            fig = plt.figure(figsize=(9, 3.6))
+            draw_query_attention(fig, angle_s.value, length_s.value, temp_s.value)
+            plt.show()
 
     for s in (angle_s, length_s, temp_s):
         s.observe(redraw, names="value")
