@@ -28,6 +28,7 @@ assets: $(STAMP)
 	$(BIN)/python -m nbsupport.bookassets book/_static
 
 book: $(STAMP) assets
+	$(BIN)/python -c "from nbsupport.data.corpus import guard_book_cache; guard_book_cache('.jupyter_cache')"
 	$(BIN)/jupyter-book build . --warningiserror --keep-going --path-output .
 	@echo "HTML book: $(CURDIR)/_build/html/index.html"
 
@@ -38,4 +39,4 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sparse_vs_dense.py --out benchmarks/results/sparse_vs_dense.json
 
 clean:
-	rm -rf _build .jupyter_cache
+	rm -rf _build .jupyter_cache .jupyter_cache.data_version

@@ -145,28 +145,13 @@ def audio_box_to_pieces(box: dict, n_pieces: int, *, sr: int = 16000, hop: int =
 
 
 def face_crop_box(img_bgr: np.ndarray) -> tuple[int, int, int]:
-    """(x0, y0, side) of the square that :func:`nbsupport.data.features.face_crop` crops from a frame.
-
-    Mirrors ``face_crop``'s box logic (same detector, same widening, same centre fallback) because
-    that function returns only the resized crop; ``tests/test_interpret.py`` checks that slicing this
-    box and resizing gives exactly ``face_crop``'s output, so a change there is caught.
-    """
-    import cv2
-
+    """(x0, y0, side) of the square that :func:`nbsupport.data.features.face_crop` crops from a frame,
+    used to draw MESM's attention on the face back onto the frame (Chapter 6); see
+    :func:`nbsupport.data.features.face_box`."""
     from nbsupport.data import features
 
-    grey = cv2.cvtColor(img_bgr, cv2.COLOR_BGR2GRAY) if img_bgr.ndim == 3 else img_bgr
-    H, W = grey.shape
-    m = max(24, min(H, W) // 4)
-    faces = features._face_detector().detect_multi_scale(grey, scale_factor=1.25, step_ratio=1.5, min_size=(m, m),
-                                                         max_size=(min(H, W), min(H, W)), min_neighbor_number=2)
-    if faces:
-        f = max(faces, key=lambda d: d["width"] * d["height"])
-        c_x, c_y = f["c"] + f["width"] / 2, f["r"] + f["height"] / 2
-        s = int(max(f["width"], f["height"]) * 1.2)
-        return int(max(0, c_x - s / 2)), int(max(0, c_y - s / 2)), s
-    s = min(H, W)
-    return (W - s) // 2, (H - s) // 2, s
+    x0, y0, s, _ = features.face_box(img_bgr)
+    return x0, y0, s
 
 
 def _clip_box(box, H, W):

@@ -10,8 +10,10 @@ a 2x2 max-pool over active inputs (:func:`sparse_max_pool2d`).
 Two backends, chosen automatically and visible through :func:`sparse_backend`:
 
 * ``"spconv"`` on CUDA tensors when ``spconv`` (``spconv-cu12x``) is installed: spconv's
-  ``SubMConv2d`` / ``SparseMaxPool2d`` run with *our* weights (dense PyTorch layout, converted on
-  the fly), so a dense and a sparse block share one ``state_dict``;
+  ``SubMConv2d`` runs with *our* weights (dense PyTorch layout, converted on the fly; the sparse
+  max-pool stays in PyTorch, see :class:`SparseMaxPool2d`), so a dense and a sparse block share one ``state_dict``; before spconv is trusted on a
+  device, :func:`spconv_selfcheck` compares it once with dense ``conv2d`` there and a failure falls
+  back to the rulebook with a warning;
 * ``"torch-rulebook"`` everywhere else: a pure-PyTorch rulebook implementation, verified against
   dense ``conv2d`` / ``max_pool2d`` forward and backward in ``tests/test_sparse.py``. spconv's
   CPU wheel returns wrong answers here (DESIGN.md, "Sparse convolution"), so it is never used on CPU.
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -52,7 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "sparse_backend", "backend_description",
+    "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "SPCONV_SELFCHECK_TOL", "sparse_backend", "backend_description",
+    "spconv_selfcheck",
     "top_p_mask", "top_p_mask_segments", "top_p_mask_loop",
     "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "offset_major", "choose_strategy", "subm_conv2d", "sparse_max_pool2d",
     "SubMConv2d", "SparseConvBNReLU", "SparseMaxPool2d", "SparseVggBlock", "DENSE_STRATEGY_MIN_FILL",
@@ -86,12 +90,72 @@ def _spconv_available() -> bool:
     return _SPCONV_OK
 
 
+#: Largest |spconv - dense conv2d| (forward value or input gradient) the self-check accepts.
+SPCONV_SELFCHECK_TOL = 1e-3
+_SPCONV_CHECKED: dict[str, float] = {}
+
+
+def spconv_selfcheck(device: torch.device | str = "cuda") -> float:
+    """Run spconv's ``SubMConv2d`` once on ``device`` against dense ``conv2d`` on the active sites.
+
+    MESM's sparse blocks (Chapter 6) are only as good as the engine under them, and spconv has
+    returned wrong numbers without an error in three ways we met (its CPU wheel, its max-pool, and
+    column-major coordinates on CUDA; DESIGN.md). So before spconv is trusted on a device, a small
+    random case (batch 2, 8 -> 16 channels, 10x10, density 0.4, our coordinate path) is compared with
+    dense convolution, forward values and input gradients.  Returns the largest absolute difference.
+    """
+    import spconv.pytorch as spc
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 10, 10, generator=g) < 0.4
+    dense = (torch.randn(2, 8, 10, 10, generator=g) * mask[:, None]).to(dev)
+    weight = (torch.randn(16, 8, 3, 3, generator=g) * 0.2).to(dev)
+    mask = mask.to(dev)
+    x = to_sparse(dense, mask)
+    feats = x.features.detach().requires_grad_(True)
+    mod = spc.SubMConv2d(8, 16, 3, padding=1, bias=False, indice_key="nbsupport_selfcheck").to(dev)
+    with torch.no_grad():
+        mod.weight.copy_(_spconv_weight_shape(tuple(mod.weight.shape), weight))
+    st = spc.SparseConvTensor(feats, x.coords.int().contiguous(), [10, 10], 2)
+    out = mod(st).features
+    dense_in = dense.detach().requires_grad_(True)
+    ref = F.conv2d(dense_in, weight, padding=1)
+    ref_sites = ref.permute(0, 2, 3, 1)[mask]
+    grad = torch.randn(out.shape, generator=g).to(dev)
+    (out * grad).sum().backward()
+    (ref_sites * grad).sum().backward()
+    with torch.no_grad():
+        diff = max(float((out - ref_sites).abs().max()),
+                   float((feats.grad - dense_in.grad.permute(0, 2, 3, 1)[mask]).abs().max()))
+    return diff
+
+
+def _spconv_trusted(device: torch.device) -> bool:
+    """spconv importable and its self-check on ``device`` within :data:`SPCONV_SELFCHECK_TOL` (once per device)."""
+    if not _spconv_available():
+        return False
+    key = str(device)
+    if key not in _SPCONV_CHECKED:
+        try:
+            _SPCONV_CHECKED[key] = spconv_selfcheck(device)
+        except Exception as exc:  # a broken install must not take the chapter down: fall back, say why
+            warnings.warn(f"nbsupport.sparse: spconv failed its self-check on {device} ({exc!r}); "
+                          f"using {SPARSE_BACKEND_CPU}")
+            _SPCONV_CHECKED[key] = float("nan")
+        else:
+            if not _SPCONV_CHECKED[key] <= SPCONV_SELFCHECK_TOL:
+                warnings.warn(f"nbsupport.sparse: spconv failed its self-check: it differs from dense conv2d by {_SPCONV_CHECKED[key]:.3g} "
+                              f"on {device} (tolerance {SPCONV_SELFCHECK_TOL}); using {SPARSE_BACKEND_CPU}")
+    return _SPCONV_CHECKED[key] <= SPCONV_SELFCHECK_TOL  # NaN (failed) compares False
+
+
 def sparse_backend(device: torch.device | str | None = None) -> str:
     """Which sparse-convolution engine runs on ``device``: ``"spconv"`` or ``"torch-rulebook"``.
 
-    Chapter 6 prints it.  spconv is used only for CUDA devices with ``spconv`` importable and
-    ``NBSUPPORT_SPARSE_BACKEND`` not set to ``torch-rulebook``; CPU always gets the verified
-    rulebook (spconv's CPU wheel is wrong here, DESIGN.md).
+    Chapter 6 prints it.  spconv is used only for CUDA devices with ``spconv`` importable, passing
+    :func:`spconv_selfcheck` there, and ``NBSUPPORT_SPARSE_BACKEND`` not set to ``torch-rulebook``;
+    CPU always gets the verified rulebook (spconv's CPU wheel is wrong here, DESIGN.md).
     """
     forced = os.environ.get("NBSUPPORT_SPARSE_BACKEND", "").strip()
     if forced not in ("", "spconv", SPARSE_BACKEND_CPU):
@@ -100,7 +164,7 @@ def sparse_backend(device: torch.device | str | None = None) -> str:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type != "cuda" or forced == SPARSE_BACKEND_CPU:
         return SPARSE_BACKEND_CPU
-    return "spconv" if _spconv_available() else SPARSE_BACKEND_CPU
+    return "spconv" if _spconv_trusted(dev) else SPARSE_BACKEND_CPU
 
 
 def backend_description(device: torch.device | str | None = None) -> str:
@@ -108,9 +172,11 @@ def backend_description(device: torch.device | str | None = None) -> str:
     name = sparse_backend(device)
     if name == "spconv":
         import spconv
-        return f"spconv {getattr(spconv, '__version__', '?')} on {device} (SubMConv2d; sparse max-pool in PyTorch)"
+        diff = _SPCONV_CHECKED.get(str(torch.device(device)), float("nan"))
+        return (f"spconv {getattr(spconv, '__version__', '?')} on {device} (SubMConv2d, self-check against dense "
+                f"conv2d: max diff {diff:.1e}; sparse max-pool in PyTorch)")
     why = "CPU: spconv's CPU wheel is wrong here" if torch.device(device or "cpu").type != "cuda" \
-        else "CUDA without a usable spconv (or forced)"
+        else "CUDA without spconv, spconv failed its self-check, or forced"
     return f"{SPARSE_BACKEND_CPU} (pure PyTorch, verified against dense conv2d; {why})"
 
 

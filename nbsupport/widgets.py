@@ -11,19 +11,48 @@ from IPython.display import display
 
 from .attention import scaled_dot_product_attention
 
-__all__ = ["KEY_WORDS", "key_vectors", "draw_query_attention", "attention_explorer", "show_in"]
+__all__ = ["KEY_WORDS", "key_vectors", "draw_query_attention", "attention_explorer", "show_in", "figure_view", "figure_png"]
 
 
-def show_in(out: W.Output, fig) -> None:
-    """Replace what the Output widget ``out`` shows by the matplotlib figure ``fig`` (then closed).
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """PNG bytes of the matplotlib figure ``fig`` (then closed); what :func:`figure_view` shows."""
+    import io
 
-    The figure goes into the widget's ``outputs`` state directly instead of being captured with
-    ``with out:``: headless executors (nbclient under papermill and Jupyter Book) then see no output
-    capture, whose comm traffic was seen to leave an execution hanging; JupyterLab renders it the same.
-    """
-    out.outputs = ()
-    out.append_display_data(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
+    return buf.getvalue()
+
+
+def figure_view(fig=None) -> W.Image:
+    """An ``ipywidgets.Image`` that shows a matplotlib figure; redraw it with :func:`show_in`.
+
+    The interactive figures of Chapters 4 and 6 (co-attention maps, MESM's kept sites) live in this
+    widget's synced ``value``: JupyterLab draws it when a callback in the kernel sets it, Jupyter Book
+    embeds its last state in the static page, and no output capture is involved (``with out:``
+    capture was seen to leave headless nbclient executions hanging).
+    """
+    view = W.Image(format="png", layout=W.Layout(max_width="100%"))
+    if fig is not None:
+        show_in(view, fig)
+    return view
+
+
+def show_in(view, fig) -> None:
+    """Show the matplotlib figure ``fig`` (then closed) in ``view``, replacing what it showed.
+
+    ``view`` is a :func:`figure_view` image widget (the value becomes the figure's PNG) or an
+    ``ipywidgets.Output`` (its ``outputs`` state is replaced by the figure; kept for old notebooks).
+    """
+    if isinstance(view, W.Image):
+        view.value = figure_png(fig)
+        return
+    if not isinstance(view, W.Output):
+        raise TypeError(f"show_in: 'view' must be an ipywidgets.Image (figure_view()) or Output, got {type(view).__name__}")
+    view.outputs = ()
+    view.append_display_data(fig)
+    plt.close(fig)
+
 
 #: Words placed on a 2-D "meaning" plane (angle = kind of feeling) for the query explorer of Chapter 1.
 KEY_WORDS = ["joy", "delight", "calm", "table", "fear", "dread", "anger"]

@@ -198,3 +198,20 @@ def test_unknown_dataset_and_split(corpus):
         load_split(corpus, "meld", "train")
     with pytest.raises(DataError, match="unknown split 'dev'"):
         load_split(corpus, "mosei", "dev")
+
+
+def test_guard_book_cache_drops_outputs_of_older_data(tmp_path, monkeypatch):
+    """make book's guard: jupyter-cache keys notebooks by code only, so a new corpus version must empty it."""
+    from nbsupport.data import corpus
+
+    cache = tmp_path / ".jupyter_cache"
+    cache.mkdir()
+    (cache / "global.db").write_text("old outputs")
+    assert corpus.guard_book_cache(cache) is True and not cache.exists()  # no stamp yet: unknown data
+    cache.mkdir()
+    (cache / "global.db").write_text("new outputs")
+    assert corpus.guard_book_cache(cache) is False and (cache / "global.db").exists()
+    assert (tmp_path / ".jupyter_cache.data_version").read_text().strip() == corpus.data_version()
+    monkeypatch.setattr(corpus, "data_version", lambda: "synth999-features1")
+    assert corpus.guard_book_cache(cache) is True and not cache.exists()
+    assert not list(tmp_path.glob("*.tmp-*"))

@@ -1,9 +1,10 @@
-"""Chapter 1 in JupyterLab, the way a reader uses it (DESIGN.md, user path 2).
+"""The chapters' widgets in JupyterLab, the way a reader uses them (DESIGN.md, user path 2).
 
-Starts JupyterLab on 127.0.0.1 (free port, random token) in a temporary folder holding a copy of
-chapter 1 with ``smoke = True``, opens it in headless Chromium, runs all cells, moves the
-``temperature`` slider of the attention explorer with the keyboard and checks that the attention
-heatmap image below the sliders changes (the widget callback ran in the kernel and redrew). The
+Starts JupyterLab on 127.0.0.1 (free port, random token) in a temporary folder holding a copy of a
+chapter with ``smoke = True``, opens it in headless Chromium, runs all cells, moves a slider with the
+keyboard and checks that the figure next to it changes (the widget callback ran in the kernel and
+redrew): chapter 1's ``temperature`` (attention heatmap in a captured Output), chapter 4's co-attention
+``layer`` and chapter 6's ``top_p`` (figures in an ``ipywidgets.Image``, ``nbsupport.widgets.figure_view``). The
 server is always shut down; a screenshot is kept under ``_build/test-artifacts/jupyterlab/``.
 Skipped locally without chromium/chromedriver/selenium, failed when ``CI`` is set.
 """
@@ -26,8 +27,9 @@ import pytest
 from conftest import ROOT
 from test_browser import require_chromium, start_chromium
 
-CHAPTER = ROOT / "book" / "01_attention_basics.ipynb"
-SLIDER = "temperature"          # description of the slider the test moves (nbsupport.widgets)
+#: (chapter, description of the slider the test moves, how many right-arrow presses)
+CASES = [("01_attention_basics.ipynb", "temperature", 5), ("04_umons_multimodal.ipynb", "layer", 1),
+         ("06_mesm.ipynb", "top_p", 3)]
 ARTIFACTS = ROOT / "_build" / "test-artifacts" / "jupyterlab"
 RUN_ALL_TIMEOUT_S = 150
 
@@ -126,8 +128,9 @@ if (!label) return null;
 const slider = label.closest('.widget-slider, .widget-hslider');
 const handle = slider.querySelector('.noUi-handle, [role="slider"], input[type="range"]');
 let box = slider.parentElement;
-while (box && !box.querySelector('.jupyter-widgets-output-area img, .widget-output img')) box = box.parentElement;
-const img = box ? box.querySelector('.jupyter-widgets-output-area img, .widget-output img') : null;
+const IMG = '.jupyter-widgets-output-area img, .widget-output img, img.widget-image';
+while (box && !box.querySelector(IMG)) box = box.parentElement;
+const img = box ? box.querySelector(IMG) : null;
 const readout = slider.querySelector('.widget-readout');
 return {handle: handle, src: img ? img.getAttribute('src') : null,
         readout: readout ? readout.textContent.trim() : null};
@@ -135,12 +138,13 @@ return {handle: handle, src: img ? img.getAttribute('src') : null,
 
 
 @pytest.mark.timeout(420)
-def test_chapter1_slider_changes_heatmap(jupyterlab, tmp_path):
+@pytest.mark.parametrize("chapter,slider,presses", CASES, ids=[c[0][:2] for c in CASES])
+def test_slider_redraws_figure_in_jupyterlab(jupyterlab, tmp_path, chapter, slider, presses):
     from selenium.webdriver.common.keys import Keys
 
     chromium, driver = require_chromium()
     base, token, work = jupyterlab
-    nb_path = _smoke_copy(CHAPTER, work)
+    nb_path = _smoke_copy(ROOT / "book" / chapter, work)
     browser = start_chromium(chromium, driver, tmp_path / "chromium-profile")
     try:
         browser.set_window_size(1400, 1100)
@@ -168,32 +172,33 @@ def test_chapter1_slider_changes_heatmap(jupyterlab, tmp_path):
             assert time.monotonic() < deadline, f"cells still running after {RUN_ALL_TIMEOUT_S} s: {prompts}"
             time.sleep(1)
 
-        found = browser.execute_script(_SLIDER_JS, SLIDER)
-        assert found, f"no slider described '{SLIDER}' rendered in chapter 1"
-        assert found["src"] and found["src"].startswith("data:image/png"), "no heatmap image next to the sliders"
+        found = browser.execute_script(_SLIDER_JS, slider)
+        assert found, f"no slider described '{slider}' rendered in {chapter}"
+        assert found["src"] and found["src"].startswith(("data:image/png", "blob:")), \
+            f"{chapter}: no figure image next to the '{slider}' slider"
         before_src, before_value = found["src"], found["readout"]
         # keyboard, as a reader would after tabbing to the handle (a notification toast may cover it)
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();",
                                found["handle"])
-        for _ in range(5):
+        for _ in range(presses):
             found["handle"].send_keys(Keys.ARROW_RIGHT)
             time.sleep(0.1)
         deadline = time.monotonic() + 30
         while True:  # every key press redraws; wait for the kernel to finish them all
-            now = browser.execute_script(_SLIDER_JS, SLIDER)
+            now = browser.execute_script(_SLIDER_JS, slider)
             idle = browser.execute_script(_KERNEL_IDLE_JS)
             if idle and now["src"] and now["src"] != before_src:
                 time.sleep(1.0)
-                again = browser.execute_script(_SLIDER_JS, SLIDER)
+                again = browser.execute_script(_SLIDER_JS, slider)
                 if again["src"] == now["src"] and browser.execute_script(_KERNEL_IDLE_JS):
                     break
             assert time.monotonic() < deadline, (
-                f"heatmap did not change after moving '{SLIDER}' ({before_value} -> {now['readout']})")
+                f"{chapter}: figure did not change after moving '{slider}' ({before_value} -> {now['readout']})")
             time.sleep(0.5)
         assert now["readout"] != before_value, "the slider's value did not change"
         assert now["src"] != before_src
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
-        (ARTIFACTS / "chapter1_after_slider.png").write_bytes(base64.b64decode(shot["data"]))
+        (ARTIFACTS / f"{nb_path.stem}_after_slider.png").write_bytes(base64.b64decode(shot["data"]))
     finally:
         browser.quit()

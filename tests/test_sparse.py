@@ -292,3 +292,68 @@ def test_modules_on_empty_and_single_site_inputs():
     assert out.coords.tolist() == [[1, 1, 2]]
     f, c = sp.sparse_max_pool2d(one.features, one.coords, 2, 2, spatial_shape=(6, 6), batch_size=2)
     torch.testing.assert_close(f, one.features)
+
+
+# --- spconv self-check (the guard in front of the CUDA backend) -----------------------------------
+class _FakeSpconv:
+    """A stand-in for ``spconv.pytorch`` computed with our verified rulebook; ``swap_xy`` makes it read
+    coordinates the wrong way round, like spconv with column-major CUDA coordinates."""
+
+    def __init__(self, swap_xy=False):
+        fake = self
+
+        class SparseConvTensor:
+            def __init__(self, features, indices, spatial_shape, batch_size):
+                self.features, self.indices = features, indices
+                self.spatial_shape, self.batch_size = spatial_shape, batch_size
+
+        class SubMConv2d(torch.nn.Module):
+            def __init__(self, c_in, c_out, k, padding=1, bias=False, indice_key=None):
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(c_out, k, k, c_in))  # spconv 2.x KRSC layout
+
+            def forward(self, st):
+                coords = st.indices.long()
+                if fake.swap_xy:
+                    coords = coords[:, [0, 2, 1]]
+                w = self.weight.permute(0, 3, 1, 2)
+                return SparseConvTensor(sp.subm_conv2d(st.features, coords, w), st.indices, st.spatial_shape,
+                                        st.batch_size)
+
+        self.swap_xy, self.SparseConvTensor, self.SubMConv2d = swap_xy, SparseConvTensor, SubMConv2d
+
+
+@pytest.mark.parametrize("swap_xy,ok", [(False, True), (True, False)])
+def test_spconv_selfcheck_detects_a_wrong_engine(monkeypatch, swap_xy, ok):
+    import sys
+    import types
+    pkg = types.ModuleType("spconv")
+    pkg.pytorch = _FakeSpconv(swap_xy)
+    monkeypatch.setitem(sys.modules, "spconv", pkg)
+    monkeypatch.setitem(sys.modules, "spconv.pytorch", pkg.pytorch)
+    diff = sp.spconv_selfcheck("cpu")
+    assert (diff <= sp.SPCONV_SELFCHECK_TOL) == ok
+    if not ok:
+        assert diff > 0.1
+
+
+@pytest.mark.parametrize("result,expected", [(0.0, "spconv"), (1.2, "torch-rulebook"),
+                                             (RuntimeError("no kernel image"), "torch-rulebook")])
+def test_cuda_backend_falls_back_when_spconv_fails_its_selfcheck(monkeypatch, result, expected):
+    def fake_check(device):
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(sp, "_spconv_available", lambda: True)
+    monkeypatch.setattr(sp, "spconv_selfcheck", fake_check)
+    monkeypatch.setattr(sp, "_SPCONV_CHECKED", {})
+    monkeypatch.delenv("NBSUPPORT_SPARSE_BACKEND", raising=False)
+    if expected == "spconv":
+        assert sp.sparse_backend("cuda") == "spconv"
+    else:
+        with pytest.warns(UserWarning, match="self-check"):
+            assert sp.sparse_backend("cuda") == "torch-rulebook"
+        assert sp.sparse_backend("cuda") == "torch-rulebook"  # decided once per device
+    monkeypatch.setenv("NBSUPPORT_SPARSE_BACKEND", "torch-rulebook")
+    assert sp.sparse_backend("cuda") == "torch-rulebook"

@@ -107,3 +107,25 @@ def test_ensure_corpus_caches(tmp_path, monkeypatch):
     assert ensure_corpus(a) == a  # a given root is returned as is
     with pytest.raises(DataError, match="IEMOCAP_RAW_PROCESSED"):
         ensure_corpus(a, style="iemocap")
+
+
+def test_specialties_set_how_often_each_modality_shows_an_emotion():
+    """With ``specialise`` s, a modality shows its specialties with p + s and other emotions with p - s."""
+    cfg = synth.SynthConfig(p_text=0.55, p_audio=0.55, p_video=0.55, specialise=0.35).check()
+    assert synth.carry_probability(cfg, "V", "happy") == pytest.approx(0.9)
+    assert synth.carry_probability(cfg, "V", "anger") == pytest.approx(0.2)
+    assert synth.carry_probability(synth.SynthConfig(p_audio=0.9, specialise=0.35), "A", "sad") == 1.0  # clipped
+    rng = np.random.default_rng(0)
+    for modality, emotion, expected in [("V", "happy", 0.9), ("V", "anger", 0.2), ("A", "anger", 0.9),
+                                        ("A", "happy", 0.2), ("L", "sad", 0.9), ("L", "disgust", 0.2)]:
+        shown = [synth._modality_profiles(rng, [emotion], 0.55, cfg, modality) for _ in range(4000)]
+        rate = np.mean([carried for _, carried in shown])
+        assert abs(rate - expected) < 0.03, (modality, emotion, rate)
+        assert all(profiles == [emotion] for profiles, carried in shown if carried)
+    # every MOSEI emotion is a specialty of some modality, so fusion can read each one where it shows
+    assert set(synth.EMOTIONS["mosei"]) <= set().union(*synth.SPECIALTIES.values())
+
+
+def test_specialise_out_of_range_is_named():
+    with pytest.raises(ValueError, match="specialise"):
+        synth.SynthConfig(specialise=1.5).check()

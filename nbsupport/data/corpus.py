@@ -4,11 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .common import DataError
 
-__all__ = ["ensure_corpus", "corpus_cache_root"]
+__all__ = ["ensure_corpus", "corpus_cache_root", "data_version", "guard_book_cache"]
 
 
 def corpus_cache_root() -> Path:
@@ -47,3 +48,34 @@ def ensure_corpus(root=None, n: int = 600, seed: int = 0, style: str = "mosei", 
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     return synth.generate_corpus(out, n, seed, style, progress=progress, overwrite=out.exists(), **knobs)
+
+
+def data_version() -> str:
+    """Version of the synthetic corpus generator and of the cached features, which every executed
+    chapter depends on (Chapter 2's data contract)."""
+    from . import synth
+    from .datasets import FEATURE_VERSION
+
+    return f"synth{synth.GENERATOR_VERSION}-features{FEATURE_VERSION}"
+
+
+def guard_book_cache(cache_dir) -> bool:
+    """Drop Jupyter Book's execution cache ``cache_dir`` when :func:`data_version` changed since it was filled.
+
+    jupyter-cache keys a notebook by its code only, so a chapter whose code did not change would keep
+    outputs computed on the previous corpus. ``make book`` calls this first; the version is stamped in
+    ``<cache_dir>.data_version`` (written atomically). Returns True when a cache was dropped.
+    """
+    cache = Path(cache_dir)
+    stamp = cache.with_name(cache.name + ".data_version")
+    now = data_version()
+    if stamp.is_file() and stamp.read_text().strip() == now:
+        return False
+    dropped = cache.exists()
+    if dropped:
+        shutil.rmtree(cache)
+        print(f"{cache}: dropped (data version is now {now}; executed chapters were computed on older data)")
+    tmp = stamp.with_name(f"{stamp.name}.tmp-{os.getpid()}")
+    tmp.write_text(now + "\n")
+    os.replace(tmp, stamp)
+    return dropped

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SR", "MEL_DB_MEAN", "MEL_DB_STD", "log_mel", "mel_pieces", "umons_mel", "face_crop", "hog_features",
+__all__ = ["SR", "MEL_DB_MEAN", "MEL_DB_STD", "log_mel", "mel_pieces", "umons_mel", "face_box", "face_crop", "hog_features",
            "face_geometry", "prosody_windows", "default_text_model", "get_tokenizer", "WordVectors", "split_words"]
 
 SR = 16000
@@ -76,34 +76,42 @@ def _face_detector():
     return Cascade(skimage.data.lbp_frontal_face_cascade_filename())
 
 
-def face_crop(img_bgr: np.ndarray, size: int = 48, detect: bool = True) -> tuple[np.ndarray, bool]:
-    """A grey ``size`` x ``size`` uint8 face crop and whether a face was detected (MESM's face input).
+def face_box(img_bgr: np.ndarray, detect: bool = True) -> tuple[int, int, int, bool]:
+    """``(x0, y0, side, found)``: the square that :func:`face_crop` cuts from a frame (MESM's face input).
 
-    A bundled frontal-face cascade (OpenCV's LBP cascade, run by scikit-image) finds the largest face;
-    when none is found (or ``detect`` is False) the central square of the frame is used, as MESM
-    falls back to a centre crop.
+    A bundled frontal-face cascade (OpenCV's LBP cascade, run by scikit-image) finds the largest face,
+    and its box is widened by 20% so brows and chin stay in; when none is found (or ``detect`` is
+    False) it is the central square of the frame, as MESM falls back to a centre crop. Chapter 6 draws
+    attention maps back onto the frame with this box.
     """
     import cv2
 
     grey = cv2.cvtColor(img_bgr, cv2.COLOR_BGR2GRAY) if img_bgr.ndim == 3 else img_bgr
     H, W = grey.shape
-    found = False
     if detect:
         m = max(24, min(H, W) // 4)
         faces = _face_detector().detect_multi_scale(grey, scale_factor=1.25, step_ratio=1.5, min_size=(m, m),
                                                     max_size=(min(H, W), min(H, W)), min_neighbor_number=2)
         if faces:
             f = max(faces, key=lambda d: d["width"] * d["height"])
-            x, y, w, h = f["c"], f["r"], f["width"], f["height"]
-            # widen the detector's box a little so brows and chin stay in
-            c_x, c_y, s = x + w / 2, y + h / 2, int(max(w, h) * 1.2)
-            x0, y0 = int(max(0, c_x - s / 2)), int(max(0, c_y - s / 2))
-            crop, found = grey[y0:y0 + s, x0:x0 + s], True
-    if not found:
-        s = min(H, W)
-        y0, x0 = (H - s) // 2, (W - s) // 2
-        crop = grey[y0:y0 + s, x0:x0 + s]
-    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA), found
+            c_x, c_y = f["c"] + f["width"] / 2, f["r"] + f["height"] / 2
+            s = int(max(f["width"], f["height"]) * 1.2)
+            return int(max(0, c_x - s / 2)), int(max(0, c_y - s / 2)), s, True
+    s = min(H, W)
+    return (W - s) // 2, (H - s) // 2, s, False
+
+
+def face_crop(img_bgr: np.ndarray, size: int = 48, detect: bool = True) -> tuple[np.ndarray, bool]:
+    """A grey ``size`` x ``size`` uint8 face crop and whether a face was detected (MESM's face input).
+
+    The square is :func:`face_box` (largest detected face, widened, or the central square), cut from
+    the grey frame (clipped at the border) and resized with area interpolation.
+    """
+    import cv2
+
+    grey = cv2.cvtColor(img_bgr, cv2.COLOR_BGR2GRAY) if img_bgr.ndim == 3 else img_bgr
+    x0, y0, s, found = face_box(grey, detect)
+    return cv2.resize(grey[y0:y0 + s, x0:x0 + s], (size, size), interpolation=cv2.INTER_AREA), found
 
 
 def hog_features(face: np.ndarray, cell: int = 8, block: int = 2, bins: int = 9) -> np.ndarray:

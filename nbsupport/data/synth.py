@@ -15,8 +15,11 @@ records *where* each emotional cue is:
   active AU regions (image coordinates, bit-packed) and the audio cue's time-frequency box.
 
 Each modality carries the label's cue with its own probability (``p_text``, ``p_audio``,
-``p_video``); otherwise it is neutral or, with probability ``p_contradict``, shows another
-emotion. So every modality is informative, none is enough, and fusion pays (measured in Chapter 2).
+``p_video``), raised by ``specialise`` for the emotions it expresses best (:data:`SPECIALTIES`: faces
+the action-unit-salient ones, the voice the arousal-marked ones) and lowered by it for the others;
+otherwise it is neutral or, with probability ``p_contradict``, shows another emotion. So every
+modality is informative, none is enough, each emotion is best read in a different modality, and
+fusion pays (measured in Chapter 2 with linear probes and in Chapter 4 with the UMONS models).
 
 Layout written (``style="mosei"``; ``"iemocap"`` writes ``IEMOCAP_RAW_PROCESSED/<session>/<id>/``
 with ``image_L_<k>.jpg`` / ``audio_L.wav`` speaker-tagged names as in the real release)::
@@ -51,10 +54,10 @@ import soundfile as sf
 from scipy import signal
 
 __all__ = ["GENERATOR_VERSION", "EMOTIONS", "STYLES", "SynthConfig", "generate_corpus", "AU_REGIONS",
-           "CUE_PROFILES", "cue_profile_for", "main"]
+           "CUE_PROFILES", "SPECIALTIES", "carry_probability", "cue_profile_for", "main"]
 
 #: Bump when the generator's output changes; part of :func:`nbsupport.data.ensure_corpus`'s cache key.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 from .common import EMOTIONS
 
@@ -128,9 +131,10 @@ class SynthConfig:
     n: int = 600
     seed: int = 0
     style: str = "mosei"
-    p_text: float = 0.45       # probability that the transcript carries the label's cue
-    p_audio: float = 0.7       # ... that the prosody carries it (acoustic features are noisier than words)
-    p_video: float = 0.7       # ... that the face carries it
+    p_text: float = 0.55       # probability that the transcript carries the label's cue (before specialise)
+    p_audio: float = 0.55      # ... that the prosody carries it
+    p_video: float = 0.55      # ... that the face carries it
+    specialise: float = 0.35   # each modality carries its SPECIALTIES with p + specialise, other emotions with p - specialise
     p_contradict: float = 0.35  # when a modality does not carry the cue: probability it shows another emotion
     p_second: float = 0.3      # mosei: probability of a second co-occurring emotion
     noise: float = 1.0         # scales image noise, audio background noise and cue-intensity jitter
@@ -150,6 +154,8 @@ class SynthConfig:
             v = getattr(self, k)
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"synth: {k} must be a probability in [0, 1], got {v!r}")
+        if not 0.0 <= float(self.specialise) <= 1.0:
+            raise ValueError(f"synth: specialise must be in [0, 1], got {self.specialise!r}")
         if not 0.0 <= float(self.noise) <= 5.0:
             raise ValueError(f"synth: noise must be in [0, 5], got {self.noise!r}")
         if not 1 <= int(self.frame_step) <= 30:
@@ -179,13 +185,35 @@ def _draw_label(rng, cfg, i):
     return [1 if e in active else 0 for e in names], active, sentiment
 
 
-def _modality_profiles(rng, active, p_carry, cfg):
-    """Which profiles a modality shows: the label's (carried), another emotion's, or neutral."""
+#: The emotions each modality expresses most reliably (used with ``SynthConfig.specialise``): faces show
+#: the action-unit-salient ones, the voice the arousal-marked ones, the words a mix. Every MOSEI emotion
+#: is a specialty of at least one modality, so a model that fuses can read each emotion where it shows.
+SPECIALTIES = {"L": ("anger", "sad", "surprise", "excited"),
+               "A": ("anger", "sad", "fear", "frustrated"),
+               "V": ("happy", "surprise", "disgust", "excited")}
+
+
+def carry_probability(cfg: SynthConfig, modality: str, profile: str) -> float:
+    """Probability that ``modality`` (L, A or V) shows the cue of emotion ``profile`` when it is in the label."""
+    base = {"L": cfg.p_text, "A": cfg.p_audio, "V": cfg.p_video}[modality]
+    shift = cfg.specialise if profile in SPECIALTIES[modality] else -cfg.specialise
+    return float(np.clip(base + shift, 0.0, 1.0))
+
+
+def _modality_profiles(rng, active, p_carry, cfg, modality=None):
+    """Which profiles a modality shows: the label's (carried), another emotion's, or neutral.
+
+    With ``cfg.specialise`` > 0 each emotion of the label is shown on its own with
+    :func:`carry_probability`; otherwise the label's profiles are shown together with ``p_carry``."""
     if active == ["neutral"]:
         if rng.random() < cfg.p_contradict * 0.5:
             return [str(rng.choice([k for k in CUE_PROFILES if k != "neutral"]))], False
         return ["neutral"], True
-    if rng.random() < p_carry:
+    if cfg.specialise > 0 and modality is not None:
+        shown = [p for p in active if rng.random() < carry_probability(cfg, modality, p)]
+        if shown:
+            return shown, True
+    elif rng.random() < p_carry:
         return list(active), True
     if rng.random() < cfg.p_contradict:
         pool = [k for k in (EMOTIONS["mosei"] if cfg.style == "mosei" else _IEMOCAP_PROFILE.values())
@@ -443,9 +471,9 @@ def _one(cfg: SynthConfig, i: int):
     rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), int(i), GENERATOR_VERSION]))
     label, active, sentiment = _draw_label(rng, cfg, i)
     dur = float(rng.uniform(*cfg.duration))
-    text_p, text_c = _modality_profiles(rng, active, cfg.p_text, cfg)
-    aud_p, aud_c = _modality_profiles(rng, active, cfg.p_audio, cfg)
-    vid_p, vid_c = _modality_profiles(rng, active, cfg.p_video, cfg)
+    text_p, text_c = _modality_profiles(rng, active, cfg.p_text, cfg, "L")
+    aud_p, aud_c = _modality_profiles(rng, active, cfg.p_audio, cfg, "A")
+    vid_p, vid_c = _modality_profiles(rng, active, cfg.p_video, cfg, "V")
     spk_draw = rng.random()
     female = rng.random() < 0.5
     text = _text(rng, text_p)
@@ -555,13 +583,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--style", default="mosei", choices=STYLES)
     ap.add_argument("--overwrite", action="store_true")
-    for k in ("p_text", "p_audio", "p_video", "p_contradict", "p_second", "noise"):
+    for k in ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second", "noise"):
         ap.add_argument("--" + k.replace("_", "-"), dest=k, type=float, default=getattr(SynthConfig, k))
     ap.add_argument("--frame-step", dest="frame_step", type=int, default=SynthConfig.frame_step)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
-    knobs = {k: getattr(a, k) for k in ("p_text", "p_audio", "p_video", "p_contradict", "p_second", "noise",
-                                        "frame_step")}
+    knobs = {k: getattr(a, k) for k in ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second",
+                                        "noise", "frame_step")}
     try:
         generate_corpus(a.out, a.n, a.seed, a.style, overwrite=a.overwrite, progress=not a.quiet, **knobs)
     except (ValueError, FileExistsError) as e:

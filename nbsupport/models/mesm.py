@@ -50,7 +50,7 @@ from nbsupport.models.text import TextEncoder
 
 __all__ = [
     "EndToEndModel", "FE2E", "MESM", "DenseStem", "VisualPathway", "run_block", "top_p_keep",
-    "sparse_backend_name", "INPUT_KEYS", "LayerRecord", "is_extractor_layer", "extractor_macs", "top_p_sweep",
+    "sparse_backend_name", "INPUT_KEYS", "LayerRecord", "is_extractor_layer", "extractor_macs", "top_p_sweep", "train_and_test",
     "mesm_loaders", "SMOKE_SIZES", "PAPER_SIZES",
 ]
 
@@ -337,6 +337,25 @@ def extractor_macs(model: EndToEndModel, batches) -> dict:
     out = flops.summarize_macs(table)
     out["table"] = table
     return out
+
+
+def train_and_test(model: EndToEndModel, loaders, *, name: str, epochs: int, lr: float, device="auto", seed: int = 0,
+                   progress: bool = True):
+    """Train FE2E or MESM and test it with Chapter 7's single protocol (Chapters 6-7; Dai et al. 2021, Sec. 4.3).
+
+    :func:`nbsupport.models.baselines.train_and_test` (BCE with pos_weight, best epoch on validation
+    WAcc, per-emotion thresholds chosen on validation), plus what the end-to-end models add: ``top_p``
+    and the feature extractor's MACs per test utterance as it ran (``macs``) and densely (``dense_macs``),
+    the paper's FLOPs column. Returns ``(row, fit_result)``.
+    """
+    from nbsupport.models import baselines
+
+    row, res = baselines.train_and_test(model, loaders, name=name, modalities=model.modalities, epochs=epochs, lr=lr,
+                                        device=device, seed=seed, progress=progress)
+    ext = extractor_macs(res.model, loaders["test"])
+    n_test = len(loaders["test"].dataset)
+    row.update(top_p=float(res.model.top_p), macs=ext["macs"] / n_test, dense_macs=ext["dense_macs"] / n_test)
+    return row, res
 
 
 def top_p_sweep(model: EndToEndModel, loader, top_ps, *, thresholds=None, device="cpu", progress: bool = True):
