@@ -3,6 +3,8 @@ plain matplotlib figure, so headless papermill runs and the static book show som
 widget state shows the last view; callbacks need a kernel)."""
 from __future__ import annotations
 
+import base64
+
 import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
@@ -32,10 +34,14 @@ def figure_view(fig=None) -> W.Image:
     embeds its last state in the static page, and no output capture is involved (``with out:``
     capture was seen to leave headless nbclient executions hanging).
     """
-    view = W.Image(format="png", layout=W.Layout(max_width="100%"))
+    # until a figure arrives: a 1x1 transparent PNG (an empty value would render as a broken image)
+    view = W.Image(value=_BLANK_PNG, format="png", layout=W.Layout(max_width="100%"))
     if fig is not None:
         show_in(view, fig)
     return view
+
+
+_BLANK_PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
 
 
 def show_in(view, fig) -> None:
@@ -49,9 +55,10 @@ def show_in(view, fig) -> None:
         return
     if not isinstance(view, W.Output):
         raise TypeError(f"show_in: 'view' must be an ipywidgets.Image (figure_view()) or Output, got {type(view).__name__}")
+    from IPython.display import Image
+
     view.outputs = ()
-    view.append_display_data(fig)
-    plt.close(fig)
+    view.append_display_data(Image(data=figure_png(fig), format="png"))  # PNG even without the inline backend
 
 
 #: Words placed on a 2-D "meaning" plane (angle = kind of feeling) for the query explorer of Chapter 1.
