@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from nbsupport import sparse
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or sparse.sparse_backend("cuda") != "spconv",
+# skip on spconv being absent, not on the backend choice: a GPU where spconv fails its self-check must
+# fail these tests rather than skip them
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not sparse._spconv_available(),
                                 reason="needs a CUDA GPU with spconv-cu12x installed")
 DEV = "cuda"
 
@@ -69,3 +71,10 @@ def test_sparse_block_on_spconv_equals_dense_block_at_full_density():
     x = torch.randn(4, 16, 12, 12, device=DEV)
     out = sparse_block(sparse.to_sparse(x))
     torch.testing.assert_close(out.dense(), dense_block(x), atol=1e-4, rtol=1e-4)
+
+
+def test_spconv_passes_its_selfcheck_and_is_the_backend():
+    """The guard that decides whether spconv may run on this GPU (nbsupport.sparse.spconv_selfcheck)."""
+    assert sparse.spconv_selfcheck(DEV) <= 1e-4
+    assert sparse.sparse_backend(DEV) == "spconv"
+    assert "self-check" in sparse.backend_description(DEV)
