@@ -16,13 +16,13 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
     "ParameterError", "Bool", "Int", "Float", "Choice", "Str", "Path_", "ListOf", "Modalities",
-    "validate", "start", "Run", "seed_everything", "resolve_device", "atomic_write_text",
+    "validate", "start", "Run", "seed_everything", "resolve_device", "atomic_write", "atomic_write_text",
     "atomic_write_json", "METRIC_NAMES",
 ]
 
@@ -224,20 +224,30 @@ def resolve_device(device: str = "auto"):
     return torch.device(device)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename (never half-written)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
+    """Create ``path`` through a temporary file in the same folder, then rename: never half-written.
+
+    ``write(fh)`` fills the open temporary file (``mode`` ``"w"`` or ``"wb"``); on any error the
+    temporary file is removed and nothing appears at ``path``. Every file the book writes (metrics,
+    figures, checkpoints, feature caches, stamps) goes through here.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(text))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -302,10 +312,8 @@ class Run:
         """Save a matplotlib figure as ``<output_dir>/<name>.png`` when ``output_dir`` is set."""
         if self.output_dir is None:
             return None
-        path = self.output_dir / f"{name}.png"
-        tmp = self.output_dir / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        path = atomic_write(self.output_dir / f"{name}.png",
+                            lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"), "wb")
         self.figures.append(path.name)
         return path
 

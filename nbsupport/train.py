@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 __all__ = [
     "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
-    "FitResult", "resolve_device", "compute_metrics", "choose_thresholds", "count_parameters",
+    "FitResult", "resolve_device", "to_device", "compute_metrics", "choose_thresholds", "count_parameters",
 ]
 
 #: Task name -> (number of outputs, metric monitored by early stopping).
@@ -126,14 +126,19 @@ def _labels_of_loader(loader: Iterable, task: str) -> torch.Tensor:
     return _gather(torch.cat([targets_for(b, task) for b in loader]))
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """A batch (tensor, dict, or list of tensors; other values such as utterance ids pass through) on ``device``.
+
+    The one place where the chapters' batch dicts (UMONS, MESM, baselines) move to the training device."""
+    device = torch.device(device)
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ def predict(model: nn.Module, loader: Iterable, *, task: str = "emotion", device
     logits, targets, ids = [], [], []
     for batch in loader:
         tgt = labels_for(batch, task)
-        out = model(_to_device(batch, device))
+        out = model(to_device(batch, device))
         logits.append(out.float().cpu())
         targets.append(tgt)
         ids.extend(batch.get("ids", [None] * len(tgt)) if isinstance(batch, Mapping) else [None] * len(tgt))
@@ -325,11 +330,10 @@ class FitResult:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name then rename: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through :func:`nbsupport.notebook.atomic_write`: a crash never leaves a half-written checkpoint."""
+    from nbsupport.notebook import atomic_write
+
+    atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 def _rng_state() -> dict:
@@ -461,7 +465,7 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         total, count = 0.0, 0
         for batch in train_loader:
             target = targets_for(batch, task).to(device)
-            batch_dev = _to_device(batch, device)
+            batch_dev = to_device(batch, device)
             logits = net(batch_dev)
             loss = criterion(logits, target)
             aux = _auxiliary_loss(model, batch_dev, criterion, target)

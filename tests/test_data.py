@@ -214,4 +214,4 @@ def test_guard_book_cache_drops_outputs_of_older_data(tmp_path, monkeypatch):
     assert (tmp_path / ".jupyter_cache.data_version").read_text().strip() == corpus.data_version()
     monkeypatch.setattr(corpus, "data_version", lambda: "synth999-features1")
     assert corpus.guard_book_cache(cache) is True and not cache.exists()
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left

@@ -66,6 +66,8 @@ def guard_book_cache(cache_dir) -> bool:
     outputs computed on the previous corpus. ``make book`` calls this first; the version is stamped in
     ``<cache_dir>.data_version`` (written atomically). Returns True when a cache was dropped.
     """
+    from nbsupport.notebook import atomic_write_text
+
     cache = Path(cache_dir)
     stamp = cache.with_name(cache.name + ".data_version")
     now = data_version()
@@ -75,7 +77,5 @@ def guard_book_cache(cache_dir) -> bool:
     if dropped:
         shutil.rmtree(cache)
         print(f"{cache}: dropped (data version is now {now}; executed chapters were computed on older data)")
-    tmp = stamp.with_name(f"{stamp.name}.tmp-{os.getpid()}")
-    tmp.write_text(now + "\n")
-    os.replace(tmp, stamp)
+    atomic_write_text(stamp, now + "\n")
     return dropped

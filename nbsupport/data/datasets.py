@@ -16,12 +16,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from nbsupport.notebook import atomic_write
 
 from . import features as F
 from .common import DataError
@@ -41,17 +42,6 @@ def feature_cache_root() -> Path:
     return Path(__file__).resolve().parents[2] / "data_cache" / "features"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _sampled_faces(raw: RawSplit, i: int, img_interval: float, max_frames: int | None = None):
@@ -102,7 +92,7 @@ class FeatureDataset(Dataset):
             except Exception:  # a cache file from a killed writer cannot exist (atomic), but be safe
                 pass
         feats = self._compute(self.raw, i)
-        _atomic_torch_save(feats, path)
+        atomic_write(path, lambda fh: torch.save(feats, fh), "wb")
         return feats
 
     def precompute(self, progress: bool = True) -> "FeatureDataset":
