@@ -175,7 +175,7 @@ def _stamp_ok(folder: Path, pkg: VendorPackage) -> bool:
 
 
 def missing_assets(static_dir: str | os.PathLike, packages: Sequence[VendorPackage] = PACKAGES) -> list[str]:
-    """Specs of the packages not (completely) present under ``<static_dir>/vendor``; no network."""
+    """Specs of the packages not (completely) present under ``<static_dir>/offline`` (:data:`VENDOR`); no network."""
     vendor = Path(static_dir) / VENDOR
     missing = [p.spec for p in packages if not _stamp_ok(vendor / p.dest, p)]
     if not (vendor / WIDGETS_CDN_DIR / "README.txt").is_file():
@@ -279,7 +279,7 @@ def _install_one(pkg: VendorPackage, vendor: Path, npm: str) -> Path:
 
 def ensure_assets(static_dir: str | os.PathLike, *, npm: str = "npm", force: bool = False,
                   packages: Sequence[VendorPackage] = PACKAGES, quiet: bool = False) -> list[Path]:
-    """Make ``<static_dir>/vendor`` hold every package of ``PACKAGES``; return the folders fetched.
+    """Make ``<static_dir>/offline`` (:data:`VENDOR`) hold every package of ``PACKAGES``; return the folders fetched.
 
     Idempotent: a package already present (stamp matches the pinned spec and integrity) is skipped
     without network access unless ``force``. Used by ``make install``; the rendered chapters load

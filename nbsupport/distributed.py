@@ -29,7 +29,7 @@ from torch import nn
 __all__ = [
     "DistInfo", "init_from_env", "shutdown", "is_distributed", "rank", "world_size", "local_rank", "is_main",
     "barrier", "distributed_sampler", "wrap_model", "all_reduce", "reduce_metrics", "gather_predictions",
-    "gather_objects",
+    "gather_objects", "gather_list",
 ]
 
 
@@ -227,4 +227,19 @@ def gather_predictions(tensor: torch.Tensor, n_total: int | None = None) -> torc
         raise ValueError("nbsupport.distributed.gather_predictions: ranks hold different numbers of rows "
                          f"({[p.shape[0] for p in pieces]}); use a DistributedSampler (it pads to equal shares)")
     out = torch.stack(pieces, dim=1).reshape(-1, *tensor.shape[1:])  # (n_local, W, ...) -> (n_local*W, ...)
+    return out if n_total is None else out[:n_total]
+
+
+def gather_list(items: Sequence[Any], n_total: int | None = None) -> list:
+    """Reassemble per-rank lists (e.g. utterance ids) into dataset order, like :func:`gather_predictions`
+    (data parallelism, Li et al. 2020: each rank predicted its own share of the evaluation set).
+
+    The same interleaving rule for a ``DistributedSampler(shuffle=False)``: element ``i`` of rank ``r``
+    is item ``i*W + r``; the padding past ``n_total`` is cut. Without a group: ``items`` as a list.
+    """
+    if not is_distributed():
+        items = list(items)
+        return items if n_total is None else items[:n_total]
+    pieces = gather_objects(list(items))
+    out = [piece[i] for i in range(len(pieces[0])) for piece in pieces]
     return out if n_total is None else out[:n_total]

@@ -56,7 +56,7 @@ from .notebook import atomic_write_json, atomic_write_text, environment
 __all__ = [
     "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "expand_grid",
     "point_name", "notebook_parameters", "check_parameters", "run_sweep", "collect", "main", "summary",
-    "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook",
+    "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook", "metrics_rows",
 ]
 
 DONE = "DONE"
@@ -119,7 +119,7 @@ def parse_grid_option(option: str) -> tuple[str, list]:
     name = name.strip()
     if not sep or not name.isidentifier():
         raise SweepError(f"--grid {option!r}: expected NAME=V1,V2,... with NAME a parameter name")
-    items = [v for v in _split_top_level(values)]
+    items = _split_top_level(values)
     if any(not v.strip() for v in items):
         raise SweepError(f"--grid {option!r}: empty value in the list for '{name}'")
     parsed = [parse_value(v) for v in items]
@@ -251,8 +251,16 @@ def find_notebook(name: str | os.PathLike) -> Path:
     raise SweepError(f"notebook {str(name)!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
 
 
+def _parse_gpus(gpus: Sequence[str] | str | None) -> list[str]:
+    """GPU ids from ``"0,1"`` (the ``--gpus`` form) or a sequence; ``None`` or ``""`` -> none."""
+    if isinstance(gpus, str):
+        return [g.strip() for g in gpus.split(",") if g.strip()]
+    return list(gpus or [])
+
+
 def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Mapping[str, Any] | None = None,
-                 grid: Mapping[str, Sequence[Any]] | None = None, workers: int = 1) -> str:
+                 grid: Mapping[str, Sequence[Any]] | None = None, workers: int = 1,
+                 gpus: Sequence[str] | str | None = None) -> str:
     """The shell command that runs the same sweep as :func:`run_sweep` with these arguments."""
     import shlex
 
@@ -262,8 +270,11 @@ def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Ma
         parts += ["-p", k, shlex.quote(lit(v))]
     for k, vs in (grid or {}).items():
         parts += ["--grid", shlex.quote(f"{k}=" + ",".join(lit(v) for v in vs))]
-    if workers != 1:
+    gpu_ids = _parse_gpus(gpus)
+    if workers != max(1, len(gpu_ids)):  # the command line's default: one worker per GPU
         parts += ["--workers", str(workers)]
+    if gpu_ids:
+        parts += ["--gpus", shlex.quote(",".join(gpu_ids))]
     return " ".join(parts)
 
 
@@ -391,7 +402,7 @@ def _run_point(point: Point, notebook: Path, out: Path, *, kernel: str, cwd: Pat
     tmp = out / PARTIAL / f"{point.name}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     params = dict(point.params)
-    recorded = {**(point.recorded or params), **({"output_dir": str(final)} if pass_output_dir else {})}
+    recorded = {**point.recorded, **({"output_dir": str(final)} if pass_output_dir else {})}
     atomic_write_json(tmp / "params.json", recorded)
     if pass_output_dir:
         params["output_dir"] = str(tmp)  # the notebook writes metrics.json + figures here
@@ -478,9 +489,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
     grid = dict(grid or {})
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise SweepError(f"workers must be an integer >= 1, got {workers!r}")
-    if isinstance(gpus, str):
-        gpus = [g.strip() for g in gpus.split(",") if g.strip()]
-    gpus = list(gpus or [])
+    gpus = _parse_gpus(gpus)
     shard_ = _parse_shard(shard)
     defaults = notebook_parameters(notebook)
     if "output_dir" in params or "output_dir" in grid:
@@ -581,7 +590,7 @@ def _point_folders(root: Path) -> list[Path]:
     return found
 
 
-def collect(*dirs: str | os.PathLike, include_failed: bool = True):
+def collect(*dirs: str | os.PathLike):
     """Gather sweep results into a pandas DataFrame: one row per point and ``metrics.json`` result row.
 
     Parameter columns (from each point's ``params.json``) sit next to the metric columns of the
@@ -605,8 +614,6 @@ def collect(*dirs: str | os.PathLike, include_failed: bool = True):
         params = {k: v for k, v in _read_json(folder / "params.json").items() if k != "output_dir"}
         metrics = _read_json(folder / "metrics.json")
         status = "DONE" if (folder / DONE).exists() else run.get("status", "FAILED")
-        if status != "DONE" and not include_failed:
-            continue
         results = metrics.get("results") if isinstance(metrics.get("results"), list) else []
         for r in results:
             metric_keys.update(r)
@@ -629,6 +636,21 @@ def collect(*dirs: str | os.PathLike, include_failed: bool = True):
         df = df.sort_values(["point"], kind="stable").reset_index(drop=True)
     df.attrs["parameters"] = param_cols
     return df
+
+
+def metrics_rows(table) -> list[dict]:
+    """Rows of a :func:`collect` table as ``metrics.json`` result rows (Chapter 8 writes its sweep's table).
+
+    One dict per table row, without the ``folder`` column; NaN (a metric a row does not have) becomes
+    ``None`` (JSON ``null``); ``model`` and ``modalities`` are strings, ``"sweep"`` and ``"LAV"`` when
+    missing, as every chapter's result rows have them.
+    """
+    def clean(v):
+        return None if isinstance(v, float) and v != v else v
+
+    rows = [{k: clean(v) for k, v in r.items() if k != "folder"} for r in table.to_dict("records")]
+    return [{**r, "model": str(r.get("model", "sweep")), "modalities": str(r.get("modalities", "LAV"))}
+            for r in rows]
 
 
 def column(df, name: str) -> str:
@@ -689,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if name in grid:
                 raise SweepError(f"--grid {name} given twice")
             grid[name] = values
-        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+        gpus = _parse_gpus(args.gpus)
         workers = args.workers if args.workers is not None else max(1, len(gpus))
         results = run_sweep(args.notebook, args.out, params=params, grid=grid, workers=workers, gpus=gpus,
                             shard=args.shard, kernel=args.kernel, cwd=args.cwd, timeout=args.timeout,

@@ -33,26 +33,23 @@ def dense_conv_macs(height: int, width: int, c_in: int, c_out: int, kernel_size:
     return int(n_images) * int(height) * int(width) * (int(c_in) // int(groups)) * int(c_out) * int(kh) * int(kw)
 
 
-def subm_conv_macs(neighbours_or_sites: Any, c_in: int, c_out: int, kernel_size: int = 3,
+def subm_conv_macs(sites: Any, c_in: int, c_out: int, kernel_size: int = 3,
                    spatial_shape=None, batch_size: int | None = None) -> int:
     """MACs of a submanifold convolution = (active neighbour pairs in the rulebook) * C_in * C_out.
 
-    ``neighbours_or_sites``: a neighbour table (N, k*k) from :func:`nbsupport.sparse.neighbour_table`
-    (missing = N), a :class:`nbsupport.sparse.SparseTensor`, or coordinates (N, 3) with
-    ``spatial_shape``/``batch_size``.
+    ``sites``: a :class:`nbsupport.sparse.SparseTensor` (its cached rulebook is used), or coordinates
+    (N, 3) ``(batch, y, x)`` with ``spatial_shape``/``batch_size``.
     """
-    x = neighbours_or_sites
+    x = sites
     if isinstance(x, sp.SparseTensor):
         nbr = x.neighbours(kernel_size)
-    elif torch.is_tensor(x) and x.dim() == 2 and x.shape[1] == 3:  # k*k is never 3
+    elif torch.is_tensor(x) and x.dim() == 2 and x.shape[1] == 3:
         if spatial_shape is None or batch_size is None:
             raise ValueError("nbsupport.flops.subm_conv_macs: coordinates need 'spatial_shape' and 'batch_size'")
         nbr = sp.neighbour_table(x, spatial_shape, batch_size, kernel_size)
-    elif torch.is_tensor(x) and x.dim() == 2:
-        nbr = x
     else:
-        raise TypeError("nbsupport.flops.subm_conv_macs: 'neighbours_or_sites' must be a neighbour table, a "
-                        f"SparseTensor or (N, 3) coordinates, got {type(x).__name__}")
+        raise TypeError("nbsupport.flops.subm_conv_macs: 'sites' must be a SparseTensor or (N, 3) coordinates, "
+                        f"got {type(x).__name__}")
     pairs = int((nbr < nbr.shape[0]).sum())
     return pairs * int(c_in) * int(c_out)
 
@@ -104,7 +101,7 @@ class MacCounter:
                 macs = subm_conv_macs(x, mod.in_channels, mod.out_channels, k)
                 cells = x.batch_size * x.spatial_shape[0] * x.spatial_shape[1]
                 dense = dense_conv_macs(*x.spatial_shape, mod.in_channels, mod.out_channels, k, x.batch_size)
-                plan = getattr(mod, "last_strategy", None) if getattr(mod, "last_backend", None) != "spconv" else None
+                plan = mod.last_strategy  # None when spconv ran
                 executed = {"dense": dense, "im2col": x.num_sites * k * k * mod.in_channels * mod.out_channels}.get(
                     plan, macs)
                 row = dict(layer=name, kind="subm_conv2d", macs=macs, dense_macs=dense, executed_macs=executed,
@@ -130,6 +127,7 @@ class MacCounter:
 
     @property
     def total(self) -> int:
+        """Sum of ``macs`` over every recorded layer call."""
         return int(sum(r["macs"] for r in self.rows))
 
 

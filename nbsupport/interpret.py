@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-__all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "face_region_in_crop", "audio_box_to_pieces",
-           "summarize_cue_table", "face_crop_box", "face_region_from_box", "CueRegions",
-           "measure_cue_attention", "utterance_maps", "draw_maps", "single_utterance", "draw_kept_sites"]
+__all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_pieces", "summarize_cue_table",
+           "face_crop_box", "face_region_from_box", "CueRegions", "measure_cue_attention", "utterance_maps",
+           "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites"]
 
 
 def region_to_grid(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -99,29 +99,8 @@ def summarize_cue_table(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------
-# From the corpus' cue.pkl (read by nbsupport.data.load_cues) to model-input coordinates
+# From the corpus' cue.pkl (read by nbsupport.data.read_cues) to model-input coordinates
 # ------------------------------------------------------------------------------------------------
-def face_region_in_crop(mask: np.ndarray, box: Sequence[int] | None = None, size: int = 48) -> np.ndarray:
-    """Map an image-coordinate region (H, W) to the ``size`` x ``size`` face crop as area fractions.
-
-    ``box`` = (x0, y0, side) of the square crop the face pipeline took; None = the central square
-    (the crop :func:`nbsupport.data.features.face_crop` falls back to). Area interpolation (OpenCV
-    INTER_AREA, as the crop itself is resized) gives each crop pixel its covered fraction.
-    """
-    import cv2
-
-    mask = np.asarray(mask, np.float32)
-    H, W = mask.shape
-    if box is None:
-        s = min(H, W)
-        box = ((W - s) // 2, (H - s) // 2, s)
-    x0, y0, s = (int(v) for v in box)
-    crop = np.zeros((s, s), np.float32)
-    sub = mask[max(0, y0):y0 + s, max(0, x0):x0 + s]
-    crop[max(0, -y0):max(0, -y0) + sub.shape[0], max(0, -x0):max(0, -x0) + sub.shape[1]] = sub
-    return np.clip(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA), 0.0, 1.0)  # area fractions
-
-
 def audio_box_to_pieces(box: dict, n_pieces: int, *, sr: int = 16000, hop: int = 200, n_mels: int = 128,
                         piece: int = 32, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
     """The audio cue's time-frequency box -> (P, n_mels, piece) bool masks on MESM's mel pieces.
@@ -154,20 +133,16 @@ def face_crop_box(img_bgr: np.ndarray) -> tuple[int, int, int]:
     return x0, y0, s
 
 
-def _clip_box(box, H, W):
-    """The crop ``grey[y0:y0+s, x0:x0+s]`` may be cut by the image border: (x0, y0, width, height)."""
-    x0, y0, s = box
-    return x0, y0, min(s, W - x0), min(s, H - y0)
-
-
 def face_region_from_box(mask: np.ndarray, box, size: int = 48) -> np.ndarray:
-    """AU mask (H, W) -> area fractions on the ``size`` face crop taken with ``box`` = (x0, y0, side),
-    border-clipped exactly as the crop itself (``grey[y0:y0+s, x0:x0+s]``, then resized)."""
+    """AU mask (H, W) -> area fractions on the ``size`` face crop taken with ``box`` = (x0, y0, side).
+
+    The mask is cut exactly as the crop itself (``grey[y0:y0+s, x0:x0+s]``, so clipped by the image
+    border) and resized with area interpolation (OpenCV INTER_AREA), which gives each crop pixel its
+    covered fraction."""
     import cv2
 
-    H, W = mask.shape
-    x0, y0, w, h = _clip_box(box, H, W)
-    sub = np.asarray(mask, np.float32)[y0:y0 + h, x0:x0 + w]
+    x0, y0, s = (int(v) for v in box)
+    sub = np.asarray(mask, np.float32)[y0:y0 + s, x0:x0 + s]
     return np.clip(cv2.resize(sub, (size, size), interpolation=cv2.INTER_AREA), 0.0, 1.0)  # float round-off
 
 
@@ -184,13 +159,18 @@ class CueRegions:
         self.raw, self.img_interval = ds.raw, img_interval
         self.index = {uid: i for i, uid in enumerate(self.raw.ids)}
         self._faces: dict = {}
+        self._cues: dict = {}
 
     def _cue(self, uid):
-        from nbsupport.data import load_cues
+        """The utterance's ``cue.pkl`` (read once, from its folder in the raw split)."""
+        if uid not in self._cues:
+            from nbsupport.data.raw import read_cues
 
-        return load_cues(self.raw.root, self.raw.dataset, uid)
+            self._cues[uid] = read_cues(self.raw.folders[self.index[uid]])
+        return self._cues[uid]
 
     def faces(self, uid: str) -> np.ndarray:
+        """(T, 48, 48) area fractions of the active AU regions on each sampled face crop of ``uid``."""
         if uid not in self._faces:
             from nbsupport.data.raw import read_frame, sample_frame_positions
 
@@ -206,6 +186,8 @@ class CueRegions:
         return self._faces[uid]
 
     def mel(self, uid: str, n_pieces: int) -> np.ndarray:
+        """(n_pieces, 128, 32) bool audio cue box of ``uid`` on its mel pieces (all False when the audio
+        shows no emotion)."""
         cue = self._cue(uid)
         if all(p == "neutral" for p in cue.get("shown", {}).get("A", ["?"])):
             return np.zeros((n_pieces, 128, 32), bool)
@@ -233,13 +215,15 @@ def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_
     layer, over ``loader`` (Ch. 6's measured interpretability); see :func:`summarize_cue_table`."""
     from tqdm.auto import tqdm
 
+    from nbsupport.train import to_device
+
     was_training = model.training
     model.eval()
     tables = []
     for k, batch in enumerate(tqdm(loader, desc="cue regions", disable=not progress, leave=False)):
         if max_batches is not None and k >= max_batches:
             break
-        model({key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()})
+        model(to_device(batch, device))
         for m, records in model.last_maps.items():
             tables.append(layer_cue_table(records, cues.for_batch(batch, m), m))
     model.train(was_training)
@@ -283,6 +267,43 @@ def draw_maps(axes, image: np.ndarray, layers: list[dict], what: str = "attentio
         ax.set_xticks([]), ax.set_yticks([])
 
 
+def one_utterance_per_emotion(batch: dict, emotions: Sequence[str]) -> list[tuple[str, int]]:
+    """``[(emotion, b), ...]``: for each emotion (column of ``batch["emotion"]``, names ``emotions``) present
+    in the batch, the first utterance ``b`` that holds it and was not picked for an earlier emotion (the
+    first that holds it when all were). Emotions absent from the batch are left out."""
+    picks: list[tuple[str, int]] = []
+    for k, e in enumerate(emotions):
+        cands = [int(b) for b in batch["emotion"][:, k].nonzero()[:, 0]]
+        fresh = [b for b in cands if b not in [p for _, p in picks]]
+        if cands:
+            picks.append((e, (fresh or cands)[0]))
+    return picks
+
+
+def maps_figure(model, batch: dict, picks: Sequence[tuple[str, int]], modality: str, *, width: float = 13,
+                row_height: float = 1.9):
+    """After a forward pass on ``batch``: one row per ``(label, b)`` of ``picks`` (e.g. from
+    :func:`one_utterance_per_emotion`), the attention map of each sparse layer of ``modality`` ("V" faces,
+    "A" mel-spectrograms) then its kept sites, over the utterance's input (:func:`utterance_maps`,
+    :func:`draw_maps`). Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    n = len(model.last_maps[modality])
+    cmap = "gray" if modality == "V" else "magma"
+    fig, axes = plt.subplots(len(picks), 2 * n, figsize=(width, row_height * len(picks)), squeeze=False)
+    for r, (label, b) in enumerate(picks):
+        image, layers = utterance_maps(model, batch, b, modality)
+        draw_maps(axes[r, :n], image, layers, "attention", cmap)
+        draw_maps(axes[r, n:], image, layers, "kept", cmap)
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    for j in range(n):
+        axes[0, j].set_title(f"attention, layer {j + 1}", fontsize=9)
+        axes[0, n + j].set_title(f"kept, layer {j + 1}", fontsize=9)
+    fig.suptitle({"V": "faces", "A": "mel-spectrograms"}[modality])
+    fig.tight_layout()
+    return fig
+
+
 def single_utterance(batch: dict, b: int) -> dict:
     """Utterance ``b`` of a ``collate_mesm`` batch as a batch of one, padding removed (widget input)."""
     out = {}
@@ -310,19 +331,13 @@ def draw_kept_sites(model, batch: dict, b: int, top_p: float, fig=None):
     Returns the figure (a new one when ``fig`` is None). ``model.top_p`` is restored afterwards."""
     import matplotlib.pyplot as plt
 
-    from nbsupport import flops
-    from nbsupport.models.mesm import is_extractor_layer
+    from nbsupport.models.mesm import extractor_macs
 
     one = single_utterance(batch, b)
-    original = model.top_p
-    was_training = model.training
-    model.eval()
+    original, was_training = model.top_p, model.training
     try:
         model.top_p = float(top_p)
-        device = next(model.parameters()).device
-        with flops.MacCounter(model, include=is_extractor_layer) as mc:
-            model({k: v.to(device) if torch.is_tensor(v) else v for k, v in one.items()})
-        table = mc.table()
+        cost = extractor_macs(model, [one])  # eval mode, on the model's device; fills model.last_maps
     finally:
         model.top_p = original
         model.train(was_training)
@@ -336,7 +351,7 @@ def draw_kept_sites(model, batch: dict, b: int, top_p: float, fig=None):
         for j, layer in enumerate(layers):
             kept, act = int(layer["kept"].sum()), int(layer["active"].sum())
             axes[r, j].set_title(f"{'face' if m == 'V' else 'mel'} layer {j + 1}: {kept}/{act} sites kept", fontsize=9)
-    macs, dense = int(table["macs"].sum()), int(table["dense_macs"].sum())
+    macs, dense = cost["macs"], cost["dense_macs"]
     fig.suptitle(f"{one['ids'][0]}  top_p = {top_p:.2f}: extractor {macs / 1e6:.1f} M MACs "
                  f"({macs / max(dense, 1):.0%} of dense)", fontsize=10)
     fig.tight_layout()

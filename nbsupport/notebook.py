@@ -214,7 +214,10 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str = "auto"):
-    """Map ``"auto"`` to CUDA when a GPU is present, else CPU; ``"cuda"`` without a GPU is an error."""
+    """Map ``"auto"`` to CUDA when a GPU is present, else CPU; ``"cuda"`` without a GPU is an error.
+
+    The one device rule of the book: :func:`nbsupport.train.resolve_device` builds on it (and picks
+    this rank's GPU under torchrun)."""
     import torch
 
     if device == "auto":

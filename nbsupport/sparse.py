@@ -96,29 +96,30 @@ _SPCONV_CHECKED: dict[str, float] = {}
 
 
 def spconv_selfcheck(device: torch.device | str = "cuda") -> float:
-    """Run spconv's ``SubMConv2d`` once on ``device`` against dense ``conv2d`` on the active sites.
+    """Run our :class:`SubMConv2d`'s spconv path once on ``device`` against dense ``conv2d`` on the active sites.
 
     MESM's sparse blocks (Chapter 6) are only as good as the engine under them, and spconv has
     returned wrong numbers without an error in three ways we met (its CPU wheel, its max-pool, and
     column-major coordinates on CUDA; DESIGN.md). So before spconv is trusted on a device, a small
-    random case (batch 2, 8 -> 16 channels, 10x10, density 0.4, our coordinate path) is compared with
-    dense convolution, forward values and input gradients.  Returns the largest absolute difference.
+    random case (batch 2, 8 -> 16 channels, 10x10, density 0.4) goes through exactly the code the
+    book runs there (:func:`to_sparse`, then ``SubMConv2d._forward_spconv``: weight conversion,
+    coordinates, cached spconv tensor) and is compared with dense convolution, forward values and
+    input gradients.  Returns the largest absolute difference.
     """
-    import spconv.pytorch as spc
-
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(2, 10, 10, generator=g) < 0.4
     dense = (torch.randn(2, 8, 10, 10, generator=g) * mask[:, None]).to(dev)
     weight = (torch.randn(16, 8, 3, 3, generator=g) * 0.2).to(dev)
     mask = mask.to(dev)
+    with torch.random.fork_rng(devices=[]):  # our module's init must not shift a seeded run's random numbers
+        conv = SubMConv2d(8, 16, 3).to(dev)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
     x = to_sparse(dense, mask)
     feats = x.features.detach().requires_grad_(True)
-    mod = spc.SubMConv2d(8, 16, 3, padding=1, bias=False, indice_key="nbsupport_selfcheck").to(dev)
-    with torch.no_grad():
-        mod.weight.copy_(_spconv_weight_shape(tuple(mod.weight.shape), weight))
-    st = spc.SparseConvTensor(feats, x.coords.int().contiguous(), [10, 10], 2)
-    out = mod(st).features
+    # _forward_spconv directly: forward() asks sparse_backend(), which is what runs this check
+    out = conv._forward_spconv(x.replace(feats))
     dense_in = dense.detach().requires_grad_(True)
     ref = F.conv2d(dense_in, weight, padding=1)
     ref_sites = ref.permute(0, 2, 3, 1)[mask]
@@ -224,10 +225,11 @@ def top_p_mask_segments(probs: torch.Tensor, segment_ids: torch.Tensor, p: float
     """Ragged :func:`top_p_mask`: ``probs`` (N,) of sites of several frames packed together,
     ``segment_ids`` (N,) integer frame index of each site; the nucleus is chosen per segment.
 
-    Used after the first sparse block of MESM (Chapter 6), where frames keep different numbers of
-    sites.  Vectorised: sites are laid out in a zero-padded (segments, longest segment) matrix
-    (a stable integer sort by segment only if they are not already grouped) and :func:`top_p_mask`
-    runs once on it, so both functions share one definition; padding (probability 0) is never kept
+    For sites that are already sparse, where frames keep different numbers of them: the extractor of
+    ``benchmarks/sparse_vs_dense.py`` selects each block's nucleus this way (Chapter 6's MESM model
+    applies :func:`top_p_mask` to dense maps).  Vectorised: sites are laid out in a zero-padded
+    (segments, longest segment) matrix (a stable integer sort by segment only if they are not already
+    grouped) and :func:`top_p_mask` runs once on it, so both functions share one definition; padding (probability 0) is never kept
     for ``p < 1``.  Each segment's probabilities should sum to 1 (the threshold is ``p`` times the
     segment's total).  ``p = 1.0`` keeps every site.
     """
@@ -300,7 +302,9 @@ class SparseTensor:
                              f"got shape {tuple(self.coords.shape)}")
         if self.coords.is_floating_point():
             raise TypeError("SparseTensor: 'coords' must be an integer tensor (batch, y, x)")
-        self.coords = self.coords.long()
+        # contiguous: CUDA nonzero() returns column-major (N, 3) coordinates, which spconv silently misreads
+        # (DESIGN.md); every SparseTensor holds row-major ones, whatever produced them
+        self.coords = self.coords.long().contiguous()
         self.spatial_shape = (int(self.spatial_shape[0]), int(self.spatial_shape[1]))
         self.batch_size = int(self.batch_size)
 
@@ -342,10 +346,6 @@ class SparseTensor:
         """(B, C, H, W) with ``fill`` at inactive sites."""
         return to_dense(self.features, self.coords, (self.batch_size, *self.spatial_shape), fill=fill)
 
-    def to(self, device: torch.device | str) -> "SparseTensor":
-        """Move features and coordinates to ``device`` (the rulebook cache is rebuilt there)."""
-        return SparseTensor(self.features.to(device), self.coords.to(device), self.spatial_shape, self.batch_size)
-
 
 def to_sparse(dense: torch.Tensor, mask: torch.Tensor | None = None) -> SparseTensor:
     """Dense maps (B, C, H, W) and a site mask (B, H, W) bool -> :class:`SparseTensor` of the True sites
@@ -357,7 +357,7 @@ def to_sparse(dense: torch.Tensor, mask: torch.Tensor | None = None) -> SparseTe
         mask = torch.ones(b, h, w, dtype=torch.bool, device=dense.device)
     if mask.shape != (b, h, w):
         raise ValueError(f"nbsupport.sparse.to_sparse: 'mask' must be (B, H, W) = {(b, h, w)}, got {tuple(mask.shape)}")
-    coords = mask.nonzero().contiguous()  # (N, 3); CUDA nonzero() is column-major
+    coords = mask.nonzero()  # (N, 3); SparseTensor makes it row-major
     feats = dense.permute(0, 2, 3, 1)[mask.bool()]  # (N, C)
     return SparseTensor(feats, coords, (h, w), b)
 
@@ -530,8 +530,7 @@ class _StandardLayout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight):
-        c_out, c_in, kh, kw = weight.shape
-        ctx.kernel = (kh, kw)
+        kh, kw = weight.shape[2:]
         return _weight_from_offset(_weight_by_offset(weight), kh, kw)
 
     @staticmethod
@@ -795,11 +794,6 @@ def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size:
 # ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
-def _spconv_weight(module, weight: torch.Tensor) -> torch.Tensor:
-    """Convert our (C_out, C_in, kh, kw) weight to the layout of spconv module ``module.weight``."""
-    return _spconv_weight_shape(tuple(module.weight.shape), weight)
-
-
 def _spconv_weight_shape(target: tuple, weight: torch.Tensor) -> torch.Tensor:
     """Convert our (C_out, C_in, kh, kw) weight to an spconv weight of shape ``target``."""
     c_out, c_in, kh, kw = weight.shape
@@ -842,6 +836,7 @@ class SubMConv2d(nn.Module):
         backend = sparse_backend(x.features.device)
         self.last_backend = backend
         if backend == "spconv" and x.num_sites > 0:
+            self.last_strategy = None  # no CPU plan ran
             return x.replace(self._forward_spconv(x))
         nbr = x.neighbours(self.kernel_size)
         strategy = self.strategy
@@ -863,9 +858,10 @@ class SubMConv2d(nn.Module):
                                               padding=self.kernel_size // 2, bias=False,
                                               indice_key=f"nbsupport_subm{self.kernel_size}").to(x.features.device)
         st = x.cache.get("spconv")
-        if st is None:
-            # contiguous: CUDA nonzero() gives column-major coords, which spconv silently misreads
-            st = spc.SparseConvTensor(x.features, x.coords.int().contiguous(), list(x.spatial_shape), x.batch_size)
+        if st is None:  # coordinates are row-major (SparseTensor.__post_init__), as spconv needs
+            st = spc.SparseConvTensor(x.features, x.coords.int(), list(x.spatial_shape), x.batch_size)
+            # indice dict shared by later convs on these sites: replace_feature (below, and on later calls)
+            # shares it, so the rulebook spconv builds in mod(st) lands in this cached tensor too
             x.cache["spconv"] = st
         st = st.replace_feature(x.features)
         mod = self._spconv_mod
@@ -875,7 +871,6 @@ class SubMConv2d(nn.Module):
         # our (C_out, C_in, k, k) weight in spconv's layout; a plain tensor attribute, so autograd reaches ours
         mod.weight = _spconv_weight_shape(mod.weight_shape, self.weight)
         out = mod(st).features
-        x.cache["spconv"] = st  # indice dict shared by later convs on these sites
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -16,12 +16,11 @@ written atomically after every epoch) an interrupted run resumes to the same fin
 
 Distributed training: when ``torch.distributed`` is initialised (``torchrun``), :func:`fit` wraps the
 model in ``DistributedDataParallel``, :func:`make_loader` uses a ``DistributedSampler``, predictions
-are gathered from all ranks before metrics (:func:`_gather`), and only rank 0 writes checkpoints.
-Without it all of these are the identity.
+are gathered from all ranks before metrics, and only rank 0 writes checkpoints: all of it through
+:mod:`nbsupport.distributed`. Without it all of these are the identity.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -34,7 +33,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from . import distributed as _dist
+from .notebook import atomic_write, resolve_device as _notebook_device, seed_everything
 
 __all__ = [
     "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
@@ -61,17 +63,15 @@ def n_outputs(task: str, n_emotions: int = 6) -> int:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU (with torch.distributed on CUDA: this rank's GPU)."""
+    """``"auto"`` -> CUDA when present, else CPU (:func:`nbsupport.notebook.resolve_device`; ``"cuda"``
+    without a GPU raises its ParameterError naming 'device'); under torch.distributed ``"auto"``/``"cuda"``
+    on CUDA is this rank's GPU (``LOCAL_RANK``, data parallelism of Chapter 8)."""
     if isinstance(device, torch.device):
         return device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("nbsupport.train: device 'cuda' requested but no CUDA GPU is available")
-        if _dist_on():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(device)
+    resolved = _notebook_device(device)
+    if device in ("auto", "cuda") and resolved.type == "cuda" and _dist.is_distributed():
+        return torch.device("cuda", _dist.local_rank())
+    return resolved
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -121,9 +121,29 @@ def pos_weight_from(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos)).float()
 
 
+def _reads_dataset_once(loader: Iterable) -> bool:
+    """True when one pass over ``loader`` yields every item of ``loader.dataset`` exactly once (a plain
+    ``DataLoader`` with its default sequential or random permutation sampler, no ``drop_last``)."""
+    if not isinstance(loader, DataLoader) or loader.drop_last or type(loader.batch_sampler) is not BatchSampler:
+        return False
+    sampler = loader.sampler
+    if isinstance(sampler, RandomSampler):
+        return not sampler.replacement and sampler.num_samples == len(loader.dataset)
+    return isinstance(sampler, SequentialSampler)
+
+
 def _labels_of_loader(loader: Iterable, task: str) -> torch.Tensor:
-    """All training targets of ``loader`` (one pass; under torchrun gathered from every rank)."""
-    return _gather(torch.cat([targets_for(b, task) for b in loader]))
+    """All training targets of ``loader``, for the BCE ``pos_weight`` (Dai et al. 2021, Sec. 4.3).
+
+    When the loader reads its whole dataset once and the dataset offers ``label_rows()`` (a batch-like
+    dict of every item's ``emotion``/``sentiment`` labels, read without the features), the labels come
+    from there; otherwise (and always under torchrun, where each rank sees a shard) from one pass over
+    the loader, gathered from every rank. Both give the same rows, so the same counts.
+    """
+    label_rows = getattr(getattr(loader, "dataset", None), "label_rows", None)
+    if callable(label_rows) and not _dist.is_distributed() and _reads_dataset_once(loader):
+        return targets_for(label_rows(), task)
+    return _dist.gather_predictions(torch.cat([targets_for(b, task) for b in loader]))
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -140,47 +160,9 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
     return batch
 
 
-
 # ------------------------------------------------------------------------------------------------
-# Distributed hooks (identity when torch.distributed is not initialised)
+# Loaders and per-epoch seeding (distributed pieces from nbsupport.distributed: identity without torchrun)
 # ------------------------------------------------------------------------------------------------
-from .distributed import is_distributed as _dist_on, rank as _rank, world_size as _world  # noqa: E402
-
-
-def _wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around ``model`` under torchrun; the model itself otherwise."""
-    if not _dist_on():
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _gather(tensor: torch.Tensor, n_total: int | None = None) -> torch.Tensor:
-    """Collect a per-rank tensor of predictions from every rank (identity without torch.distributed).
-
-    ``DistributedSampler(shuffle=False)`` gives rank ``r`` the items ``r, r+W, r+2W, ...`` of a list
-    padded to a multiple of ``W``; interleaving the gathered pieces and cutting to ``n_total``
-    restores the dataset order exactly.
-    """
-    if not _dist_on():
-        return tensor
-    pieces = [None] * _world()
-    torch.distributed.all_gather_object(pieces, tensor.cpu())
-    stacked = torch.stack([p for p in pieces], dim=1)  # (n_per_rank, W, ...)
-    out = stacked.reshape(-1, *tensor.shape[1:])
-    return out[:n_total] if n_total is not None else out
-
-
-def _gather_list(items: list, n_total: int | None = None) -> list:
-    if not _dist_on():
-        return items
-    pieces = [None] * _world()
-    torch.distributed.all_gather_object(pieces, list(items))
-    out = [pieces[r][i] for i in range(len(pieces[0])) for r in range(_world())]
-    return out[:n_total] if n_total is not None else out
-
-
 def make_loader(dataset, *, batch_size: int = 32, shuffle: bool = False, seed: int = 0,
                 collate_fn: Callable | None = None, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
     """A seeded ``DataLoader`` (its own ``torch.Generator``); a ``DistributedSampler`` under torchrun.
@@ -191,10 +173,8 @@ def make_loader(dataset, *, batch_size: int = 32, shuffle: bool = False, seed: i
     if batch_size < 1:
         raise ValueError(f"nbsupport.train.make_loader: parameter 'batch_size' must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
-    if _dist_on():
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = _dist.distributed_sampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    if sampler is not None:  # under torchrun: this rank's share, shuffled per epoch via set_epoch
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                           num_workers=num_workers, generator=generator, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn,
@@ -208,9 +188,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _seed_epoch(loader, seed: int, epoch: int) -> None:
     """Fix the shuffle order and dropout of one epoch from ``(seed, epoch)`` alone (exact resume)."""
     s = _epoch_seed(seed, epoch)
-    random.seed(s)
-    np.random.seed(s % (2**32))
-    torch.manual_seed(s)
+    seed_everything(s)
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
@@ -288,8 +266,9 @@ def predict(model: nn.Module, loader: Iterable, *, task: str = "emotion", device
     model.train(was_training)
     if not logits:
         raise ValueError("nbsupport.train.predict: the loader yielded no batch")
-    n_total = len(loader.dataset) if _dist_on() and hasattr(loader, "dataset") else None
-    return _gather(torch.cat(logits), n_total), _gather(torch.cat(targets), n_total), _gather_list(ids, n_total)
+    n_total = len(loader.dataset) if _dist.is_distributed() and hasattr(loader, "dataset") else None
+    return (_dist.gather_predictions(torch.cat(logits), n_total), _dist.gather_predictions(torch.cat(targets), n_total),
+            _dist.gather_list(ids, n_total))
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, task: str = "emotion", device="auto",
@@ -331,8 +310,6 @@ class FitResult:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """torch.save through :func:`nbsupport.notebook.atomic_write`: a crash never leaves a half-written checkpoint."""
-    from nbsupport.notebook import atomic_write
-
     atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
@@ -422,7 +399,7 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     device = resolve_device(device)
     torch.manual_seed(seed)
     model = model.to(device)
-    net = _wrap_model(model, device)
+    net = _dist.wrap_model(model, device)
     optimiser = torch.optim.AdamW(_param_groups(model, lr, weight_decay), lr=lr, weight_decay=weight_decay)
 
     if task == "emotion":
@@ -453,7 +430,7 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     except ImportError:  # pragma: no cover
         tqdm = None
     epoch_bar = range(state["epoch"] + 1, epochs + 1)
-    if progress and tqdm is not None and _rank() == 0:
+    if progress and tqdm is not None and _dist.rank() == 0:
         epoch_bar = tqdm(epoch_bar, desc=desc or f"fit {task}", initial=state["epoch"], total=epochs, leave=False)
 
     for epoch in epoch_bar:
@@ -507,7 +484,7 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         state["epoch"] = epoch
         if patience is not None and state["bad_epochs"] >= patience:
             state["stopped_early"] = True
-        if last_path is not None and _rank() == 0:
+        if last_path is not None and _dist.rank() == 0:
             _atomic_save({"model": _cpu_state(model), "optimiser": optimiser.state_dict(), "state": state,
                           "rng": _rng_state(), "task": task, "seed": seed}, last_path)
             if improved:

@@ -47,18 +47,13 @@ _BLANK_PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAAD
 def show_in(view, fig) -> None:
     """Show the matplotlib figure ``fig`` (then closed) in ``view``, replacing what it showed.
 
-    ``view`` is a :func:`figure_view` image widget (the value becomes the figure's PNG) or an
-    ``ipywidgets.Output`` (its ``outputs`` state is replaced by the figure; kept for old notebooks).
+    ``view`` is a :func:`figure_view` image widget: its value becomes the figure's PNG. (An
+    ``ipywidgets.Output`` whose outputs are set from the kernel is not redrawn by JupyterLab, so it is
+    refused.)
     """
-    if isinstance(view, W.Image):
-        view.value = figure_png(fig)
-        return
-    if not isinstance(view, W.Output):
-        raise TypeError(f"show_in: 'view' must be an ipywidgets.Image (figure_view()) or Output, got {type(view).__name__}")
-    from IPython.display import Image
-
-    view.outputs = ()
-    view.append_display_data(Image(data=figure_png(fig), format="png"))  # PNG even without the inline backend
+    if not isinstance(view, W.Image):
+        raise TypeError(f"show_in: 'view' must be an ipywidgets.Image (figure_view()), got {type(view).__name__}")
+    view.value = figure_png(fig)
 
 
 #: Words placed on a 2-D "meaning" plane (angle = kind of feeling) for the query explorer of Chapter 1.

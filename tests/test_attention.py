@@ -130,12 +130,11 @@ def test_encoder_block_gradients_flow_and_padding_ignored():
 
 
 def test_pretrained_heads_reproduced():
+    """Our MHA with a MiniLM layer's projections gives the attention weights that the transformers
+    library itself returns (``output_attentions``, its eager implementation) for that layer."""
     from nbsupport import pretrained
 
-    tokens, hf_weights, tokenizer, model = pretrained.sentence_attention("a short happy sentence", layer=1)
-    mha = pretrained.mha_from_pretrained(model, layer=1)
-    with torch.no_grad():
-        enc = tokenizer("a short happy sentence", return_tensors="pt")
-        hidden = model(**enc, output_hidden_states=True).hidden_states[1]
-        mha(hidden, hidden, hidden)
-    torch.testing.assert_close(mha.weights[0], torch.from_numpy(hf_weights), atol=1e-5, rtol=1e-4)
+    tokens, ours, library = pretrained.reproduce_heads("a short happy sentence", layer=1)
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+    assert ours.shape == library.shape == (12, len(tokens), len(tokens))  # all-MiniLM-L6-v2: 12 heads
+    torch.testing.assert_close(torch.from_numpy(ours), torch.from_numpy(library), atol=1e-5, rtol=1e-4)

@@ -77,6 +77,31 @@ def test_mel_pieces_against_librosa():
     assert um.shape == (60, 80)
 
 
+def test_pool_frames_hand_computed():
+    x = np.arange(70 * 2, dtype=np.float32).reshape(70, 2)  # row r = [2r, 2r + 1]
+    pooled = F._pool_frames(x, 60)  # 70 = 10 chunks of 2 frames, then 50 of 1 (np.array_split)
+    assert pooled.shape == (60, 2)
+    np.testing.assert_allclose(pooled[0], [1.0, 2.0])  # mean of rows 0 and 1: ([0, 1] + [2, 3]) / 2
+    np.testing.assert_allclose(pooled[9], [37.0, 38.0])  # rows 18 and 19
+    np.testing.assert_allclose(pooled[10], [40.0, 41.0])  # row 20 alone
+    np.testing.assert_allclose(pooled[-1], [138.0, 139.0])  # row 69
+    np.testing.assert_array_equal(F._pool_frames(x[:60], 60), x[:60])  # not longer than seq_len: as is
+
+
+def test_cues_errors(corpus, tmp_path):
+    from nbsupport.data import load_cues, read_cues
+
+    uid, folder = _first(corpus)
+    assert load_cues(corpus, "mosei", uid)["au_mask"].dtype == bool
+    np.testing.assert_array_equal(read_cues(folder)["au_mask"], load_cues(corpus, "mosei", uid)["au_mask"])
+    with pytest.raises(DataError, match="unknown dataset 'meld'"):
+        load_cues(corpus, "meld", uid)
+    with pytest.raises(DataError, match="nope: utterance folder missing"):
+        load_cues(corpus, "mosei", "nope")
+    with pytest.raises(DataError, match="cue.pkl: no cue ground truth"):
+        read_cues(tmp_path)
+
+
 def test_face_crop_centre_fallback_and_hog():
     img = np.zeros((60, 100, 3), np.uint8)
     img[:, 20:80] = 200
@@ -117,6 +142,12 @@ def test_umons_and_handcrafted_batches(corpus, tmp_path):
             assert (b[k][~b[f"{k}_mask"]] == 0).all()
 
 
+def test_seq_len_checked(corpus, tmp_path):
+    for fn in (umons_dataset, handcrafted_dataset):
+        with pytest.raises(DataError, match="seq_len must be >= 1"):
+            fn(corpus, "mosei", "valid", seq_len=0, cache_dir=tmp_path)
+
+
 def test_umons_pickles(tmp_path):
     rng = np.random.default_rng(0)
     ids = ["a_1", "b_2"]
@@ -128,6 +159,9 @@ def test_umons_pickles(tmp_path):
     assert raw[0]["emotion"].tolist() == [0, 0, 0, 1, 0, 0] and raw[0]["sentiment"] == 1.5
     b = collate_umons([umons_pickle_dataset(tmp_path, "test")[i] for i in range(2)])
     assert b["audio"].shape == (2, 60, 80) and b["text"].shape == (2, 3, 384) and "video" not in b
+    long_mel = data["mels"]["a_1"]  # 70 frames pooled to 60: the first row is the mean of frames 0 and 1
+    np.testing.assert_allclose(umons_pickle_dataset(tmp_path, "test")[0]["audio"][0].numpy(),
+                               (long_mel[0] + long_mel[1]) / 2, rtol=1e-5, atol=1e-6)
     (tmp_path / "test_mels.p").unlink()
     with pytest.raises(DataError, match="test_mels.p"):
         load_umons_pickles(tmp_path, "test")

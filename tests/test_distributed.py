@@ -53,7 +53,8 @@ SCRIPT = textwrap.dedent('''
     model = Net()
     tl = train.make_loader(Toy(), batch_size=batch_size, shuffle=False)
     vl = train.make_loader(Toy(), batch_size=batch_size, shuffle=False)
-    # pos_weight from the full label set (train's "auto" would count only this rank's shard)
+    # pos_weight given explicitly, so both runs use the very same tensor ("auto" would gather the
+    # ranks' label shards and count the same 32 rows)
     res = train.fit(model, tl, vl, task="emotion", epochs=3, lr=1e-2, device="cpu", seed=0,
                     pos_weight=train.pos_weight_from(Y), progress=False)
     checks = {}
@@ -63,6 +64,7 @@ SCRIPT = textwrap.dedent('''
         s = dist.distributed_sampler(idx, shuffle=False)
         local = idx[list(iter(s))]
         checks["gathered"] = dist.gather_predictions(local, n_total=7).tolist()
+        checks["listed"] = dist.gather_list([f"u{i}" for i in local.tolist()], n_total=7)
         checks["sum"] = dist.all_reduce(info.rank + 1)
         checks["mean"] = dist.reduce_metrics({"acc": float(info.rank)}, count=info.rank + 1)["acc"]
         checks["objects"] = dist.gather_objects(info.rank)
@@ -88,6 +90,7 @@ def test_single_process_helpers_are_identity():
     assert dist.reduce_metrics({"acc": 0.25}, count=10) == {"acc": 0.25}
     t = torch.arange(6).reshape(3, 2)
     assert torch.equal(dist.gather_predictions(t, n_total=2), t[:2])
+    assert dist.gather_list(("a", "b", "c"), n_total=2) == ["a", "b"] and dist.gather_list(["a"]) == ["a"]
     m = torch.nn.Linear(2, 2)
     assert dist.wrap_model(m) is m
 
@@ -125,4 +128,5 @@ def test_two_gloo_processes_match_one_process_with_global_batch(tmp_path):
         assert r0["valid"][k] == pytest.approx(v, abs=1e-6), k
     c = r0["checks"]
     assert c["gathered"] == list(range(7))
+    assert c["listed"] == [f"u{i}" for i in range(7)]
     assert c["sum"] == 3.0 and c["mean"] == pytest.approx(2 / 3) and c["objects"] == [0, 1]

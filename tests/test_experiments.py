@@ -226,6 +226,24 @@ def test_collect_table(failing_parallel):
     assert "output_dir" not in df.columns
 
 
+def test_metrics_rows_of_a_collect_table():
+    import pandas as pd
+
+    table = pd.DataFrame([
+        {"point": "p1", "top_p": 0.3, "status": "DONE", "model": "mesm", "modalities": "LA", "wacc": 0.5,
+         "macs": float("nan"), "folder": "/x/p1"},
+        {"point": "p2", "top_p": 1.0, "status": "DONE", "model": "fe2e", "modalities": "LAV", "wacc": float("nan"),
+         "macs": 10.0, "folder": "/x/p2"}])
+    assert ex.metrics_rows(table) == [
+        {"point": "p1", "top_p": 0.3, "status": "DONE", "model": "mesm", "modalities": "LA", "wacc": 0.5,
+         "macs": None},
+        {"point": "p2", "top_p": 1.0, "status": "DONE", "model": "fe2e", "modalities": "LAV", "wacc": None,
+         "macs": 10.0}]
+    assert ex.metrics_rows(table[["point", "top_p"]]) == [  # rows without model/modalities get defaults
+        {"point": "p1", "top_p": 0.3, "model": "sweep", "modalities": "LAV"},
+        {"point": "p2", "top_p": 1.0, "model": "sweep", "modalities": "LAV"}]
+
+
 def test_resume_after_kill_9_runs_every_point_once(toy_nb, tmp_path):
     out = tmp_path / "resume"
     args = _cli("run", str(toy_nb), "--out", str(out), "-p", "sleep", "2.0", "--grid", "x=1,2,3", "--workers", "1",
@@ -282,6 +300,13 @@ def test_chapter_helpers(tmp_path, monkeypatch):
     assert a.out == "out dir" and a.workers == 2
     assert {k: ex.parse_value(v) for k, v in a.parameter} == params
     assert dict(ex.parse_grid_option(g) for g in a.grid) == grid
+    # ... and through the real entry point to the same workers and GPUs as the Python call
+    seen = {}
+    monkeypatch.setattr(ex, "run_sweep", lambda notebook, out, **kw: seen.update(kw) or [])
+    for workers, gpus, ids in [(1, "0,1", ["0", "1"]), (2, ["0", "1"], ["0", "1"]), (3, None, []), (1, None, []),
+                               (1, "5", ["5"])]:
+        assert ex.main(shlex.split(ex.command_line("nb.ipynb", "o", workers=workers, gpus=gpus))[3:]) == 0
+        assert (seen["workers"], seen["gpus"]) == (workers, ids), (workers, gpus, seen)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "book").mkdir()
     make_notebook(tmp_path / "book" / "toy.ipynb")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbsupport.interpret import (audio_box_to_pieces, cue_shares, face_region_in_crop, layer_cue_table,
+from nbsupport.interpret import (audio_box_to_pieces, cue_shares, face_region_from_box, layer_cue_table,
                                  region_to_grid, summarize_cue_table)
 from nbsupport.models.mesm import LayerRecord
 
@@ -51,10 +51,10 @@ def test_layer_table_and_summary():
     assert summary.iloc[0]["kept_lift"] == pytest.approx(4.0) and summary.iloc[0]["n"] == 6
 
 
-def test_face_region_in_crop_central_square():
+def test_face_region_from_box_central_square():
     mask = np.zeros((96, 128), bool)
     mask[:48, 16:64] = True  # top-left quarter of the central 96x96 square
-    crop = face_region_in_crop(mask, None, size=48)
+    crop = face_region_from_box(mask, (16, 0, 96), size=48)  # the central square: x0 = (128 - 96) // 2
     assert crop.shape == (48, 48)
     assert crop[:24, :24].mean() == pytest.approx(1.0) and crop[24:, :].sum() == 0 and crop[:, 24:].sum() == 0
 
@@ -76,46 +76,58 @@ def test_audio_box_to_pieces():
         audio_box_to_pieces({}, 1)
 
 
-def test_face_crop_box_matches_face_crop():
-    """Slicing our box and resizing reproduces the data pipeline's own crop (detected and fallback)."""
+def _resized(frame, x0, y0, s):
     import cv2
 
-    from nbsupport.data.features import face_crop
-    from nbsupport.interpret import face_crop_box
+    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    return cv2.resize(grey[y0:y0 + s, x0:x0 + s], (48, 48), interpolation=cv2.INTER_AREA)
 
-    rng = np.random.default_rng(0)
-    img = (rng.random((80, 120, 3)) * 255).astype(np.uint8)  # noise: no face -> central square
-    for frame in (img,):
-        crop, _ = face_crop(frame)
-        x0, y0, s = face_crop_box(frame)
-        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-        mine = cv2.resize(grey[y0:y0 + s, x0:x0 + s], (48, 48), interpolation=cv2.INTER_AREA)
-        np.testing.assert_array_equal(mine, crop)
+
+def test_face_box_on_a_drawn_face_and_on_noise():
+    """face_box (the box Chapter 6 maps attention back with) finds a drawn face around its true centre,
+    its square is the crop face_crop returns, and a frame with no face gets the hand-computed central square."""
+    from nbsupport.data import synth
+    from nbsupport.data.features import face_box, face_crop
+
+    for seed in range(40):  # the cascade finds some of the synthetic corpus' drawn faces
+        face = synth._face_identity(np.random.default_rng(seed))
+        frame = synth._draw_face(face, {}, 0, 0)
+        x0, y0, s, found = face_box(frame)
+        if found:
+            break
+    else:
+        pytest.fail("the face detector found none of 40 drawn faces")
+    assert abs(x0 + s / 2 - face["cx"]) < 6 and abs(y0 + s / 2 - face["cy"]) < 6  # centred on the drawn face
+    assert 2 * face["b"] <= s <= frame.shape[0]  # holds the whole face height, within the frame
+    crop, crop_found = face_crop(frame)
+    assert crop_found
+    np.testing.assert_array_equal(_resized(frame, x0, y0, s), crop)
+
+    noise = (np.random.default_rng(0).random((80, 120, 3)) * 255).astype(np.uint8)
+    assert face_box(noise) == (20, 0, 80, False)  # central square: side min(80, 120), x0 = (120 - 80) // 2
+    crop, crop_found = face_crop(noise)
+    assert not crop_found
+    np.testing.assert_array_equal(_resized(noise, 20, 0, 80), crop)
 
 
 @pytest.mark.slow
-def test_cue_regions_on_a_tiny_synthetic_corpus(tmp_path):
-    """End to end on real corpus files: crop boxes match face_crop on every sampled frame, and the
-    regions line up with the collate_mesm batch (one per real frame / piece)."""
-    import cv2
-
-    from nbsupport.data import collate_mesm, generate_corpus, mesm_dataset
-    from nbsupport.data.features import face_crop
-    from nbsupport.data.raw import read_frame
-    from nbsupport.interpret import CueRegions, face_crop_box
+def test_cue_regions_on_a_tiny_synthetic_corpus(tmp_path, monkeypatch):
+    """End to end on real corpus files: the regions line up with the collate_mesm batch (one per real
+    frame / piece), and each utterance's cue.pkl is read once for both modalities."""
+    from nbsupport.data import collate_mesm, generate_corpus, load_cues, mesm_dataset, raw
+    from nbsupport.interpret import CueRegions
 
     root = generate_corpus(tmp_path / "c", n=6, seed=1, progress=False)
     ds = mesm_dataset(root, "mosei", "train", cache_dir=tmp_path / "f")
-    paths, _ = ds.raw.frames(0)
-    for p in paths[:4]:
-        frame = read_frame(p)
-        x0, y0, s = face_crop_box(frame)
-        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-        np.testing.assert_array_equal(
-            cv2.resize(grey[y0:y0 + s, x0:x0 + s], (48, 48), interpolation=cv2.INTER_AREA), face_crop(frame)[0])
+    reads = []
+    real_read = raw.read_cues
+    monkeypatch.setattr(raw, "read_cues", lambda folder: reads.append(str(folder)) or real_read(folder))
     batch = collate_mesm([ds[i] for i in range(len(ds))])
     cues = CueRegions(ds)
     faces, mel = cues.for_batch(batch, "V"), cues.for_batch(batch, "A")
     assert faces.shape == (int(batch["faces_mask"].sum()), 48, 48)
     assert mel.shape == (int(batch["mel_mask"].sum()), 128, 32)
     assert 0.0 <= float(faces.min()) and float(faces.max()) <= 1.0
+    assert sorted(reads) == sorted(str(f) for f in ds.raw.folders)  # one read per utterance
+    cue = cues._cue(batch["ids"][0])
+    np.testing.assert_array_equal(cue["au_mask"], load_cues(root, "mosei", batch["ids"][0])["au_mask"])

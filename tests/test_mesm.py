@@ -37,8 +37,11 @@ def test_shapes_every_modality_subset(modalities):
         assert model.last_maps["V"][0].kept.shape[0] == int(make_batch()["faces_mask"].sum())
     if "A" in modalities:  # 128x32 mel piece -> 64x16 -> 32x8 -> 16x4
         assert [tuple(r.kept.shape[1:]) for r in model.last_maps["A"]] == [(64, 16), (32, 8), (16, 4)]
-    w = model.fusion_weights()
-    assert math.isclose(sum(w.values()), 1.0, rel_tol=1e-6)
+    with torch.no_grad():  # distinct fusion parameters: the weights must be their softmax, in "LAV" order
+        model.fusion.copy_(torch.arange(len(modalities), dtype=torch.float32) * 0.7 - 0.4)
+    raw = [0.7 * i - 0.4 for i in range(len(modalities))]
+    expected = {m: math.exp(r) / sum(math.exp(v) for v in raw) for m, r in zip(modalities, raw)}
+    assert model.fusion_weights() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -154,6 +157,10 @@ def test_bad_parameters_are_named():
     assert model.top_p == 0.4
     with pytest.raises(KeyError, match="faces"):
         model({"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)})
+    pathway = model.pathways["V"]  # 513 frames: refused before the CNN runs (no block record is written)
+    with pytest.raises(ValueError, match="at most 512 frames"):
+        pathway(torch.zeros(1, 513, 48, 48), torch.ones(1, 513, dtype=torch.bool), torch.zeros(1, model.text.hidden_size))
+    assert pathway.records == []
 
 
 def test_extractor_macs_hand_count_and_sparsity():

@@ -12,9 +12,7 @@ torch.set_num_threads(1)
 
 def _random_case(seed, b, h, w, c, density):
     g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(b, h, w, generator=g) < density
-    if density >= 1.0:
-        mask[:] = True
+    mask = torch.rand(b, h, w, generator=g) < density  # rand < 1: density 1.0 keeps every site
     dense = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
     return g, mask, dense
 
@@ -211,23 +209,12 @@ def test_sparse_vgg_block_equals_dense_twin_at_full_density_and_shares_state_dic
     assert sparse_block.conv1.conv.last_strategy == "dense"  # full grid -> oneDNN plan
 
 
-@pytest.mark.parametrize("strategy", ["pairs", "im2col", "dense"])
-def test_sparse_block_strategies_agree(strategy):
-    torch.manual_seed(3)
-    block = sp.SparseVggBlock(3, 4).double()
-    g, mask, dense = _random_case(4, 2, 9, 9, 3, 0.3)
-    x = sp.to_sparse(dense, mask)
-    ref = block(x)
-    for conv in (block.conv1.conv, block.conv2.conv):
-        conv.strategy = strategy
-    out = block(sp.to_sparse(dense, mask))
-    assert block.conv2.conv.last_strategy == strategy
-    torch.testing.assert_close(out.features, ref.features)
-
-
-def test_sparse_block_on_partial_sites_equals_masked_dense_layers():
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "im2col", "dense"])
+def test_sparse_block_on_partial_sites_equals_masked_dense_layers(strategy):
     torch.manual_seed(1)
     block = sp.SparseVggBlock(3, 5).double().eval()  # eval: BN uses running stats (site-independent)
+    for conv in (block.conv1.conv, block.conv2.conv):
+        conv.strategy = strategy
     for bn in (block.conv1.bn, block.conv2.bn):
         for t in (bn.weight, bn.bias, bn.running_mean):
             t.data.normal_()
@@ -246,6 +233,8 @@ def test_sparse_block_on_partial_sites_equals_masked_dense_layers():
     site = torch.isfinite(ref[:, 0])
     assert out.coords.tolist() == site.nonzero().tolist()
     torch.testing.assert_close(out.features, ref.permute(0, 2, 3, 1)[site])
+    if strategy != "auto":
+        assert block.conv2.conv.last_strategy == strategy
 
 
 def test_backend_is_torch_rulebook_on_cpu():
@@ -297,15 +286,22 @@ def test_modules_on_empty_and_single_site_inputs():
 # --- spconv self-check (the guard in front of the CUDA backend) -----------------------------------
 class _FakeSpconv:
     """A stand-in for ``spconv.pytorch`` computed with our verified rulebook; ``swap_xy`` makes it read
-    coordinates the wrong way round, like spconv with column-major CUDA coordinates."""
+    coordinates the wrong way round, like spconv with column-major CUDA coordinates.  It offers what
+    ``SubMConv2d._forward_spconv`` uses: ``SparseConvTensor`` with ``features`` and ``replace_feature``,
+    and a ``SubMConv2d`` module whose ``weight`` Parameter (spconv 2.x KRSC layout) our module deletes and
+    replaces by a converted view of its own weight."""
 
     def __init__(self, swap_xy=False):
         fake = self
+        self.calls = 0  # forward calls of the fake engine (the self-check must reach it)
 
         class SparseConvTensor:
             def __init__(self, features, indices, spatial_shape, batch_size):
                 self.features, self.indices = features, indices
                 self.spatial_shape, self.batch_size = spatial_shape, batch_size
+
+            def replace_feature(self, features):
+                return SparseConvTensor(features, self.indices, self.spatial_shape, self.batch_size)
 
         class SubMConv2d(torch.nn.Module):
             def __init__(self, c_in, c_out, k, padding=1, bias=False, indice_key=None):
@@ -313,12 +309,12 @@ class _FakeSpconv:
                 self.weight = torch.nn.Parameter(torch.zeros(c_out, k, k, c_in))  # spconv 2.x KRSC layout
 
             def forward(self, st):
+                fake.calls += 1
                 coords = st.indices.long()
                 if fake.swap_xy:
                     coords = coords[:, [0, 2, 1]]
                 w = self.weight.permute(0, 3, 1, 2)
-                return SparseConvTensor(sp.subm_conv2d(st.features, coords, w), st.indices, st.spatial_shape,
-                                        st.batch_size)
+                return st.replace_feature(sp.subm_conv2d(st.features, coords, w))
 
         self.swap_xy, self.SparseConvTensor, self.SubMConv2d = swap_xy, SparseConvTensor, SubMConv2d
 
@@ -332,6 +328,7 @@ def test_spconv_selfcheck_detects_a_wrong_engine(monkeypatch, swap_xy, ok):
     monkeypatch.setitem(sys.modules, "spconv", pkg)
     monkeypatch.setitem(sys.modules, "spconv.pytorch", pkg.pytorch)
     diff = sp.spconv_selfcheck("cpu")
+    assert pkg.pytorch.calls == 1  # the check ran the (fake) engine through SubMConv2d._forward_spconv
     assert (diff <= sp.SPCONV_SELFCHECK_TOL) == ok
     if not ok:
         assert diff > 0.1

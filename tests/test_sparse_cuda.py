@@ -53,7 +53,8 @@ def test_spconv_subm_conv_matches_dense_forward_backward(batch, c_in, c_out, h, 
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
-def test_spconv_max_pool_matches_dense(density):
+def test_sparse_max_pool_on_cuda_matches_dense(density):
+    """SparseMaxPool2d runs in PyTorch on every device (spconv's pool is not used): checked on CUDA here."""
     dense, mask = _case(2, 8, 8, 8, density, seed=7)
     pooled = sparse.SparseMaxPool2d(2)(sparse.to_sparse(dense, mask))
     ref = F.max_pool2d(dense.masked_fill(~mask[:, None], float("-inf")), 2)

@@ -118,7 +118,7 @@ def test_specialties_set_how_often_each_modality_shows_an_emotion():
     rng = np.random.default_rng(0)
     for modality, emotion, expected in [("V", "happy", 0.9), ("V", "anger", 0.2), ("A", "anger", 0.9),
                                         ("A", "happy", 0.2), ("L", "sad", 0.9), ("L", "disgust", 0.2)]:
-        shown = [synth._modality_profiles(rng, [emotion], 0.55, cfg, modality) for _ in range(4000)]
+        shown = [synth._modality_profiles(rng, [emotion], cfg, modality) for _ in range(4000)]
         rate = np.mean([carried for _, carried in shown])
         assert abs(rate - expected) < 0.03, (modality, emotion, rate)
         assert all(profiles == [emotion] for profiles, carried in shown if carried)

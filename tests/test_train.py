@@ -59,19 +59,7 @@ def test_fit_uses_bce_with_the_training_pos_weight():
     labels = torch.stack([it["emotion"] for it in _items(48, 1)])
     pos = labels.sum(0)
     expected = (48 - pos) / pos
-    seen = {}
-    orig = nn.BCEWithLogitsLoss.__init__
-
-    def spy(self, *a, pos_weight=None, **k):
-        seen["pw"] = pos_weight
-        orig(self, *a, pos_weight=pos_weight, **k)
-
-    nn.BCEWithLogitsLoss.__init__ = spy
-    try:
-        train.fit(TinyNet(), tr, None, epochs=1, device="cpu", progress=False)
-    finally:
-        nn.BCEWithLogitsLoss.__init__ = orig
-    assert torch.allclose(seen["pw"], expected)
+    assert torch.allclose(_spied_pos_weight(tr), expected)
 
 
 def test_sentiment_classes_hand_computed():
@@ -308,3 +296,64 @@ def test_auxiliary_loss_must_be_a_scalar():
     model.auxiliary_loss = lambda batch, criterion: torch.ones(3)
     with pytest.raises(ValueError, match="auxiliary_loss must return a scalar"):
         train.fit(model, loader, None, epochs=1, device="cpu", progress=False)
+
+
+class _LabelledItems(torch.utils.data.Dataset):
+    """The items of ``_items`` with a ``label_rows()`` accessor (as ``FeatureDataset`` offers) and a
+    count of the items read, to see whether ``fit`` re-reads the training set for ``pos_weight``."""
+
+    def __init__(self, items):
+        self.items, self.reads = items, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.items[i]
+
+    def label_rows(self):
+        return {"emotion": torch.stack([it["emotion"] for it in self.items]),
+                "sentiment": torch.stack([it["sentiment"] for it in self.items])}
+
+
+def _spied_pos_weight(loader):
+    seen = {}
+    orig = nn.BCEWithLogitsLoss.__init__
+
+    def spy(self, *a, pos_weight=None, **k):
+        seen["pw"] = pos_weight
+        orig(self, *a, pos_weight=pos_weight, **k)
+
+    nn.BCEWithLogitsLoss.__init__ = spy
+    try:
+        train.fit(TinyNet(), loader, None, epochs=1, device="cpu", progress=False)
+    finally:
+        nn.BCEWithLogitsLoss.__init__ = orig
+    return seen["pw"]
+
+
+def test_pos_weight_from_label_rows_without_reading_the_features():
+    items = _items(44, 1)
+    labels = torch.stack([it["emotion"] for it in items])
+    expected = (44 - labels.sum(0)) / labels.sum(0)  # hand count: negatives / positives
+    ds = _LabelledItems(items)
+    pw = _spied_pos_weight(train.make_loader(ds, batch_size=8, shuffle=True, collate_fn=_collate))
+    assert torch.allclose(pw, expected)
+    assert ds.reads == 44  # the training epoch only: the labels came from label_rows()
+    # a loader that skips items (drop_last) is counted by a pass over the loader, as before
+    ds = _LabelledItems(items)
+    pw = _spied_pos_weight(train.make_loader(ds, batch_size=8, shuffle=False, collate_fn=_collate, drop_last=True))
+    seen = labels[:40]
+    assert torch.allclose(pw, (40 - seen.sum(0)) / seen.sum(0)) and ds.reads == 80
+
+
+def test_resolve_device_names_the_parameter():
+    from nbsupport.notebook import ParameterError
+
+    assert train.resolve_device("cpu") == torch.device("cpu")
+    assert train.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert train.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ParameterError, match="'device'"):
+            train.resolve_device("cuda")

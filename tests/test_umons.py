@@ -1,5 +1,7 @@
 """Tests of nbsupport.models.umons: glimpse against a hand-written reference, padding invariance,
 co-attention wiring, overfitting a tiny batch, the paper configuration."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -124,11 +126,18 @@ def test_each_model_overfits_a_tiny_batch(modalities):
     assert torch.equal(pred.float(), batch["emotion"])
 
 
+def test_describe_reports_the_configuration_and_parameter_count():
+    config = UmonsConfig(hidden_size=24, ff_size=40, layers=3, heads=3, dropout=0.2, seq_len=9, aux_weight=0.5,
+                         input_dropout=0.1)
+    model = UmonsTransformer("VL", 6, config=config, input_dims=DIMS)
+    frozen = model.adapters["L"].net.weight_ih_l0.requires_grad_(False).numel()  # frozen weights are not counted
+    n_all = sum(p.numel() for p in model.parameters())
+    assert model.describe() == {"modalities": "LV", **dataclasses.asdict(config), "n_params": n_all - frozen}
+
+
 def test_paper_configuration_builds():
     model = UmonsTransformer("LAV", 6, config=PAPER_CONFIG)
     info = model.describe()
-    assert (info["hidden_size"], info["ff_size"], info["layers"], info["heads"], info["dropout"],
-            info["seq_len"]) == (512, 1024, 4, 4, 0.1, 60)
     assert info["n_params"] > 10_000_000
     batch = {"text": torch.randn(2, 70, 300), "audio": torch.randn(2, 50, 80), "video": torch.randn(2, 60, 512)}
     assert model.eval()(batch).shape == (2, 6)  # inputs longer than seq_len are cut to 60
@@ -222,3 +231,25 @@ def test_bad_aux_options_are_named():
         UmonsConfig(input_dropout=1.0)
     with pytest.raises(ValueError, match="aux_weight"):
         UmonsConfig(aux_weight=-1)
+
+
+@pytest.mark.slow  # generates a 24-utterance corpus and its UMONS features (~7 s)
+def test_umons_loaders_and_utterance_words(tmp_path, monkeypatch):
+    """The Chapter 3-4 data set-up on a small synthetic corpus: seeded loaders over every split, in
+    dataset order for valid/test, and the words of an utterance as the raw transcript gives them."""
+    from nbsupport.data import RawSplit, ensure_corpus
+    from nbsupport.data.features import split_words
+    from nbsupport.models.umons import umons_loaders, utterance_words
+
+    monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path / "corpus"))
+    monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path / "features"))
+    root = ensure_corpus(None, n=24, seed=0, progress=False)
+    splits, loaders = umons_loaders(root, seq_len=6, batch_size=4, seed=0)
+    assert set(splits) == set(loaders) == {"train", "valid", "test"}
+    raw_test = RawSplit(root, "mosei", "test")
+    ids = [uid for batch in loaders["test"] for uid in batch["ids"]]
+    assert ids == list(raw_test.ids) and len(loaders["train"].dataset) == len(RawSplit(root, "mosei", "train"))
+    batch = next(iter(loaders["test"]))
+    assert batch["text"].shape[1] <= 6 and batch["audio"].shape[1] <= 6 and batch["video"].shape[1] <= 6
+    item = raw_test[len(raw_test) - 1]
+    assert utterance_words(splits["test"], item["id"], 6) == split_words(item["text"])[:6]

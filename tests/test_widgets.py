@@ -32,9 +32,8 @@ def test_figure_view_shows_the_figure_png_and_redraws():
     assert bytes(nbw.figure_view(_figure(0.0)).value) == first  # same figure, same bytes
 
 
-def test_show_in_output_widget_and_wrong_target():
-    out = W.Output()
-    nbw.show_in(out, _figure(0.5))
-    assert len(out.outputs) == 1 and "image/png" in out.outputs[0]["data"]
+def test_show_in_wrong_target():
     with pytest.raises(TypeError, match="view"):
         nbw.show_in(W.Label(), _figure(0.5))
+    with pytest.raises(TypeError, match="view"):  # an Output's state set from the kernel is not drawn by JupyterLab
+        nbw.show_in(W.Output(), _figure(0.5))

@@ -9,7 +9,8 @@ Corpus
     ``ensure_corpus(root=None, n=600, seed=0, style="mosei", **knobs) -> Path`` -- real data root or cached
     synthetic corpus; ``generate_corpus(out, n, seed, style, **knobs)`` and the CLI
     ``python -m nbsupport.data.synth`` (module :mod:`nbsupport.data.synth`, cue ground truth ``cue.pkl``);
-    ``load_cues(root, dataset, utt_id)`` reads that ground truth.
+    ``load_cues(root, dataset, utt_id)`` reads that ground truth (``read_cues(folder)`` from an
+    utterance folder, e.g. ``RawSplit.folders[i]``).
 Raw items (MESM raw layout, real or synthetic)
     ``load_split(root, dataset, split) -> RawSplit`` -- items {id, text, frames, frame_index, audio, sr,
     emotion (6,), sentiment}; ``load_umons_pickles(folder, split)`` -- UMONS's pre-extracted pickles.
@@ -24,16 +25,20 @@ Features (module :mod:`nbsupport.data.features`)
 Probes (module :mod:`nbsupport.data.probe`, Chapter 2)
     ``probe_features``, ``run_probes``.
 """
-from .common import DATASETS, EMOTIONS, SPLITS, DataError
+from pathlib import Path
+
+from .common import DATASETS, EMOTIONS, SPLITS, DataError, check_dataset
 from .corpus import corpus_cache_root, ensure_corpus
 from .datasets import (FEATURE_VERSION, FeatureDataset, collate_mesm, collate_umons, feature_cache_root,
                        handcrafted_dataset, mesm_dataset, umons_dataset, umons_pickle_dataset)
 from .features import (WordVectors, face_crop, face_geometry, get_tokenizer, hog_features, mel_pieces,
                        prosody_windows, umons_mel)
-from .raw import RawSplit, load_split, load_umons_pickles, read_audio, read_frame, speaker_side
+from .raw import (_PREFIX, RawSplit, load_split, load_umons_pickles, read_audio, read_cues, read_frame,
+                  speaker_side, utterance_folders)
 
 __all__ = ["DATASETS", "EMOTIONS", "SPLITS", "DataError", "ensure_corpus", "corpus_cache_root", "generate_corpus",
-           "load_cues", "load_split", "RawSplit", "load_umons_pickles", "read_audio", "read_frame", "speaker_side",
+           "load_cues", "read_cues", "load_split", "RawSplit", "load_umons_pickles", "read_audio", "read_frame",
+           "speaker_side",
            "mesm_dataset", "umons_dataset", "handcrafted_dataset", "umons_pickle_dataset", "collate_mesm",
            "collate_umons", "FeatureDataset", "FEATURE_VERSION", "feature_cache_root", "mel_pieces", "umons_mel",
            "face_crop", "hog_features", "face_geometry", "prosody_windows", "get_tokenizer", "WordVectors"]
@@ -49,27 +54,15 @@ def generate_corpus(*args, **kwargs):
 def load_cues(root, dataset: str, utt_id: str) -> dict:
     """Cue ground truth of a synthetic utterance (Chapter 2, Chapter 6's attention check).
 
-    Returns the ``cue.pkl`` dict with ``au_mask`` unpacked to (frames, H, W) bool (union of the active
-    action-unit regions per written frame, image coordinates), ``frame_index`` (30 fps indices),
-    ``audio_box`` {t0, t1 (s), f0_hz, f1_hz}, ``active_aus``, ``carried`` {"L","A","V": bool}.
+    Finds the utterance's folder under ``root`` and reads its ``cue.pkl`` with
+    :func:`~nbsupport.data.raw.read_cues`: ``au_mask`` unpacked to (frames, H, W) bool (union of the
+    active action-unit regions per written frame, image coordinates), ``frame_index`` (30 fps
+    indices), ``audio_box`` {t0, t1 (s), f0_hz, f1_hz}, ``active_aus``, ``carried`` {"L","A","V": bool}.
+    With a loaded split, ``read_cues(raw.folders[i])`` skips the folder lookup.
     """
-    import pickle
-
-    import numpy as np
-
-    from pathlib import Path
-
-    raw = RawSplit.__new__(RawSplit)  # reuse the folder lookup without reading a split
-    raw.dataset = dataset
-    raw.raw_dir = Path(root) / f"{'MOSEI' if dataset == 'mosei' else 'IEMOCAP'}_RAW_PROCESSED"
-    folders = raw._folders()
+    dataset = check_dataset(dataset)
+    raw_dir = Path(root) / f"{_PREFIX[dataset]}_RAW_PROCESSED"
+    folders = utterance_folders(raw_dir, dataset)
     if utt_id not in folders:
-        raise DataError(f"{raw.raw_dir / utt_id}: utterance folder missing")
-    path = folders[utt_id] / "cue.pkl"
-    if not path.is_file():
-        raise DataError(f"{path}: no cue ground truth (only synthetic corpora have cue.pkl)")
-    with open(path, "rb") as fh:
-        cue = pickle.load(fh)
-    h, w = cue["image_size"]
-    cue["au_mask"] = np.unpackbits(cue.pop("au_mask_packed"), axis=-1, count=w).astype(bool)
-    return cue
+        raise DataError(f"{raw_dir / utt_id}: utterance folder missing")
+    return read_cues(folders[utt_id])

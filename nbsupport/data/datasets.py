@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from nbsupport.notebook import atomic_write
 
 from . import features as F
 from .common import DataError
-from .raw import RawSplit, read_frame, sample_frame_positions, speaker_side
+from .raw import RawSplit, load_umons_pickles, read_audio, read_frame, sample_frame_positions
 
 __all__ = ["FEATURE_VERSION", "FeatureDataset", "mesm_dataset", "umons_dataset", "handcrafted_dataset",
            "umons_pickle_dataset", "collate_mesm", "collate_umons", "feature_cache_root"]
@@ -42,20 +41,19 @@ def feature_cache_root() -> Path:
     return Path(__file__).resolve().parents[2] / "data_cache" / "features"
 
 
-
-
-def _sampled_faces(raw: RawSplit, i: int, img_interval: float, max_frames: int | None = None):
-    """Face crops (T, 48, 48) uint8 of the frames read every ``img_interval`` ms, and how many had a face."""
+def _sampled_faces(raw: RawSplit, i: int, img_interval: float, max_frames: int | None = None) -> np.ndarray:
+    """Face crops (T, 48, 48) uint8 of the frames read every ``img_interval`` ms (at most ``max_frames``,
+    evenly spread)."""
     paths, idx = raw.frames(i)
     pos = sample_frame_positions(idx, img_interval)
     if max_frames is not None and len(pos) > max_frames:
         pos = [pos[j] for j in np.linspace(0, len(pos) - 1, max_frames).round().astype(int)]
-    crops, found = [], 0
-    for p in pos:
-        c, ok = F.face_crop(read_frame(paths[p]))
-        crops.append(c)
-        found += ok
-    return np.stack(crops), found
+    return np.stack([F.face_crop(read_frame(paths[p]))[0] for p in pos])
+
+
+def _waveform(raw: RawSplit, i: int) -> tuple[np.ndarray, int]:
+    """The 16 kHz waveform of item ``i`` of a raw split."""
+    return read_audio(raw.audio_path(i), F.SR)
 
 
 class FeatureDataset(Dataset):
@@ -108,6 +106,13 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return self._finish(i, self.features(i))
 
+    def label_rows(self) -> dict:
+        """Labels of every item in dataset order, read from the raw split without loading any cached
+        feature: ``ids``, ``emotion`` (N, 6) float32 and ``sentiment`` (N,) float32, the values a
+        collated batch of all items holds. :func:`nbsupport.train.fit` counts the BCE ``pos_weight``
+        (Dai et al. 2021, Sec. 4.3) from them instead of reading the training set once more."""
+        return _labels_batch([self._labels(i) for i in range(len(self))])
+
     def _labels(self, i: int) -> dict:
         return {"id": self.raw.ids[i], "emotion": torch.from_numpy(self.raw.labels[i].copy()),
                 "sentiment": float(self.raw.sentiments[i])}
@@ -133,8 +138,8 @@ def mesm_dataset(root, dataset: str, split: str, *, tokenizer=None, max_text_len
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def compute(raw, i):
-        faces, _ = _sampled_faces(raw, i, img_interval)
-        wav, sr = F_read_audio(raw, i)
+        faces = _sampled_faces(raw, i, img_interval)
+        wav, sr = _waveform(raw, i)
         return {"faces": torch.from_numpy(faces),  # (T, 48, 48) uint8
                 "mel": torch.from_numpy(F.mel_pieces(wav, sr)).to(torch.float16)}  # (P, 128, 32)
 
@@ -146,13 +151,6 @@ def mesm_dataset(root, dataset: str, split: str, *, tokenizer=None, max_text_len
     ds = FeatureDataset(raw, "mesm", dict(img_interval=float(img_interval), n_mels=128, piece=32), compute, finish,
                         cache_dir)
     return ds
-
-
-def F_read_audio(raw: RawSplit, i: int):
-    """The 16 kHz waveform of item ``i`` of a raw split."""
-    from .raw import read_audio
-
-    return read_audio(raw.audio_path(i), F.SR)
 
 
 def _pad(seqs: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +202,30 @@ def _words_item(raw, i, wv, seq_len):
     return torch.from_numpy(wv(words)).to(torch.float16)  # (Lt, Dw)
 
 
+def _lav_dataset(root, dataset: str, split: str, kind: str, audio_fn, video_fn, *, seq_len: int, glove, text_model,
+                 img_interval: float, cache_dir) -> FeatureDataset:
+    """A cached text / audio / video dataset (``kind`` "umons" or "handcrafted"): ``text`` word vectors,
+    ``audio = audio_fn(wav, sr, seq_len)`` and ``video`` = ``video_fn`` of each sampled face crop
+    (at most ``seq_len`` frames, every ``img_interval`` ms). The cache key holds ``kind``, ``seq_len``,
+    the word vectors and ``img_interval``."""
+    raw = RawSplit(root, dataset, split)
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len!r}")
+    wv = _word_vectors(glove, text_model)
+
+    def compute(raw, i):
+        faces = _sampled_faces(raw, i, img_interval, max_frames=seq_len)
+        wav, sr = _waveform(raw, i)
+        return {"text": _words_item(raw, i, wv, seq_len),
+                "audio": torch.from_numpy(audio_fn(wav, sr, seq_len)),
+                "video": video_fn(faces)}
+
+    ds = FeatureDataset(raw, kind, dict(seq_len=seq_len, words=wv.key, img_interval=float(img_interval)),
+                        compute, lambda i, c: {**ds._labels(i), **{k: c[k].float() for k in ("text", "audio", "video")}},
+                        cache_dir)
+    return ds
+
+
 def umons_dataset(root, dataset: str, split: str, *, seq_len: int = 60, glove: str | None = None,
                   text_model: str | None = None, img_interval: float = 100, cache_dir=None) -> FeatureDataset:
     """UMONS inputs (Delbrouck et al. 2020, Sec. 4; Chapters 3-4) streamed from the feature cache.
@@ -213,22 +235,10 @@ def umons_dataset(root, dataset: str, split: str, *, seq_len: int = 60, glove: s
     every ``img_interval`` ms), each at most ``seq_len`` long; ``emotion`` (6,), ``sentiment``.
     Batch with :func:`collate_umons`.
     """
-    raw = RawSplit(root, dataset, split)
-    if seq_len < 1:
-        raise DataError(f"seq_len must be >= 1, got {seq_len!r}")
-    wv = _word_vectors(glove, text_model)
-
-    def compute(raw, i):
-        faces, _ = _sampled_faces(raw, i, img_interval, max_frames=seq_len)
-        wav, sr = F_read_audio(raw, i)
-        return {"text": _words_item(raw, i, wv, seq_len),
-                "audio": torch.from_numpy(F.umons_mel(wav, sr, 80, seq_len)),
-                "video": torch.from_numpy(np.stack([F.hog_features(f) for f in faces])).to(torch.float16)}
-
-    ds = FeatureDataset(raw, "umons", dict(seq_len=seq_len, words=wv.key, img_interval=float(img_interval)),
-                        compute, lambda i, c: {**ds._labels(i), **{k: c[k].float() for k in ("text", "audio", "video")}},
-                        cache_dir)
-    return ds
+    return _lav_dataset(
+        root, dataset, split, "umons", lambda wav, sr, n: F.umons_mel(wav, sr, 80, n),
+        lambda faces: torch.from_numpy(np.stack([F.hog_features(f) for f in faces])).to(torch.float16),
+        seq_len=seq_len, glove=glove, text_model=text_model, img_interval=img_interval, cache_dir=cache_dir)
 
 
 def handcrafted_dataset(root, dataset: str, split: str, *, seq_len: int = 60, glove: str | None = None,
@@ -237,23 +247,13 @@ def handcrafted_dataset(root, dataset: str, split: str, *, seq_len: int = 60, gl
 
     Same item keys as :func:`umons_dataset`: ``text`` word vectors, ``audio`` (W, 33) MFCC/prosody
     statistics per 250 ms window (:func:`~nbsupport.data.features.prosody_windows`), ``video`` (Lv, 356)
-    face descriptors per frame (:func:`~nbsupport.data.features.face_geometry`). Batch with
-    :func:`collate_umons`.
+    face descriptors per frame (:func:`~nbsupport.data.features.face_geometry`), each at most
+    ``seq_len`` long. Batch with :func:`collate_umons`.
     """
-    raw = RawSplit(root, dataset, split)
-    wv = _word_vectors(glove, text_model)
-
-    def compute(raw, i):
-        faces, _ = _sampled_faces(raw, i, img_interval, max_frames=seq_len)
-        wav, sr = F_read_audio(raw, i)
-        return {"text": _words_item(raw, i, wv, seq_len),
-                "audio": torch.from_numpy(F.prosody_windows(wav, sr, max_windows=seq_len)),
-                "video": torch.from_numpy(np.stack([F.face_geometry(f) for f in faces]))}
-
-    ds = FeatureDataset(raw, "handcrafted", dict(seq_len=seq_len, words=wv.key, img_interval=float(img_interval)),
-                        compute, lambda i, c: {**ds._labels(i), **{k: c[k].float() for k in ("text", "audio", "video")}},
-                        cache_dir)
-    return ds
+    return _lav_dataset(
+        root, dataset, split, "handcrafted", lambda wav, sr, n: F.prosody_windows(wav, sr, max_windows=n),
+        lambda faces: torch.from_numpy(np.stack([F.face_geometry(f) for f in faces])),
+        seq_len=seq_len, glove=glove, text_model=text_model, img_interval=img_interval, cache_dir=cache_dir)
 
 
 class _UmonsPickleItems(Dataset):
@@ -266,9 +266,7 @@ class _UmonsPickleItems(Dataset):
     def __getitem__(self, i):
         it = self.split[i]
         words = it["words"][:self.seq_len] or ["<empty>"]
-        mel = it["mel"]
-        if mel.shape[0] > self.seq_len:
-            mel = np.stack([c.mean(0) for c in np.array_split(mel, self.seq_len, axis=0)])
+        mel = F._pool_frames(it["mel"], self.seq_len)
         return {"id": it["id"], "emotion": it["emotion"], "sentiment": it["sentiment"],
                 "text": torch.from_numpy(self.wv(words)), "audio": torch.from_numpy(np.ascontiguousarray(mel))}
 
@@ -277,8 +275,6 @@ def umons_pickle_dataset(folder, split: str, *, seq_len: int = 60, glove: str | 
                          text_model: str | None = None) -> Dataset:
     """UMONS items (``text``, ``audio``; no ``video``) from UMONS's pre-extracted pickles (Chapter 3);
     batch with :func:`collate_umons`."""
-    from .raw import load_umons_pickles
-
     return _UmonsPickleItems(load_umons_pickles(folder, split), _word_vectors(glove, text_model), seq_len)
 
 

@@ -61,9 +61,15 @@ def umons_mel(wave: np.ndarray, sr: int = SR, n_mels: int = 80, seq_len: int = 6
     is seen rather than its first 60 frames). Returns (min(frames, seq_len), n_mels) float32.
     """
     spec = log_mel(wave, sr, n_mels).T  # (frames, n_mels)
-    if spec.shape[0] > seq_len:
-        spec = np.stack([c.mean(0) for c in np.array_split(spec, seq_len, axis=0)])
-    return spec.astype(np.float32)
+    return _pool_frames(spec, seq_len).astype(np.float32)
+
+
+def _pool_frames(x: np.ndarray, seq_len: int) -> np.ndarray:
+    """(frames, D) -> at most ``seq_len`` rows: longer inputs are average-pooled over ``seq_len`` equal
+    time chunks (``np.array_split``: the first ``frames % seq_len`` chunks are one frame longer)."""
+    if x.shape[0] > seq_len:
+        return np.stack([c.mean(0) for c in np.array_split(x, seq_len, axis=0)])
+    return x
 
 
 @functools.lru_cache(maxsize=1)

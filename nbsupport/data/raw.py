@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from .common import EMOTIONS, DataError, check_dataset, check_split
 
 __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", "sample_frame_positions",
-           "speaker_side", "load_umons_pickles", "UmonsPickleSplit", "FPS"]
+           "speaker_side", "utterance_folders", "read_cues", "load_umons_pickles", "UmonsPickleSplit", "FPS"]
 
 FPS = 30
 _FRAME_RE = re.compile(r"^image_(?:(?P<s1>[LR])_)?(?P<k>\d+)(?:_(?P<s2>[LR]))?\.(?:jpe?g|png)$", re.IGNORECASE)
@@ -130,6 +130,41 @@ def read_audio(path, sr: int | None = 16000) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(wav, dtype=np.float32), int(file_sr)
 
 
+def utterance_folders(raw_dir, dataset: str) -> dict:
+    """{utterance id: folder} of every utterance folder under ``raw_dir`` (``<PREFIX>_RAW_PROCESSED``).
+
+    MOSEI utterance folders sit directly in ``raw_dir``; IEMOCAP ones may also sit one level down in
+    session folders (both levels are listed)."""
+    out = {}
+    for entry in os.scandir(raw_dir):
+        if not entry.is_dir():
+            continue
+        out[entry.name] = Path(entry.path)
+        if dataset == "iemocap":  # session folders hold utterance folders
+            for sub in os.scandir(entry.path):
+                if sub.is_dir():
+                    out[sub.name] = Path(sub.path)
+    return out
+
+
+def read_cues(folder) -> dict:
+    """Cue ground truth ``cue.pkl`` of the synthetic utterance in ``folder`` (Chapter 2, Chapter 6's attention check).
+
+    Returns the ``cue.pkl`` dict with ``au_mask`` unpacked to (frames, H, W) bool (union of the active
+    action-unit regions per written frame, image coordinates), ``frame_index`` (30 fps indices),
+    ``audio_box`` {t0, t1 (s), f0_hz, f1_hz}, ``active_aus``, ``carried`` {"L","A","V": bool}.
+    DataError when the folder has no ``cue.pkl`` (real corpora have none).
+    """
+    path = Path(folder) / "cue.pkl"
+    if not path.is_file():
+        raise DataError(f"{path}: no cue ground truth (only synthetic corpora have cue.pkl)")
+    with open(path, "rb") as fh:
+        cue = pickle.load(fh)
+    _, w = cue["image_size"]
+    cue["au_mask"] = np.unpackbits(cue.pop("au_mask_packed"), axis=-1, count=w).astype(bool)
+    return cue
+
+
 def _load_pickle(path: Path, what: str):
     if not path.exists():
         raise DataError(f"{path}: {what} missing")
@@ -157,12 +192,12 @@ def _emotion_vector(dataset: str, label, where: str) -> np.ndarray:
 class RawSplit(Dataset):
     """One split of a corpus in the MESM raw layout; items are dicts of raw inputs (Chapter 2).
 
-    Item keys: ``id``, ``text``, ``frames`` (frame paths sorted by 30 fps index; arrays when
-    ``load_frames``), ``frame_index`` (their indices), ``audio`` (float32 mono waveform), ``sr``,
+    Item keys: ``id``, ``text``, ``frames`` (frame paths sorted by 30 fps index; read them with
+    :func:`read_frame`), ``frame_index`` (their indices), ``audio`` (float32 mono waveform), ``sr``,
     ``emotion`` (6,) float tensor, ``sentiment`` (float, NaN when the set has none), ``folder``.
     """
 
-    def __init__(self, root, dataset: str, split: str, *, sr: int = 16000, load_frames: bool = False):
+    def __init__(self, root, dataset: str, split: str, *, sr: int = 16000):
         self.dataset, self.split = check_dataset(dataset), check_split(split)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -181,8 +216,8 @@ class RawSplit(Dataset):
         meta = _load_pickle(meta_path, "meta.pkl")
         if not isinstance(meta, dict):
             raise DataError(f"{meta_path}: expected a dict id -> {{'text', 'label', ...}}, got {type(meta).__name__}")
-        self.sr, self.load_frames = sr, load_frames
-        folders = self._folders()
+        self.sr = sr
+        folders = utterance_folders(self.raw_dir, dataset)
         self.texts, self.labels, self.sentiments, self.folders = [], [], [], []
         for uid in self.ids:
             if uid not in meta:
@@ -197,19 +232,6 @@ class RawSplit(Dataset):
             s = m.get("sentiment", float("nan"))
             self.sentiments.append(float("nan") if s is None else float(s))
             self.folders.append(folders[uid])
-        self.emotions = EMOTIONS[dataset]
-
-    def _folders(self) -> dict:
-        out = {}
-        for entry in os.scandir(self.raw_dir):
-            if not entry.is_dir():
-                continue
-            out[entry.name] = Path(entry.path)
-            if self.dataset == "iemocap":  # session folders hold utterance folders
-                for sub in os.scandir(entry.path):
-                    if sub.is_dir():
-                        out[sub.name] = Path(sub.path)
-        return out
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -233,7 +255,7 @@ class RawSplit(Dataset):
         paths, idx = self.frames(i)
         audio, sr = read_audio(self.audio_path(i), self.sr)
         return {"id": self.ids[i], "text": self.texts[i],
-                "frames": [read_frame(p) for p in paths] if self.load_frames else paths,
+                "frames": paths,
                 "frame_index": idx, "audio": audio, "sr": sr,
                 "emotion": torch.from_numpy(self.labels[i].copy()), "sentiment": self.sentiments[i],
                 "folder": str(self.folders[i])}
@@ -244,7 +266,7 @@ def load_split(root, dataset: str, split: str, **kwargs) -> RawSplit:
 
     ``dataset`` is ``"mosei"`` or ``"iemocap"``, ``split`` is ``"train"``, ``"valid"`` or ``"test"``.
     Real data drops in by pointing ``root`` at the folder holding ``MOSEI_RAW_PROCESSED`` etc.
-    Keyword arguments go to :class:`RawSplit` (``sr``, ``load_frames``).
+    Keyword arguments go to :class:`RawSplit` (``sr``).
     """
     return RawSplit(root, dataset, split, **kwargs)
 
@@ -272,11 +294,12 @@ class UmonsPickleSplit(Dataset):
             if not isinstance(d, dict):
                 raise DataError(f"{folder / f'{split}_{name}.p'}: expected a dict keyed by utterance id")
         self.ids = list(self.emotion.keys())
+        self.labels = []  # (6,) presence vectors, validated once here, in the order of ids
         for uid in self.ids:
             for name, d in (("sentences", self.sentences), ("mels", self.mels)):
                 if uid not in d:
                     raise DataError(f"{folder / f'{split}_{name}.p'}: id {uid!r} of {emo_path.name} missing")
-            _emotion_vector("mosei", self.emotion[uid], f"{emo_path} [{uid!r}]")
+            self.labels.append(_emotion_vector("mosei", self.emotion[uid], f"{emo_path} [{uid!r}]"))
         self.folder = folder
 
     def __len__(self) -> int:
@@ -291,7 +314,7 @@ class UmonsPickleSplit(Dataset):
             raise DataError(f"{self.folder}: mel of {uid!r} must be 2-D (frames, bins), got shape {mel.shape}")
         s = self.sentiment.get(uid, float("nan"))
         return {"id": uid, "words": words, "mel": mel,
-                "emotion": torch.from_numpy(_emotion_vector("mosei", self.emotion[uid], uid)),
+                "emotion": torch.from_numpy(self.labels[i].copy()),
                 "sentiment": float(np.asarray(s, dtype=np.float64).reshape(-1)[0])}
 
 

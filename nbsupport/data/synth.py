@@ -170,7 +170,7 @@ _COOCCUR = {"anger": ["disgust", "sad"], "disgust": ["anger"], "fear": ["sad", "
             "happy": ["surprise"], "sad": ["fear", "anger"], "surprise": ["happy", "fear"]}
 
 
-def _draw_label(rng, cfg, i):
+def _draw_label(rng, cfg):
     """Return (label, active profile names, sentiment)."""
     names = EMOTIONS[cfg.style]
     if cfg.style == "iemocap":
@@ -200,20 +200,21 @@ def carry_probability(cfg: SynthConfig, modality: str, profile: str) -> float:
     return float(np.clip(base + shift, 0.0, 1.0))
 
 
-def _modality_profiles(rng, active, p_carry, cfg, modality=None):
-    """Which profiles a modality shows: the label's (carried), another emotion's, or neutral.
+def _modality_profiles(rng, active, cfg, modality):
+    """Which profiles ``modality`` (L, A or V) shows: the label's (carried), another emotion's, or neutral.
 
     With ``cfg.specialise`` > 0 each emotion of the label is shown on its own with
-    :func:`carry_probability`; otherwise the label's profiles are shown together with ``p_carry``."""
+    :func:`carry_probability`; otherwise the label's profiles are shown together, with the modality's
+    base probability (``carry_probability`` without specialisation, the same for every emotion)."""
     if active == ["neutral"]:
         if rng.random() < cfg.p_contradict * 0.5:
             return [str(rng.choice([k for k in CUE_PROFILES if k != "neutral"]))], False
         return ["neutral"], True
-    if cfg.specialise > 0 and modality is not None:
+    if cfg.specialise > 0:
         shown = [p for p in active if rng.random() < carry_probability(cfg, modality, p)]
         if shown:
             return shown, True
-    elif rng.random() < p_carry:
+    elif rng.random() < carry_probability(cfg, modality, active[0]):
         return list(active), True
     if rng.random() < cfg.p_contradict:
         pool = [k for k in (EMOTIONS["mosei"] if cfg.style == "mosei" else _IEMOCAP_PROFILE.values())
@@ -369,8 +370,11 @@ def _resonator(x, fc, bw):
 
 
 def _mix(profiles, key):
-    return float(np.exp(np.mean([np.log(CUE_PROFILES[p][key]) for p in profiles]))) if key != "db" else \
-        float(np.mean([CUE_PROFILES[p][key] for p in profiles]))
+    """Prosody value ``key`` of several profiles shown together: arithmetic mean of the additive ones
+    (``db`` offset, ``tilt`` coefficient), geometric mean of the scale factors."""
+    if key in ("db", "tilt"):
+        return float(np.mean([CUE_PROFILES[p][key] for p in profiles]))
+    return float(np.exp(np.mean([np.log(CUE_PROFILES[p][key]) for p in profiles])))
 
 
 def _audio(rng, cfg, profiles, dur, female):
@@ -380,15 +384,14 @@ def _audio(rng, cfg, profiles, dur, female):
     off = min(dur, on + rng.uniform(0.5, 0.75) * dur)
     strength = float(np.clip(rng.uniform(0.6, 1.0) - 0.1 * cfg.noise * rng.random(), 0.3, 1.0))
     env = _envelope(t, on, off, ramp=0.15) * strength  # (n,) how much emotion is in the prosody
-    P = {k: (_mix(profiles, k) if k != "tilt" else float(np.mean([CUE_PROFILES[p]["tilt"] for p in profiles])))
-         for k in ("f0", "rng", "db", "rate", "jit", "tilt")}
+    P = {k: _mix(profiles, k) for k in ("f0", "rng", "db", "rate", "jit", "tilt")}
     N = CUE_PROFILES["neutral"]
     lerp = lambda k: N[k] + (P[k] - N[k]) * env if k in ("db", "tilt", "jit") else N[k] * (P[k] / N[k]) ** env
     base = rng.uniform(180, 240) if female else rng.uniform(95, 140)
     # syllables: durations set by the tempo at their start, with pauses
     rate_now = lerp("rate")
     bounds, voiced = [], np.zeros(n)
-    pos, syl = rng.uniform(0.05, 0.2), 0
+    pos = rng.uniform(0.05, 0.2)
     vowel_of = np.zeros(n, np.int64)
     accent = np.zeros(n)
     while pos < dur - 0.15:
@@ -402,7 +405,6 @@ def _audio(rng, cfg, profiles, dur, female):
         accent[i0:i1] = rng.normal(0, 1)
         bounds.append((i0, i1))
         pos += d + (rng.uniform(0.12, 0.3) if rng.random() < 0.12 else 0.0)
-        syl += 1
     # pitch contour: declination + syllable accents scaled by the range; surprise-like profiles rise
     semis = (1.5 * accent - 2.0 * t / dur) * lerp("rng")
     rise = 4.0 * env * (t - on) / max(off - on, 1e-3) * (P["rng"] > 1.8)
@@ -458,31 +460,31 @@ def _text(rng, profiles):
 # Corpus
 # ----------------------------------------------------------------------------------------------
 def _utterance_id(style, i, rng_speaker):
+    """(session folder or None, utterance id) of utterance ``i``: MOSEI ids sit directly in the raw folder,
+    IEMOCAP ids in their session's dialogue folder."""
     if style == "mosei":
-        return f"syn{i // 8:04d}_{i % 8}"
+        return None, f"syn{i // 8:04d}_{i % 8}"
     ses = 1 + i % 5
     side = "F" if (i // 5) % 2 == 0 else "M"  # session's left-speaker gender
     spk = side if rng_speaker < 0.5 else ("M" if side == "F" else "F")
-    return f"Ses{ses:02d}{side}_impro{(i // 10) % 8 + 1:02d}", f"Ses{ses:02d}{side}_impro{(i // 10) % 8 + 1:02d}_{spk}{i:03d}"
+    folder = f"Ses{ses:02d}{side}_impro{(i // 10) % 8 + 1:02d}"
+    return folder, f"{folder}_{spk}{i:03d}"
 
 
 def _one(cfg: SynthConfig, i: int):
     """Generate utterance ``i`` (independent random stream per utterance: SeedSequence([seed, i]))."""
     rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), int(i), GENERATOR_VERSION]))
-    label, active, sentiment = _draw_label(rng, cfg, i)
+    label, active, sentiment = _draw_label(rng, cfg)
     dur = float(rng.uniform(*cfg.duration))
-    text_p, text_c = _modality_profiles(rng, active, cfg.p_text, cfg, "L")
-    aud_p, aud_c = _modality_profiles(rng, active, cfg.p_audio, cfg, "A")
-    vid_p, vid_c = _modality_profiles(rng, active, cfg.p_video, cfg, "V")
+    text_p, text_c = _modality_profiles(rng, active, cfg, "L")
+    aud_p, aud_c = _modality_profiles(rng, active, cfg, "A")
+    vid_p, vid_c = _modality_profiles(rng, active, cfg, "V")
     spk_draw = rng.random()
     female = rng.random() < 0.5
     text = _text(rng, text_p)
     frames, masks, (von, voff), aus = _video(rng, cfg, vid_p, dur)
     wav, box = _audio(rng, cfg, aud_p, dur, female)
-    if cfg.style == "mosei":
-        uid, folder = _utterance_id("mosei", i, spk_draw), None
-    else:
-        folder, uid = _utterance_id("iemocap", i, spk_draw)
+    folder, uid = _utterance_id(cfg.style, i, spk_draw)
     cue = dict(
         version=GENERATOR_VERSION, frame_index=[k for k, _ in frames], image_size=(IMG, IMG),
         au_mask_packed=np.packbits(masks, axis=-1), active_aus=aus, video_window_s=(von, voff),
@@ -575,6 +577,10 @@ def cue_profile_for(label_name: str) -> str:
     return _IEMOCAP_PROFILE.get(label_name, label_name)
 
 
+#: The float knobs of :class:`SynthConfig` the CLI exposes (``--p-text`` ...); ``--frame-step`` is the int one.
+_FLOAT_KNOBS = ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second", "noise")
+
+
 def main(argv=None) -> int:
     """CLI entry point: ``python -m nbsupport.data.synth --out DIR --n N --seed S --style mosei|iemocap``."""
     ap = argparse.ArgumentParser(prog="python -m nbsupport.data.synth", description=__doc__.split("\n")[0])
@@ -583,13 +589,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--style", default="mosei", choices=STYLES)
     ap.add_argument("--overwrite", action="store_true")
-    for k in ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second", "noise"):
+    for k in _FLOAT_KNOBS:
         ap.add_argument("--" + k.replace("_", "-"), dest=k, type=float, default=getattr(SynthConfig, k))
     ap.add_argument("--frame-step", dest="frame_step", type=int, default=SynthConfig.frame_step)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
-    knobs = {k: getattr(a, k) for k in ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second",
-                                        "noise", "frame_step")}
+    knobs = {k: getattr(a, k) for k in (*_FLOAT_KNOBS, "frame_step")}
     try:
         generate_corpus(a.out, a.n, a.seed, a.style, overwrite=a.overwrite, progress=not a.quiet, **knobs)
     except (ValueError, FileExistsError) as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import EMOTIONS
-from .raw import RawSplit, read_frame
+from .raw import RawSplit, read_cues, read_frame
 
 __all__ = ["examples_per_emotion", "face_gallery", "audio_gallery", "label_figure", "utterance_figure", "browser"]
 
@@ -23,10 +23,9 @@ def examples_per_emotion(raw: RawSplit) -> dict:
 
 
 def _cue(raw, i):
-    from . import load_cues
-
+    """The cue ground truth of item ``i`` (None for real corpora, which have no ``cue.pkl``)."""
     try:
-        return load_cues(raw.root, raw.dataset, raw.ids[i])
+        return read_cues(raw.folders[i])
     except Exception:
         return None
 
@@ -141,16 +140,15 @@ def browser(raw: RawSplit):
     """ipywidgets browser: utterance and frame sliders redraw :func:`utterance_figure` (cheap callbacks)."""
     import ipywidgets as W
 
-    from ..widgets import show_in
+    from ..widgets import figure_view, show_in
 
-    out = W.Output()
     u = W.IntSlider(0, 0, len(raw) - 1, description="utterance")
     f = W.IntSlider(0, 0, 20, description="frame")
+    view = figure_view(utterance_figure(raw, u.value, f.value))  # an Image widget: JupyterLab draws its value
 
     def draw(*_):
-        show_in(out, utterance_figure(raw, u.value, f.value))
+        show_in(view, utterance_figure(raw, u.value, f.value))
 
     u.observe(draw, "value")
     f.observe(draw, "value")
-    draw()
-    return W.VBox([W.HBox([u, f]), out])
+    return W.VBox([W.HBox([u, f]), view])

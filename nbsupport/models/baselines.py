@@ -25,7 +25,6 @@ FE2E/MESM included) and :func:`model_macs` (MACs per utterance, for the table's 
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Iterable, Mapping
 
@@ -34,7 +33,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from nbsupport.attention import MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock, key_padding_mask
-from nbsupport.models.umons import MODALITY_KEYS
+from nbsupport.models.umons import MODALITY_KEYS, input_dims_from, masked_feature_moments
+from nbsupport.notebook import Modalities, ParameterError
 
 __all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "build_baseline",
            "sinusoidal_positions", "masked_mean", "input_dims_from", "handcrafted_loaders", "train_and_test",
@@ -42,13 +42,8 @@ __all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "b
 
 
 # ------------------------------------------------------------------------------------------------
-# Small shared pieces
+# Small shared pieces (``input_dims_from`` is UMONS' own: the same collate_umons batch keys)
 # ------------------------------------------------------------------------------------------------
-def input_dims_from(batch: Mapping[str, torch.Tensor]) -> dict:
-    """Feature sizes of a hand-crafted batch, e.g. {"L": 384, "A": 33, "V": 356} (read from the data)."""
-    return {m: int(batch[k].shape[-1]) for m, k in MODALITY_KEYS.items() if k in batch}
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over time of the real positions only: x (B, L, D), mask (B, L) True = real -> (B, D).
 
@@ -70,14 +65,15 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
 
 
 def _check_modalities(name: str, modalities: str, input_dims: Mapping[str, int]) -> str:
-    if not isinstance(modalities, str) or not modalities or set(modalities) - set("LAV") \
-            or len(set(modalities)) != len(modalities):
-        raise ValueError(f"{name}: parameter 'modalities' must be distinct letters from 'LAV', got {modalities!r}")
+    try:  # distinct letters from L, A, V (the notebooks' rule); returned in "LAV" order
+        modalities = Modalities()("modalities", modalities)
+    except ParameterError as err:
+        raise ValueError(f"{name}: {err}") from None
     missing = [m for m in modalities if m not in input_dims]
     if missing:
         raise ValueError(f"{name}: parameter 'input_dims' has no size for modality {', '.join(missing)} "
                          f"(expected e.g. {{'L': 384, 'A': 33, 'V': 356}}, got {dict(input_dims)})")
-    return "".join(m for m in "LAV" if m in modalities)
+    return modalities
 
 
 class _LateFusionBase(nn.Module):
@@ -94,22 +90,11 @@ class _LateFusionBase(nn.Module):
     @torch.no_grad()
     def fit_input_stats(self, loader: Iterable) -> "_LateFusionBase":
         """Set each modality's per-feature mean/std from the real (unpadded) positions of ``loader``'s
-        batches (the training split). Two-phase pipelines standardise their features like this."""
-        sums = {m: torch.zeros(self.input_dims[m], dtype=torch.float64) for m in self.modalities}
-        sq = {m: torch.zeros_like(sums[m]) for m in self.modalities}
-        count = {m: 0 for m in self.modalities}
-        for batch in loader:
-            for m in self.modalities:
-                x, mask = self._raw(batch, m)
-                real = x[mask.to(x.device)].double().cpu()  # (N_real, D)
-                sums[m] += real.sum(0)
-                sq[m] += (real ** 2).sum(0)
-                count[m] += real.shape[0]
-        for m in self.modalities:
-            if count[m] == 0:
+        batches (the training split; :func:`nbsupport.models.umons.masked_feature_moments`, a std below
+        1e-6 replaced by 1). Two-phase pipelines standardise their features like this (Chapter 7)."""
+        for m, (mean, std, n) in masked_feature_moments(loader, self.modalities, self._raw).items():
+            if n == 0:
                 raise ValueError(f"{type(self).__name__}.fit_input_stats: no real position of modality {m} in the loader")
-            mean = sums[m] / count[m]
-            std = (sq[m] / count[m] - mean ** 2).clamp(min=0).sqrt()
             getattr(self, f"mean_{m}").copy_(mean.float())
             getattr(self, f"std_{m}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).float())
         return self
@@ -377,6 +362,7 @@ def model_macs(model: nn.Module, items: Iterable[Mapping], collate, *, device="c
     attention matmuls ``QK^T`` and ``AV`` (``2 * Q * K * dim``) of every :class:`MultiHeadAttention`
     (Chapter 7's compute column for the two-phase models; hand-crafted extraction is not counted)."""
     from nbsupport import flops
+    from nbsupport.train import to_device
 
     extra = []
 
@@ -401,8 +387,7 @@ def model_macs(model: nn.Module, items: Iterable[Mapping], collate, *, device="c
     try:
         with flops.MacCounter(model) as mc:
             for item in items:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([item]).items()}
-                model(batch)
+                model(to_device(collate([item]), device))
                 n += 1
         total = mc.total + sum(extra)
     finally:

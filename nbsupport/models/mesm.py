@@ -32,9 +32,9 @@ reweighted or dropped and the sparse blocks at full density equal the dense ones
 Padding frames/pieces (``faces_mask``/``mel_mask`` False) never enter the CNN (only real frames are
 gathered, so batch-norm statistics ignore them) and are masked in the transformer: they cannot change
 the outputs. After each forward pass ``model.last_maps[m]`` holds, per block, the attention map, the
-kept mask and the active mask on that block's grid for every real frame/piece (CPU tensors) and
-``model.last_sites[m]`` the active/kept site counts; Chapter 6 plots them and
-:mod:`nbsupport.interpret` measures them against the corpus' cue regions.
+kept mask and the active mask on that block's grid for every real frame/piece (CPU tensors; the
+active/kept site counts are their sums); Chapter 6 plots them and :mod:`nbsupport.interpret` measures
+them against the corpus' cue regions.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ class VisualPathway(nn.Module):
                  dropout: float = 0.1, attention: bool = False, sparse: bool = False, top_p: float = 1.0,
                  attention_hidden: int = 64):
         super().__init__()
-        self.attention, self.sparse, self.top_p = attention, sparse, top_p
+        self.attention, self.top_p = attention, top_p
         self.stem = DenseStem(stem_channels)
         chans = [stem_channels, *block_channels]
         block = sparse_lib.SparseVggBlock if sparse else sparse_lib.DenseVggBlock
@@ -167,7 +167,10 @@ class VisualPathway(nn.Module):
         return x, keep.view(n, h, w), weights.view(n, h, w)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """images (B, T, H, W), mask (B, T) True on real frames/pieces, text (B, d_text) CLS -> (B, dim)."""
         b, t = images.shape[:2]
+        if t > self.position.shape[1]:  # checked before any CNN work
+            raise ValueError(f"VisualPathway: at most {self.position.shape[1]} frames/pieces, got {t}")
         frame_index = mask.nonzero()  # (N, 2): (batch, frame) of every real frame/piece
         x = images[frame_index[:, 0], frame_index[:, 1]].unsqueeze(1).to(text.dtype)  # (N, 1, H, W)
         query = text[frame_index[:, 0]]  # (N, d_text): the utterance's CLS vector for each frame
@@ -175,13 +178,14 @@ class VisualPathway(nn.Module):
         if x.shape[0] > 0:
             x = self.stem(x)  # (N, C0, H/2, W/2)
             active = torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
+            frames_cpu = frame_index.cpu()  # shared by the records of every block
             for i, block in enumerate(self.blocks):
                 if self.attention:
                     x, keep, attn = self._select(i, x, active, query)
                 else:
                     keep, attn = active, torch.zeros(active.shape, device=x.device)
                 self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
-                                                frame_index.detach().cpu()))
+                                                frames_cpu))
                 x, active = run_block(block, x, keep)  # (N, C_{i+1}, H/2, W/2)
             a = active[:, None].to(x.dtype)
             pooled = (x * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1.0)  # (N, C) mean over active sites
@@ -190,8 +194,6 @@ class VisualPathway(nn.Module):
             feats = images.new_zeros(0, self.proj.out_features, dtype=text.dtype)
         seq = feats.new_zeros(b, t, feats.shape[-1])
         seq[frame_index[:, 0], frame_index[:, 1]] = feats  # (B, T, dim); padding rows stay zero
-        if t > self.position.shape[1]:
-            raise ValueError(f"VisualPathway: at most {self.position.shape[1]} frames/pieces, got {t}")
         seq = seq + self.position[:, :t]
         seq = torch.cat([self.cls.expand(b, -1, -1), seq], dim=1)  # (B, 1+T, dim)
         keep = torch.cat([mask.new_ones(b, 1), mask.bool()], dim=1)
@@ -229,7 +231,7 @@ class EndToEndModel(nn.Module):
         if top_p < 1.0 and not attention:
             raise ValueError("EndToEndModel: parameter 'top_p' < 1 needs attention=True (the attention chooses the sites)")
         self.modalities = "".join(m for m in "LAV" if m in modalities)
-        self.attention, self.sparse, self.text_lr_scale = attention, sparse, text_lr_scale
+        self.attention, self.text_lr_scale = attention, text_lr_scale
         self.text = text_encoder if text_encoder is not None else TextEncoder(text_model or None, tiny=tiny_text)
         text_dim = self.text.hidden_size
         self.dropout = nn.Dropout(dropout)
@@ -239,7 +241,6 @@ class EndToEndModel(nn.Module):
             attention_hidden=attention_hidden) for m in self.modalities if m != "L"})
         self.heads = nn.ModuleDict({m: nn.Linear(text_dim if m == "L" else dim, n_outputs) for m in self.modalities})
         self.fusion = nn.Parameter(torch.zeros(len(self.modalities)))  # softmax -> modality weights
-        self.last_logits: dict[str, torch.Tensor] = {}
 
     # -- top_p can be changed on a trained model (the sweep and the widget of Ch. 6) --
     @property
@@ -288,7 +289,6 @@ class EndToEndModel(nn.Module):
                     raise KeyError(f"EndToEndModel: modality '{m}' needs batch keys '{x_key}' and '{m_key}'")
                 vec = self.pathways[m](batch[x_key], batch[m_key].bool(), cls)
             logits[m] = self.heads[m](self.dropout(vec))  # (B, n_outputs)
-        self.last_logits = {m: v.detach() for m, v in logits.items()}
         w = torch.softmax(self.fusion, 0)  # (M,)
         stacked = torch.stack([logits[m] for m in self.modalities], 0)  # (M, B, n_outputs)
         return (w[:, None, None] * stacked).sum(0)
@@ -318,6 +318,7 @@ def extractor_macs(model: EndToEndModel, batches) -> dict:
     them) as it actually ran (:mod:`nbsupport.flops`): ``macs`` (kept sites), ``dense_macs`` (what FE2E
     would spend on the same inputs), their ``ratio``, and the per-layer ``table`` (Dai et al. 2021, Sec. 4)."""
     from nbsupport import flops
+    from nbsupport.train import to_device
 
     if isinstance(batches, dict):
         batches = [batches]
@@ -326,8 +327,7 @@ def extractor_macs(model: EndToEndModel, batches) -> dict:
     was_training = model.training
     model.eval()
     for batch in batches:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        tables.append(flops.count_macs(model, batch, include=is_extractor_layer))
+        tables.append(flops.count_macs(model, to_device(batch, device), include=is_extractor_layer))
     model.train(was_training)
     import pandas as pd
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["TextEncoder", "bundled_text_model_path", "load_tokenizer", "tokenize", "TINY_CONFIG"]
+__all__ = ["TextEncoder", "bundled_text_model_path", "load_tokenizer", "load_pretrained", "tokenize", "TINY_CONFIG"]
 
 #: The randomly initialised BERT used when ``tiny=True`` (vocabulary of the bundled MiniLM tokenizer
 #: so the data engineer's token ids stay valid).
@@ -65,6 +65,21 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
         raise _offline_error("load_tokenizer", path, err) from err
 
 
+def load_pretrained(name_or_path: str | os.PathLike | None = None, *, what: str = "load_pretrained", **kwargs):
+    """The pretrained transformer behind :class:`TextEncoder` (MESM's text encoder, Dai et al. 2021,
+    Sec. 3.1; bundled all-MiniLM-L6-v2 by default), offline only; ``kwargs`` go to ``from_pretrained``.
+
+    A model that is neither a local folder nor in the local Hugging Face cache raises a RuntimeError
+    naming the parameter (``what`` says who asked)."""
+    from transformers import AutoModel
+
+    path, local = _resolve(name_or_path)
+    try:
+        return AutoModel.from_pretrained(path, **local, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _offline_error(what, path, err) from err
+
+
 def tokenize(tokenizer, texts: list[str], max_len: int = 50) -> dict:
     """Tokenise a batch of utterances to ``input_ids`` / ``attention_mask`` (B, Lt) long tensors.
 
@@ -97,11 +112,7 @@ class TextEncoder(nn.Module):
             self.model = AutoModel.from_config(BertConfig(vocab_size=vocab, **TINY_CONFIG))
             self.name = "tiny-random-bert"
         else:
-            path, kwargs = _resolve(name_or_path)
-            try:
-                self.model = AutoModel.from_pretrained(path, **kwargs)
-            except (OSError, ValueError) as err:
-                raise _offline_error("TextEncoder", path, err) from err
+            self.model = load_pretrained(name_or_path, what="TextEncoder")
             self.name = str(name_or_path or "all-MiniLM-L6-v2 (bundled)")
         self.hidden_size = int(self.model.config.hidden_size)
 

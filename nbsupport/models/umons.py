@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from nbsupport.attention import MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock, masked_softmax
+from nbsupport.notebook import Modalities, ParameterError
 
 __all__ = ["UmonsConfig", "PAPER_CONFIG", "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
-           "UmonsTransformer", "MODALITY_KEYS"]
+           "UmonsTransformer", "MODALITY_KEYS", "input_dims_from", "masked_feature_moments", "train_umons",
+           "umons_loaders", "utterance_words"]
 
 #: Modality letter -> batch field (its mask is ``<field>_mask``).
 MODALITY_KEYS = {"L": "text", "A": "audio", "V": "video"}
@@ -179,11 +181,10 @@ class UmonsTransformer(nn.Module):
             config = UmonsConfig(**config_kw)
         elif config_kw:
             raise ValueError("UmonsTransformer: give either 'config' or keyword hyper-parameters, not both")
-        if not isinstance(modalities, str) or not modalities or set(modalities) - set("LAV") \
-                or len(set(modalities)) != len(modalities):
-            raise ValueError(f"UmonsTransformer: parameter 'modalities' must be distinct letters from 'LAV', "
-                             f"got {modalities!r}")
-        modalities = "".join(m for m in "LAV" if m in modalities)
+        try:  # distinct letters from L, A, V, put in "LAV" order (the notebooks' own rule)
+            modalities = Modalities()("modalities", modalities)
+        except ParameterError as err:
+            raise ValueError(f"UmonsTransformer: {err}") from None
         if len(modalities) > 1 and "L" not in modalities:
             raise ValueError(f"UmonsTransformer: multimodal 'modalities' must include 'L' (A and V attend to "
                              f"language), got {modalities!r}")
@@ -289,49 +290,74 @@ class UmonsTransformer(nn.Module):
         return out
 
     @torch.no_grad()
-    def fit_input_normalisation(self, loader, max_batches: int | None = None) -> "UmonsTransformer":
+    def fit_input_normalisation(self, loader) -> "UmonsTransformer":
         """Set every adapter's per-feature mean/std from the real (unmasked) positions of ``loader``.
 
         The word vectors, HOG and mel features come at very different scales (per-feature std from
         0.05 to 0.25 on the synthetic corpus); standardising them with training statistics, as
-        pre-extracted features usually are, lets one learning rate suit every modality. Stored as
-        buffers, so they travel with the checkpoint.
+        pre-extracted features usually are, lets one learning rate suit every modality
+        (:func:`masked_feature_moments`; std floored at 1e-3). Stored as buffers, so they travel with
+        the checkpoint. A batch without ``<field>_mask`` counts every position as real.
         """
-        sums = {m: [0.0, 0.0, 0] for m in self.modalities}
-        for b, batch in enumerate(loader):
-            if max_batches is not None and b >= max_batches:
-                break
-            for m in self.modalities:
-                field = MODALITY_KEYS[m]
-                x = batch[field].double()
-                mask = batch.get(f"{field}_mask")
-                x = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])  # (n_real, D)
-                sums[m][0] += x.sum(0)
-                sums[m][1] += (x * x).sum(0)
-                sums[m][2] += x.shape[0]
-        for m, (s1, s2, n) in sums.items():
+        def read(batch, m):
+            field = MODALITY_KEYS[m]
+            return batch[field], batch.get(f"{field}_mask")
+
+        for m, (mean, std, n) in masked_feature_moments(loader, self.modalities, read).items():
             if n < 2:
                 raise ValueError(f"UmonsTransformer.fit_input_normalisation: fewer than 2 real positions of "
                                  f"{MODALITY_KEYS[m]!r} in the loader")
-            mean = s1 / n
-            std = (s2 / n - mean * mean).clamp(min=0).sqrt()
             ad = self.adapters[m]
             ad.in_mean.copy_(mean.float().to(ad.in_mean.device))
             ad.in_std.copy_(std.clamp(min=1e-3).float().to(ad.in_std.device))
         return self
 
     def describe(self) -> dict:
-        """Configuration, modalities and parameter count (printed by Chapter 4)."""
-        return {"modalities": self.modalities, **asdict(self.config),
-                "n_params": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+        """UMONS configuration (Delbrouck et al. 2020, Sec. 4), modalities and trainable parameter count
+        (:func:`nbsupport.train.count_parameters`; printed by Chapter 4)."""
+        from nbsupport.train import count_parameters
+
+        return {"modalities": self.modalities, **asdict(self.config), "n_params": count_parameters(self)}
 
 
 # ------------------------------------------------------------------------------------------------
 # Chapter helpers: train one UMONS model and report it with the shared metric names
 # ------------------------------------------------------------------------------------------------
 def input_dims_from(batch: Mapping[str, torch.Tensor]) -> dict:
-    """Feature sizes of a UMONS batch: {"L": Dw, "A": 80, "V": Dv} (read from the data, Chapters 3-4)."""
+    """Feature sizes of a ``collate_umons`` batch, e.g. {"L": Dw, "A": 80, "V": Dv} for UMONS (Chapters 3-4)
+    or {"L": 384, "A": 33, "V": 356} for the two-phase baselines (Chapter 7); read from the data."""
     return {m: int(batch[f].shape[-1]) for m, f in MODALITY_KEYS.items() if f in batch}
+
+
+@torch.no_grad()
+def masked_feature_moments(loader: Iterable, modalities: Iterable[str],
+                           read: Callable[[Mapping, str], tuple]) -> dict:
+    """Per-feature mean and (population) std of each modality over the real positions of ``loader``.
+
+    The training-set standardisation of pre-extracted features used by UMONS (Chapters 3-4) and by the
+    two-phase baselines (Chapter 7). ``read(batch, m) -> (x (B, L, D), mask (B, L) or None)``; a None
+    mask counts every position. Sums and sums of squares are accumulated in float64 on the CPU, and
+    ``std = sqrt(max(E[x^2] - mean^2, 0))``. Returns ``{m: (mean (D,), std (D,), n_real)}`` (float64;
+    mean and std are None when ``n_real`` is 0); each caller applies its own std floor and error.
+    """
+    modalities = list(modalities)
+    sums = {m: [0.0, 0.0, 0] for m in modalities}
+    for batch in loader:
+        for m in modalities:
+            x, mask = read(batch, m)
+            x = x[mask.to(x.device).bool()] if mask is not None else x.reshape(-1, x.shape[-1])  # (n_real, D)
+            x = x.double().cpu()
+            sums[m][0] += x.sum(0)
+            sums[m][1] += (x * x).sum(0)
+            sums[m][2] += x.shape[0]
+    out = {}
+    for m, (s1, s2, n) in sums.items():
+        if n == 0:
+            out[m] = (None, None, 0)
+            continue
+        mean = s1 / n
+        out[m] = (mean, (s2 / n - mean * mean).clamp(min=0).sqrt(), n)
+    return out
 
 
 def train_umons(modalities: str, train_loader, valid_loader, test_loader=None, *, task: str = "emotion",
@@ -362,3 +388,28 @@ def train_umons(modalities: str, train_loader, valid_loader, test_loader=None, *
     row = {"model": f"UMONS-{model.modalities}", "modalities": model.modalities, "task": task, **metrics,
            "n_params": res.n_params, "seconds": round(seconds, 2), "best_epoch": res.best_epoch}
     return row, res
+
+
+def umons_loaders(root, *, dataset: str = "mosei", seq_len: int = 60, batch_size: int = 32, seed: int = 0):
+    """Train/valid/test UMONS datasets and seeded loaders (Chapters 3-4; Delbrouck et al. 2020, Sec. 4 inputs).
+
+    Word vectors, log-mel frames and per-frame HOG (``nbsupport.data.umons_dataset``, cut at ``seq_len``),
+    held in memory once read (the chapters' corpora are small) and batched by ``collate_umons``; the
+    training loader is shuffled with ``seed``. Returns ``(splits, loaders)``, dicts keyed by split.
+    """
+    from nbsupport.data import collate_umons, umons_dataset
+    from nbsupport.train import make_loader
+
+    splits = {s: umons_dataset(root, dataset, s, seq_len=seq_len) for s in ("train", "valid", "test")}
+    loaders = {s: make_loader(list(ds), batch_size=batch_size, shuffle=(s == "train"), seed=seed,
+                              collate_fn=collate_umons) for s, ds in splits.items()}
+    return splits, loaders
+
+
+def utterance_words(dataset, uid: str, seq_len: int) -> list[str]:
+    """The words of utterance ``uid`` of a ``umons_dataset`` split, in the order UMONS' LSTM reads them
+    (at most ``seq_len``): the token labels of the Chapter 3-4 glimpse and co-attention plots."""
+    from nbsupport.data.features import split_words
+
+    raw = dataset.raw
+    return split_words(raw.texts[raw.ids.index(uid)])[:seq_len]
