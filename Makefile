@@ -25,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 # MathJax, RequireJS and the ipywidgets HTML manager served from the book itself (npm registry at
 # install time, never a CDN at read time); idempotent, 0.1 s when present
 assets: $(STAMP)
-	$(BIN)/python -m nbsupport.bookassets book/_static
+	$(BIN)/python -m nbsupport.book.assets book/_static
 
 book: $(STAMP) assets
 	$(BIN)/python -c "from nbsupport.data.corpus import guard_book_cache; guard_book_cache('.jupyter_cache')"

@@ -215,7 +215,7 @@ def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_
     layer, over ``loader`` (Ch. 6's measured interpretability); see :func:`summarize_cue_table`."""
     from tqdm.auto import tqdm
 
-    from nbsupport.train import to_device
+    from nbsupport.base import to_device
 
     was_training = model.training
     model.eval()

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from . import distributed as _dist
-from .notebook import atomic_write, resolve_device as _notebook_device, seed_everything
+from .base import atomic_write, count_parameters, resolve_device as _base_device, seed_everything, to_device
 
 __all__ = [
     "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
@@ -63,20 +63,15 @@ def n_outputs(task: str, n_emotions: int = 6) -> int:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU (:func:`nbsupport.notebook.resolve_device`; ``"cuda"``
+    """``"auto"`` -> CUDA when present, else CPU (:func:`nbsupport.base.resolve_device`; ``"cuda"``
     without a GPU raises its ParameterError naming 'device'); under torch.distributed ``"auto"``/``"cuda"``
     on CUDA is this rank's GPU (``LOCAL_RANK``, data parallelism of Chapter 8)."""
     if isinstance(device, torch.device):
         return device
-    resolved = _notebook_device(device)
+    resolved = _base_device(device)
     if device in ("auto", "cuda") and resolved.type == "cuda" and _dist.is_distributed():
         return torch.device("cuda", _dist.local_rank())
     return resolved
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters (the ``n_params`` metric)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def sentiment_classes(sentiment: torch.Tensor, task: str) -> torch.Tensor:
@@ -144,20 +139,6 @@ def _labels_of_loader(loader: Iterable, task: str) -> torch.Tensor:
     if callable(label_rows) and not _dist.is_distributed() and _reads_dataset_once(loader):
         return targets_for(label_rows(), task)
     return _dist.gather_predictions(torch.cat([targets_for(b, task) for b in loader]))
-
-
-def to_device(batch: Any, device: torch.device | str) -> Any:
-    """A batch (tensor, dict, or list of tensors; other values such as utterance ids pass through) on ``device``.
-
-    The one place where the chapters' batch dicts (UMONS, MESM, baselines) move to the training device."""
-    device = torch.device(device)
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,7 +290,7 @@ class FitResult:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through :func:`nbsupport.notebook.atomic_write`: a crash never leaves a half-written checkpoint."""
+    """torch.save through :func:`nbsupport.base.atomic_write`: a crash never leaves a half-written checkpoint."""
     atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 

@@ -132,7 +132,7 @@ def test_encoder_block_gradients_flow_and_padding_ignored():
 def test_pretrained_heads_reproduced():
     """Our MHA with a MiniLM layer's projections gives the attention weights that the transformers
     library itself returns (``output_attentions``, its eager implementation) for that layer."""
-    from nbsupport import pretrained
+    from nbsupport.models import pretrained
 
     tokens, ours, library = pretrained.reproduce_heads("a short happy sentence", layer=1)
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"

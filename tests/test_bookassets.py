@@ -1,11 +1,11 @@
-"""nbsupport.bookassets: offline asset bookkeeping, tarball filtering and the results table (no network)."""
+"""nbsupport.book.assets: offline asset bookkeeping, tarball filtering and the results table (no network)."""
 import base64
 import hashlib
 import json
 
 import pytest
 
-from nbsupport import bookassets as ba
+from nbsupport.book import assets as ba
 
 
 def test_sri_matches_hashlib(tmp_path):
@@ -30,7 +30,7 @@ def test_member_filter_strips_and_excludes():
 def test_missing_assets_and_check_cli(tmp_path, capsys):
     assert set(ba.missing_assets(tmp_path)) >= {p.spec for p in ba.PACKAGES}
     assert ba.main([str(tmp_path), "--check"]) == 1
-    assert "python -m nbsupport.bookassets" in capsys.readouterr().err
+    assert "python -m nbsupport.book.assets" in capsys.readouterr().err
     # a complete-looking copy (stamp + required files) counts as present, a wrong stamp does not
     for p in ba.PACKAGES:
         folder = tmp_path / ba.VENDOR / p.dest

@@ -1,8 +1,8 @@
-"""Tests of the sweep command and result store (nbsupport.experiments, Chapter 8).
+"""Tests of the sweep command and result store (nbsupport.book.experiments, Chapter 8).
 
 They run a tiny generated notebook (not a chapter: kernels cost ~2 s each) with a parameters cell,
 a ``sleep`` and a ``fail`` switch, which records its start/end time and CUDA_VISIBLE_DEVICES and
-writes ``metrics.json`` through ``nbsupport.notebook``. Concurrency is checked from overlapping
+writes ``metrics.json`` through ``nbsupport.book.notebook``. Concurrency is checked from overlapping
 start/end timestamps written by the two kernels, never from wall-clock speed-ups.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from nbsupport import experiments as ex
+from nbsupport.book import experiments as ex
 
 PARAMS = '''smoke = False
 seed = 0
@@ -35,7 +35,7 @@ extra = None'''
 
 BODY = '''import json, os, time
 t0 = time.time()
-from nbsupport import notebook as nb
+from nbsupport.book import notebook as nb
 # nb.validate + nb.Run = nb.start without seeding torch (keeps this test kernel light)
 params = nb.validate(dict(smoke=smoke, seed=seed, device=device, output_dir=output_dir, sleep=sleep, fail=fail,
                           x=x, lr=lr, name=name, modalities=modalities, extra=extra),
@@ -67,7 +67,7 @@ def toy_nb(tmp_path_factory) -> Path:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nbsupport.experiments", *args]
+    return [sys.executable, "-m", "nbsupport.book.experiments", *args]
 
 
 def _env():
@@ -281,7 +281,7 @@ def test_resume_after_kill_9_runs_every_point_once(toy_nb, tmp_path):
 
 
 def test_chapter_helpers(tmp_path, monkeypatch):
-    from nbsupport.notebook import ParameterError
+    from nbsupport.base import ParameterError
 
     assert ex.shrink_grid({"top_p": [0.3, 0.5, 0.7, 1.0], "modalities": ["LAV", "LA"]}) == \
         {"top_p": [0.3, 1.0], "modalities": ["LAV"]}

@@ -4,7 +4,7 @@ Starts JupyterLab on 127.0.0.1 (free port, random token) in a temporary folder h
 chapter with ``smoke = True``, opens it in headless Chromium, runs all cells, moves a slider with the
 keyboard and checks that the figure next to it changes (the widget callback ran in the kernel and
 redrew): chapter 1's ``temperature`` (attention heatmap in a captured Output), chapter 4's co-attention
-``layer`` and chapter 6's ``top_p`` (figures in an ``ipywidgets.Image``, ``nbsupport.widgets.figure_view``). The
+``layer`` and chapter 6's ``top_p`` (figures in an ``ipywidgets.Image``, ``nbsupport.book.widgets.figure_view``). The
 server is always shut down; a screenshot is kept under ``_build/test-artifacts/jupyterlab/``.
 Skipped locally without chromium/chromedriver/selenium, failed when ``CI`` is set.
 """

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nbsupport.models.mesm import EndToEndModel, FE2E, MESM, top_p_keep
+from nbsupport.models.mesm import EndToEndModel, FE2E, MESM
+from nbsupport.sparse import top_p_mask as top_p_keep
 
 SMALL = dict(tiny_text=True, stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2,
              attention_hidden=8, dropout=0.0)

@@ -1,10 +1,10 @@
-"""nbsupport.notebook: parameter validation, atomic writes, metrics.json shape."""
+"""nbsupport.book.notebook: parameter validation, atomic writes, metrics.json shape."""
 import json
 import os
 
 import pytest
 
-from nbsupport import notebook as nb
+from nbsupport.book import notebook as nb
 
 
 def _values(**over):

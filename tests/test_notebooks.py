@@ -5,7 +5,7 @@ import nbformat
 import pytest
 
 from conftest import NOTEBOOKS, ROOT, run_papermill
-from nbsupport.notebook import check_metrics
+from nbsupport.book.notebook import check_metrics
 
 IDS = [nb.stem for nb in NOTEBOOKS]
 REQUIRED = {"smoke": False, "seed": 0, "device": "auto", "output_dir": None}

@@ -6,8 +6,28 @@ import torch
 import torch.nn.functional as F
 
 from nbsupport import sparse as sp
+from nbsupport.sparse import backends
 
 torch.set_num_threads(1)
+
+
+# An independent reference for top_p_mask: a per-sample loop in the style of MESM's original
+# to_sparse_by_cdf (sort, cumsum, keep entries until the mass reaches p).
+def top_p_mask_loop(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-sample Python loop in the style of MESM's original ``to_sparse_by_cdf`` (for the
+    benchmark and as an independent test reference): sort, cumsum, keep entries until the mass
+    reaches ``p`` (the first entry reaching it included).  ``probs`` (B, S)."""
+    out = torch.zeros_like(probs, dtype=torch.bool)
+    for i in range(probs.shape[0]):
+        sp, idx = torch.sort(probs[i], descending=True)
+        cum = torch.cumsum(sp, 0)
+        m = cum < (p - 1e-6) * float(cum[-1])
+        k = min(int(m.sum()), probs.shape[1] - 1)
+        m[k] = True
+        if p >= 1.0:
+            m[:] = True
+        out[i, idx[m]] = True
+    return out
 
 
 def _random_case(seed, b, h, w, c, density):
@@ -156,7 +176,7 @@ def test_top_p_mask_matches_loop_and_is_smallest_set(p):
     probs = torch.softmax(3 * torch.randn(16, 50, generator=g), -1)
     m = sp.top_p_mask(probs, p)
     assert m.shape == probs.shape and m.dtype == torch.bool
-    assert torch.equal(m, sp.top_p_mask_loop(probs, p))
+    assert torch.equal(m, top_p_mask_loop(probs, p))
     for row, mr in zip(probs, m):
         kept = row[mr]
         assert kept.sum() >= p - 1e-6  # reaches p
@@ -287,7 +307,7 @@ def test_modules_on_empty_and_single_site_inputs():
 class _FakeSpconv:
     """A stand-in for ``spconv.pytorch`` computed with our verified rulebook; ``swap_xy`` makes it read
     coordinates the wrong way round, like spconv with column-major CUDA coordinates.  It offers what
-    ``SubMConv2d._forward_spconv`` uses: ``SparseConvTensor`` with ``features`` and ``replace_feature``,
+    ``sparse.backends.SpconvSubm`` uses: ``SparseConvTensor`` with ``features`` and ``replace_feature``,
     and a ``SubMConv2d`` module whose ``weight`` Parameter (spconv 2.x KRSC layout) our module deletes and
     replaces by a converted view of its own weight."""
 
@@ -328,7 +348,7 @@ def test_spconv_selfcheck_detects_a_wrong_engine(monkeypatch, swap_xy, ok):
     monkeypatch.setitem(sys.modules, "spconv", pkg)
     monkeypatch.setitem(sys.modules, "spconv.pytorch", pkg.pytorch)
     diff = sp.spconv_selfcheck("cpu")
-    assert pkg.pytorch.calls == 1  # the check ran the (fake) engine through SubMConv2d._forward_spconv
+    assert pkg.pytorch.calls == 1  # the check ran the (fake) engine through sparse.backends.SpconvSubm
     assert (diff <= sp.SPCONV_SELFCHECK_TOL) == ok
     if not ok:
         assert diff > 0.1
@@ -342,9 +362,9 @@ def test_cuda_backend_falls_back_when_spconv_fails_its_selfcheck(monkeypatch, re
             raise result
         return result
 
-    monkeypatch.setattr(sp, "_spconv_available", lambda: True)
-    monkeypatch.setattr(sp, "spconv_selfcheck", fake_check)
-    monkeypatch.setattr(sp, "_SPCONV_CHECKED", {})
+    monkeypatch.setattr(backends, "_spconv_available", lambda: True)
+    monkeypatch.setattr(backends, "spconv_selfcheck", fake_check)
+    monkeypatch.setattr(backends, "_SPCONV_CHECKED", {})
     monkeypatch.delenv("NBSUPPORT_SPARSE_BACKEND", raising=False)
     if expected == "spconv":
         assert sp.sparse_backend("cuda") == "spconv"

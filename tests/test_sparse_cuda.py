@@ -8,7 +8,7 @@ from nbsupport import sparse
 
 # skip on spconv being absent, not on the backend choice: a GPU where spconv fails its self-check must
 # fail these tests rather than skip them
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not sparse._spconv_available(),
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not sparse.backends._spconv_available(),
                                 reason="needs a CUDA GPU with spconv-cu12x installed")
 DEV = "cuda"
 

@@ -349,7 +349,7 @@ def test_pos_weight_from_label_rows_without_reading_the_features():
 
 
 def test_resolve_device_names_the_parameter():
-    from nbsupport.notebook import ParameterError
+    from nbsupport.base import ParameterError
 
     assert train.resolve_device("cpu") == torch.device("cpu")
     assert train.resolve_device(torch.device("cpu")) == torch.device("cpu")

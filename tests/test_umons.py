@@ -239,12 +239,13 @@ def test_umons_loaders_and_utterance_words(tmp_path, monkeypatch):
     dataset order for valid/test, and the words of an utterance as the raw transcript gives them."""
     from nbsupport.data import RawSplit, ensure_corpus
     from nbsupport.data.features import split_words
-    from nbsupport.models.umons import umons_loaders, utterance_words
+    from nbsupport.models.umons import utterance_words
+    from nbsupport.protocol import loaders as build_loaders
 
     monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path / "corpus"))
     monkeypatch.setenv("NBSUPPORT_CACHE", str(tmp_path / "features"))
     root = ensure_corpus(None, n=24, seed=0, progress=False)
-    splits, loaders = umons_loaders(root, seq_len=6, batch_size=4, seed=0)
+    splits, loaders = build_loaders("umons", root, seq_len=6, batch_size=4, seed=0)
     assert set(splits) == set(loaders) == {"train", "valid", "test"}
     raw_test = RawSplit(root, "mosei", "test")
     ids = [uid for batch in loaders["test"] for uid in batch["ids"]]

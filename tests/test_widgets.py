@@ -1,4 +1,4 @@
-"""nbsupport.widgets: the figure views the chapters' widgets redraw (Chapters 1, 4 and 6)."""
+"""nbsupport.book.widgets: the figure views the chapters' widgets redraw (Chapters 1, 4 and 6)."""
 import io
 
 import ipywidgets as W
@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nbsupport import widgets as nbw  # noqa: E402
+from nbsupport.book import widgets as nbw  # noqa: E402
 
 
 def _figure(value):

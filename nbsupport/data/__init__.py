@@ -21,9 +21,7 @@ Model-family datasets (features cached on disk per utterance) and collate functi
     ``umons_pickle_dataset(folder, split)`` + ``collate_umons``.
 Features (module :mod:`nbsupport.data.features`)
     ``mel_pieces``, ``umons_mel``, ``face_crop``, ``hog_features``, ``face_geometry``, ``prosody_windows``,
-    ``get_tokenizer``, ``WordVectors``.
-Probes (module :mod:`nbsupport.data.probe`, Chapter 2)
-    ``probe_features``, ``run_probes``.
+    ``load_tokenizer`` (module :mod:`nbsupport.data.text`), ``WordVectors``.
 """
 from pathlib import Path
 
@@ -31,8 +29,9 @@ from .common import DATASETS, EMOTIONS, SPLITS, DataError, check_dataset
 from .corpus import corpus_cache_root, ensure_corpus
 from .datasets import (FEATURE_VERSION, FeatureDataset, collate_mesm, collate_umons, feature_cache_root,
                        handcrafted_dataset, mesm_dataset, umons_dataset, umons_pickle_dataset)
-from .features import (WordVectors, face_crop, face_geometry, get_tokenizer, hog_features, mel_pieces,
+from .features import (WordVectors, face_crop, face_geometry, hog_features, mel_pieces,
                        prosody_windows, umons_mel)
+from .text import load_tokenizer
 from .raw import (_PREFIX, RawSplit, load_split, load_umons_pickles, read_audio, read_cues, read_frame,
                   speaker_side, utterance_folders)
 
@@ -41,7 +40,7 @@ __all__ = ["DATASETS", "EMOTIONS", "SPLITS", "DataError", "ensure_corpus", "corp
            "speaker_side",
            "mesm_dataset", "umons_dataset", "handcrafted_dataset", "umons_pickle_dataset", "collate_mesm",
            "collate_umons", "FeatureDataset", "FEATURE_VERSION", "feature_cache_root", "mel_pieces", "umons_mel",
-           "face_crop", "hog_features", "face_geometry", "prosody_windows", "get_tokenizer", "WordVectors"]
+           "face_crop", "hog_features", "face_geometry", "prosody_windows", "load_tokenizer", "WordVectors"]
 
 
 def generate_corpus(*args, **kwargs):

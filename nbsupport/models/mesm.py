@@ -49,9 +49,8 @@ from nbsupport.attention import AdditiveAttention, TransformerEncoderBlock
 from nbsupport.models.text import TextEncoder
 
 __all__ = [
-    "EndToEndModel", "FE2E", "MESM", "DenseStem", "VisualPathway", "run_block", "top_p_keep",
-    "sparse_backend_name", "INPUT_KEYS", "LayerRecord", "is_extractor_layer", "extractor_macs", "top_p_sweep", "train_and_test",
-    "mesm_loaders", "SMOKE_SIZES", "PAPER_SIZES",
+    "EndToEndModel", "FE2E", "MESM", "DenseStem", "VisualPathway", "run_block",
+    "sparse_backend_name", "INPUT_KEYS", "LayerRecord", "is_extractor_layer", "extractor_macs", "SMOKE_SIZES", "PAPER_SIZES",
 ]
 
 #: Batch keys (``collate_mesm``) of each non-text modality: (inputs, mask).
@@ -64,14 +63,6 @@ INPUT_KEYS = {"V": ("faces", "faces_mask"), "A": ("mel", "mel_mask")}
 def sparse_backend_name(device: torch.device | str = "cpu") -> str:
     """Name of the sparse-convolution backend MESM's blocks use on ``device`` (printed by Chapter 6)."""
     return sparse_lib.sparse_backend(torch.device(device))
-
-
-def top_p_keep(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus (top-p) selection (Dai et al. 2021, Sec. 3.2) via :func:`nbsupport.sparse.top_p_mask`;
-    ``p >= 1`` keeps every site with non-zero mass (no sort, and no float round-off dropping a site)."""
-    if p >= 1.0:
-        return probs > 0
-    return sparse_lib.top_p_mask(probs, p)
 
 
 class DenseStem(nn.Module):
@@ -161,7 +152,7 @@ class VisualPathway(nn.Module):
         keys = x.flatten(2).transpose(1, 2)  # (N, H*W, C) one key per spatial site
         act = active.flatten(1)  # (N, H*W)
         _, weights = self.cross_attention[i](query, keys, keys, mask=act)  # (N, H*W) softmax over active sites
-        keep = top_p_keep(weights, self.top_p) & act
+        keep = sparse_lib.top_p_mask(weights, self.top_p) & act
         scale = weights * act.sum(1, keepdim=True).to(weights.dtype)  # attention * n_active: 1 when uniform
         x = x * scale.view(n, 1, h, w)
         return x, keep.view(n, h, w), weights.view(n, h, w)
@@ -318,7 +309,7 @@ def extractor_macs(model: EndToEndModel, batches) -> dict:
     them) as it actually ran (:mod:`nbsupport.flops`): ``macs`` (kept sites), ``dense_macs`` (what FE2E
     would spend on the same inputs), their ``ratio``, and the per-layer ``table`` (Dai et al. 2021, Sec. 4)."""
     from nbsupport import flops
-    from nbsupport.train import to_device
+    from nbsupport.base import to_device
 
     if isinstance(batches, dict):
         batches = [batches]
@@ -339,56 +330,6 @@ def extractor_macs(model: EndToEndModel, batches) -> dict:
     return out
 
 
-def train_and_test(model: EndToEndModel, loaders, *, name: str, epochs: int, lr: float, device="auto", seed: int = 0,
-                   progress: bool = True):
-    """Train FE2E or MESM and test it with Chapter 7's single protocol (Chapters 6-7; Dai et al. 2021, Sec. 4.3).
-
-    :func:`nbsupport.models.baselines.train_and_test` (BCE with pos_weight, best epoch on validation
-    WAcc, per-emotion thresholds chosen on validation), plus what the end-to-end models add: ``top_p``
-    and the feature extractor's MACs per test utterance as it ran (``macs``) and densely (``dense_macs``),
-    the paper's FLOPs column. Returns ``(row, fit_result)``.
-    """
-    from nbsupport.models import baselines
-
-    row, res = baselines.train_and_test(model, loaders, name=name, modalities=model.modalities, epochs=epochs, lr=lr,
-                                        device=device, seed=seed, progress=progress)
-    ext = extractor_macs(res.model, loaders["test"])
-    n_test = len(loaders["test"].dataset)
-    row.update(top_p=float(res.model.top_p), macs=ext["macs"] / n_test, dense_macs=ext["dense_macs"] / n_test)
-    return row, res
-
-
-def top_p_sweep(model: EndToEndModel, loader, top_ps, *, thresholds=None, device="cpu", progress: bool = True):
-    """Evaluate one trained MESM at several ``top_p`` (Ch. 6): quality, extractor MACs and wall time.
-
-    The same weights are used for every ``p`` (the selection is a test-time knob here; the paper
-    retrains per p). Returns a DataFrame with ``top_p, wacc, acc, f1, macs, dense_macs, seconds``;
-    ``seconds`` is the wall time of the full forward pass over ``loader``. ``model.top_p`` is restored.
-    """
-    import time
-
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from nbsupport import flops, train
-
-    original, rows = model.top_p, []
-    try:
-        for p in tqdm(list(top_ps), desc="top_p sweep", disable=not progress, leave=False):
-            model.top_p = float(p)
-            with flops.MacCounter(model, include=is_extractor_layer) as mc:
-                start = time.perf_counter()
-                metrics = train.evaluate(model, loader, device=device, thresholds=thresholds)
-                seconds = time.perf_counter() - start
-            table = mc.table()
-            rows.append(dict(top_p=float(p), wacc=metrics["wacc"], acc=metrics["acc"], f1=metrics["f1"],
-                             macs=int(table["macs"].sum()), dense_macs=int(table["dense_macs"].sum()),
-                             seconds=seconds))
-    finally:
-        model.top_p = original
-    return pd.DataFrame(rows)
-
-
 # --------------------------------------------------------------------------------------------------
 # Chapter plumbing: data loaders and sizes
 # --------------------------------------------------------------------------------------------------
@@ -398,23 +339,3 @@ SMOKE_SIZES = dict(stem_channels=8, block_channels=(8, 16, 16), dim=16, layers=1
 PAPER_SIZES = dict(stem_channels=64, block_channels=(128, 256, 512), dim=64, layers=4, heads=4)
 
 
-def mesm_loaders(root, *, dataset: str = "mosei", text_model: str | None = None, batch_size: int = 16,
-                 seed: int = 0, img_interval: float = 500, progress: bool = True):
-    """Train/valid/test MESM datasets (features cached on disk) and seeded loaders (Ch. 5-6).
-
-    Tokens come from ``text_model``'s tokenizer ('' / None = bundled MiniLM, also used by the tiny
-    encoder). Returns ``(datasets, loaders)``, dicts keyed by split.
-    """
-    from nbsupport.data import collate_mesm, mesm_dataset
-    from nbsupport.train import make_loader
-
-    from nbsupport.models.text import load_tokenizer
-
-    tokenizer = load_tokenizer(text_model or None)  # offline only; clear error naming the parameter
-    sets = {s: mesm_dataset(root, dataset, s, tokenizer=tokenizer, img_interval=img_interval)
-            for s in ("train", "valid", "test")}
-    for ds in sets.values():
-        ds.precompute(progress=progress)
-    loaders = {s: make_loader(ds, batch_size=batch_size, shuffle=(s == "train"), seed=seed, collate_fn=collate_mesm)
-               for s, ds in sets.items()}
-    return sets, loaders

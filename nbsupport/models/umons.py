@@ -30,11 +30,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from nbsupport.attention import MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock, masked_softmax
-from nbsupport.notebook import Modalities, ParameterError
+from nbsupport.base import ParameterError, check_modalities
 
 __all__ = ["UmonsConfig", "PAPER_CONFIG", "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
-           "UmonsTransformer", "MODALITY_KEYS", "input_dims_from", "masked_feature_moments", "train_umons",
-           "umons_loaders", "utterance_words"]
+           "UmonsTransformer", "MODALITY_KEYS", "input_dims_from", "masked_feature_moments", "utterance_words"]
 
 #: Modality letter -> batch field (its mask is ``<field>_mask``).
 MODALITY_KEYS = {"L": "text", "A": "audio", "V": "video"}
@@ -182,7 +181,7 @@ class UmonsTransformer(nn.Module):
         elif config_kw:
             raise ValueError("UmonsTransformer: give either 'config' or keyword hyper-parameters, not both")
         try:  # distinct letters from L, A, V, put in "LAV" order (the notebooks' own rule)
-            modalities = Modalities()("modalities", modalities)
+            modalities = check_modalities("modalities", modalities)
         except ParameterError as err:
             raise ValueError(f"UmonsTransformer: {err}") from None
         if len(modalities) > 1 and "L" not in modalities:
@@ -314,8 +313,8 @@ class UmonsTransformer(nn.Module):
 
     def describe(self) -> dict:
         """UMONS configuration (Delbrouck et al. 2020, Sec. 4), modalities and trainable parameter count
-        (:func:`nbsupport.train.count_parameters`; printed by Chapter 4)."""
-        from nbsupport.train import count_parameters
+        (:func:`nbsupport.base.count_parameters`; printed by Chapter 4)."""
+        from nbsupport.base import count_parameters
 
         return {"modalities": self.modalities, **asdict(self.config), "n_params": count_parameters(self)}
 
@@ -358,52 +357,6 @@ def masked_feature_moments(loader: Iterable, modalities: Iterable[str],
         mean = s1 / n
         out[m] = (mean, (s2 / n - mean * mean).clamp(min=0).sqrt(), n)
     return out
-
-
-def train_umons(modalities: str, train_loader, valid_loader, test_loader=None, *, task: str = "emotion",
-                config: UmonsConfig | None = None, epochs: int = 10, lr: float = 1e-3, device="auto", seed: int = 0,
-                patience: int | None = None, checkpoint_dir=None, progress: bool = True, n_emotions: int = 6,
-                normalise_inputs: bool = True):
-    """Build a :class:`UmonsTransformer` for ``modalities``, fit it with :func:`nbsupport.train.fit` and
-    evaluate its best checkpoint on ``test_loader`` (or validation). Returns ``(row, fit_result)`` where
-    ``row`` has ``model``, ``modalities``, the task's metrics, ``n_params`` and ``seconds`` (Chapters 3-4).
-    """
-    import time
-
-    from nbsupport import train
-
-    torch.manual_seed(seed)  # same initial weights for the same (seed, modalities)
-    first = next(iter(train_loader))
-    model = UmonsTransformer(modalities, train.n_outputs(task, n_emotions), config=config or UmonsConfig(),
-                             input_dims=input_dims_from(first))
-    if normalise_inputs:
-        model.fit_input_normalisation(train_loader)
-    t0 = time.perf_counter()
-    res = train.fit(model, train_loader, valid_loader, task=task, epochs=epochs, lr=lr, device=device, seed=seed,
-                    patience=patience, checkpoint_dir=checkpoint_dir, progress=progress,
-                    desc=f"UMONS {model.modalities} {task}")
-    seconds = time.perf_counter() - t0
-    metrics = train.evaluate(res.model, test_loader if test_loader is not None else valid_loader, task=task,
-                             device=device)
-    row = {"model": f"UMONS-{model.modalities}", "modalities": model.modalities, "task": task, **metrics,
-           "n_params": res.n_params, "seconds": round(seconds, 2), "best_epoch": res.best_epoch}
-    return row, res
-
-
-def umons_loaders(root, *, dataset: str = "mosei", seq_len: int = 60, batch_size: int = 32, seed: int = 0):
-    """Train/valid/test UMONS datasets and seeded loaders (Chapters 3-4; Delbrouck et al. 2020, Sec. 4 inputs).
-
-    Word vectors, log-mel frames and per-frame HOG (``nbsupport.data.umons_dataset``, cut at ``seq_len``),
-    held in memory once read (the chapters' corpora are small) and batched by ``collate_umons``; the
-    training loader is shuffled with ``seed``. Returns ``(splits, loaders)``, dicts keyed by split.
-    """
-    from nbsupport.data import collate_umons, umons_dataset
-    from nbsupport.train import make_loader
-
-    splits = {s: umons_dataset(root, dataset, s, seq_len=seq_len) for s in ("train", "valid", "test")}
-    loaders = {s: make_loader(list(ds), batch_size=batch_size, shuffle=(s == "train"), seed=seed,
-                              collate_fn=collate_umons) for s, ds in splits.items()}
-    return splits, loaders
 
 
 def utterance_words(dataset, uid: str, seq_len: int) -> list[str]:

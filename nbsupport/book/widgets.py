@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from IPython.display import display
 
-from .attention import scaled_dot_product_attention
+from nbsupport.attention import scaled_dot_product_attention
 
 __all__ = ["KEY_WORDS", "key_vectors", "draw_query_attention", "attention_explorer", "show_in", "figure_view", "figure_png"]
 

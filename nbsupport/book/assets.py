@@ -10,8 +10,8 @@ points Sphinx's ``mathjax_path`` and myst-nb's ``nb_ipywidgets_js`` at them.
 
 Run by ``make install``::
 
-    python -m nbsupport.bookassets book/_static          # fetch what is missing (idempotent)
-    python -m nbsupport.bookassets book/_static --check  # no network: exit 1 if something is missing
+    python -m nbsupport.book.assets book/_static          # fetch what is missing (idempotent)
+    python -m nbsupport.book.assets book/_static --check  # no network: exit 1 if something is missing
 
 Each package is fetched with ``npm pack`` (the registry npm is configured for, never a hard-coded
 CDN host), its tarball is checked against the pinned sha512 integrity, the files the book needs are
@@ -131,7 +131,7 @@ CDN_REWRITES = {
 #: (book/@jupyter-widgets/...: 404s); (2) the widget labels call MathJax 2's ``MathJax.Hub.Queue``,
 #: which MathJax 3 does not have (TypeError on every slider of a page with equations).
 WIDGETS_SETUP = "widgets-setup.js"
-_WIDGETS_SETUP_JS = """// Written by `python -m nbsupport.bookassets` (nbsupport/bookassets.py); do not edit.
+_WIDGETS_SETUP_JS = """// Written by `python -m nbsupport.book.assets` (nbsupport/bookassets.py); do not edit.
 (function () {
   var here = document.currentScript && document.currentScript.src;
   if (window.require && here) {
@@ -158,7 +158,7 @@ _WIDGETS_CDN_README = (
     "Local stand-in for the jsDelivr CDN used by @jupyter-widgets/html-manager for widget modules\n"
     "it does not bundle. The book only uses the standard ipywidgets (bundled in embed-amd.js), so\n"
     "this folder is empty on purpose: a third-party widget would need its AMD bundle placed at\n"
-    "widgets-cdn/<package>@<version>/dist/index.js. Written by `python -m nbsupport.bookassets`.\n"
+    "widgets-cdn/<package>@<version>/dist/index.js. Written by `python -m nbsupport.book.assets`.\n"
 )
 
 
@@ -299,7 +299,7 @@ def ensure_assets(static_dir: str | os.PathLike, *, npm: str = "npm", force: boo
         fetched.append(_install_one(pkg, vendor, npm))
     cdn = vendor / WIDGETS_CDN_DIR
     cdn.mkdir(exist_ok=True)
-    from nbsupport.notebook import atomic_write_text
+    from nbsupport.base import atomic_write_text
 
     for path, text in ((cdn / "README.txt", _WIDGETS_CDN_README), (vendor / WIDGETS_SETUP, _WIDGETS_SETUP_JS)):
         if not path.is_file() or path.read_text() != text:
@@ -324,7 +324,7 @@ def _check_assets(app) -> None:
             if missing:
                 raise ExtensionError(
                     f"offline book assets missing under {static / VENDOR}: {', '.join(missing)}; run "
-                    f"`python -m nbsupport.bookassets {entry}` (part of `make install`)")
+                    f"`python -m nbsupport.book.assets {entry}` (part of `make install`)")
             return
 
 
@@ -492,8 +492,8 @@ def setup(app):
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """Command line: ``python -m nbsupport.bookassets STATIC_DIR [--check] [--force] [--npm NPM]``."""
-    parser = argparse.ArgumentParser(prog="python -m nbsupport.bookassets", description=__doc__.split("\n")[0])
+    """Command line: ``python -m nbsupport.book.assets STATIC_DIR [--check] [--force] [--npm NPM]``."""
+    parser = argparse.ArgumentParser(prog="python -m nbsupport.book.assets", description=__doc__.split("\n")[0])
     parser.add_argument("static_dir", help="the book's static folder, e.g. book/_static")
     parser.add_argument("--check", action="store_true", help="only report missing assets (no network); exit 1 if any")
     parser.add_argument("--force", action="store_true", help="fetch again even when present")
@@ -503,7 +503,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         missing = missing_assets(args.static_dir)
         if missing:
             print(f"bookassets: missing under {args.static_dir}/{VENDOR}: {', '.join(missing)} "
-                  f"(run `python -m nbsupport.bookassets {args.static_dir}`)", file=sys.stderr)
+                  f"(run `python -m nbsupport.book.assets {args.static_dir}`)", file=sys.stderr)
             return 1
         return 0
     try:

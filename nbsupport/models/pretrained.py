@@ -8,6 +8,11 @@ attention (:func:`mha_from_pretrained`, :func:`reproduce_heads`).
 """
 from __future__ import annotations
 
+import torch
+
+from nbsupport.attention import MultiHeadAttention
+from nbsupport.models.text import load_pretrained, load_tokenizer
+
 __all__ = ["load_text_model", "sentence_attention", "mha_from_pretrained", "reproduce_heads"]
 
 
@@ -16,7 +21,6 @@ def load_text_model(name_or_path=None, *, output_attentions: bool = False):
     2017) offline: '' / None = the bundled all-MiniLM-L6-v2. ``output_attentions`` selects the eager
     attention, whose weights the library can return. A missing model raises a RuntimeError naming the
     parameter (:func:`nbsupport.models.text.load_pretrained`)."""
-    from .models.text import load_pretrained, load_tokenizer
 
     kwargs = {"attn_implementation": "eager"} if output_attentions else {}
     model = load_pretrained(name_or_path, what="load_text_model", **kwargs)
@@ -30,8 +34,6 @@ def sentence_attention(sentence: str, layer: int = 0, name_or_path=None, *, retu
     Returns ``(tokens, weights (heads, T, T) numpy, tokenizer, model)``; with ``return_hidden=True`` a
     fifth item, the hidden states entering ``layer`` (1, T, hidden) from the same forward pass.
     """
-    import torch
-
     tokenizer, model = load_text_model(name_or_path, output_attentions=True)
     enc = tokenizer(sentence, return_tensors="pt")
     with torch.no_grad():
@@ -47,9 +49,6 @@ def mha_from_pretrained(model, layer: int = 0):
     Chapter 1 uses it to show that the book's multi-head attention (Vaswani et al. 2017, Sec. 3.2.2)
     reproduces a real pretrained encoder's attention weights head by head.
     """
-    import torch
-
-    from .attention import MultiHeadAttention
 
     cfg = model.config
     attn = model.encoder.layer[layer].attention
@@ -70,8 +69,6 @@ def reproduce_heads(sentence: str, layer: int = 0, name_or_path=None):
 
     Returns ``(tokens, ours, library)``, both weight arrays (heads, T, T) numpy.
     """
-    import torch
-
     tokens, library, _, model, hidden = sentence_attention(sentence, layer, name_or_path, return_hidden=True)
     mha = mha_from_pretrained(model, layer)
     with torch.no_grad():

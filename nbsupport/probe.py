@@ -9,13 +9,18 @@ with :func:`nbsupport.metrics.emotion_metrics` (thresholds chosen on ``valid`` b
 from __future__ import annotations
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from nbsupport.data import handcrafted_dataset
+from nbsupport.metrics import best_thresholds, emotion_metrics
 
 __all__ = ["probe_features", "run_probes"]
 
 
 def probe_features(root, dataset: str, split: str, progress: bool = True, **kwargs) -> dict:
     """Pooled hand-crafted vectors of a split: {"L": (n, Dl), "A": (n, 2Da), "V": (n, 2Dv), "y": (n, 6), "ids"}."""
-    from .datasets import handcrafted_dataset
 
     ds = handcrafted_dataset(root, dataset, split, **kwargs).precompute(progress=progress)
     L, A, V, Y = [], [], [], []
@@ -32,11 +37,7 @@ def run_probes(root, dataset: str = "mosei", modalities=("L", "A", "V", "LAV"), 
                progress: bool = True) -> list[dict]:
     """Fit one probe per modality set and return metrics rows ``{"model": "probe-logreg", "modalities", wacc,
     acc, f1, auc, ...}`` measured on the test split (Chapter 2's "every modality informative, none enough")."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    from ..metrics import best_thresholds, emotion_metrics
 
     feats = {s: probe_features(root, dataset, s, progress=progress) for s in ("train", "valid", "test")}
     rows = []

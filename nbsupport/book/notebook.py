@@ -9,16 +9,16 @@ conventions").
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from nbsupport.base import (ParameterError, _describe, atomic_write, atomic_write_json, atomic_write_text,
+                            check_modalities, jsonable, resolve_device, seed_everything)
 
 __all__ = [
     "ParameterError", "Bool", "Int", "Float", "Choice", "Str", "Path_", "ListOf", "Modalities",
@@ -30,17 +30,9 @@ __all__ = [
 METRIC_NAMES = ("wacc", "acc", "f1", "auc", "acc2", "acc7", "mae", "corr", "macs", "seconds", "n_params")
 
 
-class ParameterError(ValueError):
-    """A notebook parameter has the wrong type or value; the message names it and what was expected."""
-
-
 # --------------------------------------------------------------------------------------------
 # Rules: each is a callable ``rule(name, value) -> value`` that raises ParameterError.
 # --------------------------------------------------------------------------------------------
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
 @dataclass
 class Bool:
     """A True/False flag."""
@@ -170,13 +162,7 @@ class Modalities:
     need_text: bool = False
 
     def __call__(self, name: str, value: Any) -> str:
-        if not isinstance(value, str) or not value or set(value) - set("LAV") or len(set(value)) != len(value):
-            raise ParameterError(
-                f"parameter '{name}' must be a string of distinct letters from 'L', 'A', 'V' (e.g. 'LAV'), "
-                f"got {_describe(value)}")
-        if self.need_text and "L" not in value:
-            raise ParameterError(f"parameter '{name}' must include 'L' (text drives the attention), got {value!r}")
-        return "".join(m for m in "LAV" if m in value)
+        return check_modalities(name, value, need_text=self.need_text)
 
 
 COMMON_RULES = {
@@ -200,80 +186,6 @@ def validate(values: Mapping[str, Any], rules: Mapping[str, Any]) -> dict:
     if unknown:
         raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(rules))}")
     return {name: rules[name](name, values[name]) for name in values}
-
-
-def seed_everything(seed: int) -> None:
-    """Fix Python's, NumPy's and PyTorch's random generators (reproducible runs: same seed, same metrics)."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(device: str = "auto"):
-    """Map ``"auto"`` to CUDA when a GPU is present, else CPU; ``"cuda"`` without a GPU is an error.
-
-    The one device rule of the book: :func:`nbsupport.train.resolve_device` builds on it (and picks
-    this rank's GPU under torchrun)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ParameterError("parameter 'device' is 'cuda' but no CUDA GPU is available (use 'auto' or 'cpu')")
-    return torch.device(device)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Create ``path`` through a temporary file in the same folder, then rename: never half-written.
-
-    ``write(fh)`` fills the open temporary file (``mode`` ``"w"`` or ``"wb"``); on any error the
-    temporary file is removed and nothing appears at ``path``. Every file the book writes (metrics,
-    figures, checkpoints, feature caches, stamps) goes through here.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
-    return atomic_write(path, lambda fh: fh.write(text))
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "item") and callable(obj.item):  # torch scalars
-        return obj.item()
-    return str(obj)
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON atomically (temporary name, then rename)."""
-    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
 
 
 def check_metrics(data: Mapping[str, Any]) -> None:
@@ -323,7 +235,7 @@ class Run:
     def write_metrics(self, results: Iterable[Mapping[str, Any]], **extra: Any) -> Path | None:
         """Write ``metrics.json`` (DESIGN.md shape) when ``output_dir`` is set; return its path."""
         data = {"parameters": dict(self.params), "results": [dict(r) for r in results], **extra}
-        data = _jsonable(data)
+        data = jsonable(data)
         check_metrics(data)
         if self.output_dir is None:
             return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import additive_attention, key_padding_mask
+from nbsupport.attention import additive_attention, key_padding_mask
 
 __all__ = ["cue_word_task", "PoolingClassifier", "train_pooling_classifier"]
 

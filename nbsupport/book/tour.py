@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import EMOTIONS
-from .raw import RawSplit, read_cues, read_frame
+from nbsupport.data.common import EMOTIONS
+from nbsupport.data.features import log_mel
+from nbsupport.data.raw import RawSplit, read_audio, read_cues, read_frame
+
+from .widgets import figure_view, show_in
 
 __all__ = ["examples_per_emotion", "face_gallery", "audio_gallery", "label_figure", "utterance_figure", "browser"]
 
@@ -56,8 +59,6 @@ def audio_gallery(raw: RawSplit):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from .features import log_mel
-    from .raw import read_audio
 
     ex = examples_per_emotion(raw)
     fig, axes = plt.subplots(2, len(ex), figsize=(2.6 * len(ex), 4.2), sharey="row")
@@ -112,8 +113,6 @@ def utterance_figure(raw: RawSplit, i: int, frame: int = 0, fig=None):
     """One utterance: the chosen frame (cue outlined), the log-mel spectrogram with a time marker, transcript, labels."""
     import matplotlib.pyplot as plt
 
-    from .features import log_mel
-    from .raw import read_audio
 
     fig = fig or plt.figure(figsize=(9, 3))
     fig.clear()
@@ -140,7 +139,6 @@ def browser(raw: RawSplit):
     """ipywidgets browser: utterance and frame sliders redraw :func:`utterance_figure` (cheap callbacks)."""
     import ipywidgets as W
 
-    from ..widgets import figure_view, show_in
 
     u = W.IntSlider(0, 0, len(raw) - 1, description="utterance")
     f = W.IntSlider(0, 0, 20, description="frame")

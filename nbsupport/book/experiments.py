@@ -21,9 +21,9 @@ same directory at once (the lock dies with its process, so a killed sweep does n
 
 Command line (the same function, :func:`run_sweep`, is what Chapter 8 calls from Python)::
 
-    python -m nbsupport.experiments run book/06_mesm.ipynb --out runs/mesm -p smoke True \
+    python -m nbsupport.book.experiments run book/06_mesm.ipynb --out runs/mesm -p smoke True \
         --grid top_p=0.3,0.7,1.0 --grid modalities=LA,LAV --workers 2 [--gpus 0,1] [--shard 0/2]
-    python -m nbsupport.experiments collect runs/mesm [--csv table.csv]
+    python -m nbsupport.book.experiments collect runs/mesm [--csv table.csv]
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .notebook import atomic_write_json, atomic_write_text, environment
+from nbsupport.base import atomic_write_json, atomic_write_text
+from .notebook import environment
 
 __all__ = [
     "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "expand_grid",
@@ -265,7 +266,7 @@ def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Ma
     import shlex
 
     lit = lambda v: v if isinstance(v, str) and parse_value(v) == v else repr(v)  # noqa: E731
-    parts = ["python -m nbsupport.experiments run", shlex.quote(str(notebook)), "--out", shlex.quote(str(out))]
+    parts = ["python -m nbsupport.book.experiments run", shlex.quote(str(notebook)), "--out", shlex.quote(str(out))]
     for k, v in (params or {}).items():
         parts += ["-p", k, shlex.quote(lit(v))]
     for k, vs in (grid or {}).items():
@@ -666,7 +667,7 @@ def column(df, name: str) -> str:
 # Command line
 # ---------------------------------------------------------------------------------------------
 def _build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m nbsupport.experiments",
+    ap = argparse.ArgumentParser(prog="python -m nbsupport.book.experiments",
                                  description="Papermill sweeps over a chapter's parameters (Chapter 8).")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a notebook once per grid point (resumable)")
@@ -690,7 +691,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m nbsupport.experiments``; returns the exit code (1 if a point failed)."""
+    """Entry point of ``python -m nbsupport.book.experiments``; returns the exit code (1 if a point failed)."""
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "collect":

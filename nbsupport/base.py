@@ -1,0 +1,134 @@
+"""The bottom layer every other module may use: errors, atomic writes, seeding, device choice.
+
+Nothing here knows about notebooks, models or data formats. Content modules (``attention``,
+``data``, ``models``, ``sparse``, ``metrics``, ``flops``) take these from here, never from the book
+tooling in :mod:`nbsupport.book` (see the book's *Design* page, "Layers").
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+__all__ = ["ParameterError", "check_modalities", "atomic_write", "atomic_write_text", "atomic_write_json",
+           "jsonable", "seed_everything", "resolve_device", "count_parameters", "to_device"]
+
+
+class ParameterError(ValueError):
+    """A parameter has the wrong type or value; the message names it and what was expected."""
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_modalities(name: str, value: Any, *, need_text: bool = False) -> str:
+    """Check a modality string over L (language), A (audio), V (vision) and return it in L, A, V order.
+
+    ``need_text`` enforces MESM's rule that the text CLS vector drives the cross-modal attention
+    (Dai et al. 2021, Sec. 3.2). Raises :class:`ParameterError` naming ``name``."""
+    if not isinstance(value, str) or not value or set(value) - set("LAV") or len(set(value)) != len(value):
+        raise ParameterError(
+            f"parameter '{name}' must be a string of distinct letters from 'L', 'A', 'V' (e.g. 'LAV'), "
+            f"got {_describe(value)}")
+    if need_text and "L" not in value:
+        raise ParameterError(f"parameter '{name}' must include 'L' (text drives the attention), got {value!r}")
+    return "".join(m for m in "LAV" if m in value)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
+    """Create ``path`` through a temporary file in the same folder, then rename: never half-written.
+
+    ``write(fh)`` fills the open temporary file (``mode`` ``"w"`` or ``"wb"``); on any error the
+    temporary file is removed and nothing appears at ``path``. Every file the book writes (metrics,
+    figures, checkpoints, feature caches, stamps) goes through here.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(text))
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NumPy/torch scalars and arrays turned into plain JSON values (lists, numbers, strings)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # torch scalars
+        return obj.item()
+    return str(obj)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (temporary name, then rename)."""
+    return atomic_write_text(path, json.dumps(jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def seed_everything(seed: int) -> None:
+    """Fix Python's, NumPy's and PyTorch's random generators (reproducible runs: same seed, same metrics)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(device: Any = "auto"):
+    """Map ``"auto"`` to CUDA when a GPU is present, else CPU; ``"cuda"`` without a GPU is an error.
+
+    The one device rule of the book; :func:`nbsupport.train.resolve_device` builds on it (and picks
+    this rank's GPU under torchrun)."""
+    if isinstance(device, torch.device):
+        device = device.type if device.index is None else str(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ParameterError("parameter 'device' is 'cuda' but no CUDA GPU is available (use 'auto' or 'cpu')")
+    return torch.device(device)
+
+
+def count_parameters(model) -> int:
+    """Number of trainable parameters of a ``torch.nn.Module`` (the papers' "#params" column)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def to_device(batch: Any, device) -> Any:
+    """A batch (tensor, dict, or list of tensors; other values such as utterance ids pass through) on ``device``.
+
+    The one place where the chapters' batch dicts (UMONS, MESM, baselines) move to the training device."""
+    device = torch.device(device)
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

@@ -1,0 +1,135 @@
+"""The protocol layer: one loader builder and one train-and-test for every model of the book.
+
+Chapters 3-8 compare models, so every model goes through the same steps (Dai et al. 2021, Sec. 4.3;
+Delbrouck et al. 2020, Sec. 4): :func:`loaders` reads the three splits of a data root in the form a
+model family needs and wraps them in seeded loaders; :func:`train_and_test` fits a model with
+:func:`nbsupport.train.fit` (best epoch on validation), then scores the test split with the thresholds
+chosen on validation. Models never import this module; it imports them.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Mapping
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from nbsupport import flops, train
+from nbsupport.data import SPLITS, collate_mesm, collate_umons, handcrafted_dataset, mesm_dataset, umons_dataset
+from nbsupport.data.text import load_tokenizer
+from nbsupport.models import mesm as mesm_models
+from nbsupport.models import umons as umons_models
+
+__all__ = ["LOADER_KINDS", "loaders", "train_and_test", "train_umons", "top_p_sweep"]
+
+#: What each model family reads: the dataset factory, its collate function, and whether the
+#: (small) feature sequences are held in memory once read.
+LOADER_KINDS = ("umons", "handcrafted", "mesm")
+
+
+def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, seed: int = 0,
+            seq_len: int = 60, text_model: str | None = None, img_interval: float = 500,
+            progress: bool = True) -> tuple[dict, dict]:
+    """Train/valid/test datasets of ``kind`` and their seeded loaders (the training one shuffled with ``seed``).
+
+    * ``"umons"``: word vectors, log-mel frames and per-frame HOG cut at ``seq_len`` (Chapters 3-4,
+      Delbrouck et al. 2020, Sec. 4), held in memory once read; batches are ``collate_umons`` dicts.
+    * ``"handcrafted"``: the two-phase features (Chapter 7), cached on disk; ``collate_umons``.
+    * ``"mesm"``: subword tokens of ``text_model``'s tokenizer, face crops every ``img_interval`` ms and
+      mel pieces (Chapters 5-7, Dai et al. 2021, Sec. 3.1), cached on disk; ``collate_mesm``.
+
+    Returns ``(datasets, loaders)``, dicts keyed by split.
+    """
+    if kind == "umons":
+        sets = {s: umons_dataset(root, dataset, s, seq_len=seq_len) for s in SPLITS}
+        collate, in_memory = collate_umons, True
+    elif kind == "handcrafted":
+        sets = {s: handcrafted_dataset(root, dataset, s) for s in SPLITS}
+        collate, in_memory = collate_umons, False
+    elif kind == "mesm":
+        tokenizer = load_tokenizer(text_model or None)  # offline only; clear error naming the parameter
+        sets = {s: mesm_dataset(root, dataset, s, tokenizer=tokenizer, img_interval=img_interval) for s in SPLITS}
+        collate, in_memory = collate_mesm, False
+    else:
+        raise ValueError(f"loaders: parameter 'kind' must be one of {', '.join(LOADER_KINDS)}, got {kind!r}")
+    out = {}
+    for s, ds in sets.items():
+        if in_memory:
+            ds = list(ds)
+        elif hasattr(ds, "precompute"):
+            ds.precompute(progress=progress)
+        out[s] = train.make_loader(ds, batch_size=batch_size, shuffle=(s == "train"), seed=seed, collate_fn=collate)
+    return sets, out
+
+
+def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, name: str, task: str = "emotion",
+                   epochs: int, lr: float, device="auto", seed: int = 0, thresholds: str | float = "validation",
+                   patience: int | None = None, checkpoint_dir=None, progress: bool = True) -> tuple[dict, object]:
+    """The book's single protocol for every model (Chapters 3-8): fit, pick the best epoch, test.
+
+    :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
+    on the validation split), with per-emotion thresholds chosen on validation by F1 when
+    ``thresholds="validation"`` (Dai et al. 2021, Sec. 4.3), then the test split with those thresholds.
+    Returns ``(row, fit_result)``; ``row`` has ``model``, ``modalities``, ``task``, the task's metrics
+    (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time).
+    End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
+    it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column.
+    """
+    t0 = time.perf_counter()
+    res = train.fit(model, loaders["train"], loaders["valid"], task=task, epochs=epochs, lr=lr, device=device,
+                    seed=seed, thresholds=thresholds, patience=patience, checkpoint_dir=checkpoint_dir,
+                    progress=progress, desc=name)
+    seconds = time.perf_counter() - t0
+    test = train.evaluate(res.model, loaders["test"], task=task, device=device, thresholds=res.thresholds)
+    row = {"model": name, "modalities": res.model.modalities, "task": task, **{k: float(v) for k, v in test.items()},
+           "n_params": res.n_params, "epochs": epochs, "best_epoch": res.best_epoch, "seconds": round(seconds, 2)}
+    if isinstance(res.model, mesm_models.EndToEndModel):
+        ext = mesm_models.extractor_macs(res.model, loaders["test"])
+        n_test = len(loaders["test"].dataset)
+        row.update(top_p=float(res.model.top_p), macs=ext["macs"] / n_test, dense_macs=ext["dense_macs"] / n_test)
+    return row, res
+
+
+def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str = "emotion",
+                config: "umons_models.UmonsConfig | None" = None, epochs: int = 10, lr: float = 1e-3,
+                device="auto", seed: int = 0, patience: int | None = None, checkpoint_dir=None,
+                progress: bool = True, n_emotions: int = 6, normalise_inputs: bool = True):
+    """Build a :class:`~nbsupport.models.umons.UmonsTransformer` for ``modalities`` (seeded: same
+    initial weights for the same seed and modalities) and run :func:`train_and_test` on it with a 0.5
+    threshold, as UMONS does (Chapters 3-4). Returns ``(row, fit_result)``."""
+    torch.manual_seed(seed)
+    first = next(iter(loaders["train"]))
+    model = umons_models.UmonsTransformer(modalities, train.n_outputs(task, n_emotions),
+                                          config=config or umons_models.UmonsConfig(),
+                                          input_dims=umons_models.input_dims_from(first))
+    if normalise_inputs:
+        model.fit_input_normalisation(loaders["train"])
+    return train_and_test(model, loaders, name=f"UMONS-{model.modalities}", task=task, epochs=epochs, lr=lr,
+                          device=device, seed=seed, thresholds=0.5, patience=patience,
+                          checkpoint_dir=checkpoint_dir, progress=progress)
+
+
+def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, thresholds=None, device="cpu",
+                progress: bool = True) -> pd.DataFrame:
+    """Evaluate one trained MESM at several ``top_p`` (Chapter 6): quality, extractor MACs and wall time.
+
+    The same weights are used for every ``p`` (the selection is a test-time knob here; the paper
+    retrains per p). Returns a DataFrame with ``top_p, wacc, acc, f1, macs, dense_macs, seconds``;
+    ``seconds`` is the wall time of the full forward pass over ``loader``. ``model.top_p`` is restored.
+    """
+    original, rows = model.top_p, []
+    try:
+        for p in tqdm(list(top_ps), desc="top_p sweep", disable=not progress, leave=False):
+            model.top_p = float(p)
+            with flops.MacCounter(model, include=mesm_models.is_extractor_layer) as mc:
+                start = time.perf_counter()
+                metrics = train.evaluate(model, loader, device=device, thresholds=thresholds)
+                seconds = time.perf_counter() - start
+            table = mc.table()
+            rows.append(dict(top_p=float(p), wacc=metrics["wacc"], acc=metrics["acc"], f1=metrics["f1"],
+                             macs=int(table["macs"].sum()), dense_macs=int(table["dense_macs"].sum()),
+                             seconds=seconds))
+    finally:
+        model.top_p = original
+    return pd.DataFrame(rows)
