@@ -18,7 +18,12 @@ from torch import nn
 __all__ = [
     "masked_softmax", "additive_attention", "scaled_dot_product_attention", "AdditiveAttention",
     "MultiHeadAttention", "PositionwiseFeedForward", "TransformerEncoderBlock", "key_padding_mask",
+    "ReferenceLayerNorm", "layer_norm", "LAYERNORM_KINDS",
 ]
+
+#: LayerNorm variants: PyTorch's (biased variance, eps inside the square root) and the one of the
+#: UMONS reference code (unbiased std, eps added to the std), see :class:`ReferenceLayerNorm`.
+LAYERNORM_KINDS = ("torch", "reference")
 
 
 def key_padding_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
@@ -90,15 +95,51 @@ def additive_attention(query, keys, values, mask=None, *, w_query=None, w_key=No
     return out, weights
 
 
-class AdditiveAttention(nn.Module):
-    """Learned additive attention (Bahdanau et al. 2015): ``v^T tanh(W_q q + W_k k)``; used for MESM's
-    text-to-image/spectrogram cross-modal attention (Dai et al. 2021, Sec. 3.2)."""
+class ReferenceLayerNorm(nn.Module):
+    """LayerNorm as the UMONS reference code writes it (Delbrouck et al. 2020; Chapters 3-4):
 
-    def __init__(self, query_dim: int, key_dim: int, hidden: int):
+    ``weight * (x - mean) / (std + eps) + bias`` with the *unbiased* standard deviation over the last
+    axis and ``eps`` (1e-6) added to the std, where :class:`torch.nn.LayerNorm` divides by
+    ``sqrt(biased var + eps)``. Same parameters (``weight``, ``bias``), so the two swap freely; the
+    outputs differ by a factor ``sqrt((n-1)/n)`` (plus the eps terms). Written by hand because no
+    library layer has this form.
+    """
+
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)  # unbiased (n - 1)
+        return self.weight * (x - mean) / (std + self.eps) + self.bias
+
+
+def layer_norm(size: int, kind: str = "torch") -> nn.Module:
+    """A LayerNorm of ``kind`` (:data:`LAYERNORM_KINDS`): ``"torch"`` = :class:`torch.nn.LayerNorm`
+    (the book's default), ``"reference"`` = :class:`ReferenceLayerNorm` (UMONS's code; Chapters 3-4)."""
+    if kind == "torch":
+        return nn.LayerNorm(size)
+    if kind == "reference":
+        return ReferenceLayerNorm(size)
+    raise ValueError(f"layer_norm: parameter 'kind' must be one of {', '.join(LAYERNORM_KINDS)}, got {kind!r}")
+
+
+class AdditiveAttention(nn.Module):
+    """Learned additive attention (Bahdanau et al. 2015): ``v^T tanh(W_q q + W_k k) (+ b)``; used for
+    MESM's text-to-image/spectrogram cross-modal attention (Dai et al. 2021, Sec. 3.2).
+
+    ``score_bias=True`` adds the scalar bias ``b`` of the MESM reference code's scoring layer (it
+    shifts every score of a softmax equally, so it changes the parameter count, never a weight).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, hidden: int, score_bias: bool = False):
         super().__init__()
         self.w_query = nn.Linear(query_dim, hidden, bias=False)
         self.w_key = nn.Linear(key_dim, hidden, bias=True)
-        self.v = nn.Linear(hidden, 1, bias=False)
+        self.v = nn.Linear(hidden, 1, bias=score_bias)
 
     def forward(self, query, keys, values=None, mask=None):
         """query (B, d_q) or (B, Q, d_q); keys (B, K, d_k) -> (output, weights)."""
@@ -150,14 +191,16 @@ class PositionwiseFeedForward(nn.Module):
 
 class TransformerEncoderBlock(nn.Module):
     """Post-LN encoder block ``x = LayerNorm(x + MHA(x)); x = LayerNorm(x + MLP(x))`` as in UMONS
-    (Delbrouck et al. 2020, Sec. 2) and the original transformer (Vaswani et al. 2017, Sec. 3.1)."""
+    (Delbrouck et al. 2020, Sec. 2) and the original transformer (Vaswani et al. 2017, Sec. 3.1).
+    ``norm``: the LayerNorm kind (:func:`layer_norm`; ``"reference"`` = UMONS's code)."""
 
-    def __init__(self, dim: int, heads: int, ff_size: int | None = None, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, ff_size: int | None = None, dropout: float = 0.0,
+                 norm: str = "torch"):
         super().__init__()
         self.attention = MultiHeadAttention(dim, heads, dropout)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = layer_norm(dim, norm)
         self.ff = PositionwiseFeedForward(dim, ff_size or 4 * dim, dropout)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = layer_norm(dim, norm)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask=None):

@@ -254,3 +254,167 @@ def test_umons_loaders_and_utterance_words(tmp_path, monkeypatch):
     assert batch["text"].shape[1] <= 6 and batch["audio"].shape[1] <= 6 and batch["video"].shape[1] <= 6
     item = raw_test[len(raw_test) - 1]
     assert utterance_words(splits["test"], item["id"], 6) == split_words(item["text"])[:6]
+
+
+# ------------------------------------------------------------------ fidelity: the paper preset and its switches
+def test_reference_layernorm_on_a_3_vector_by_hand():
+    from nbsupport.attention import ReferenceLayerNorm, layer_norm
+
+    x = torch.tensor([[1.0, 2.0, 4.0]])
+    # mean 7/3; deviations -4/3, -1/3, 5/3; unbiased variance (16 + 1 + 25) / 9 / 2 = 7/3
+    dev = torch.tensor([[-4 / 3, -1 / 3, 5 / 3]])
+    ref = ReferenceLayerNorm(3)
+    assert torch.allclose(ref(x), dev / ((7 / 3) ** 0.5 + 1e-6), atol=1e-6)
+    # torch's LayerNorm: biased variance 14/9, eps inside the root
+    assert torch.allclose(layer_norm(3, "torch")(x), dev / (14 / 9 + 1e-5) ** 0.5, atol=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([2.0, 2.0, 2.0]))
+        ref.bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    assert torch.allclose(ref(x), 2 * dev / ((7 / 3) ** 0.5 + 1e-6) + torch.tensor([1.0, 0.0, -1.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        layer_norm(3, "batch")
+
+
+def _mha(h):  # 4 linear maps h -> h
+    return 4 * (h * h + h)
+
+
+def _ffn(h, ff):  # h -> ff -> h
+    return (h * ff + ff) + (ff * h + h)
+
+
+def _ln(n):
+    return 2 * n
+
+
+def test_paper_preset_parameter_counts_from_layer_sizes():
+    from nbsupport.models.umons import paper_parameter_count
+
+    h, ff, layers, seq, word, audio, video, n_out = 512, 1024, 4, 60, 300, 80, 512, 6
+    lstm = 4 * h * (word + h) + 2 * 4 * h  # one LSTM layer: 4 gates, input + recurrent weights, two biases
+    sa = _mha(h) + _ffn(h, ff) + 2 * _ln(h)  # self-attention block (two LayerNorms)
+    sga = 2 * _mha(h) + _ffn(h, ff) + 3 * _ln(h)  # guided attention block (three LayerNorms)
+    block_glimpse = (h * ff + ff) + (ff * seq + seq)  # glimpse MLP h -> ff -> 60 glimpses, no merge
+    final_glimpse = (h * ff + ff) + (ff * 1 + 1) + (h * 2 * h + 2 * h)  # MLP h -> ff -> 1, merge h -> 2h
+    head = _ln(2 * h) + (2 * h * n_out + n_out)  # LayerNorm(2h) + Linear(2h, 6)
+
+    n_mod = 2  # LA: Model_LA
+    expected_la = (lstm + (audio * h + h)
+                   + layers * (sa + sga) + (layers - 1) * (n_mod * block_glimpse + n_mod * _ln(h))
+                   + n_mod * final_glimpse + head)
+    assert expected_la == 28_375_920
+    assert paper_parameter_count("LA") == expected_la
+    n_mod = 3  # LAV: Model_LAV
+    expected_lav = (lstm + (audio * h + h) + (video * h + h)
+                    + layers * (sa + 2 * sga) + (layers - 1) * (n_mod * block_glimpse + n_mod * _ln(h))
+                    + n_mod * final_glimpse + head)
+    assert expected_lav == 44_071_461
+    assert paper_parameter_count("LAV") == expected_lav
+    # the book's variant at the same sizes: glimpse MLPs of width h and a final glimpse/head of width h
+    book = UmonsTransformer("LA", 6, config=PAPER_CONFIG)
+    glimpse_book = (h * h + h) + (h * seq + seq)
+    final_book = (h * h + h) + (h + 1) + (h * h + h)
+    expected_book = (lstm + (audio * h + h) + layers * (sa + sga) + (layers - 1) * (2 * glimpse_book + 2 * _ln(h))
+                     + 2 * final_book + _ln(h) + (h * n_out + n_out))
+    assert sum(p.numel() for p in book.parameters()) == expected_book
+    assert 0.09 < 1 - expected_book / expected_la < 0.11  # the book's variant has ~10 % fewer parameters
+
+
+def test_paper_preset_sets_every_switch_to_the_reference():
+    c = UmonsConfig.paper()
+    assert (c.hidden_size, c.ff_size, c.layers, c.heads, c.dropout, c.seq_len) == (512, 1024, 4, 4, 0.1, 60)
+    assert (c.block_residual, c.lang_from_block_input, c.glimpse_hidden, c.final_glimpse_mult, c.layernorm,
+            c.mask_every_layer, c.zero_padding) == (True, True, "ff", 2, "reference", False, False)
+    assert UmonsConfig.paper(hidden_size=16, heads=2).hidden_size == 16
+    book = UmonsConfig()
+    assert (book.block_residual, book.lang_from_block_input, book.glimpse_hidden, book.final_glimpse_mult,
+            book.layernorm, book.mask_every_layer, book.zero_padding) == (False, False, "hidden", 1, "torch", True,
+                                                                         True)
+    for bad in (dict(glimpse_hidden="wide"), dict(layernorm="rms"), dict(block_residual=1),
+                dict(final_glimpse_mult=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            UmonsConfig(**bad)
+
+
+class _Times(torch.nn.Module):
+    """Stand-in sublayer stack: returns ``k * x`` and remembers the language it was given."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.seen = k, None
+
+    def forward(self, y, y_mask, x=None, x_mask=None):
+        self.seen = None if x is None else x.detach().clone()
+        return self.k * y
+
+
+def _capture_final_input(model, m):
+    store = {}
+    model.final_glimpse[m].register_forward_pre_hook(lambda mod, args: store.__setitem__("x", args[0].detach()))
+    return store
+
+
+@pytest.mark.parametrize("block_residual, lang_from_input", [(False, False), (True, False), (False, True),
+                                                              (True, True)])
+def test_block_residual_and_language_of_the_block_input_by_hand(block_residual, lang_from_input):
+    # one layer, sublayer stacks replaced by k * x: language block 2x, audio co-attention block 3y
+    cfg = UmonsConfig(**{**SMALL, "layers": 1}, block_residual=block_residual, lang_from_block_input=lang_from_input)
+    model = UmonsTransformer("LA", 6, config=cfg, input_dims=DIMS).eval()
+    model.lang_blocks[0], model.co_blocks["A"][0] = _Times(2.0), _Times(3.0)
+    store_l, store_a = _capture_final_input(model, "L"), _capture_final_input(model, "A")
+    batch = _batch()
+    with torch.no_grad():
+        model(batch)
+        x0, _ = model.adapters["L"](batch["text"], batch["text_mask"])
+        y0, _ = model.adapters["A"](batch["audio"], batch["audio_mask"])
+    r = 1.0 if block_residual else 0.0
+    assert torch.allclose(store_l["x"], (2 + r) * x0, atol=1e-6)  # x = SA(x) (+ x)
+    assert torch.allclose(store_a["x"], (3 + r) * y0, atol=1e-6)  # y = SGA(y, x) (+ y)
+    lang_seen = model.co_blocks["A"][0].seen
+    assert torch.allclose(lang_seen, x0 if lang_from_input else (2 + r) * x0, atol=1e-6)
+
+
+def test_glimpse_sizes_follow_the_switches():
+    cfg = UmonsConfig(**SMALL, glimpse_hidden="ff", final_glimpse_mult=2, layernorm="reference")
+    model = UmonsTransformer("LA", 6, config=cfg, input_dims=DIMS)
+    assert model.block_glimpses["A"][0].mlp[0].out_features == SMALL["ff_size"]
+    assert model.final_glimpse["L"].mlp[0].out_features == SMALL["ff_size"]
+    assert model.final_glimpse["L"].proj.out_features == 2 * SMALL["hidden_size"]
+    assert model.classifier.in_features == 2 * SMALL["hidden_size"]
+    from nbsupport.attention import ReferenceLayerNorm
+    assert isinstance(model.norm, ReferenceLayerNorm) and model.norm.weight.shape == (2 * SMALL["hidden_size"],)
+    assert isinstance(model.lang_blocks[0].norm1, ReferenceLayerNorm)
+    assert isinstance(model.co_blocks["A"][0].norms[2], ReferenceLayerNorm)
+    assert model.eval()(_batch()).shape == (3, 6)
+
+
+def test_masks_in_the_first_layer_only_as_the_reference():
+    batch = _batch()
+    for every in (True, False):
+        torch.manual_seed(0)
+        model = UmonsTransformer("LA", 6, input_dims=DIMS, **SMALL, mask_every_layer=every).eval()
+        with torch.no_grad():
+            model(batch)
+        maps = model.attention_maps()
+        sa = maps["self_attention"]["L"]  # per layer (B, heads, T, T)
+        # example 1 has 3 real words: its padded keys get weight 0 in a masked layer
+        w0 = sa[0][1][..., 3:]
+        w1 = sa[1][1][..., 3:]
+        assert float(w0.abs().sum()) == 0.0
+        assert (float(w1.abs().sum()) == 0.0) == every
+        glimpse_on_pad = float(maps["glimpse"]["L"][1, 3:].sum())
+        assert (glimpse_on_pad == 0.0) == every  # the reference's final glimpse has no mask
+
+
+def test_zero_padding_switch_keeps_the_adapter_output_of_zero_features():
+    from nbsupport.models.umons import ModalityAdapter
+
+    torch.manual_seed(0)
+    ad = ModalityAdapter("A", 10, 16, 8, zero_padding=False)
+    feats, mask = torch.randn(2, 5, 10), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out, m = ad(feats, mask)
+    # padded positions (and the 3 appended to reach seq_len 8) see zero features: Linear(0) = its bias
+    assert torch.allclose(out[0, 3:], ad.net.bias.expand(5, -1), atol=1e-6)
+    assert torch.allclose(out[1, :5], ad.net(feats[1]), atol=1e-6)
+    ad.zero_padding = True
+    assert torch.all(ad(feats, mask)[0][0, 3:] == 0)

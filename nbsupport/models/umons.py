@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nbsupport.attention import MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock, masked_softmax
+from nbsupport.attention import (LAYERNORM_KINDS, MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock,
+                                 layer_norm, masked_softmax)
 from nbsupport.base import ParameterError, check_modalities
 
-__all__ = ["UmonsConfig", "PAPER_CONFIG", "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
+__all__ = ["UmonsConfig", "PAPER_CONFIG", "REFERENCE_SWITCHES", "paper_parameter_count", "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
            "UmonsTransformer", "MODALITY_KEYS", "input_dims_from", "masked_feature_moments", "utterance_words"]
 
 #: Modality letter -> batch field (its mask is ``<field>_mask``).
@@ -41,13 +42,29 @@ MODALITY_KEYS = {"L": "text", "A": "audio", "V": "video"}
 
 @dataclass
 class UmonsConfig:
-    """Hyper-parameters with the paper's names (Delbrouck et al. 2020, Sec. 4): defaults = paper config.
+    """Hyper-parameters with the paper's names (Delbrouck et al. 2020, Sec. 4): defaults = paper sizes.
 
     Two regularisers that are not in the paper, both off by default (Chapter 4):
     ``input_dropout`` -- feature dropout on each modality's (standardised) input features in training;
     ``aux_weight`` -- weight of the per-modality auxiliary heads (deep supervision: every modality's
     final glimpse vector must predict the labels alone, through the shared LayerNorm + classifier),
     see :meth:`UmonsTransformer.auxiliary_loss`.
+
+    Fidelity switches (Chapters 3-4, "Differences from the authors' code"). The defaults are the book's
+    model; :meth:`paper` sets every one to what the authors' code (Model_LA / Model_LAV) does:
+
+    ``block_residual`` -- wrap each whole block in one more residual, ``x = SA(x) + x`` and
+    ``y = SGA(y, x) + y``, around the sublayer residuals (reference: True; book: False).
+    ``lang_from_block_input`` -- audio/video attend to the language sequence that *entered* the block
+    (reference: True) instead of the language output of the same layer (book: False).
+    ``glimpse_hidden`` -- hidden size of every glimpse MLP: ``"hidden"`` (book) or ``"ff"`` (reference).
+    ``final_glimpse_mult`` -- the final glimpse projects to ``mult * hidden_size``, and the final
+    LayerNorm and classifier work on that size (reference: 2; book: 1).
+    ``layernorm`` -- ``"torch"`` (book) or ``"reference"`` (unbiased std, eps added to the std).
+    ``mask_every_layer`` -- padding masks in every attention and glimpse (book: True) or, as the
+    reference does, only in the first layer with an unmasked final glimpse (False).
+    ``zero_padding`` -- padded positions are set to 0 after the input adapters (book: True); the
+    reference keeps what the adapters make of the zero padding (False).
     """
 
     hidden_size: int = 512
@@ -58,9 +75,16 @@ class UmonsConfig:
     seq_len: int = 60
     aux_weight: float = 0.0
     input_dropout: float = 0.0
+    block_residual: bool = False
+    lang_from_block_input: bool = False
+    glimpse_hidden: str = "hidden"
+    final_glimpse_mult: int = 1
+    layernorm: str = "torch"
+    mask_every_layer: bool = True
+    zero_padding: bool = True
 
     def __post_init__(self):
-        for name in ("hidden_size", "ff_size", "layers", "heads", "seq_len"):
+        for name in ("hidden_size", "ff_size", "layers", "heads", "seq_len", "final_glimpse_mult"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"UmonsConfig: parameter '{name}' must be an integer >= 1, got {value!r}")
@@ -74,28 +98,49 @@ class UmonsConfig:
         if not float(self.aux_weight) >= 0.0 or not math.isfinite(float(self.aux_weight)):
             raise ValueError(f"UmonsConfig: parameter 'aux_weight' must be a finite number >= 0, "
                              f"got {self.aux_weight!r}")
+        for name in ("block_residual", "lang_from_block_input", "mask_every_layer", "zero_padding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"UmonsConfig: parameter '{name}' must be True or False, "
+                                 f"got {getattr(self, name)!r}")
+        if self.glimpse_hidden not in ("hidden", "ff"):
+            raise ValueError(f"UmonsConfig: parameter 'glimpse_hidden' must be 'hidden' or 'ff', "
+                             f"got {self.glimpse_hidden!r}")
+        if self.layernorm not in LAYERNORM_KINDS:
+            raise ValueError(f"UmonsConfig: parameter 'layernorm' must be one of {', '.join(LAYERNORM_KINDS)}, "
+                             f"got {self.layernorm!r}")
+
+    @classmethod
+    def paper(cls, **overrides) -> "UmonsConfig":
+        """The authors' network (jbdel/MOSEI_UMONS, Model_LA / Model_LAV, run as its README says:
+        hidden 512, ff 1024, 4 layers, 4 heads, dropout 0.1, 60 positions) with every fidelity switch
+        at the reference behaviour (Chapters 3-4). ``overrides`` change single fields (e.g. sizes)."""
+        return cls(**{**asdict(PAPER_CONFIG), **REFERENCE_SWITCHES, **overrides})
 
 
-#: The configuration of the paper: hidden 512, ff 1024, 4 layers, 4 heads, dropout 0.1, 60 positions.
+#: The sizes of the paper with the book's switches: hidden 512, ff 1024, 4 layers, 4 heads, dropout 0.1, 60.
 PAPER_CONFIG = UmonsConfig(512, 1024, 4, 4, 0.1, 60)
+#: The fidelity switches at the reference code's behaviour (see :class:`UmonsConfig`).
+REFERENCE_SWITCHES = dict(block_residual=True, lang_from_block_input=True, glimpse_hidden="ff",
+                          final_glimpse_mult=2, layernorm="reference", mask_every_layer=False, zero_padding=False)
 
 
 class GlimpseLayer(nn.Module):
     """Attention flattening with ``glimpses`` glimpses (UMONS Sec. 3; MCAN's attentional reduction).
 
     ``scores = MLP(x)`` (B, T, G); ``w = softmax_T(scores)`` with padded positions at weight 0;
-    ``g_k = sum_t w[t, k] x_t``. ``merge=True``: ``Linear(concat_k g_k)`` -> (B, hidden); ``merge=False``:
+    ``g_k = sum_t w[t, k] x_t``. ``merge=True``: ``Linear(concat_k g_k)`` -> (B, out_size or hidden); ``merge=False``:
     the glimpses as a sequence (B, G, hidden). The last weights (B, G, T) are kept in ``self.weights``.
     """
 
     def __init__(self, hidden_size: int, glimpses: int = 1, mlp_size: int | None = None, dropout: float = 0.0,
-                 merge: bool = True):
+                 merge: bool = True, out_size: int | None = None):
         super().__init__()
         self.glimpses, self.merge = glimpses, merge
         mlp_size = mlp_size or hidden_size
         self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(mlp_size, glimpses))
-        self.proj = nn.Linear(glimpses * hidden_size, hidden_size) if merge else None
+        # merged output size: hidden (book) or 2 * hidden (UMONS reference's final glimpse)
+        self.proj = nn.Linear(glimpses * hidden_size, out_size or hidden_size) if merge else None
         self.weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,16 +156,17 @@ class GlimpseLayer(nn.Module):
 class CoAttentionBlock(nn.Module):
     """Modular co-attention for a non-linguistic modality (UMONS Sec. 3, after MCAN's SGA unit):
 
-    ``y = LN(y + SA(y)); y = LN(y + MHA(y, x, x)); y = LN(y + MLP(y))`` with ``x`` the language.
+    ``y = LN(y + SA(y)); y = LN(y + MHA(y, x, x)); y = LN(y + MLP(y))`` with ``x`` the language;
+    ``norm`` is the LayerNorm kind (:func:`nbsupport.attention.layer_norm`).
     ``self.cross.weights`` (B, heads, Ty, Tx) holds the last co-attention map (frames -> words).
     """
 
-    def __init__(self, hidden_size: int, heads: int, ff_size: int, dropout: float = 0.0):
+    def __init__(self, hidden_size: int, heads: int, ff_size: int, dropout: float = 0.0, norm: str = "torch"):
         super().__init__()
         self.self_att = MultiHeadAttention(hidden_size, heads, dropout)
         self.cross = MultiHeadAttention(hidden_size, heads, dropout)
         self.ff = PositionwiseFeedForward(hidden_size, ff_size, dropout)
-        self.norms = nn.ModuleList([nn.LayerNorm(hidden_size) for _ in range(3)])
+        self.norms = nn.ModuleList([layer_norm(hidden_size, norm) for _ in range(3)])
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, y, y_mask, x, x_mask):
@@ -133,13 +179,16 @@ class CoAttentionBlock(nn.Module):
 class ModalityAdapter(nn.Module):
     """Input adapter: word vectors -> LSTM (language), frame features -> Linear (audio, video); UMONS Sec. 3.
 
-    Output (B, seq_len, hidden) with padded positions set to 0, and the mask (B, seq_len). The LSTM
+    Output (B, seq_len, hidden) with padded positions set to 0 (unless ``zero_padding=False``), and the
+    mask (B, seq_len). The LSTM
     runs left to right, so padding after an utterance cannot change its real positions.
     ``input_dropout``: feature dropout on the standardised inputs in training (identity in eval).
     """
 
-    def __init__(self, modality: str, in_dim: int, hidden_size: int, seq_len: int, input_dropout: float = 0.0):
+    def __init__(self, modality: str, in_dim: int, hidden_size: int, seq_len: int, input_dropout: float = 0.0,
+                 zero_padding: bool = True):
         super().__init__()
+        self.zero_padding = zero_padding
         self.input_dropout = nn.Dropout(input_dropout)
         self.modality, self.seq_len = modality, seq_len
         self.net = nn.LSTM(in_dim, hidden_size, batch_first=True) if modality == "L" else nn.Linear(in_dim, hidden_size)
@@ -161,7 +210,8 @@ class ModalityAdapter(nn.Module):
         feats = (feats.float() - self.in_mean) / self.in_std
         feats = self.input_dropout(feats * mask.unsqueeze(-1))  # padding never enters; dropout keeps zeros 0
         h = self.net(feats)[0] if self.modality == "L" else self.net(feats)  # (B, seq_len, hidden)
-        return h * mask.unsqueeze(-1), mask
+        # zero_padding=False (UMONS reference): padded positions keep the adapter's output of zero features
+        return (h * mask.unsqueeze(-1) if self.zero_padding else h), mask
 
 
 class UmonsTransformer(nn.Module):
@@ -190,29 +240,32 @@ class UmonsTransformer(nn.Module):
         dims = {"L": 300, "A": 80, "V": 512, **dict(input_dims or {})}
         self.config, self.modalities, self.n_outputs = config, modalities, n_outputs
         c = config
+        ln = c.layernorm
+        glimpse_mlp = c.ff_size if c.glimpse_hidden == "ff" else c.hidden_size
         self.adapters = nn.ModuleDict({m: ModalityAdapter(m, dims[m], c.hidden_size, c.seq_len,
-                                                          float(c.input_dropout)) for m in modalities})
+                                                          float(c.input_dropout), c.zero_padding) for m in modalities})
         self.multimodal = len(modalities) > 1
         if not self.multimodal:
-            self.blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout)
+            self.blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout, ln)
                                          for _ in range(c.layers)])
         else:
-            self.lang_blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout)
+            self.lang_blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout, ln)
                                               for _ in range(c.layers)])
             self.co_blocks = nn.ModuleDict({m: nn.ModuleList([CoAttentionBlock(c.hidden_size, c.heads, c.ff_size,
-                                                                               c.dropout) for _ in range(c.layers)])
+                                                                               c.dropout, ln) for _ in range(c.layers)])
                                             for m in modalities if m != "L"})
             # a glimpse layer closes every block but the last: seq_len glimpses added back to the sequence
-            self.block_glimpses = nn.ModuleDict({m: nn.ModuleList([GlimpseLayer(c.hidden_size, c.seq_len,
+            self.block_glimpses = nn.ModuleDict({m: nn.ModuleList([GlimpseLayer(c.hidden_size, c.seq_len, glimpse_mlp,
                                                                                 dropout=c.dropout, merge=False)
                                                                    for _ in range(c.layers - 1)])
                                                  for m in modalities})
-            self.block_norms = nn.ModuleDict({m: nn.ModuleList([nn.LayerNorm(c.hidden_size)
+            self.block_norms = nn.ModuleDict({m: nn.ModuleList([layer_norm(c.hidden_size, ln)
                                                                 for _ in range(c.layers - 1)]) for m in modalities})
-        self.final_glimpse = nn.ModuleDict({m: GlimpseLayer(c.hidden_size, 1, dropout=c.dropout, merge=True)
-                                            for m in modalities})
-        self.norm = nn.LayerNorm(c.hidden_size)
-        self.classifier = nn.Linear(c.hidden_size, n_outputs)
+        out = c.final_glimpse_mult * c.hidden_size  # 2 * hidden in the reference code
+        self.final_glimpse = nn.ModuleDict({m: GlimpseLayer(c.hidden_size, 1, glimpse_mlp, dropout=c.dropout,
+                                                            merge=True, out_size=out) for m in modalities})
+        self.norm = layer_norm(out, ln)
+        self.classifier = nn.Linear(out, n_outputs)
         self.dropout = nn.Dropout(c.dropout)
         self._glimpse_vectors: dict | None = None  # final glimpse per modality of the last forward
 
@@ -231,24 +284,33 @@ class UmonsTransformer(nn.Module):
         return seqs, masks
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """batch: UMONS batch dict -> logits (B, n_outputs)."""
+        """batch: UMONS batch dict -> logits (B, n_outputs). The switches of :class:`UmonsConfig` choose
+        between the book's wiring and the reference code's (block residual, language of the block input,
+        masks in the first layer only)."""
+        c = self.config
         z, masks = self._inputs(batch)  # each (B, seq_len, hidden)
-        if not self.multimodal:
-            m = self.modalities
-            for block in self.blocks:
-                z[m] = block(z[m], masks[m])
-        else:
-            for i in range(self.config.layers):
-                z["L"] = self.lang_blocks[i](z["L"], masks["L"])
-                for m in self.co_blocks:
-                    z[m] = self.co_blocks[m][i](z[m], masks[m], z["L"], masks["L"])
-                if i < self.config.layers - 1:
-                    for m in self.modalities:  # z = LN(z + glimpses(z)), (B, seq_len, hidden)
-                        g = self.block_glimpses[m][i](z[m], masks[m])
-                        z[m] = self.block_norms[m][i](z[m] + self.dropout(g))
-        vectors = {m: self.final_glimpse[m](z[m], masks[m]) for m in self.modalities}  # each (B, hidden)
+        for i in range(c.layers):
+            mk = masks if c.mask_every_layer or i == 0 else dict.fromkeys(masks)  # reference: first layer only
+            if not self.multimodal:
+                m = self.modalities
+                h = self.blocks[i](z[m], mk[m])
+                z[m] = h + z[m] if c.block_residual else h
+                continue
+            lang_in = z["L"]  # the language sequence entering block i
+            h = self.lang_blocks[i](lang_in, mk["L"])
+            z["L"] = h + lang_in if c.block_residual else h
+            lang = lang_in if c.lang_from_block_input else z["L"]
+            for m in self.co_blocks:
+                h = self.co_blocks[m][i](z[m], mk[m], lang, mk["L"])
+                z[m] = h + z[m] if c.block_residual else h
+            if i < c.layers - 1:
+                for m in self.modalities:  # z = LN(z + glimpses(z)), (B, seq_len, hidden)
+                    g = self.block_glimpses[m][i](z[m], mk[m])
+                    z[m] = self.block_norms[m][i](z[m] + self.dropout(g))
+        final_masks = masks if c.mask_every_layer else dict.fromkeys(masks)  # reference: unmasked final glimpse
+        vectors = {m: self.final_glimpse[m](z[m], final_masks[m]) for m in self.modalities}  # (B, mult*hidden)
         self._glimpse_vectors = vectors if self.training else None  # kept for auxiliary_loss only
-        fused = sum(vectors.values())  # (B, hidden)
+        fused = sum(vectors.values())  # (B, mult*hidden)
         return self.classifier(self.norm(fused))  # (B, n_outputs)
 
     def auxiliary_loss(self, batch: Mapping[str, torch.Tensor], criterion) -> torch.Tensor | None:
@@ -317,6 +379,18 @@ class UmonsTransformer(nn.Module):
         from nbsupport.base import count_parameters
 
         return {"modalities": self.modalities, **asdict(self.config), "n_params": count_parameters(self)}
+
+
+def paper_parameter_count(modalities: str = "LAV", n_outputs: int = 6,
+                          input_dims: Mapping[str, int] | None = None) -> int:
+    """Trainable parameters of the UMONS paper preset (:meth:`UmonsConfig.paper`, the authors' Model_LA /
+    Model_LAV) for ``modalities``, without the word-embedding table (the book feeds word vectors to the
+    LSTM). Defaults: GloVe 300-d words, 80 mel bins, 512-d video features, 6 emotions. Printed by
+    Chapters 3-4, e.g. ``paper_parameter_count("LA")``; pinned by a test that derives it from layer sizes."""
+    from nbsupport.base import count_parameters
+
+    return count_parameters(UmonsTransformer(modalities, n_outputs, config=UmonsConfig.paper(),
+                                             input_dims=input_dims))
 
 
 # ------------------------------------------------------------------------------------------------
