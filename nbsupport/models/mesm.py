@@ -50,11 +50,16 @@ from nbsupport.models.text import TextEncoder
 
 __all__ = [
     "EndToEndModel", "FE2E", "MESM", "DenseStem", "VisualPathway", "run_block",
-    "sparse_backend_name", "INPUT_KEYS", "LayerRecord", "is_extractor_layer", "extractor_macs", "SMOKE_SIZES", "PAPER_SIZES",
+    "sparse_backend_name", "INPUT_KEYS", "INPUT_SIZES", "ATTENTION_GRAD", "PAPER_PRESET", "paper_preset",
+    "paper_parameter_count", "LayerRecord", "is_extractor_layer", "extractor_macs", "SMOKE_SIZES", "PAPER_SIZES",
 ]
 
 #: Batch keys (``collate_mesm``) of each non-text modality: (inputs, mask).
 INPUT_KEYS = {"V": ("faces", "faces_mask"), "A": ("mel", "mel_mask")}
+#: (H, W) of one face crop and one mel piece (Dai et al. 2021, Sec. 3.1): the flatten head's grid size.
+INPUT_SIZES = {"V": (48, 48), "A": (128, 32)}
+#: How the cross-modal attention acts: reweight the features (book) or only select (reference code).
+ATTENTION_GRAD = ("reweight", "none")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,14 +72,16 @@ def sparse_backend_name(device: torch.device | str = "cpu") -> str:
 
 class DenseStem(nn.Module):
     """MESM's dense CNN stage (Dai et al. 2021, Sec. 3.1, Ch. 5): conv 5x5, BN, ReLU, max-pool 2, then
-    two VGG blocks of ``channels`` without pooling. (N,1,H,W) -> (N,C,H/2,W/2)."""
+    two VGG blocks of ``channels`` without pooling. (N,in_channels,H,W) -> (N,C,H/2,W/2).
+    ``in_channels``: 1 (grey faces, mel pieces) or 3 (the reference's RGB faces); ``bias``: convolutions
+    with a bias, as the reference code (a no-op before BatchNorm)."""
 
-    def __init__(self, channels: int = 64):
+    def __init__(self, channels: int = 64, in_channels: int = 1, bias: bool = False):
         super().__init__()
-        self.conv0 = nn.Conv2d(1, channels, 5, padding=2, bias=False)
+        self.conv0 = nn.Conv2d(in_channels, channels, 5, padding=2, bias=bias)
         self.bn0 = nn.BatchNorm2d(channels)
-        self.vgg = nn.Sequential(sparse_lib.DenseVggBlock(channels, channels, pool=False),
-                                 sparse_lib.DenseVggBlock(channels, channels, pool=False))
+        self.vgg = nn.Sequential(sparse_lib.DenseVggBlock(channels, channels, pool=False, bias=bias),
+                                 sparse_lib.DenseVggBlock(channels, channels, pool=False, bias=bias))
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn0(self.conv0(x))), 2)  # (N, C, H/2, W/2)
@@ -120,29 +127,56 @@ class LayerRecord:
 class VisualPathway(nn.Module):
     """Faces or mel pieces -> one vector per utterance (Dai et al. 2021, Fig. 2; Ch. 5-6).
 
-    Dense stem, three VGG blocks (sparse and attention-gated for MESM), global average pooling over the
-    active sites of each frame/piece, linear to ``dim``, then a transformer with a CLS token over the
-    frames/pieces. ``forward(images (B,T,H,W), mask (B,T), text (B,d_text))`` -> (B, dim).
+    Dense stem, three VGG blocks (sparse and attention-gated for MESM), a per-frame head, then a
+    transformer with a CLS token over the frames/pieces. ``forward(images (B,T,H,W), mask (B,T),
+    text (B,d_text))`` -> (B, dim). Fidelity switches (see :data:`PAPER_PRESET` for the reference values):
+    ``head`` -- ``"pool"`` (book: average over the active sites, Linear to ``dim``) or ``"flatten"``
+    (reference: flatten the final ``C x H/16 x W/16`` grid, Linear to ``flatten_hidden``, ReLU, Linear
+    to ``dim``; needs ``input_size``); ``positions`` -- ``"learned"`` (book) or ``"none"`` (reference);
+    ``attention_hidden`` -- an int, or ``"channels"`` (reference: 64, 128, 256 = each block's input
+    channels); ``attention_grad`` -- ``"reweight"`` (book: features times ``attention * n_active``, so
+    the attention learns) or ``"none"`` (reference: the attention only selects, receives no gradient and
+    keeps its initial weights); ``in_channels`` 1 or 3 (RGB faces; grey input is repeated to 3);
+    ``conv_bias``/``score_bias`` -- the reference's (functionally inert) biases; ``cls_std`` -- the CLS
+    vector's initial std (reference: 1, an ``nn.Embedding``).
     """
 
     def __init__(self, text_dim: int, *, stem_channels: int = 64, block_channels=(128, 256, 512),
                  dim: int = 64, layers: int = 4, heads: int = 4, ff_size: int | None = None,
                  dropout: float = 0.1, attention: bool = False, sparse: bool = False, top_p: float = 1.0,
-                 attention_hidden: int = 64):
+                 attention_hidden: int | str = 64, head: str = "pool", input_size: tuple | None = None,
+                 flatten_hidden: int = 1024, positions: str = "learned", attention_grad: str = "reweight",
+                 in_channels: int = 1, conv_bias: bool = False, score_bias: bool = False, cls_std: float = 0.02):
         super().__init__()
         self.attention, self.top_p = attention, top_p
-        self.stem = DenseStem(stem_channels)
+        self.attention_grad, self.head, self.in_channels = attention_grad, head, in_channels
+        self.stem = DenseStem(stem_channels, in_channels, conv_bias)
         chans = [stem_channels, *block_channels]
-        block = sparse_lib.SparseVggBlock if sparse else sparse_lib.DenseVggBlock
-        self.blocks = nn.ModuleList([block(chans[i], chans[i + 1]) for i in range(len(block_channels))])
+        if sparse:  # the reference's sparse (SparseConvNet) convolutions have no bias
+            blocks = [sparse_lib.SparseVggBlock(chans[i], chans[i + 1]) for i in range(len(block_channels))]
+        else:
+            blocks = [sparse_lib.DenseVggBlock(chans[i], chans[i + 1], bias=conv_bias)
+                      for i in range(len(block_channels))]
+        self.blocks = nn.ModuleList(blocks)
+        hidden = [chans[i] if attention_hidden == "channels" else int(attention_hidden)
+                  for i in range(len(block_channels))]
         self.cross_attention = nn.ModuleList(
-            [AdditiveAttention(text_dim, chans[i], attention_hidden) for i in range(len(block_channels))]
+            [AdditiveAttention(text_dim, chans[i], hidden[i], score_bias) for i in range(len(block_channels))]
         ) if attention else None
-        self.proj = nn.Linear(chans[-1], dim)
+        if head == "flatten":  # reference: flatten the final grid, MLP to dim
+            grid = [int(s) // 2 ** (1 + len(block_channels)) for s in input_size]
+            self.proj = nn.Sequential(nn.Linear(chans[-1] * grid[0] * grid[1], flatten_hidden), nn.ReLU(),
+                                      nn.Linear(flatten_hidden, dim))
+        else:
+            self.proj = nn.Linear(chans[-1], dim)
+        self.dim = dim
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.position = nn.Parameter(torch.zeros(1, 512, dim))  # learned positions over frames/pieces
-        nn.init.normal_(self.cls, std=0.02)
-        nn.init.normal_(self.position, std=0.02)
+        # learned positions over frames/pieces (book); the reference has none (its positional encoding
+        # is commented out), then at most 512 frames/pieces are still accepted
+        self.position = nn.Parameter(torch.zeros(1, 512, dim)) if positions == "learned" else None
+        nn.init.normal_(self.cls, std=cls_std)
+        if self.position is not None:
+            nn.init.normal_(self.position, std=0.02)
         self.encoder = nn.ModuleList([TransformerEncoderBlock(dim, heads, ff_size, dropout) for _ in range(layers)])
         self.records: list[LayerRecord] = []
 
@@ -151,19 +185,28 @@ class VisualPathway(nn.Module):
         n, c, h, w = x.shape
         keys = x.flatten(2).transpose(1, 2)  # (N, H*W, C) one key per spatial site
         act = active.flatten(1)  # (N, H*W)
-        _, weights = self.cross_attention[i](query, keys, keys, mask=act)  # (N, H*W) softmax over active sites
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.attention_grad == "reweight"):
+            _, weights = self.cross_attention[i](query, keys, keys, mask=act)  # (N, H*W) softmax over active sites
         keep = sparse_lib.top_p_mask(weights, self.top_p) & act
-        scale = weights * act.sum(1, keepdim=True).to(weights.dtype)  # attention * n_active: 1 when uniform
-        x = x * scale.view(n, 1, h, w)
+        if self.attention_grad == "reweight":  # book: attention * n_active, 1 when uniform
+            scale = weights * act.sum(1, keepdim=True).to(weights.dtype)
+            x = x * scale.view(n, 1, h, w)
+        # "none" (reference): the kept sites go on unchanged; the attention only selects
         return x, keep.view(n, h, w), weights.view(n, h, w)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """images (B, T, H, W), mask (B, T) True on real frames/pieces, text (B, d_text) CLS -> (B, dim)."""
         b, t = images.shape[:2]
-        if t > self.position.shape[1]:  # checked before any CNN work
-            raise ValueError(f"VisualPathway: at most {self.position.shape[1]} frames/pieces, got {t}")
+        if t > 512:  # checked before any CNN work
+            raise ValueError(f"VisualPathway: at most 512 frames/pieces, got {t}")
         frame_index = mask.nonzero()  # (N, 2): (batch, frame) of every real frame/piece
-        x = images[frame_index[:, 0], frame_index[:, 1]].unsqueeze(1).to(text.dtype)  # (N, 1, H, W)
+        x = images[frame_index[:, 0], frame_index[:, 1]].to(text.dtype)  # (N, H, W) or (N, 3, H, W)
+        x = x.unsqueeze(1) if x.dim() == 3 else x  # (N, C_in, H, W)
+        if x.shape[1] != self.in_channels:
+            if x.shape[1] != 1:
+                raise ValueError(f"VisualPathway: images must have 1 or {self.in_channels} channels, got "
+                                 f"shape {tuple(images.shape)}")
+            x = x.expand(-1, self.in_channels, -1, -1)  # grey crops repeated on the RGB stem's channels
         query = text[frame_index[:, 0]]  # (N, d_text): the utterance's CLS vector for each frame
         self.records = []
         if x.shape[0] > 0:
@@ -178,14 +221,18 @@ class VisualPathway(nn.Module):
                 self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
                                                 frames_cpu))
                 x, active = run_block(block, x, keep)  # (N, C_{i+1}, H/2, W/2)
-            a = active[:, None].to(x.dtype)
-            pooled = (x * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1.0)  # (N, C) mean over active sites
-            feats = self.proj(pooled)  # (N, dim)
+            if self.head == "flatten":  # reference: the whole final grid, zeros at inactive sites
+                feats = self.proj(x.flatten(1))  # (N, C*h*w) -> (N, dim)
+            else:
+                a = active[:, None].to(x.dtype)
+                pooled = (x * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1.0)  # (N, C) mean over active sites
+                feats = self.proj(pooled)  # (N, dim)
         else:
-            feats = images.new_zeros(0, self.proj.out_features, dtype=text.dtype)
+            feats = images.new_zeros(0, self.dim, dtype=text.dtype)
         seq = feats.new_zeros(b, t, feats.shape[-1])
         seq[frame_index[:, 0], frame_index[:, 1]] = feats  # (B, T, dim); padding rows stay zero
-        seq = seq + self.position[:, :t]
+        if self.position is not None:
+            seq = seq + self.position[:, :t]
         seq = torch.cat([self.cls.expand(b, -1, -1), seq], dim=1)  # (B, 1+T, dim)
         keep = torch.cat([mask.new_ones(b, 1), mask.bool()], dim=1)
         for layer in self.encoder:
@@ -205,14 +252,27 @@ class EndToEndModel(nn.Module):
     ``text_lr_scale`` sets the text encoder's learning rate relative to ``lr`` in :meth:`param_groups`
     (MESM trains it at lr/10). Sizes (``stem_channels``, ``block_channels``, ``dim``, ``layers``,
     ``heads``) default to the paper's.
+
+    Fidelity switches (defaults = the book's model; :data:`PAPER_PRESET` = the authors' code, Ch. 5-6):
+    ``ff_size`` (None = 4 * dim; reference 2048), ``positions``, ``head``/``input_sizes``/
+    ``flatten_hidden``, ``attention_hidden``, ``attention_grad``, ``face_channels``, ``conv_bias``,
+    ``score_bias``, ``cls_std`` (see :class:`VisualPathway`); ``fusion`` -- ``"softmax"`` (book:
+    softmax-normalised modality weights) or ``"linear"`` (reference: an unnormalised
+    ``Linear(n_modalities, 1, bias=False)`` over the per-modality logits; one modality: its logits);
+    ``head_dropout`` -- dropout before the per-modality heads (book: True; reference: none);
+    ``text_head_lr`` -- ``"full"`` (book) or ``"text"`` (reference: the text head trains at the text
+    encoder's reduced learning rate).
     """
 
     def __init__(self, modalities: str = "LAV", n_outputs: int = 6, *, text_model: str | None = None,
                  tiny_text: bool = False, text_encoder: nn.Module | None = None, stem_channels: int = 64,
                  block_channels=(128, 256, 512), dim: int = 64, layers: int = 4, heads: int = 4,
                  ff_size: int | None = None, dropout: float = 0.1, attention: bool = False,
-                 sparse: bool = False, top_p: float = 1.0, attention_hidden: int = 64,
-                 text_lr_scale: float = 0.1):
+                 sparse: bool = False, top_p: float = 1.0, attention_hidden: int | str = 64,
+                 text_lr_scale: float = 0.1, positions: str = "learned", head: str = "pool",
+                 input_sizes: dict | None = None, flatten_hidden: int = 1024, attention_grad: str = "reweight",
+                 face_channels: int = 1, conv_bias: bool = False, score_bias: bool = False, cls_std: float = 0.02,
+                 fusion: str = "softmax", head_dropout: bool = True, text_head_lr: str = "full"):
         super().__init__()
         if not isinstance(modalities, str) or not modalities or set(modalities) - set("LAV") or "L" not in modalities:
             raise ValueError(f"EndToEndModel: parameter 'modalities' must be letters from 'LAV' including 'L' "
@@ -221,17 +281,39 @@ class EndToEndModel(nn.Module):
             raise ValueError(f"EndToEndModel: parameter 'top_p' must be in (0, 1], got {top_p!r}")
         if top_p < 1.0 and not attention:
             raise ValueError("EndToEndModel: parameter 'top_p' < 1 needs attention=True (the attention chooses the sites)")
+        for name, value, allowed in (("positions", positions, ("learned", "none")), ("head", head, ("pool", "flatten")),
+                                     ("attention_grad", attention_grad, ATTENTION_GRAD),
+                                     ("fusion", fusion, ("softmax", "linear")), ("face_channels", face_channels, (1, 3)),
+                                     ("text_head_lr", text_head_lr, ("full", "text"))):
+            if value not in allowed:
+                raise ValueError(f"EndToEndModel: parameter '{name}' must be one of {allowed}, got {value!r}")
+        if attention_hidden != "channels" and (isinstance(attention_hidden, bool) or not isinstance(attention_hidden, int)
+                                               or attention_hidden < 1):
+            raise ValueError(f"EndToEndModel: parameter 'attention_hidden' must be an integer >= 1 or 'channels', "
+                             f"got {attention_hidden!r}")
+        sizes = {**INPUT_SIZES, **dict(input_sizes or {})}
+        if head == "flatten":
+            for m in modalities:
+                if m != "L" and any(int(v) % 2 ** (1 + len(block_channels)) for v in sizes[m]):
+                    raise ValueError(f"EndToEndModel: parameter 'input_sizes'[{m!r}]={sizes[m]} must be divisible by "
+                                     f"{2 ** (1 + len(block_channels))} for head='flatten'")
         self.modalities = "".join(m for m in "LAV" if m in modalities)
         self.attention, self.text_lr_scale = attention, text_lr_scale
+        self.fusion_kind, self.head_dropout, self.text_head_lr = fusion, head_dropout, text_head_lr
         self.text = text_encoder if text_encoder is not None else TextEncoder(text_model or None, tiny=tiny_text)
         text_dim = self.text.hidden_size
         self.dropout = nn.Dropout(dropout)
         self.pathways = nn.ModuleDict({m: VisualPathway(
             text_dim, stem_channels=stem_channels, block_channels=tuple(block_channels), dim=dim, layers=layers,
             heads=heads, ff_size=ff_size, dropout=dropout, attention=attention, sparse=sparse, top_p=top_p,
-            attention_hidden=attention_hidden) for m in self.modalities if m != "L"})
+            attention_hidden=attention_hidden, head=head, input_size=sizes[m], flatten_hidden=flatten_hidden,
+            positions=positions, attention_grad=attention_grad, in_channels=face_channels if m == "V" else 1,
+            conv_bias=conv_bias, score_bias=score_bias, cls_std=cls_std) for m in self.modalities if m != "L"})
         self.heads = nn.ModuleDict({m: nn.Linear(text_dim if m == "L" else dim, n_outputs) for m in self.modalities})
-        self.fusion = nn.Parameter(torch.zeros(len(self.modalities)))  # softmax -> modality weights
+        if fusion == "softmax":
+            self.fusion = nn.Parameter(torch.zeros(len(self.modalities)))  # softmax -> modality weights
+        else:  # reference: Linear(n_modalities, 1, bias=False) over the stacked logits, weights unnormalised
+            self.fusion = nn.Linear(len(self.modalities), 1, bias=False)
 
     # -- top_p can be changed on a trained model (the sweep and the widget of Ch. 6) --
     @property
@@ -253,13 +335,20 @@ class EndToEndModel(nn.Module):
         return {m: p.records for m, p in self.pathways.items()}
 
     def fusion_weights(self) -> dict[str, float]:
-        """The learned, softmax-normalised modality weights of the late fusion."""
-        w = torch.softmax(self.fusion.detach(), 0)
+        """The learned modality weights of the late fusion: softmax-normalised (book) or the raw weights of
+        the reference's ``Linear(n_modalities, 1)`` (``fusion="linear"``)."""
+        if self.fusion_kind == "linear":
+            w = self.fusion.weight.detach()[0]
+        else:
+            w = torch.softmax(self.fusion.detach(), 0)
         return {m: float(w[i]) for i, m in enumerate(self.modalities)}
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Optimiser groups for :func:`nbsupport.train.fit`: text encoder at ``lr * text_lr_scale``."""
+        """Optimiser groups for :func:`nbsupport.train.fit`: text encoder at ``lr * text_lr_scale`` (with
+        the text head too when ``text_head_lr="text"``, as the reference code)."""
         text = list(self.text.parameters())
+        if self.text_head_lr == "text":
+            text += list(self.heads["L"].parameters())
         ids = {id(p) for p in text}
         rest = [p for p in self.parameters() if id(p) not in ids]
         return [{"params": rest, "lr": lr}, {"params": text, "lr": lr * self.text_lr_scale}]
@@ -279,9 +368,13 @@ class EndToEndModel(nn.Module):
                 if x_key not in batch or m_key not in batch:
                     raise KeyError(f"EndToEndModel: modality '{m}' needs batch keys '{x_key}' and '{m_key}'")
                 vec = self.pathways[m](batch[x_key], batch[m_key].bool(), cls)
-            logits[m] = self.heads[m](self.dropout(vec))  # (B, n_outputs)
-        w = torch.softmax(self.fusion, 0)  # (M,)
+            logits[m] = self.heads[m](self.dropout(vec) if self.head_dropout else vec)  # (B, n_outputs)
         stacked = torch.stack([logits[m] for m in self.modalities], 0)  # (M, B, n_outputs)
+        if self.fusion_kind == "linear":  # reference: sum_m w_m * logits_m, w unnormalised
+            if len(self.modalities) == 1:
+                return stacked[0]
+            return self.fusion(stacked.permute(1, 2, 0)).squeeze(-1)  # (B, n_outputs, M) -> (B, n_outputs)
+        w = torch.softmax(self.fusion, 0)  # (M,)
         return (w[:, None, None] * stacked).sum(0)
 
 
@@ -339,3 +432,55 @@ SMOKE_SIZES = dict(stem_channels=8, block_channels=(8, 16, 16), dim=16, layers=1
 PAPER_SIZES = dict(stem_channels=64, block_channels=(128, 256, 512), dim=64, layers=4, heads=4)
 
 
+#: The authors' network (wenliangdai/Multimodal-End2end-Sparse, ``MME2E`` / ``MME2E_Sparse`` run as its README
+#: says: transformer dim 64, 4 layers, 4 heads) with every fidelity switch at the reference behaviour:
+#: PyTorch's default feed-forward size 2048, no positions, flatten + MLP(1024) head, attention hidden = the
+#: block's input channels (64/128/256) with a scoring bias, attention used only to select (no gradient),
+#: RGB faces, conv biases in the dense layers, CLS initialised N(0, 1), no dropout before the heads,
+#: unnormalised Linear(3, 1) fusion, text head at the text encoder's learning rate.
+PAPER_PRESET = dict(PAPER_SIZES, ff_size=2048, positions="none", head="flatten", flatten_hidden=1024,
+                    attention_hidden="channels", score_bias=True, attention_grad="none", face_channels=3,
+                    conv_bias=True, cls_std=1.0, head_dropout=False, fusion="linear", text_head_lr="text",
+                    dropout=0.1, text_lr_scale=0.1)
+
+
+def paper_preset(**overrides) -> dict:
+    """Keyword arguments of :class:`EndToEndModel` for the authors' FE2E / MESM (:data:`PAPER_PRESET`,
+    Chapters 5-6); ``overrides`` change single entries, e.g. ``FE2E("LAV", **paper_preset(dim=16))``."""
+    unknown = set(overrides) - set(PAPER_PRESET) - {"text_model", "tiny_text", "text_encoder", "input_sizes",
+                                                    "top_p", "block_channels", "stem_channels"}
+    if unknown:
+        raise ValueError(f"paper_preset: unknown parameter(s) {sorted(unknown)}; known: {sorted(PAPER_PRESET)}")
+    return {**PAPER_PRESET, **overrides}
+
+
+#: ALBERT-base-v2, the reference's text encoder (Lan et al. 2020): sizes of its Hugging Face configuration.
+ALBERT_BASE = dict(vocab_size=30000, embedding_size=128, hidden_size=768, num_hidden_layers=12,
+                   num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+
+
+def paper_parameter_count(model: str = "MESM", modalities: str = "LAV", n_outputs: int = 6,
+                          text_dim: int = ALBERT_BASE["hidden_size"]) -> dict:
+    """Parameter counts of the FE2E or MESM paper preset (Chapters 5-6), without any word-embedding table.
+
+    ``non_text``: everything but the text encoder, with the text CLS vector of width ``text_dim`` (768,
+    ALBERT-base-v2's) feeding the text head and the cross-modal attention; ``text_encoder``: ALBERT-base-v2
+    built from its configuration (:data:`ALBERT_BASE`; random weights, nothing is downloaded) without its
+    word-embedding table; ``total``: both. Pinned by a test that derives ``non_text`` from layer sizes.
+    """
+    from transformers import AlbertConfig, AlbertModel
+
+    from nbsupport.base import count_parameters
+
+    if model not in ("FE2E", "MESM"):
+        raise ValueError(f"paper_parameter_count: parameter 'model' must be 'FE2E' or 'MESM', got {model!r}")
+
+    class _Width(nn.Module):  # only carries the CLS width; this model is counted, never run
+        hidden_size = text_dim
+
+    build = FE2E if model == "FE2E" else MESM
+    net = build(modalities, n_outputs, text_encoder=_Width(), **paper_preset())
+    albert = AlbertModel(AlbertConfig(**ALBERT_BASE))
+    text = count_parameters(albert) - albert.embeddings.word_embeddings.weight.numel()
+    non_text = count_parameters(net)
+    return {"non_text": non_text, "text_encoder": text, "total": non_text + text}

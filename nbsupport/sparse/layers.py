@@ -115,11 +115,12 @@ class SparseVggBlock(nn.Module):
 
 
 class DenseConvBNReLU(nn.Module):
-    """Dense twin of :class:`SparseConvBNReLU`: ``nn.Conv2d`` (padding k//2, no bias) + BatchNorm2d + ReLU."""
+    """Dense twin of :class:`SparseConvBNReLU`: ``nn.Conv2d`` (padding k//2, no bias unless ``bias``) +
+    BatchNorm2d + ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,12 +129,14 @@ class DenseConvBNReLU(nn.Module):
 
 class DenseVggBlock(nn.Module):
     """FE2E's VGG block (Chapters 5-6): two 3x3 conv + BN + ReLU, then 2x2 max-pool (``pool=False``: none,
-    as in the two VGG-64 blocks of the dense stage).  Same parameter names as :class:`SparseVggBlock`."""
+    as in the two VGG-64 blocks of the dense stage).  Same parameter names as :class:`SparseVggBlock`.
+    ``bias=True``: convolutions with a bias, as the MESM reference code's dense blocks (a no-op before
+    BatchNorm, which subtracts it again; it only changes the parameter count)."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, pool: bool = True, bias: bool = False):
         super().__init__()
-        self.conv1 = DenseConvBNReLU(in_channels, out_channels)
-        self.conv2 = DenseConvBNReLU(out_channels, out_channels)
+        self.conv1 = DenseConvBNReLU(in_channels, out_channels, bias=bias)
+        self.conv2 = DenseConvBNReLU(out_channels, out_channels, bias=bias)
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H/2, W/2)
