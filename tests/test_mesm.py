@@ -181,3 +181,160 @@ def test_extractor_macs_hand_count_and_sparsity():
     full = extractor_macs(model, batch)["macs"]
     model.top_p = 0.3
     assert extractor_macs(model, batch)["macs"] < full
+
+
+# ------------------------------------------------------------------ fidelity: the paper preset and its switches
+def _conv(cin, cout, k, bias):
+    return cin * cout * k * k + (cout if bias else 0)
+
+
+def _bn(c):
+    return 2 * c
+
+
+def test_paper_preset_parameter_counts_from_layer_sizes():
+    from nbsupport.models.mesm import paper_parameter_count
+
+    text, dim, ff, layers, n_out = 768, 64, 2048, 4, 6
+    vgg = lambda cin, cout, bias: _conv(cin, cout, 3, bias) + _bn(cout) + _conv(cout, cout, 3, bias) + _bn(cout)
+    stem = lambda cin: _conv(cin, 64, 5, True) + _bn(64) + 2 * vgg(64, 64, True)  # dense stage, with biases
+    blocks = lambda bias: vgg(64, 128, bias) + vgg(128, 256, bias) + vgg(256, 512, bias)
+    flatten = lambda grid: (512 * grid * 1024 + 1024) + (1024 * dim + dim)  # flatten -> 1024 -> ReLU -> 64
+    layer = 4 * (dim * dim + dim) + (dim * ff + ff) + (ff * dim + dim) + 2 * _bn(dim)  # MHA, FFN, two LNs
+    tail = layers * layer + dim + (dim * n_out + n_out)  # transformer, CLS vector, modality head
+    # additive attention before each sparse block: W_q (no bias), W_k, v with bias; hidden = channels
+    attention = sum(text * c + (c * c + c) + (c + 1) for c in (64, 128, 256))
+    faces, mel = 3 * 3, 8 * 2  # 48x48 -> 3x3 and 128x32 -> 8x2 after the stem's and three blocks' pools
+    common = (text * n_out + n_out) + 3  # text head, Linear(3, 1) fusion without bias
+    fe2e = stem(3) + blocks(True) + flatten(faces) + tail + stem(1) + blocks(True) + flatten(mel) + tail + common
+    assert fe2e == 25_098_901
+    # MESM: SparseConvNet's submanifold convolutions have no bias; two attention stacks more
+    mesm = fe2e - 2 * (blocks(True) - blocks(False)) + 2 * attention
+    assert mesm == 25_957_275
+    counts = {m: paper_parameter_count(m) for m in ("FE2E", "MESM")}
+    assert counts["FE2E"]["non_text"] == fe2e and counts["MESM"]["non_text"] == mesm
+    # ALBERT-base-v2 without its 30000 x 128 word-embedding table (Lan et al. 2020: ~11.7 M in all)
+    assert counts["MESM"]["text_encoder"] + 30000 * 128 == pytest.approx(11.68e6, rel=0.01)
+
+
+REF = dict(SMALL, dropout=0.0)
+
+
+def test_attention_grad_none_only_selects_and_gets_no_gradient():
+    torch.manual_seed(3)
+    none = MESM("LAV", top_p=1.0, attention_grad="none", **REF)
+    fe2e = FE2E("LAV", **REF)
+    missing = fe2e.load_state_dict(none.state_dict(), strict=False)
+    assert all(".cross_attention." in k for k in missing.unexpected_keys) and not missing.missing_keys
+    batch = make_batch()
+    none.eval(), fe2e.eval()
+    # every site kept and features unchanged: exactly FE2E's dense network with the same weights
+    torch.testing.assert_close(none(batch), fe2e(batch), atol=1e-4, rtol=1e-4)
+    for mode, expect_grad in (("none", False), ("reweight", True)):
+        torch.manual_seed(3)
+        model = MESM("LAV", top_p=0.6, attention_grad=mode, **REF).train()
+        model(batch).sum().backward()
+        grads = [p.grad for n, p in model.named_parameters() if ".cross_attention." in n]
+        assert all((g is not None and bool(g.abs().sum() > 0)) == expect_grad for g in grads)
+    # "none" keeps the sites' features: the block input equals the stem output at the kept sites
+    path = MESM("LA", top_p=0.5, attention_grad="none", **REF).eval().pathways["A"]
+    x = torch.randn(2, 4, 5, 3)
+    active = torch.ones(2, 5, 3, dtype=torch.bool)
+    out, keep, w = path._select(0, x, active, torch.randn(2, 32))
+    assert torch.equal(out, x) and torch.equal(keep.flatten(1), top_p_keep(w.flatten(1), 0.5))
+
+
+def test_linear_fusion_with_hand_set_weights():
+    torch.manual_seed(0)
+    model = MESM("LAV", top_p=0.7, fusion="linear", **REF).eval()
+    assert isinstance(model.fusion, torch.nn.Linear) and model.fusion.weight.shape == (1, 3)
+    with torch.no_grad():
+        for k, m in enumerate("LAV"):  # head m outputs the constant k + 1 for every emotion
+            model.heads[m].weight.zero_()
+            model.heads[m].bias.fill_(k + 1.0)
+        model.fusion.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]]))  # weights of L, A, V
+    out = model(make_batch())
+    assert torch.allclose(out, torch.full((3, 6), 0.5 * 1 - 1.0 * 2 + 2.0 * 3))  # 4.5, unnormalised
+    assert model.fusion_weights() == {"L": 0.5, "A": -1.0, "V": 2.0}
+    soft = MESM("LAV", top_p=0.7, **REF).eval()
+    soft.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fusion")}, strict=False)
+    assert torch.allclose(soft(make_batch()), torch.full((3, 6), (1 + 2 + 3) / 3))  # softmax of zeros
+    single = FE2E("L", fusion="linear", **REF).eval()
+    torch.testing.assert_close(single(make_batch()), single.heads["L"](single.text(make_batch()["input_ids"])))
+
+
+def test_without_positions_the_frames_are_a_set():
+    batch = make_batch(b=1, t=4)
+    batch["faces"] = batch["faces"] * torch.tensor([0.1, 0.5, 1.0, 2.0])[None, :, None, None]  # distinct frames
+    perm = dict(batch, faces=batch["faces"][:, [2, 0, 3, 1]])
+    for positions, invariant in (("none", True), ("learned", False)):
+        torch.manual_seed(0)
+        model = FE2E("LV", positions=positions, **REF).eval()
+        path = model.pathways["V"]
+        assert (path.position is None) == (positions == "none")
+        if path.position is not None:
+            with torch.no_grad():
+                path.position.normal_()  # positions that clearly tell the frames apart
+        # an untrained tiny CNN maps every frame to almost the same vector: amplify what differs
+        path.proj.register_forward_hook(lambda mod, inp, out: (out - mod.bias) * 1e3 + mod.bias)
+        cls = torch.randn(1, model.text.hidden_size)
+        with torch.no_grad():
+            same = torch.allclose(path(batch["faces"], batch["faces_mask"], cls),
+                                  path(perm["faces"], perm["faces_mask"], cls), atol=1e-5)
+        assert same == invariant
+
+
+def test_flatten_head_rgb_stem_biases_and_text_group():
+    torch.manual_seed(0)
+    model = FE2E("LAV", head="flatten", flatten_hidden=20, face_channels=3, conv_bias=True, score_bias=True,
+                 text_head_lr="text", **REF)
+    v, a = model.pathways["V"], model.pathways["A"]
+    assert v.proj[0].in_features == 8 * 3 * 3 and a.proj[0].in_features == 8 * 8 * 2  # channels x grid
+    assert v.proj[0].out_features == 20 and v.proj[2].out_features == REF["dim"]
+    assert v.stem.conv0.in_channels == 3 and a.stem.conv0.in_channels == 1
+    assert v.stem.conv0.bias is not None and v.blocks[0].conv1.conv.bias is not None
+    groups = model.param_groups(1.0)
+    assert {id(p) for p in model.heads["L"].parameters()} <= {id(p) for p in groups[1]["params"]}
+    assert groups[1]["lr"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="input_sizes"):
+        FE2E("LV", head="flatten", input_sizes={"V": (50, 50)}, **REF)
+    with pytest.raises(ValueError, match="attention_grad"):
+        MESM("LV", attention_grad="detach", **REF)
+    with pytest.raises(ValueError, match="fusion"):
+        FE2E("LV", fusion="mean", **REF)
+
+
+def test_rgb_stem_on_grey_crops_equals_the_summed_kernel_and_biases_cancel_in_batchnorm():
+    batch = make_batch()
+    torch.manual_seed(0)
+    rgb = FE2E("LV", face_channels=3, conv_bias=True, **REF).train()
+    grey = FE2E("LV", **REF).train()
+    state = rgb.state_dict()
+    state["pathways.V.stem.conv0.weight"] = state["pathways.V.stem.conv0.weight"].sum(1, keepdim=True)
+    with torch.no_grad():  # random conv biases: BatchNorm (training statistics) subtracts them again
+        for n, p in rgb.named_parameters():
+            if n.endswith("conv.bias") or n.endswith("conv0.bias"):
+                p.copy_(torch.randn_like(p))
+    grey.load_state_dict({k: v for k, v in state.items() if not k.endswith(("conv.bias", "conv0.bias"))})
+    torch.manual_seed(1)
+    a = rgb(batch)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, grey(batch), atol=1e-4, rtol=1e-4)
+    three = dict(batch, faces=batch["faces"][:, :, None].expand(-1, -1, 3, -1, -1))  # explicit RGB input
+    torch.manual_seed(1)
+    torch.testing.assert_close(rgb(three), a, atol=1e-5, rtol=1e-5)
+
+
+def test_paper_preset_builds_and_runs_small():
+    from nbsupport.models.mesm import paper_preset
+
+    torch.manual_seed(0)
+    kw = paper_preset(tiny_text=True, stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2,
+                      flatten_hidden=16)
+    model = MESM("LAV", top_p=0.8, **kw).eval()
+    assert model(make_batch()).shape == (3, 6)
+    assert model.pathways["V"].cross_attention[1].w_key.out_features == 4  # hidden = block input channels
+    assert model.pathways["V"].cross_attention[2].w_key.out_features == 8
+    assert model.pathways["V"].encoder[0].ff.net[0].out_features == 2048
+    with pytest.raises(ValueError, match="unknown"):
+        paper_preset(hidden=3)
