@@ -14,7 +14,11 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 __all__ = ["per_emotion_accuracy", "weighted_accuracy", "per_emotion_weighted_accuracy", "f1_per_emotion",
            "weighted_f1", "auc_per_emotion", "best_thresholds", "emotion_metrics", "sentiment_metrics",
-           "acc2", "acc2_with_zero", "acc5", "acc7", "mae", "pearson_r", "sigmoid"]
+           "acc2", "acc2_with_zero", "acc2_has0", "acc2_non0", "acc5", "acc7", "acc7_bins", "sentiment7_bins",
+           "mae", "pearson_r", "sigmoid", "THRESHOLD_TIES"]
+
+#: Tie rules of :func:`best_thresholds`: the threshold closest to 0.5 (book) or the lowest (MESM's code).
+THRESHOLD_TIES = ("closest", "lowest")
 
 
 def _as2d(a, name: str) -> np.ndarray:
@@ -87,15 +91,19 @@ def auc_per_emotion(y_true, scores) -> np.ndarray:
     return np.asarray(out)
 
 
-def best_thresholds(y_true, probs, grid=None) -> np.ndarray:
+def best_thresholds(y_true, probs, grid=None, ties: str = "closest") -> np.ndarray:
     """Per-emotion threshold maximising binary F1 on validation (MESM's threshold selection).
 
-    ``grid`` defaults to 0.05, 0.10, ..., 0.95; ties take the threshold closest to 0.5.
+    ``grid`` defaults to 0.05, 0.10, ..., 0.95. ``ties``: ``"closest"`` takes the threshold closest to
+    0.5 among equal F1 (the book), ``"lowest"`` the lowest one (MESM's code, an argmax over the grid).
     """
+    if ties not in THRESHOLD_TIES:
+        raise ValueError(f"best_thresholds: parameter 'ties' must be one of {THRESHOLD_TIES}, got {ties!r}")
     t = _as2d(y_true, "y_true") > 0.5
     p = _as2d(probs, "probs")
     grid = np.arange(0.05, 0.951, 0.05) if grid is None else np.asarray(grid, dtype=np.float64)
-    order = np.argsort(np.abs(grid - 0.5), kind="stable")
+    order = (np.argsort(np.abs(grid - 0.5), kind="stable") if ties == "closest"
+             else np.argsort(grid, kind="stable"))
     out = np.empty(t.shape[1])
     for j in range(t.shape[1]):
         scores = [f1_score(t[:, j], p[:, j] > g, zero_division=0) for g in grid[order]]
@@ -149,6 +157,36 @@ def acc2_with_zero(y_true, y_pred) -> float:
     return float(((t >= 0) == (p >= 0)).mean())
 
 
+def acc2_non0(y_true, y_pred) -> float:
+    """Acc-2, "Non0" convention: utterances labelled 0 are dropped, the signs compared (= :func:`acc2`;
+    MulT's and MESM's ``exclude_zero=True``)."""
+    return acc2(y_true, y_pred)
+
+
+def acc2_has0(y_true, y_pred) -> float:
+    """Acc-2, "Has0" convention: 0 counts as non-negative, ``(y >= 0) == (pred >= 0)`` (=
+    :func:`acc2_with_zero`; UMONS's ``cmumosei_2`` classes)."""
+    return acc2_with_zero(y_true, y_pred)
+
+
+def sentiment7_bins(scores) -> np.ndarray:
+    """CMU-MOSEI's 7 sentiment classes, as the SDK's instructions and UMONS's code bin them (Chapters 3-4):
+    ``s < -2`` -> 0, ``[-2, -1)`` -> 1, ``[-1, 0)`` -> 2, ``0`` -> 3, ``(0, 1]`` -> 4, ``(1, 2]`` -> 5,
+    ``s > 2`` -> 6. Unlike ``round(clip(s, -3, 3)) + 3`` it never sends a non-zero score to class 3, so
+    labels at one-third steps (-7/3, -4/3, -1/3, 1/3, 4/3, 7/3) land one class away from rounding."""
+    s = np.asarray(scores, dtype=np.float64)
+    neg = np.select([s < -2, s < -1, s < 0], [0, 1, 2], 3)
+    pos = np.select([s > 2, s > 1, s > 0], [6, 5, 4], 3)
+    return np.where(s < 0, neg, pos).astype(np.int64)
+
+
+def acc7_bins(y_true, y_pred) -> float:
+    """7-class sentiment accuracy with CMU-MOSEI's class bins (:func:`sentiment7_bins`) for both, as UMONS
+    scores it; integer scores -3..3 (a predicted class minus 3) map to themselves + 3."""
+    t, p = _sent(y_true, y_pred)
+    return float((sentiment7_bins(t) == sentiment7_bins(p)).mean())
+
+
 def _acck(t, p, lim):
     return float((np.round(np.clip(t, -lim, lim)) == np.round(np.clip(p, -lim, lim))).mean())
 
@@ -178,6 +216,10 @@ def pearson_r(y_true, y_pred) -> float:
 
 
 def sentiment_metrics(y_true, y_pred) -> dict:
-    """Shared sentiment metric names: ``acc2`` (non-zero), ``acc2_zero``, ``acc5``, ``acc7``, ``mae``, ``corr``."""
-    return {"acc2": acc2(y_true, y_pred), "acc2_zero": acc2_with_zero(y_true, y_pred), "acc5": acc5(y_true, y_pred),
-            "acc7": acc7(y_true, y_pred), "mae": mae(y_true, y_pred), "corr": pearson_r(y_true, y_pred)}
+    """Shared sentiment metric names: ``acc2`` (= ``acc2_non0``), ``acc2_zero`` (= ``acc2_has0``), both
+    Acc-2 conventions under their own names, ``acc5``, ``acc7`` (rounding), ``acc7_bins`` (CMU-MOSEI's
+    bins, UMONS), ``mae``, ``corr``."""
+    non0, has0 = acc2(y_true, y_pred), acc2_with_zero(y_true, y_pred)
+    return {"acc2": non0, "acc2_zero": has0, "acc2_non0": non0, "acc2_has0": has0, "acc5": acc5(y_true, y_pred),
+            "acc7": acc7(y_true, y_pred), "acc7_bins": acc7_bins(y_true, y_pred), "mae": mae(y_true, y_pred),
+            "corr": pearson_r(y_true, y_pred)}

@@ -41,10 +41,56 @@ from .base import atomic_write, count_parameters, resolve_device as _base_device
 __all__ = [
     "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
     "FitResult", "resolve_device", "to_device", "compute_metrics", "choose_thresholds", "count_parameters",
+    "PROTOCOLS", "resolve_protocol",
 ]
 
 #: Task name -> (number of outputs, metric monitored by early stopping).
 TASKS = {"emotion": (None, "wacc"), "sentiment7": (7, "acc7"), "sentiment2": (2, "acc2")}
+
+#: Training and evaluation protocols of :func:`fit` (Chapters 3-8, "Differences from the authors' code").
+#: ``"book"`` is the book's one protocol; ``"umons"`` and ``"mesm"`` follow the authors' code
+#: (jbdel/MOSEI_UMONS train.py; wenliangdai/Multimodal-End2end-Sparse main.py and emotiontrainer.py);
+#: ``protocol="paper"`` picks the model's own (its ``paper_protocol`` attribute). Entries:
+#: ``loss_reduction`` (BCE/CE over the batch: mean, or UMONS's sum); ``pos_weight`` ("auto" = neg/pos of
+#: the training labels, None = off); ``monitor`` (per task; None = :data:`TASKS`' default); ``thresholds``
+#: (0.5 or "validation"); ``threshold_ties`` (:func:`nbsupport.metrics.best_thresholds`); ``grad_clip``;
+#: ``lr_decay`` ((factor, times): on a non-improving epoch reload the best weights and multiply the learning
+#: rate by factor, up to times, before patience counts; UMONS's code); ``patience``; ``sentiment_bins``
+#: ("round" = round(clip(s)) + 3, "mosei" = CMU-MOSEI's 7 bins, :func:`nbsupport.metrics.sentiment7_bins`).
+PROTOCOLS = {
+    "book": dict(loss_reduction="mean", pos_weight="auto", monitor=None, thresholds=0.5, threshold_ties="closest",
+                 grad_clip=1.0, lr_decay=None, patience=None, sentiment_bins="round"),
+    "umons": dict(loss_reduction="sum", pos_weight=None,
+                  monitor={"emotion": "acc", "sentiment7": "acc7_bins", "sentiment2": "acc2_has0"}, thresholds=0.5,
+                  threshold_ties="closest", grad_clip=None, lr_decay=(0.5, 2), patience=3, sentiment_bins="mosei"),
+    "mesm": dict(loss_reduction="mean", pos_weight="auto", monitor={"emotion": "f1"}, thresholds="validation",
+                 threshold_ties="lowest", grad_clip=None, lr_decay=None, patience=6, sentiment_bins="round"),
+}
+
+
+class _ProtocolDefault:
+    """Marker of a :func:`fit` argument left to the protocol (:data:`PROTOCOLS`)."""
+
+    def __repr__(self) -> str:
+        return "<protocol default>"
+
+
+PROTOCOL_DEFAULT = _ProtocolDefault()
+
+
+def resolve_protocol(protocol: str, model: nn.Module | None = None) -> str:
+    """Name in :data:`PROTOCOLS` of ``protocol``: "book", "umons", "mesm", or "paper" = the model's own
+    (its ``paper_protocol`` attribute: UMONS -> "umons", FE2E/MESM -> "mesm"); Chapters 3-8."""
+    if protocol == "paper":
+        own = getattr(model, "paper_protocol", None)
+        if own not in PROTOCOLS:
+            raise ValueError(f"nbsupport.train: parameter 'protocol'='paper' needs a model with a paper protocol "
+                             f"(UMONS, FE2E, MESM); {type(model).__name__} has none: use one of {', '.join(PROTOCOLS)}")
+        return own
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"nbsupport.train: parameter 'protocol' must be one of {', '.join(PROTOCOLS)} or 'paper', "
+                         f"got {protocol!r}")
+    return protocol
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,12 +120,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def sentiment_classes(sentiment: torch.Tensor, task: str) -> torch.Tensor:
-    """Sentiment scores in [-3, 3] -> class ids: 7 classes ``round(clip(s,-3,3))+3`` or 2 classes ``s >= 0``."""
+def sentiment_classes(sentiment: torch.Tensor, task: str, bins: str = "round") -> torch.Tensor:
+    """Sentiment scores in [-3, 3] -> class ids: 7 classes ``round(clip(s,-3,3))+3`` (``bins="round"``) or
+    CMU-MOSEI's bins (``"mosei"``, UMONS's code; :func:`nbsupport.metrics.sentiment7_bins`), or 2 classes
+    ``s >= 0``."""
     s = torch.as_tensor(sentiment, dtype=torch.float32)
     if torch.isnan(s).any():
         raise ValueError(f"nbsupport.train: task {task!r} needs batch['sentiment'] but it holds NaN "
                          "(IEMOCAP has no sentiment; use task='emotion')")
+    if task == "sentiment7" and bins == "mosei":
+        from nbsupport.metrics import sentiment7_bins
+
+        return torch.from_numpy(sentiment7_bins(s.cpu().numpy())).to(s.device)
     if task == "sentiment7":
         return (torch.round(torch.clamp(s, -3.0, 3.0)) + 3).long()
     return (s >= 0).long()
@@ -95,14 +147,15 @@ def labels_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
     return torch.as_tensor(batch[key], dtype=torch.float32)
 
 
-def targets_from_labels(labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Training targets from raw labels: emotions as floats, sentiment scores as class ids."""
-    return labels.float() if task == "emotion" else sentiment_classes(labels, task)
+def targets_from_labels(labels: torch.Tensor, task: str, bins: str = "round") -> torch.Tensor:
+    """Training targets from raw labels: emotions as floats, sentiment scores as class ids (``bins``: see
+    :func:`sentiment_classes`)."""
+    return labels.float() if task == "emotion" else sentiment_classes(labels, task, bins)
 
 
-def targets_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
+def targets_for(batch: Mapping[str, Any], task: str, bins: str = "round") -> torch.Tensor:
     """The training target of ``task`` in a batch dict: ``emotion`` (B, E) float or sentiment classes (B,)."""
-    return targets_from_labels(labels_for(batch, task), task)
+    return targets_from_labels(labels_for(batch, task), task, bins)
 
 
 def pos_weight_from(labels: torch.Tensor) -> torch.Tensor:
@@ -184,12 +237,12 @@ def _seed_epoch(loader, seed: int, epoch: int) -> None:
 # ------------------------------------------------------------------------------------------------
 # Metrics: through nbsupport.metrics
 # ------------------------------------------------------------------------------------------------
-def choose_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def choose_thresholds(probs: np.ndarray, labels: np.ndarray, ties: str = "closest") -> np.ndarray:
     """Per-emotion probability threshold maximising F1 on validation (Dai et al. 2021, Sec. 4.3), via
-    :func:`nbsupport.metrics.best_thresholds`."""
+    :func:`nbsupport.metrics.best_thresholds` (``ties="lowest"``: MESM's code)."""
     from nbsupport import metrics
 
-    return np.asarray(metrics.best_thresholds(labels, probs), dtype=float)
+    return np.asarray(metrics.best_thresholds(labels, probs, ties=ties), dtype=float)
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str,
@@ -200,10 +253,12 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str,
     emotion: ``wacc, acc, f1, f1_weighted, auc`` averaged over emotions, and per emotion ``wacc_<k>``,
     ``acc_<k>``, ``f1_<k>``, ``auc_<k>`` (k = column index of ``nbsupport.data.EMOTIONS``); decisions
     ``sigmoid(logit) > thresholds`` (0.5 by default).
-    sentiment7: ``acc7``/``acc5`` from the predicted class (class - 3 = score); ``acc2`` (non-zero
-    protocol), ``acc2_zero``, ``mae``, ``corr`` from the expected score ``sum_c p_c (c - 3)``.
-    sentiment2: ``acc2`` (non-zero protocol: items with score 0 dropped) and ``acc2_zero`` (0 counted
-    as non-negative, the convention the classes are trained with).
+    sentiment7: ``acc7``/``acc5`` from the predicted class (class - 3 = score) and ``acc7_bins`` (CMU-MOSEI's
+    bins of the labels against the predicted class, UMONS); ``acc2`` (non-zero protocol), ``acc2_zero``,
+    ``acc2_non0``/``acc2_has0`` (the two Acc-2 conventions), ``mae``, ``corr`` from the expected score
+    ``sum_c p_c (c - 3)``.
+    sentiment2: ``acc2`` = ``acc2_non0`` (items with score 0 dropped) and ``acc2_zero`` = ``acc2_has0`` (0
+    counted as non-negative, the convention the classes are trained with).
     """
     from nbsupport import metrics
 
@@ -220,10 +275,12 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str,
     if task == "sentiment7":
         expected = probs @ np.arange(-3, 4, dtype=float)  # (N,) expected score
         out = metrics.sentiment_metrics(labels, expected)
-        out.update(acc7=metrics.acc7(labels, pred - 3.0), acc5=metrics.acc5(labels, pred - 3.0))
+        out.update(acc7=metrics.acc7(labels, pred - 3.0), acc5=metrics.acc5(labels, pred - 3.0),
+                   acc7_bins=metrics.acc7_bins(labels, pred - 3.0))
         return out
     score = np.where(pred == 1, 1.0, -1.0)  # class 1 = non-negative
-    return {"acc2": metrics.acc2(labels, score), "acc2_zero": metrics.acc2_with_zero(labels, score)}
+    non0, has0 = metrics.acc2(labels, score), metrics.acc2_with_zero(labels, score)
+    return {"acc2": non0, "acc2_zero": has0, "acc2_non0": non0, "acc2_has0": has0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,10 +402,14 @@ def _auxiliary_loss(model: nn.Module, batch: Mapping[str, Any], criterion: Calla
 
 
 def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emotion", epochs: int = 10,
-        lr: float = 1e-3, weight_decay: float = 0.0, device="auto", seed: int = 0, grad_clip: float | None = 1.0,
-        patience: int | None = None, monitor: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool = True, thresholds: str | float = 0.5, pos_weight: str | torch.Tensor | None = "auto",
-        progress: bool = True, callbacks: Sequence[Callable] = (), desc: str | None = None) -> FitResult:
+        lr: float = 1e-3, weight_decay: float = 0.0, device="auto", seed: int = 0,
+        grad_clip: float | None = PROTOCOL_DEFAULT, patience: int | None = PROTOCOL_DEFAULT,
+        monitor: str | None = PROTOCOL_DEFAULT, checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = True, thresholds: str | float = PROTOCOL_DEFAULT,
+        pos_weight: str | torch.Tensor | None = PROTOCOL_DEFAULT, progress: bool = True,
+        callbacks: Sequence[Callable] = (), desc: str | None = None, protocol: str = "book",
+        loss_reduction: str = PROTOCOL_DEFAULT, threshold_ties: str = PROTOCOL_DEFAULT,
+        lr_decay: tuple | None = PROTOCOL_DEFAULT, sentiment_bins: str = PROTOCOL_DEFAULT) -> FitResult:
     """Train ``model`` on ``train_loader``, early-stop on ``valid_loader``, keep the best weights (Ch. 3-8).
 
     Loss: BCE-with-logits with ``pos_weight`` = neg/pos of the training labels for ``task="emotion"``
@@ -366,8 +427,30 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     scalar is added to the training loss of each batch (``criterion``: logits -> loss with the batch's
     targets bound; see :func:`_auxiliary_loss`); ``train_loss`` in the history includes it, validation
     and evaluation do not.
+    ``protocol``: "book" (default), "umons", "mesm" or "paper" (the model's own), see :data:`PROTOCOLS`;
+    it sets every argument left at its default: ``grad_clip``, ``patience``, ``monitor``, ``thresholds``,
+    ``pos_weight``, ``loss_reduction``, ``threshold_ties``, ``lr_decay``, ``sentiment_bins``. An argument
+    given explicitly wins over the protocol. The "book" values are the ones this function always had.
     """
     _check_task(task)
+    proto = PROTOCOLS[resolve_protocol(protocol, model)]
+    given = dict(grad_clip=grad_clip, patience=patience, monitor=monitor, thresholds=thresholds,
+                 pos_weight=pos_weight, loss_reduction=loss_reduction, threshold_ties=threshold_ties,
+                 lr_decay=lr_decay, sentiment_bins=sentiment_bins)
+    opts = {k: (proto[k] if v is PROTOCOL_DEFAULT else v) for k, v in given.items()}
+    if isinstance(opts["monitor"], dict):
+        opts["monitor"] = opts["monitor"].get(task)
+    grad_clip, patience, monitor, thresholds, pos_weight = (opts[k] for k in ("grad_clip", "patience", "monitor",
+                                                                              "thresholds", "pos_weight"))
+    bins, ties, lr_decay = opts["sentiment_bins"], opts["threshold_ties"], opts["lr_decay"]
+    if opts["loss_reduction"] not in ("mean", "sum"):
+        raise ValueError(f"nbsupport.train.fit: parameter 'loss_reduction' must be 'mean' or 'sum', "
+                         f"got {opts['loss_reduction']!r}")
+    if bins not in ("round", "mosei"):
+        raise ValueError(f"nbsupport.train.fit: parameter 'sentiment_bins' must be 'round' or 'mosei', got {bins!r}")
+    if lr_decay is not None and (len(lr_decay) != 2 or not 0 < float(lr_decay[0]) < 1 or int(lr_decay[1]) < 0):
+        raise ValueError(f"nbsupport.train.fit: parameter 'lr_decay' must be None or (factor in (0, 1), times >= 0), "
+                         f"got {lr_decay!r}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"nbsupport.train.fit: parameter 'epochs' must be an integer >= 1, got {epochs!r}")
     if not lr > 0:
@@ -390,15 +473,16 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
                                  f"got {pos_weight!r}")
             pos_weight = pos_weight_from(_labels_of_loader(train_loader, task))
         criterion = nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else
-                                         torch.as_tensor(pos_weight, dtype=torch.float32).to(device))
+                                         torch.as_tensor(pos_weight, dtype=torch.float32).to(device),
+                                         reduction=opts["loss_reduction"])
     else:
-        criterion = nn.CrossEntropyLoss()
+        criterion = nn.CrossEntropyLoss(reduction=opts["loss_reduction"])
 
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     last_path = ckpt_dir / "last.pt" if ckpt_dir else None
     state = {"epoch": 0, "history": [], "best_state": _cpu_state(model), "best_score": -math.inf if maximise
              else math.inf, "best_epoch": 0, "best_metrics": {}, "best_thresholds": None, "bad_epochs": 0,
-             "stopped_early": False, "seconds": 0.0}
+             "stopped_early": False, "seconds": 0.0, "lr_decays": 0}
     if last_path is not None and resume and last_path.exists():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -422,7 +506,7 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         net.train()
         total, count = 0.0, 0
         for batch in train_loader:
-            target = targets_for(batch, task).to(device)
+            target = targets_for(batch, task, bins).to(device)
             batch_dev = to_device(batch, device)
             logits = net(batch_dev)
             loss = criterion(logits, target)
@@ -434,15 +518,16 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimiser.step()
-            total += float(loss.detach()) * len(target)
+            total += float(loss.detach()) * (len(target) if opts["loss_reduction"] == "mean" else 1)
             count += len(target)
         row = {"epoch": epoch, "train_loss": total / max(count, 1)}
         th = None
         if valid_loader is not None:
             v_logits, v_targets, _ = predict(model, valid_loader, task=task, device=device)
-            row["valid_loss"] = float(criterion(v_logits.to(device), targets_from_labels(v_targets, task).to(device)))
+            row["valid_loss"] = float(criterion(v_logits.to(device),
+                                                targets_from_labels(v_targets, task, bins).to(device)))
             if task == "emotion" and thresholds == "validation":
-                th = choose_thresholds(torch.sigmoid(v_logits).numpy(), v_targets.numpy())
+                th = choose_thresholds(torch.sigmoid(v_logits).numpy(), v_targets.numpy(), ties)
             elif task == "emotion":
                 th = float(thresholds)
             metrics = compute_metrics(v_logits, v_targets, task, th)
@@ -457,6 +542,13 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         if improved:
             state.update(best_score=float(score), best_epoch=epoch, best_state=_cpu_state(model),
                          best_metrics=metrics, best_thresholds=th, bad_epochs=0)
+        elif lr_decay is not None and state.get("lr_decays", 0) < int(lr_decay[1]):
+            # UMONS's code: back to the best weights at a lower learning rate, before patience counts
+            state["lr_decays"] = state.get("lr_decays", 0) + 1
+            model.load_state_dict(state["best_state"])
+            for group in optimiser.param_groups:
+                group["lr"] *= float(lr_decay[0])
+            row["lr_decay"] = state["lr_decays"]
         else:
             state["bad_epochs"] += 1
         state["seconds"] += time.perf_counter() - t0

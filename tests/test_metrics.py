@@ -52,7 +52,8 @@ def test_sentiment_hand_computed():
     assert M.acc5(t, p) == pytest.approx(4 / 6)
     assert M.mae(t, p) == pytest.approx(np.mean(np.abs(t - p)))
     assert M.pearson_r(t, p) == pytest.approx(pearsonr(t, p)[0])
-    assert set(M.sentiment_metrics(t, p)) == {"acc2", "acc2_zero", "acc5", "acc7", "mae", "corr"}
+    assert set(M.sentiment_metrics(t, p)) == {"acc2", "acc2_zero", "acc2_non0", "acc2_has0", "acc5", "acc7",
+                                              "acc7_bins", "mae", "corr"}
 
 
 def test_bad_shapes():
@@ -62,3 +63,47 @@ def test_bad_shapes():
         M.acc7([1, 2], [1])
     with pytest.raises(ValueError, match="finite"):
         M.mae([np.nan], [0.0])  # IEMOCAP has no sentiment
+
+
+def test_threshold_ties_lowest_as_mesm_or_closest_to_half():
+    y = np.array([[1], [1], [0], [0]])
+    pr = np.array([[0.9], [0.8], [0.2], [0.1]])  # every threshold in [0.20, 0.80) separates perfectly
+    assert M.best_thresholds(y, pr)[0] == pytest.approx(0.50)  # book: the tie closest to 0.5
+    assert M.best_thresholds(y, pr, ties="lowest")[0] == pytest.approx(0.20)  # MESM: argmax = first = lowest
+    with pytest.raises(ValueError, match="ties"):
+        M.best_thresholds(y, pr, ties="highest")
+
+
+def test_acc7_with_cmu_mosei_bins_on_hand_picked_labels():
+    labels = np.array([-2.4, -7 / 3, -2.0, -4 / 3, -1 / 3, 0.0, 1 / 3, 2 / 3, 4 / 3, 7 / 3, 3.0])
+    # CMU-MOSEI bins: <-2 -> 0, [-2,-1) -> 1, [-1,0) -> 2, 0 -> 3, (0,1] -> 4, (1,2] -> 5, >2 -> 6
+    assert M.sentiment7_bins(labels).tolist() == [0, 0, 1, 1, 2, 3, 4, 4, 5, 6, 6]
+    rounded = np.round(np.clip(labels, -3, 3)) + 3  # -2.4 -> 1, -7/3 -> 1, -4/3 -> 2, -1/3 -> 3, 1/3 -> 3 ...
+    assert rounded.tolist() == [1, 1, 1, 2, 3, 3, 3, 4, 4, 5, 6]
+    pred_class = np.array([0, 1, 1, 2, 2, 3, 4, 4, 5, 5, 6])  # a classifier's output classes
+    # bins: equal at -2.4, -2, -1/3, 0, 1/3, 2/3, 4/3, 3 -> 8/11; rounding: equal at -7/3, -2, -4/3, 0, 2/3, 7/3, 3
+    assert M.acc7_bins(labels, pred_class - 3.0) == pytest.approx(8 / 11)
+    assert M.acc7(labels, pred_class - 3.0) == pytest.approx(7 / 11)
+
+
+def test_acc2_has0_and_non0_on_a_vector_with_zeros():
+    t = np.array([0.0, 0.0, 1.0, -1.0, 2.0])
+    p = np.array([0.5, -0.5, 1.0, 1.0, -2.0])
+    # Non0 drops the two zero labels: signs agree on 1.0 only -> 1/3
+    assert M.acc2_non0(t, p) == pytest.approx(1 / 3)
+    # Has0: (t >= 0) == (p >= 0): T, F, T, F, F -> 2/5
+    assert M.acc2_has0(t, p) == pytest.approx(2 / 5)
+
+
+def test_emotion_columns_are_mapped_by_name():
+    from nbsupport.data import EMOTIONS, MOSEI_SDK_EMOTIONS, DataError, reorder_emotions
+
+    sdk = np.array([[1, 2, 3, 4, 5, 6]])  # happy, sad, anger, surprise, disgust, fear
+    assert reorder_emotions(sdk, MOSEI_SDK_EMOTIONS).tolist() == [[3, 5, 6, 1, 2, 4]]  # anger ... surprise
+    mesm = ["anger", "disgust", "fear", "happiness", "sadness", "surprise"]  # MESM's annotation names
+    assert reorder_emotions(sdk, mesm).tolist() == sdk.tolist()
+    assert EMOTIONS["mosei"] == ["anger", "disgust", "fear", "happy", "sad", "surprise"]
+    with pytest.raises(DataError, match="must name each"):
+        reorder_emotions(sdk, ["happy", "sad", "anger", "surprise", "disgust", "joy"])
+    with pytest.raises(DataError, match="label columns"):
+        reorder_emotions(sdk[:, :5], MOSEI_SDK_EMOTIONS)

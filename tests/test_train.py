@@ -357,3 +357,110 @@ def test_resolve_device_names_the_parameter():
     if not torch.cuda.is_available():
         with pytest.raises(ParameterError, match="'device'"):
             train.resolve_device("cuda")
+
+
+# ------------------------------------------------------------------ protocols: the book's and the authors'
+class LinearNet(nn.Module):
+    """No dropout: the loss of an epoch at a negligible learning rate is the loss of the initial weights."""
+
+    def __init__(self, n_out=6):
+        super().__init__()
+        self.lin = nn.Linear(8, n_out)
+
+    def forward(self, batch):
+        return self.lin(batch["x"])
+
+
+def _bce_by_hand(z, y, pw):
+    """-[pw * y * log sigmoid(z) + (1 - y) * log(1 - sigmoid(z))] element-wise, in float64 numpy."""
+    z, y = z.astype(np.float64), y.astype(np.float64)
+    sig = 1 / (1 + np.exp(-z))
+    return -(pw * y * np.log(sig) + (1 - y) * np.log(1 - sig))
+
+
+@pytest.mark.parametrize("protocol", ["book", "umons"])
+def test_loss_of_each_protocol_by_hand(protocol):
+    torch.manual_seed(0)
+    model = LinearNet()
+    tr, va = _loaders()
+    items = _items(48, 1)
+    x = torch.stack([it["x"] for it in items])
+    y = torch.stack([it["emotion"] for it in items]).numpy()
+    with torch.no_grad():
+        z = model.lin(x).numpy()
+    res = train.fit(model, tr, va, epochs=1, lr=1e-12, device="cpu", progress=False, protocol=protocol)
+    if protocol == "umons":  # summed BCE, no pos_weight: per item, the sum over its 6 emotions
+        expected = _bce_by_hand(z, y, 1.0).sum() / 48
+    else:  # mean BCE with pos_weight = neg/pos: per item, the mean over its 6 emotions
+        pos = y.sum(0)
+        expected = _bce_by_hand(z, y, (48 - pos) / pos).mean()
+    assert res.history["train_loss"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_umons_protocol_decays_the_learning_rate_from_the_best_weights(tmp_path, monkeypatch):
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])  # validation never beats epoch 1
+
+    def fake_metrics(logits, labels, task, thresholds=None):
+        return {"acc": next(scores)}
+
+    monkeypatch.setattr(train, "compute_metrics", fake_metrics)
+    seen = {}
+    torch.manual_seed(0)
+    model = LinearNet()
+    tr, va = _loaders()
+    cb = lambda epoch, row: seen.__setitem__(epoch, {k: v.clone() for k, v in model.state_dict().items()})
+    res = train.fit(model, tr, va, epochs=10, lr=1e-2, device="cpu", progress=False, protocol="umons",
+                    checkpoint_dir=tmp_path, callbacks=[cb])
+    # epochs 2, 3: two decays (best weights reloaded, lr halved); then patience 3: epochs 4, 5, 6, stop
+    assert res.stopped_early and list(res.history["epoch"]) == [1, 2, 3, 4, 5, 6] and res.best_epoch == 1
+    assert res.history["lr_decay"].tolist()[1:3] == [1, 2] and np.isnan(res.history["lr_decay"][3])
+    for epoch in (2, 3):
+        assert all(torch.equal(seen[1][k], seen[epoch][k]) for k in seen[1])  # reloaded best weights
+    assert not torch.equal(seen[1]["lin.weight"], seen[4]["lin.weight"])  # then trained on
+    groups = torch.load(tmp_path / "last.pt", weights_only=False)["optimiser"]["param_groups"]
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-2 / 4)]
+    assert res.monitor == "acc"
+
+
+def test_mesm_protocol_f1_monitor_and_lowest_threshold_ties(monkeypatch):
+    ties_seen = []
+    orig = train.choose_thresholds
+    monkeypatch.setattr(train, "choose_thresholds", lambda p, l, ties="closest": (ties_seen.append(ties),
+                                                                                   orig(p, l, ties))[1])
+    torch.manual_seed(0)
+    tr, va = _loaders()
+    res = train.fit(LinearNet(), tr, va, epochs=2, lr=1e-2, device="cpu", progress=False, protocol="mesm")
+    assert res.monitor == "f1" and ties_seen == ["lowest", "lowest"] and np.asarray(res.thresholds).shape == (6,)
+    logits, labels, _ = train.predict(res.model, va, device="cpu")
+    expected = orig(torch.sigmoid(logits).numpy(), labels.numpy(), "lowest")
+    assert np.allclose(res.thresholds, expected)
+    explicit = train.fit(LinearNet(), tr, va, epochs=1, lr=1e-2, device="cpu", progress=False, protocol="mesm",
+                         monitor="wacc", thresholds=0.5)  # explicit arguments win over the protocol
+    assert explicit.monitor == "wacc" and explicit.thresholds == 0.5
+
+
+def test_paper_protocol_comes_from_the_model_and_bad_names_are_named():
+    from nbsupport.models.mesm import EndToEndModel
+    from nbsupport.models.umons import UmonsTransformer
+
+    assert train.resolve_protocol("paper", UmonsTransformer("L", 6, hidden_size=8, ff_size=8, heads=2,
+                                                            seq_len=4)) == "umons"
+    assert EndToEndModel.paper_protocol == "mesm"
+    with pytest.raises(ValueError, match="'protocol'='paper'"):
+        train.resolve_protocol("paper", LinearNet())
+    with pytest.raises(ValueError, match="'protocol'"):
+        _fit(epochs=1, protocol="authors")
+    with pytest.raises(ValueError, match="loss_reduction"):
+        _fit(epochs=1, loss_reduction="max")
+    assert train.PROTOCOLS["book"]["grad_clip"] == 1.0 and train.PROTOCOLS["book"]["pos_weight"] == "auto"
+
+
+def test_sentiment_bins_of_the_umons_protocol():
+    s = torch.tensor([-2.4, -4 / 3, -1 / 3, 0.0, 1 / 3, 4 / 3, 7 / 3])
+    assert train.sentiment_classes(s, "sentiment7", bins="mosei").tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert train.sentiment_classes(s, "sentiment7").tolist() == [1, 2, 3, 3, 3, 4, 5]
+    torch.manual_seed(0)
+    tr, va = _loaders()
+    res = train.fit(LinearNet(7), tr, va, task="sentiment7", epochs=1, device="cpu", progress=False,
+                    protocol="umons")
+    assert res.monitor == "acc7_bins" and 0 <= res.valid_metrics["acc7_bins"] <= 1

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import EMOTIONS, DataError, check_dataset, check_split
+from .common import EMOTIONS, MOSEI_SDK_EMOTIONS, DataError, check_dataset, check_split, reorder_emotions
 
 __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", "sample_frame_positions",
            "speaker_side", "utterance_folders", "read_cues", "load_umons_pickles", "UmonsPickleSplit", "FPS"]
@@ -278,10 +278,11 @@ class UmonsPickleSplit(Dataset):
     Each pickle is a dict keyed by utterance id: sentences = list of words (or a string), mels = array
     (frames, 80), emotion = 6 values (presence when > 0), sentiment = a number in [-3, 3]. Ids are those
     of the emotion file. Items: ``id``, ``words``, ``mel`` (frames, 80) float32, ``emotion`` (6,),
-    ``sentiment``.
+    ``sentiment``. The emotion columns are in ``emotion_order`` (default: the CMU-MOSEI SDK's, happy,
+    sad, anger, surprise, disgust, fear) and are mapped by name to the book's order ``EMOTIONS["mosei"]``.
     """
 
-    def __init__(self, folder, split: str):
+    def __init__(self, folder, split: str, emotion_order=tuple(MOSEI_SDK_EMOTIONS)):
         check_split(split)
         folder = Path(folder)
         self.sentences = _load_pickle(folder / f"{split}_sentences.p", "UMONS sentences pickle")
@@ -299,7 +300,9 @@ class UmonsPickleSplit(Dataset):
             for name, d in (("sentences", self.sentences), ("mels", self.mels)):
                 if uid not in d:
                     raise DataError(f"{folder / f'{split}_{name}.p'}: id {uid!r} of {emo_path.name} missing")
-            self.labels.append(_emotion_vector("mosei", self.emotion[uid], f"{emo_path} [{uid!r}]"))
+            where = f"{emo_path} [{uid!r}]"
+            self.labels.append(_emotion_vector("mosei", reorder_emotions(
+                np.asarray(self.emotion[uid], dtype=np.float32).reshape(-1), emotion_order, where=where), where))
         self.folder = folder
 
     def __len__(self) -> int:
@@ -318,6 +321,7 @@ class UmonsPickleSplit(Dataset):
                 "sentiment": float(np.asarray(s, dtype=np.float64).reshape(-1)[0])}
 
 
-def load_umons_pickles(folder, split: str) -> UmonsPickleSplit:
-    """Read UMONS's pre-extracted pickles of one split (see :class:`UmonsPickleSplit`)."""
-    return UmonsPickleSplit(folder, split)
+def load_umons_pickles(folder, split: str, emotion_order=tuple(MOSEI_SDK_EMOTIONS)) -> UmonsPickleSplit:
+    """Read UMONS's pre-extracted pickles of one split (see :class:`UmonsPickleSplit`; emotion columns in
+    ``emotion_order``, the CMU-MOSEI SDK's by default, mapped by name to the book's order)."""
+    return UmonsPickleSplit(folder, split, emotion_order)

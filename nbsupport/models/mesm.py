@@ -264,6 +264,9 @@ class EndToEndModel(nn.Module):
     encoder's reduced learning rate).
     """
 
+    #: :data:`nbsupport.train.PROTOCOLS` entry of the authors' training code (``fit(protocol="paper")``).
+    paper_protocol = "mesm"
+
     def __init__(self, modalities: str = "LAV", n_outputs: int = 6, *, text_model: str | None = None,
                  tiny_text: bool = False, text_encoder: nn.Module | None = None, stem_channels: int = 64,
                  block_channels=(128, 256, 512), dim: int = 64, layers: int = 4, heads: int = 4,

@@ -223,6 +223,9 @@ class UmonsTransformer(nn.Module):
     :meth:`attention_maps` returns the glimpse weights per modality and co-attention maps per layer.
     """
 
+    #: :data:`nbsupport.train.PROTOCOLS` entry of the authors' training code (``fit(protocol="paper")``).
+    paper_protocol = "umons"
+
     def __init__(self, modalities: str = "LAV", n_outputs: int = 6, config: UmonsConfig | None = None,
                  input_dims: Mapping[str, int] | None = None, **config_kw):
         super().__init__()
