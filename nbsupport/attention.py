@@ -92,8 +92,8 @@ def additive_attention(query, keys, values, mask=None, *, w_query=None, w_key=No
 
 
 class AdditiveAttention(nn.Module):
-    """Learned additive attention (Bahdanau et al. 2015): ``v^T tanh(W_q q + W_k k)``; used for MESM's
-    text-to-image/spectrogram cross-modal attention (Dai et al. 2021, Sec. 3.2)."""
+    """Learned additive attention (Bahdanau et al. 2015): ``v^T tanh(W_q q + W_k k)``; used for
+    MESM's text-to-image/spectrogram cross-modal attention (Dai et al. 2021, Sec. 3.2)."""
 
     def __init__(self, query_dim: int, key_dim: int, hidden: int):
         super().__init__()
