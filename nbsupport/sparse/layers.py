@@ -128,10 +128,10 @@ class DenseConvBNReLU(nn.Module):
 
 
 class DenseVggBlock(nn.Module):
-    """FE2E's VGG block (Chapters 5-6): two 3x3 conv + BN + ReLU, then 2x2 max-pool (``pool=False``: none,
-    as in the two VGG-64 blocks of the dense stage).  Same parameter names as :class:`SparseVggBlock`.
-    ``bias=True``: convolutions with a bias, as the MESM reference code's dense blocks (a no-op before
-    BatchNorm, which subtracts it again; it only changes the parameter count)."""
+    """FE2E's VGG block (Chapters 5-6): two 3x3 conv + BN + ReLU, then 2x2 max-pool
+    (``pool=False``: none, as in the two VGG-64 blocks of the dense stage).  Same parameter names as
+    :class:`SparseVggBlock`. ``bias=True``: convolutions with a bias, as the MESM reference code's
+    dense blocks (a no-op before BatchNorm, which subtracts it again; only the count changes)."""
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool = True, bias: bool = False):
         super().__init__()
