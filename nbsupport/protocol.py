@@ -21,7 +21,7 @@ from nbsupport.data.text import load_tokenizer
 from nbsupport.models import mesm as mesm_models
 from nbsupport.models import umons as umons_models
 
-__all__ = ["LOADER_KINDS", "loaders", "train_and_test", "train_umons", "top_p_sweep"]
+__all__ = ["LOADER_KINDS", "loaders", "train_and_test", "train_umons", "top_p_sweep", "compare_attention_grad"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
@@ -64,8 +64,9 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
 
 
 def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, name: str, task: str = "emotion",
-                   epochs: int, lr: float, device="auto", seed: int = 0, thresholds: str | float = "validation",
-                   patience: int | None = None, checkpoint_dir=None, progress: bool = True) -> tuple[dict, object]:
+                   epochs: int, lr: float, device="auto", seed: int = 0, thresholds: str | float | None = None,
+                   patience: int | None = train.PROTOCOL_DEFAULT, checkpoint_dir=None, progress: bool = True,
+                   protocol: str = "book") -> tuple[dict, object]:
     """The book's single protocol for every model (Chapters 3-8): fit, pick the best epoch, test.
 
     :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
@@ -75,11 +76,16 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time).
     End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
     it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column.
+    ``protocol`` ("book", "paper", "umons", "mesm"; :data:`nbsupport.train.PROTOCOLS`) is passed to
+    :func:`~nbsupport.train.fit`; ``thresholds=None`` means "validation" under the book's protocol and the
+    protocol's own rule otherwise; ``patience`` left unset takes the protocol's.
     """
     t0 = time.perf_counter()
+    if thresholds is None:
+        thresholds = "validation" if protocol == "book" else train.PROTOCOL_DEFAULT
     res = train.fit(model, loaders["train"], loaders["valid"], task=task, epochs=epochs, lr=lr, device=device,
                     seed=seed, thresholds=thresholds, patience=patience, checkpoint_dir=checkpoint_dir,
-                    progress=progress, desc=name)
+                    progress=progress, desc=name, protocol=protocol)
     seconds = time.perf_counter() - t0
     test = train.evaluate(res.model, loaders["test"], task=task, device=device, thresholds=res.thresholds)
     row = {"model": name, "modalities": res.model.modalities, "task": task, **{k: float(v) for k, v in test.items()},
@@ -93,11 +99,13 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
 
 def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str = "emotion",
                 config: "umons_models.UmonsConfig | None" = None, epochs: int = 10, lr: float = 1e-3,
-                device="auto", seed: int = 0, patience: int | None = None, checkpoint_dir=None,
-                progress: bool = True, n_emotions: int = 6, normalise_inputs: bool = True):
+                device="auto", seed: int = 0, patience: int | None = train.PROTOCOL_DEFAULT, checkpoint_dir=None,
+                progress: bool = True, n_emotions: int = 6, normalise_inputs: bool = True, protocol: str = "book"):
     """Build a :class:`~nbsupport.models.umons.UmonsTransformer` for ``modalities`` (seeded: same
     initial weights for the same seed and modalities) and run :func:`train_and_test` on it with a 0.5
-    threshold, as UMONS does (Chapters 3-4). Returns ``(row, fit_result)``."""
+    threshold, as UMONS does (Chapters 3-4). ``config=UmonsConfig.paper()`` with ``protocol="paper"``
+    and ``normalise_inputs=False`` is the authors' network trained as their code trains it.
+    Returns ``(row, fit_result)``."""
     torch.manual_seed(seed)
     first = next(iter(loaders["train"]))
     model = umons_models.UmonsTransformer(modalities, train.n_outputs(task, n_emotions),
@@ -107,7 +115,7 @@ def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str =
         model.fit_input_normalisation(loaders["train"])
     return train_and_test(model, loaders, name=f"UMONS-{model.modalities}", task=task, epochs=epochs, lr=lr,
                           device=device, seed=seed, thresholds=0.5, patience=patience,
-                          checkpoint_dir=checkpoint_dir, progress=progress)
+                          checkpoint_dir=checkpoint_dir, progress=progress, protocol=protocol)
 
 
 def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, thresholds=None, device="cpu",
@@ -133,3 +141,41 @@ def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, threshold
     finally:
         model.top_p = original
     return pd.DataFrame(rows)
+
+
+def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: int, lr: float, seed: int = 0,
+                           device="auto", metric: str = "wacc", n_resamples: int = 1000, progress: bool = True,
+                           **fit_kw) -> dict:
+    """Train MESM twice on the same data and seed, once with the book's learned attention
+    (``attention_grad="reweight"``) and once as the authors' code (``"none"``: the attention only selects
+    with its initial weights), and compare them on the test split (Chapter 6).
+
+    ``build(attention_grad) -> EndToEndModel`` makes each model (called under the same ``torch`` seed, so
+    both start from the same weights). Returns ``rows`` (the two :func:`train_and_test` rows, ``model`` =
+    "MESM (reweight)" / "MESM (none)"), ``fits`` ({setting: FitResult}, for the attention maps) and
+    ``comparison``: :func:`nbsupport.metrics.paired_bootstrap_difference` of ``metric``, reweight minus
+    none, over the test utterances with each model's validation thresholds. ``fit_kw`` go to
+    :func:`train_and_test` (e.g. ``protocol``, ``patience``).
+    """
+    from nbsupport import metrics
+
+    rows, fits, probs = [], {}, {}
+    for setting in mesm_models.ATTENTION_GRAD:
+        torch.manual_seed(seed)
+        model = build(setting)
+        if getattr(model, "pathways", None) and any(p.attention_grad != setting for p in model.pathways.values()):
+            raise ValueError(f"compare_attention_grad: build({setting!r}) returned a model with another "
+                             f"attention_grad")
+        row, res = train_and_test(model, loaders, name=f"MESM ({setting})", epochs=epochs, lr=lr, seed=seed,
+                                  device=device, progress=progress, **fit_kw)
+        row["attention_grad"] = setting
+        rows.append(row)
+        fits[setting] = res
+        logits, labels, _ = train.predict(res.model, loaders["test"], device=device)
+        th = 0.5 if res.thresholds is None else res.thresholds
+        probs[setting] = (torch.sigmoid(logits).numpy(), labels.numpy(), th)
+    (pa, y, tha), (pb, _, thb) = probs["reweight"], probs["none"]
+    comparison = metrics.paired_bootstrap_difference(y, pa, pb, metric=metric, thresholds_a=tha,
+                                                     thresholds_b=thb, n_resamples=n_resamples, seed=seed)
+    comparison.update(a_name="reweight", b_name="none")
+    return {"rows": rows, "fits": fits, "comparison": comparison}

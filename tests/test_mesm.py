@@ -338,3 +338,29 @@ def test_paper_preset_builds_and_runs_small():
     assert model.pathways["V"].encoder[0].ff.net[0].out_features == 2048
     with pytest.raises(ValueError, match="unknown"):
         paper_preset(hidden=3)
+
+
+def test_compare_attention_grad_trains_both_settings_from_the_same_start():
+    from torch.utils.data import DataLoader
+
+    from nbsupport.protocol import compare_attention_grad
+
+    batches = [make_batch(b=4, seed=s) for s in range(3)]
+    loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
+
+    def build(setting):
+        return MESM("LAV", top_p=0.7, attention_grad=setting, **REF)
+
+    out = compare_attention_grad(build, loaders, epochs=2, lr=1e-2, device="cpu", n_resamples=50, progress=False)
+    assert [r["attention_grad"] for r in out["rows"]] == ["reweight", "none"]
+    torch.manual_seed(0)
+    start = build("none").state_dict()
+    trained = {s: out["fits"][s].model.state_dict() for s in ("reweight", "none")}
+    att = [k for k in start if ".cross_attention." in k]
+    # "none": the attention keeps its initial weights; "reweight" learns them; both train the rest
+    assert att and all(torch.equal(trained["none"][k], start[k]) for k in att)
+    assert any(not torch.equal(trained["reweight"][k], start[k]) for k in att)
+    assert not torch.equal(trained["none"]["heads.A.weight"], start["heads.A.weight"])
+    c = out["comparison"]
+    assert c["low"] <= c["diff"] <= c["high"] and c["better"] in ("A", "B", "neither")
+    assert c["a_name"] == "reweight" and c["diff"] == pytest.approx(c["a"] - c["b"])
