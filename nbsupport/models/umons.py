@@ -128,12 +128,13 @@ class GlimpseLayer(nn.Module):
     """Attention flattening with ``glimpses`` glimpses (UMONS Sec. 3; MCAN's attentional reduction).
 
     ``scores = MLP(x)`` (B, T, G); ``w = softmax_T(scores)`` with padded positions at weight 0;
-    ``g_k = sum_t w[t, k] x_t``. ``merge=True``: ``Linear(concat_k g_k)`` -> (B, out_size or hidden); ``merge=False``:
-    the glimpses as a sequence (B, G, hidden). The last weights (B, G, T) are kept in ``self.weights``.
+    ``g_k = sum_t w[t, k] x_t``. ``merge=True``: ``Linear(concat_k g_k)`` -> (B, out_size or
+    hidden); ``merge=False``: the glimpses as a sequence (B, G, hidden). The last weights (B, G, T)
+    are kept in ``self.weights``.
     """
 
-    def __init__(self, hidden_size: int, glimpses: int = 1, mlp_size: int | None = None, dropout: float = 0.0,
-                 merge: bool = True, out_size: int | None = None):
+    def __init__(self, hidden_size: int, glimpses: int = 1, mlp_size: int | None = None,
+                 dropout: float = 0.0, merge: bool = True, out_size: int | None = None):
         super().__init__()
         self.glimpses, self.merge = glimpses, merge
         mlp_size = mlp_size or hidden_size
@@ -161,7 +162,8 @@ class CoAttentionBlock(nn.Module):
     ``self.cross.weights`` (B, heads, Ty, Tx) holds the last co-attention map (frames -> words).
     """
 
-    def __init__(self, hidden_size: int, heads: int, ff_size: int, dropout: float = 0.0, norm: str = "torch"):
+    def __init__(self, hidden_size: int, heads: int, ff_size: int, dropout: float = 0.0,
+                 norm: str = "torch"):
         super().__init__()
         self.self_att = MultiHeadAttention(hidden_size, heads, dropout)
         self.cross = MultiHeadAttention(hidden_size, heads, dropout)
@@ -170,7 +172,7 @@ class CoAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, y, y_mask, x, x_mask):
-        """y (B, Ty, hidden), x (B, Tx, hidden); masks (B, T) True on real positions -> (B, Ty, hidden)."""
+        """y (B, Ty, hidden), x (B, Tx, hidden); masks (B, T), True = real -> (B, Ty, hidden)."""
         y = self.norms[0](y + self.dropout(self.self_att(y, y, y, y_mask)))
         y = self.norms[1](y + self.dropout(self.cross(y, x, x, x_mask)))
         return self.norms[2](y + self.dropout(self.ff(y)))
@@ -287,13 +289,14 @@ class UmonsTransformer(nn.Module):
         return seqs, masks
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """batch: UMONS batch dict -> logits (B, n_outputs). The switches of :class:`UmonsConfig` choose
-        between the book's wiring and the reference code's (block residual, language of the block input,
-        masks in the first layer only)."""
+        """batch: UMONS batch dict -> logits (B, n_outputs). The switches of :class:`UmonsConfig`
+        choose between the book's wiring and the reference code's (block residual, language of the
+        block input, masks in the first layer only)."""
         c = self.config
         z, masks = self._inputs(batch)  # each (B, seq_len, hidden)
         for i in range(c.layers):
-            mk = masks if c.mask_every_layer or i == 0 else dict.fromkeys(masks)  # reference: first layer only
+            # the reference code masks the first layer only
+            mk = masks if c.mask_every_layer or i == 0 else dict.fromkeys(masks)
             if not self.multimodal:
                 m = self.modalities
                 h = self.blocks[i](z[m], mk[m])
@@ -310,8 +313,10 @@ class UmonsTransformer(nn.Module):
                 for m in self.modalities:  # z = LN(z + glimpses(z)), (B, seq_len, hidden)
                     g = self.block_glimpses[m][i](z[m], mk[m])
                     z[m] = self.block_norms[m][i](z[m] + self.dropout(g))
-        final_masks = masks if c.mask_every_layer else dict.fromkeys(masks)  # reference: unmasked final glimpse
-        vectors = {m: self.final_glimpse[m](z[m], final_masks[m]) for m in self.modalities}  # (B, mult*hidden)
+        # the reference's final glimpse has no mask
+        final_masks = masks if c.mask_every_layer else dict.fromkeys(masks)
+        # each (B, mult * hidden)
+        vectors = {m: self.final_glimpse[m](z[m], final_masks[m]) for m in self.modalities}
         self._glimpse_vectors = vectors if self.training else None  # kept for auxiliary_loss only
         fused = sum(vectors.values())  # (B, mult*hidden)
         return self.classifier(self.norm(fused))  # (B, n_outputs)
