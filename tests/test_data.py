@@ -223,7 +223,7 @@ def test_label_wrong_width(broken):
     uid, _ = _first(broken)
     meta[uid]["label"] = [1, 0, 0]
     meta_path.write_bytes(pickle.dumps(meta))
-    with pytest.raises(DataError, match="label has width 3, expected 6"):
+    with pytest.raises(DataError, match="field .label. has width 3, expected 6"):
         load_split(broken, "mosei", "train")
 
 
