@@ -43,7 +43,7 @@ __all__ = ["FEATURE_VERSION", "FeatureDataset", "mesm_dataset", "umons_dataset",
 FEATURE_VERSION = 1
 _ENTRY_FORMAT = 2  # layout of a cache entry: {"format", "id", "fingerprint", "features"}
 _HASH_SPAN = 1 << 20  # bytes hashed at each end of a source file
-_IDENTITY_MEMO: dict = {}  # (path, size, mtime_ns, inode) -> content hash, so each file is hashed once per process
+_IDENTITY_MEMO: dict = {}  # (path, size, mtime_ns, ctime_ns, inode) -> hash: each unchanged file hashed once
 
 
 def feature_cache_root() -> Path:
@@ -59,11 +59,12 @@ def file_identity(path, relative_to=None) -> list:
 
     ``hash`` is a BLAKE2b digest of the first and last MiB (the whole file when smaller), so a file
     re-exported with the same size and time, or copied from another utterance, is told apart too; it is
-    computed once per process for a given (path, size, mtime_ns, inode). ``path`` is written relative to
+    computed once per process for a given (path, size, mtime_ns, ctime_ns, inode) -- ctime changes with
+    every write and ``utime``, so a file rewritten in place is hashed again. ``path`` is written relative to
     ``relative_to`` when given."""
     path = Path(path)
     st = path.stat()
-    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)  # ctime: any write or utime
     digest = _IDENTITY_MEMO.get(memo_key)
     if digest is None:
         h = hashlib.blake2b(digest_size=16)
