@@ -361,10 +361,12 @@ def _dataset_fingerprint(loader) -> dict | None:
         out["size"] = len(ds) if ds is not None else len(loader)
     except TypeError:
         out["size"] = None
-    ids = getattr(ds, "ids", None)
-    if ids is None:
-        ids = getattr(getattr(ds, "raw", None), "ids", None)
-    if ids is not None:
+    ids = None
+    for holder in (ds, getattr(ds, "raw", None), getattr(ds, "split", None)):  # RawSplit, FeatureDataset, UMONS
+        ids = getattr(holder, "ids", None)
+        if isinstance(ids, (list, tuple)):
+            break
+    if isinstance(ids, (list, tuple)):
         out["ids_sha1"] = hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest()
     return out
 
@@ -419,7 +421,8 @@ def load_checkpoint(path) -> dict:
 
 
 def _move_aside(ckpt_dir: Path) -> Path | None:
-    """Move ``last.pt`` and ``best.pt`` of ``ckpt_dir`` into ``ckpt_dir/replaced-<UTC time>/`` (``resume='fresh'``)."""
+    """Move ``last.pt`` and ``best.pt`` of ``ckpt_dir`` into ``ckpt_dir/replaced-<UTC time>/``
+    (``fit(resume='fresh')``); returns that folder, None when there was nothing to move."""
     olds = [ckpt_dir / n for n in ("last.pt", "best.pt") if (ckpt_dir / n).exists()]
     if not olds:
         return None
@@ -438,9 +441,11 @@ def _resume_state(last_path: Path, fingerprint: dict, epochs: int, model: nn.Mod
     that the checkpoint was written by the same run (:func:`run_fingerprint`, ``epochs`` aside: a run may
     be extended, never shortened). :class:`CheckpointError` naming the file and the differing fields."""
     ckpt = load_checkpoint(last_path)
-    fix = "call fit(..., resume='fresh') to move the old files aside and start again, or use another checkpoint_dir"
+    fix = ("call fit(..., resume='fresh') to move the old files aside and start again, "
+           "or use another checkpoint_dir")
     if ckpt.get("format") != CHECKPOINT_FORMAT or "fingerprint" not in ckpt:
-        raise CheckpointError(f"{last_path}: checkpoint has no run fingerprint (written by an older nbsupport); {fix}")
+        raise CheckpointError(f"{last_path}: checkpoint has no run fingerprint (written by an older "
+                              f"nbsupport); {fix}")
     diff = _fingerprint_differences(ckpt["fingerprint"], fingerprint)
     if diff:
         raise CheckpointError(f"{last_path}: checkpoint was written by a different run; differing: "
@@ -500,7 +505,8 @@ def _auxiliary_loss(model: nn.Module, batch: Mapping[str, Any], criterion: Calla
 def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emotion", epochs: int = 10,
         lr: float = 1e-3, weight_decay: float = 0.0, device="auto", seed: int = 0, grad_clip: float | None = 1.0,
         patience: int | None = None, monitor: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool | str = True, thresholds: str | float = 0.5, pos_weight: str | torch.Tensor | None = "auto",
+        resume: bool | str = True, thresholds: str | float = 0.5,
+        pos_weight: str | torch.Tensor | None = "auto",
         progress: bool = True, callbacks: Sequence[Callable] = (), desc: str | None = None) -> FitResult:
     """Train ``model`` on ``train_loader``, early-stop on ``valid_loader``, keep the best weights (Ch. 3-8).
 
@@ -528,7 +534,8 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     """
     _check_task(task)
     if resume not in (True, False, "fresh"):
-        raise ValueError(f"nbsupport.train.fit: parameter 'resume' must be True, False or 'fresh', got {resume!r}")
+        raise ValueError(f"nbsupport.train.fit: parameter 'resume' must be True, False or 'fresh', "
+                         f"got {resume!r}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"nbsupport.train.fit: parameter 'epochs' must be an integer >= 1, got {epochs!r}")
     if not lr > 0:
@@ -637,8 +644,8 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
                           "optimiser": optimiser.state_dict(), "state": _plain(state), "rng": _rng_state(),
                           "task": task, "seed": seed}, last_path)
             if improved:
-                _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": state["best_state"],
-                              "epoch": epoch, "score": state["best_score"], "thresholds": _plain(th)},
+                _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint,
+                              "model": state["best_state"], "epoch": epoch, "score": state["best_score"], "thresholds": _plain(th)},
                              ckpt_dir / "best.pt")
         if hasattr(epoch_bar, "set_postfix"):
             epoch_bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"

@@ -76,7 +76,8 @@ def _umons(tmp: Path, **override) -> Path:
     """UMONS pickles of two utterances (Delbrouck et al. format) with ``override``n entries of 'a_1'."""
     rng = np.random.default_rng(0)
     ids = ["a_1", "b_2"]
-    data = {"sentences": {i: ["i", "am", "happy"] for i in ids}, "mels": {i: rng.normal(size=(30, 80)) for i in ids},
+    data = {"sentences": {i: ["i", "am", "happy"] for i in ids},
+            "mels": {i: rng.normal(size=(30, 80)) for i in ids},
             "emotion": {i: [0, 0, 0, 1.3, 0, 0] for i in ids}, "sentiment": {i: 1.5 for i in ids}}
     for kind, value in override.items():
         data[kind]["a_1"] = value
@@ -115,7 +116,8 @@ def _loader(n=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
     emo = (x @ torch.randn(4, 6, generator=g) > 0).float()
-    return train.make_loader([{"x": x[i], "emotion": emo[i]} for i in range(n)], batch_size=8, collate_fn=_collate)
+    items = [{"x": x[i], "emotion": emo[i]} for i in range(n)]
+    return train.make_loader(items, batch_size=8, collate_fn=_collate)
 
 
 def _fit(ck: Path, model=None, n_train=24, **kw):
@@ -292,16 +294,20 @@ ERRORS = {"DataError": DataError, "CheckpointError": "CheckpointError"}
 
 CASES = [
     # 1. checkpoints: a resume of another run stops, naming the file and the differing fields
-    Case("ckpt-other-seed", _ckpt_row({}, {"seed": 1}), "CheckpointError", ("last.pt", "seed", "resume='fresh'")),
-    Case("ckpt-other-lr", _ckpt_row({}, {"lr": 1e-3}), "CheckpointError", ("last.pt", "lr (checkpoint 0.01, now 0.001)")),
+    Case("ckpt-other-seed", _ckpt_row({}, {"seed": 1}),
+         "CheckpointError", ("last.pt", "seed", "resume='fresh'")),
+    Case("ckpt-other-lr", _ckpt_row({}, {"lr": 1e-3}),
+         "CheckpointError", ("last.pt", "lr (checkpoint 0.01, now 0.001)")),
     Case("ckpt-fewer-epochs", _ckpt_row({"epochs": 4}, {"epochs": 2}), "CheckpointError",
          ("last.pt", "trained 4 epochs", "epochs=2")),
-    Case("ckpt-other-weight-decay", _ckpt_row({}, {"weight_decay": 0.1}), "CheckpointError", ("last.pt", "weight_decay")),
+    Case("ckpt-other-weight-decay", _ckpt_row({}, {"weight_decay": 0.1}),
+         "CheckpointError", ("last.pt", "weight_decay")),
     Case("ckpt-other-task-setting", _ckpt_row({}, {"thresholds": "validation"}), "CheckpointError",
          ("last.pt", "thresholds")),
     Case("ckpt-other-architecture", _ckpt_row({}, {"model": TinyNet(hidden=32)}), "CheckpointError",
          ("last.pt", "model_parameters", "net.0.weight (16, 4) -> (32, 4)")),
-    Case("ckpt-other-class", _ckpt_row({}, {"model": OtherNet()}), "CheckpointError", ("last.pt", "model_class")),
+    Case("ckpt-other-class", _ckpt_row({}, {"model": OtherNet()}),
+         "CheckpointError", ("last.pt", "model_class")),
     Case("ckpt-other-data", _ckpt_row({}, {"n_train": 32}), "CheckpointError", ("last.pt", "train_data")),
     Case("ckpt-truncated", _ckpt_file_row(lambda p, tmp: _truncate(p)), "CheckpointError",
          ("last.pt", "cannot read checkpoint")),
@@ -319,15 +325,20 @@ CASES = [
     Case("cache-truncated", _cache_row(lambda root, ds: _truncate(ds.cache_path(0))), "log",
          ("recomputed", "unreadable")),
     Case("cache-payload", _cache_row(_payload_entry), "log", ("recomputed", "unreadable")),
-    Case("cache-text-edited", _cache_row(_edit_text, kind=handcrafted_dataset), "log", ("recomputed", "text")),
+    Case("cache-text-edited", _cache_row(_edit_text, kind=handcrafted_dataset),
+         "log", ("recomputed", "text")),
     # 3. labels, sentiment and text of meta.pkl
-    Case("label-nan", _meta_row(label=[float("nan"), 1, 0, 0, 0, 0]), "DataError", ("meta.pkl", "label", "NaN")),
-    Case("label-negative", _meta_row(label=[-1, 1, 0, 0, 0, 0]), "DataError", ("meta.pkl", "label", "outside")),
+    Case("label-nan", _meta_row(label=[float("nan"), 1, 0, 0, 0, 0]),
+         "DataError", ("meta.pkl", "label", "NaN")),
+    Case("label-negative", _meta_row(label=[-1, 1, 0, 0, 0, 0]),
+         "DataError", ("meta.pkl", "label", "outside")),
     Case("label-string-inside", _meta_row(label=["yes", 1, 0, 0, 0, 0]), "DataError",
          ("meta.pkl", "label", "6 numbers")),
     Case("label-none", _meta_row(label=None), "DataError", ("meta.pkl", "label")),
-    Case("sentiment-string", _meta_row(sentiment="positive"), "DataError", ("meta.pkl", "sentiment", "positive")),
-    Case("sentiment-out-of-range", _meta_row(sentiment=42), "DataError", ("meta.pkl", "sentiment", "[-3, 3]")),
+    Case("sentiment-string", _meta_row(sentiment="positive"),
+         "DataError", ("meta.pkl", "sentiment", "positive")),
+    Case("sentiment-out-of-range", _meta_row(sentiment=42),
+         "DataError", ("meta.pkl", "sentiment", "[-3, 3]")),
     Case("sentiment-inf", _meta_row(sentiment=float("inf")), "DataError", ("meta.pkl", "sentiment", "inf")),
     Case("text-none", _meta_row(text=None), "DataError", ("meta.pkl", "text", "None")),
     Case("text-number", _meta_row(text=3), "DataError", ("meta.pkl", "text", "string")),
@@ -344,17 +355,21 @@ CASES = [
     Case("png-cut-in-half", _frame_row("image_0.jpg", _png_cut), "DataError", ("image_0.png", "decode")),
     # 7. split hygiene
     Case("split-duplicate-id", _split_row(_duplicate_id), "DataError", ("train_split.txt", "more than once")),
-    Case("split-shared-id", _split_row(_shared_id), "DataError", ("train_split.txt", "test_split.txt", "disjoint")),
-    Case("split-shared-id-feature-dataset", _split_row(_shared_id, lambda root: mesm_dataset(root, "mosei", "test")),
+    Case("split-shared-id", _split_row(_shared_id),
+         "DataError", ("train_split.txt", "test_split.txt", "disjoint")),
+    Case("split-shared-id-feature-dataset",
+         _split_row(_shared_id, lambda root: mesm_dataset(root, "mosei", "test")),
          "DataError", ("test_split.txt", "train_split.txt", "allow_overlap")),
     # 8. clear errors naming the file
     Case("wav-nan-samples", _wav_row(_float_wav_with_nan), "DataError", ("audio.wav", "NaN")),
-    Case("umons-mel-40-bins", _umons_row(mels=np.zeros((30, 40))), "DataError", ("test_mels.p", "'a_1'", "80")),
+    Case("umons-mel-40-bins", _umons_row(mels=np.zeros((30, 40))),
+         "DataError", ("test_mels.p", "'a_1'", "80")),
     Case("umons-emotion-nan", _umons_row(emotion=[np.nan, 0, 0, 1, 0, 0]), "DataError",
          ("test_emotion.p", "'a_1'", "emotion")),
     Case("umons-sentiment-string", _umons_row(sentiment="positive"), "DataError",
          ("test_sentiment.p", "'a_1'", "sentiment")),
-    Case("umons-sentences-none", _umons_row(sentences=None), "DataError", ("test_sentences.p", "'a_1'", "sentences")),
+    Case("umons-sentences-none", _umons_row(sentences=None),
+         "DataError", ("test_sentences.p", "'a_1'", "sentences")),
     Case("umons-mel-nan", _umons_row(mels=np.full((30, 80), np.nan)), "DataError", ("test_mels.p", "NaN")),
 ]
 

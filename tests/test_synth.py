@@ -138,7 +138,8 @@ def test_stale_partial_folders_of_dead_runs_are_removed(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
     dead = int(proc.stdout)
     live = os.getppid()
     for pid in (dead, live):

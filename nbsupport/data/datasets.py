@@ -121,8 +121,9 @@ class FeatureDataset(Dataset):
         self.keys, self.text_in_cache = tuple(keys), text_in_cache
         self.generator_version = _generator_version(raw.root)
         self._settings_key = json.dumps(settings, sort_keys=True, default=str)
-        key = json.dumps(dict(root=str(raw.root.resolve()), generator=self.generator_version, dataset=raw.dataset,
-                              kind=kind, settings=settings, v=FEATURE_VERSION), sort_keys=True, default=str)
+        key = json.dumps(dict(root=str(raw.root.resolve()), generator=self.generator_version,
+                              dataset=raw.dataset, kind=kind, settings=settings, v=FEATURE_VERSION),
+                         sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         base = Path(cache_dir) if cache_dir else feature_cache_root()
         self.cache_dir = base / f"{raw.dataset}-{kind}-{digest}"

@@ -276,10 +276,10 @@ def _sentiment_value(value, where: str, field: str = "sentiment") -> float:
     values out of range."""
     if value is None:
         return float("nan")
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(-1)[0]
-    elif isinstance(value, (list, tuple)) and len(value) == 1:
-        value = value[0]
+    if isinstance(value, (np.ndarray, list, tuple)):  # UMONS stores some scores as (1, 1) arrays
+        flat = np.asarray(value, dtype=object).reshape(-1)
+        if flat.size == 1:
+            value = flat[0]
     if not _is_number(value) or isinstance(value, (bool, np.bool_)):
         raise DataError(f"{where}: field '{field}' must be a number in [-3, 3] (or None), got {value!r}")
     s = float(value)
@@ -287,7 +287,8 @@ def _sentiment_value(value, where: str, field: str = "sentiment") -> float:
     if math.isnan(s):
         return s
     if not math.isfinite(s):
-        raise DataError(f"{where}: field '{field}' is {s} (leave it out or use None when there is no sentiment)")
+        raise DataError(f"{where}: field '{field}' is {s} "
+                        "(leave it out or use None when there is no sentiment)")
     if not lo <= s <= hi:
         raise DataError(f"{where}: field '{field}' = {s:g} is outside [{lo:g}, {hi:g}]")
     return s
@@ -355,7 +356,8 @@ class RawSplit(Dataset):
                     continue
                 shared = set(self.ids) & set(read_split_ids(other_file, allow_overlap=True))
                 if shared:
-                    raise DataError(f"{split_file}: {len(shared)} id(s) also in {other_file.name}: {_few(shared)} "
+                    raise DataError(f"{split_file}: {len(shared)} id(s) also in {other_file.name}: "
+                                    f"{_few(shared)} "
                                     "(splits must be disjoint; pass allow_overlap=True if this is on purpose)")
         meta_path = self.raw_dir / "meta.pkl"
         meta = load_pickle(meta_path, "meta.pkl")
@@ -448,10 +450,11 @@ class UmonsPickleSplit(Dataset):
             for path, d in ((sen_path, self.sentences), (mel_path, self.mels)):
                 if uid not in d:
                     raise DataError(f"{path}: id {uid!r} of {emo_path.name} missing")
-            self.labels.append(_emotion_vector("mosei", self.emotion[uid], f"{emo_path} [id {uid!r}]", "emotion"))
-            self.scores.append(_sentiment_value(self.sentiment.get(uid), f"{sent_path} [id {uid!r}]"))
-            self.words.append(self._words(self.sentences[uid], f"{sen_path} [id {uid!r}]"))
-            self._check_mel(self.mels[uid], f"{mel_path} [id {uid!r}]")
+            where = f"[id {uid!r}]"
+            self.labels.append(_emotion_vector("mosei", self.emotion[uid], f"{emo_path} {where}", "emotion"))
+            self.scores.append(_sentiment_value(self.sentiment.get(uid), f"{sent_path} {where}"))
+            self.words.append(self._words(self.sentences[uid], f"{sen_path} {where}"))
+            self._check_mel(self.mels[uid], f"{mel_path} {where}")
         self.folder = folder
 
     @staticmethod

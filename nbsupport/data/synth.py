@@ -55,7 +55,8 @@ import soundfile as sf
 from scipy import signal
 
 __all__ = ["GENERATOR_VERSION", "EMOTIONS", "STYLES", "SynthConfig", "generate_corpus", "AU_REGIONS",
-           "CUE_PROFILES", "SPECIALTIES", "carry_probability", "cue_profile_for", "main", "clean_stale_partials"]
+           "CUE_PROFILES", "SPECIALTIES", "carry_probability", "cue_profile_for", "main",
+           "clean_stale_partials"]
 
 #: Bump when the generator's output changes; part of :func:`nbsupport.data.ensure_corpus`'s cache key.
 GENERATOR_VERSION = 5
