@@ -125,7 +125,8 @@ def layer_norm(size: int, kind: str = "torch") -> nn.Module:
         return nn.LayerNorm(size)
     if kind == "reference":
         return ReferenceLayerNorm(size)
-    raise ValueError(f"layer_norm: parameter 'kind' must be one of {', '.join(LAYERNORM_KINDS)}, got {kind!r}")
+    raise ValueError(f"layer_norm: parameter 'kind' must be one of {', '.join(LAYERNORM_KINDS)}, "
+                     f"got {kind!r}")
 
 
 class AdditiveAttention(nn.Module):

@@ -220,9 +220,9 @@ def sentiment_metrics(y_true, y_pred) -> dict:
     Acc-2 conventions under their own names, ``acc5``, ``acc7`` (rounding), ``acc7_bins`` (CMU-MOSEI's
     bins, UMONS), ``mae``, ``corr``."""
     non0, has0 = acc2(y_true, y_pred), acc2_with_zero(y_true, y_pred)
-    return {"acc2": non0, "acc2_zero": has0, "acc2_non0": non0, "acc2_has0": has0, "acc5": acc5(y_true, y_pred),
-            "acc7": acc7(y_true, y_pred), "acc7_bins": acc7_bins(y_true, y_pred), "mae": mae(y_true, y_pred),
-            "corr": pearson_r(y_true, y_pred)}
+    return {"acc2": non0, "acc2_zero": has0, "acc2_non0": non0, "acc2_has0": has0,
+            "acc5": acc5(y_true, y_pred), "acc7": acc7(y_true, y_pred), "acc7_bins": acc7_bins(y_true, y_pred),
+            "mae": mae(y_true, y_pred), "corr": pearson_r(y_true, y_pred)}
 
 
 def paired_bootstrap_difference(y_true, probs_a, probs_b, *, metric: str = "wacc", thresholds_a=0.5,
@@ -242,10 +242,11 @@ def paired_bootstrap_difference(y_true, probs_a, probs_b, *, metric: str = "wacc
     t = _as2d(y_true, "y_true")
     pa, pb = _as2d(probs_a, "probs_a"), _as2d(probs_b, "probs_b")
     if not (t.shape == pa.shape == pb.shape):
-        raise ValueError(f"paired_bootstrap_difference: y_true {t.shape}, probs_a {pa.shape} and probs_b {pb.shape} "
-                         f"must have the same shape")
+        raise ValueError(f"paired_bootstrap_difference: y_true {t.shape}, probs_a {pa.shape} and "
+                         f"probs_b {pb.shape} must have the same shape")
     if metric not in ("wacc", "acc", "f1"):
-        raise ValueError(f"paired_bootstrap_difference: parameter 'metric' must be wacc, acc or f1, got {metric!r}")
+        raise ValueError(f"paired_bootstrap_difference: parameter 'metric' must be wacc, acc or f1, "
+                         f"got {metric!r}")
 
     per = {"wacc": per_emotion_weighted_accuracy, "acc": per_emotion_accuracy, "f1": f1_per_emotion}[metric]
     da, db = pa > np.asarray(thresholds_a, dtype=np.float64), pb > np.asarray(thresholds_b, dtype=np.float64)

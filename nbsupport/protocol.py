@@ -21,7 +21,8 @@ from nbsupport.data.text import load_tokenizer
 from nbsupport.models import mesm as mesm_models
 from nbsupport.models import umons as umons_models
 
-__all__ = ["LOADER_KINDS", "loaders", "train_and_test", "train_umons", "top_p_sweep", "compare_attention_grad"]
+__all__ = ["LOADER_KINDS", "loaders", "train_and_test", "train_umons", "top_p_sweep",
+           "compare_attention_grad"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
@@ -64,9 +65,9 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
 
 
 def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, name: str, task: str = "emotion",
-                   epochs: int, lr: float, device="auto", seed: int = 0, thresholds: str | float | None = None,
-                   patience: int | None = train.PROTOCOL_DEFAULT, checkpoint_dir=None, progress: bool = True,
-                   protocol: str = "book") -> tuple[dict, object]:
+                   epochs: int, lr: float, device="auto", seed: int = 0,
+                   thresholds: str | float | None = None, patience: int | None = train.PROTOCOL_DEFAULT,
+                   checkpoint_dir=None, progress: bool = True, protocol: str = "book") -> tuple[dict, object]:
     """The book's single protocol for every model (Chapters 3-8): fit, pick the best epoch, test.
 
     :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
@@ -99,8 +100,9 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
 
 def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str = "emotion",
                 config: "umons_models.UmonsConfig | None" = None, epochs: int = 10, lr: float = 1e-3,
-                device="auto", seed: int = 0, patience: int | None = train.PROTOCOL_DEFAULT, checkpoint_dir=None,
-                progress: bool = True, n_emotions: int = 6, normalise_inputs: bool = True, protocol: str = "book"):
+                device="auto", seed: int = 0, patience: int | None = train.PROTOCOL_DEFAULT,
+                checkpoint_dir=None, progress: bool = True, n_emotions: int = 6, normalise_inputs: bool = True,
+                protocol: str = "book"):
     """Build a :class:`~nbsupport.models.umons.UmonsTransformer` for ``modalities`` (seeded: same
     initial weights for the same seed and modalities) and run :func:`train_and_test` on it with a 0.5
     threshold, as UMONS does (Chapters 3-4). ``config=UmonsConfig.paper()`` with ``protocol="paper"``
@@ -144,8 +146,8 @@ def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, threshold
 
 
 def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: int, lr: float, seed: int = 0,
-                           device="auto", metric: str = "wacc", n_resamples: int = 1000, progress: bool = True,
-                           **fit_kw) -> dict:
+                           device="auto", metric: str = "wacc", n_resamples: int = 1000,
+                           progress: bool = True, **fit_kw) -> dict:
     """Train MESM twice on the same data and seed, once with the book's learned attention
     (``attention_grad="reweight"``) and once as the authors' code (``"none"``: the attention only selects
     with its initial weights), and compare them on the test split (Chapter 6).
@@ -163,7 +165,8 @@ def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: in
     for setting in mesm_models.ATTENTION_GRAD:
         torch.manual_seed(seed)
         model = build(setting)
-        if getattr(model, "pathways", None) and any(p.attention_grad != setting for p in model.pathways.values()):
+        paths = getattr(model, "pathways", None) or {}
+        if any(p.attention_grad != setting for p in paths.values()):
             raise ValueError(f"compare_attention_grad: build({setting!r}) returned a model with another "
                              f"attention_grad")
         row, res = train_and_test(model, loaders, name=f"MESM ({setting})", epochs=epochs, lr=lr, seed=seed,

@@ -66,11 +66,12 @@ TASKS = {"emotion": (None, "wacc"), "sentiment7": (7, "acc7"), "sentiment2": (2,
 #: rate by factor, up to times, before patience counts; UMONS's code); ``patience``; ``sentiment_bins``
 #: ("round" = round(clip(s)) + 3, "mosei" = CMU-MOSEI's 7 bins, :func:`nbsupport.metrics.sentiment7_bins`).
 PROTOCOLS = {
-    "book": dict(loss_reduction="mean", pos_weight="auto", monitor=None, thresholds=0.5, threshold_ties="closest",
-                 grad_clip=1.0, lr_decay=None, patience=None, sentiment_bins="round"),
+    "book": dict(loss_reduction="mean", pos_weight="auto", monitor=None, thresholds=0.5,
+                 threshold_ties="closest", grad_clip=1.0, lr_decay=None, patience=None, sentiment_bins="round"),
     "umons": dict(loss_reduction="sum", pos_weight=None,
-                  monitor={"emotion": "acc", "sentiment7": "acc7_bins", "sentiment2": "acc2_has0"}, thresholds=0.5,
-                  threshold_ties="closest", grad_clip=None, lr_decay=(0.5, 2), patience=3, sentiment_bins="mosei"),
+                  monitor={"emotion": "acc", "sentiment7": "acc7_bins", "sentiment2": "acc2_has0"},
+                  thresholds=0.5, threshold_ties="closest", grad_clip=None, lr_decay=(0.5, 2), patience=3,
+                  sentiment_bins="mosei"),
     "mesm": dict(loss_reduction="mean", pos_weight="auto", monitor={"emotion": "f1"}, thresholds="validation",
                  threshold_ties="lowest", grad_clip=None, lr_decay=None, patience=6, sentiment_bins="round"),
 }
@@ -92,12 +93,13 @@ def resolve_protocol(protocol: str, model: nn.Module | None = None) -> str:
     if protocol == "paper":
         own = getattr(model, "paper_protocol", None)
         if own not in PROTOCOLS:
-            raise ValueError(f"nbsupport.train: parameter 'protocol'='paper' needs a model with a paper protocol "
-                             f"(UMONS, FE2E, MESM); {type(model).__name__} has none: use one of {', '.join(PROTOCOLS)}")
+            raise ValueError(f"nbsupport.train: parameter 'protocol'='paper' needs a model with a paper "
+                             f"protocol (UMONS, FE2E, MESM); {type(model).__name__} has none: use one of "
+                             f"{', '.join(PROTOCOLS)}")
         return own
     if protocol not in PROTOCOLS:
-        raise ValueError(f"nbsupport.train: parameter 'protocol' must be one of {', '.join(PROTOCOLS)} or 'paper', "
-                         f"got {protocol!r}")
+        raise ValueError(f"nbsupport.train: parameter 'protocol' must be one of {', '.join(PROTOCOLS)} "
+                         f"or 'paper', got {protocol!r}")
     return protocol
 
 
@@ -613,7 +615,8 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     if bins not in ("round", "mosei"):
         raise ValueError(f"nbsupport.train.fit: parameter 'sentiment_bins' must be 'round' or 'mosei', "
                          f"got {bins!r}")
-    if lr_decay is not None and (len(lr_decay) != 2 or not 0 < float(lr_decay[0]) < 1 or int(lr_decay[1]) < 0):
+    if lr_decay is not None and (len(lr_decay) != 2 or not 0 < float(lr_decay[0]) < 1
+                                 or int(lr_decay[1]) < 0):
         raise ValueError(f"nbsupport.train.fit: parameter 'lr_decay' must be None or (factor in (0, 1), "
                          f"times >= 0), got {lr_decay!r}")
     if resume not in (True, False, "fresh"):

@@ -39,7 +39,8 @@ from .text import load_tokenizer
 from .raw import (_PREFIX, RawSplit, load_split, load_umons_pickles, read_audio, read_cues, read_frame,
                   speaker_side, utterance_folders)
 
-__all__ = ["DATASETS", "EMOTIONS", "MOSEI_SDK_EMOTIONS", "reorder_emotions", "SPLITS", "DataError", "ensure_corpus", "corpus_cache_root", "generate_corpus",
+__all__ = ["DATASETS", "EMOTIONS", "MOSEI_SDK_EMOTIONS", "reorder_emotions", "SPLITS", "DataError",
+           "ensure_corpus", "corpus_cache_root", "generate_corpus",
            "load_cues", "read_cues", "load_split", "RawSplit", "load_umons_pickles", "read_audio", "read_frame",
            "speaker_side",
            "mesm_dataset", "umons_dataset", "handcrafted_dataset", "umons_pickle_dataset", "collate_mesm",

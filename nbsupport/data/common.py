@@ -1,8 +1,8 @@
 """Label sets and the data error type shared by the data package (Chapter 2)."""
 from __future__ import annotations
 
-__all__ = ["EMOTIONS", "MOSEI_SDK_EMOTIONS", "EMOTION_SYNONYMS", "DATASETS", "SPLITS", "DataError", "check_dataset",
-           "check_split", "reorder_emotions"]
+__all__ = ["EMOTIONS", "MOSEI_SDK_EMOTIONS", "EMOTION_SYNONYMS", "DATASETS", "SPLITS", "DataError",
+           "check_dataset", "check_split", "reorder_emotions"]
 
 #: Emotion label sets in the order of the labels' columns: MOSEI's six Ekman emotions (multi-label
 #: presence) and the six IEMOCAP classes MESM uses (one-hot).

@@ -51,7 +51,8 @@ from nbsupport.models.text import TextEncoder
 __all__ = [
     "EndToEndModel", "FE2E", "MESM", "DenseStem", "VisualPathway", "run_block",
     "sparse_backend_name", "INPUT_KEYS", "INPUT_SIZES", "ATTENTION_GRAD", "PAPER_PRESET", "paper_preset",
-    "paper_parameter_count", "LayerRecord", "is_extractor_layer", "extractor_macs", "SMOKE_SIZES", "PAPER_SIZES",
+    "paper_parameter_count", "LayerRecord", "is_extractor_layer", "extractor_macs", "SMOKE_SIZES",
+    "PAPER_SIZES",
 ]
 
 #: Batch keys (``collate_mesm``) of each non-text modality: (inputs, mask).
@@ -80,8 +81,9 @@ class DenseStem(nn.Module):
         super().__init__()
         self.conv0 = nn.Conv2d(in_channels, channels, 5, padding=2, bias=bias)
         self.bn0 = nn.BatchNorm2d(channels)
-        self.vgg = nn.Sequential(sparse_lib.DenseVggBlock(channels, channels, pool=False, bias=bias),
-                                 sparse_lib.DenseVggBlock(channels, channels, pool=False, bias=bias))
+        vgg = sparse_lib.DenseVggBlock
+        self.vgg = nn.Sequential(vgg(channels, channels, pool=False, bias=bias),
+                                 vgg(channels, channels, pool=False, bias=bias))
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn0(self.conv0(x))), 2)  # (N, C, H/2, W/2)
@@ -146,7 +148,8 @@ class VisualPathway(nn.Module):
                  dropout: float = 0.1, attention: bool = False, sparse: bool = False, top_p: float = 1.0,
                  attention_hidden: int | str = 64, head: str = "pool", input_size: tuple | None = None,
                  flatten_hidden: int = 1024, positions: str = "learned", attention_grad: str = "reweight",
-                 in_channels: int = 1, conv_bias: bool = False, score_bias: bool = False, cls_std: float = 0.02):
+                 in_channels: int = 1, conv_bias: bool = False, score_bias: bool = False,
+                 cls_std: float = 0.02):
         super().__init__()
         self.attention, self.top_p = attention, top_p
         self.attention_grad, self.head, self.in_channels = attention_grad, head, in_channels
@@ -282,8 +285,9 @@ class EndToEndModel(nn.Module):
                  ff_size: int | None = None, dropout: float = 0.1, attention: bool = False,
                  sparse: bool = False, top_p: float = 1.0, attention_hidden: int | str = 64,
                  text_lr_scale: float = 0.1, positions: str = "learned", head: str = "pool",
-                 input_sizes: dict | None = None, flatten_hidden: int = 1024, attention_grad: str = "reweight",
-                 face_channels: int = 1, conv_bias: bool = False, score_bias: bool = False, cls_std: float = 0.02,
+                 input_sizes: dict | None = None, flatten_hidden: int = 1024,
+                 attention_grad: str = "reweight", face_channels: int = 1, conv_bias: bool = False,
+                 score_bias: bool = False, cls_std: float = 0.02,
                  fusion: str = "softmax", head_dropout: bool = True, text_head_lr: str = "full"):
         super().__init__()
         if not isinstance(modalities, str) or not modalities or set(modalities) - set("LAV") or "L" not in modalities:
@@ -293,22 +297,24 @@ class EndToEndModel(nn.Module):
             raise ValueError(f"EndToEndModel: parameter 'top_p' must be in (0, 1], got {top_p!r}")
         if top_p < 1.0 and not attention:
             raise ValueError("EndToEndModel: parameter 'top_p' < 1 needs attention=True (the attention chooses the sites)")
-        for name, value, allowed in (("positions", positions, ("learned", "none")), ("head", head, ("pool", "flatten")),
+        for name, value, allowed in (("positions", positions, ("learned", "none")),
+                                     ("head", head, ("pool", "flatten")),
                                      ("attention_grad", attention_grad, ATTENTION_GRAD),
-                                     ("fusion", fusion, ("softmax", "linear")), ("face_channels", face_channels, (1, 3)),
+                                     ("fusion", fusion, ("softmax", "linear")),
+                                     ("face_channels", face_channels, (1, 3)),
                                      ("text_head_lr", text_head_lr, ("full", "text"))):
             if value not in allowed:
                 raise ValueError(f"EndToEndModel: parameter '{name}' must be one of {allowed}, got {value!r}")
-        if attention_hidden != "channels" and (isinstance(attention_hidden, bool) or not isinstance(attention_hidden, int)
-                                               or attention_hidden < 1):
-            raise ValueError(f"EndToEndModel: parameter 'attention_hidden' must be an integer >= 1 or 'channels', "
-                             f"got {attention_hidden!r}")
+        if attention_hidden != "channels" and (isinstance(attention_hidden, bool)
+                                               or not isinstance(attention_hidden, int) or attention_hidden < 1):
+            raise ValueError(f"EndToEndModel: parameter 'attention_hidden' must be an integer >= 1 or "
+                             f"'channels', got {attention_hidden!r}")
         sizes = {**INPUT_SIZES, **dict(input_sizes or {})}
         if head == "flatten":
             for m in modalities:
                 if m != "L" and any(int(v) % 2 ** (1 + len(block_channels)) for v in sizes[m]):
-                    raise ValueError(f"EndToEndModel: parameter 'input_sizes'[{m!r}]={sizes[m]} must be divisible by "
-                                     f"{2 ** (1 + len(block_channels))} for head='flatten'")
+                    raise ValueError(f"EndToEndModel: parameter 'input_sizes'[{m!r}]={sizes[m]} must be "
+                                     f"divisible by {2 ** (1 + len(block_channels))} for head='flatten'")
         self.modalities = "".join(m for m in "LAV" if m in modalities)
         self.attention, self.text_lr_scale = attention, text_lr_scale
         self.fusion_kind, self.head_dropout, self.text_head_lr = fusion, head_dropout, text_head_lr
@@ -320,7 +326,8 @@ class EndToEndModel(nn.Module):
             heads=heads, ff_size=ff_size, dropout=dropout, attention=attention, sparse=sparse, top_p=top_p,
             attention_hidden=attention_hidden, head=head, input_size=sizes[m], flatten_hidden=flatten_hidden,
             positions=positions, attention_grad=attention_grad, in_channels=face_channels if m == "V" else 1,
-            conv_bias=conv_bias, score_bias=score_bias, cls_std=cls_std) for m in self.modalities if m != "L"})
+            conv_bias=conv_bias, score_bias=score_bias, cls_std=cls_std)
+            for m in self.modalities if m != "L"})
         self.heads = nn.ModuleDict({m: nn.Linear(text_dim if m == "L" else dim, n_outputs) for m in self.modalities})
         if fusion == "softmax":
             self.fusion = nn.Parameter(torch.zeros(len(self.modalities)))  # softmax -> modality weights
@@ -382,12 +389,14 @@ class EndToEndModel(nn.Module):
                     raise KeyError(f"EndToEndModel: modality '{m}' needs batch keys "
                                    f"'{x_key}' and '{m_key}'")
                 vec = self.pathways[m](batch[x_key], batch[m_key].bool(), cls)
-            logits[m] = self.heads[m](self.dropout(vec) if self.head_dropout else vec)  # (B, n_outputs)
+            vec = self.dropout(vec) if self.head_dropout else vec  # the reference has no dropout here
+            logits[m] = self.heads[m](vec)  # (B, n_outputs)
         stacked = torch.stack([logits[m] for m in self.modalities], 0)  # (M, B, n_outputs)
         if self.fusion_kind == "linear":  # reference: sum_m w_m * logits_m, w unnormalised
             if len(self.modalities) == 1:
                 return stacked[0]
-            return self.fusion(stacked.permute(1, 2, 0)).squeeze(-1)  # (B, n_outputs, M) -> (B, n_outputs)
+            # (B, n_outputs, M) -> (B, n_outputs)
+            return self.fusion(stacked.permute(1, 2, 0)).squeeze(-1)
         w = torch.softmax(self.fusion, 0)  # (M,)
         return (w[:, None, None] * stacked).sum(0)
 
@@ -464,13 +473,15 @@ def paper_preset(**overrides) -> dict:
     unknown = set(overrides) - set(PAPER_PRESET) - {"text_model", "tiny_text", "text_encoder", "input_sizes",
                                                     "top_p", "block_channels", "stem_channels"}
     if unknown:
-        raise ValueError(f"paper_preset: unknown parameter(s) {sorted(unknown)}; known: {sorted(PAPER_PRESET)}")
+        raise ValueError(f"paper_preset: unknown parameter(s) {sorted(unknown)}; "
+                         f"known: {sorted(PAPER_PRESET)}")
     return {**PAPER_PRESET, **overrides}
 
 
 #: ALBERT-base-v2, the reference's text encoder (Lan et al. 2020): sizes of its Hugging Face configuration.
 ALBERT_BASE = dict(vocab_size=30000, embedding_size=128, hidden_size=768, num_hidden_layers=12,
-                   num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+                   num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
+                   type_vocab_size=2)
 
 
 def paper_parameter_count(model: str = "MESM", modalities: str = "LAV", n_outputs: int = 6,

@@ -29,11 +29,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nbsupport.attention import (LAYERNORM_KINDS, MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock,
-                                 layer_norm, masked_softmax)
+from nbsupport.attention import (LAYERNORM_KINDS, MultiHeadAttention, PositionwiseFeedForward,
+                                 TransformerEncoderBlock, layer_norm, masked_softmax)
 from nbsupport.base import ParameterError, check_modalities
 
-__all__ = ["UmonsConfig", "PAPER_CONFIG", "REFERENCE_SWITCHES", "paper_parameter_count", "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
+__all__ = ["UmonsConfig", "PAPER_CONFIG", "REFERENCE_SWITCHES", "paper_parameter_count",
+           "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
            "UmonsTransformer", "MODALITY_KEYS", "input_dims_from", "masked_feature_moments", "utterance_words"]
 
 #: Modality letter -> batch field (its mask is ``<field>_mask``).
@@ -106,8 +107,8 @@ class UmonsConfig:
             raise ValueError(f"UmonsConfig: parameter 'glimpse_hidden' must be 'hidden' or 'ff', "
                              f"got {self.glimpse_hidden!r}")
         if self.layernorm not in LAYERNORM_KINDS:
-            raise ValueError(f"UmonsConfig: parameter 'layernorm' must be one of {', '.join(LAYERNORM_KINDS)}, "
-                             f"got {self.layernorm!r}")
+            raise ValueError(f"UmonsConfig: parameter 'layernorm' must be one of "
+                             f"{', '.join(LAYERNORM_KINDS)}, got {self.layernorm!r}")
 
     @classmethod
     def paper(cls, **overrides) -> "UmonsConfig":
@@ -121,7 +122,8 @@ class UmonsConfig:
 PAPER_CONFIG = UmonsConfig(512, 1024, 4, 4, 0.1, 60)
 #: The fidelity switches at the reference code's behaviour (see :class:`UmonsConfig`).
 REFERENCE_SWITCHES = dict(block_residual=True, lang_from_block_input=True, glimpse_hidden="ff",
-                          final_glimpse_mult=2, layernorm="reference", mask_every_layer=False, zero_padding=False)
+                          final_glimpse_mult=2, layernorm="reference", mask_every_layer=False,
+                          zero_padding=False)
 
 
 class GlimpseLayer(nn.Module):
@@ -247,25 +249,25 @@ class UmonsTransformer(nn.Module):
         c = config
         ln = c.layernorm
         glimpse_mlp = c.ff_size if c.glimpse_hidden == "ff" else c.hidden_size
-        self.adapters = nn.ModuleDict({m: ModalityAdapter(m, dims[m], c.hidden_size, c.seq_len,
-                                                          float(c.input_dropout), c.zero_padding) for m in modalities})
+        h, ff, heads, p = c.hidden_size, c.ff_size, c.heads, c.dropout
+        self.adapters = nn.ModuleDict({m: ModalityAdapter(m, dims[m], h, c.seq_len, float(c.input_dropout),
+                                                          c.zero_padding) for m in modalities})
         self.multimodal = len(modalities) > 1
         if not self.multimodal:
-            self.blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout, ln)
-                                         for _ in range(c.layers)])
+            self.blocks = nn.ModuleList([TransformerEncoderBlock(h, heads, ff, p, ln) for _ in range(c.layers)])
         else:
-            self.lang_blocks = nn.ModuleList([TransformerEncoderBlock(c.hidden_size, c.heads, c.ff_size, c.dropout, ln)
+            self.lang_blocks = nn.ModuleList([TransformerEncoderBlock(h, heads, ff, p, ln)
                                               for _ in range(c.layers)])
-            self.co_blocks = nn.ModuleDict({m: nn.ModuleList([CoAttentionBlock(c.hidden_size, c.heads, c.ff_size,
-                                                                               c.dropout, ln) for _ in range(c.layers)])
+            self.co_blocks = nn.ModuleDict({m: nn.ModuleList([CoAttentionBlock(h, heads, ff, p, ln)
+                                                              for _ in range(c.layers)])
                                             for m in modalities if m != "L"})
             # a glimpse layer closes every block but the last: seq_len glimpses added back to the sequence
-            self.block_glimpses = nn.ModuleDict({m: nn.ModuleList([GlimpseLayer(c.hidden_size, c.seq_len, glimpse_mlp,
-                                                                                dropout=c.dropout, merge=False)
+            self.block_glimpses = nn.ModuleDict({m: nn.ModuleList([GlimpseLayer(h, c.seq_len, glimpse_mlp,
+                                                                                dropout=p, merge=False)
                                                                    for _ in range(c.layers - 1)])
                                                  for m in modalities})
-            self.block_norms = nn.ModuleDict({m: nn.ModuleList([layer_norm(c.hidden_size, ln)
-                                                                for _ in range(c.layers - 1)]) for m in modalities})
+            self.block_norms = nn.ModuleDict({m: nn.ModuleList([layer_norm(h, ln) for _ in range(c.layers - 1)])
+                                              for m in modalities})
         out = c.final_glimpse_mult * c.hidden_size  # 2 * hidden in the reference code
         self.final_glimpse = nn.ModuleDict({m: GlimpseLayer(c.hidden_size, 1, glimpse_mlp, dropout=c.dropout,
                                                             merge=True, out_size=out) for m in modalities})
