@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from nbsupport import flops, train
+from nbsupport import evidence, flops, train
 from nbsupport.data import SPLITS, collate_mesm, collate_umons, handcrafted_dataset, mesm_dataset, umons_dataset
 from nbsupport.data.text import load_tokenizer
 from nbsupport.models import mesm as mesm_models
@@ -71,7 +71,8 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
     on the validation split), with per-emotion thresholds chosen on validation by F1 when
     ``thresholds="validation"`` (Dai et al. 2021, Sec. 4.3), then the test split with those thresholds.
-    Returns ``(row, fit_result)``; ``row`` has ``model``, ``modalities``, ``task``, the task's metrics
+    Returns ``(row, fit_result)``; ``fit_result.extra["test"]`` holds the test decisions
+    (:class:`nbsupport.evidence.Predictions`) that intervals are computed from; ``row`` has ``model``, ``modalities``, ``task``, the task's metrics
     (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time).
     End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
     it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column.
@@ -81,7 +82,10 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
                     seed=seed, thresholds=thresholds, patience=patience, checkpoint_dir=checkpoint_dir,
                     progress=progress, desc=name)
     seconds = time.perf_counter() - t0
-    test = train.evaluate(res.model, loaders["test"], task=task, device=device, thresholds=res.thresholds)
+    logits, labels, ids = train.predict(res.model, loaders["test"], task=task, device=device)
+    test = train.compute_metrics(logits, labels, task, res.thresholds)
+    # the decisions behind every interval the chapters print (nbsupport.evidence)
+    res.extra["test"] = evidence.predictions_from(logits, labels, ids, task=task, thresholds=res.thresholds)
     row = {"model": name, "modalities": res.model.modalities, "task": task, **{k: float(v) for k, v in test.items()},
            "n_params": res.n_params, "epochs": epochs, "best_epoch": res.best_epoch, "seconds": round(seconds, 2)}
     if isinstance(res.model, mesm_models.EndToEndModel):
