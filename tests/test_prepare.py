@@ -3,6 +3,7 @@
 end-to-end loaders and one MESM training step. Frame identity, audio content and label order are checked
 against the source arrays the test encoded; every kind of bad video has its own test."""
 import csv
+import fractions
 import pickle
 import shutil
 import subprocess
@@ -255,6 +256,35 @@ def test_bad_video_corrupt_frame(tmp_path, speech, capsys):
     bad.write_bytes(bytes(data))
     line = _bad_run(tmp_path, speech, bad, [("corrupt", 0, 1.0, 2.5)], capsys)
     assert "corrupt" in line
+
+
+def test_bad_video_missing_frames(tmp_path, speech, capsys):
+    """Frames 1.33-2.67 s absent from the stream (a decoder that drops corrupt frames leaves such a gap)."""
+    (tmp_path / "videos").mkdir()
+    bad = tmp_path / "videos" / "gap.mp4"
+    c = av.open(str(bad), "w")
+    vs = c.add_stream("libx264", rate=FPS)
+    vs.width, vs.height, vs.pix_fmt, vs.time_base = SIDE, SIDE, "yuv420p", fractions.Fraction(1, FPS)
+    a = c.add_stream("aac", rate=16000)
+    a.layout = "mono"
+    for k in [k for k in range(120) if not 40 <= k < 80]:
+        f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_rgb(k)), format="rgb24")
+        f.pts = k
+        for p in vs.encode(f):
+            c.mux(p)
+    for p in vs.encode():
+        c.mux(p)
+    tone = (0.3 * np.sin(np.arange(64000) * 0.1)).astype(np.float32)
+    for i in range(0, 64000, 1024):
+        fr = av.AudioFrame.from_ndarray(tone[None, i:i + 1024].copy(), format="fltp", layout="mono")
+        fr.sample_rate, fr.pts = 16000, i
+        for p in a.encode(fr):
+            c.mux(p)
+    for p in a.encode():
+        c.mux(p)
+    c.close()
+    line = _bad_run(tmp_path, speech, bad, [("gap", 0, 1.0, 3.0)], capsys)
+    assert "no decodable frame at 1.50, 2.00, 2.50 s" in line
 
 
 def test_iemocap_two_speakers(tmp_path, speech):

@@ -268,6 +268,7 @@ def _decode_frames(container, stream, seg: Segment, interval_ms: float, where: s
     targets = np.arange(seg.start, seg.end - 1e-9, interval_ms / 1000.0)  # (n,) seconds
     best: dict = {}  # target index -> (distance, k, image)
     half = interval_ms / 2000.0
+    tol = min(half, 2.5 / fps)  # a kept frame lies within 2.5 frame periods of its target time
     container.seek(int(max(seg.start - 1.0, 0) / tb) + (stream.start_time or 0), stream=stream, backward=True)
     try:
         for frame in container.decode(stream):
@@ -278,7 +279,7 @@ def _decode_frames(container, stream, seg: Segment, interval_ms: float, where: s
                 break
             j = int(np.argmin(np.abs(targets - t)))
             d = abs(targets[j] - t)
-            if d <= half and (j not in best or d < best[j][0]):
+            if d <= tol and (j not in best or d < best[j][0]):
                 best[j] = (d, int(round(t * fps)), frame.to_ndarray(format="bgr24"))
     except av.error.FFmpegError as e:
         raise DataError(f"{where}: corrupt video data near {seg.start:.2f}-{seg.end:.2f} s ({e})") from None
