@@ -200,6 +200,33 @@ def test_mmsa_sentiment_end_to_end_metrics_on_the_raw_scale(mmsa):
     assert row["acc7"] == pytest.approx(acc7) and set(row) >= {"mae", "corr", "acc2"}
 
 
+def test_mmsa_aligned_mosi_sizes_without_lengths(tmp_path):
+    """CMU-MOSI's sizes (768/5/20) in an aligned file: no *_lengths keys, padding rows at the front."""
+    rng = np.random.default_rng(5)
+    data = {}
+    for s, n in SIZES.items():
+        d = _mmsa_split(rng, n, s, dims=(768, 5, 20), la=10, lv=10)
+        for key in ("audio", "vision"):
+            x = np.zeros_like(d[key])
+            for i in range(n):
+                m = d[f"{key}_lengths"][i]
+                x[i, x.shape[1] - m:] = d[key][i, :m]  # the same rows, padded in front
+            d[key] = x
+        d["_lens"] = (d.pop("audio_lengths"), d.pop("vision_lengths"))
+        data[s] = d
+    path = tmp_path / "aligned_50.pkl"
+    path.write_bytes(pickle.dumps({s: {k: v for k, v in d.items() if k != "_lens"} for s, d in data.items()}))
+    ds = formats.load_mmsa(path, "valid", dataset="mosi")
+    assert ds.feature_dims() == {"text": 768, "audio": 5, "video": 20}
+    for i in range(3):
+        m = data["valid"]["_lens"][1][i]
+        np.testing.assert_array_equal(ds[i]["video"].numpy(), data["valid"]["vision"][i, -m:])
+    _, loaders = protocol.loaders("umons", path, dataset="mosi", batch_size=4, seq_len=8, progress=False)
+    row, _ = protocol.train_umons("LAV", loaders, task="sentiment2", config=SMALL, epochs=1, device="cpu",
+                                  progress=False)
+    assert 0.0 <= row["acc2"] <= 1.0
+
+
 def test_mmsa_without_emotions_refuses_the_emotion_task(mmsa):
     path, _ = mmsa
     _, loaders = protocol.loaders("umons", path, batch_size=4, seq_len=8, progress=False)
