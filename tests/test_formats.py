@@ -15,7 +15,7 @@ import torch
 
 from nbsupport import protocol, train
 from nbsupport.base import ParameterError
-from nbsupport.data import DataError, EMOTIONS, collate_umons
+from nbsupport.data import DataError, EMOTIONS
 from nbsupport.data import formats
 from nbsupport.models import baselines
 from nbsupport.models.umons import UmonsConfig
@@ -30,7 +30,8 @@ SIZES = {"train": 12, "valid": 6, "test": 6}
 def _mmsa_split(rng, n, split, dims=(768, 74, 35), lt=10, la=12, lv=9):
     """One split with MMSA's keys and dtypes (unaligned_50.pkl): end-padded sequences plus lengths."""
     dt, da, dv = dims
-    ids = np.array([f"-vid{split}{i // 3}$_${i % 3}" for i in range(n)], dtype=object)  # real ids may start with '-'
+    # real ids may start with '-'
+    ids = np.array([f"-vid{split}{i // 3}$_${i % 3}" for i in range(n)], dtype=object)
     t_len = rng.integers(3, lt + 1, n)
     a_len, v_len = rng.integers(2, la + 1, n), rng.integers(2, lv + 1, n)
     text = np.zeros((n, lt, dt), np.float32)
@@ -264,7 +265,8 @@ def test_merge_emotions_by_video_id_then_emotion_training(mmsa, tmp_path):
     for i, uid in enumerate(ds.ids):
         assert ds[i]["emotion"].tolist() == truth[uid], uid
     _, loaders = protocol.loaders("umons", out, batch_size=4, seq_len=8, progress=False)
-    row, _ = protocol.train_umons("LA", loaders, task="emotion", config=SMALL, epochs=1, device="cpu", progress=False)
+    row, _ = protocol.train_umons("LA", loaders, task="emotion", config=SMALL, epochs=1, device="cpu",
+                                  progress=False)
     assert 0.0 <= row["wacc"] <= 1.0
 
 
@@ -285,14 +287,16 @@ def test_mult_iemocap_emotions_by_name_and_training(tmp_path):
     assert ds.emotion_names == ["ang", "hap", "neu", "sad"]  # the book's order, 'exc' and 'fru' absent
     lab = data["train"]["labels"]
     for i in range(4):
-        mult = {e: lab[i, j, 1] for j, e in enumerate(["neu", "hap", "sad", "ang"])}  # MulT: Neutral Happy Sad Angry
+        # MulT's order: Neutral, Happy, Sad, Angry
+        mult = {e: lab[i, j, 1] for j, e in enumerate(["neu", "hap", "sad", "ang"])}
         assert ds[i]["emotion"].tolist() == [mult[e] for e in ["ang", "hap", "neu", "sad"]]
         n = data["train"]["_lens"][i]
         np.testing.assert_array_equal(ds[i]["video"].numpy(), data["train"]["vision"][i, -n:])
         assert np.isnan(ds[i]["sentiment"])
     assert torch.isfinite(ds[0]["audio"]).all() and ds[0]["audio"][-1, 0] == 0
     _, loaders = protocol.loaders("umons", tmp_path, dataset="iemocap", batch_size=4, seq_len=8, progress=False)
-    row, _ = protocol.train_umons("LAV", loaders, config=SMALL, epochs=1, device="cpu", progress=False, n_emotions=4)
+    row, _ = protocol.train_umons("LAV", loaders, config=SMALL, epochs=1, device="cpu", progress=False,
+                                  n_emotions=4)
     assert 0.0 <= row["wacc"] <= 1.0
 
 
@@ -300,7 +304,8 @@ def test_mult_mosei_sentiment_ids_and_training(tmp_path):
     data = _mult_data(np.random.default_rng(4), iemocap=False)
     path = _write_mult(tmp_path / "mosei_senti_data_noalign.pkl", data)
     ds = formats.load_mult(path, "valid")
-    assert ds.ids[1] == "vvalid1_0.0_1.5" and ds[1]["sentiment"] == pytest.approx(float(data["valid"]["labels"][1, 0, 0]))
+    assert ds.ids[1] == "vvalid1_0.0_1.5"
+    assert ds[1]["sentiment"] == pytest.approx(float(data["valid"]["labels"][1, 0, 0]))
     with pytest.raises(DataError, match="IEMOCAP"):
         formats.load_mult(path, "valid", dataset="iemocap")
     _, loaders = protocol.loaders("handcrafted", path, batch_size=4, seq_len=8, progress=False)
@@ -353,9 +358,9 @@ def test_csd_handcrafted_loaders_and_a_baseline_step(csd):
     loss0 = None
     for _ in range(3):  # one optimiser step at a time on the same batch: the loss must go down
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["emotion"])
-        loss0 = loss0 if loss0 is not None else float(loss)
+        loss0 = loss0 if loss0 is not None else loss.item()
         opt.zero_grad(), loss.backward(), opt.step()
-    assert float(loss) < loss0
+    assert loss.item() < loss0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -249,7 +249,8 @@ def test_bad_video_corrupt_frame(tmp_path, speech, capsys):
     (tmp_path / "videos").mkdir()
     bad = encode(tmp_path / "videos" / "corrupt.mp4", speech, seconds=3.0)
     with av.open(str(bad)) as c:  # where source frame 45 (t = 1.5 s) is stored in the file
-        pkt = next(p for p in c.demux(video=0) if p.pts is not None and round(float(p.pts * p.time_base) * FPS) == 45)
+        pkt = next(p for p in c.demux(video=0)
+                   if p.pts is not None and round(float(p.pts * p.time_base) * FPS) == 45)
         pos, size = pkt.pos, pkt.size
     data = bytearray(bad.read_bytes())
     data[pos + 4:pos + size] = np.random.default_rng(1).integers(0, 256, size - 4, dtype=np.uint8).tobytes()

@@ -347,7 +347,8 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
                 raise DataError(f"{path}: [{split!r}]['text_bert'] has shape {tb.shape}, expected (N, 3, "
                                 f"{text.shape[1]}) (ids, mask, segment ids)")
             mask = tb[:, 1] > 0
-        mods["text"] = [text[i][mask[i]] if mask is not None and mask[i].any() else _unpad(text[i]) for i in range(n)]
+        mods["text"] = [text[i][mask[i]] if mask is not None and mask[i].any() else _unpad(text[i])
+                        for i in range(n)]
     for key, src in (("audio", "audio"), ("video", "vision")):
         if src in d:
             x = _finite(_array(d, src, path, split, ndim=3, n=n))
@@ -358,7 +359,8 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
     emotion, names = np.zeros((n, 0), np.float32), []
     if "emotion_labels" in d:
         names = [_text(v) for v in _array(d, "emotion_names", path, split, ndim=1)]
-        cols = emotion_columns(names, "mosei" if dataset == "mosi" else dataset, f"{path} [{split!r}]['emotion_names']")
+        cols = emotion_columns(names, "mosei" if dataset == "mosi" else dataset,
+                               f"{path} [{split!r}]['emotion_names']")
         emo = np.asarray(_array(d, "emotion_labels", path, split, ndim=2, n=n), np.float32)
         emotion = emo[:, [j for j, _ in cols]]
         names = [b for _, b in cols]
@@ -411,14 +413,16 @@ def load_mult(path, split: str, *, dataset: str | None = None, seq_len: int = 60
         raise DataError(f"{path}: [{split!r}] has none of 'text', 'audio', 'vision'")
     if labels.ndim == 3 and labels.shape[1:] == (4, 2):
         if dataset not in (None, "iemocap"):
-            raise DataError(f"{path}: [{split!r}]['labels'] are IEMOCAP's (N, 4, 2) emotions but dataset={dataset!r}")
+            raise DataError(f"{path}: [{split!r}]['labels'] are IEMOCAP's (N, 4, 2) emotions but "
+                            f"dataset={dataset!r}")
         present = np.argmax(labels, axis=-1).astype(np.float32)  # (N, 4), 1 = emotion present
         cols = emotion_columns(MULT_IEMOCAP_EMOTIONS, "iemocap", str(path))
         emotion, names = present[:, [j for j, _ in cols]], [b for _, b in cols]
         sent = np.full(n, np.nan, np.float32)
     elif labels.size == n:
         if dataset == "iemocap":
-            raise DataError(f"{path}: [{split!r}]['labels'] hold one sentiment per utterance, not IEMOCAP emotions")
+            raise DataError(f"{path}: [{split!r}]['labels'] hold one sentiment per utterance, not IEMOCAP "
+                            "emotions")
         sent, emotion, names = _sentiment(labels, path, split, "labels"), np.zeros((n, 0), np.float32), []
     else:
         raise DataError(f"{path}: [{split!r}]['labels'] has shape {labels.shape}; expected (N, 1, 1) sentiment or "
@@ -451,7 +455,8 @@ def _csd_roles(folder: Path) -> dict:
         for role, pattern in _CSD_ROLES:
             if pattern.search(p.name) or pattern.search(name):
                 if role in roles:
-                    raise DataError(f"{folder}: both {roles[role].name} and {p.name} look like the {role} sequence; "
+                    raise DataError(f"{folder}: both {roles[role].name} and {p.name} look like the {role} "
+                                    "sequence; "
                                     "keep one per role in the folder")
                 roles[role] = p
                 break
@@ -666,7 +671,8 @@ def detect_format(root, dataset: str = "mosei") -> tuple[str, Path]:
     if len(pickles) == 1:
         return _pickle_kind(pickles[0]), pickles[0]
     if len(pickles) > 1:
-        raise DataError(f"{root}: several data pickles ({', '.join(p.name for p in pickles)}); pass the one to read "
+        raise DataError(f"{root}: several data pickles ({', '.join(p.name for p in pickles)}); pass the one "
+                        "to read "
                         "as data_root")
     raise DataError(f"{root}: no data found: expected {prefix}_RAW_PROCESSED/ (raw), train_emotion.p (umons), "
                     "*.csd (csd), aligned_50.pkl / unaligned_50.pkl (mmsa) or <set>_data[_noalign].pkl (mult); "
@@ -676,7 +682,8 @@ def detect_format(root, dataset: str = "mosei") -> tuple[str, Path]:
 def resolve_format(root, data_format: str = "auto", dataset: str = "mosei") -> tuple[str, Path]:
     """Check ``data_format`` (one of :data:`DATA_FORMATS`) and return ``(format, path)``; ``"auto"`` detects."""
     if data_format not in DATA_FORMATS:
-        raise ParameterError(f"parameter 'data_format' must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
+        raise ParameterError(f"parameter 'data_format' must be one of {', '.join(DATA_FORMATS)}, "
+                             f"got {data_format!r}")
     if data_format == "auto":
         return detect_format(root, dataset)
     root = Path(root)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import math
 import os
 import pickle
@@ -125,7 +124,8 @@ def read_segments(path, dataset: str = "mosei") -> list[Segment]:
         rows = _load_pickle_safely(path)
         rows = [[k, *v] for k, v in rows.items()] if isinstance(rows, dict) else rows
         if not isinstance(rows, (list, tuple)):
-            raise DataError(f"{path}: expected a list of rows ['video[clip]', start, end], got {type(rows).__name__}")
+            raise DataError(f"{path}: expected a list of rows ['video[clip]', start, end], "
+                            f"got {type(rows).__name__}")
         for i, r in enumerate(rows):
             r = list(np.asarray(r, dtype=object).reshape(-1)) if not isinstance(r, (list, tuple)) else list(r)
             m = re.fullmatch(r"(.+)\[(\d+)\]", str(r[0])) if r else None
@@ -145,7 +145,8 @@ def read_segments(path, dataset: str = "mosei") -> list[Segment]:
                 if uid is None and video is not None and clip is not None:
                     uid = f"{video}_{clip}"
                 if uid is None:
-                    raise DataError(f"{path}: line {i} has no 'id' (nor 'video_id' + 'clip'); columns: {list(cols)}")
+                    raise DataError(f"{path}: line {i} has no 'id' (nor 'video_id' + 'clip'); "
+                                    f"columns: {list(cols)}")
                 if video is None:
                     video = _iemocap_dialogue(uid) if dataset == "iemocap" else str(uid).rsplit("_", 1)[0]
                 out.append(_segment(uid, video, _col(row, "start", "start_time"), _col(row, "end", "end_time"),
@@ -318,12 +319,14 @@ def _decode_audio(container, stream, seg: Segment, channels: int, where: str) ->
     wav = np.concatenate(chunks, axis=1)  # (C, n) from time `first`
     a, b = int(round((seg.start - first) * SR)), int(round((seg.end - first) * SR))
     if b - wav.shape[1] > END_TOLERANCE * SR:
-        raise DataError(f"{where}: the audio track ends at {first + wav.shape[1] / SR:.2f} s, before the segment's "
+        raise DataError(f"{where}: the audio track ends at {first + wav.shape[1] / SR:.2f} s, before the "
+                        "segment's "
                         f"end {seg.end:.2f} s")
     return np.ascontiguousarray(wav[:, max(a, 0):b], dtype=np.float32)
 
 
-def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei", img_interval: float = 500) -> dict:
+def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
+                      img_interval: float = 500) -> dict:
     """Cut one utterance out of its video into ``out_dir`` (atomic: a temporary folder, then a rename).
 
     Writes ``image_<k>.jpg`` (IEMOCAP: ``image_L_<k>.jpg`` / ``image_R_<k>.jpg``, the two halves of
@@ -426,7 +429,8 @@ def _default_splits(ids_by_video: dict) -> dict:
     """70/15/15 by a hash of the video id (no video spans two splits); by utterance below 3 videos."""
     keys = sorted(ids_by_video, key=lambda v: hashlib.sha1(v.encode()).hexdigest())
     if len(keys) < 3:
-        units = sorted((u for v in keys for u in ids_by_video[v]), key=lambda u: hashlib.sha1(u.encode()).hexdigest())
+        units = sorted((u for v in keys for u in ids_by_video[v]),
+                       key=lambda u: hashlib.sha1(u.encode()).hexdigest())
         groups = [[u] for u in units]
     else:
         groups = [ids_by_video[v] for v in keys]
@@ -521,8 +525,9 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
 
         prev = _load_pickle_safely(old)
         for uid, m in meta.items():
-            if "fps" not in m and isinstance(prev, dict) and isinstance(prev.get(uid), dict) and "fps" in prev[uid]:
-                m["fps"] = prev[uid]["fps"]
+            earlier = prev.get(uid) if isinstance(prev, dict) else None
+            if "fps" not in m and isinstance(earlier, dict) and "fps" in earlier:
+                m["fps"] = earlier["fps"]
     atomic_write(old, lambda fh: pickle.dump(meta, fh, protocol=4), "wb")
     if splits is not None:
         split_ids = _read_split_dir(Path(splits), segs)
@@ -542,12 +547,14 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
 def main(argv=None) -> int:
     """CLI of :func:`prepare`; exit code 1 when any utterance failed (summary on stderr), 2 on bad input."""
     ap = argparse.ArgumentParser(prog="python -m nbsupport.data.prepare", description=__doc__.split("\n")[0])
-    ap.add_argument("--videos", required=True, help="folder of videos named <video id>.<ext> (searched recursively)")
+    ap.add_argument("--videos", required=True,
+                    help="folder of videos named <video id>.<ext> (searched recursively)")
     ap.add_argument("--segments", required=True, help="segment table: .csv, UMONS d_*.pkl, or CMU ___ transcripts")
     ap.add_argument("--labels", required=True, help="labels: .csv (emotion columns by name) or CMU-MOSEI .csd")
     ap.add_argument("--out", required=True, help="data root to write (MOSEI_RAW_PROCESSED/, MOSEI_SPLIT/, ...)")
     ap.add_argument("--dataset", default="mosei", choices=tuple(EMOTIONS))
-    ap.add_argument("--splits", default=None, help="folder with {train,valid,test}_split.txt (utterance/video ids)")
+    ap.add_argument("--splits", default=None,
+                    help="folder with {train,valid,test}_split.txt (utterance/video ids)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--img-interval", type=float, default=500.0, help="ms between kept frames (MESM: 500)")
     ap.add_argument("--no-progress", action="store_true")
