@@ -203,6 +203,31 @@ def test_resumable_and_segment_table_forms(prepared, tmp_path):
     assert from_csv[0].id == "-6rXp3zJ3kc_0" and from_csv[0].video == "-6rXp3zJ3kc"
 
 
+def test_labels_from_the_sdk_label_sequence(prepared, tmp_path):
+    """CMU_MOSEI_Labels.csd: SDK column order, rows per video; each segment takes its overlapping row."""
+    import h5py
+
+    base, _ = prepared
+    sdk = ["sentiment", "happy", "sad", "anger", "surprise", "disgust", "fear"]
+    rows = {"-6rXp3zJ3kc": [(0.2, 1.6, dict(sentiment=2, happy=1)), (1.0, 3.0, dict(sentiment=-1, anger=1, fear=2))],
+            "abc_DEF": [(2.2, 3.9, dict(sentiment=1, surprise=0.3)), (0.5, 2.0, dict(sentiment=-2, sad=2))]}
+    with h5py.File(tmp_path / "CMU_MOSEI_Labels.csd", "w") as fh:
+        data = fh.create_group("All Labels").create_group("data")
+        for vid, rs in rows.items():
+            g = data.create_group(vid)
+            g.create_dataset("features", data=np.array([[r.get(n, 0) for n in sdk] for _, _, r in rs], float))
+            g.create_dataset("intervals", data=np.array([[s, e] for s, e, _ in rs]))
+    rep = P.prepare(base / "videos", base / "segments.csv", tmp_path / "CMU_MOSEI_Labels.csd", tmp_path / "out",
+                    progress=False)
+    assert not rep.failed and sorted(rep.unlabelled) == ["zz9_0", "zz9_1"]  # zz9 has no label rows
+    meta = pickle.loads((tmp_path / "out" / "MOSEI_RAW_PROCESSED" / "meta.pkl").read_bytes())
+    for vid, rs in rows.items():
+        for s, e, r in rs:
+            uid = next(f"{v}_{c}" for v, c, s2, e2 in SEGMENTS if v == vid and (s2, e2) == (s, e))
+            assert meta[uid]["label"] == [int(r.get(n, 0) > 0) for n in EMOTIONS["mosei"]], uid
+            assert meta[uid]["sentiment"] == r["sentiment"]
+
+
 def _bad_run(tmp_path, speech, bad_video, segments, capsys):
     """One good video and one bad one: the good utterance is prepared, the bad one fails alone."""
     (tmp_path / "videos").mkdir(exist_ok=True)
@@ -315,3 +340,14 @@ def test_iemocap_two_speakers(tmp_path, speech):
     assert meta["Ses01F_impro01_M001"]["label"] == "fru" and meta["Ses01F_impro01_F000"]["label"] == "neu"
     ids = [load_split(tmp_path / "out", "iemocap", s).ids for s in ("train", "valid", "test")]
     assert sorted(sum(ids, [])) == sorted(meta) and all(ids)
+
+
+def test_default_split_keeps_each_video_in_one_split():
+    by_video = {f"vid{v}": [f"vid{v}_{c}" for c in range(v % 3 + 1)] for v in range(10)}
+    splits = P._default_splits(by_video)
+    owner = {u: s for s, ids in splits.items() for u in ids}
+    assert sorted(owner) == sorted(u for us in by_video.values() for u in us)  # every utterance once
+    assert all(len({owner[u] for u in us}) == 1 for us in by_video.values())  # a video never spans two
+    n_videos = {s: len({u.rsplit("_", 1)[0] for u in ids}) for s, ids in splits.items()}
+    assert n_videos == {"train": 7, "valid": 2, "test": 1}  # round(0.7 * 10), round(0.15 * 10) = 2
+    assert P._default_splits(by_video) == splits  # a hash of the id, not a random draw
