@@ -44,8 +44,8 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
     ``data_format`` says what ``root`` holds (:mod:`nbsupport.data.formats`): ``"raw"`` (the MESM raw
     layout, features computed here), or pre-extracted features -- ``"umons"`` (UMONS pickles),
     ``"mmsa"`` (``aligned_50.pkl`` / ``unaligned_50.pkl``), ``"mult"`` (MulT pickles), ``"csd"``
-    (CMU-MultimodalSDK sequences) -- which feed ``"umons"`` and ``"handcrafted"`` as they are (held in
-    memory, ``collate_umons``); ``"auto"`` detects the form from the files.
+    (CMU-MultimodalSDK sequences) -- which feed ``"umons"`` and ``"handcrafted"`` as they are (read
+    once into memory, ``collate_umons``); ``"auto"`` detects the form from the files.
 
     Returns ``(datasets, loaders)``, dicts keyed by split.
     """
@@ -59,7 +59,7 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
                                  "`python -m nbsupport.data.prepare`")
         sets = {s: formats.feature_dataset(path, s, data_format=fmt, dataset=dataset, seq_len=seq_len,
                                            text_model=text_model) for s in SPLITS}
-        collate, in_memory = collate_umons, True
+        collate, in_memory = collate_umons, False  # already in memory; items are cut on the fly
     elif kind == "umons":
         sets = {s: umons_dataset(root, dataset, s, seq_len=seq_len) for s in SPLITS}
         collate, in_memory = collate_umons, True

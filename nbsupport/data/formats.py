@@ -253,10 +253,16 @@ class FeatureSplit(Dataset):
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
-    """Non-finite values (MMSA/MulT audio holds -inf) set to 0, as the authors' loaders do."""
+    """float32 with non-finite values (MMSA/MulT audio holds -inf) set to 0, as the authors' loaders do.
+
+    In place when ``x`` is already a writable float32 array (a full CMU-MOSEI pickle is several GB;
+    a copy would double it); the loaded pickle is not reused for anything else."""
     x = np.asarray(x, np.float32)
-    if not np.isfinite(x).all():
-        x = np.where(np.isfinite(x), x, np.float32(0))
+    bad = ~np.isfinite(x)
+    if bad.any():
+        if not x.flags.writeable:
+            x = x.copy()
+        x[bad] = 0.0
     return x
 
 
@@ -268,6 +274,14 @@ def _unpad(x: np.ndarray, length=None) -> np.ndarray:
         return x[:n]
     keep = np.abs(x).sum(1) > 0
     return x[keep] if keep.any() else x[:1]
+
+
+def _masked_rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The rows of ``x`` where ``mask`` is True (BERT's attention mask: a prefix, so a view), at least one."""
+    n = int(mask.sum())
+    if n == 0:
+        return x[:1]
+    return x[:n] if mask[:n].all() else x[mask]
 
 
 def _split_dict(top, split: str, path: Path) -> dict:
@@ -347,8 +361,7 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
                 raise DataError(f"{path}: [{split!r}]['text_bert'] has shape {tb.shape}, expected (N, 3, "
                                 f"{text.shape[1]}) (ids, mask, segment ids)")
             mask = tb[:, 1] > 0
-        mods["text"] = [text[i][mask[i]] if mask is not None and mask[i].any() else _unpad(text[i])
-                        for i in range(n)]
+        mods["text"] = [_masked_rows(text[i], mask[i]) if mask is not None else _unpad(text[i]) for i in range(n)]
     for key, src in (("audio", "audio"), ("video", "vision")):
         if src in d:
             x = _finite(_array(d, src, path, split, ndim=3, n=n))
@@ -748,8 +761,12 @@ def main(argv=None) -> int:
         for split in SPLITS:
             ds = feature_dataset(path, split, data_format=fmt, dataset=args.dataset)
             dims = ds.feature_dims() if hasattr(ds, "feature_dims") else {}
-            names = getattr(ds, "emotion_names", "?")
-            print(f"  {split}: {len(ds)} utterances, features {dims}, emotions {names}")
+            names = getattr(ds, "emotion_names", EMOTIONS["mosei"])
+            sent = getattr(ds, "sentiment", None)
+            labels = f"emotions {', '.join(names)}" if names else "no emotion labels (merge-emotions adds them)"
+            if sent is not None and np.isfinite(sent).any():
+                labels += f"; sentiment in [{np.nanmin(sent):.2f}, {np.nanmax(sent):.2f}]"
+            print(f"  {split}: {len(ds)} utterances, features {dims}, {labels}")
         return 0
     except (DataError, ParameterError) as e:
         print(f"error: {e}", file=sys.stderr)
