@@ -346,6 +346,24 @@ def test_csd_dimension_names_metadata_wins(tmp_path):
     assert out["__names__"] == EMOTIONS["mosei"] and out["v"][2][0].tolist() == [0, 0, 0, 0, 0, 1.0]
 
 
+def test_csd_umons_step_with_the_sdk_feature_sizes(csd):
+    from nbsupport.models.umons import UmonsTransformer, input_dims_from
+
+    folder, _ = csd
+    _, loaders = protocol.loaders("umons", folder, data_format="csd", batch_size=5, seq_len=8, progress=False)
+    batch = next(iter(loaders["train"]))
+    assert input_dims_from(batch) == {"L": 300, "A": 74, "V": 35}  # read from the data, not the synthetic sizes
+    torch.manual_seed(0)
+    model = UmonsTransformer("LAV", 6, config=SMALL, input_dims=input_dims_from(batch))
+    model.fit_input_normalisation(loaders["train"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["emotion"])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_csd_handcrafted_loaders_and_a_baseline_step(csd):
     folder, _ = csd
     sets, loaders = protocol.loaders("handcrafted", folder, batch_size=4, seq_len=8, progress=False)
