@@ -135,12 +135,13 @@ def _cached_pickle(path: Path):
     return _PICKLES[key]
 
 
-def read_csd(path) -> tuple[str, dict, dict]:
+def read_csd(path, videos=None) -> tuple[str, dict, dict]:
     """Read a CMU-MultimodalSDK computational sequence (``.csd``, HDF5 via h5py) -> ``(name, data, metadata)``.
 
-    ``data`` = {video id: (features (n, D), intervals (n, 2) seconds)}, ``metadata`` = {key: value}
-    (the SDK stores each value JSON-encoded in a one-element string dataset). DataError naming the
-    file and the key for anything else (Chapter 2, "Running on your data")."""
+    ``data`` = {video id: (features (n, D), intervals (n, 2) seconds)} for every video, or only those
+    in ``videos`` (a full COVAREP sequence is gigabytes); ``metadata`` = {key: value} (the SDK stores
+    each value JSON-encoded in a one-element string dataset). ``"__width__"`` in ``metadata`` is the
+    feature width D. DataError naming the file and the key for anything else (Chapter 2)."""
     import h5py
 
     path = Path(path)
@@ -159,8 +160,12 @@ def read_csd(path) -> tuple[str, dict, dict]:
         if "data" not in grp:
             raise DataError(f"{path}: key '{name}/data' missing (expected <name>/data/<video id>/{{features, "
                             "intervals}})")
-        data = {}
+        data, width = {}, None
         for vid, entry in grp["data"].items():
+            if width is None and "features" in entry:
+                width = int(np.prod(entry["features"].shape[1:]))
+            if videos is not None and vid not in videos:
+                continue
             for k in ("features", "intervals"):
                 if k not in entry:
                     raise DataError(f"{path}: key '{name}/data/{vid}/{k}' missing")
@@ -178,6 +183,7 @@ def read_csd(path) -> tuple[str, dict, dict]:
                 meta[k] = json.loads(raw)
             except (TypeError, ValueError):
                 meta[k] = raw
+        meta["__width__"] = width
     return name, data, meta
 
 
@@ -562,8 +568,8 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60) -
     for key in ("text", "audio", "video"):
         if key not in roles:
             continue
-        _, data, _ = read_csd(roles[key])
-        dim = next(iter(data.values()))[0].shape[1]
+        _, data, meta = read_csd(roles[key], videos={v for _, v, _ in utts})
+        dim = meta["__width__"] or 1
         seqs = []
         for _, vid, k in utts:
             s, e = labels[vid][0][k]
