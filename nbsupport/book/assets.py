@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from nbsupport.base import atomic_write_text
+
 __all__ = ["VendorPackage", "PACKAGES", "ensure_assets", "missing_assets", "AssetError", "main", "setup",
            "open_locally_html", "results_table_html"]
 
@@ -299,7 +301,6 @@ def ensure_assets(static_dir: str | os.PathLike, *, npm: str = "npm", force: boo
         fetched.append(_install_one(pkg, vendor, npm))
     cdn = vendor / WIDGETS_CDN_DIR
     cdn.mkdir(exist_ok=True)
-    from nbsupport.base import atomic_write_text
 
     for path, text in ((cdn / "README.txt", _WIDGETS_CDN_README), (vendor / WIDGETS_SETUP, _WIDGETS_SETUP_JS)):
         if not path.is_file() or path.read_text() != text:
