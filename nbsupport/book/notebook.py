@@ -32,7 +32,7 @@ __all__ = [
     "atomic_write_json", "METRIC_NAMES",
 ]
 
-#: Metric names shared by every chapter's ``metrics.json`` (DESIGN.md).
+#: Metric names shared by every chapter's ``metrics.json`` (the Design page, "Notebook conventions").
 METRIC_NAMES = ("wacc", "acc", "f1", "auc", "acc2", "acc7", "mae", "corr", "macs", "seconds", "n_params")
 
 
@@ -228,7 +228,7 @@ def _unknown_message(name: str, known: Iterable[str]) -> str:
 
 
 def check_metrics(data: Mapping[str, Any]) -> None:
-    """Check the shape DESIGN.md fixes for ``metrics.json``: parameters dict, results list of rows with model/modalities."""
+    """Check the one shape of ``metrics.json``: parameters dict, results list of rows with model/modalities."""
     if not isinstance(data, Mapping):
         raise ValueError("metrics.json: top level must be an object")
     if not isinstance(data.get("parameters"), Mapping):

@@ -25,7 +25,7 @@ name**: the SDK's label order (sentiment, happy, sad, anger, surprise, disgust, 
 (anger, disgust, fear, happy, sad, surprise), and mixing the two by position silently swaps emotions.
 
 ``data_format="auto"`` (:func:`detect_format`) tells the forms apart from the files. Pickles are read
-with a restricted unpickler: plain containers and NumPy arrays only, never code.
+with :mod:`nbsupport.data.safe_pickle`: plain containers and NumPy arrays only, never code.
 
 CLI::
 
@@ -35,7 +35,6 @@ CLI::
 """
 from __future__ import annotations
 
-import _compat_pickle
 import argparse
 import json
 import pickle
@@ -50,6 +49,7 @@ from torch.utils.data import Dataset
 from nbsupport.base import ParameterError, atomic_write
 
 from .common import EMOTIONS, SPLITS, DataError, check_split
+from .safe_pickle import load_pickle
 
 __all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS", "FeatureSplit",
            "detect_format", "resolve_format", "feature_dataset", "load_mmsa", "load_mult", "load_csd",
@@ -82,56 +82,18 @@ _MULT_RE = re.compile(r"^(mosei_senti|mosi|iemocap)_data(_noalign)?\.pkl$")
 # ----------------------------------------------------------------------------------------------
 # Safe pickles and HDF5
 # ----------------------------------------------------------------------------------------------
-_SAFE_GLOBALS = frozenset(
-    {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray",
-                               "int", "float", "complex", "bool", "slice")}
-    | {("collections", "OrderedDict"), ("_codecs", "encode")}
-    | {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
-    | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
-    | {("numpy", "ndarray"), ("numpy", "dtype")}
-    | {("numpy.dtypes", n) for n in ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType",
-                                     "Int32DType", "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType",
-                                     "UInt64DType", "BoolDType", "StrDType", "BytesDType", "ObjectDType")})
-
-
-class _DataUnpickler(pickle.Unpickler):
-    # Hand-written: the standard library's documented "restricting globals" pattern; no maintained
-    # library offers an allow-list unpickler for NumPy data. Python 2 names are mapped as pickle does.
-    def find_class(self, module, name):
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refused global '{module}.{name}' (a pickle can run code when loaded; "
-                                         "only containers, numbers, strings and NumPy arrays are read)")
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError(f"refused persistent id {pid!r}")
-
-
-def _load_pickle_safely(path):
-    """Unpickle ``path`` allowing only builtin containers/scalars and NumPy arrays (Python 2 pickles
-    read with latin1, as NumPy documents); DataError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file missing")
-    try:
-        with open(path, "rb") as fh:
-            return _DataUnpickler(fh, encoding="latin1").load()
-    except Exception as e:
-        raise DataError(f"{path}: cannot read pickle ({type(e).__name__}: {e})") from None
-
-
 _PICKLES: dict = {}
 
 
 def _cached_pickle(path: Path):
     """One read of a (large) pickle for its three splits: cached by path, size and mtime."""
+    if not path.is_file():
+        raise DataError(f"{path}: data pickle missing")
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _PICKLES:
         _PICKLES.clear()  # keep at most one corpus in memory
-        _PICKLES[key] = _load_pickle_safely(path)
+        _PICKLES[key] = load_pickle(path, "data pickle")
     return _PICKLES[key]
 
 
@@ -616,7 +578,7 @@ def merge_emotions(mmsa_path, labels_csd, out=None) -> dict:
     result to ``out`` atomically when given. Returns ``{split: (matched, total)}``.
     """
     mmsa_path = Path(mmsa_path)
-    top = dict(_load_pickle_safely(mmsa_path))
+    top = dict(load_pickle(mmsa_path, "MMSA pickle"))
     labels = csd_emotion_labels(labels_csd, "mosei")
     names = labels.pop("__names__")
     if len(names) != 6:

@@ -57,6 +57,7 @@ import numpy as np
 from nbsupport.base import atomic_write, atomic_write_json, atomic_write_text
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset
+from .safe_pickle import load_pickle
 
 __all__ = ["Segment", "read_segments", "read_labels", "prepare", "prepare_utterance", "main", "VIDEO_EXTENSIONS"]
 
@@ -119,9 +120,7 @@ def read_segments(path, dataset: str = "mosei") -> list[Segment]:
         raise DataError(f"{path}: segment table missing")
     out: list[Segment] = []
     if path.suffix in (".pkl", ".p", ".pickle"):
-        from .formats import _load_pickle_safely
-
-        rows = _load_pickle_safely(path)
+        rows = load_pickle(path, "segment table")
         rows = [[k, *v] for k, v in rows.items()] if isinstance(rows, dict) else rows
         if not isinstance(rows, (list, tuple)):
             raise DataError(f"{path}: expected a list of rows ['video[clip]', start, end], "
@@ -521,9 +520,7 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
         meta[uid] = m
     old = raw_dir / "meta.pkl"
     if old.is_file():  # keep the frame rates recorded by earlier runs
-        from .formats import _load_pickle_safely
-
-        prev = _load_pickle_safely(old)
+        prev = load_pickle(old, "meta.pkl")
         for uid, m in meta.items():
             earlier = prev.get(uid) if isinstance(prev, dict) else None
             if "fps" not in m and isinstance(earlier, dict) and "fps" in earlier:
