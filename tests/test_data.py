@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from nbsupport.data import (EMOTIONS, DataError, collate_mesm, collate_umons, handcrafted_dataset, load_split,
+from nbsupport.data import (DataError, collate_mesm, collate_umons, handcrafted_dataset, load_split,
                             load_umons_pickles, mesm_dataset, speaker_side, synth, umons_dataset,
                             umons_pickle_dataset)
 from nbsupport.data import features as F
@@ -159,7 +159,7 @@ def test_umons_pickles(tmp_path):
     # column 3 of the CMU-MOSEI SDK order (happy, sad, anger, surprise, disgust, fear) is surprise,
     # the last of the book's order (anger, disgust, fear, happy, sad, surprise)
     assert raw[0]["emotion"].tolist() == [0, 0, 0, 0, 0, 1] and raw[0]["sentiment"] == 1.5
-    book_order = load_umons_pickles(tmp_path, "test", emotion_order=EMOTIONS["mosei"])
+    book_order = load_umons_pickles(tmp_path, "test", emotion_order=["anger", "disgust", "fear", "happy", "sad", "surprise"])
     assert book_order[0]["emotion"].tolist() == [0, 0, 0, 1, 0, 0]
     b = collate_umons([umons_pickle_dataset(tmp_path, "test")[i] for i in range(2)])
     assert b["audio"].shape == (2, 60, 80) and b["text"].shape == (2, 3, 384) and "video" not in b

@@ -95,18 +95,27 @@ def test_acc2_has0_and_non0_on_a_vector_with_zeros():
     assert M.acc2_has0(t, p) == pytest.approx(2 / 5)
 
 
-def test_emotion_columns_are_mapped_by_name():
-    from nbsupport.data import EMOTIONS, MOSEI_SDK_EMOTIONS, DataError, reorder_emotions
+def test_umons_pickle_emotions_are_mapped_by_name(tmp_path):
+    import pickle
 
-    sdk = np.array([[1, 2, 3, 4, 5, 6]])  # happy, sad, anger, surprise, disgust, fear
-    assert reorder_emotions(sdk, MOSEI_SDK_EMOTIONS).tolist() == [[3, 5, 6, 1, 2, 4]]  # anger ... surprise
-    mesm = ["anger", "disgust", "fear", "happiness", "sadness", "surprise"]  # MESM's annotation names
-    assert reorder_emotions(sdk, mesm).tolist() == sdk.tolist()
-    assert EMOTIONS["mosei"] == ["anger", "disgust", "fear", "happy", "sad", "surprise"]
-    with pytest.raises(DataError, match="must name each"):
-        reorder_emotions(sdk, ["happy", "sad", "anger", "surprise", "disgust", "joy"])
-    with pytest.raises(DataError, match="label columns"):
-        reorder_emotions(sdk[:, :5], MOSEI_SDK_EMOTIONS)
+    from nbsupport.base import ParameterError
+    from nbsupport.data import EMOTIONS, load_umons_pickles
+
+    # one utterance per SDK column: happy, sad, anger, surprise, disgust, fear
+    ids = [f"u{k}" for k in range(6)]
+    emo = {u: [1.0 if j == k else 0.0 for j in range(6)] for k, u in enumerate(ids)}
+    files = {"sentences": {u: ["a", "word"] for u in ids}, "mels": {u: np.zeros((3, 80)) for u in ids},
+             "emotion": emo}
+    for k, v in files.items():
+        (tmp_path / f"test_{k}.p").write_bytes(pickle.dumps(v))
+    raw = load_umons_pickles(tmp_path, "test")
+    named = [EMOTIONS["mosei"][int(np.argmax(raw.labels[k]))] for k in range(6)]
+    assert named == ["happy", "sad", "anger", "surprise", "disgust", "fear"]  # same emotion, book's column
+    alpha = load_umons_pickles(tmp_path, "test", emotion_order=["anger", "disgust", "fear", "happiness",
+                                                                 "sadness", "surprise"])
+    assert [int(np.argmax(alpha.labels[k])) for k in range(6)] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ParameterError, match="emotion_order"):
+        load_umons_pickles(tmp_path, "test", emotion_order=["happy", "sad", "anger", "surprise", "disgust", "joy"])
 
 
 def test_paired_bootstrap_difference():

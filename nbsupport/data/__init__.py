@@ -4,8 +4,6 @@ Public names
 ------------
 Labels and errors
     ``EMOTIONS`` -- {"mosei": [anger, disgust, fear, happy, sad, surprise], "iemocap": [ang, exc, fru, hap, neu, sad]};
-    ``MOSEI_SDK_EMOTIONS`` -- the CMU-MOSEI SDK's column order (UMONS's pickles); ``reorder_emotions``
-    maps label columns to ``EMOTIONS`` by name;
     ``DataError`` -- bad data on disk (message names the file/field and what was expected).
 Corpus
     ``ensure_corpus(root=None, n=600, seed=0, style="mosei", **knobs) -> Path`` -- real data root or cached
@@ -35,7 +33,7 @@ Features (module :mod:`nbsupport.data.features`)
 """
 from pathlib import Path
 
-from .common import DATASETS, EMOTIONS, MOSEI_SDK_EMOTIONS, SPLITS, DataError, check_dataset, reorder_emotions
+from .common import DATASETS, EMOTIONS, SPLITS, DataError, check_dataset
 from .corpus import corpus_cache_root, ensure_corpus
 from .datasets import (FEATURE_VERSION, FeatureDataset, collate_mesm, collate_umons, feature_cache_root,
                        handcrafted_dataset, mesm_dataset, umons_dataset, umons_pickle_dataset)
@@ -45,8 +43,7 @@ from .text import load_tokenizer
 from .raw import (_PREFIX, RawSplit, load_split, load_umons_pickles, read_audio, read_cues, read_frame,
                   speaker_side, utterance_folders)
 
-__all__ = ["DATASETS", "EMOTIONS", "MOSEI_SDK_EMOTIONS", "reorder_emotions", "SPLITS", "DataError",
-           "ensure_corpus", "corpus_cache_root", "generate_corpus",
+__all__ = ["DATASETS", "EMOTIONS", "SPLITS", "DataError", "ensure_corpus", "corpus_cache_root", "generate_corpus",
            "load_cues", "read_cues", "load_split", "RawSplit", "load_umons_pickles", "read_audio", "read_frame",
            "speaker_side",
            "mesm_dataset", "umons_dataset", "handcrafted_dataset", "umons_pickle_dataset", "collate_mesm",

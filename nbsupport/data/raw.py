@@ -36,8 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import (EMOTIONS, MOSEI_SDK_EMOTIONS, SPLITS, DataError, check_dataset, check_split,
-                     reorder_emotions)
+from nbsupport.base import ParameterError
+
+from .common import EMOTIONS, SPLITS, DataError, check_dataset, check_split
+from .formats import SDK_MOSEI_LABELS, emotion_columns
 from .safe_pickle import load_pickle
 
 __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", "sample_frame_positions",
@@ -430,12 +432,17 @@ class UmonsPickleSplit(Dataset):
     ``sentiment``. Every entry is checked on load (DataError naming the file, the id and the field); the
     pickles are read with :mod:`nbsupport.data.safe_pickle`. The emotion columns are in ``emotion_order``
     (default: the CMU-MOSEI SDK's, happy, sad, anger, surprise, disgust, fear) and are mapped by name to
-    the book's order ``EMOTIONS["mosei"]``.
+    the book's order ``EMOTIONS["mosei"]`` (:func:`nbsupport.data.formats.emotion_columns`).
     """
 
-    def __init__(self, folder, split: str, emotion_order=tuple(MOSEI_SDK_EMOTIONS)):
+    def __init__(self, folder, split: str, emotion_order=SDK_MOSEI_LABELS[1:]):
         check_split(split)
         folder = Path(folder)
+        columns = emotion_columns(emotion_order, "mosei", "UmonsPickleSplit: parameter 'emotion_order'")
+        if len(columns) != 6 or len(emotion_order) != 6:
+            raise ParameterError(f"UmonsPickleSplit: parameter 'emotion_order' must name the 6 emotions "
+                                 f"{EMOTIONS['mosei']} once each, got {list(emotion_order)}")
+        order = [j for j, _ in columns]  # source column of each book emotion
         sen_path, mel_path = folder / f"{split}_sentences.p", folder / f"{split}_mels.p"
         self.sentences = load_pickle(sen_path, "UMONS sentences pickle")
         self.mels = load_pickle(mel_path, "UMONS mel pickle")
@@ -455,7 +462,7 @@ class UmonsPickleSplit(Dataset):
                     raise DataError(f"{path}: id {uid!r} of {emo_path.name} missing")
             where = f"[id {uid!r}]"
             presence = _emotion_vector("mosei", self.emotion[uid], f"{emo_path} {where}", "emotion")
-            self.labels.append(reorder_emotions(presence, emotion_order, where=f"{emo_path} {where}"))
+            self.labels.append(presence[order])  # source order -> the book's, by name
             self.scores.append(_sentiment_value(self.sentiment.get(uid), f"{sent_path} {where}"))
             self.words.append(self._words(self.sentences[uid], f"{sen_path} {where}"))
             self._check_mel(self.mels[uid], f"{mel_path} {where}")
@@ -494,7 +501,7 @@ class UmonsPickleSplit(Dataset):
                 "emotion": torch.from_numpy(self.labels[i].copy()), "sentiment": self.scores[i]}
 
 
-def load_umons_pickles(folder, split: str, emotion_order=tuple(MOSEI_SDK_EMOTIONS)) -> UmonsPickleSplit:
+def load_umons_pickles(folder, split: str, emotion_order=SDK_MOSEI_LABELS[1:]) -> UmonsPickleSplit:
     """Read UMONS's pre-extracted pickles of one split (see :class:`UmonsPickleSplit`; emotion columns in
     ``emotion_order``, the CMU-MOSEI SDK's by default, mapped by name to the book's order)."""
     return UmonsPickleSplit(folder, split, emotion_order)
