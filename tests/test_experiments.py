@@ -204,7 +204,8 @@ def test_unreachable_scheduler_is_a_clear_error(toy_nb, tmp_path, capsys, monkey
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
-    assert ex.main(["run", str(toy_nb), "--out", str(tmp_path / "o"), "--scheduler", address, "--no-progress"]) == 2
+    argv = ["run", str(toy_nb), "--out", str(tmp_path / "o"), "--scheduler", address, "--no-progress"]
+    assert ex.main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot connect to the Dask scheduler" in err and address in err
 
@@ -313,8 +314,8 @@ def test_collect_merges_folders_and_failing_points_go_on(toy_nb, tmp_path, fake_
     assert {"x", "lr", "smoke", "name"} <= set(df.attrs["parameters"])  # notebook defaults recorded too
     # the failed point runs again on resume (and still fails), the finished ones do not
     n = len(fake_papermill)
-    again = ex.run_sweep(toy_nb, tmp_path / "b", grid={"x": [3]}, params={"fail": True}, scheduler=inproc_client,
-                         progress=False)
+    again = ex.run_sweep(toy_nb, tmp_path / "b", grid={"x": [3]}, params={"fail": True},
+                         scheduler=inproc_client.cluster, progress=False)  # a cluster object works too
     assert [r.status for r in again] == ["FAILED"] and len(fake_papermill) == n + 1
 
 
@@ -434,7 +435,8 @@ def test_resume_after_killing_the_driver_runs_every_point_once(toy_nb, tmp_path)
     try:
         # wait until point 1 is finished and point 2's kernel is running (its temporary folder exists)
         while time.time() < deadline:
-            if (out / "x=1" / ex.DONE).exists() and any(w == "start" and x == 2 for w, x, *_ in _log_lines(log)):
+            started = [x for w, x, *_ in _log_lines(log) if w == "start"]
+            if (out / "x=1" / ex.DONE).exists() and 2 in started:
                 break
             assert proc.poll() is None, "sweep ended before it could be killed"
             time.sleep(0.1)
@@ -501,8 +503,9 @@ def dask_cluster(tmp_path_factory):
             cmd = [_dask_cli(), "worker", address, "--host", "127.0.0.1", "--name", name, "--nthreads", "1",
                    "--resources", "GPU=1", "--no-dashboard", "--local-directory", str(where / name),
                    "--death-timeout", "120"]
-            procs.append(subprocess.Popen(cmd, cwd=where, env=_env(CUDA_VISIBLE_DEVICES=gpu), start_new_session=True,
-                                          stdout=open(where / f"{name}.log", "w"), stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, cwd=where, env=_env(CUDA_VISIBLE_DEVICES=gpu),
+                                          start_new_session=True, stdout=open(where / f"{name}.log", "w"),
+                                          stderr=subprocess.STDOUT))
         with Client(address, timeout=120) as client:
             client.wait_for_workers(2, timeout=180)
         yield address

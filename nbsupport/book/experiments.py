@@ -69,7 +69,8 @@ from .notebook import check_metrics, environment
 __all__ = [
     "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "parse_resources", "expand_grid",
     "point_name", "notebook_parameters", "check_parameters", "point_state", "run_sweep", "collect", "main",
-    "summary", "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook", "metrics_rows",
+    "summary", "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook",
+    "metrics_rows",
 ]
 
 DONE = "DONE"
@@ -547,6 +548,10 @@ def _params_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return norm(a) == norm(b)
 
 
+def _duration(folder: Path) -> float:
+    return _read_json(folder / "run.json").get("duration_s", 0.0)
+
+
 def _requested(folder: Path) -> dict | None:
     """The parameters a finished point was asked to run with (``run.json``; older folders: ``params.json``)."""
     run = _read_json(folder / "run.json")
@@ -576,7 +581,7 @@ def _commit(tmp: Path, final: Path, scratch: Path) -> bool:
 
 
 def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) -> PointResult:
-    """Run one point under its claim: skip it if finished, else run papermill and install its folder atomically."""
+    """Run one point under its claim: skip it if finished, else run papermill, install its folder atomically."""
     import papermill as pm
 
     env = dict(env or {})
@@ -585,7 +590,7 @@ def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) ->
     with _claim(out, point.name):
         state, _ = point_state(final)
         if state == DONE:  # finished by another execution of this point (a Dask retry, an earlier driver)
-            return PointResult(point.name, "SKIPPED", final, _read_json(final / "run.json").get("duration_s", 0.0))
+            return PointResult(point.name, "SKIPPED", final, _duration(final))
         scratch = out / PARTIAL / point.name
         shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an execution that died; we hold the claim
         tmp = scratch / uuid.uuid4().hex[:8]
@@ -628,15 +633,16 @@ def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) ->
         atomic_write_json(tmp / "run.json", {
             "point": point.name, "status": status, "parameters": point.params, "requested": point.recorded,
             "error": error, "notebook": str(job.notebook), "grid": point.grid_values, "started": started,
-            "finished": _now(), "duration_s": round(duration, 3), "host": socket.gethostname(), "worker": worker,
-            "env": env, "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
+            "finished": _now(), "duration_s": round(duration, 3), "host": socket.gethostname(),
+            "worker": worker, "env": env,
+            "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
             "writes_metrics": job.pass_output_dir, **job.provenance})
         if status == DONE:
             atomic_write_text(tmp / DONE, _now() + "\n")  # last file of a complete point
         installed = _commit(tmp, final, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
     if not installed:
-        return PointResult(point.name, "SKIPPED", final, _read_json(final / "run.json").get("duration_s", 0.0))
+        return PointResult(point.name, "SKIPPED", final, _duration(final))
     return PointResult(point.name, status, final, duration, error)
 
 
@@ -728,7 +734,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
               resources: str | Mapping[str, float] | None = None, kernel: str = "python3",
               cwd: str | os.PathLike | None = None, timeout: float | None = None,
               progress: bool = True) -> list[PointResult]:
-    """Run ``notebook`` once per grid point into ``out/<point>/`` as Dask tasks; resumable, crash safe (Chapter 8).
+    """Run ``notebook`` once per grid point into ``out/<point>/`` as Dask tasks, resumable (Chapter 8).
 
     ``params`` are fixed for every point, ``grid`` maps a parameter to the values to sweep. Every
     name and value type is checked against the notebook's parameters cell before anything runs
@@ -755,7 +761,8 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
     res = parse_resources(resources)
     if scheduler is not None:
         if workers is not None:
-            raise SweepError("workers sizes the local cluster; with a scheduler its workers decide (drop --workers)")
+            raise SweepError("workers sizes the local cluster; with a scheduler, its workers decide "
+                             "(drop --workers)")
         if gpus:
             raise SweepError("gpus describes local workers; on a cluster start one worker per GPU with "
                              "CUDA_VISIBLE_DEVICES and --resources GPU=1, and pass resources GPU=1")
@@ -792,8 +799,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
                 if old is None or not _params_equal(old, p.recorded):
                     raise SweepError(f"{str(folder)!r} already holds a finished point with other parameters "
                                      f"({old}); use another --out or delete it")
-                results[p.name] = PointResult(p.name, "SKIPPED", folder,
-                                              _read_json(folder / "run.json").get("duration_s", 0.0))
+                results[p.name] = PointResult(p.name, "SKIPPED", folder, _duration(folder))
             else:
                 todo.append(p)
                 if state == CORRUPT:
@@ -817,7 +823,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
 
 def _run_on_dask(todo: list[Point], job: _Job, scheduler: Any, workers: int | None, gpus: list[str],
                  resources: Mapping[str, float], progress: bool, initial: int) -> dict[str, PointResult]:
-    """Submit one task per point (grid order first), gather results as they finish; the driver of :func:`run_sweep`."""
+    """The driver of :func:`run_sweep`: one Dask task per point (grid order first), results as they finish."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -876,8 +882,9 @@ def collect(*dirs: str | os.PathLike):
     Parameter columns (from each point's ``params.json``: what the point ran with) sit next to the
     metric columns of the result rows, with ``point``, ``status``, ``duration_s`` and ``folder``.
     ``status`` is ``DONE``, ``FAILED``, or ``CORRUPT`` (a DONE marker but no valid ``metrics.json``,
-    see :func:`point_state`); only ``DONE`` points contribute metrics, the others one row of NaN. Several directories (or
-    one directory holding copies from several machines) are merged. A parameter whose name is also
+    see :func:`point_state`); only ``DONE`` points contribute metrics, the others one row of NaN.
+    Several directories (or one directory holding copies from several machines) are merged. A
+    parameter whose name is also
     a result key (e.g. ``modalities``) becomes ``param_<name>``; the result row keeps the plain name.
     ``df.attrs["parameters"]`` lists the parameter columns.
     """
@@ -949,19 +956,22 @@ def column(df, name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m nbsupport.book.experiments",
-                                 description="Papermill sweeps over a chapter's parameters, run on Dask (Chapter 8).")
+                                 description="Papermill sweeps of a chapter's parameters, on Dask (Chapter 8).")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a notebook once per grid point (resumable)")
     r.add_argument("notebook")
-    r.add_argument("--out", required=True, help="sweep directory (one folder per point; shared storage on a cluster)")
+    r.add_argument("--out", required=True,
+                   help="sweep directory (one folder per point; on shared storage for a cluster)")
     r.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="fixed parameter, value parsed like papermill -p (3, 0.5, True, None, LA, [1,2])")
     r.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="parameter to sweep (cartesian product over all --grid options)")
     r.add_argument("--workers", type=int, default=None,
-                   help="processes of the local Dask cluster, one point each at a time (default 1, or one per GPU)")
+                   help="processes of the local Dask cluster, one point each at a time (default 1, "
+                        "or one per GPU)")
     r.add_argument("--gpus", default=None,
-                   help="local cluster: comma list of GPU ids; worker k's kernel gets CUDA_VISIBLE_DEVICES=gpus[k %% n]")
+                   help="local cluster: comma list of GPU ids; worker k's kernel gets "
+                        "CUDA_VISIBLE_DEVICES=gpus[k %% n]")
     r.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on an existing Dask cluster, e.g. tcp://HOST:8786 (dask scheduler / dask worker)")
     r.add_argument("--resources", default=None, metavar="NAME=N",
@@ -999,8 +1009,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SweepError(f"--grid {name} given twice")
             grid[name] = values
         results = run_sweep(args.notebook, args.out, params=params, grid=grid, workers=args.workers,
-                            gpus=args.gpus, scheduler=args.scheduler, resources=args.resources, kernel=args.kernel,
-                            cwd=args.cwd, timeout=args.timeout, progress=not args.no_progress)
+                            gpus=args.gpus, scheduler=args.scheduler, resources=args.resources,
+                            kernel=args.kernel, cwd=args.cwd, timeout=args.timeout,
+                            progress=not args.no_progress)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
