@@ -14,12 +14,15 @@ worker by both drivers, interleaved within each repetition so that both see the 
 
 Two measures, each as mean, 95 % t-interval over repetitions, min and max:
 
+* the time a fresh Python spends importing ``distributed`` (paid once by each command-line sweep; the
+  sweeps below run in one process with it imported);
 * from the wall time of ``run_sweep`` at the smallest and largest N, per driver and repetition, a fixed
   part (cluster start and stop) and a per-point part (the slope), and the paired differences
   dask - threadpool: the overhead Dask adds per sweep and per point;
 * *driver time* = wall time - the papermill time of the points (the ``duration_s`` each ``run.json``
-  records), per point: time outside the point runs (the per-point kernel start through Dask's worker
-  is inside the papermill time, so the wall-time slope is the one to quote).
+  records), per point: time outside the point runs, and its paired difference dask - threadpool;
+* the papermill time per point, paired difference dask - threadpool (kernels are slower under Dask
+  only by their launcher, which makes a kernel die with its worker; timed alone as well).
 
 Writes the JSON and a PNG next to it.
 """
@@ -87,6 +90,25 @@ def one_sweep(driver, notebook: Path, n: int, where: Path) -> dict:
             "driver_per_point_s": (wall - papermill) / n}
 
 
+def import_seconds(module: str) -> float:
+    """Wall time a fresh Python spends importing ``module`` (minus a bare start): a once-per-driver cost."""
+    def run(code: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        return time.perf_counter() - t0
+    return run(f"import {module}") - run("pass")
+
+
+def wrapper_seconds() -> float:
+    """Extra start time of one kernel: the launcher that makes it die with its Dask worker (Linux)."""
+    def run(cmd: list[str]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        return time.perf_counter() - t0
+    true = [sys.executable, "-c", "pass"]  # the kernel's own start is the same with or without the launcher
+    return run([*dask_driver._kernel_launcher(), *true]) - run(true)
+
+
 def interval(values: list[float]) -> dict:
     """Mean, 95 % t-interval, min and max of repeated measurements."""
     m = statistics.fmean(values)
@@ -104,6 +126,10 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(v) for v in args.points.split(",")]
     drivers = {"dask": dask_driver, "threadpool": threadpool_driver(args.baseline_ref)}
+    # once per driver process: importing distributed (the sweeps below run with it imported)
+    imports = [import_seconds("distributed") for _ in range(args.repeats)]
+    launcher = [wrapper_seconds() for _ in range(3 * args.repeats)]
+    import distributed  # noqa: F401
     rows = []
     with tempfile.TemporaryDirectory(prefix="sweep_overhead_") as tmp:
         notebook = trivial_notebook(Path(tmp) / "trivial.ipynb")
@@ -114,11 +140,13 @@ def main() -> None:
                     row = {"driver": name, "repeat": rep, **one_sweep(drivers[name], notebook, n, Path(tmp))}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    per_point, paired, fixed = {}, {}, {}
+    per_point, paired, fixed, papermill_diff = {}, {}, {}, {}
     for n in sizes:
         sel = lambda d: [r["driver_per_point_s"] for r in rows if r["driver"] == d and r["n"] == n]  # noqa: E731
         per_point[n] = {d: interval(sel(d)) for d in drivers}
         paired[n] = interval([a - b for a, b in zip(sel("dask"), sel("threadpool"))])
+        pm = lambda d: [r["papermill_s"] / n for r in rows if r["driver"] == d and r["n"] == n]  # noqa: E731
+        papermill_diff[n] = interval([a - b for a, b in zip(pm("dask"), pm("threadpool"))])
     lo, hi = min(sizes), max(sizes)
     if hi > lo:  # wall time = fixed + per_point * N, per driver and repetition; then dask - threadpool, paired
         fit = {}
@@ -130,14 +158,17 @@ def main() -> None:
         fixed["dask_minus_threadpool"] = {
             "per_point_s": interval([a - b for a, b in zip(fit["dask"][0], fit["threadpool"][0])]),
             "fixed_s": interval([a - b for a, b in zip(fit["dask"][1], fit["threadpool"][1])])}
-    result = {"rows": rows, "driver_time_per_point_s": per_point, "dask_minus_threadpool_per_point_s": paired,
+    result = {"rows": rows, "import_distributed_s": interval(imports), "kernel_launcher_s": interval(launcher),
+              "papermill_per_point_dask_minus_threadpool_s": papermill_diff, "driver_time_per_point_s": per_point, "dask_minus_threadpool_per_point_s": paired,
               "fixed_and_marginal": fixed, "baseline_ref": args.baseline_ref,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "load_average_at_end": os.getloadavg()}}
     out = Path(args.out)
     atomic_write_json(out, result)
     plot(rows, out.with_suffix(".png"))
-    print(json.dumps({k: result[k] for k in ("dask_minus_threadpool_per_point_s", "fixed_and_marginal")}, indent=1))
+    keys = ("import_distributed_s", "kernel_launcher_s", "dask_minus_threadpool_per_point_s",
+            "papermill_per_point_dask_minus_threadpool_s")
+    print(json.dumps({k: result[k] for k in keys}, indent=1))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -14,7 +14,7 @@ directory::
                         versions, host and Dask worker
         DONE            marker, present only when the point succeeded
 
-Points run as Dask tasks (``distributed``): on a local cluster of ``--workers`` processes by
+Points run as Dask tasks (``distributed``): on a local cluster of ``--workers`` workers by
 default, or on an existing cluster with ``--scheduler tcp://HOST:8786`` (workers started with
 ``dask worker``, or by ``dask_jobqueue.SLURMCluster``). Every machine must see the sweep directory at
 the same path (shared storage): points write their folders there, and the driver only collects
@@ -448,16 +448,22 @@ def point_state(folder: str | os.PathLike) -> tuple[str, str]:
         expects = (folder / "metrics.json").exists()
     if expects:
         try:
-            data = json.loads((folder / "metrics.json").read_text())
-        except FileNotFoundError:
-            return CORRUPT, "metrics.json is missing"
-        except (OSError, ValueError) as exc:
-            return CORRUPT, f"metrics.json does not parse ({exc})"
-        try:
-            check_metrics(data)
+            _load_metrics(folder / "metrics.json")
         except ValueError as exc:
             return CORRUPT, str(exc)
     return DONE, ""
+
+
+def _load_metrics(path: Path) -> dict:
+    """``metrics.json`` parsed and checked (``notebook.check_metrics``); a ValueError says what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError("metrics.json is missing (the notebook did not call run.write_metrics)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"metrics.json does not parse ({exc})") from None
+    check_metrics(data)
+    return data
 
 
 @contextlib.contextmanager
@@ -518,6 +524,13 @@ _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ppid = os.getppid(); "
                     "os.getppid() == ppid or os._exit(1); os.execvp(sys.argv[1], sys.argv[1:])")
 
 
+def _kernel_launcher() -> list[str]:
+    """Command prefix that starts a kernel so that it dies with its worker (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT]  # -I -S: no site packages, starts in ~0.1 s
+
+
 def _kernel_manager(extra_env: Mapping[str, str]):
     """A jupyter_client kernel manager class for one point's kernel.
 
@@ -530,7 +543,7 @@ def _kernel_manager(extra_env: Mapping[str, str]):
     class _PointKernelManager(AsyncKernelManager):
         def format_kernel_cmd(self, extra_arguments=None):  # noqa: D401 - jupyter_client API
             cmd = super().format_kernel_cmd(extra_arguments)
-            return [sys.executable, "-c", _DIE_WITH_PARENT, *cmd] if sys.platform.startswith("linux") else cmd
+            return [*_kernel_launcher(), *cmd]
 
         async def start_kernel(self, **kw):  # noqa: D401 - jupyter_client API
             kw["env"] = {**os.environ, **kw.get("env", {}), **extra_env}
@@ -614,12 +627,9 @@ def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) ->
             atomic_write_text(tmp / "error.txt", traceback.format_exc())
         duration = time.perf_counter() - t0
         ran = requested
-        if status == DONE and job.pass_output_dir:
-            metrics = _read_json(tmp / "metrics.json")
+        if status == DONE and job.pass_output_dir:  # finished = a metrics.json of the shared shape
             try:
-                if not (tmp / "metrics.json").exists():
-                    raise ValueError("metrics.json: the notebook did not write it (run.write_metrics)")
-                check_metrics(metrics)
+                metrics = _load_metrics(tmp / "metrics.json")
             except ValueError as exc:
                 status, error = "FAILED", str(exc)
             else:  # what ran: the notebook's own validated parameters (after e.g. a smoke-size shrink)
@@ -691,20 +701,18 @@ def _clean_partial(out: Path) -> None:
 def _dask_client(scheduler: Any, workers: int, gpus: list[str], resources: Mapping[str, float]):
     """A ``distributed.Client``: on a new local cluster, or on ``scheduler`` (address, Client or Cluster).
 
-    The local cluster has ``workers`` processes of one thread each (one point at a time per worker),
-    listens on 127.0.0.1 only and has no dashboard. Its workers keep the caller's thread settings:
-    Dask would set ``OMP_NUM_THREADS=1`` in them (and so in every kernel) when the variable is unset.
+    The local cluster is a ``LocalCluster`` of ``workers`` workers of one thread each (one point at a
+    time per worker) inside this process (``processes=False``, in-process transport, no port, no
+    dashboard): a point's work happens in its own kernel process, so a worker only supervises
+    papermill, and in-process workers start in a fraction of a second instead of a fresh Python
+    with its imports per worker (measured by ``benchmarks/sweep_overhead.py``). Kernels inherit
+    this process's environment unchanged.
     """
-    import dask
     from distributed import Client, LocalCluster
 
     if scheduler is None:
-        no_thread_caps = {f"distributed.nanny.pre-spawn-environ.{v}": None
-                          for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        with dask.config.set(no_thread_caps):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
-                                   resources=dict(resources) or None)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None,
+                               silence_logs=logging.ERROR, resources=dict(resources) or None)
         try:
             with Client(cluster) as client:
                 yield client
@@ -740,7 +748,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
     name and value type is checked against the notebook's parameters cell before anything runs
     (:class:`SweepError`, via :func:`check_parameters`). Points run as Dask tasks:
 
-    * ``scheduler=None``: on a local cluster of ``workers`` processes (default 1, or one per GPU);
+    * ``scheduler=None``: on a local cluster of ``workers`` workers (default 1, or one per GPU);
       ``gpus`` (e.g. ``"0,1"``) gives worker k's kernel ``CUDA_VISIBLE_DEVICES=gpus[k % n]`` and each
       worker the resource ``GPU=1``;
     * ``scheduler="tcp://HOST:8786"`` (or a ``distributed.Client``, or a cluster object such as
@@ -967,7 +975,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="parameter to sweep (cartesian product over all --grid options)")
     r.add_argument("--workers", type=int, default=None,
-                   help="processes of the local Dask cluster, one point each at a time (default 1, "
+                   help="workers of the local Dask cluster, one point each at a time (default 1, "
                         "or one per GPU)")
     r.add_argument("--gpus", default=None,
                    help="local cluster: comma list of GPU ids; worker k's kernel gets "
