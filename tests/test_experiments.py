@@ -258,7 +258,7 @@ def inproc_client():
     """A Dask client on an in-process cluster (threads), so the stand-in papermill is what runs."""
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    cluster = LocalCluster(**ex._LOCAL_CLUSTER, n_workers=2)  # the sweep's own local cluster settings
     try:
         with Client(cluster) as client:
             yield client
@@ -496,13 +496,13 @@ def dask_cluster(tmp_path_factory):
     address = f"tcp://127.0.0.1:{port}"
     procs = []
     try:
-        cmd = [_dask_cli(), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+        loopback = ["--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0"]  # HTTP too
+        cmd = [_dask_cli(), "scheduler", *loopback, "--port", str(port)]
         procs.append(subprocess.Popen(cmd, cwd=where, env=_env(), start_new_session=True,
                                       stdout=open(where / "scheduler.log", "w"), stderr=subprocess.STDOUT))
         for name, gpu in (("machine-a", "3"), ("machine-b", "5")):
-            cmd = [_dask_cli(), "worker", address, "--host", "127.0.0.1", "--name", name, "--nthreads", "1",
-                   "--resources", "GPU=1", "--no-dashboard", "--local-directory", str(where / name),
-                   "--death-timeout", "120"]
+            cmd = [_dask_cli(), "worker", address, *loopback, "--name", name, "--nthreads", "1",
+                   "--resources", "GPU=1", "--local-directory", str(where / name), "--death-timeout", "120"]
             procs.append(subprocess.Popen(cmd, cwd=where, env=_env(CUDA_VISIBLE_DEVICES=gpu),
                                           start_new_session=True, stdout=open(where / f"{name}.log", "w"),
                                           stderr=subprocess.STDOUT))

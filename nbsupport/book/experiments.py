@@ -697,13 +697,20 @@ def _clean_partial(out: Path) -> None:
         partial.rmdir()  # only when empty
 
 
+# The local cluster: in-process workers of one thread (one point each at a time); no dashboard, and the
+# HTTP endpoints Dask always opens (health, metrics) on loopback, not on every interface (its default).
+_LOCAL_CLUSTER = dict(threads_per_worker=1, processes=False, dashboard_address=None,
+                      scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                      worker_dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+
+
 @contextlib.contextmanager
 def _dask_client(scheduler: Any, workers: int, gpus: list[str], resources: Mapping[str, float]):
     """A ``distributed.Client``: on a new local cluster, or on ``scheduler`` (address, Client or Cluster).
 
     The local cluster is a ``LocalCluster`` of ``workers`` workers of one thread each (one point at a
-    time per worker) inside this process (``processes=False``, in-process transport, no port, no
-    dashboard): a point's work happens in its own kernel process, so a worker only supervises
+    time per worker) inside this process (``processes=False``, in-process transport, HTTP endpoints
+    on loopback only, no dashboard): a point's work happens in its own kernel process, so a worker only supervises
     papermill, and in-process workers start in a fraction of a second instead of a fresh Python
     with its imports per worker (measured by ``benchmarks/sweep_overhead.py``). Kernels inherit
     this process's environment unchanged.
@@ -711,8 +718,7 @@ def _dask_client(scheduler: Any, workers: int, gpus: list[str], resources: Mappi
     from distributed import Client, LocalCluster
 
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None,
-                               silence_logs=logging.ERROR, resources=dict(resources) or None)
+        cluster = LocalCluster(**_LOCAL_CLUSTER, n_workers=workers, resources=dict(resources) or None)
         try:
             with Client(cluster) as client:
                 yield client
