@@ -195,6 +195,10 @@ def install_bundle(ctx: Context) -> dict:
         raise CheckError(f"{manifest_path}: no bundle manifest; build the bundle with `make gpu-bundle` on a "
                          "machine with PyPI and name .gpu_bundle in the device tool's carry")
     manifest = json.loads(manifest_path.read_text())
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if manifest.get("python", here) != here:
+        raise CheckError(f"{manifest_path}: the bundle is for Python {manifest['python']}, this is Python {here}; "
+                         "rebuild it with benchmarks/gpu_bundle.py for this machine")
     ctx.site.mkdir(parents=True, exist_ok=True)
     details: dict = dict(bundle=str(ctx.bundle), built=manifest.get("built"))
     wheels = sorted((ctx.bundle / "wheels").glob("*.whl"))
@@ -462,8 +466,13 @@ def build_steps(ctx: Context, only: list[str] | None = None) -> list[Step]:
         chapter6_step(ctx),
     ]
     steps[-1].review = lambda r: review_chapter6(ctx, r)
-    if ctx.selftest and not (ctx.bundle / "manifest.json").is_file():
-        steps[0].skip_reason = f"no bundle at {ctx.bundle} (CPU self-test: this environment has the packages)"
+    if ctx.selftest:  # never put another Python's wheels on this environment's path
+        manifest = ctx.bundle / "manifest.json"
+        built_for = json.loads(manifest.read_text()).get("python") if manifest.is_file() else None
+        if built_for != f"{sys.version_info.major}.{sys.version_info.minor}":
+            steps[0].skip_reason = (f"CPU self-test: no bundle for this Python at {ctx.bundle}"
+                                    + (f" (it is for Python {built_for})" if built_for else "")
+                                    + "; this environment has the packages")
     if only:
         steps = [s for s in steps if s.name in only]
     return steps

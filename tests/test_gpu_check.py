@@ -228,6 +228,19 @@ def test_install_without_a_manifest_says_how_to_build_one(tmp_path):
         gc.install_bundle(_ctx(tmp_path, bundle=tmp_path / "empty"))
 
 
+def test_a_bundle_for_another_python_is_refused_and_never_installed_by_the_selftest(tmp_path):
+    bundle = _bundle(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "python": "2.7"}))
+    with pytest.raises(gc.CheckError, match="for Python 2.7"):
+        gc.install_bundle(_ctx(tmp_path, selftest=False, bundle=bundle))
+    steps = gc.build_steps(_ctx(tmp_path, bundle=bundle))
+    assert "it is for Python 2.7" in steps[0].skip_reason
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "python": here}))
+    assert gc.build_steps(_ctx(tmp_path, bundle=bundle))[0].skip_reason is None
+
+
 def test_text_weights_round_trip_through_fp16(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -389,7 +402,8 @@ def test_cpu_selftest_end_to_end(tmp_path):
     CPU, chapter 6 with smoke=True; every result file is written and the run ends with status 0."""
     out = tmp_path / "gpu_check"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-selftest",
-                           "--out", str(out), "--work", str(tmp_path / "work"), "--budget", "1100"],
+                           "--out", str(out), "--work", str(tmp_path / "work"), "--budget", "1100",
+                           "--bundle", str(tmp_path / "no-bundle")],
                           capture_output=True, text=True, cwd=ROOT, timeout=1150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(gc.RESULT_FILES)
