@@ -419,3 +419,22 @@ def test_cpu_selftest_end_to_end(tmp_path):
     nb = json.loads((out / "06_mesm_cuda.ipynb").read_text())
     assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
     assert "CPU SELF-TEST" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("page", ["README.md", "book/performance.md"])
+def test_the_documented_device_call_parses_and_leaves_room_for_the_report(tmp_path, page):
+    """The `run(...)` call the README and the Performance page give a GPU session: its command parses with
+    this script's options, it carries the bundle, and its time-out covers the budget plus the write-up."""
+    import re
+    import shlex
+
+    text = (ROOT / page).read_text()
+    call = re.search(r'run\(command="(?P<cmd>[^"]+)",\s*carry=\[(?P<carry>[^\]]*)\],\s*timeout_s=(?P<t>\d+)\)', text)
+    assert call, f"{page} has no run(command=..., carry=[...], timeout_s=...) call"
+    words = shlex.split(call["cmd"].replace("$OUT", str(tmp_path / "OUT")))
+    assert words[:3] == ["PYTHONUNBUFFERED=1", "python3", "benchmarks/gpu_check.py"]
+    (tmp_path / ".gpu_bundle").mkdir()
+    argv = [str(tmp_path / ".gpu_bundle") if w == ".gpu_bundle" else w for w in words[3:]]
+    args = gc.parse_args(argv)
+    assert json.loads(f"[{call['carry']}]") == [".gpu_bundle"]
+    assert args.budget + 60 <= int(call["t"]) <= 600 and args.budget <= 8 * 60
