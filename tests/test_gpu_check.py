@@ -39,8 +39,8 @@ def _ctx(tmp_path, selftest=True, budget=60.0, bundle=None):
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir(exist_ok=True)
     work.mkdir(exist_ok=True)
-    return gc.Context(out=out, work=work, bundle=bundle or tmp_path / "no-bundle", selftest=selftest, budget=budget,
-                      ch6=dict(n_utterances=480, epochs=6, batch_size=8))
+    return gc.Context(out=out, work=work, bundle=bundle or tmp_path / "no-bundle", selftest=selftest,
+                      budget=budget, ch6=dict(n_utterances=480, epochs=6, batch_size=8))
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -142,7 +142,8 @@ def test_schedule_gives_a_fast_steps_time_to_the_next_and_skips_when_none_is_lef
 
 def test_without_cuda_the_gpu_steps_are_skipped_with_the_reason(tmp_path):
     ctx = _ctx(tmp_path, selftest=False)
-    steps = [gc.Step("environment", func=lambda: {"cuda_available": False}), gc.Step("test_sparse_cuda", argv=_py("")),
+    steps = [gc.Step("environment", func=lambda: {"cuda_available": False}),
+             gc.Step("test_sparse_cuda", argv=_py("")),
              gc.Step("sparse_vs_dense", argv=_py("")), gc.Step("chapter6", argv=_py(""))]
     res = gc.run_steps(steps, ctx, shares={s.name: 1 for s in steps},
                        after=lambda done: gc.gate_on_gpu(steps, done, ctx))
@@ -178,6 +179,26 @@ def test_chapter6_parameters_from_the_paper_preset(tmp_path):
         gc.chapter6_parameters(_ctx(tmp_path), {}, {"device": 1, "seed": 1})
 
 
+def test_paper_sizes_are_read_from_the_package_in_a_child_process(tmp_path):
+    sizes = gc.paper_sizes(_ctx(tmp_path, selftest=False))
+    # Dai et al. 2021, Sec. 4.2: CNN stem 64, sparse blocks 128/256/512, transformer dim 64, 4 layers, 4 heads
+    assert {k: sizes[k] for k in ("stem_channels", "block_channels", "dim", "layers", "heads")} == dict(
+        stem_channels=64, block_channels=[128, 256, 512], dim=64, layers=4, heads=4)
+
+
+def test_environment_review_fails_without_cuda_and_degrades_without_spconv(tmp_path):
+    def review(selftest, **env):
+        res = dict(status="ok", output_tail="noise\nENV" + json.dumps(env), details={})
+        gc.review_environment(_ctx(tmp_path, selftest=selftest), res)
+        return res
+
+    assert review(False, cuda_available=False, sparse_backend="torch-rulebook")["status"] == "failed"
+    degraded = review(False, cuda_available=True, sparse_backend="torch-rulebook", gpu="NVIDIA H200")
+    assert degraded["status"] == "degraded" and degraded["details"]["gpu"] == "NVIDIA H200"
+    assert review(False, cuda_available=True, sparse_backend="spconv")["status"] == "ok"
+    assert review(True, cuda_available=False, sparse_backend="torch-rulebook")["status"] == "ok"
+
+
 # ------------------------------------------------------------------------------------------ install
 def _wheel(folder: Path, name: str, body: str) -> Path:
     whl = folder / f"{name}-1.0-py3-none-any.whl"
@@ -185,7 +206,8 @@ def _wheel(folder: Path, name: str, body: str) -> Path:
     with zipfile.ZipFile(whl, "w") as zf:
         zf.writestr(f"{name}/__init__.py", body)
         zf.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-        zf.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{dist}/WHEEL",
+                    "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr(f"{dist}/RECORD", "")
     return whl
 
@@ -283,18 +305,22 @@ def test_random_text_weights_fit_the_carried_architecture(tmp_path):
 def _fake_results():
     return [
         dict(name="install", status="degraded", seconds=12.3, timeout_s=58, command=None, returncode=None,
-             output_tail="", outputs=[], details=dict(wheels=49, text_weights="RANDOM weights", note="spconv absent")),
+             output_tail="", outputs=[],
+             details=dict(wheels=49, text_weights="RANDOM weights", note="spconv absent")),
         dict(name="environment", status="ok", seconds=4.0, timeout_s=30, command=["python"], returncode=0,
              output_tail="", outputs=[], details=dict(gpu="NVIDIA H200", driver="580.1", capability="9.0",
-                                                      cpu_count=16, python="3.12.3", torch="2.11.0", torch_cuda="13.0",
+                                                      cpu_count=16, python="3.12.3", torch="2.11.0",
+                                                      torch_cuda="13.0",
                                                       spconv=None, sparse_backend="torch-rulebook",
                                                       backend_description="torch-rulebook (spconv absent)")),
         dict(name="test_sparse_cuda", status="skipped", seconds=3.0, timeout_s=60, command=["pytest"], returncode=0,
              output_tail="", outputs=["test_sparse_cuda.txt"],
-             details=dict(passed=0, failed=0, skipped=11, errors=0, reason="every test skipped: spconv is not installed")),
+             details=dict(passed=0, failed=0, skipped=11, errors=0,
+                          reason="every test skipped: spconv is not installed")),
         dict(name="sparse_vs_dense", status="ok", seconds=40.0, timeout_s=100, command=["bench"], returncode=0,
              output_tail="", outputs=["sparse_vs_dense_cuda.json"],
-             details=dict(rows=[dict(modality="faces", batch=8, top_p=0.7, sparse_seconds=0.0123, dense_seconds=0.0041,
+             details=dict(rows=[dict(modality="faces", batch=8, top_p=0.7, sparse_seconds=0.0123,
+                                     dense_seconds=0.0041,
                                      time_ratio=3.0, macs_ratio=0.45, sparse_peak_gpu_mb=210.4,
                                      dense_peak_gpu_mb=180.6)])),
         dict(name="chapter6", status="failed", seconds=200.0, timeout_s=200, command=None, returncode=None,
@@ -313,10 +339,10 @@ def test_summary_and_report_show_every_step_and_the_numbers(tmp_path):
     on_disk = json.loads((ctx.out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["overall"] == "failed" and on_disk["mode"] == "gpu" and on_disk["seconds_total"] == 259.3
-    assert [s["name"] for s in on_disk["steps"]] == ["install", "environment", "test_sparse_cuda", "sparse_vs_dense",
-                                                     "chapter6"]
-    assert on_disk["files"] == sorted(["06_mesm_cuda.ipynb", "report.md", "sparse_vs_dense_cuda.json", "summary.json",
-                                       "test_sparse_cuda.txt"])  # no metrics file was written
+    assert [s["name"] for s in on_disk["steps"]] == ["install", "environment", "test_sparse_cuda",
+                                                     "sparse_vs_dense", "chapter6"]
+    assert on_disk["files"] == sorted(["06_mesm_cuda.ipynb", "report.md", "sparse_vs_dense_cuda.json",
+                                       "summary.json", "test_sparse_cuda.txt"])  # no metrics file was written
     report = (ctx.out / "report.md").read_text()
     assert "# GPU check of the book's sparse path: GPU" in report and "**failed**" in report
     assert "NVIDIA H200 (driver 580.1, capability 9.0), 16 CPUs" in report
@@ -329,7 +355,8 @@ def test_summary_and_report_show_every_step_and_the_numbers(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bundle plan
 TABLE = {
-    "papermill": ("2.7.0", ["nbclient>=0.2", "tqdm", "black; extra == 'black'", "aiohttp>=3.9; python_version>='3.12'",
+    "papermill": ("2.7.0", ["nbclient>=0.2", "tqdm", "black; extra == 'black'",
+                            "aiohttp>=3.9; python_version>='3.12'",
                             "typing-extensions; python_version<'3.8'"]),
     "nbclient": ("0.11.0", ["jupyter-client>=6", "traitlets"]),
     "jupyter-client": ("8.10.0", ["traitlets", "tornado>=6.2", "pywin32; sys_platform == 'win32'"]),
@@ -356,7 +383,8 @@ def test_plan_walks_requirements_for_the_device_python_and_leaves_its_packages()
     assert plan.archived == {"spconv-cu126": "2.3.8", "cumm-cu126": "0.7.11"}  # CPU builds swapped for CUDA ones
     assert sorted(plan.on_device) == ["aiohttp", "numpy", "sympy", "tqdm"]  # aiohttp: python_version>='3.12' holds
     assert "spconv-cu126==2.3.8" in plan.requirements() and "black" not in str(plan.requirements())
-    on_311 = gb.requirement_closure(["papermill"], _lookup, dict(gb.TARGET_ENV, python_version="3.11"), stop=device)
+    on_311 = gb.requirement_closure(["papermill"], _lookup, dict(gb.TARGET_ENV, python_version="3.11"),
+                                    stop=device)
     assert "aiohttp" not in on_311 and on_311["tqdm"] is None
 
 
@@ -378,7 +406,8 @@ def test_plan_of_this_environment_matches_requirements_txt():
 
 def test_carry_budget_keeps_optional_parts_only_while_they_fit():
     mib = 2**20
-    b = gb.carry_budget(1 * mib, {"site.tar.xz": 40 * mib, "w.whl": 10 * mib}, {"text.xz": 41 * mib, "small": 5 * mib})
+    b = gb.carry_budget(1 * mib, {"site.tar.xz": 40 * mib, "w.whl": 10 * mib},
+                        {"text.xz": 41 * mib, "small": 5 * mib})
     assert b["required_bytes"] == 51 * mib and b["kept"] == ["small"] and b["dropped"] == ["text.xz"]
     assert b["total_bytes"] == 56 * mib and b["fits"] and b["margin_bytes"] == 8 * mib
     over = gb.carry_budget(30 * mib, {"site.tar.xz": 40 * mib}, {})
@@ -429,7 +458,8 @@ def test_the_documented_device_call_parses_and_leaves_room_for_the_report(tmp_pa
     import shlex
 
     text = (ROOT / page).read_text()
-    call = re.search(r'run\(command="(?P<cmd>[^"]+)",\s*carry=\[(?P<carry>[^\]]*)\],\s*timeout_s=(?P<t>\d+)\)', text)
+    call = re.search(r'run\(command="(?P<cmd>[^"]+)",\s*carry=\[(?P<carry>[^\]]*)\],'
+                     r'\s*timeout_s=(?P<t>\d+)\)', text)
     assert call, f"{page} has no run(command=..., carry=[...], timeout_s=...) call"
     words = shlex.split(call["cmd"].replace("$OUT", str(tmp_path / "OUT")))
     assert words[:3] == ["PYTHONUNBUFFERED=1", "python3", "benchmarks/gpu_check.py"]
