@@ -117,6 +117,11 @@ def child_env(ctx: Context) -> dict:
     return env
 
 
+def time_left(ctx: Context, floor: float = 10.0) -> float:
+    """Seconds until the running step's deadline (at least ``floor``; 300 outside a scheduled run)."""
+    return max(ctx.found["deadline"](), floor) if "deadline" in ctx.found else 300.0
+
+
 def tail(text: str, n: int = TAIL_CHARS) -> str:
     """The last ``n`` characters of ``text`` (what a report shows of a step's output)."""
     return text if len(text) <= n else "..." + text[-n:]
@@ -271,7 +276,7 @@ def check_imports(ctx: Context, modules) -> dict:
             "        importlib.import_module(m)\n        out[m] = 'ok'\n    except BaseException as e:\n"
             "        out[m] = f'{type(e).__name__}: {e}'[:300]\nprint('IMPORTS' + json.dumps(out))")
     proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True,
-                          env=child_env(ctx), cwd=REPO, timeout=300)
+                          env=child_env(ctx), cwd=REPO, timeout=time_left(ctx))
     for line in proc.stdout.splitlines():
         if line.startswith("IMPORTS"):
             return json.loads(line[len("IMPORTS"):])
@@ -383,7 +388,7 @@ PAPER_PROBE = ("import json; from nbsupport.models.mesm import PAPER_SIZES; "
 def paper_sizes(ctx: Context) -> dict:
     """``nbsupport.models.mesm.PAPER_SIZES`` read in a child process (it needs the installed bundle)."""
     proc = subprocess.run([sys.executable, "-c", PAPER_PROBE], capture_output=True, text=True,
-                          env=child_env(ctx), cwd=REPO, timeout=300)
+                          env=child_env(ctx), cwd=REPO, timeout=time_left(ctx))
     for line in proc.stdout.splitlines():
         if line.startswith("PAPER"):
             return json.loads(line[len("PAPER"):])
@@ -424,7 +429,7 @@ def chapter6_step(ctx: Context) -> Step:
         params, note = chapter6_parameters(ctx, preset, declared)
         argv = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "--cwd", str(NOTEBOOK.parent),
                 "--kernel", "python3", "--no-progress-bar", "--log-output", "-y", json.dumps(params)]
-        rc, output = run_command(argv, ctx.found["deadline"](), child_env(ctx), ctx.work / "logs" / "chapter6.txt")
+        rc, output = run_command(argv, time_left(ctx, 1.0), child_env(ctx), ctx.work / "logs" / "chapter6.txt")
         metrics = Path(params["output_dir"]) / "metrics.json"
         if metrics.is_file():
             shutil.copyfile(metrics, ctx.out / "06_mesm_metrics.json")
