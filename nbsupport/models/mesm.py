@@ -214,6 +214,31 @@ class VisualPathway(nn.Module):
         counts = torch.bincount(frame, minlength=n).clamp_min(1).to(sums.dtype)
         return sums / counts[:, None]  # mean over active sites (0 for a frame with none, like the dense path)
 
+    def extract(self, x: torch.Tensor, query: torch.Tensor, frame_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The feature extractor after the stem (what MESM makes sparse, Ch. 6; timed by the benchmarks):
+        x (N, C0, H, W) stem output, query (N, d_text) text vector per frame -> (N, C) mean of the last
+        block's features over its active sites. Fills :attr:`records` (``frame_index`` (N, 2) goes into
+        them; default: frame i of utterance 0)."""
+        if self.block_handoff not in ("sparse", "dense"):
+            raise ValueError(f"VisualPathway: 'block_handoff' must be 'sparse' or 'dense', got {self.block_handoff!r}")
+        if frame_index is None:
+            frame_index = torch.stack([torch.zeros(x.shape[0], dtype=torch.long), torch.arange(x.shape[0])], 1)
+        frames_cpu = frame_index.cpu()  # shared by the records of every block
+        self.records = []
+        if self.block_handoff == "sparse" and len(self.blocks) and isinstance(self.blocks[0], sparse_lib.SparseVggBlock):
+            return self._blocks_sparse(x, query, frames_cpu)
+        active = torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
+        for i, block in enumerate(self.blocks):
+            if self.attention:
+                x, keep, attn = self._select(i, x, active, query)
+            else:
+                keep, attn = active, torch.zeros(active.shape, device=x.device)
+            self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
+                                            frames_cpu))
+            x, active = run_block(block, x, keep)  # (N, C_{i+1}, H/2, W/2)
+        a = active[:, None].to(x.dtype)
+        return (x * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1.0)  # (N, C) mean over active sites
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """images (B, T, H, W), mask (B, T) True on real frames/pieces, text (B, d_text) CLS -> (B, dim)."""
         b, t = images.shape[:2]
@@ -222,30 +247,10 @@ class VisualPathway(nn.Module):
         frame_index = mask.nonzero()  # (N, 2): (batch, frame) of every real frame/piece
         x = images[frame_index[:, 0], frame_index[:, 1]].unsqueeze(1).to(text.dtype)  # (N, 1, H, W)
         query = text[frame_index[:, 0]]  # (N, d_text): the utterance's CLS vector for each frame
-        self.records = []
-        if self.block_handoff not in ("sparse", "dense"):
-            raise ValueError(f"VisualPathway: 'block_handoff' must be 'sparse' or 'dense', got {self.block_handoff!r}")
-        sparse_handoff = (self.block_handoff == "sparse" and len(self.blocks) > 0
-                          and isinstance(self.blocks[0], sparse_lib.SparseVggBlock))
-        if x.shape[0] > 0 and sparse_handoff:
-            x = self.stem(x)  # (N, C0, H/2, W/2)
-            feats = self.proj(self._blocks_sparse(x, query, frame_index.cpu()))  # (N, dim)
-        elif x.shape[0] > 0:
-            x = self.stem(x)  # (N, C0, H/2, W/2)
-            active = torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
-            frames_cpu = frame_index.cpu()  # shared by the records of every block
-            for i, block in enumerate(self.blocks):
-                if self.attention:
-                    x, keep, attn = self._select(i, x, active, query)
-                else:
-                    keep, attn = active, torch.zeros(active.shape, device=x.device)
-                self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
-                                                frames_cpu))
-                x, active = run_block(block, x, keep)  # (N, C_{i+1}, H/2, W/2)
-            a = active[:, None].to(x.dtype)
-            pooled = (x * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1.0)  # (N, C) mean over active sites
-            feats = self.proj(pooled)  # (N, dim)
+        if x.shape[0] > 0:
+            feats = self.proj(self.extract(self.stem(x), query, frame_index.cpu()))  # (N, dim)
         else:
+            self.records = []
             feats = images.new_zeros(0, self.proj.out_features, dtype=text.dtype)
         seq = feats.new_zeros(b, t, feats.shape[-1])
         seq[frame_index[:, 0], frame_index[:, 1]] = feats  # (B, T, dim); padding rows stay zero
