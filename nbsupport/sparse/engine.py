@@ -477,6 +477,32 @@ def _max_pool_dense_plan(features, coords, spatial_shape, batch_size, k, s):
     return pooled.permute(0, 2, 3, 1)[site], out_coords
 
 
+def _max_pool_windows(features, coords, spatial_shape, k):
+    # Non-overlapping windows (stride = kernel, MESM's 2x2 pool): every active input lies in exactly one
+    # window, so the inputs are copied into a (windows, k*k slots, C) buffer of -inf and reduced with
+    # max(dim=1), whose backward sends the gradient to the first maximal slot (row-major in the window),
+    # like dense max_pool2d; no scatter-max, no second pass for the arg-max.
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    ho, wo = h // k, w // k
+    oy = torch.div(coords[:, 1], k, rounding_mode="floor")
+    ox = torch.div(coords[:, 2], k, rounding_mode="floor")
+    inside = (oy < ho) & (ox < wo)  # floor mode: the last row/column of an odd map pools into nothing
+    if not bool(inside.all()):
+        features, coords, oy, ox = features[inside], coords[inside], oy[inside], ox[inside]
+    c = features.shape[1]
+    if features.shape[0] == 0:
+        return features.new_zeros(0, c), coords.new_zeros(0, 3)
+    slot = (coords[:, 1] - oy * k) * k + (coords[:, 2] - ox * k)  # position in the window, row-major
+    key = (coords[:, 0] * ho + oy) * wo + ox
+    out_keys, inv = torch.unique(key, return_inverse=True)  # sorted keys -> (b, y, x) order
+    m = out_keys.numel()
+    buf = features.new_full((m * k * k, c), -math.inf).index_copy(0, inv * (k * k) + slot, features)
+    out = buf.view(m, k * k, c).max(1).values  # (M, C)
+    b = torch.div(out_keys, ho * wo, rounding_mode="floor")
+    rem = out_keys - b * ho * wo
+    return out, torch.stack([b, torch.div(rem, wo, rounding_mode="floor"), rem % wo], 1)
+
+
 def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size: int = 2, stride: int | None = None,
                       *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None,
                       strategy: str = "auto"):
@@ -489,7 +515,8 @@ def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size:
     input of the window in row-major order, like PyTorch's CPU kernel).  ``spatial_shape`` (H, W)
     defaults to the coordinates' bounding box; pass it to match a dense map's floor-mode border.
     Output sites are ordered by (batch, y, x).  ``strategy`` (CPU execution, same result): "sparse"
-    (pairs of active inputs and pooled sites, scatter-max), "dense" (that -inf identity executed with
+    (stride = kernel: a -inf-padded (windows, k*k, C) buffer reduced by ``max``; otherwise pairs of active
+    inputs and pooled sites, scatter-max), "dense" (that -inf identity executed with
     ``max_pool2d``, faster when most sites are active) or "auto" (dense from
     :data:`DENSE_POOL_MIN_DENSITY` of ``batch_size * H * W`` on; needs ``batch_size``).
     """
@@ -513,6 +540,8 @@ def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size:
         strategy = "dense" if cells and features.shape[0] >= DENSE_POOL_MIN_DENSITY * cells else "sparse"
     if strategy == "dense":
         return _max_pool_dense_plan(features, coords, spatial_shape, batch_size, k, s)
+    if k == s:
+        return _max_pool_windows(features, coords, spatial_shape, k)
     inp, key, slot, (ho, wo) = _pool_pairs(coords, spatial_shape, k, s)
     out_keys, pair_out = torch.unique(key, return_inverse=True)  # sorted keys -> (b, y, x) order
     m = out_keys.numel()

@@ -1,0 +1,105 @@
+"""Shared measuring tools of the benchmarks (the Performance page of the book).
+
+Speed is only ever reported as ratios of variants timed in the same run: :func:`interleave` runs one
+repetition of every variant in turn (rotating the order), so all of them see the same machine load, and
+:func:`spread` reports the median and the range of the per-repetition ratios, not only the medians.
+Memory: :func:`peak_rss_mb`, the growth of the process' peak resident memory during one call.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+#: glibc returns freed blocks above this size to the OS at once (no arena reuse), so the peak resident
+#: memory of one step is that step's own memory; :func:`ensure_malloc_env` re-runs the script with it.
+MMAP_THRESHOLD = "65536"
+
+
+def ensure_malloc_env() -> None:
+    """Re-execute the running script with ``MALLOC_MMAP_THRESHOLD_`` set (read by glibc at start-up only),
+    so :func:`peak_rss_mb` measures each step's memory rather than memory freed by an earlier step."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD and sys.platform.startswith("linux"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        m = re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def peak_rss_mb(fn: Callable[[], object]) -> float | None:
+    """Peak resident memory added while ``fn()`` runs, in MB (Linux: the kernel's high-water mark VmHWM is
+    reset through ``/proc/self/clear_refs``; PyTorch keeps no peak statistics for CPU memory).  None where
+    the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    base = _status_bytes("VmRSS")
+    fn()
+    peak = _status_bytes("VmHWM")
+    return None if base is None or peak is None else max(peak - base, 0) / 2**20
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of ``fn()`` in seconds; on CUDA the queue is drained before and after."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleave(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time every variant ``repeats`` times, one repetition of each in turn (order rotated every round),
+    after ``warmup`` untimed rounds.  Returns the seconds of every repetition per variant."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(timed(fns[name]))
+    return out
+
+
+def spread(times: dict[str, list[float]], num: str, den: str) -> dict:
+    """Median and range of the per-round ratio ``num / den`` (round i of one against round i of the other,
+    both timed back to back), plus each variant's median seconds."""
+    ratios = [a / b for a, b in zip(times[num], times[den])]
+    return dict(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                **{f"{num}_seconds": statistics.median(times[num]), f"{den}_seconds": statistics.median(times[den])})
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(label: str = "") -> dict:
+    """Where and how a benchmark ran (stored in its JSON and shown with its plot)."""
+    return dict(cpu=cpu_name(), python=sys.version.split()[0], torch=torch.__version__,
+                threads=torch.get_num_threads(), cores=os.cpu_count(), load_average_before=os.getloadavg(),
+                label=label)
