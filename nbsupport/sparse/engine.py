@@ -358,10 +358,15 @@ class _Pairs:
 
 
 #: At or above this share of the dense grid's taps being active pairs, the CPU plan is oneDNN's dense
-#: conv2d on the zero-filled map (identical result); below it, the per-offset rulebook.  The im2col
-#: plan is kept for reference but measured slower than "pairs" at every density on this CPU
-#: (benchmarks/sparse_vs_dense.py).
+#: conv2d on the zero-filled map (identical result); below it, a rulebook plan.
 DENSE_STRATEGY_MIN_FILL = 0.4
+#: Below the dense threshold, "im2col" (one GEMM over all k*k offsets, missing neighbours read a zero
+#: row) replaces the per-offset "pairs" when at least this share of the sites' k*k neighbours are active:
+#: the few zero rows cost less than the per-offset scatter and the smaller GEMMs.  That is the regime of
+#: MESM's attention-selected regions (measured 0.87 of the taps in block 1 and 0.73 in block 2 at top_p
+#: 0.7, where im2col took 0.85-0.98x the time of "pairs"; benchmarks/peer_scn.py); scattered random
+#: sites stay far below it.
+IM2COL_MIN_FILL = 0.7
 
 
 def _check_weight(weight: torch.Tensor, c_in: int) -> None:
@@ -431,16 +436,21 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
 
 def choose_strategy(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = None,
                     batch_size: int | None = None) -> str:
-    """CPU execution plan of a submanifold convolution from its rulebook: "pairs" (per-offset rulebook)
-    while the active (site, neighbour) pairs are under :data:`DENSE_STRATEGY_MIN_FILL` of the dense
-    grid's taps, else "dense" (oneDNN's conv2d on the zero-filled map, read at the active sites; same
-    result, faster when most of the grid is active).  Without a grid size: "pairs"."""
+    """CPU execution plan of a submanifold convolution from its rulebook (Chapter 6): "dense" (oneDNN's
+    conv2d on the zero-filled map, read at the active sites; faster when most of the grid is active) once
+    the active (site, neighbour) pairs reach :data:`DENSE_STRATEGY_MIN_FILL` of the dense grid's taps;
+    below that "im2col" when the sites' own neighbourhoods are at least :data:`IM2COL_MIN_FILL` full
+    (compact regions), else "pairs" (scattered sites).  Same result whichever runs.  Without a grid size
+    the dense plan is not considered."""
     n, kk = neighbours.shape
-    if n == 0 or spatial_shape is None or batch_size is None:
+    if n == 0:
         return "pairs"
-    taps = int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]) * kk
-    fill = float((neighbours < n).sum()) / taps
-    return "dense" if fill >= DENSE_STRATEGY_MIN_FILL else "pairs"
+    pairs = float((neighbours < n).sum())
+    if spatial_shape is not None and batch_size is not None:
+        taps = int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]) * kk
+        if pairs / taps >= DENSE_STRATEGY_MIN_FILL:
+            return "dense"
+    return "im2col" if pairs / (n * kk) >= IM2COL_MIN_FILL else "pairs"
 
 
 def _pool_pairs(coords: torch.Tensor, spatial_shape: Sequence[int], k: int, s: int):
