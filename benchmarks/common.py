@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbsupport import sparse as sp
 
 #: glibc returns freed blocks above this size to the OS at once (no arena reuse), so the peak resident
 #: memory of one step is that step's own memory; :func:`ensure_malloc_env` re-runs the script with it.
@@ -103,3 +107,46 @@ def machine(label: str = "") -> dict:
     return dict(cpu=cpu_name(), python=sys.version.split()[0], torch=torch.__version__,
                 threads=torch.get_num_threads(), cores=os.cpu_count(), load_average_before=os.getloadavg(),
                 label=label)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def peaked_prior(n: int, h: int, w: int, blob: float, gen: torch.Generator) -> torch.Tensor:
+    """Log-prior (n, h, w): one Gaussian blob per frame at a random centre, width ``blob`` of the map."""
+    cy = torch.rand(n, 1, 1, generator=gen) * h
+    cx = torch.rand(n, 1, 1, generator=gen) * w
+    yy = torch.arange(h).view(1, h, 1) + 0.5
+    xx = torch.arange(w).view(1, 1, w) + 0.5
+    return -(((yy - cy) / (blob * h)) ** 2 + ((xx - cx) / (blob * w)) ** 2) / 2
+
+
+class PeakedAttention:
+    """Benchmark scaffolding, not part of the model: adds a peaked log-prior to the score of every site
+    (forward hooks on the attention's score layer ``v``), because an untrained attention is nearly
+    uniform, unlike the maps MESM learns (one region per frame).  The model's own code runs unchanged.
+    ``sites[i]``: the (batch, y, x) of the rows scored before block i > 0 (set by hooks on the book's
+    blocks, or by the SparseConvNet extractor)."""
+
+    def __init__(self, pathway: nn.Module, prior: torch.Tensor):
+        self.prior, self.sites = prior, {}  # prior (N, H, W) at the first block's resolution
+        self.handles = []
+        for i, att in enumerate(pathway.cross_attention):
+            self.handles.append(att.v.register_forward_hook(self._score_hook(i)))
+        for i, block in enumerate(pathway.blocks[:-1]):
+            self.handles.append(block.register_forward_hook(self._sites_hook(i + 1)))
+
+    def _sites_hook(self, i):
+        def hook(mod, inputs, out):
+            if isinstance(out, sp.SparseTensor):
+                self.sites[i] = out.coords
+        return hook
+
+    def _score_hook(self, i):
+        def hook(mod, inputs, out):
+            scale = 2 ** i
+            h, w = self.prior.shape[1] // scale, self.prior.shape[2] // scale
+            pm = F.adaptive_avg_pool2d(self.prior[:, None], (h, w))[:, 0]  # prior at this block's grid
+            if out.dim() == 4:  # dense maps: (N, 1, H*W, 1)
+                return out + pm.reshape(out.shape)
+            c = self.sites[i]  # sparse sites: (M, 1)
+            return out + pm[c[:, 0], c[:, 1], c[:, 2]][:, None]
+        return hook

@@ -226,48 +226,6 @@ def bench_layer(densities, repeats: int, seed: int, batch: int, order: str | Non
 
 
 # ------------------------------------------------------------------------------------------ whole extractor
-def peaked_prior(n: int, h: int, w: int, blob: float, gen: torch.Generator) -> torch.Tensor:
-    """Log-prior (n, h, w): one Gaussian blob per frame at a random centre, width ``blob`` of the map."""
-    cy = torch.rand(n, 1, 1, generator=gen) * h
-    cx = torch.rand(n, 1, 1, generator=gen) * w
-    yy = torch.arange(h).view(1, h, 1) + 0.5
-    xx = torch.arange(w).view(1, 1, w) + 0.5
-    return -(((yy - cy) / (blob * h)) ** 2 + ((xx - cx) / (blob * w)) ** 2) / 2
-
-
-class PeakedAttention:
-    """Benchmark scaffolding, not part of the model: adds a peaked log-prior to the score of every site
-    (forward hooks on the attention's score layer ``v``), because an untrained attention is nearly
-    uniform, unlike the maps MESM learns (one region per frame).  The model's own code runs unchanged.
-    ``sites[i]``: the (batch, y, x) of the rows scored before block i > 0 (set by hooks on the book's
-    blocks, or by the SparseConvNet extractor)."""
-
-    def __init__(self, pathway: mesm.VisualPathway, prior: torch.Tensor):
-        self.prior, self.sites = prior, {}  # prior (N, H, W) at the first block's resolution
-        self.handles = []
-        for i, att in enumerate(pathway.cross_attention):
-            self.handles.append(att.v.register_forward_hook(self._score_hook(i)))
-        for i, block in enumerate(pathway.blocks[:-1]):
-            self.handles.append(block.register_forward_hook(self._sites_hook(i + 1)))
-
-    def _sites_hook(self, i):
-        def hook(mod, inputs, out):
-            if isinstance(out, sp.SparseTensor):
-                self.sites[i] = out.coords
-        return hook
-
-    def _score_hook(self, i):
-        def hook(mod, inputs, out):
-            scale = 2 ** i
-            h, w = self.prior.shape[1] // scale, self.prior.shape[2] // scale
-            pm = F.adaptive_avg_pool2d(self.prior[:, None], (h, w))[:, 0]  # prior at this block's grid
-            if out.dim() == 4:  # dense maps: (N, 1, H*W, 1)
-                return out + pm.reshape(out.shape)
-            c = self.sites[i]  # sparse sites: (M, 1)
-            return out + pm[c[:, 0], c[:, 1], c[:, 2]][:, None]
-        return hook
-
-
 def bench_extractor(modality: str, batch: int, top_p: float, repeats: int, seed: int, order: str | None,
                     blob: float = 0.25) -> dict:
     """MESM's and FE2E's extractors of the book's model (paper sizes), and MESM with SparseConvNet blocks."""
@@ -279,7 +237,7 @@ def bench_extractor(modality: str, batch: int, top_p: float, repeats: int, seed:
     sizes = {k: v for k, v in mesm.PAPER_SIZES.items() if k in ("stem_channels", "block_channels", "dim", "layers", "heads")}
     torch.manual_seed(seed)
     sparse_path = mesm.VisualPathway(text_dim, attention=True, sparse=True, top_p=top_p, **sizes)
-    peaked = PeakedAttention(sparse_path, peaked_prior(batch, h, w, blob, g))
+    peaked = common.PeakedAttention(sparse_path, common.peaked_prior(batch, h, w, blob, g))
     dense_path = mesm.VisualPathway(text_dim, attention=False, sparse=False, **sizes)
     dense_path.load_state_dict(sparse_path.state_dict(), strict=False)  # same blocks (shared parameter names)
     fns = {}
@@ -331,7 +289,7 @@ def layer_profile(modality: str, batch: int, top_p: float, repeats: int, seed: i
     sizes = {k: v for k, v in mesm.PAPER_SIZES.items() if k in ("stem_channels", "block_channels", "dim", "layers", "heads")}
     torch.manual_seed(seed)
     path = mesm.VisualPathway(384, attention=True, sparse=True, top_p=top_p, **sizes)
-    peaked = PeakedAttention(path, peaked_prior(batch, h, w, blob, g))
+    peaked = common.PeakedAttention(path, common.peaked_prior(batch, h, w, blob, g))
     dense = mesm.VisualPathway(384, attention=False, sparse=False, **sizes)
     dense.load_state_dict(path.state_dict(), strict=False)
     seen: dict = {}
