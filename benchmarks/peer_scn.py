@@ -26,7 +26,7 @@ that the peer is absent.  How to build it for CPU: ``book/performance.md``.
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import time
 from pathlib import Path
 
@@ -116,8 +116,7 @@ def scn_extract(pathway: mesm.VisualPathway, blocks: list[ScnBlock], x: torch.Te
     methods ``VisualPathway`` uses), the blocks run by SparseConvNet.  x (N, C0, H, W) -> (N, 512)."""
     n = x.shape[0]
     active = torch.ones(n, x.shape[2], x.shape[3], dtype=torch.bool)
-    x, keep, _ = pathway._select(0, x, active, query)
-    s = blocks[0](sp.to_sparse(x, keep))
+    s = blocks[0](pathway._select_first(x, active, query)[0])
     for i in (1, 2):
         if sites is not None:
             sites[i] = s.coords  # for the benchmark's peaked prior
@@ -325,8 +324,7 @@ def layer_profile(modality: str, batch: int, top_p: float, repeats: int, seed: i
             def f():
                 xin = x.clone().requires_grad_(True)
                 active = torch.ones(batch, h, w, dtype=torch.bool)
-                xs, keep, _ = path._select(0, xin, active, query)
-                sp.to_sparse(xs, keep).features.square().mean().backward()
+                path._select_first(xin, active, query)[0].features.square().mean().backward()
         else:
             s_in = seen[("mesm", i, "conv1")]  # what block i received; rebuild its input: the pooled sites
             prev = seen[("mesm", i - 1, "pool")]
@@ -358,6 +356,52 @@ def layer_profile(modality: str, batch: int, top_p: float, repeats: int, seed: i
             print(f"profile {modality} block {i + 1} {name:18s} mesm {r['mesm_seconds'] * 1e3:7.1f} ms  "
                   f"fe2e {r['fe2e_seconds'] * 1e3:7.1f} ms  density {r['density']}", flush=True)
     return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    """Left: one layer's time ratios by density (median and range of the per-round ratios); right: where
+    the extractor's time goes, step by step, MESM against FE2E."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.6))
+    lay = result["layer"]
+    dens = [r["actual_density"] for r in lay]
+    for key, label in (("ours_over_dense", "book / dense conv2d"), ("ours_over_scn", "book / SparseConvNet"),
+                       ("scn_over_dense", "SparseConvNet / dense conv2d")):
+        if all(key in r for r in lay):
+            med = [r[key]["ratio"] for r in lay]
+            err = [[m - r[key]["ratio_min"] for m, r in zip(med, lay)], [r[key]["ratio_max"] - m for m, r in zip(med, lay)]]
+            axes[0].errorbar(dens, med, yerr=err, marker="o", capsize=3, label=label)
+    axes[0].plot(dens, [1.2 * d for d in dens], "--", c="grey", lw=1, label="goal 1.2 d (vs dense)")
+    axes[0].axhline(0.8, ls=":", c="grey", lw=1, label="goal 0.8 (vs SparseConvNet)")
+    axes[0].set(xlabel="density d of active sites", ylabel="time ratio (forward + backward)",
+                title=f"one submanifold 3x3 layer, 64->128 at 24x24, batch {result['parameters']['batch']}")
+    axes[0].legend(fontsize=8)
+    prof = pd.DataFrame(result.get("profile", []))
+    if len(prof):
+        prof = prof[prof["modality"] == prof["modality"].iloc[0]]
+        labels = [f"b{b} {s}" for b, s in zip(prof["block"], prof["step"])]
+        ypos = range(len(prof))
+        axes[1].barh([y + 0.2 for y in ypos], prof["fe2e_seconds"] * 1e3, height=0.4, label="FE2E (dense)")
+        axes[1].barh([y - 0.2 for y in ypos], prof["mesm_seconds"] * 1e3, height=0.4, label="MESM (book engine)")
+        axes[1].set_yticks(list(ypos), labels, fontsize=8)
+        axes[1].invert_yaxis()
+        axes[1].set(xlabel="ms, forward + backward",
+                    title=f"extractor step by step ({prof['modality'].iloc[0]}, batch {prof['batch'].iloc[0]}, "
+                          f"top_p {prof['top_p'].iloc[0]})")
+        axes[1].legend(fontsize=8)
+    mach = result["machine"]
+    fig.suptitle(f"{mach['cpu']} | torch {mach['torch']} | threads {mach['threads']} | load avg "
+                 f"{mach['load_average_before'][0]:.1f} -> {mach['load_average_after'][0]:.1f} on {mach['cores']} cores"
+                 f" | peer: {'SparseConvNet' if result.get('scn_filter_order') else 'absent'}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -392,9 +436,10 @@ def main(argv=None) -> dict:
     result["profile"] = [] if args.skip_extractor else [
         row for m in args.modalities.split(",") for row in layer_profile(m, args.batch, args.top_p, args.repeats, args.seed)]
     result["seconds_total"] = time.perf_counter() - t0
-    result["machine"]["load_average_after"] = list(__import__("os").getloadavg())
+    result["machine"]["load_average_after"] = list(os.getloadavg())
     atomic_write_json(Path(args.out), result)
-    print(f"wrote {args.out} in {result['seconds_total']:.0f} s")
+    plot(result, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and its .png in {result['seconds_total']:.0f} s")
     return result
 
 

@@ -152,16 +152,28 @@ class VisualPathway(nn.Module):
         # "dense" scatters each block's output to a zero-filled grid and gathers the kept sites again.
         self.block_handoff = "sparse"
 
-    def _select(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
-        """Cross-modal attention + top-p before block ``i``: returns (reweighted x, kept mask, attention)."""
+    def _attend(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
+        """Cross-modal attention + top-p before block ``i`` on a dense map x (N,C,H,W): returns the attention
+        (N,H,W), the kept mask (N,H,W) and the feature scale attention * n_active (N,H,W)."""
         n, c, h, w = x.shape
         keys = x.flatten(2).transpose(1, 2)  # (N, H*W, C) one key per spatial site
         act = active.flatten(1)  # (N, H*W)
         _, weights = self.cross_attention[i](query, keys, keys, mask=act)  # (N, H*W) softmax over active sites
         keep = sparse_lib.top_p_mask(weights, self.top_p) & act
         scale = weights * act.sum(1, keepdim=True).to(weights.dtype)  # attention * n_active: 1 when uniform
-        x = x * scale.view(n, 1, h, w)
-        return x, keep.view(n, h, w), weights.view(n, h, w)
+        return weights.view(n, h, w), keep.view(n, h, w), scale.view(n, h, w)
+
+    def _select(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
+        """Cross-modal attention + top-p before block ``i``: returns (reweighted x, kept mask, attention)."""
+        weights, keep, scale = self._attend(i, x, active, query)
+        return x * scale[:, None], keep, weights
+
+    def _select_first(self, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
+        """:meth:`_select` before the first block, returning the kept sites as a sparse tensor: the scale is
+        applied after the gather, to the kept sites only (same products). -> (sparse tensor, kept, attention)."""
+        weights, keep, scale = self._attend(0, x, active, query)
+        s = sparse_lib.to_sparse(x, keep)
+        return s.replace(s.features * scale[keep][:, None]), keep, weights
 
     def _select_sparse(self, i: int, s: "sparse_lib.SparseTensor", query: torch.Tensor):
         """:meth:`_select` on the active sites of a sparse tensor (same numbers, work only where active):
@@ -189,10 +201,10 @@ class VisualPathway(nn.Module):
             if s is None:  # first block: every site of the stem's map is active
                 active = torch.ones(n, x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
                 if self.attention:
-                    x, keep, attn = self._select(i, x, active, query)
+                    s_in, keep, attn = self._select_first(x, active, query)
                 else:
                     keep, attn = active, torch.zeros(active.shape, device=x.device)
-                s_in = sparse_lib.to_sparse(x, keep)
+                    s_in = sparse_lib.to_sparse(x, keep)
             else:
                 h, w = s.spatial_shape
                 b, yy, xx = s.coords[:, 0], s.coords[:, 1], s.coords[:, 2]
