@@ -177,7 +177,6 @@ def bench_layer(densities, repeats: int, seed: int, batch: int, order: str | Non
         g_in = grid.grad.permute(0, 2, 3, 1)[mask]
         err = dict(ours_forward=rel(out, ref), ours_grad_input=rel(f_in.grad, g_in),
                    ours_grad_weight=rel(ours.weight.grad, dense.weight.grad))
-        dense.weight.grad = None
         rulebook_peer = None
         if peer is not None:
             t0 = time.perf_counter()
