@@ -37,6 +37,8 @@ test: $(STAMP) assets
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sparse_vs_dense.py --out benchmarks/results/sparse_vs_dense.json
+	$(BIN)/python benchmarks/peer_scn.py --out benchmarks/results/peer_scn.json
+	$(BIN)/python benchmarks/train_step.py --out benchmarks/results/train_step.json
 
 clean:
 	rm -rf _build .jupyter_cache .jupyter_cache.data_version
