@@ -87,8 +87,8 @@ def spread(times: dict[str, list[float]], num: str, den: str) -> dict:
     """Median and range of the per-round ratio ``num / den`` (round i of one against round i of the other,
     both timed back to back), plus each variant's median seconds."""
     ratios = [a / b for a, b in zip(times[num], times[den])]
-    return dict(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                **{f"{num}_seconds": statistics.median(times[num]), f"{den}_seconds": statistics.median(times[den])})
+    seconds = {f"{k}_seconds": statistics.median(times[k]) for k in (num, den)}
+    return dict(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios), **seconds)
 
 
 def cpu_name() -> str:

@@ -94,8 +94,10 @@ class ScnBlock(nn.Module):
         super().__init__()
         c_in, c_out = block.conv1.conv.in_channels, block.conv1.conv.out_channels
         self.seq = scn.Sequential(
-            scn.SubmanifoldConvolution(2, c_in, c_out, 3, False), scn.BatchNormReLU(c_out, eps=block.conv1.bn.eps),
-            scn.SubmanifoldConvolution(2, c_out, c_out, 3, False), scn.BatchNormReLU(c_out, eps=block.conv2.bn.eps),
+            scn.SubmanifoldConvolution(2, c_in, c_out, 3, False),
+            scn.BatchNormReLU(c_out, eps=block.conv1.bn.eps),
+            scn.SubmanifoldConvolution(2, c_out, c_out, 3, False),
+            scn.BatchNormReLU(c_out, eps=block.conv2.bn.eps),
             scn.MaxPooling(2, 2, 2))
         with torch.no_grad():
             for i, ours in ((0, block.conv1), (2, block.conv2)):
@@ -217,8 +219,10 @@ def bench_layer(densities, repeats: int, seed: int, batch: int, order: str | Non
         rows.append(row)
         peer_txt = (f" | ours/scn {row['ours_over_scn']['ratio']:.2f} [{row['ours_over_scn']['ratio_min']:.2f}, "
                     f"{row['ours_over_scn']['ratio_max']:.2f}]") if "scn" in times else ""
-        print(f"layer d={d:.1f} ({row['cpu_plan']}): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row["seconds"].items())
-              + f" | ours/dense {row['ours_over_dense']['ratio']:.2f} = {row['ours_over_dense']['ratio'] / s0.density:.2f} d"
+        od = row["ours_over_dense"]["ratio"]
+        print(f"layer d={d:.1f} ({row['cpu_plan']}): "
+              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row["seconds"].items())
+              + f" | ours/dense {od:.2f} = {od / s0.density:.2f} d"
               + peer_txt + f" | max err {max(err.values()):.1e}", flush=True)
     return rows
 
@@ -270,7 +274,8 @@ def bench_extractor(modality: str, batch: int, top_p: float, repeats: int, seed:
         row["mesm_over_scn"] = common.spread(times, "mesm", "mesm_scn")
         row["scn_over_fe2e"] = common.spread(times, "mesm_scn", "fe2e")
     row["peak_mb"] = {name: common.peak_rss_mb(fn) for name, fn in fns.items()}
-    print(f"extractor {modality} B={batch} p={top_p}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["seconds"].items())
+    print(f"extractor {modality} B={batch} p={top_p}: "
+          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["seconds"].items())
           + f" | mesm/fe2e {row['mesm_over_fe2e']['ratio']:.2f} [{row['mesm_over_fe2e']['ratio_min']:.2f}, "
           f"{row['mesm_over_fe2e']['ratio_max']:.2f}] densities {densities}", flush=True)
     return row
@@ -341,7 +346,8 @@ def layer_profile(modality: str, batch: int, top_p: float, repeats: int, seed: i
         steps = [("attention + top-p", run_select(i), None)]
         for part in ("conv1", "conv2", "pool"):
             mod_s, mod_d = getattr(path.blocks[i], part), getattr(dense.blocks[i], part)
-            steps.append((part, run_module(mod_s, seen[("mesm", i, part)]), run_module(mod_d, seen[("fe2e", i, part)])))
+            steps.append((part, run_module(mod_s, seen[("mesm", i, part)]),
+                          run_module(mod_d, seen[("fe2e", i, part)])))
         for name, f_s, f_d in steps:
             fns = {"mesm": f_s} if f_d is None else {"mesm": f_s, "fe2e": f_d}
             times = common.interleave(fns, repeats)
@@ -372,7 +378,8 @@ def plot(result: dict, path: Path) -> None:
                        ("scn_over_dense", "SparseConvNet / dense conv2d")):
         if all(key in r for r in lay):
             med = [r[key]["ratio"] for r in lay]
-            err = [[m - r[key]["ratio_min"] for m, r in zip(med, lay)], [r[key]["ratio_max"] - m for m, r in zip(med, lay)]]
+            err = [[m - r[key]["ratio_min"] for m, r in zip(med, lay)],
+                   [r[key]["ratio_max"] - m for m, r in zip(med, lay)]]
             axes[0].errorbar(dens, med, yerr=err, marker="o", capsize=3, label=label)
     axes[0].plot(dens, [1.2 * d for d in dens], "--", c="grey", lw=1, label="goal 1.2 d (vs dense)")
     axes[0].axhline(0.8, ls=":", c="grey", lw=1, label="goal 0.8 (vs SparseConvNet)")
@@ -393,8 +400,9 @@ def plot(result: dict, path: Path) -> None:
                           f"top_p {prof['top_p'].iloc[0]})")
         axes[1].legend(fontsize=8)
     mach = result["machine"]
+    load = f"{mach['load_average_before'][0]:.1f} -> {mach['load_average_after'][0]:.1f}"
     fig.suptitle(f"{mach['cpu']} | torch {mach['torch']} | threads {mach['threads']} | load avg "
-                 f"{mach['load_average_before'][0]:.1f} -> {mach['load_average_after'][0]:.1f} on {mach['cores']} cores"
+                 f"{load} on {mach['cores']} cores"
                  f" | peer: {'SparseConvNet' if result.get('scn_filter_order') else 'absent'}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -433,7 +441,8 @@ def main(argv=None) -> dict:
     result["extractor"] = [] if args.skip_extractor else [
         bench_extractor(m, args.batch, args.top_p, args.repeats, args.seed, order) for m in args.modalities.split(",")]
     result["profile"] = [] if args.skip_extractor else [
-        row for m in args.modalities.split(",") for row in layer_profile(m, args.batch, args.top_p, args.repeats, args.seed)]
+        row for m in args.modalities.split(",")
+        for row in layer_profile(m, args.batch, args.top_p, args.repeats, args.seed)]
     result["seconds_total"] = time.perf_counter() - t0
     result["machine"]["load_average_after"] = list(os.getloadavg())
     atomic_write_json(Path(args.out), result)

@@ -108,7 +108,8 @@ def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: floa
         spread = common.spread(times, "sparse", "dense")
         row = dict(modality=modality, batch=batch, top_p=p,
                    sparse_seconds=spread["sparse_seconds"], dense_seconds=spread["dense_seconds"],
-                   time_ratio=spread["ratio"], time_ratio_min=spread["ratio_min"], time_ratio_max=spread["ratio_max"],
+                   time_ratio=spread["ratio"], time_ratio_min=spread["ratio_min"],
+                   time_ratio_max=spread["ratio_max"],
                    sparse_macs=mc_s.total, dense_macs=mc_d.total,
                    sparse_executed_macs=int(mc_s.table()["executed_macs"].sum()),
                    sparse_saved_mb=sb / 2**20, dense_saved_mb=db / 2**20,

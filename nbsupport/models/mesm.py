@@ -232,12 +232,14 @@ class VisualPathway(nn.Module):
         block's features over its active sites. Fills :attr:`records` (``frame_index`` (N, 2) goes into
         them; default: frame i of utterance 0)."""
         if self.block_handoff not in ("sparse", "dense"):
-            raise ValueError(f"VisualPathway: 'block_handoff' must be 'sparse' or 'dense', got {self.block_handoff!r}")
+            raise ValueError(f"VisualPathway: 'block_handoff' must be 'sparse' or 'dense', "
+                             f"got {self.block_handoff!r}")
         if frame_index is None:
             frame_index = torch.stack([torch.zeros(x.shape[0], dtype=torch.long), torch.arange(x.shape[0])], 1)
         frames_cpu = frame_index.cpu()  # shared by the records of every block
         self.records = []
-        if self.block_handoff == "sparse" and len(self.blocks) and isinstance(self.blocks[0], sparse_lib.SparseVggBlock):
+        sparse_blocks = len(self.blocks) > 0 and isinstance(self.blocks[0], sparse_lib.SparseVggBlock)
+        if self.block_handoff == "sparse" and sparse_blocks:
             return self._blocks_sparse(x, query, frames_cpu)
         active = torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
         for i, block in enumerate(self.blocks):
