@@ -118,7 +118,7 @@ def scn_extract(pathway: mesm.VisualPathway, blocks: list[ScnBlock], x: torch.Te
     methods ``VisualPathway`` uses), the blocks run by SparseConvNet.  x (N, C0, H, W) -> (N, 512)."""
     n = x.shape[0]
     active = torch.ones(n, x.shape[2], x.shape[3], dtype=torch.bool)
-    s = blocks[0](pathway._select_first(x, active, query)[0])
+    s = blocks[0](pathway._select(0, x, active, query, sparse_out=True)[0])
     for i in (1, 2):
         if sites is not None:
             sites[i] = s.coords  # for the benchmark's peaked prior
@@ -328,7 +328,7 @@ def layer_profile(modality: str, batch: int, top_p: float, repeats: int, seed: i
             def f():
                 xin = x.clone().requires_grad_(True)
                 active = torch.ones(batch, h, w, dtype=torch.bool)
-                path._select_first(xin, active, query)[0].features.square().mean().backward()
+                path._select(0, xin, active, query, sparse_out=True)[0].features.square().mean().backward()
         else:
             s_in = seen[("mesm", i, "conv1")]  # what block i received; rebuild its input: the pooled sites
             prev = seen[("mesm", i - 1, "pool")]

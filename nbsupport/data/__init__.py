@@ -12,8 +12,10 @@ Corpus
     ``load_cues(root, dataset, utt_id)`` reads that ground truth (``read_cues(folder)`` from an
     utterance folder, e.g. ``RawSplit.folders[i]``).
 Raw items (MESM raw layout, real or synthetic)
-    ``load_split(root, dataset, split) -> RawSplit`` -- items {id, text, frames, frame_index, audio, sr,
-    emotion (6,), sentiment}; ``load_umons_pickles(folder, split)`` -- UMONS's pre-extracted pickles.
+    ``load_split(root, dataset, split, allow_overlap=False) -> RawSplit`` -- items {id, text, frames,
+    frame_index, audio, sr, emotion (6,), sentiment}, labels/text/splits/media checked (DataError naming
+    file, id, field); ``load_umons_pickles(folder, split)`` -- UMONS's pre-extracted pickles. Every pickle
+    is read by :mod:`nbsupport.data.safe_pickle` (plain containers and NumPy arrays only: no code runs).
 Model-family datasets (features cached on disk per utterance) and collate functions
     ``mesm_dataset(root, dataset, split, *, tokenizer=None, max_text_len=50, img_interval=500)`` + ``collate_mesm``;
     ``umons_dataset(root, dataset, split, *, seq_len=60, glove=None)`` + ``collate_umons``;

@@ -66,8 +66,8 @@ def sparse_backend_name(device: torch.device | str = "cpu") -> str:
 
 
 class DenseStem(nn.Module):
-    """MESM's dense CNN stage (Dai et al. 2021, Sec. 3.1, Ch. 5): conv 5x5, BN, ReLU, max-pool 2, then
-    two VGG blocks of ``channels`` without pooling. (N,1,H,W) -> (N,C,H/2,W/2)."""
+    """MESM's dense CNN stage (Dai et al. 2021, Sec. 3.1, Ch. 5): conv 5x5, BN, ReLU, max-pool 2,
+    then two VGG blocks of ``channels`` without pooling. (N,1,H,W) -> (N,C,H/2,W/2)."""
 
     def __init__(self, channels: int = 64):
         super().__init__()
@@ -152,28 +152,25 @@ class VisualPathway(nn.Module):
         # "dense" scatters each block's output to a zero-filled grid and gathers the kept sites again.
         self.block_handoff = "sparse"
 
-    def _attend(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
-        """Cross-modal attention + top-p before block ``i`` on a dense map x (N,C,H,W): returns the attention
-        (N,H,W), the kept mask (N,H,W) and the feature scale attention * n_active (N,H,W)."""
+    def _select(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor, *,
+                sparse_out: bool = False):
+        """Cross-modal attention + top-p before block ``i``.
+
+        Returns (reweighted x, kept mask, attention); ``sparse_out=True`` returns the kept sites
+        only, as a SparseTensor, scaled after the gather (same products, a fraction of the work)."""
         n, c, h, w = x.shape
         keys = x.flatten(2).transpose(1, 2)  # (N, H*W, C) one key per spatial site
         act = active.flatten(1)  # (N, H*W)
-        _, weights = self.cross_attention[i](query, keys, keys, mask=act)  # (N, H*W) softmax over active sites
+        # (N, H*W) softmax over the active sites
+        _, weights = self.cross_attention[i](query, keys, keys, mask=act)
         keep = sparse_lib.top_p_mask(weights, self.top_p) & act
-        scale = weights * act.sum(1, keepdim=True).to(weights.dtype)  # attention * n_active: 1 when uniform
-        return weights.view(n, h, w), keep.view(n, h, w), scale.view(n, h, w)
-
-    def _select(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
-        """Cross-modal attention + top-p before block ``i``: returns (reweighted x, kept mask, attention)."""
-        weights, keep, scale = self._attend(i, x, active, query)
+        # attention * n_active: 1 when uniform
+        scale = weights * act.sum(1, keepdim=True).to(weights.dtype)
+        keep, weights, scale = keep.view(n, h, w), weights.view(n, h, w), scale.view(n, h, w)
+        if sparse_out:  # MESM's sparse blocks: gather the kept sites first, then scale them
+            s = sparse_lib.to_sparse(x, keep)
+            return s.replace(s.features * scale[keep][:, None]), keep, weights
         return x * scale[:, None], keep, weights
-
-    def _select_first(self, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
-        """:meth:`_select` before the first block, returning the kept sites as a sparse tensor: the scale is
-        applied after the gather, to the kept sites only (same products). -> (sparse tensor, kept, attention)."""
-        weights, keep, scale = self._attend(0, x, active, query)
-        s = sparse_lib.to_sparse(x, keep)
-        return s.replace(s.features * scale[keep][:, None]), keep, weights
 
     def _select_sparse(self, i: int, s: "sparse_lib.SparseTensor", query: torch.Tensor):
         """:meth:`_select` on the active sites of a sparse tensor (same numbers, work only where active):
@@ -201,7 +198,7 @@ class VisualPathway(nn.Module):
             if s is None:  # first block: every site of the stem's map is active
                 active = torch.ones(n, x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
                 if self.attention:
-                    s_in, keep, attn = self._select_first(x, active, query)
+                    s_in, keep, attn = self._select(0, x, active, query, sparse_out=True)
                 else:
                     keep, attn = active, torch.zeros(active.shape, device=x.device)
                     s_in = sparse_lib.to_sparse(x, keep)
@@ -266,11 +263,17 @@ class VisualPathway(nn.Module):
         else:
             self.records = []
             feats = images.new_zeros(0, self.proj.out_features, dtype=text.dtype)
+        return self.encode_frames(feats, frame_index, mask)
+
+    def encode_frames(self, feats: torch.Tensor, frame_index: torch.Tensor, mask: torch.Tensor):
+        """The per-modality transformer (Ch. 5): one vector per real frame/piece, feats (N, dim) at
+        ``frame_index`` (N, 2) = (batch, frame), mask (B, T) -> the CLS output (B, dim)."""
+        b, t = mask.shape
         seq = feats.new_zeros(b, t, feats.shape[-1])
         seq[frame_index[:, 0], frame_index[:, 1]] = feats  # (B, T, dim); padding rows stay zero
         seq = seq + self.position[:, :t]
         seq = torch.cat([self.cls.expand(b, -1, -1), seq], dim=1)  # (B, 1+T, dim)
-        keep = torch.cat([mask.new_ones(b, 1), mask.bool()], dim=1)
+        keep = torch.cat([mask.new_ones(b, 1), mask.bool()], dim=1)  # the CLS token is never masked
         for layer in self.encoder:
             seq = layer(seq, keep)
         return seq[:, 0]  # (B, dim): CLS output
@@ -351,7 +354,8 @@ class EndToEndModel(nn.Module):
         """batch = ``collate_mesm`` output -> fused logits (B, n_outputs)."""
         for key in ("input_ids", "attention_mask"):
             if key not in batch:
-                raise KeyError(f"EndToEndModel: batch is missing '{key}' (expected the collate_mesm keys)")
+                raise KeyError(f"EndToEndModel: batch is missing '{key}' "
+                               f"(expected the collate_mesm keys)")
         cls = self.text(batch["input_ids"], batch["attention_mask"])  # (B, d_text)
         logits = {}
         for m in self.modalities:
@@ -360,7 +364,8 @@ class EndToEndModel(nn.Module):
             else:
                 x_key, m_key = INPUT_KEYS[m]
                 if x_key not in batch or m_key not in batch:
-                    raise KeyError(f"EndToEndModel: modality '{m}' needs batch keys '{x_key}' and '{m_key}'")
+                    raise KeyError(f"EndToEndModel: modality '{m}' needs batch keys "
+                                   f"'{x_key}' and '{m_key}'")
                 vec = self.pathways[m](batch[x_key], batch[m_key].bool(), cls)
             logits[m] = self.heads[m](self.dropout(vec))  # (B, n_outputs)
         w = torch.softmax(self.fusion, 0)  # (M,)
