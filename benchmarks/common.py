@@ -3,10 +3,13 @@
 Speed is only ever reported as ratios of variants timed in the same run: :func:`interleave` runs one
 repetition of every variant in turn (rotating the order), so all of them see the same machine load, and
 :func:`spread` reports the median and the range of the per-repetition ratios, not only the medians.
-Memory: :func:`peak_rss_mb`, the growth of the process' peak resident memory during one call.
+Memory: :func:`peak_rss_mb`, the growth of the process' peak resident memory during one call (after
+handing freed memory back to the system; malloc's own settings are left alone, so timings are not
+changed by the measurement).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
@@ -22,17 +25,13 @@ from torch import nn
 
 from nbsupport import sparse as sp
 
-#: glibc returns freed blocks above this size to the OS at once (no arena reuse), so the peak resident
-#: memory of one step is that step's own memory; :func:`ensure_malloc_env` re-runs the script with it.
-MMAP_THRESHOLD = "65536"
-
-
-def ensure_malloc_env() -> None:
-    """Re-execute the running script with ``MALLOC_MMAP_THRESHOLD_`` set (read by glibc at start-up only),
-    so :func:`peak_rss_mb` measures each step's memory rather than memory freed by an earlier step."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+def _release_free_memory() -> None:
+    # glibc keeps freed blocks for reuse; give them back first, so that a step's peak resident memory is
+    # its own allocations rather than memory freed by an earlier step (no-op elsewhere)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status_bytes(key: str) -> int | None:
@@ -47,6 +46,7 @@ def peak_rss_mb(fn: Callable[[], object]) -> float | None:
     """Peak resident memory added while ``fn()`` runs, in MB (Linux: the kernel's high-water mark VmHWM is
     reset through ``/proc/self/clear_refs``; PyTorch keeps no peak statistics for CPU memory).  None where
     the kernel does not allow it."""
+    _release_free_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

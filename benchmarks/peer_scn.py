@@ -423,11 +423,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-extractor", action="store_true")
+    ap.add_argument("--profile", default="faces", help="modalities of the step-by-step profile ('' for none)")
     ap.add_argument("--label", default="", help="free text describing the machine")
     args = ap.parse_args(argv)
     if not args.out.endswith(".json"):
         ap.error(f"--out must name a .json file, got {args.out!r}")
-    common.ensure_malloc_env()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     order = scn_filter_order() if scn is not None else None
@@ -441,7 +441,7 @@ def main(argv=None) -> dict:
     result["extractor"] = [] if args.skip_extractor else [
         bench_extractor(m, args.batch, args.top_p, args.repeats, args.seed, order) for m in args.modalities.split(",")]
     result["profile"] = [] if args.skip_extractor else [
-        row for m in args.modalities.split(",")
+        row for m in args.profile.split(",") if m
         for row in layer_profile(m, args.batch, args.top_p, args.repeats, args.seed)]
     result["seconds_total"] = time.perf_counter() - t0
     result["machine"]["load_average_after"] = list(os.getloadavg())

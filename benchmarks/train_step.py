@@ -95,7 +95,6 @@ def main(argv=None) -> dict:
     for p in presets:
         if p not in PRESETS:
             ap.error(f"--presets: unknown preset {p!r}, expected some of {', '.join(PRESETS)}")
-    common.ensure_malloc_env()
     torch.set_num_threads(args.threads)
     from nbsupport import protocol
     from nbsupport.data import ensure_corpus
