@@ -25,6 +25,7 @@ from torch import nn
 
 from nbsupport import sparse as sp
 
+
 def _release_free_memory() -> None:
     # glibc keeps freed blocks for reuse; give them back first, so that a step's peak resident memory is
     # its own allocations rather than memory freed by an earlier step (no-op elsewhere)
