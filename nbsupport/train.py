@@ -100,7 +100,12 @@ def labels_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
     if key not in batch:
         raise KeyError(f"nbsupport.train: batch has no field {key!r} needed by task {task!r}; "
                        f"fields: {sorted(batch)}")
-    return torch.as_tensor(batch[key], dtype=torch.float32)
+    labels = torch.as_tensor(batch[key], dtype=torch.float32)
+    if task == "emotion" and labels.ndim == 2 and labels.shape[1] == 0:
+        raise ValueError("nbsupport.train: task 'emotion' but the data has no emotion labels (MMSA / MulT "
+                         "sentiment pickles: merge CMU-MOSEI's labels with `python -m nbsupport.data.formats "
+                         "merge-emotions`, or use task='sentiment7' / 'sentiment2')")
+    return labels
 
 
 def targets_from_labels(labels: torch.Tensor, task: str) -> torch.Tensor:

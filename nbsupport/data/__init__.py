@@ -21,6 +21,12 @@ Model-family datasets (features cached on disk per utterance) and collate functi
     ``umons_dataset(root, dataset, split, *, seq_len=60, glove=None)`` + ``collate_umons``;
     ``handcrafted_dataset(root, dataset, split)`` + ``collate_umons``;
     ``umons_pickle_dataset(folder, split)`` + ``collate_umons``.
+Real data in the field's forms (module :mod:`nbsupport.data.formats`; CLI ``python -m nbsupport.data.formats``)
+    ``formats.feature_dataset(root, split, data_format="auto"|"umons"|"mmsa"|"mult"|"csd", dataset, seq_len)``
+    -> items for ``collate_umons`` (emotions matched by name); ``formats.detect_format(root)``;
+    ``formats.merge_emotions(mmsa_pkl, labels_csd, out)`` adds CMU-MOSEI's emotions to MMSA pickles.
+Videos -> raw layout (module :mod:`nbsupport.data.prepare`; CLI ``python -m nbsupport.data.prepare``)
+    ``prepare(videos, segments, labels, out, dataset=..., splits=None, workers=1)``.
 Features (module :mod:`nbsupport.data.features`)
     ``mel_pieces``, ``umons_mel``, ``face_crop``, ``hog_features``, ``face_geometry``, ``prosody_windows``,
     ``load_tokenizer`` (module :mod:`nbsupport.data.text`), ``WordVectors``.
