@@ -1,7 +1,8 @@
-"""Chapters 3 and 4 run on data in the forms researchers hold (issue: real data), headless with papermill.
+"""Chapters 3, 4 and 7 run on data in the forms researchers hold (issue: real data), headless with papermill.
 
 The small files are written by the writers of ``tests/test_formats.py`` with the authors' key structure
-(an MMSA ``unaligned_50.pkl``, a MulT ``mosei_senti_data.pkl``); each chapter then runs its smoke path
+(an MMSA ``unaligned_50.pkl``, a MulT ``mosei_senti_data.pkl``, a folder of CMU-SDK ``.csd``
+sequences); each chapter then runs its smoke path
 on them with ``-p data_root <file> -p data_format <form>`` and must write its metrics.
 """
 import json
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import BOOK, run_papermill
-from test_formats import SIZES, _mmsa_split, _mult_data, _write_mult
+from test_formats import SIZES, _mmsa_split, _mult_data, _write_mult, csd  # noqa: F401 (csd: a fixture)
 
 pytestmark = pytest.mark.notebook
 
@@ -41,3 +42,14 @@ def test_chapter_runs_on_a_real_format(chapter, form, task, tmp_path):
     assert metrics["parameters"]["data_format"] == form
     main = {"sentiment7": "acc7", "sentiment2": "acc2"}[task]
     assert all(0.0 <= row[main] <= 1.0 for row in metrics["results"])
+
+
+def test_chapter_7_two_phase_models_on_cmu_sdk_sequences(csd, tmp_path):
+    folder, _ = csd
+    out = tmp_path / "out"
+    params = {"smoke": True, "data_root": str(folder), "data_format": "csd", "output_dir": str(out)}
+    _, error = run_papermill(BOOK / "07_two_phase_vs_end_to_end.ipynb", tmp_path / "executed.ipynb", params)
+    assert error is None, error[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["model"] for r in metrics["results"]] == ["LF-LSTM", "LF-Transformer", "MulT"]  # no raw frames
+    assert metrics["emotions"] == ["anger", "disgust", "fear", "happy", "sad", "surprise"]

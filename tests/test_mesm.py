@@ -183,6 +183,43 @@ def test_extractor_macs_hand_count_and_sparsity():
     assert extractor_macs(model, batch)["macs"] < full
 
 
+@pytest.mark.parametrize("attention,top_p", [(True, 0.5), (True, 1.0), (False, 1.0)])
+def test_sparse_between_blocks_equals_densify_between_blocks(attention, top_p):
+    """Keeping sites sparse from block to block is an execution strategy only: outputs, every parameter's
+    gradient and the recorded maps equal those of scattering each block's output to a dense grid."""
+    torch.manual_seed(11)
+    model = EndToEndModel("LAV", attention=attention, sparse=True, top_p=top_p, **SMALL).train()
+    batch = make_batch(b=3, t=3, p=2, seed=5)
+    runs = {}
+    for handoff in ("sparse", "dense"):
+        for pathway in model.pathways.values():
+            pathway.block_handoff = handoff
+        model.zero_grad()
+        torch.manual_seed(0)  # the text encoder's dropout draws the same masks in both runs
+        out = model(batch)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[handoff] = out.detach(), grads, model.last_maps
+    (out_s, g_s, maps_s), (out_d, g_d, maps_d) = runs["sparse"], runs["dense"]
+    torch.testing.assert_close(out_s, out_d, atol=1e-5, rtol=1e-5)
+    assert g_s.keys() == g_d.keys() and any(".blocks.2." in n for n in g_s)
+    for name in g_s:
+        torch.testing.assert_close(g_s[name], g_d[name], atol=1e-5, rtol=1e-4, msg=name)
+    for m in "AV":
+        for r_s, r_d in zip(maps_s[m], maps_d[m], strict=True):
+            assert torch.equal(r_s.kept, r_d.kept) and torch.equal(r_s.active, r_d.active)
+            torch.testing.assert_close(r_s.attention, r_d.attention, atol=1e-6, rtol=1e-5)
+    if top_p < 1.0:  # selection really dropped sites after the first block
+        assert any(not r.kept[r.active].all() for r in maps_s["V"][1:])
+
+
+def test_block_handoff_bad_value_is_named():
+    model = MESM("LV", **SMALL)
+    model.pathways["V"].block_handoff = "scatter"
+    with pytest.raises(ValueError, match="block_handoff"):
+        model(make_batch())
+
+
 # ------------------------------------------------------------------ fidelity: the paper preset and its switches
 def _conv(cin, cout, k, bias):
     return cin * cout * k * k + (cout if bias else 0)

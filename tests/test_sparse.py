@@ -374,3 +374,21 @@ def test_cuda_backend_falls_back_when_spconv_fails_its_selfcheck(monkeypatch, re
         assert sp.sparse_backend("cuda") == "torch-rulebook"  # decided once per device
     monkeypatch.setenv("NBSUPPORT_SPARSE_BACKEND", "torch-rulebook")
     assert sp.sparse_backend("cuda") == "torch-rulebook"
+
+
+def test_choose_strategy_hand_counted_rulebooks():
+    """The CPU plan follows the rulebook's fill, counted by hand: a compact 5x5 region of a 20x20 map has
+    13 x 13 = 169 active (site, neighbour) pairs of 25 x 9 = 225 taps (0.75: im2col) and 169 / 3600 of the
+    grid's taps (not dense); isolated sites have 1 / 9 (pairs); a full map fills every tap but the border
+    (dense)."""
+    region = torch.zeros(1, 20, 20, dtype=torch.bool)
+    region[0, 3:8, 10:15] = True
+    nbr = sp.neighbour_table(region.nonzero(), (20, 20), 1)
+    assert int((nbr < nbr.shape[0]).sum()) == 169
+    assert sp.choose_strategy(nbr, (20, 20), 1) == "im2col"
+    assert sp.choose_strategy(nbr) == "im2col"  # no grid size: dense is not considered
+    isolated = torch.zeros(1, 20, 20, dtype=torch.bool)
+    isolated[0, ::3, ::3] = True
+    assert sp.choose_strategy(sp.neighbour_table(isolated.nonzero(), (20, 20), 1), (20, 20), 1) == "pairs"
+    full = torch.ones(1, 20, 20, dtype=torch.bool)
+    assert sp.choose_strategy(sp.neighbour_table(full.nonzero(), (20, 20), 1), (20, 20), 1) == "dense"

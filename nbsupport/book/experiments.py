@@ -63,12 +63,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import nbformat
+
 from nbsupport.base import atomic_write_json, atomic_write_text
+
+from . import chapters
+from . import notebook as nb
 from .notebook import check_metrics, environment
 
 __all__ = [
     "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "parse_resources", "expand_grid",
-    "point_name", "notebook_parameters", "check_parameters", "point_state", "run_sweep", "collect", "main",
+    "point_name", "notebook_parameters", "parameter_spec", "check_parameters", "point_state", "run_sweep", "collect", "main",
     "summary", "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook",
     "metrics_rows",
 ]
@@ -230,15 +235,14 @@ class GridRule:
     """``nb.start`` rule for a grid parameter: a dict mapping parameter names to non-empty lists of values."""
 
     def __call__(self, name: str, value: Any) -> dict:
-        from .notebook import ParameterError
 
         if not isinstance(value, Mapping):
-            raise ParameterError(f"parameter '{name}' must be a dict {{parameter: [values...]}}, got {value!r}")
+            raise nb.ParameterError(f"parameter '{name}' must be a dict {{parameter: [values...]}}, got {value!r}")
         for k, v in value.items():
             if not isinstance(k, str) or not k.isidentifier():
-                raise ParameterError(f"parameter '{name}': key {k!r} is not a parameter name")
+                raise nb.ParameterError(f"parameter '{name}': key {k!r} is not a parameter name")
             if not isinstance(v, (list, tuple)) or not v:
-                raise ParameterError(f"parameter '{name}': values of {k!r} must be a non-empty list, got {v!r}")
+                raise nb.ParameterError(f"parameter '{name}': values of {k!r} must be a non-empty list, got {v!r}")
         return {k: list(v) for k, v in value.items()}
 
 
@@ -247,13 +251,12 @@ class ParamsRule:
     """``nb.start`` rule for a dict of fixed parameters (identifier keys, literal values)."""
 
     def __call__(self, name: str, value: Any) -> dict:
-        from .notebook import ParameterError
 
         if not isinstance(value, Mapping):
-            raise ParameterError(f"parameter '{name}' must be a dict {{parameter: value}}, got {value!r}")
+            raise nb.ParameterError(f"parameter '{name}' must be a dict {{parameter: value}}, got {value!r}")
         bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
         if bad:
-            raise ParameterError(f"parameter '{name}': key(s) {bad} are not parameter names")
+            raise nb.ParameterError(f"parameter '{name}': key(s) {bad} are not parameter names")
         return dict(value)
 
 
@@ -334,61 +337,74 @@ _UNKNOWN = object()
 
 
 def notebook_parameters(notebook: str | os.PathLike) -> dict[str, Any]:
-    """Names and default values of a notebook's ``parameters`` cell (via ``papermill.inspect_notebook``).
+    """Names and default values of a notebook's ``parameters`` cell (its ``name = <literal>`` lines).
 
     A default that is not a plain literal is returned as an opaque marker, which accepts any value.
     """
-    import papermill as pm
-
     path = Path(notebook)
     if not path.is_file():
         raise SweepError(f"notebook {str(path)!r} does not exist")
     try:
-        info = pm.inspect_notebook(str(path))
+        cells = nbformat.read(path, as_version=4).cells
+        cell = next(c for c in cells if "parameters" in c.metadata.get("tags", []))
+        tree = ast.parse(cell.source)
+    except StopIteration:
+        raise SweepError(f"notebook {str(path)!r} has no cell tagged 'parameters'") from None
     except Exception as exc:  # noqa: BLE001 - report the file
         raise SweepError(f"notebook {str(path)!r}: cannot read its parameters cell ({exc})") from exc
-    if not info:
-        raise SweepError(f"notebook {str(path)!r} has no cell tagged 'parameters'")
     out = {}
-    for name, meta in info.items():
-        try:
-            out[name] = ast.literal_eval(meta["default"])
-        except (ValueError, SyntaxError, TypeError):
-            out[name] = _UNKNOWN
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in (t for t in node.targets if isinstance(t, ast.Name)):
+                try:
+                    out[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    out[target.id] = _UNKNOWN
     return out
 
 
-def _type_ok(default: Any, value: Any) -> bool:
+def _rule_from_default(default: Any):
+    """A parameter rule inferred from a default, for notebooks outside the book (no chapter spec)."""
     if default is _UNKNOWN or default is None:
-        return True
+        return lambda name, value: value
     if isinstance(default, bool):
-        return isinstance(value, bool)
+        return nb.Bool()
     if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
+        return nb.Int()
     if isinstance(default, float):  # an int is a fine float (epochs-like 1 for lr-like 1.0)
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return nb.Float()
     if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    return isinstance(value, type(default))
+        return nb.ListOf(min_len=0)
+    if isinstance(default, dict):
+        return nb.DictOf()
+    return nb.Str()
+
+
+def parameter_spec(notebook: str | os.PathLike, defaults: Mapping[str, Any]) -> nb.Spec:
+    """The :class:`~nbsupport.book.notebook.Spec` a sweep checks its values with: the chapter's own spec
+    (the one its ``nb.start`` uses), or for another notebook one inferred from its defaults' types."""
+    try:
+        return chapters.spec(Path(notebook).stem)
+    except nb.ParameterError:
+        return nb.Spec(rules={k: _rule_from_default(v) for k, v in defaults.items() if k not in nb.COMMON_RULES})
 
 
 def check_parameters(notebook: str | os.PathLike, params: Mapping[str, Any], *,
                      defaults: Mapping[str, Any] | None = None) -> None:
-    """Fail before anything runs if a parameter is unknown to the notebook or has the wrong type.
+    """Fail before anything runs if a parameter is unknown to the notebook or breaks its rule.
 
-    Types follow the default in the parameters cell: bool is strict, a float accepts an int, a
-    ``None`` default accepts anything, strings and numbers do not mix. Values (ranges, choices) are
-    checked again by the notebook's own ``nb.start`` when it runs.
+    The same validator as the chapter's opening call (:meth:`Spec.validate`): the values a point
+    would run with (defaults updated with ``params``) are checked by the chapter's spec -- names
+    (a misspelled one gets the closest valid name), types, ranges and choices.
     """
     defaults = notebook_parameters(notebook) if defaults is None else defaults
-    for name, value in params.items():
-        if name not in defaults:
-            raise SweepError(f"parameter '{name}' is not in the parameters cell of {Path(notebook).name}; "
-                             f"known: {', '.join(defaults)}")
-        if not _type_ok(defaults[name], value):
-            d = defaults[name]
-            raise SweepError(f"parameter '{name}' of {Path(notebook).name} expects {type(d).__name__} "
-                             f"(default {d!r}), got {value!r} ({type(value).__name__})")
+    spec = parameter_spec(notebook, defaults)
+    common = {"smoke": False, "seed": 0, "device": "auto", "output_dir": None}
+    values = {**common, **{k: (None if v is _UNKNOWN else v) for k, v in defaults.items()}, **params}
+    try:
+        spec.validate(values)
+    except nb.ParameterError as err:
+        raise SweepError(f"{Path(notebook).name}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .common import DATASETS, EMOTIONS, SPLITS, DataError, check_dataset
 from .corpus import corpus_cache_root, ensure_corpus
+from .synth import generate_corpus
 from .datasets import (FEATURE_VERSION, FeatureDataset, collate_mesm, collate_umons, feature_cache_root,
                        handcrafted_dataset, mesm_dataset, umons_dataset, umons_pickle_dataset)
 from .features import (WordVectors, face_crop, face_geometry, hog_features, mel_pieces,
@@ -49,13 +50,6 @@ __all__ = ["DATASETS", "EMOTIONS", "SPLITS", "DataError", "ensure_corpus", "corp
            "mesm_dataset", "umons_dataset", "handcrafted_dataset", "umons_pickle_dataset", "collate_mesm",
            "collate_umons", "FeatureDataset", "FEATURE_VERSION", "feature_cache_root", "mel_pieces", "umons_mel",
            "face_crop", "hog_features", "face_geometry", "prosody_windows", "load_tokenizer", "WordVectors"]
-
-
-def generate_corpus(*args, **kwargs):
-    """Write a synthetic corpus (see :func:`nbsupport.data.synth.generate_corpus`)."""
-    from .synth import generate_corpus as _gen
-
-    return _gen(*args, **kwargs)
 
 
 def load_cues(root, dataset: str, utt_id: str) -> dict:

@@ -7,7 +7,11 @@ import os
 import shutil
 from pathlib import Path
 
+from nbsupport.base import atomic_write_text
+
+from . import synth
 from .common import DataError
+from .datasets import FEATURE_VERSION
 
 __all__ = ["ensure_corpus", "corpus_cache_root", "data_version", "guard_book_cache"]
 
@@ -28,8 +32,6 @@ def ensure_corpus(root=None, n: int = 600, seed: int = 0, style: str = "mosei", 
     :func:`nbsupport.data.synth.generate_corpus` and cached under :func:`corpus_cache_root`; the cache
     key holds ``n``, ``seed``, ``style``, the generator version and any non-default ``knobs``.
     """
-    from . import synth
-
     if style not in synth.STYLES:
         raise DataError(f"unknown style {style!r}; expected one of {', '.join(synth.STYLES)}")
     prefix = "MOSEI" if style == "mosei" else "IEMOCAP"
@@ -53,8 +55,6 @@ def ensure_corpus(root=None, n: int = 600, seed: int = 0, style: str = "mosei", 
 def data_version() -> str:
     """Version of the synthetic corpus generator and of the cached features, which every executed
     chapter depends on (Chapter 2's data contract)."""
-    from . import synth
-    from .datasets import FEATURE_VERSION
 
     return f"synth{synth.GENERATOR_VERSION}-features{FEATURE_VERSION}"
 
@@ -66,7 +66,6 @@ def guard_book_cache(cache_dir) -> bool:
     outputs computed on the previous corpus. ``make book`` calls this first; the version is stamped in
     ``<cache_dir>.data_version`` (written atomically). Returns True when a cache was dropped.
     """
-    from nbsupport.base import atomic_write_text
 
     cache = Path(cache_dir)
     stamp = cache.with_name(cache.name + ".data_version")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import DataError
 from .text import default_text_model, load_tokenizer
 
 __all__ = ["SR", "MEL_DB_MEAN", "MEL_DB_STD", "log_mel", "mel_pieces", "umons_mel", "face_box", "face_crop", "hog_features",
@@ -219,7 +220,6 @@ class WordVectors:
         if self.glove:
             path = Path(self.glove)
             if not path.is_file():
-                from .common import DataError
 
                 raise DataError(f"{path}: GloVe file missing")
             table = {}
@@ -230,7 +230,6 @@ class WordVectors:
                         continue
                     table[parts[0]] = np.asarray(parts[1:], np.float32)
             if not table:
-                from .common import DataError
 
                 raise DataError(f"{path}: no word vectors found (expected lines 'word v1 v2 ...')")
             self.dim = len(next(iter(table.values())))

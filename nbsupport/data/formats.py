@@ -49,6 +49,8 @@ from torch.utils.data import Dataset
 from nbsupport.base import ParameterError, atomic_write
 
 from .common import EMOTIONS, SPLITS, DataError, check_split
+from .datasets import umons_pickle_dataset
+from .features import _pool_frames
 from .safe_pickle import load_pickle
 
 __all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS", "FeatureSplit",
@@ -202,7 +204,6 @@ class FeatureSplit(Dataset):
         return {k: int(v[0].shape[1]) for k, v in self.modalities.items() if v is not None}
 
     def __getitem__(self, i: int) -> dict:
-        from .features import _pool_frames
 
         item = {"id": self.ids[i], "emotion": torch.from_numpy(self.emotion[i].copy()),
                 "sentiment": float(self.sentiment[i])}
@@ -694,7 +695,6 @@ def feature_dataset(root, split: str, *, data_format: str = "auto", dataset: str
     if fmt == "csd":
         return load_csd(path, split, dataset=dataset, seq_len=seq_len)
     if fmt == "umons":
-        from .datasets import umons_pickle_dataset
 
         return umons_pickle_dataset(path, split, seq_len=seq_len, text_model=text_model)
     raise DataError(f"{path}: data_format {fmt!r} holds raw videos, not pre-extracted features")

@@ -57,6 +57,7 @@ import numpy as np
 from nbsupport.base import atomic_write, atomic_write_json, atomic_write_text
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset
+from .formats import _SYNONYMS, csd_emotion_labels
 from .safe_pickle import load_pickle
 
 __all__ = ["Segment", "read_segments", "read_labels", "prepare", "prepare_utterance", "main", "VIDEO_EXTENSIONS"]
@@ -171,7 +172,6 @@ def read_segments(path, dataset: str = "mosei") -> list[Segment]:
 
 
 def _emotion_name(col: str, dataset: str):
-    from .formats import _SYNONYMS
 
     return _SYNONYMS[dataset].get(col.strip().lower().replace("answer.", ""))
 
@@ -191,7 +191,6 @@ def read_labels(path, dataset: str, segments: list[Segment]) -> dict:
     if path.suffix == ".csd":
         if dataset != "mosei":
             raise DataError(f"{path}: a .csd label sequence holds CMU-MOSEI labels, not {dataset}")
-        from .formats import csd_emotion_labels
 
         table = csd_emotion_labels(path, "mosei")
         if table.pop("__names__") != names:

@@ -39,7 +39,6 @@ from torch.utils.data import Dataset
 from nbsupport.base import ParameterError
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset, check_split
-from .formats import SDK_MOSEI_LABELS, emotion_columns
 from .safe_pickle import load_pickle
 
 __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", "sample_frame_positions",
@@ -435,9 +434,13 @@ class UmonsPickleSplit(Dataset):
     the book's order ``EMOTIONS["mosei"]`` (:func:`nbsupport.data.formats.emotion_columns`).
     """
 
-    def __init__(self, folder, split: str, emotion_order=SDK_MOSEI_LABELS[1:]):
+    def __init__(self, folder, split: str, emotion_order=None):
+        # formats imports datasets, which imports this module: read the name matcher at call time
+        from .formats import SDK_MOSEI_LABELS, emotion_columns
+
         check_split(split)
         folder = Path(folder)
+        emotion_order = list(SDK_MOSEI_LABELS[1:] if emotion_order is None else emotion_order)
         columns = emotion_columns(emotion_order, "mosei", "UmonsPickleSplit: parameter 'emotion_order'")
         if len(columns) != 6 or len(emotion_order) != 6:
             raise ParameterError(f"UmonsPickleSplit: parameter 'emotion_order' must name the 6 emotions "
@@ -501,7 +504,7 @@ class UmonsPickleSplit(Dataset):
                 "emotion": torch.from_numpy(self.labels[i].copy()), "sentiment": self.scores[i]}
 
 
-def load_umons_pickles(folder, split: str, emotion_order=SDK_MOSEI_LABELS[1:]) -> UmonsPickleSplit:
+def load_umons_pickles(folder, split: str, emotion_order=None) -> UmonsPickleSplit:
     """Read UMONS's pre-extracted pickles of one split (see :class:`UmonsPickleSplit`; emotion columns in
     ``emotion_order``, the CMU-MOSEI SDK's by default, mapped by name to the book's order)."""
     return UmonsPickleSplit(folder, split, emotion_order)

@@ -94,8 +94,10 @@ def run_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None):
     """Run one of the three VGG blocks on a dense grid ``x`` (N,C,H,W) and a kept-site mask (N,H,W).
 
     Sparse block: only the kept sites go in (``to_sparse``), the pooled sparse output is scattered back
-    to a zero-filled grid (N,C',H/2,W/2) with its active mask. Dense block: the dropped sites are zeroed
-    (no compute saving) and every output site is active. Returns ``(y, active_out)``.
+    to a zero-filled grid (N,C',H/2,W/2) with its active mask (the ``block_handoff="dense"`` strategy of
+    :class:`VisualPathway`; by default MESM keeps the sites sparse between blocks instead). Dense block:
+    the dropped sites are zeroed (no compute saving) and every output site is active.
+    Returns ``(y, active_out)``.
     """
     if isinstance(block, sparse_lib.SparseVggBlock):
         out = block(sparse_lib.to_sparse(x, keep))
@@ -182,11 +184,17 @@ class VisualPathway(nn.Module):
             nn.init.normal_(self.position, std=0.02)
         self.encoder = nn.ModuleList([TransformerEncoderBlock(dim, heads, ff_size, dropout) for _ in range(layers)])
         self.records: list[LayerRecord] = []
+        # How sparse blocks pass their sites on (an execution strategy: same outputs and gradients):
+        # "sparse" keeps a SparseTensor from block to block (attention and top-p on the active sites only);
+        # "dense" scatters each block's output to a zero-filled grid and gathers the kept sites again.
+        self.block_handoff = "sparse"
 
-    def _select(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
+    def _select(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor, *,
+                sparse_out: bool = False):
         """Cross-modal attention + top-p before block ``i``.
 
-        Returns (reweighted x, kept mask, attention)."""
+        Returns (reweighted x, kept mask, attention); ``sparse_out=True`` returns the kept sites
+        only, as a SparseTensor, scaled after the gather (same products, a fraction of the work)."""
         n, c, h, w = x.shape
         keys = x.flatten(2).transpose(1, 2)  # (N, H*W, C) one key per spatial site
         act = active.flatten(1)  # (N, H*W)
@@ -194,11 +202,101 @@ class VisualPathway(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.attention_grad == "reweight"):
             _, weights = self.cross_attention[i](query, keys, keys, mask=act)
         keep = sparse_lib.top_p_mask(weights, self.top_p) & act
-        if self.attention_grad == "reweight":  # book: attention * n_active, 1 when uniform
-            scale = weights * act.sum(1, keepdim=True).to(weights.dtype)
-            x = x * scale.view(n, 1, h, w)
-        # "none" (reference): the kept sites go on unchanged; the attention only selects
-        return x, keep.view(n, h, w), weights.view(n, h, w)
+        keep, weights = keep.view(n, h, w), weights.view(n, h, w)
+        if self.attention_grad == "none":  # reference: the kept sites go on unchanged, only selected
+            return (sparse_lib.to_sparse(x, keep) if sparse_out else x), keep, weights
+        # book: attention * n_active, 1 when uniform
+        scale = weights * act.sum(1).to(weights.dtype).view(n, 1, 1)
+        if sparse_out:  # MESM's sparse blocks: gather the kept sites first, then scale them
+            s = sparse_lib.to_sparse(x, keep)
+            return s.replace(s.features * scale[keep][:, None]), keep, weights
+        return x * scale[:, None], keep, weights
+
+    def _select_sparse(self, i: int, s: "sparse_lib.SparseTensor", query: torch.Tensor):
+        """:meth:`_select` on the active sites of a sparse tensor (same numbers, work only where active):
+        returns (kept and reweighted sparse tensor, attention (M,) per active site, kept mask (M,))."""
+        att = self.cross_attention[i]
+        frame = s.coords[:, 0]  # (M,) frame/piece of every active site
+        n = s.batch_size
+        learn = self.attention_grad == "reweight"  # "none": the reference's attention gets no gradient
+        # additive attention v^T tanh(W_q q + W_k k) per active site (AdditiveAttention's own layers)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and learn):
+            scores = att.v(torch.tanh(att.w_query(query)[frame] + att.w_key(s.features))).squeeze(1)  # (M,)
+        # softmax over the active sites of each frame: torch has no segment softmax, so max-shift by hand
+        top = scores.new_full((n,), -float("inf")).scatter_reduce(0, frame, scores.detach(), "amax")
+        e = torch.exp(scores - top[frame])
+        weights = e / e.new_zeros(n).index_add(0, frame, e)[frame]  # (M,)
+        keep = sparse_lib.top_p_mask_segments(weights, frame, self.top_p)
+        if not learn:  # reference: the kept sites go on unchanged
+            return s.select(keep), weights, keep
+        n_active = torch.bincount(frame, minlength=n).to(weights.dtype)  # (N,) active sites per frame
+        scaled = s.replace(s.features * (weights * n_active[frame])[:, None])  # attention * n_active
+        return scaled.select(keep), weights, keep
+
+    def _blocks_sparse(self, x: torch.Tensor, query: torch.Tensor, frames_cpu: torch.Tensor) -> torch.Tensor:
+        """The three sparse blocks with sites kept sparse between them (``block_handoff="sparse"``):
+        x (N, C0, H, W) from the stem -> (N, C) mean of the last block's features over its active sites."""
+        n = x.shape[0]
+        s = None
+        for i, block in enumerate(self.blocks):
+            if s is None:  # first block: every site of the stem's map is active
+                active = torch.ones(n, x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
+                if self.attention:
+                    s_in, keep, attn = self._select(0, x, active, query, sparse_out=True)
+                else:
+                    keep, attn = active, torch.zeros(active.shape, device=x.device)
+                    s_in = sparse_lib.to_sparse(x, keep)
+            else:
+                h, w = s.spatial_shape
+                b, yy, xx = s.coords[:, 0], s.coords[:, 1], s.coords[:, 2]
+                active = torch.zeros(n, h, w, dtype=torch.bool, device=x.device)
+                active[b, yy, xx] = True
+                attn = torch.zeros(n, h, w, device=x.device)
+                if self.attention:
+                    s_in, weights, kept = self._select_sparse(i, s, query)
+                    attn[b, yy, xx] = weights.detach().to(attn.dtype)
+                    keep = torch.zeros_like(active)
+                    keep[b[kept], yy[kept], xx[kept]] = True
+                else:
+                    s_in, keep = s, active
+            self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
+                                            frames_cpu))
+            s = block(s_in)  # SparseTensor on the pooled grid
+        if self.head == "flatten":  # reference: the whole final grid, zeros at inactive sites
+            return s.dense().flatten(1)  # (N, C*h*w)
+        frame = s.coords[:, 0]
+        sums = s.features.new_zeros(n, s.features.shape[1]).index_add(0, frame, s.features)  # (N, C)
+        counts = torch.bincount(frame, minlength=n).clamp_min(1).to(sums.dtype)
+        return sums / counts[:, None]  # mean over active sites (0 for a frame with none, like the dense path)
+
+    def extract(self, x: torch.Tensor, query: torch.Tensor, frame_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The feature extractor after the stem (what MESM makes sparse, Ch. 6; timed by the benchmarks):
+        x (N, C0, H, W) stem output, query (N, d_text) text vector per frame -> (N, C) mean of the last
+        block's features over its active sites (``head="flatten"``: the whole last grid, (N, C*h*w)). Fills :attr:`records` (``frame_index`` (N, 2) goes into
+        them; default: frame i of utterance 0)."""
+        if self.block_handoff not in ("sparse", "dense"):
+            raise ValueError(f"VisualPathway: 'block_handoff' must be 'sparse' or 'dense', "
+                             f"got {self.block_handoff!r}")
+        if frame_index is None:
+            frame_index = torch.stack([torch.zeros(x.shape[0], dtype=torch.long), torch.arange(x.shape[0])], 1)
+        frames_cpu = frame_index.cpu()  # shared by the records of every block
+        self.records = []
+        sparse_blocks = len(self.blocks) > 0 and isinstance(self.blocks[0], sparse_lib.SparseVggBlock)
+        if self.block_handoff == "sparse" and sparse_blocks:
+            return self._blocks_sparse(x, query, frames_cpu)
+        active = torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
+        for i, block in enumerate(self.blocks):
+            if self.attention:
+                x, keep, attn = self._select(i, x, active, query)
+            else:
+                keep, attn = active, torch.zeros(active.shape, device=x.device)
+            self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
+                                            frames_cpu))
+            x, active = run_block(block, x, keep)  # (N, C_{i+1}, H/2, W/2)
+        if self.head == "flatten":  # reference: the whole final grid, zeros at inactive sites
+            return x.flatten(1)  # (N, C*h*w)
+        a = active[:, None].to(x.dtype)
+        return (x * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1.0)  # (N, C) mean over active sites
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """images (B, T, H, W), mask (B, T) True on real frames/pieces, text (B, d_text) CLS -> (B, dim)."""
@@ -214,26 +312,10 @@ class VisualPathway(nn.Module):
                                  f"shape {tuple(images.shape)}")
             x = x.expand(-1, self.in_channels, -1, -1)  # grey crops repeated on the RGB stem's channels
         query = text[frame_index[:, 0]]  # (N, d_text): the utterance's CLS vector for each frame
-        self.records = []
         if x.shape[0] > 0:
-            x = self.stem(x)  # (N, C0, H/2, W/2)
-            active = torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
-            frames_cpu = frame_index.cpu()  # shared by the records of every block
-            for i, block in enumerate(self.blocks):
-                if self.attention:
-                    x, keep, attn = self._select(i, x, active, query)
-                else:
-                    keep, attn = active, torch.zeros(active.shape, device=x.device)
-                self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
-                                                frames_cpu))
-                x, active = run_block(block, x, keep)  # (N, C_{i+1}, H/2, W/2)
-            if self.head == "flatten":  # reference: the whole final grid, zeros at inactive sites
-                feats = self.proj(x.flatten(1))  # (N, C*h*w) -> (N, dim)
-            else:
-                a = active[:, None].to(x.dtype)
-                pooled = (x * a).sum((2, 3)) / a.sum((2, 3)).clamp_min(1.0)  # (N, C) mean over active sites
-                feats = self.proj(pooled)  # (N, dim)
+            feats = self.proj(self.extract(self.stem(x), query, frame_index.cpu()))  # (N, dim)
         else:
+            self.records = []
             feats = images.new_zeros(0, self.dim, dtype=text.dtype)
         return self.encode_frames(feats, frame_index, mask)
 

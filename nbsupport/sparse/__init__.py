@@ -36,8 +36,9 @@ The CPU then executes one of three plans with identical results (:func:`choose_s
   *active* (output, input) pairs only, all non-centre offsets in one batched matmul; the work is the
   real rulebook size that :mod:`nbsupport.flops` counts;
 * ``"dense"`` (most of the grid active): oneDNN's ``conv2d`` on the zero-filled map, read at the sites;
-* ``"im2col"`` (reference): one gather to (N, k*k*C_in) and one matmul.  Because the submanifold
-  neighbour relation is symmetric, its backward is the mirrored gather and one matmul (no scatter).
+* ``"im2col"`` (compact regions, most neighbours active): one gather to (N, k*k*C_in) and one matmul.
+  Because the submanifold neighbour relation is symmetric, its backward is the mirrored gather and one
+  matmul (no scatter).
 
 :class:`SubMConv2d` keeps its weight in PyTorch's (C_out, C_in, k, k) shape -- state dicts are shared
 with ``nn.Conv2d`` -- but stored offset-major in memory, so the rulebook reads it without copies.
@@ -53,9 +54,9 @@ from __future__ import annotations
 
 from .backends import (SPARSE_BACKEND_CPU, SPCONV_SELFCHECK_TOL, SpconvSubm, backend_description, sparse_backend,
                        spconv_selfcheck)
-from .engine import (DENSE_POOL_MIN_DENSITY, DENSE_STRATEGY_MIN_FILL, RulebookPairs, SparseTensor, choose_strategy,
-                     neighbour_table, offset_major, rulebook_pairs, sparse_max_pool2d, subm_conv2d, to_dense,
-                     to_sparse)
+from .engine import (DENSE_POOL_MIN_DENSITY, DENSE_STRATEGY_MIN_FILL, IM2COL_MIN_FILL, RulebookPairs,
+                     SparseTensor, choose_strategy, neighbour_table, offset_major, rulebook_pairs, sparse_max_pool2d,
+                     subm_conv2d, to_dense, to_sparse)
 from .layers import DenseConvBNReLU, DenseVggBlock, SparseConvBNReLU, SparseMaxPool2d, SparseVggBlock, SubMConv2d
 from .topp import top_p_mask, top_p_mask_segments
 
@@ -63,7 +64,8 @@ __all__ = [
     "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "SPCONV_SELFCHECK_TOL", "sparse_backend", "backend_description",
     "spconv_selfcheck", "SpconvSubm", "top_p_mask", "top_p_mask_segments",
     "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "offset_major",
-    "choose_strategy", "subm_conv2d", "sparse_max_pool2d", "DENSE_STRATEGY_MIN_FILL", "DENSE_POOL_MIN_DENSITY",
+    "choose_strategy", "subm_conv2d", "sparse_max_pool2d", "DENSE_STRATEGY_MIN_FILL", "IM2COL_MIN_FILL",
+    "DENSE_POOL_MIN_DENSITY",
     "SubMConv2d", "SparseConvBNReLU", "SparseMaxPool2d", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",
 ]
 

@@ -373,10 +373,15 @@ class _Pairs:
 
 
 #: At or above this share of the dense grid's taps being active pairs, the CPU plan is oneDNN's dense
-#: conv2d on the zero-filled map (identical result); below it, the per-offset rulebook.  The im2col
-#: plan is kept for reference but measured slower than "pairs" at every density on this CPU
-#: (benchmarks/sparse_vs_dense.py).
+#: conv2d on the zero-filled map (identical result); below it, a rulebook plan.
 DENSE_STRATEGY_MIN_FILL = 0.4
+#: Below the dense threshold, "im2col" (one GEMM over all k*k offsets, missing neighbours read a zero
+#: row) replaces the per-offset "pairs" when at least this share of the sites' k*k neighbours are active:
+#: the few zero rows cost less than the per-offset scatter and the smaller GEMMs.  That is the regime of
+#: MESM's attention-selected regions (measured 0.87 of the taps in block 1 and 0.73 in block 2 at top_p
+#: 0.7, where im2col took 0.85-0.98x the time of "pairs"; benchmarks/peer_scn.py); scattered random
+#: sites stay far below it.
+IM2COL_MIN_FILL = 0.7
 
 
 def _check_weight(weight: torch.Tensor, c_in: int) -> None:
@@ -446,16 +451,21 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
 
 def choose_strategy(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = None,
                     batch_size: int | None = None) -> str:
-    """CPU execution plan of a submanifold convolution from its rulebook: "pairs" (per-offset rulebook)
-    while the active (site, neighbour) pairs are under :data:`DENSE_STRATEGY_MIN_FILL` of the dense
-    grid's taps, else "dense" (oneDNN's conv2d on the zero-filled map, read at the active sites; same
-    result, faster when most of the grid is active).  Without a grid size: "pairs"."""
+    """CPU execution plan of a submanifold convolution from its rulebook (Chapter 6): "dense" (oneDNN's
+    conv2d on the zero-filled map, read at the active sites; faster when most of the grid is active) once
+    the active (site, neighbour) pairs reach :data:`DENSE_STRATEGY_MIN_FILL` of the dense grid's taps;
+    below that "im2col" when the sites' own neighbourhoods are at least :data:`IM2COL_MIN_FILL` full
+    (compact regions), else "pairs" (scattered sites).  Same result whichever runs.  Without a grid size
+    the dense plan is not considered."""
     n, kk = neighbours.shape
-    if n == 0 or spatial_shape is None or batch_size is None:
+    if n == 0:
         return "pairs"
-    taps = int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]) * kk
-    fill = float((neighbours < n).sum()) / taps
-    return "dense" if fill >= DENSE_STRATEGY_MIN_FILL else "pairs"
+    pairs = float((neighbours < n).sum())
+    if spatial_shape is not None and batch_size is not None:
+        taps = int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]) * kk
+        if pairs / taps >= DENSE_STRATEGY_MIN_FILL:
+            return "dense"
+    return "im2col" if pairs / (n * kk) >= IM2COL_MIN_FILL else "pairs"
 
 
 def _pool_pairs(coords: torch.Tensor, spatial_shape: Sequence[int], k: int, s: int):
@@ -492,6 +502,32 @@ def _max_pool_dense_plan(features, coords, spatial_shape, batch_size, k, s):
     return pooled.permute(0, 2, 3, 1)[site], out_coords
 
 
+def _max_pool_windows(features, coords, spatial_shape, k):
+    # Non-overlapping windows (stride = kernel, MESM's 2x2 pool): every active input lies in exactly one
+    # window, so the inputs are copied into a (windows, k*k slots, C) buffer of -inf and reduced with
+    # max(dim=1), whose backward sends the gradient to the first maximal slot (row-major in the window),
+    # like dense max_pool2d; no scatter-max, no second pass for the arg-max.
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    ho, wo = h // k, w // k
+    oy = torch.div(coords[:, 1], k, rounding_mode="floor")
+    ox = torch.div(coords[:, 2], k, rounding_mode="floor")
+    inside = (oy < ho) & (ox < wo)  # floor mode: the last row/column of an odd map pools into nothing
+    if not bool(inside.all()):
+        features, coords, oy, ox = features[inside], coords[inside], oy[inside], ox[inside]
+    c = features.shape[1]
+    if features.shape[0] == 0:
+        return features.new_zeros(0, c), coords.new_zeros(0, 3)
+    slot = (coords[:, 1] - oy * k) * k + (coords[:, 2] - ox * k)  # position in the window, row-major
+    key = (coords[:, 0] * ho + oy) * wo + ox
+    out_keys, inv = torch.unique(key, return_inverse=True)  # sorted keys -> (b, y, x) order
+    m = out_keys.numel()
+    buf = features.new_full((m * k * k, c), -math.inf).index_copy(0, inv * (k * k) + slot, features)
+    out = buf.view(m, k * k, c).max(1).values  # (M, C)
+    b = torch.div(out_keys, ho * wo, rounding_mode="floor")
+    rem = out_keys - b * ho * wo
+    return out, torch.stack([b, torch.div(rem, wo, rounding_mode="floor"), rem % wo], 1)
+
+
 def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size: int = 2, stride: int | None = None,
                       *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None,
                       strategy: str = "auto"):
@@ -504,7 +540,8 @@ def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size:
     input of the window in row-major order, like PyTorch's CPU kernel).  ``spatial_shape`` (H, W)
     defaults to the coordinates' bounding box; pass it to match a dense map's floor-mode border.
     Output sites are ordered by (batch, y, x).  ``strategy`` (CPU execution, same result): "sparse"
-    (pairs of active inputs and pooled sites, scatter-max), "dense" (that -inf identity executed with
+    (stride = kernel: a -inf-padded (windows, k*k, C) buffer reduced by ``max``; otherwise pairs of active
+    inputs and pooled sites, scatter-max), "dense" (that -inf identity executed with
     ``max_pool2d``, faster when most sites are active) or "auto" (dense from
     :data:`DENSE_POOL_MIN_DENSITY` of ``batch_size * H * W`` on; needs ``batch_size``).
     """
@@ -528,6 +565,8 @@ def sparse_max_pool2d(features: torch.Tensor, coords: torch.Tensor, kernel_size:
         strategy = "dense" if cells and features.shape[0] >= DENSE_POOL_MIN_DENSITY * cells else "sparse"
     if strategy == "dense":
         return _max_pool_dense_plan(features, coords, spatial_shape, batch_size, k, s)
+    if k == s:
+        return _max_pool_windows(features, coords, spatial_shape, k)
     inp, key, slot, (ho, wo) = _pool_pairs(coords, spatial_shape, k, s)
     out_keys, pair_out = torch.unique(key, return_inverse=True)  # sorted keys -> (b, y, x) order
     m = out_keys.numel()

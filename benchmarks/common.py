@@ -1,0 +1,153 @@
+"""Shared measuring tools of the benchmarks (the Performance page of the book).
+
+Speed is only ever reported as ratios of variants timed in the same run: :func:`interleave` runs one
+repetition of every variant in turn (rotating the order), so all of them see the same machine load, and
+:func:`spread` reports the median and the range of the per-repetition ratios, not only the medians.
+Memory: :func:`peak_rss_mb`, the growth of the process' peak resident memory during one call (after
+handing freed memory back to the system; malloc's own settings are left alone, so timings are not
+changed by the measurement).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbsupport import sparse as sp
+
+
+def _release_free_memory() -> None:
+    # glibc keeps freed blocks for reuse; give them back first, so that a step's peak resident memory is
+    # its own allocations rather than memory freed by an earlier step (no-op elsewhere)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        m = re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def peak_rss_mb(fn: Callable[[], object]) -> float | None:
+    """Peak resident memory added while ``fn()`` runs, in MB (Linux: the kernel's high-water mark VmHWM is
+    reset through ``/proc/self/clear_refs``; PyTorch keeps no peak statistics for CPU memory).  None where
+    the kernel does not allow it."""
+    _release_free_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    base = _status_bytes("VmRSS")
+    fn()
+    peak = _status_bytes("VmHWM")
+    return None if base is None or peak is None else max(peak - base, 0) / 2**20
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of ``fn()`` in seconds; on CUDA the queue is drained before and after."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleave(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time every variant ``repeats`` times, one repetition of each in turn (order rotated every round),
+    after ``warmup`` untimed rounds.  Returns the seconds of every repetition per variant."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(timed(fns[name]))
+    return out
+
+
+def spread(times: dict[str, list[float]], num: str, den: str) -> dict:
+    """Median and range of the per-round ratio ``num / den`` (round i of one against round i of the other,
+    both timed back to back), plus each variant's median seconds."""
+    ratios = [a / b for a, b in zip(times[num], times[den])]
+    seconds = {f"{k}_seconds": statistics.median(times[k]) for k in (num, den)}
+    return dict(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios), **seconds)
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(label: str = "") -> dict:
+    """Where and how a benchmark ran (stored in its JSON and shown with its plot)."""
+    return dict(cpu=cpu_name(), python=sys.version.split()[0], torch=torch.__version__,
+                threads=torch.get_num_threads(), cores=os.cpu_count(), load_average_before=os.getloadavg(),
+                label=label)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def peaked_prior(n: int, h: int, w: int, blob: float, gen: torch.Generator) -> torch.Tensor:
+    """Log-prior (n, h, w): one Gaussian blob per frame at a random centre, width ``blob`` of the map."""
+    cy = torch.rand(n, 1, 1, generator=gen) * h
+    cx = torch.rand(n, 1, 1, generator=gen) * w
+    yy = torch.arange(h).view(1, h, 1) + 0.5
+    xx = torch.arange(w).view(1, 1, w) + 0.5
+    return -(((yy - cy) / (blob * h)) ** 2 + ((xx - cx) / (blob * w)) ** 2) / 2
+
+
+class PeakedAttention:
+    """Benchmark scaffolding, not part of the model: adds a peaked log-prior to the score of every site
+    (forward hooks on the attention's score layer ``v``), because an untrained attention is nearly
+    uniform, unlike the maps MESM learns (one region per frame).  The model's own code runs unchanged.
+    ``sites[i]``: the (batch, y, x) of the rows scored before block i > 0 (set by hooks on the book's
+    blocks, or by the SparseConvNet extractor)."""
+
+    def __init__(self, pathway: nn.Module, prior: torch.Tensor):
+        self.prior, self.sites = prior, {}  # prior (N, H, W) at the first block's resolution
+        self.handles = []
+        for i, att in enumerate(pathway.cross_attention):
+            self.handles.append(att.v.register_forward_hook(self._score_hook(i)))
+        for i, block in enumerate(pathway.blocks[:-1]):
+            self.handles.append(block.register_forward_hook(self._sites_hook(i + 1)))
+
+    def _sites_hook(self, i):
+        def hook(mod, inputs, out):
+            if isinstance(out, sp.SparseTensor):
+                self.sites[i] = out.coords
+        return hook
+
+    def _score_hook(self, i):
+        def hook(mod, inputs, out):
+            scale = 2 ** i
+            h, w = self.prior.shape[1] // scale, self.prior.shape[2] // scale
+            pm = F.adaptive_avg_pool2d(self.prior[:, None], (h, w))[:, 0]  # prior at this block's grid
+            if out.dim() == 4:  # dense maps: (N, 1, H*W, 1)
+                return out + pm.reshape(out.shape)
+            c = self.sites[i]  # sparse sites: (M, 1)
+            return out + pm[c[:, 0], c[:, 1], c[:, 2]][:, None]
+        return hook
