@@ -3,7 +3,7 @@
 With the network blocked (only 127.0.0.1 resolves), each page listed in _toc.yml must load with no
 console error and no request leaving the machine; equations typeset by the book's own MathJax;
 figures of every chapter load and are not blank; tables have rows; widgets render from the state
-papermill saved (DESIGN.md, "Rendering notes"); no traceback is shown; internal links and
+papermill saved; no traceback is shown; internal links and
 citations point at pages and anchors that exist; chapters carry the "run in JupyterLab" box.
 A full-page screenshot of each page is kept under ``_build/test-artifacts/browser/``.
 
@@ -394,3 +394,93 @@ def test_book_opens_from_disk_without_a_server(site, tmp_path_factory):
     assert info["mathjax"] > 0 or not info["rawMath"]
     if info["widgetViews"]:
         assert info["widgetRoots"] >= info["widgetViews"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Explorers without a kernel (nbsupport.book.widgets.static_explorer): precomputed states switched in the page
+# ---------------------------------------------------------------------------------------------
+_EXPLORER_JS = """
+const root = document.querySelectorAll('.nbsupport-explorer')[arguments[0]];
+if (!root) return null;
+const img = root.querySelector('img.nbx-image');
+const data = JSON.parse(root.querySelector('script.nbx-data').textContent);
+return {src: img.getAttribute('src'), alt: img.getAttribute('alt'), ready: root.getAttribute('data-ready'),
+        caption: root.querySelector('.nbx-caption').textContent, state: root.getAttribute('data-state'),
+        captions: data.captions, n: document.querySelectorAll('.nbsupport-explorer').length,
+        stateSrc: 'data:' + data.mime + ';base64,' + data.images[data.state_image[+root.getAttribute('data-state')]],
+        ranges: Array.from(root.querySelectorAll('input[type=range]')).map(r => r.getAttribute('aria-label')),
+        selects: Array.from(root.querySelectorAll('select')).map(s => s.getAttribute('aria-label'))};
+"""
+
+
+def explorer_state(browser, index: int = 0) -> dict | None:
+    """What the ``index``-th static explorer of the page shows now: image src, caption, state index."""
+    return browser.execute_script(_EXPLORER_JS, index)
+
+
+def move(browser, index: int, axis: str, key=None, option: str | None = None) -> None:
+    """As a reader does: focus the explorer's slider ``axis`` and press ``key``, or pick ``option`` in its
+    dropdown (a keyboard/mouse event, not a script setting the value)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    root = browser.find_elements(By.CSS_SELECTOR, ".nbsupport-explorer")[index]
+    control = root.find_element(By.CSS_SELECTOR, f'[aria-label="{axis}"]')
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", control)
+    if option is None:
+        control.send_keys(key)
+    else:
+        Select(control).select_by_visible_text(option)
+
+
+def _pixel(src: str, xy=(30, 30)):
+    import io
+
+    from PIL import Image
+
+    assert src.startswith("data:image/"), src[:40]
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB").getpixel(xy)
+
+
+def test_static_explorer_switches_states_from_file_offline(tmp_path):
+    """A synthetic explorer whose states are solid colours: opened from file:// with the network
+    blocked, each key press / dropdown pick shows the picture of the expected state."""
+    chromium, driver = require_chromium()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from selenium.webdriver.common.keys import Keys
+
+    from nbsupport.book.widgets import static_explorer
+
+    def colour(a, b):  # the test's reference
+        return (40 + 60 * a, 200 - 80 * b, 100)
+
+    def draw(a, b):
+        fig = plt.figure(figsize=(1, 1))
+        fig.patch.set_facecolor([c / 255 for c in colour(a, b)])
+        return fig, f"sum {a + b}"
+
+    page = static_explorer(draw, {"a": [0, 1, 2], "b": [("x", 0), ("y", 1)]}, start={"a": 1},
+                           progress=False).save_html(tmp_path / "explorer.html")
+    b = start_chromium(chromium, driver, tmp_path / "profile")
+    try:
+        info, console, network, ready = open_page(b, page.as_uri())
+        assert ready == "ok" and not console and not network, (ready, console, network)
+        seen = []
+        for step, expected in [(None, (1, 0)), ((("a", Keys.ARROW_RIGHT),), (2, 0)),
+                               ((("b", None, "y"),), (2, 1)), ((("a", Keys.HOME),), (0, 1)),
+                               ((("a", Keys.ARROW_RIGHT), ("b", None, "x")), (1, 0))]:
+            for args in step or ():
+                move(b, 0, *args)
+            now = explorer_state(b)
+            a_, b_ = expected
+            assert now["ready"] == "1", "the explorer's script did not run"
+            assert now["caption"] == now["alt"] == f"a {a_}, b {'xy'[b_]}: sum {a_ + b_}", now["caption"]
+            assert max(abs(p - q) for p, q in zip(_pixel(now["src"]), colour(a_, b_))) <= 2, (expected, now["caption"])
+            seen.append(now["src"])
+        assert seen[0] == seen[-1] and len(set(seen)) == 4
+        assert not [e for e in b.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        b.quit()

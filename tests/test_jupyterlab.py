@@ -1,4 +1,4 @@
-"""The chapters' widgets in JupyterLab, the way a reader uses them (DESIGN.md, user path 2).
+"""The chapters' widgets in JupyterLab, the way a reader uses them (the reader who opens a chapter in JupyterLab).
 
 Starts JupyterLab on 127.0.0.1 (free port, random token) in a temporary folder holding a copy of a
 chapter with ``smoke = True``, opens it in headless Chromium, runs all cells, moves a slider with the
