@@ -484,3 +484,104 @@ def test_static_explorer_switches_states_from_file_offline(tmp_path):
         assert not [e for e in b.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         b.quit()
+
+
+# the key words and their angles on Chapter 1's plane (the test's own copy: the reference is hand arithmetic)
+_KEYS = {"joy": 20, "delight": 35, "calm": 90, "table": 180, "fear": 250, "dread": 265, "anger": 310}
+
+
+def _check_ch1(state: dict) -> tuple[float, float]:
+    """Chapter 1's caption against softmax(q.k / sqrt(2) / T) computed here by hand; returns (angle, T)."""
+    import numpy as np
+
+    m = re.fullmatch(r"query angle ([\d.]+)°, temperature ([\d.]+): largest weight ([\d.]+) on '(\w+)'",
+                     state["caption"])
+    assert m, f"chapter 1 caption not understood: {state['caption']!r}"
+    angle, t = float(m[1]), float(m[2])
+    scores = np.cos(np.deg2rad(angle - np.array(list(_KEYS.values())))) / np.sqrt(2) / t
+    w = np.exp(scores - scores.max())
+    w /= w.sum()
+    assert abs(float(m[3]) - w.max()) <= 0.006 and m[4] == list(_KEYS)[int(w.argmax())], (state["caption"], w)
+    return angle, t
+
+
+def _check_ch6(state: dict) -> tuple[str, float, float, float]:
+    """Chapter 6's caption: (utterance, top_p, extractor M MACs, implied dense M MACs = MACs / share)."""
+    m = re.fullmatch(r"utterance (.+), top_p ([\d.]+): extractor ([\d.]+) M MACs \((\d+)% of dense\)", state["caption"])
+    assert m, f"chapter 6 caption not understood: {state['caption']!r}"
+    return m[1], float(m[2]), float(m[3]), float(m[3]) / (int(m[4]) / 100)
+
+
+def _shown_state(browser, before: dict | None = None) -> dict:
+    """The explorer's state now; the picture is the precomputed picture of the captioned state and,
+    when ``before`` is given, differs from the one shown before the move."""
+    now = explorer_state(browser)
+    assert now and now["ready"] == "1", "the explorer's script did not run"
+    assert now["caption"] == now["alt"] == now["captions"][int(now["state"])]
+    assert now["src"] == now["stateSrc"], "the picture is not the one of the captioned state"
+    if before is not None:
+        assert now["caption"] != before["caption"], "moving the control did not change the state"
+        assert now["src"] != before["src"], f"the picture did not change ({before['caption']} -> {now['caption']})"
+    return now
+
+
+@pytest.mark.parametrize("chapter", ["01_attention_basics", "04_umons_multimodal", "06_mesm"])
+def test_chapter_explorer_works_without_kernel(chapter, site, tmp_path):
+    """The chapter page opened from file:// with the network blocked: moving the precomputed explorer's
+    slider or dropdown shows the expected state (caption numbers checked against hand arithmetic)."""
+    from selenium.webdriver.common.keys import Keys
+
+    chromium, driver = require_chromium()
+    page = next(p for p, _ in PAGES if p.endswith(f"{chapter}.html"))
+    b = start_chromium(chromium, driver, tmp_path / "profile")
+    try:
+        info, console, network, ready = open_page(b, (site / page).resolve().as_uri())
+        assert ready == "ok" and not console and not network, (ready, console, network)
+        first = _shown_state(b)
+        assert first["n"] == 1, f"{page}: {first['n']} precomputed explorers, expected 1"
+        # in the rendered book the live ipywidgets twin (its sliders need a kernel) is hidden
+        hidden = b.execute_script("return Array.from(document.querySelectorAll('.nbsupport-live-only'))"
+                                  ".map(e => getComputedStyle(e).display)")
+        assert hidden and set(hidden) == {"none"}, f"live widget twin not hidden in the book: {hidden}"
+        if chapter == "01_attention_basics":
+            assert first["ranges"] == ["query angle", "temperature"]
+            angle0, t0 = _check_ch1(first)
+            move(b, 0, "temperature", Keys.ARROW_RIGHT)
+            now = _shown_state(b, first)
+            angle1, t1 = _check_ch1(now)
+            assert angle1 == angle0 and t1 > t0
+            move(b, 0, "query angle", Keys.ARROW_RIGHT)
+            angle2, t2 = _check_ch1(_shown_state(b, now))
+            assert angle2 > angle1 and t2 == t1
+        elif chapter == "04_umons_multimodal":
+            assert first["selects"] == ["utterance"] and first["ranges"] == ["layer"]
+            options = b.execute_script("return Array.from(document.querySelectorAll('.nbsupport-explorer select "
+                                       "option')).map(o => o.textContent)")
+            assert first["caption"] == f"utterance {options[0]}, layer 1"
+            move(b, 0, "utterance", option=options[1])
+            now = _shown_state(b, first)
+            assert now["caption"] == f"utterance {options[1]}, layer 1"
+            layers = b.execute_script("return +document.querySelector('.nbsupport-explorer input[type=range]').max") + 1
+            if layers > 1:
+                move(b, 0, "layer", Keys.END)
+                assert _shown_state(b, now)["caption"] == f"utterance {options[1]}, layer {layers}"
+        else:
+            assert first["selects"] == ["utterance"] and first["ranges"] == ["top_p"]
+            utt, p0, macs0, dense0 = _check_ch6(first)
+            move(b, 0, "top_p", Keys.ARROW_LEFT)
+            utt1, p1, macs1, dense1 = _check_ch6(_shown_state(b, first))
+            move(b, 0, "top_p", Keys.END)
+            utt2, p2, macs2, dense2 = _check_ch6(_shown_state(b))
+            assert utt1 == utt2 == utt and p1 < p0 < p2 == 1.0
+            assert macs1 <= macs0 <= macs2, "fewer kept sites must not cost more MACs"
+            # the dense cost of an utterance does not depend on top_p (share rounded to 1 %)
+            assert max(dense0, dense1, dense2) / min(dense0, dense1, dense2) < 1.02, (dense0, dense1, dense2)
+            options = b.execute_script("return Array.from(document.querySelectorAll('.nbsupport-explorer select "
+                                       "option')).map(o => o.textContent)")
+            move(b, 0, "utterance", option=options[1])
+            assert _check_ch6(_shown_state(b))[:2] == (options[1], 1.0)
+        assert not [e for e in b.get_log("browser") if e["level"] == "SEVERE"]
+        assert not _network_problems(b.get_log("performance"))
+        full_page_screenshot(b, ARTIFACTS / f"{chapter}__explorer.png")
+    finally:
+        b.quit()

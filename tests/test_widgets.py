@@ -135,3 +135,17 @@ def test_attention_static_explorer_captions_match_softmax():
         assert m, caption
         assert (float(m[1]), float(m[2])) == (angle, t)
         assert abs(float(m[3]) - w.max()) <= 0.006 and m[4] == nbw.KEY_WORDS[int(w.argmax())], (caption, w)
+
+
+def test_static_explorer_shrinks_pictures_to_fit_the_budget():
+    def noisy(seed):  # a picture that compresses badly, so its size tracks its pixel count
+        fig = plt.figure(figsize=(4, 3))
+        fig.figimage(np.random.default_rng(seed).random((216, 288)), cmap="gray")
+        return fig
+
+    full = nbw.static_explorer(noisy, {"seed": [0, 1, 2]}, fmt="jpeg", progress=False)
+    assert full.scale == 1.0 and _decode(full.images[0]).size == (288, 216)
+    small = nbw.static_explorer(noisy, {"seed": [0, 1, 2]}, fmt="jpeg", max_bytes=int(full.nbytes * 0.6),
+                                progress=False)
+    assert small.scale < 1.0 and small.nbytes <= full.nbytes * 0.6
+    assert _decode(small.images[0]).size == (round(288 * small.scale), round(216 * small.scale))

@@ -230,26 +230,40 @@ def _close(a, b) -> bool:
     return isinstance(a, numbers) and isinstance(b, numbers) and bool(np.isclose(float(a), float(b)))
 
 
-def _encode(fig, fmt: str, dpi: int, quality: int) -> bytes:
-    """The figure as compact image bytes, ``png``, ``png8`` (256-colour palette PNG) or ``jpeg``; closes it."""
+def _render_png(fig, dpi: int) -> bytes:
+    """The figure as PNG at ``dpi`` (then closed); no bbox_inches="tight": the draw functions lay out their figure."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _encode(png: bytes, fmt: str, scale: float, quality: int) -> bytes:
+    """``png`` shrunk by ``scale`` and re-encoded compactly: ``png`` (as is at scale 1), ``png8``
+    (256-colour palette PNG, compact for plots) or ``jpeg`` (compact for pictures such as face crops)."""
     import io
 
     from PIL import Image
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)  # no bbox_inches="tight": the draw functions lay out their figure
-    plt.close(fig)
-    png = buf.getvalue()
-    if fmt == "png":
+    if fmt == "png" and scale == 1:
         return png
     image = Image.open(io.BytesIO(png)).convert("RGB")
+    if scale != 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
     buf = io.BytesIO()
     if fmt == "png8":
-        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            buf, format="PNG", optimize=True)
-    else:
+        image = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    if fmt == "jpeg":
         image.save(buf, format="JPEG", quality=quality, optimize=True)
+    else:
+        image.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
+
+
+#: Shrink factors tried in turn until an explorer fits its byte budget.
+_SCALES = (1.0, 0.85, 0.72, 0.6, 0.5)
 
 
 class StaticExplorer:
@@ -266,6 +280,7 @@ class StaticExplorer:
         self.start = {name: int((start or {}).get(name, 0)) for name in axes}  # index shown first per axis
         self.images, self.state_image, self.mime = images, state_image, mime
         self.title, self.element_id = title, element_id
+        self.scale = 1.0  # the shrink factor static_explorer applied to fit the budget
         self._html = self._render()
         self.nbytes = len(self._html.encode("utf-8"))
 
@@ -277,8 +292,8 @@ class StaticExplorer:
     def summary(self) -> str:
         """One line for people: states, distinct images and the bytes the page carries."""
         grid = " x ".join(f"{len(p)} {name}" for name, p in self.axes.items())
-        return (f"{len(self.states)} precomputed states ({grid}), {len(self.images)} distinct images, "
-                f"{self.nbytes / 1e6:.2f} MB in the page")
+        return (f"{len(self.states)} precomputed states ({grid}), {len(self.images)} distinct pictures at "
+                f"{self.scale:.0%} scale, {self.nbytes / 1e6:.2f} MB in the page")
 
     def _render(self) -> str:
         import html
@@ -329,8 +344,8 @@ class StaticExplorer:
 
 def static_explorer(draw: Callable, axes: dict, *, title: str = "", controls: dict | None = None,
                     start: dict | None = None,
-                    fmt: str = "png8", dpi: int = 72, quality: int = 80, max_bytes: int = EXPLORER_BUDGET,
-                    progress: bool = True) -> StaticExplorer:
+                    fmt: str = "png8", dpi: int = 72, quality: int = 70, max_bytes: int = EXPLORER_BUDGET,
+                    fit: bool = True, progress: bool = True) -> StaticExplorer:
     """Precompute every state of an explorer on a small grid, for readers of the rendered book who have
     no kernel (Chapters 1, 4 and 6: query/temperature, co-attention by utterance and layer, MESM's
     top-p and kept sites by utterance).
@@ -341,9 +356,11 @@ def static_explorer(draw: Callable, axes: dict, *, title: str = "", controls: di
     ``"name label, name label: note"``. ``controls`` overrides a control's kind (``"slider"`` or
     ``"dropdown"``; default: a slider for an axis of bare numbers, a dropdown otherwise); ``start`` maps
     an axis name to the value shown first (default: each axis's first value). Images are
-    ``fmt`` ``"png8"`` (palette PNG, compact for plots), ``"png"`` or ``"jpeg"`` at ``dpi``; identical
-    images are stored once. Raises :class:`ParameterError` when the page would grow by more than
-    ``max_bytes`` (choose a coarser grid, a smaller figure or a lower ``dpi``).
+    ``fmt`` ``"png8"`` (palette PNG, compact for plots), ``"png"`` or ``"jpeg"`` (``quality``) drawn at
+    ``dpi``; identical pictures are stored once. The explorer may add at most ``max_bytes`` to its page:
+    with ``fit`` the pictures are shrunk (to 85 %, 72 %, 60 %, then 50 %, the scale is kept in
+    ``.scale``) until it does; past that :class:`ParameterError` says to choose a coarser grid or a
+    smaller figure.
     """
     import json
     import uuid
@@ -373,24 +390,29 @@ def static_explorer(draw: Callable, axes: dict, *, title: str = "", controls: di
                                  f"values {[v for _, v in parsed.get(name, [])]} (axes: {names})")
         start_index[name] = found[0]
     grid = list(np.ndindex(*[len(parsed[n]) for n in names]))  # row-major: first axis slowest
-    states, images, state_image, seen = [], [], [], {}
+    states, pngs, state_image, seen = [], [], [], {}
     for index in tqdm(grid, desc="precomputing explorer states", disable=not progress, leave=False):
         values = {n: parsed[n][i][1] for n, i in zip(names, index)}
         drawn = draw(**values)
         fig, note = drawn if isinstance(drawn, tuple) else (drawn, None)
         caption = ", ".join(f"{n} {parsed[n][i][0]}" for n, i in zip(names, index))
         caption += f": {note}" if note else ""
-        blob = _encode(fig, fmt, dpi, quality)
-        state_image.append(seen.setdefault(blob, len(seen)))
-        if state_image[-1] == len(images):
-            images.append(blob)
+        png = _render_png(fig, dpi)
+        state_image.append(seen.setdefault(png, len(seen)))  # identical pictures are stored once
+        if state_image[-1] == len(pngs):
+            pngs.append(png)
         states.append((values, caption))
-    explorer = StaticExplorer(parsed, kinds, states, images, state_image, _MIME[fmt], title,
-                              f"nbx-{uuid.uuid4().hex[:12]}", start_index)
-    if explorer.nbytes > max_bytes:
-        per_image = sum(len(b) for b in images) / len(images)
-        raise ParameterError(
-            f"static_explorer: {len(states)} states ({' x '.join(str(len(parsed[n])) for n in names)} over "
-            f"{json.dumps(names)}) need {explorer.nbytes / 1e6:.1f} MB, over max_bytes={max_bytes / 1e6:.1f} MB "
-            f"(about {per_image / 1e3:.0f} kB per image): use fewer values, a smaller figure or a lower dpi")
-    return explorer
+    element_id = f"nbx-{uuid.uuid4().hex[:12]}"
+    for scale in _SCALES if fit else (1.0,):  # shrink the pictures until the page budget holds
+        images = [_encode(png, fmt, scale, quality) for png in pngs]
+        explorer = StaticExplorer(parsed, kinds, states, images, state_image, _MIME[fmt], title, element_id,
+                                  start_index)
+        explorer.scale = scale
+        if explorer.nbytes <= max_bytes:
+            return explorer
+    per_image = sum(len(b) for b in images) / len(images)
+    raise ParameterError(
+        f"static_explorer: {len(states)} states ({' x '.join(str(len(parsed[n])) for n in names)} over "
+        f"{json.dumps(names)}) need {explorer.nbytes / 1e6:.1f} MB even with pictures shrunk to {scale:.0%}, over "
+        f"max_bytes={max_bytes / 1e6:.1f} MB (about {per_image / 1e3:.0f} kB per picture): use fewer values, "
+        f"a smaller figure or a lower dpi")
