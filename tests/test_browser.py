@@ -407,7 +407,8 @@ const data = JSON.parse(root.querySelector('script.nbx-data').textContent);
 return {src: img.getAttribute('src'), alt: img.getAttribute('alt'), ready: root.getAttribute('data-ready'),
         caption: root.querySelector('.nbx-caption').textContent, state: root.getAttribute('data-state'),
         captions: data.captions, n: document.querySelectorAll('.nbsupport-explorer').length,
-        stateSrc: 'data:' + data.mime + ';base64,' + data.images[data.state_image[+root.getAttribute('data-state')]],
+        stateSrc: 'data:' + data.mime + ';base64,'
+                  + data.images[data.state_image[+root.getAttribute('data-state')]],
         ranges: Array.from(root.querySelectorAll('input[type=range]')).map(r => r.getAttribute('aria-label')),
         selects: Array.from(root.querySelectorAll('select')).map(s => s.getAttribute('aria-label'))};
 """
@@ -478,7 +479,8 @@ def test_static_explorer_switches_states_from_file_offline(tmp_path):
             a_, b_ = expected
             assert now["ready"] == "1", "the explorer's script did not run"
             assert now["caption"] == now["alt"] == f"a {a_}, b {'xy'[b_]}: sum {a_ + b_}", now["caption"]
-            assert max(abs(p - q) for p, q in zip(_pixel(now["src"]), colour(a_, b_))) <= 2, (expected, now["caption"])
+            pixel = _pixel(now["src"])
+            assert max(abs(p - q) for p, q in zip(pixel, colour(a_, b_))) <= 2, (expected, now["caption"], pixel)
             seen.append(now["src"])
         assert seen[0] == seen[-1] and len(set(seen)) == 4
         assert not [e for e in b.get_log("browser") if e["level"] == "SEVERE"]
@@ -507,7 +509,8 @@ def _check_ch1(state: dict) -> tuple[float, float]:
 
 def _check_ch6(state: dict) -> tuple[str, float, float, float]:
     """Chapter 6's caption: (utterance, top_p, extractor M MACs, implied dense M MACs = MACs / share)."""
-    m = re.fullmatch(r"utterance (.+), top_p ([\d.]+): extractor ([\d.]+) M MACs \((\d+)% of dense\)", state["caption"])
+    m = re.fullmatch(r"utterance (.+), top_p ([\d.]+): extractor ([\d.]+) M MACs \((\d+)% of dense\)",
+                     state["caption"])
     assert m, f"chapter 6 caption not understood: {state['caption']!r}"
     return m[1], float(m[2]), float(m[3]), float(m[3]) / (int(m[4]) / 100)
 
@@ -561,7 +564,8 @@ def test_chapter_explorer_works_without_kernel(chapter, site, tmp_path):
             move(b, 0, "utterance", option=options[1])
             now = _shown_state(b, first)
             assert now["caption"] == f"utterance {options[1]}, layer 1"
-            layers = b.execute_script("return +document.querySelector('.nbsupport-explorer input[type=range]').max") + 1
+            layers = 1 + b.execute_script(
+                "return +document.querySelector('.nbsupport-explorer input[type=range]').max")
             if layers > 1:
                 move(b, 0, "layer", Keys.END)
                 assert _shown_state(b, now)["caption"] == f"utterance {options[1]}, layer {layers}"

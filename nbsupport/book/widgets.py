@@ -143,8 +143,8 @@ def attention_static_explorer(angles=(0, 30, 60, 90, 135, 180, 225, 270, 315),
     temperature); each state is captioned with its largest weight and the key that gets it. It opens on
     the grid point nearest ``angle``/``temperature``; ``kwargs`` go to :func:`static_explorer`."""
     angles, temperatures = [float(a) for a in angles], [float(t) for t in temperatures]
-    start = {"query angle": min(angles, key=lambda a: abs(a - angle)) if angles else None,
-             "temperature": min(temperatures, key=lambda t: abs(np.log(t / temperature))) if temperatures else None}
+    start = {"query angle": min(angles, key=lambda a: abs(a - angle), default=None),
+             "temperature": min(temperatures, key=lambda t: abs(np.log(t / temperature)), default=None)}
     return static_explorer(lambda **v: _query_attention_state(v["query angle"], v["temperature"], length),
                            {"query angle": [(f"{a:g}°", a) for a in angles], "temperature": temperatures},
                            controls={"query angle": "slider"}, start=kwargs.pop("start", start), **kwargs)
@@ -195,7 +195,8 @@ _EXPLORER_JS = """(function () {
 _EXPLORER_CSS = (
     f".cell_output .{LIVE_ONLY_CLASS} {{ display: none !important; }}\n"
     ".nbsupport-explorer { font-size: 0.9em; margin: 0.5em 0; }\n"
-    ".nbsupport-explorer .nbx-controls { display: flex; flex-wrap: wrap; gap: 0.4em 1.5em; align-items: center; }\n"
+    ".nbsupport-explorer .nbx-controls { display: flex; flex-wrap: wrap; gap: 0.4em 1.5em;"
+    " align-items: center; }\n"
     ".nbsupport-explorer .nbx-controls label { display: inline-flex; gap: 0.5em; align-items: center; }\n"
     ".nbsupport-explorer .nbx-controls output { min-width: 4em; font-family: monospace; }\n"
     ".nbsupport-explorer img.nbx-image { max-width: 100%; height: auto; display: block; margin: 0.4em 0; }\n"
@@ -231,7 +232,8 @@ def _close(a, b) -> bool:
 
 
 def _render_png(fig, dpi: int) -> bytes:
-    """The figure as PNG at ``dpi`` (then closed); no bbox_inches="tight": the draw functions lay out their figure."""
+    """The figure as PNG at ``dpi`` (then closed). No bbox_inches="tight" (it draws twice): the draw
+    functions lay out their own figure."""
     import io
 
     buf = io.BytesIO()
@@ -251,7 +253,8 @@ def _encode(png: bytes, fmt: str, scale: float, quality: int) -> bytes:
         return png
     image = Image.open(io.BytesIO(png)).convert("RGB")
     if scale != 1:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.LANCZOS)
     buf = io.BytesIO()
     if fmt == "png8":
         image = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
