@@ -68,7 +68,8 @@ def scaled_dot_product_attention(query, keys, values, mask=None):
 
 
 def additive_attention(query, keys, values, mask=None, *, w_query=None, w_key=None, v=None):
-    """Additive (Bahdanau) attention ``score = v^T tanh(W_q q + W_k k)`` (Bahdanau et al. 2015, eq. 6).
+    """Additive (Bahdanau) attention ``score = v^T tanh(W_q q + W_k k)`` (Bahdanau et al. 2015,
+    eq. 6).
 
     query (B, Q, d_q) or (B, d_q); keys (B, K, d_k); values (B, K, d_v). Without projection
     matrices the query and keys must share a size and the score is ``sum(tanh(q + k))`` (the
@@ -91,8 +92,8 @@ def additive_attention(query, keys, values, mask=None, *, w_query=None, w_key=No
 
 
 class AdditiveAttention(nn.Module):
-    """Learned additive attention (Bahdanau et al. 2015): ``v^T tanh(W_q q + W_k k)``; used for MESM's
-    text-to-image/spectrogram cross-modal attention (Dai et al. 2021, Sec. 3.2)."""
+    """Learned additive attention (Bahdanau et al. 2015): ``v^T tanh(W_q q + W_k k)``; used for
+    MESM's text-to-image/spectrogram cross-modal attention (Dai et al. 2021, Sec. 3.2)."""
 
     def __init__(self, query_dim: int, key_dim: int, hidden: int):
         super().__init__()
@@ -107,9 +108,9 @@ class AdditiveAttention(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention (Vaswani et al. 2017, Sec. 3.2.2): ``h`` scaled dot-product attentions over
-    learned projections, concatenated and projected. Called as ``mha(query, key, value, mask=None)``;
-    stores the last attention weights (batch, heads, Q, K) in ``self.weights`` for plotting."""
+    """Multi-head attention (Vaswani et al. 2017, Sec. 3.2.2): ``h`` scaled dot-product attentions
+    over learned projections, concatenated and projected. Called as ``mha(query, key, value,
+    mask=None)``; stores the last attention weights (batch, heads, Q, K) in ``self.weights``."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -128,7 +129,8 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, query, key, value, mask=None):
-        q, k, v = self._split(self.q_proj(query)), self._split(self.k_proj(key)), self._split(self.v_proj(value))
+        q = self._split(self.q_proj(query))  # (B, heads, Tq, d/heads)
+        k, v = self._split(self.k_proj(key)), self._split(self.v_proj(value))  # (B, heads, Tk, ...)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, heads, Q, K)
         weights = masked_softmax(scores, mask)
         self.weights = weights.detach()

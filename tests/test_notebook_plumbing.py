@@ -11,9 +11,69 @@ def _values(**over):
     return {"smoke": False, "seed": 0, "device": "cpu", "output_dir": None, **over}
 
 
+SPEC = nb.Spec(rules={"epochs": nb.Int(min=1), "text_model": nb.Str(optional=True)},
+               smoke={"epochs": 1, "text_model": lambda v: v or "tiny"})
+
+
 def test_start_validates_and_seeds(tmp_path):
-    run = nb.start(_values(epochs=3, output_dir=str(tmp_path / "o")), epochs=nb.Int(min=1))
+    run = nb.start(SPEC, _values(epochs=3, text_model="", output_dir=str(tmp_path / "o")))
     assert run.epochs == 3 and run.device.type == "cpu" and (tmp_path / "o").is_dir()
+    assert run.text_model is None  # "" and None both mean "not set"
+
+
+def test_smoke_overrides_are_what_runs_and_what_is_recorded(tmp_path):
+    run = nb.start(SPEC, _values(smoke=True, epochs=300, text_model=None, output_dir=str(tmp_path)))
+    assert run.epochs == 1 and run.text_model == "tiny"
+    data = json.loads(run.write_metrics([{"model": "m", "modalities": "L"}]).read_text())
+    assert data["parameters"]["epochs"] == 1
+
+
+def test_misspelled_parameter_stops_with_the_closest_name():
+    # papermill's "-p epoch 5" lands in the injected cell; IPython's history (In) holds both cells
+    ns = _values(epochs=3, text_model="", epoch=5)
+    ns["In"] = ["", "smoke = False\nseed = 0\nepochs = 3\ntext_model = ''", "# Parameters\nepoch = 5\n",
+                "run = nb.start('x', globals())"]
+    with pytest.raises(nb.ParameterError, match=r"unknown parameter 'epoch' \(did you mean 'epochs'\?\)"):
+        nb.start(SPEC, ns)
+
+
+def test_literals_of_earlier_cells_are_not_mistaken_for_parameters():
+    ns = _values(epochs=3, text_model="", rows=[1])  # rows: set by a cell run before, not a parameter
+    ns["In"] = ["", "rows = [1]\nprint(rows)", "epochs = 3\ntext_model = ''", "run = nb.start('x', globals())"]
+    assert nb.start(SPEC, ns).epochs == 3
+
+
+def test_unwritable_output_dir_stops_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits: use a path under a file instead
+            target = tmp_path / "afile"
+            target.write_text("x")
+            out = str(target / "out")
+        else:
+            out = str(locked / "out")
+        with pytest.raises(nb.ParameterError, match="'output_dir'.*not writable"):
+            nb.start(SPEC, _values(epochs=1, text_model="", output_dir=out))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_every_chapter_spec_matches_its_parameters_cell():
+    import nbformat
+    from conftest import NOTEBOOKS
+
+    from nbsupport.book import chapters
+
+    for path in NOTEBOOKS:
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        ns: dict = {}
+        exec(cell.source, ns)
+        given = {k for k in ns if not k.startswith("__")}
+        spec = chapters.spec(path.stem)
+        assert given == set(spec.names), f"{path.name}: parameters cell {sorted(given)} != spec {sorted(spec.names)}"
+        spec.validate({k: ns[k] for k in given})  # the defaults pass their own rules
 
 
 @pytest.mark.parametrize("over, rules, words", [
@@ -49,7 +109,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
 
 
 def test_metrics_shape_checked(tmp_path):
-    run = nb.start(_values(output_dir=str(tmp_path)))
+    run = nb.start(nb.Spec(rules={}), _values(output_dir=str(tmp_path)))
     path = run.write_metrics([{"model": "m", "modalities": "L", "wacc": 0.5}], extra_key=[1])
     data = json.loads(path.read_text())
     assert data["results"][0]["wacc"] == 0.5 and data["parameters"]["seed"] == 0 and data["extra_key"] == [1]

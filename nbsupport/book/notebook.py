@@ -1,16 +1,22 @@
-"""Notebook plumbing shared by every chapter: parameter checks, seeding, device choice, outputs.
+"""Notebook plumbing shared by every chapter: the one-call opening, parameter rules, outputs.
 
-Every chapter starts with a papermill ``parameters`` cell of plain literals and then calls
-:func:`start` with those values and the rules for its own extra parameters. ``start`` stops the
-notebook with a :class:`ParameterError` naming the parameter and what was expected *before any
-work is done*, seeds Python, NumPy and PyTorch, resolves ``device="auto"`` and, when
-``output_dir`` is set, prepares it for ``metrics.json`` and figures (DESIGN.md, "Notebook
-conventions").
+Every chapter starts with a papermill ``parameters`` cell of plain literals, then one call:
+``run = nb.start("06_mesm", globals())``. :func:`start` looks the chapter's :class:`Spec` up in
+:mod:`nbsupport.book.chapters` (its rules, ranges, smoke overrides and cross-checks, declared once),
+and *before any work is done* stops the notebook with a :class:`ParameterError` naming the
+parameter and what was expected, including a misspelled name (with the closest valid one). It then
+applies the smoke overrides, seeds Python, NumPy and PyTorch, resolves ``device="auto"`` and checks
+that ``output_dir`` is writable (the book's *Design* page, "Notebook conventions"). The sweep
+command (:mod:`nbsupport.book.experiments`) validates its ``-p``/``--grid`` values with the same
+:func:`validate`.
 """
 from __future__ import annotations
 
+import ast
+import difflib
 import os
 import platform
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -21,8 +27,8 @@ from nbsupport.base import (ParameterError, _describe, atomic_write, atomic_writ
                             check_modalities, jsonable, resolve_device, seed_everything)
 
 __all__ = [
-    "ParameterError", "Bool", "Int", "Float", "Choice", "Str", "Path_", "ListOf", "Modalities",
-    "validate", "start", "Run", "seed_everything", "resolve_device", "atomic_write", "atomic_write_text",
+    "ParameterError", "Bool", "Int", "Float", "Choice", "Str", "Path_", "ListOf", "DictOf", "Modalities", "Spec",
+    "validate", "start", "Run", "COMMON_RULES", "seed_everything", "resolve_device", "atomic_write", "atomic_write_text",
     "atomic_write_json", "METRIC_NAMES",
 ]
 
@@ -106,12 +112,12 @@ class Choice:
 
 @dataclass
 class Str:
-    """A string; ``optional`` also accepts None and ``""``."""
+    """A string; ``optional`` also accepts None and ``""``, which both mean "not set" (returned as None)."""
 
     optional: bool = False
 
     def __call__(self, name: str, value: Any) -> str | None:
-        if value is None and self.optional:
+        if (value is None or value == "") and self.optional:
             return None
         if not isinstance(value, str):
             raise ParameterError(f"parameter '{name}' must be a string, got {_describe(value)}")
@@ -153,6 +159,33 @@ class ListOf:
 
 
 @dataclass
+class DictOf:
+    """A dict whose keys are among ``keys`` (all of them when ``complete``) and whose values pass ``rules[key]``
+    (or ``item`` when a key has no rule of its own): model sizes given as one parameter, for example."""
+
+    keys: Sequence[str] = ()
+    item: Any = None
+    rules: Mapping[str, Any] = field(default_factory=dict)
+    complete: bool = False
+
+    def __call__(self, name: str, value: Any) -> dict:
+        if not isinstance(value, Mapping):
+            raise ParameterError(f"parameter '{name}' must be a dict, got {_describe(value)}")
+        unknown = [k for k in value if self.keys and k not in self.keys]
+        if unknown:
+            raise ParameterError(f"parameter '{name}': unknown key(s) {', '.join(map(repr, unknown))}; "
+                                 f"known: {', '.join(self.keys)}")
+        missing = [k for k in self.keys if self.complete and k not in value]
+        if missing:
+            raise ParameterError(f"parameter '{name}': key(s) {', '.join(map(repr, missing))} missing")
+        out = {}
+        for k, v in value.items():
+            rule = self.rules.get(k, self.item)
+            out[k] = rule(f"{name}[{k!r}]", v) if rule else v
+        return out
+
+
+@dataclass
 class Modalities:
     """A modality string over the letters L (language), A (audio), V (vision), e.g. ``"LAV"``.
 
@@ -184,8 +217,14 @@ def validate(values: Mapping[str, Any], rules: Mapping[str, Any]) -> dict:
         raise ParameterError(f"parameter(s) {', '.join(missing)} missing from the parameters cell")
     unknown = [k for k in values if k not in rules]
     if unknown:
-        raise ParameterError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(rules))}")
+        raise ParameterError("; ".join(_unknown_message(k, rules) for k in unknown))
     return {name: rules[name](name, values[name]) for name in values}
+
+
+def _unknown_message(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(sorted(known))}"
+    return f"unknown parameter '{name}'{hint}"
 
 
 def check_metrics(data: Mapping[str, Any]) -> None:
@@ -215,7 +254,14 @@ class Run:
     params: dict
     device: Any
     output_dir: Path | None = None
+    chapter: str = ""
     figures: list = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if k not in COMMON_RULES)
+        where = f" -> {self.output_dir}" if self.output_dir else ""
+        return (f"{self.chapter or 'run'}: seed {self.params['seed']}, {self.device.type}"
+                f"{', smoke run' if self.params['smoke'] else ''}{where}\n{given}")
 
     def __getattr__(self, name: str) -> Any:  # run.epochs etc.
         params = self.__dict__.get("params", {})
@@ -243,20 +289,115 @@ class Run:
         return atomic_write_json(self.output_dir / "metrics.json", data)
 
 
-def start(values: Mapping[str, Any], **rules: Any) -> Run:
-    """Validate a chapter's parameters, seed everything and resolve the device (DESIGN.md conventions).
+@dataclass
+class Spec:
+    """A chapter's parameters, declared once: a rule per name (the common four are added), smoke
+    overrides (name -> value, or a function of the given value), and a cross-parameter ``check``
+    (``check(params)`` raises :class:`ParameterError`). :mod:`nbsupport.book.chapters` holds one per chapter;
+    :func:`start` and the sweep command both use it."""
 
-    ``values`` holds every name from the parameters cell; ``rules`` gives a rule for each
-    chapter-specific one (``smoke``, ``seed``, ``device`` and ``output_dir`` are checked always).
-    """
-    params = validate(values, rules)
-    device = resolve_device(params["device"])
-    seed_everything(params["seed"])
-    out = None
-    if params["output_dir"]:
-        out = Path(params["output_dir"])
+    rules: Mapping[str, Any]
+    smoke: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[dict], None] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Every parameter name of the chapter, the common ones first."""
+        return list({**COMMON_RULES, **self.rules})
+
+    def validate(self, values: Mapping[str, Any]) -> dict:
+        """Check ``values`` (every name once, no unknown name) and return them normalised."""
+        params = validate(values, self.rules)
+        if self.check is not None:
+            self.check(params)
+        return params
+
+    def apply_smoke(self, params: Mapping[str, Any]) -> dict:
+        """The parameters a smoke run uses: same code path, tiny sizes (``smoke=True``)."""
+        out = dict(params)
+        for name, over in self.smoke.items():
+            out[name] = over(out[name]) if callable(over) else over
+        return out
+
+
+_LITERAL_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
+_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def _literal_assignments(source: str) -> list[str] | None:
+    """Names a cell assigns when it holds only ``name = <literal>`` lines (a parameters cell), else None."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    names = []
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets)):
+            return None
+        try:
+            ast.literal_eval(node.value)
+        except ValueError:
+            return None
+        names += [t.id for t in node.targets]
+    return names
+
+
+def _given_names(namespace: Mapping[str, Any]) -> set[str]:
+    """The parameter names the reader or papermill gave: the names assigned by the run of literal-only
+    cells just before the current one (the ``parameters`` cell and papermill's injected cell), read from
+    IPython's input history; outside IPython, every literal-valued global."""
+    history = namespace.get("In")
+    if isinstance(history, list) and len(history) >= 2:
+        given: set[str] = set()
+        for source in reversed(history[:-1]):
+            names = _literal_assignments(source)
+            if names is None:
+                break
+            given.update(names)
+        return given
+    return {k for k, v in namespace.items()
+            if not k.startswith("_") and k not in _IPYTHON_NAMES and isinstance(v, _LITERAL_TYPES)}
+
+
+def _writable(output_dir: str | None, name: str = "output_dir") -> Path | None:
+    """Create ``output_dir`` and prove it writable now, before any training (a run is never lost at its first figure)."""
+    if output_dir is None:
+        return None
+    out = Path(output_dir)
+    try:
         out.mkdir(parents=True, exist_ok=True)
-    return Run(params=params, device=device, output_dir=out)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ParameterError(f"parameter '{name}': folder {str(out)!r} is not writable ({err.strerror or err})") from None
+    return out
+
+
+def start(chapter: "str | Spec", namespace: Mapping[str, Any] | None = None, **legacy_rules: Any) -> Run:
+    """The one-call opening of every chapter: ``run = nb.start("06_mesm", globals())``.
+
+    Validates the parameters in ``namespace`` against the chapter's :class:`Spec` (a wrong type or
+    range, a missing name, or a misspelled one such as papermill's ``-p epoch 5`` all stop here, naming
+    the parameter), applies the smoke overrides when ``smoke=True`` (``run.params`` is then what runs,
+    and what ``metrics.json`` records), resolves the device, checks ``output_dir`` is writable and seeds
+    Python, NumPy and PyTorch.
+    """
+    from nbsupport.book import chapters  # the specs import this module's rules
+
+    if isinstance(chapter, Mapping):  # transitional: chapters not yet converted pass (values, **rules)
+        chapter, namespace = Spec(rules=dict(namespace or {}, **legacy_rules)), chapter
+    spec = chapter if isinstance(chapter, Spec) else chapters.spec(chapter)
+    values = {k: namespace[k] for k in spec.names if k in namespace}
+    for name in _given_names(namespace) - set(spec.names):
+        values[name] = namespace.get(name)
+    params = spec.validate(values)
+    if params["smoke"]:
+        params = spec.apply_smoke(params)
+    device = resolve_device(params["device"])
+    out = _writable(params["output_dir"])
+    seed_everything(params["seed"])
+    return Run(params=params, device=device, output_dir=out,
+               chapter=chapter if isinstance(chapter, str) else "")
 
 
 def environment() -> dict:

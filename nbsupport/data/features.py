@@ -32,12 +32,14 @@ MEL_DB_MEAN, MEL_DB_STD = -60.0, 20.0
 _DB_FLOOR = -100.0
 
 
-def log_mel(wave: np.ndarray, sr: int = SR, n_mels: int = 128, n_fft: int = 400, hop: int = 200) -> np.ndarray:
-    """Standardised log-mel spectrogram (n_mels, frames) with librosa (power, dB re 1, floor -100 dB)."""
+def log_mel(wave: np.ndarray, sr: int = SR, n_mels: int = 128, n_fft: int = 400,
+            hop: int = 200) -> np.ndarray:
+    """Standardised log-mel spectrogram (n_mels, frames) with librosa (power, dB re 1, floor
+    -100 dB; MESM's audio input before it is cut into pieces, Dai et al. 2021, Sec. 3.1)."""
     import librosa
 
-    m = librosa.feature.melspectrogram(y=np.asarray(wave, np.float32), sr=sr, n_fft=n_fft, win_length=n_fft,
-                                       hop_length=hop, n_mels=n_mels, power=2.0)
+    m = librosa.feature.melspectrogram(y=np.asarray(wave, np.float32), sr=sr, n_fft=n_fft,
+                                       win_length=n_fft, hop_length=hop, n_mels=n_mels, power=2.0)
     db = librosa.power_to_db(m, ref=1.0, amin=1e-10, top_db=None)
     return ((db - MEL_DB_MEAN) / MEL_DB_STD).astype(np.float32)
 
@@ -53,7 +55,7 @@ def mel_pieces(wave: np.ndarray, sr: int = SR, n_mels: int = 128, piece: int = 3
     pad = (_DB_FLOOR - MEL_DB_MEAN) / MEL_DB_STD
     out = np.full((n_mels, P * piece), pad, np.float32)
     out[:, :n] = spec
-    return np.ascontiguousarray(out.reshape(n_mels, P, piece).transpose(1, 0, 2))  # (P, n_mels, piece)
+    return np.ascontiguousarray(out.reshape(n_mels, P, piece).transpose(1, 0, 2))  # (P, mels, T)
 
 
 def umons_mel(wave: np.ndarray, sr: int = SR, n_mels: int = 80, seq_len: int = 60) -> np.ndarray:

@@ -12,7 +12,13 @@ import functools
 import os
 from pathlib import Path
 
-__all__ = ["bundled_text_model_path", "default_text_model", "resolve_text_model", "load_tokenizer", "tokenize"]
+__all__ = ["TINY_TEXT_MODEL", "bundled_text_model_path", "default_text_model", "resolve_text_model", "load_tokenizer",
+           "tokenize"]
+
+
+#: The name that asks for a small randomly initialised BERT with the bundled vocabulary (smoke runs:
+#: same code path, no weights read); its tokenizer is the bundled one.
+TINY_TEXT_MODEL = "tiny"
 
 
 def bundled_text_model_path() -> Path:
@@ -33,7 +39,7 @@ def default_text_model() -> str:
 
 def resolve_text_model(name_or_path: str | os.PathLike | None) -> tuple[str, dict]:
     """Return (path or id, kwargs for from_pretrained); ids are read from the local cache only."""
-    if name_or_path is None or str(name_or_path) == "":
+    if name_or_path is None or str(name_or_path) in ("", TINY_TEXT_MODEL):
         return default_text_model(), {}
     if Path(name_or_path).is_dir():
         return str(name_or_path), {}

@@ -131,20 +131,22 @@ def _fusion_head(in_dim: int, hidden: int, n_outputs: int, dropout: float) -> nn
 class LFLSTM(_LateFusionBase):
     """LF-LSTM (the late-fusion LSTM baseline of MESM's Table 2; Chapter 7).
 
-    Per modality m: a bidirectional LSTM over the feature sequence, run on a *packed* sequence of the
-    real positions only; the modality vector is ``[h_fwd(T_m); h_bwd(1)]`` of the last layer, (B, 2H).
+    Per modality m: a bidirectional LSTM over the feature sequence, run on a *packed* sequence of
+    the real positions only; the modality vector is ``[h_fwd(T_m); h_bwd(1)]`` of the last layer,
+    (B, 2H).
     Late fusion: concatenation over modalities, then an MLP to ``n_outputs`` logits.
     ``model(batch) -> (B, n_outputs)``. Masks must be prefix masks (real positions first), as
     ``collate_umons`` makes them.
     """
 
-    def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None, n_outputs: int = 6, *,
-                 hidden: int = 64, layers: int = 1, dropout: float = 0.1):
+    def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None,
+                 n_outputs: int = 6, *, hidden: int = 64, layers: int = 1, dropout: float = 0.1):
         super().__init__(modalities, input_dims or {})
         self.hidden = hidden
-        self.lstms = nn.ModuleDict({m: nn.LSTM(self.input_dims[m], hidden, num_layers=layers, batch_first=True,
-                                               bidirectional=True, dropout=dropout if layers > 1 else 0.0)
-                                    for m in self.modalities})
+        self.lstms = nn.ModuleDict({
+            m: nn.LSTM(self.input_dims[m], hidden, num_layers=layers, batch_first=True,
+                       bidirectional=True, dropout=dropout if layers > 1 else 0.0)
+            for m in self.modalities})
         self.head = _fusion_head(2 * hidden * len(self.modalities), hidden, n_outputs, dropout)
 
     def encode(self, batch: Mapping[str, torch.Tensor], m: str) -> torch.Tensor:
@@ -152,11 +154,13 @@ class LFLSTM(_LateFusionBase):
         x, mask = self._inputs(batch, m)
         lengths = mask.sum(1)
         if not torch.equal(mask, key_padding_mask(lengths, mask.shape[1])):
-            raise ValueError(f"LFLSTM: batch['{MODALITY_KEYS[m]}_mask'] must be a prefix mask (real positions "
-                             "first, then padding), as collate_umons makes it")
+            raise ValueError(f"LFLSTM: batch['{MODALITY_KEYS[m]}_mask'] must be a prefix mask "
+                             "(real positions first, then padding), as collate_umons makes it")
         # an empty sequence reads one zero vector (padding was zeroed) instead of failing in pack
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstms[m](packed)  # h_n (layers * 2, B, H), in the original batch order
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        # h_n (layers * 2, B, H), in the original batch order
+        _, (h_n, _) = self.lstms[m](packed)
         return torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -200,10 +204,11 @@ class LFTransformer(_LateFusionBase):
 # MulT
 # ------------------------------------------------------------------------------------------------
 class CrossmodalBlock(nn.Module):
-    """One crossmodal attention layer of MulT (Tsai et al. 2019, Sec. 3.2, eq. 4), pre-LayerNorm form:
+    """One crossmodal attention layer of MulT (Tsai et al. 2019, Sec. 3.2, eq. 4), pre-LayerNorm
+    form:
 
-    ``Z^ = Z + MHA(LN_q(Z), LN_kv(S), LN_kv(S))`` -- target sequence Z (queries) attends to the source
-    modality S (keys/values), masked on S's padding; ``Z' = Z^ + FF(LN_ff(Z^))``.
+    ``Z^ = Z + MHA(LN_q(Z), LN_kv(S), LN_kv(S))`` -- target sequence Z (queries) attends to the
+    source modality S (keys/values), masked on S's padding; ``Z' = Z^ + FF(LN_ff(Z^))``.
     With ``source=None`` it is a self-attention layer (the source is Z itself, LN_q used for both),
     the form of MulT's self-attention transformers.
     """
@@ -218,8 +223,9 @@ class CrossmodalBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, target, target_mask=None, source=None, source_mask=None):
-        """target (B, Lt, dim); source (B, Ls, dim) or None (self-attention); masks (B, L) True = real.
-        Returns (B, Lt, dim); padded target rows are computed but never read by :class:`MulT`."""
+        """target (B, Lt, dim); source (B, Ls, dim) or None (self-attention); masks (B, L) True =
+        real. Returns (B, Lt, dim); padded target rows are computed but never read by
+        :class:`MulT`."""
         q = self.norm_q(target)
         if source is None:
             kv, kv_mask = q, target_mask

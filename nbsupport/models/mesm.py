@@ -66,8 +66,8 @@ def sparse_backend_name(device: torch.device | str = "cpu") -> str:
 
 
 class DenseStem(nn.Module):
-    """MESM's dense CNN stage (Dai et al. 2021, Sec. 3.1, Ch. 5): conv 5x5, BN, ReLU, max-pool 2, then
-    two VGG blocks of ``channels`` without pooling. (N,1,H,W) -> (N,C,H/2,W/2)."""
+    """MESM's dense CNN stage (Dai et al. 2021, Sec. 3.1, Ch. 5): conv 5x5, BN, ReLU, max-pool 2,
+    then two VGG blocks of ``channels`` without pooling. (N,1,H,W) -> (N,C,H/2,W/2)."""
 
     def __init__(self, channels: int = 64):
         super().__init__()
@@ -147,13 +147,17 @@ class VisualPathway(nn.Module):
         self.records: list[LayerRecord] = []
 
     def _select(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor):
-        """Cross-modal attention + top-p before block ``i``: returns (reweighted x, kept mask, attention)."""
+        """Cross-modal attention + top-p before block ``i``.
+
+        Returns (reweighted x, kept mask, attention)."""
         n, c, h, w = x.shape
         keys = x.flatten(2).transpose(1, 2)  # (N, H*W, C) one key per spatial site
         act = active.flatten(1)  # (N, H*W)
-        _, weights = self.cross_attention[i](query, keys, keys, mask=act)  # (N, H*W) softmax over active sites
+        # (N, H*W) softmax over the active sites
+        _, weights = self.cross_attention[i](query, keys, keys, mask=act)
         keep = sparse_lib.top_p_mask(weights, self.top_p) & act
-        scale = weights * act.sum(1, keepdim=True).to(weights.dtype)  # attention * n_active: 1 when uniform
+        # attention * n_active: 1 when uniform
+        scale = weights * act.sum(1, keepdim=True).to(weights.dtype)
         x = x * scale.view(n, 1, h, w)
         return x, keep.view(n, h, w), weights.view(n, h, w)
 
@@ -183,11 +187,17 @@ class VisualPathway(nn.Module):
             feats = self.proj(pooled)  # (N, dim)
         else:
             feats = images.new_zeros(0, self.proj.out_features, dtype=text.dtype)
+        return self.encode_frames(feats, frame_index, mask)
+
+    def encode_frames(self, feats: torch.Tensor, frame_index: torch.Tensor, mask: torch.Tensor):
+        """The per-modality transformer (Ch. 5): one vector per real frame/piece, feats (N, dim) at
+        ``frame_index`` (N, 2) = (batch, frame), mask (B, T) -> the CLS output (B, dim)."""
+        b, t = mask.shape
         seq = feats.new_zeros(b, t, feats.shape[-1])
         seq[frame_index[:, 0], frame_index[:, 1]] = feats  # (B, T, dim); padding rows stay zero
         seq = seq + self.position[:, :t]
         seq = torch.cat([self.cls.expand(b, -1, -1), seq], dim=1)  # (B, 1+T, dim)
-        keep = torch.cat([mask.new_ones(b, 1), mask.bool()], dim=1)
+        keep = torch.cat([mask.new_ones(b, 1), mask.bool()], dim=1)  # the CLS token is never masked
         for layer in self.encoder:
             seq = layer(seq, keep)
         return seq[:, 0]  # (B, dim): CLS output
@@ -268,7 +278,8 @@ class EndToEndModel(nn.Module):
         """batch = ``collate_mesm`` output -> fused logits (B, n_outputs)."""
         for key in ("input_ids", "attention_mask"):
             if key not in batch:
-                raise KeyError(f"EndToEndModel: batch is missing '{key}' (expected the collate_mesm keys)")
+                raise KeyError(f"EndToEndModel: batch is missing '{key}' "
+                               f"(expected the collate_mesm keys)")
         cls = self.text(batch["input_ids"], batch["attention_mask"])  # (B, d_text)
         logits = {}
         for m in self.modalities:
@@ -277,7 +288,8 @@ class EndToEndModel(nn.Module):
             else:
                 x_key, m_key = INPUT_KEYS[m]
                 if x_key not in batch or m_key not in batch:
-                    raise KeyError(f"EndToEndModel: modality '{m}' needs batch keys '{x_key}' and '{m_key}'")
+                    raise KeyError(f"EndToEndModel: modality '{m}' needs batch keys "
+                                   f"'{x_key}' and '{m_key}'")
                 vec = self.pathways[m](batch[x_key], batch[m_key].bool(), cls)
             logits[m] = self.heads[m](self.dropout(vec))  # (B, n_outputs)
         w = torch.softmax(self.fusion, 0)  # (M,)

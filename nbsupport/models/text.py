@@ -15,8 +15,8 @@ import os
 import torch
 from torch import nn
 
-from nbsupport.data.text import (bundled_text_model_path, load_tokenizer, offline_error, resolve_text_model,
-                                 tokenize)
+from nbsupport.data.text import (TINY_TEXT_MODEL, bundled_text_model_path, load_tokenizer, offline_error,
+                                 resolve_text_model, tokenize)
 
 __all__ = ["TextEncoder", "bundled_text_model_path", "load_tokenizer", "load_pretrained", "tokenize", "TINY_CONFIG"]
 
@@ -46,7 +46,7 @@ class TextEncoder(nn.Module):
 
     ``TextEncoder(name_or_path=None)`` loads the bundled all-MiniLM-L6-v2; a Hugging Face id (from the
     local cache only) or a local folder is accepted; ``tiny=True`` builds a small random BERT
-    (:data:`TINY_CONFIG`) with the bundled vocabulary. ``forward(input_ids, attention_mask)`` ->
+    (:data:`TINY_CONFIG`) with the bundled vocabulary, and so does the name ``"tiny"``. ``forward(input_ids, attention_mask)`` ->
     (B, hidden). ``hidden_size`` tells the size of the output.
     """
 
@@ -54,7 +54,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel, BertConfig
 
-        if tiny:
+        if tiny or str(name_or_path) == TINY_TEXT_MODEL:
             base, kwargs = resolve_text_model(name_or_path)
             try:
                 vocab = AutoConfig.from_pretrained(base, **kwargs).vocab_size

@@ -122,17 +122,19 @@ def to_dense(features: torch.Tensor, coords: torch.Tensor, shape: Sequence[int],
     return out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
-def neighbour_table(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: int, kernel_size: int = 3,
-                    method: str = "auto") -> torch.Tensor:
-    """Rulebook of a submanifold convolution: (N, k*k) long, entry [i, a*k+b] is the index of the site at
-    ``(y + a - k//2, x + b - k//2)`` in the same image, or N when that site is inactive (or off the map).
+def neighbour_table(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: int,
+                    kernel_size: int = 3, method: str = "auto") -> torch.Tensor:
+    """Rulebook of a submanifold convolution: (N, k*k) long, entry [i, a*k+b] is the index of the
+    site at ``(y + a - k//2, x + b - k//2)`` in the same image, or N when that site is inactive (or
+    off the map).
 
-    ``method``: "grid" (dense index grid, O(B*H*W) memory), "search" (``torch.searchsorted`` on sorted
-    linear keys), or "auto" (grid when the padded grid is small).  Chapter 6.
+    ``method``: "grid" (dense index grid, O(B*H*W) memory), "search" (``torch.searchsorted`` on
+    sorted linear keys), or "auto" (grid when the padded grid is small).  Chapter 6.
     """
     k = int(kernel_size)
     if k < 1 or k % 2 == 0:
-        raise ValueError(f"nbsupport.sparse: 'kernel_size' must be a positive odd integer, got {kernel_size!r}")
+        raise ValueError(f"nbsupport.sparse: 'kernel_size' must be a positive odd integer, "
+                         f"got {kernel_size!r}")
     coords = coords.long()
     n = coords.shape[0]
     h, w = int(spatial_shape[0]), int(spatial_shape[1])
@@ -152,7 +154,14 @@ def neighbour_table(coords: torch.Tensor, spatial_shape: Sequence[int], batch_si
         grid[lin] = torch.arange(n, device=dev)
         return grid[lin[:, None] + (dy * wp + dx)[None, :]]  # (N, K)
     if method != "search":
-        raise ValueError(f"nbsupport.sparse.neighbour_table: 'method' must be auto/grid/search, got {method!r}")
+        raise ValueError(f"nbsupport.sparse.neighbour_table: 'method' must be auto/grid/search, "
+                         f"got {method!r}")
+    return _neighbour_search(coords, h, w, dy, dx)
+
+
+def _neighbour_search(coords: torch.Tensor, h: int, w: int, dy: torch.Tensor, dx: torch.Tensor):
+    # neighbour_table's "search" method: look each neighbour's linear key up in the sorted keys
+    n = coords.shape[0]
     lin = (coords[:, 0] * h + coords[:, 1]) * w + coords[:, 2]
     skeys, sidx = torch.sort(lin)
     ny = coords[:, 1:2] + dy[None, :]  # (N, K)
@@ -218,7 +227,8 @@ class RulebookPairs:
 
 
 def rulebook_pairs(nbr: torch.Tensor) -> RulebookPairs:
-    """Turn a neighbour table (N, K) into :class:`RulebookPairs` (the classic gather-GEMM-scatter rulebook)."""
+    """Turn a neighbour table (N, K) into :class:`RulebookPairs` (the classic gather-GEMM-scatter
+    rulebook)."""
     n, kk = nbr.shape
     offsets = [j for j in range(kk) if j != kk // 2]
     cols = nbr[:, offsets]  # (N, K-1)
@@ -226,10 +236,12 @@ def rulebook_pairs(nbr: torch.Tensor) -> RulebookPairs:
     counts = active.sum(0)  # (K-1,)
     p_max = int(counts.max()) if n > 0 and kk > 1 else 0
     # stable order of the active rows per offset: sort "inactive" flags, active rows first
-    order = torch.argsort((~active).to(torch.int8), dim=0, stable=True)[:p_max]  # (P_max, K-1) row ids
+    # (P_max, K-1) row ids
+    order = torch.argsort((~active).to(torch.int8), dim=0, stable=True)[:p_max]
     valid = torch.arange(p_max, device=nbr.device)[:, None] < counts[None, :]
     out_idx = torch.where(valid, order, torch.full_like(order, n)).t().contiguous()  # (K-1, P_max)
-    in_idx = torch.where(valid, torch.gather(cols, 0, order), torch.full_like(order, n)).t().contiguous()
+    in_idx = torch.where(valid, torch.gather(cols, 0, order), torch.full_like(order, n))
+    in_idx = in_idx.t().contiguous()  # (K-1, P_max)
     return RulebookPairs(out_idx, in_idx, offsets, int(counts.sum()) + n)
 
 
@@ -299,8 +311,10 @@ class _SubmConvPairsFunction(torch.autograd.Function):
         torch.mm(features, w_all[centre], out=out[:n])  # centre tap: every site with itself
         out[n] = 0
         if rb.out_idx.numel():
-            fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)  # (N+1, C_in), row N = padding
-            x = fpad.index_select(0, rb.in_idx.reshape(-1)).view(*rb.in_idx.shape, c_in)  # (K-1, P, C_in)
+            # (N+1, C_in), row N = padding
+            fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)
+            x = fpad.index_select(0, rb.in_idx.reshape(-1))
+            x = x.view(*rb.in_idx.shape, c_in)  # (K-1, P, C_in)
             y = features.new_empty(kk - 1, x.shape[1], c_out)  # (K-1, P, C_out)
             torch.bmm(x[:centre], w_all[:centre], out=y[:centre])
             torch.bmm(x[centre:], w_all[centre + 1:], out=y[centre:])
@@ -308,7 +322,8 @@ class _SubmConvPairsFunction(torch.autograd.Function):
         ctx.save_for_backward(features, w_all)
         ctx.rb = rb
         ctx.kernel = (kh, kw)
-        ctx.weight_ref = torch.empty_strided(weight.shape, weight.stride(), device="meta")  # layout only
+        # layout only
+        ctx.weight_ref = torch.empty_strided(weight.shape, weight.stride(), device="meta")
         return out[:n]
 
     @staticmethod

@@ -127,8 +127,9 @@ class DenseConvBNReLU(nn.Module):
 
 
 class DenseVggBlock(nn.Module):
-    """FE2E's VGG block (Chapters 5-6): two 3x3 conv + BN + ReLU, then 2x2 max-pool (``pool=False``: none,
-    as in the two VGG-64 blocks of the dense stage).  Same parameter names as :class:`SparseVggBlock`."""
+    """FE2E's VGG block (Chapters 5-6): two 3x3 conv + BN + ReLU, then 2x2 max-pool
+    (``pool=False``: none, as in the two VGG-64 blocks of the dense stage).  Same parameter names as
+    :class:`SparseVggBlock`."""
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool = True):
         super().__init__()

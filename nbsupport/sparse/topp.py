@@ -29,23 +29,26 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     highest-probability entries whose mass reaches ``p``.
 
     ``probs`` (..., S) is a distribution over the last dimension (rows need not be exactly
-    normalised: the threshold is ``p`` times the row's total).  Returns a bool mask of the same shape.
-    An entry is kept when the mass of the entries ranked strictly above it is below ``p * total``,
-    which keeps exactly the smallest prefix of the sorted row whose mass reaches the threshold
-    (ties broken by sort order; mass within 1e-6 of ``p`` counts as reaching it, so float32
-    rounding does not add a site).  ``p = 1.0`` keeps every entry, zeros included, without relying on
-    floating-point sums.  A row of all zeros keeps nothing for ``p < 1``.  Used in Chapter 6.
+    normalised: the threshold is ``p`` times the row's total).  Returns a bool mask of the same
+    shape. An entry is kept when the mass of the entries ranked strictly above it is below
+    ``p * total``, which keeps exactly the smallest prefix of the sorted row whose mass reaches the
+    threshold (ties broken by sort order; mass within 1e-6 of ``p`` counts as reaching it, so
+    float32 rounding does not add a site).  ``p = 1.0`` keeps every entry, zeros included, without
+    relying on floating-point sums.  A row of all zeros keeps nothing for ``p < 1``.  Used in
+    Chapter 6.
     """
     p = _check_p(p)
     if not torch.is_tensor(probs) or not probs.is_floating_point():
         raise TypeError("nbsupport.sparse.top_p_mask: 'probs' must be a floating-point tensor")
     if probs.dim() == 0:
-        raise ValueError("nbsupport.sparse.top_p_mask: 'probs' needs at least one dimension (sites)")
+        raise ValueError("nbsupport.sparse.top_p_mask: 'probs' needs at least one dimension "
+                         "(sites)")
     if p >= 1.0:
         return torch.ones_like(probs, dtype=torch.bool)
     sorted_p, order = torch.sort(probs.detach(), dim=-1, descending=True)  # (..., S)
     cum = torch.cumsum(sorted_p, dim=-1)  # in the input's precision, like the per-sample loop
-    before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], -1)  # mass ranked strictly above
+    # mass ranked strictly above
+    before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], -1)
     keep_sorted = before < (p - _TOP_P_TOL) * cum[..., -1:]
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 

@@ -1,0 +1,107 @@
+"""Each chapter's parameters, declared once: rules and ranges, smoke overrides, cross-checks.
+
+A chapter's ``parameters`` cell holds the default values; its opening call
+``run = nb.start("06_mesm", globals())`` checks them against the chapter's :class:`Spec` here, and the
+sweep command (``python -m nbsupport.book.experiments``) checks ``-p``/``--grid`` values against the same
+spec. ``tests/test_notebooks.py`` checks that every parameters cell and its spec name the same parameters.
+Smoke overrides shrink a run to well under a minute on two CPU cores along the same code path.
+"""
+from __future__ import annotations
+
+from nbsupport.base import ParameterError
+from nbsupport.data.text import TINY_TEXT_MODEL
+
+from .notebook import Bool, Choice, DictOf, Float, Int, ListOf, Modalities, Path_, Spec, Str
+
+__all__ = ["SPECS", "spec", "MESM_SMOKE_SIZES"]
+
+_P = Float(min=0, max=1, open_min=True)  # a top_p
+_POS = Float(min=0, open_min=True)  # a learning rate or scale
+_DATA = dict(data_root=Path_(optional=True, must_exist=True))
+#: Feature-extractor and transformer sizes of FE2E/MESM in a smoke run (tiny tensors, same code path).
+MESM_SMOKE_SIZES = dict(stem_channels=8, block_channels=[8, 16, 16], dim=16, layers=1, heads=2)
+_MESM_SIZES = dict(stem_channels=Int(min=1), block_channels=ListOf(Int(min=1), min_len=3), dim=Int(min=2),
+                   layers=Int(min=1), heads=Int(min=1))
+_E2E = dict(text_model=Str(optional=True), text_lr_scale=_POS, epochs=Int(min=1), lr=_POS, batch_size=Int(min=1))
+_UMONS = dict(n_utterances=Int(min=30), hidden_size=Int(min=4), ff_size=Int(min=4), layers=Int(min=1),
+              heads=Int(min=1), dropout=Float(min=0, max=0.9), seq_len=Int(min=2), epochs=Int(min=1), lr=_POS,
+              batch_size=Int(min=1))
+_UMONS_SMOKE = dict(n_utterances=lambda n: min(n, 60), epochs=1)
+_BASELINE_SIZES = DictOf(keys=("LF-LSTM", "LF-Transformer", "MulT"), item=DictOf(item=Int(min=1)), complete=True)
+
+
+def _multimodal_needs_language(params: dict) -> None:
+    bad = [m for m in params["modalities"] if len(m) > 1 and "L" not in m]
+    if bad:
+        raise ParameterError(f"parameter 'modalities': multimodal entries must include 'L' (co-attention attends "
+                             f"to language), got {bad}")
+
+
+def _mesm_needs_a_visual_modality(params: dict) -> None:
+    if not params["modalities"].replace("L", ""):
+        raise ParameterError("parameter 'modalities' must include 'A' or 'V' for MESM (the attention selects "
+                             "their sites)")
+
+
+def _shrink_grid(grid: dict) -> dict:
+    from .experiments import shrink_grid  # book tooling beside this module
+
+    return shrink_grid(grid, max_points=1)
+
+
+SPECS: dict[str, Spec] = {
+    "01_attention_basics": Spec(
+        rules=dict(n_train=Int(min=20), seq_len=Int(min=4), epochs=Int(min=1), sentence=Str()),
+        smoke=dict(n_train=200, epochs=40)),
+    "02_multimodal_data": Spec(
+        rules=dict(**_DATA, n_utterances=Int(min=12), style=Choice("mosei", "iemocap")),
+        smoke=dict(n_utterances=48)),
+    "03_umons_monomodal": Spec(
+        rules=dict(**_DATA, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
+                   sentiment_task=Choice("", "sentiment7", "sentiment2"), modalities=ListOf(Choice("L", "A", "V"))),
+        smoke=_UMONS_SMOKE),
+    "04_umons_multimodal": Spec(
+        rules=dict(**_DATA, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
+                   modalities=ListOf(Modalities())),
+        smoke=_UMONS_SMOKE, check=_multimodal_needs_language),
+    "05_fe2e": Spec(
+        rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, **_MESM_SIZES),
+        smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES)),
+    "06_mesm": Spec(
+        rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, top_p=_P,
+                   top_p_sweep=ListOf(_P), compare_fe2e=Bool(), **_MESM_SIZES, attention_hidden=Int(min=1)),
+        smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES,
+                   attention_hidden=16),
+        check=_mesm_needs_a_visual_modality),
+    "07_two_phase_vs_end_to_end": Spec(
+        rules=dict(**_DATA, n_utterances=Int(min=20), epochs=Int(min=1), baseline_epochs=Int(min=1), lr=_POS,
+                   batch_size=Int(min=1), top_p=_P,
+                   models=ListOf(Choice("LF-LSTM", "LF-Transformer", "MulT", "FE2E", "MESM")),
+                   text_model=Str(optional=True), e2e_sizes=DictOf(keys=tuple(_MESM_SIZES), rules=_MESM_SIZES,
+                                                                   complete=True),
+                   baseline_sizes=_BASELINE_SIZES),
+        smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, baseline_epochs=1, text_model=TINY_TEXT_MODEL,
+                   e2e_sizes=MESM_SMOKE_SIZES,
+                   baseline_sizes={"LF-LSTM": dict(hidden=8), "LF-Transformer": dict(dim=8, layers=1, heads=2),
+                                   "MulT": dict(dim=8, heads=2, cross_layers=1, self_layers=1)})),
+}
+
+
+def _experiments_spec() -> Spec:
+    from .experiments import GridRule, ParamsRule
+
+    return Spec(rules=dict(chapter=Str(), grid=GridRule(), fixed=ParamsRule(), workers=Int(min=1),
+                           gpus=Str(optional=True), sweep_dir=Path_(optional=True)),
+                smoke=dict(grid=_shrink_grid))
+
+
+def spec(chapter: str) -> Spec:
+    """The :class:`Spec` of ``chapter`` (a notebook stem such as ``"06_mesm"``, or its file name)."""
+    name = str(chapter).rsplit("/", 1)[-1].removesuffix(".ipynb")
+    if name == "08_experiments":
+        return _experiments_spec()
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ParameterError(f"no parameter spec for chapter {chapter!r}; known: "
+                             f"{', '.join([*SPECS, '08_experiments'])}") from None

@@ -1,0 +1,78 @@
+"""Numbers and tables for people: percent with one decimal, MACs in M or G, seconds to 2 significant digits.
+
+Every chapter formats its measured answer with these, so a page never shows ``1.625023e+08`` or a
+``pd.Series`` dump.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import pandas as pd
+
+__all__ = ["percent", "macs", "seconds", "count", "number", "table", "answer"]
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def percent(x, digits: int = 1) -> str:
+    """A fraction as a percentage with one decimal: 0.8374 -> '83.7 %'."""
+    return "–" if _missing(x) else f"{100 * float(x):.{digits}f} %"
+
+
+def macs(x) -> str:
+    """Multiply-accumulates in K, M or G with one decimal: 162502300 -> '162.5 M'."""
+    if _missing(x):
+        return "–"
+    x = float(x)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f}"
+
+
+def seconds(x) -> str:
+    """Seconds to two significant digits: 0.04567 -> '0.046 s', 123.4 -> '120 s'."""
+    if _missing(x):
+        return "–"
+    x = float(x)
+    if x == 0:
+        return "0 s"
+    return f"{float(f'{x:.2g}'):g} s"
+
+
+def count(x) -> str:
+    """An integer with thousands separators: 1234567 -> '1,234,567'."""
+    return "–" if _missing(x) else f"{int(x):,}"
+
+
+def number(x, digits: int = 3) -> str:
+    """A plain number with ``digits`` decimals."""
+    return "–" if _missing(x) else f"{float(x):.{digits}f}"
+
+
+def table(rows, *, percent_cols: Sequence[str] = (), macs_cols: Sequence[str] = (),
+          seconds_cols: Sequence[str] = (), count_cols: Sequence[str] = (), number_cols: Sequence[str] = (),
+          columns: Sequence[str] | None = None, index: str | None = None) -> pd.DataFrame:
+    """A DataFrame of formatted strings from ``rows`` (a DataFrame or a list of dicts): the chapters' tables.
+
+    ``columns`` picks and orders columns (missing ones are skipped); ``index`` becomes the row labels.
+    """
+    df = rows.reset_index() if isinstance(rows, pd.DataFrame) and index and index not in rows.columns else rows
+    df = pd.DataFrame(df).copy()
+    if columns is not None:
+        df = df[[c for c in ([index] if index else []) + list(columns) if c in df.columns]]
+    for cols, fn in ((percent_cols, percent), (macs_cols, macs), (seconds_cols, seconds), (count_cols, count),
+                     (number_cols, number)):
+        for c in cols:
+            if c in df.columns:
+                df[c] = df[c].map(fn)
+    return df.set_index(index) if index else df.reset_index(drop=True)
+
+
+def answer(items: Mapping[str, str] | Iterable[tuple[str, str]]) -> pd.DataFrame:
+    """A chapter's measured answer as a two-column table (what was measured, the value as formatted text)."""
+    pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+    return pd.DataFrame(pairs, columns=["measured", "value"]).set_index("measured")
