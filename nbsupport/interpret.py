@@ -24,6 +24,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from nbsupport.base import to_device
+from nbsupport.data import features
+from nbsupport.data.raw import read_cues, read_frame, sample_frame_positions
+from nbsupport.models.mesm import extractor_macs
+
 __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_pieces", "summarize_cue_table",
            "face_crop_box", "face_region_from_box", "CueRegions", "measure_cue_attention", "utterance_maps",
            "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites"]
@@ -127,7 +132,6 @@ def face_crop_box(img_bgr: np.ndarray) -> tuple[int, int, int]:
     """(x0, y0, side) of the square that :func:`nbsupport.data.features.face_crop` crops from a frame,
     used to draw MESM's attention on the face back onto the frame (Chapter 6); see
     :func:`nbsupport.data.features.face_box`."""
-    from nbsupport.data import features
 
     x0, y0, s, _ = features.face_box(img_bgr)
     return x0, y0, s
@@ -164,16 +168,12 @@ class CueRegions:
     def _cue(self, uid):
         """The utterance's ``cue.pkl`` (read once, from its folder in the raw split)."""
         if uid not in self._cues:
-            from nbsupport.data.raw import read_cues
-
             self._cues[uid] = read_cues(self.raw.folders[self.index[uid]])
         return self._cues[uid]
 
     def faces(self, uid: str) -> np.ndarray:
         """(T, 48, 48) area fractions of the active AU regions on each sampled face crop of ``uid``."""
         if uid not in self._faces:
-            from nbsupport.data.raw import read_frame, sample_frame_positions
-
             cue = self._cue(uid)
             paths, idx = self.raw.frames(self.index[uid])
             pos = sample_frame_positions(idx, self.img_interval)
@@ -215,7 +215,6 @@ def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_
     layer, over ``loader`` (Ch. 6's measured interpretability); see :func:`summarize_cue_table`."""
     from tqdm.auto import tqdm
 
-    from nbsupport.base import to_device
 
     was_training = model.training
     model.eval()
@@ -331,7 +330,6 @@ def draw_kept_sites(model, batch: dict, b: int, top_p: float, fig=None):
     Returns the figure (a new one when ``fig`` is None). ``model.top_p`` is restored afterwards."""
     import matplotlib.pyplot as plt
 
-    from nbsupport.models.mesm import extractor_macs
 
     one = single_utterance(batch, b)
     original, was_training = model.top_p, model.training
@@ -356,3 +354,36 @@ def draw_kept_sites(model, batch: dict, b: int, top_p: float, fig=None):
                  f"({macs / max(dense, 1):.0%} of dense)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# UMONS co-attention maps (Chapter 4)
+# --------------------------------------------------------------------------------------------------
+def coattention_maps(model, batch: dict, device="cpu") -> tuple[str, list[torch.Tensor]]:
+    """Co-attention maps of every layer of a joint UMONS model on ``batch`` (Delbrouck et al. 2020, Sec. 3).
+
+    Returns ``(modality, maps)``: the co-attending modality shown (audio when present, else the first
+    one) and per layer a (B, heads, T_frames, T_words) tensor; row t of a map is where frame t looks
+    among the words (it sums to 1 over the real words)."""
+    model.eval()
+    with torch.no_grad():
+        model(to_device(batch, device))
+    maps = model.attention_maps()["coattention"]
+    modality = "A" if "A" in maps else next(iter(maps))
+    return modality, maps[modality]
+
+
+def draw_coattention(ax, maps: Sequence[torch.Tensor], batch: dict, idx: int, layer: int, words: Sequence[str],
+                     modality: str = "A", title: str = ""):
+    """Heatmap of one utterance's co-attention at ``layer`` (heads averaged; real frames x real words)."""
+    import seaborn as sns
+
+    key = {"A": "audio_mask", "V": "video_mask"}[modality]
+    t_l = int(batch["text_mask"][idx].sum())
+    t_y = int(batch[key][idx].sum())
+    w = maps[layer][idx].mean(0)[:t_y, :t_l].numpy()  # (real frames, real words)
+    words = list(words)[:t_l]
+    sns.heatmap(w, ax=ax, cmap="viridis", xticklabels=words if words else "auto", yticklabels=5,
+                cbar_kws={"label": "attention weight"})
+    frame = {"A": "audio", "V": "video"}[modality]
+    ax.set(xlabel="word (key)", ylabel=f"{frame} frame (query)", title=title)

@@ -15,8 +15,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from nbsupport import flops, train
+from nbsupport import evidence, flops, train
+from nbsupport.base import ParameterError
 from nbsupport.data import SPLITS, collate_mesm, collate_umons, handcrafted_dataset, mesm_dataset, umons_dataset
+from nbsupport.data import formats
 from nbsupport.data.text import load_tokenizer
 from nbsupport.models import mesm as mesm_models
 from nbsupport.models import umons as umons_models
@@ -30,7 +32,7 @@ LOADER_KINDS = ("umons", "handcrafted", "mesm")
 
 def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, seed: int = 0,
             seq_len: int = 60, text_model: str | None = None, img_interval: float = 500,
-            progress: bool = True) -> tuple[dict, dict]:
+            progress: bool = True, data_format: str = "auto") -> tuple[dict, dict]:
     """Train/valid/test datasets of ``kind`` and their seeded loaders (the training one shuffled with ``seed``).
 
     * ``"umons"``: word vectors, log-mel frames and per-frame HOG cut at ``seq_len`` (Chapters 3-4,
@@ -39,9 +41,26 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
     * ``"mesm"``: subword tokens of ``text_model``'s tokenizer, face crops every ``img_interval`` ms and
       mel pieces (Chapters 5-7, Dai et al. 2021, Sec. 3.1), cached on disk; ``collate_mesm``.
 
+    ``data_format`` says what ``root`` holds (:mod:`nbsupport.data.formats`): ``"raw"`` (the MESM raw
+    layout, features computed here), or pre-extracted features -- ``"umons"`` (UMONS pickles),
+    ``"mmsa"`` (``aligned_50.pkl`` / ``unaligned_50.pkl``), ``"mult"`` (MulT pickles), ``"csd"``
+    (CMU-MultimodalSDK sequences) -- which feed ``"umons"`` and ``"handcrafted"`` as they are (read
+    once into memory, ``collate_umons``); ``"auto"`` detects the form from the files.
+
     Returns ``(datasets, loaders)``, dicts keyed by split.
     """
-    if kind == "umons":
+    if kind not in LOADER_KINDS:
+        raise ValueError(f"loaders: parameter 'kind' must be one of {', '.join(LOADER_KINDS)}, got {kind!r}")
+    fmt, path = formats.resolve_format(root, data_format, dataset)
+    if fmt != "raw":
+        if kind == "mesm":
+            raise ParameterError(f"loaders: kind 'mesm' reads raw frames and audio (data_format 'raw'), but {path} "
+                                 f"holds pre-extracted {fmt!r} features; prepare videos with "
+                                 "`python -m nbsupport.data.prepare`")
+        sets = {s: formats.feature_dataset(path, s, data_format=fmt, dataset=dataset, seq_len=seq_len,
+                                           text_model=text_model) for s in SPLITS}
+        collate, in_memory = collate_umons, False  # already in memory; items are cut on the fly
+    elif kind == "umons":
         sets = {s: umons_dataset(root, dataset, s, seq_len=seq_len) for s in SPLITS}
         collate, in_memory = collate_umons, True
     elif kind == "handcrafted":
@@ -71,7 +90,8 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
     on the validation split), with per-emotion thresholds chosen on validation by F1 when
     ``thresholds="validation"`` (Dai et al. 2021, Sec. 4.3), then the test split with those thresholds.
-    Returns ``(row, fit_result)``; ``row`` has ``model``, ``modalities``, ``task``, the task's metrics
+    Returns ``(row, fit_result)``; ``fit_result.extra["test"]`` holds the test decisions
+    (:class:`nbsupport.evidence.Predictions`) that intervals are computed from; ``row`` has ``model``, ``modalities``, ``task``, the task's metrics
     (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time).
     End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
     it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column.
@@ -81,7 +101,10 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
                     seed=seed, thresholds=thresholds, patience=patience, checkpoint_dir=checkpoint_dir,
                     progress=progress, desc=name)
     seconds = time.perf_counter() - t0
-    test = train.evaluate(res.model, loaders["test"], task=task, device=device, thresholds=res.thresholds)
+    logits, labels, ids = train.predict(res.model, loaders["test"], task=task, device=device)
+    test = train.compute_metrics(logits, labels, task, res.thresholds)
+    # the decisions behind every interval the chapters print (nbsupport.evidence)
+    res.extra["test"] = evidence.predictions_from(logits, labels, ids, task=task, thresholds=res.thresholds)
     row = {"model": name, "modalities": res.model.modalities, "task": task, **{k: float(v) for k, v in test.items()},
            "n_params": res.n_params, "epochs": epochs, "best_epoch": res.best_epoch, "seconds": round(seconds, 2)}
     if isinstance(res.model, mesm_models.EndToEndModel):

@@ -13,6 +13,11 @@ Reproducibility: every epoch re-seeds PyTorch's generator (and the loader's own 
 from ``(seed, epoch)``, so the shuffle order and dropout masks of epoch ``e`` do not depend on what
 ran before. Together with the checkpoint (model, optimiser, epoch, best state, history, RNG states,
 written atomically after every epoch) an interrupted run resumes to the same final result.
+A checkpoint records the fingerprint of the run that wrote it (:func:`run_fingerprint`: model class,
+architecture and parameter shapes, seed, optimiser settings, task, data sizes and ids); a resume whose
+fingerprint differs stops with :class:`CheckpointError` naming the differing fields, and
+``resume="fresh"`` moves the old files aside. Checkpoints hold tensors and plain containers only and
+are read with ``torch.load(weights_only=True)``: a checkpoint file cannot run code.
 
 Distributed training: when ``torch.distributed`` is initialised (``torchrun``), :func:`fit` wraps the
 model in ``DistributedDataParallel``, :func:`make_loader` uses a ``DistributedSampler``, predictions
@@ -21,9 +26,11 @@ are gathered from all ranks before metrics, and only rank 0 writes checkpoints: 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +48,7 @@ from .base import atomic_write, count_parameters, resolve_device as _base_device
 __all__ = [
     "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
     "FitResult", "resolve_device", "to_device", "compute_metrics", "choose_thresholds", "count_parameters",
+    "CheckpointError", "run_fingerprint", "load_checkpoint",
 ]
 
 #: Task name -> (number of outputs, metric monitored by early stopping).
@@ -92,7 +100,12 @@ def labels_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
     if key not in batch:
         raise KeyError(f"nbsupport.train: batch has no field {key!r} needed by task {task!r}; "
                        f"fields: {sorted(batch)}")
-    return torch.as_tensor(batch[key], dtype=torch.float32)
+    labels = torch.as_tensor(batch[key], dtype=torch.float32)
+    if task == "emotion" and labels.ndim == 2 and labels.shape[1] == 0:
+        raise ValueError("nbsupport.train: task 'emotion' but the data has no emotion labels (MMSA / MulT "
+                         "sentiment pickles: merge CMU-MOSEI's labels with `python -m nbsupport.data.formats "
+                         "merge-emotions`, or use task='sentiment7' / 'sentiment2')")
+    return labels
 
 
 def targets_from_labels(labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -289,24 +302,174 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed: unreadable, of another run (fingerprint differs) or of another model.
+    The message names the file and what differs (Chapters 3-8, ``fit(checkpoint_dir=...)``)."""
+
+
+#: Format of ``last.pt``; a checkpoint of another format is refused with a message (never half-loaded).
+CHECKPOINT_FORMAT = 2
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     """torch.save through :func:`nbsupport.base.atomic_write`: a crash never leaves a half-written checkpoint."""
     atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` with NumPy scalars/arrays turned into Python numbers/lists, so ``weights_only`` loading works."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) generator states as tensors and plain containers (``weights_only``)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": [py_version, list(py_state), py_gauss],
+             "numpy": {"bit_generator": np_state["bit_generator"],
+                       "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"], "gauss": n["gauss"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]}})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _dataset_fingerprint(loader) -> dict | None:
+    """Size, batch size and a hash of the utterance ids of ``loader``'s dataset (when it has ``ids`` or
+    ``raw.ids``), the data part of :func:`run_fingerprint`. None without a loader."""
+    if loader is None:
+        return None
+    ds = getattr(loader, "dataset", None)
+    out = {"batch_size": getattr(loader, "batch_size", None)}
+    try:
+        out["size"] = len(ds) if ds is not None else len(loader)
+    except TypeError:
+        out["size"] = None
+    ids = None
+    for holder in (ds, getattr(ds, "raw", None), getattr(ds, "split", None)):  # RawSplit, FeatureDataset, UMONS
+        ids = getattr(holder, "ids", None)
+        if isinstance(ids, (list, tuple)):
+            break
+    if isinstance(ids, (list, tuple)):
+        out["ids_sha1"] = hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest()
+    return out
+
+
+def run_fingerprint(model: nn.Module, train_loader=None, valid_loader=None, **settings) -> dict:
+    """What produced a checkpoint (Chapters 3-8, resumable ``fit``): the model's class, a hash of its
+    architecture (``repr``: layer types, sizes, dropout) and its parameter/buffer names and shapes;
+    the data (sizes, batch size, hash of the utterance ids when the datasets have them); and
+    ``settings`` (seed, task, optimiser settings, loss weights, ...: numbers, strings, lists).
+    Plain containers only, so it is stored in the checkpoint and compared on resume."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "model_architecture": hashlib.sha1(repr(model).encode()).hexdigest(),
+            "model_parameters": shapes,
+            "train_data": _dataset_fingerprint(train_loader), "valid_data": _dataset_fingerprint(valid_loader),
+            **{k: _plain(v) for k, v in settings.items()}}
+
+
+def _fingerprint_differences(old: dict, new: dict) -> list[str]:
+    """Human-readable list of the fields where two :func:`run_fingerprint` dicts differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a == b:
+            continue
+        if key == "model_parameters" and isinstance(a, dict) and isinstance(b, dict):
+            diff = [f"{k} {tuple(a.get(k, ())) or '-'} -> {tuple(b.get(k, ())) or '-'}"
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out.append(f"model_parameters ({len(diff)} differ, e.g. {'; '.join(diff[:3])})")
+        elif key == "model_architecture":
+            out.append("model_architecture (layers or their settings differ)")
+        else:
+            out.append(f"{key} (checkpoint {a!r}, now {b!r})")
+    return out
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint written by :func:`fit` (``last.pt`` or ``best.pt``) with
+    ``torch.load(weights_only=True)`` (a checkpoint cannot run code); :class:`CheckpointError` naming the
+    file when it is truncated, not a checkpoint, or holds objects other than tensors and plain containers."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated, not a checkpoint, or holding code "
+                              f"that weights_only loading refuses): {type(e).__name__}: {first}. Delete it or "
+                              "call fit(..., resume='fresh')") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of nbsupport.train.fit (got {type(ckpt).__name__})")
+    return ckpt
+
+
+def _move_aside(ckpt_dir: Path) -> Path | None:
+    """Move ``last.pt`` and ``best.pt`` of ``ckpt_dir`` into ``ckpt_dir/replaced-<UTC time>/``
+    (``fit(resume='fresh')``); returns that folder, None when there was nothing to move."""
+    olds = [ckpt_dir / n for n in ("last.pt", "best.pt") if (ckpt_dir / n).exists()]
+    if not olds:
+        return None
+    dest = ckpt_dir / time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime())
+    k = 1
+    while dest.exists():
+        dest, k = dest.with_name(f"{dest.name.split('.')[0]}.{k}"), k + 1
+    dest.mkdir(parents=True)
+    for p in olds:
+        shutil.move(str(p), dest / p.name)
+    return dest
+
+
+def _resume_state(last_path: Path, fingerprint: dict, epochs: int, model: nn.Module, optimiser) -> dict:
+    """Load ``last_path`` into ``model``/``optimiser`` and return the saved training state, after checking
+    that the checkpoint was written by the same run (:func:`run_fingerprint`, ``epochs`` aside: a run may
+    be extended, never shortened). :class:`CheckpointError` naming the file and the differing fields."""
+    ckpt = load_checkpoint(last_path)
+    fix = ("call fit(..., resume='fresh') to move the old files aside and start again, "
+           "or use another checkpoint_dir")
+    if ckpt.get("format") != CHECKPOINT_FORMAT or "fingerprint" not in ckpt:
+        raise CheckpointError(f"{last_path}: checkpoint has no run fingerprint (written by an older "
+                              f"nbsupport); {fix}")
+    diff = _fingerprint_differences(ckpt["fingerprint"], fingerprint)
+    if diff:
+        raise CheckpointError(f"{last_path}: checkpoint was written by a different run; differing: "
+                              f"{'; '.join(diff)}. {fix.capitalize()}")
+    done = ckpt["state"]["epoch"]
+    if done > epochs:
+        raise CheckpointError(f"{last_path}: checkpoint has trained {done} epochs, more than epochs={epochs}; "
+                              f"{fix}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{last_path}: checkpoint does not fit this model/optimiser "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); {fix}") from None
+    state = ckpt["state"]
+    if state.get("best_thresholds") is not None and not isinstance(state["best_thresholds"], float):
+        state["best_thresholds"] = np.asarray(state["best_thresholds"], dtype=float)
+    _set_rng_state(ckpt["rng"])
+    return state
 
 
 def _cpu_state(model: nn.Module) -> dict:
@@ -347,7 +510,8 @@ def _auxiliary_loss(model: nn.Module, batch: Mapping[str, Any], criterion: Calla
 def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emotion", epochs: int = 10,
         lr: float = 1e-3, weight_decay: float = 0.0, device="auto", seed: int = 0, grad_clip: float | None = 1.0,
         patience: int | None = None, monitor: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool = True, thresholds: str | float = 0.5, pos_weight: str | torch.Tensor | None = "auto",
+        resume: bool | str = True, thresholds: str | float = 0.5,
+        pos_weight: str | torch.Tensor | None = "auto",
         progress: bool = True, callbacks: Sequence[Callable] = (), desc: str | None = None) -> FitResult:
     """Train ``model`` on ``train_loader``, early-stop on ``valid_loader``, keep the best weights (Ch. 3-8).
 
@@ -360,7 +524,13 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     returned in ``FitResult.thresholds`` for the test set.
     ``checkpoint_dir``: ``last.pt`` (everything needed to resume) and ``best.pt`` (best weights) are
     written there atomically after each epoch; with ``resume=True`` an existing ``last.pt`` is loaded
-    and training continues from the next epoch, ending where an uninterrupted run would have.
+    and training continues from the next epoch, ending where an uninterrupted run would have. The
+    checkpoint must come from the same run: its :func:`run_fingerprint` (model, seed, lr, weight decay,
+    grad_clip, task, monitor, patience, thresholds, pos_weight, data) must match, and it may not have
+    trained more than ``epochs`` (a larger ``epochs`` extends it: no schedule depends on ``epochs``);
+    otherwise :class:`CheckpointError` names the file and the differing fields. ``resume="fresh"`` (or
+    ``False``) moves an existing ``last.pt``/``best.pt`` into ``checkpoint_dir/replaced-<time>/`` and
+    trains from scratch.
     ``callbacks``: functions ``cb(epoch, row_dict)`` called after each epoch (after the checkpoint).
     Auxiliary losses: when the (unwrapped) model defines ``auxiliary_loss(batch, criterion)``, its
     scalar is added to the training loss of each batch (``criterion``: logits -> loss with the batch's
@@ -368,6 +538,9 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     and evaluation do not.
     """
     _check_task(task)
+    if resume not in (True, False, "fresh"):
+        raise ValueError(f"nbsupport.train.fit: parameter 'resume' must be True, False or 'fresh', "
+                         f"got {resume!r}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"nbsupport.train.fit: parameter 'epochs' must be an integer >= 1, got {epochs!r}")
     if not lr > 0:
@@ -399,12 +572,18 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     state = {"epoch": 0, "history": [], "best_state": _cpu_state(model), "best_score": -math.inf if maximise
              else math.inf, "best_epoch": 0, "best_metrics": {}, "best_thresholds": None, "bad_epochs": 0,
              "stopped_early": False, "seconds": 0.0}
-    if last_path is not None and resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        state = ckpt["state"]
-        _set_rng_state(ckpt["rng"])
+    fingerprint = None
+    if last_path is not None:
+        fingerprint = run_fingerprint(
+            model, train_loader, valid_loader, seed=seed, task=task, optimiser="AdamW", lr=lr,
+            weight_decay=weight_decay, param_group_lrs=[g["lr"] for g in optimiser.param_groups],
+            grad_clip=grad_clip, patience=patience, monitor=monitor, thresholds=thresholds,
+            pos_weight=None if task != "emotion" or pos_weight is None
+            else [round(float(w), 6) for w in torch.as_tensor(pos_weight).reshape(-1)])
+        if resume is True and last_path.exists():
+            state = _resume_state(last_path, fingerprint, epochs, model, optimiser)
+        elif resume is not True and _dist.rank() == 0:
+            _move_aside(ckpt_dir)
 
     try:
         from tqdm.auto import tqdm
@@ -466,11 +645,13 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         if patience is not None and state["bad_epochs"] >= patience:
             state["stopped_early"] = True
         if last_path is not None and _dist.rank() == 0:
-            _atomic_save({"model": _cpu_state(model), "optimiser": optimiser.state_dict(), "state": state,
-                          "rng": _rng_state(), "task": task, "seed": seed}, last_path)
+            _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": _cpu_state(model),
+                          "optimiser": optimiser.state_dict(), "state": _plain(state), "rng": _rng_state(),
+                          "task": task, "seed": seed}, last_path)
             if improved:
-                _atomic_save({"model": state["best_state"], "epoch": epoch, "score": state["best_score"],
-                              "thresholds": th}, ckpt_dir / "best.pt")
+                _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint,
+                              "model": state["best_state"], "epoch": epoch, "score": state["best_score"], "thresholds": _plain(th)},
+                             ckpt_dir / "best.pt")
         if hasattr(epoch_bar, "set_postfix"):
             epoch_bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"
                                    and isinstance(v, float) and k in ("train_loss", f"valid_{monitor}")})

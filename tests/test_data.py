@@ -223,7 +223,7 @@ def test_label_wrong_width(broken):
     uid, _ = _first(broken)
     meta[uid]["label"] = [1, 0, 0]
     meta_path.write_bytes(pickle.dumps(meta))
-    with pytest.raises(DataError, match="label has width 3, expected 6"):
+    with pytest.raises(DataError, match="field .label. has width 3, expected 6"):
         load_split(broken, "mosei", "train")
 
 
@@ -249,3 +249,85 @@ def test_guard_book_cache_drops_outputs_of_older_data(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "data_version", lambda: "synth999-features1")
     assert corpus.guard_book_cache(cache) is True and not cache.exists()
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left
+
+
+# ------------------------------------------------------------------ issue 15: safe pickles, cache, splits
+def test_safe_unpickler_round_trips_data_and_refuses_code(tmp_path):
+    """Plain containers and NumPy values of every pickle protocol come back equal (reference: the objects
+    themselves); a global outside the allow-list is refused before it is called."""
+    import collections
+
+    from nbsupport.data.safe_pickle import UnsafePickleError, load_pickle, safe_loads
+
+    objs = [np.arange(6.0).reshape(2, 3), np.float64(1.5), np.int32(-3), np.array(["ab", "c"]),
+            np.array([1, "x", None], dtype=object), {"a": [1, 2.5, None, True], "b": (b"\xff", "s")},
+            {1, 2}, frozenset([3]), collections.OrderedDict(z=1), 1 + 2j, np.dtype("float16")]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        for obj in objs:
+            back = safe_loads(pickle.dumps(obj, protocol=protocol))
+            if isinstance(obj, np.ndarray):
+                assert back.dtype == obj.dtype and back.tolist() == obj.tolist()
+            else:
+                assert back == obj and type(back) is type(obj), (protocol, obj)
+    for evil in (pickle.dumps(print), pickle.dumps(getattr), b"cos\nsystem\n(S'true'\ntR."):
+        with pytest.raises(UnsafePickleError, match="refused global"):
+            safe_loads(evil)
+    (tmp_path / "m.pkl").write_bytes(b"cos\nsystem\n(S'true'\ntR.")
+    with pytest.raises(DataError, match=r"m.pkl: meta.pkl not loaded: refused global 'os.system'"):
+        load_pickle(tmp_path / "m.pkl", "meta.pkl")
+
+
+def test_file_identity_hashes_both_ends(tmp_path):
+    """file_identity = [path, size, mtime_ns, BLAKE2b(first MiB + last MiB)], checked with hashlib directly."""
+    import hashlib
+
+    from nbsupport.data.datasets import file_identity
+
+    small = tmp_path / "a.bin"
+    small.write_bytes(b"hello")
+    st = small.stat()
+    assert file_identity(small, tmp_path) == ["a.bin", 5, st.st_mtime_ns,
+                                              hashlib.blake2b(b"hello", digest_size=16).hexdigest()]
+    big = tmp_path / "b.bin"
+    data = np.random.default_rng(0).bytes(3 * 2**20 + 7)
+    big.write_bytes(data)
+    ref = hashlib.blake2b(data[:2**20] + data[-2**20:], digest_size=16).hexdigest()
+    assert file_identity(big)[3] == ref
+    mid = bytearray(data)
+    mid[2**21] ^= 1  # a change in the middle is not seen by design (size and time are)
+    big.write_bytes(bytes(mid))
+    assert file_identity(big)[3] == ref
+
+
+def test_cache_entry_unchanged_is_served_without_recompute(corpus, tmp_path, caplog):
+    ds = mesm_dataset(corpus, "mosei", "train", cache_dir=tmp_path)
+    first = ds.features(0)
+    calls = []
+    compute = ds._compute
+    ds._compute = lambda raw, i: calls.append(i) or compute(raw, i)
+    with caplog.at_level("WARNING", logger="nbsupport.data"):
+        again = ds.features(0)
+    assert calls == [] and not caplog.text
+    assert torch.equal(again["mel"], first["mel"]) and torch.equal(again["faces"], first["faces"])
+
+
+def test_allow_overlap_accepts_shared_and_repeated_ids(broken):
+    train_ids = (broken / "MOSEI_SPLIT" / "train_split.txt").read_text().split()
+    test_file = broken / "MOSEI_SPLIT" / "test_split.txt"
+    test_file.write_text(test_file.read_text() + train_ids[0] + "\n" + train_ids[0] + "\n")
+    with pytest.raises(DataError, match="more than once"):
+        load_split(broken, "mosei", "test")
+    ds = load_split(broken, "mosei", "test", allow_overlap=True)
+    assert ds.ids[-2:] == [train_ids[0], train_ids[0]]
+
+
+def test_nan_sentiment_means_absent_and_labels_keep_intensities(broken):
+    """IEMOCAP-style NaN/None sentiment is "no sentiment"; MOSEI intensities in [0, 3] become presence."""
+    meta_path = broken / "MOSEI_RAW_PROCESSED" / "meta.pkl"
+    meta = pickle.loads(meta_path.read_bytes())
+    uid, _ = _first(broken)
+    meta[uid].update(sentiment=None, label=[0, 2.5, 0, 0.33, 0, 3])
+    meta_path.write_bytes(pickle.dumps(meta))
+    ds = load_split(broken, "mosei", "train")
+    i = ds.ids.index(uid)
+    assert np.isnan(ds.sentiments[i]) and ds.labels[i].tolist() == [0, 1, 0, 1, 0, 1]

@@ -24,7 +24,8 @@ def test_start_validates_and_seeds(tmp_path):
 def test_smoke_overrides_are_what_runs_and_what_is_recorded(tmp_path):
     run = nb.start(SPEC, _values(smoke=True, epochs=300, text_model=None, output_dir=str(tmp_path)))
     assert run.epochs == 1 and run.text_model == "tiny"
-    data = json.loads(run.write_metrics([{"model": "m", "modalities": "L"}]).read_text())
+    run.write_metrics([{"model": "m", "modalities": "L"}])
+    data = json.loads(run.metrics_path.read_text())
     assert data["parameters"]["epochs"] == 1
 
 
@@ -110,8 +111,8 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
 
 def test_metrics_shape_checked(tmp_path):
     run = nb.start(nb.Spec(rules={}), _values(output_dir=str(tmp_path)))
-    path = run.write_metrics([{"model": "m", "modalities": "L", "wacc": 0.5}], extra_key=[1])
-    data = json.loads(path.read_text())
+    run.write_metrics([{"model": "m", "modalities": "L", "wacc": 0.5}], extra_key=[1])
+    data = json.loads(run.metrics_path.read_text())
     assert data["results"][0]["wacc"] == 0.5 and data["parameters"]["seed"] == 0 and data["extra_key"] == [1]
     with pytest.raises(ValueError, match="modalities"):
         run.write_metrics([{"model": "m", "wacc": 0.5}])

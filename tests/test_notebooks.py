@@ -1,4 +1,4 @@
-"""Every notebook in _toc.yml: DESIGN.md conventions, a headless smoke run, parameter validation, the book build."""
+"""Every notebook in _toc.yml: the Design page's conventions, a headless smoke run, parameter validation, the book build."""
 import json
 
 import nbformat
@@ -40,7 +40,13 @@ def test_conventions(path):
     for name, default in REQUIRED.items():
         assert name in namespace, f"{path.name}: parameter '{name}' missing"
         assert namespace[name] == default, f"{path.name}: parameter '{name}' should default to {default!r}"
-    assert "nb.start(" in code[1].source, f"{path.name}: the cell after the parameters must validate them (nb.start)"
+    assert f'nb.start("{path.stem}", globals())' in code[1].source, \
+        f"{path.name}: the cell after the parameters must be the one-call opening nb.start(\"{path.stem}\", globals())"
+    for cell in code[:2]:
+        assert "hide-cell" in cell.metadata.get("tags", []), f"{path.name}: set-up cells are collapsed (hide-cell)"
+    later = [i for i, c in enumerate(code[2:], 2) if any(line.startswith(("import ", "from "))
+                                                         for line in c.source.splitlines())]
+    assert not later, f"{path.name}: imports belong in the opening cell, found in code cell(s) {later}"
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "## Summary" in text and "## Exercises" in text, f"{path.name}: must end with Summary and Exercises"
 
@@ -67,6 +73,17 @@ def test_wrong_parameter_stops_early_with_clear_message(path, tmp_path):
     failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     assert failed and failed[0] <= 2, f"{path.name}: the bad parameter must stop the notebook in its first cells"
     assert all(c.get("execution_count") is None for c in code[failed[0] + 1:]), "work ran after the bad parameter"
+
+
+@pytest.mark.parametrize("path", [nb for nb in NOTEBOOKS if nb.stem in ("01_attention_basics", "06_mesm")],
+                         ids=["01_attention_basics", "06_mesm"])
+def test_misspelled_parameter_stops_with_the_closest_name(path, tmp_path):
+    executed = tmp_path / "typo.ipynb"
+    _, error = run_papermill(path, executed, {"smoke": True, "epoch": 5})
+    assert error is not None, f"{path.name} accepted the misspelled parameter 'epoch'"
+    assert "unknown parameter 'epoch' (did you mean 'epochs'?)" in error, error[-2000:]
+    code = [c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") is None for c in code[3:]), "work ran after the misspelled parameter"
 
 
 def test_book_builds_from_smoke_runs(smoke_book):

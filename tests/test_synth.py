@@ -1,6 +1,7 @@
 """Synthetic corpus generator (nbsupport.data.synth): layout, determinism, atomicity, cue ground truth."""
 import filecmp
 import json
+import os
 import pickle
 
 import numpy as np
@@ -129,3 +130,22 @@ def test_specialties_set_how_often_each_modality_shows_an_emotion():
 def test_specialise_out_of_range_is_named():
     with pytest.raises(ValueError, match="specialise"):
         synth.SynthConfig(specialise=1.5).check()
+
+
+def test_stale_partial_folders_of_dead_runs_are_removed(tmp_path):
+    """After kill -9 the generator leaves <out>.partial-<pid>; the next run removes it only when that pid
+    is gone (issue 15). A finished process gives a dead pid; our parent is a live one."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
+    dead = int(proc.stdout)
+    live = os.getppid()
+    for pid in (dead, live):
+        (tmp_path / f"c.partial-{pid}" / "MOSEI_RAW_PROCESSED").mkdir(parents=True)
+    (tmp_path / "other.partial-1").mkdir()  # another corpus' folder: not ours to judge
+    synth.generate_corpus(tmp_path / "c", n=6, seed=0, progress=False)
+    assert not (tmp_path / f"c.partial-{dead}").exists()
+    assert (tmp_path / f"c.partial-{live}").exists() and (tmp_path / "other.partial-1").exists()
+    assert (tmp_path / "c" / "synth_info.json").is_file()

@@ -196,7 +196,7 @@ def test_distributed_two_ranks_gather_in_dataset_order(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["ids"] == r1["ids"] == [f"u{i}" for i in range(21)]  # every item once, in order
     assert torch.equal(r0["logits"], r1["logits"])
     model = TinyNet()
@@ -357,3 +357,34 @@ def test_resolve_device_names_the_parameter():
     if not torch.cuda.is_available():
         with pytest.raises(ParameterError, match="'device'"):
             train.resolve_device("cuda")
+
+
+def test_resume_fresh_moves_the_old_checkpoint_aside_and_trains_from_scratch(tmp_path):
+    """resume='fresh' (issue 15): the old last.pt/best.pt are kept under replaced-*/, and the new run is the
+    same as a run without any checkpoint, although its settings differ from the old checkpoint's."""
+    _fit(epochs=3, seed=1, checkpoint_dir=tmp_path)
+    old = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(train.CheckpointError, match="seed"):
+        _fit(epochs=2, checkpoint_dir=tmp_path)
+    fresh = _fit(epochs=2, checkpoint_dir=tmp_path, resume="fresh")
+    plain = _fit(epochs=2)
+    assert list(fresh.history["epoch"]) == [1, 2]
+    assert np.array_equal(fresh.history["train_loss"].to_numpy(), plain.history["train_loss"].to_numpy())
+    (moved,) = tmp_path.glob("replaced-*")
+    assert (moved / "last.pt").read_bytes() == old and (moved / "best.pt").exists()
+    with pytest.raises(ValueError, match="'resume' must be True, False or 'fresh'"):
+        _fit(epochs=1, checkpoint_dir=tmp_path, resume="yes")
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    """Checkpoints hold tensors and plain containers only: torch.load(weights_only=True) reads them, and
+    the fingerprint records the settings of the run (independent of the trainer's own loader)."""
+    res = _fit(epochs=2, seed=5, checkpoint_dir=tmp_path, thresholds="validation")
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    fp = ckpt["fingerprint"]
+    assert fp["seed"] == 5 and fp["lr"] == 1e-2 and fp["task"] == "emotion" and fp["thresholds"] == "validation"
+    assert fp["model_parameters"]["net.0.weight"] == [16, 8] and fp["train_data"]["size"] == 48
+    assert fp["train_data"]["batch_size"] == 8
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == res.best_epoch
+    np.testing.assert_allclose(best["thresholds"], res.thresholds)

@@ -4,7 +4,7 @@ Jupyter Book 1.x (Sphinx + myst-nb) loads MathJax 3, RequireJS and
 ``@jupyter-widgets/html-manager`` from public CDNs by default. Readers of this book may be offline
 and our build machines have no network at read time, so the equations and the saved widget states
 of the chapters (chapter 1's attention widgets and every later chapter with a slider) would not
-render. DESIGN.md, "Rendering notes": fetch those scripts once, at install time, from the npm
+render. the Design page, "Rendering without a network": fetch those scripts once, at install time, from the npm
 registry (reachable then) and serve them from the book's own ``book/_static/offline``; ``_config.yml``
 points Sphinx's ``mathjax_path`` and myst-nb's ``nb_ipywidgets_js`` at them.
 
@@ -42,6 +42,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from nbsupport.base import atomic_write_text
 
 __all__ = ["VendorPackage", "PACKAGES", "ensure_assets", "missing_assets", "AssetError", "main", "setup",
            "open_locally_html", "results_table_html"]
@@ -283,7 +285,7 @@ def ensure_assets(static_dir: str | os.PathLike, *, npm: str = "npm", force: boo
 
     Idempotent: a package already present (stamp matches the pinned spec and integrity) is skipped
     without network access unless ``force``. Used by ``make install``; the rendered chapters load
-    MathJax and the ipywidgets manager from these folders (DESIGN.md, "Rendering notes").
+    MathJax and the ipywidgets manager from these folders (the Design page, "Rendering without a network").
     """
     static = Path(static_dir)
     if static.exists() and not static.is_dir():
@@ -299,7 +301,6 @@ def ensure_assets(static_dir: str | os.PathLike, *, npm: str = "npm", force: boo
         fetched.append(_install_one(pkg, vendor, npm))
     cdn = vendor / WIDGETS_CDN_DIR
     cdn.mkdir(exist_ok=True)
-    from nbsupport.base import atomic_write_text
 
     for path, text in ((cdn / "README.txt", _WIDGETS_CDN_README), (vendor / WIDGETS_SETUP, _WIDGETS_SETUP_JS)):
         if not path.is_file() or path.read_text() != text:
@@ -331,7 +332,7 @@ def _check_assets(app) -> None:
 def open_locally_html(source: str) -> str:
     """HTML of the "run this chapter" box for the notebook at repository path ``source``.
 
-    Every notebook page of the book gets it (user path 2 of DESIGN.md: open the chapter in
+    Every notebook page of the book gets it (use 2 on the Design page: open the chapter in
     JupyterLab and move its widgets); the link assumes ``jupyter lab`` started at the repository
     root on its default port.
     """

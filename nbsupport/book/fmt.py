@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-__all__ = ["percent", "macs", "seconds", "count", "number", "table", "answer"]
+__all__ = ["percent", "macs", "seconds", "count", "number", "table", "answer", "interval"]
 
 
 def _missing(x) -> bool:
@@ -76,3 +76,8 @@ def answer(items: Mapping[str, str] | Iterable[tuple[str, str]]) -> pd.DataFrame
     """A chapter's measured answer as a two-column table (what was measured, the value as formatted text)."""
     pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
     return pd.DataFrame(pairs, columns=["measured", "value"]).set_index("measured")
+
+
+def interval(est) -> str:
+    """A metric with its interval, in percent: '83.7 % [80.1, 87.2]' (an :class:`nbsupport.evidence.Estimate`)."""
+    return f"{100 * est.value:.1f} % [{100 * est.low:.1f}, {100 * est.high:.1f}]"

@@ -32,7 +32,7 @@ __all__ = [
     "atomic_write_json", "METRIC_NAMES",
 ]
 
-#: Metric names shared by every chapter's ``metrics.json`` (DESIGN.md).
+#: Metric names shared by every chapter's ``metrics.json`` (the Design page, "Notebook conventions").
 METRIC_NAMES = ("wacc", "acc", "f1", "auc", "acc2", "acc7", "mae", "corr", "macs", "seconds", "n_params")
 
 
@@ -228,7 +228,7 @@ def _unknown_message(name: str, known: Iterable[str]) -> str:
 
 
 def check_metrics(data: Mapping[str, Any]) -> None:
-    """Check the shape DESIGN.md fixes for ``metrics.json``: parameters dict, results list of rows with model/modalities."""
+    """Check the one shape of ``metrics.json``: parameters dict, results list of rows with model/modalities."""
     if not isinstance(data, Mapping):
         raise ValueError("metrics.json: top level must be an object")
     if not isinstance(data.get("parameters"), Mapping):
@@ -256,6 +256,7 @@ class Run:
     output_dir: Path | None = None
     chapter: str = ""
     figures: list = field(default_factory=list)
+    metrics_path: Path | None = None
 
     def __repr__(self) -> str:
         given = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if k not in COMMON_RULES)
@@ -269,24 +270,24 @@ class Run:
             return params[name]
         raise AttributeError(name)
 
-    def save_figure(self, fig, name: str) -> Path | None:
-        """Save a matplotlib figure as ``<output_dir>/<name>.png`` when ``output_dir`` is set."""
-        if self.output_dir is None:
-            return None
-        path = atomic_write(self.output_dir / f"{name}.png",
-                            lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"), "wb")
-        self.figures.append(path.name)
-        return path
+    def save_figure(self, fig, name: str) -> None:
+        """Save a matplotlib figure as ``<output_dir>/<name>.png`` when ``output_dir`` is set.
 
-    def write_metrics(self, results: Iterable[Mapping[str, Any]], **extra: Any) -> Path | None:
-        """Write ``metrics.json`` (DESIGN.md shape) when ``output_dir`` is set; return its path."""
+        Returns None, so a cell ending with it shows the figure and no path."""
+        if self.output_dir is not None:
+            path = atomic_write(self.output_dir / f"{name}.png",
+                                lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"), "wb")
+            self.figures.append(path.name)
+
+    def write_metrics(self, results: Iterable[Mapping[str, Any]], **extra: Any) -> None:
+        """Check and write ``metrics.json`` (the shape every chapter shares) when ``output_dir`` is set;
+        its path is then ``self.metrics_path``."""
         data = {"parameters": dict(self.params), "results": [dict(r) for r in results], **extra}
         data = jsonable(data)
         check_metrics(data)
-        if self.output_dir is None:
-            return None
-        data.setdefault("figures", list(self.figures))
-        return atomic_write_json(self.output_dir / "metrics.json", data)
+        if self.output_dir is not None:
+            data.setdefault("figures", list(self.figures))
+            self.metrics_path = atomic_write_json(self.output_dir / "metrics.json", data)
 
 
 @dataclass

@@ -12,13 +12,21 @@ Corpus
     ``load_cues(root, dataset, utt_id)`` reads that ground truth (``read_cues(folder)`` from an
     utterance folder, e.g. ``RawSplit.folders[i]``).
 Raw items (MESM raw layout, real or synthetic)
-    ``load_split(root, dataset, split) -> RawSplit`` -- items {id, text, frames, frame_index, audio, sr,
-    emotion (6,), sentiment}; ``load_umons_pickles(folder, split)`` -- UMONS's pre-extracted pickles.
+    ``load_split(root, dataset, split, allow_overlap=False) -> RawSplit`` -- items {id, text, frames,
+    frame_index, audio, sr, emotion (6,), sentiment}, labels/text/splits/media checked (DataError naming
+    file, id, field); ``load_umons_pickles(folder, split)`` -- UMONS's pre-extracted pickles. Every pickle
+    is read by :mod:`nbsupport.data.safe_pickle` (plain containers and NumPy arrays only: no code runs).
 Model-family datasets (features cached on disk per utterance) and collate functions
     ``mesm_dataset(root, dataset, split, *, tokenizer=None, max_text_len=50, img_interval=500)`` + ``collate_mesm``;
     ``umons_dataset(root, dataset, split, *, seq_len=60, glove=None)`` + ``collate_umons``;
     ``handcrafted_dataset(root, dataset, split)`` + ``collate_umons``;
     ``umons_pickle_dataset(folder, split)`` + ``collate_umons``.
+Real data in the field's forms (module :mod:`nbsupport.data.formats`; CLI ``python -m nbsupport.data.formats``)
+    ``formats.feature_dataset(root, split, data_format="auto"|"umons"|"mmsa"|"mult"|"csd", dataset, seq_len)``
+    -> items for ``collate_umons`` (emotions matched by name); ``formats.detect_format(root)``;
+    ``formats.merge_emotions(mmsa_pkl, labels_csd, out)`` adds CMU-MOSEI's emotions to MMSA pickles.
+Videos -> raw layout (module :mod:`nbsupport.data.prepare`; CLI ``python -m nbsupport.data.prepare``)
+    ``prepare(videos, segments, labels, out, dataset=..., splits=None, workers=1)``.
 Features (module :mod:`nbsupport.data.features`)
     ``mel_pieces``, ``umons_mel``, ``face_crop``, ``hog_features``, ``face_geometry``, ``prosody_windows``,
     ``load_tokenizer`` (module :mod:`nbsupport.data.text`), ``WordVectors``.

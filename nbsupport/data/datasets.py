@@ -6,14 +6,21 @@
 
 Features are computed once per utterance and saved as ``<cache>/<id>.pt`` (written to a temporary
 name, then renamed); items are loaded from disk on demand, so a corpus is never held in memory. The
-cache folder is keyed by the corpus (absolute root and ``meta.pkl`` size/mtime), the dataset, the
-feature kind, its settings and :data:`FEATURE_VERSION`. ``$NBSUPPORT_CACHE`` moves the cache root
-(default ``<repo>/data_cache/features``).
+cache folder is keyed by the corpus (absolute root, and the generator version of a synthetic one), the
+dataset, the feature kind, its settings and :data:`FEATURE_VERSION`. Each entry also records what it
+was computed from -- the utterance id and every source file's identity (path, size, ``mtime_ns`` and a
+hash of its first and last MiB; the transcript's hash when the entry holds text) -- and is checked
+against the files on every load: an entry whose sources changed, that holds another utterance, lacks a
+feature or cannot be read is recomputed and the recomputation is logged (logger
+``nbsupport.data.datasets``, with the file name). Entries are read with ``torch.load(weights_only=True)``,
+so a cache file cannot run code. ``$NBSUPPORT_CACHE`` moves the cache root (default
+``<repo>/data_cache/features``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -28,10 +35,15 @@ from .common import DataError
 from .text import load_tokenizer
 from .raw import RawSplit, load_umons_pickles, read_audio, read_frame, sample_frame_positions
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["FEATURE_VERSION", "FeatureDataset", "mesm_dataset", "umons_dataset", "handcrafted_dataset",
-           "umons_pickle_dataset", "collate_mesm", "collate_umons", "feature_cache_root"]
+           "umons_pickle_dataset", "collate_mesm", "collate_umons", "feature_cache_root", "file_identity"]
 
 FEATURE_VERSION = 1
+_ENTRY_FORMAT = 2  # layout of a cache entry: {"format", "id", "fingerprint", "features"}
+_HASH_SPAN = 1 << 20  # bytes hashed at each end of a source file
+_IDENTITY_MEMO: dict = {}  # (path, size, mtime_ns, ctime_ns, inode) -> hash: each unchanged file hashed once
 
 
 def feature_cache_root() -> Path:
@@ -40,6 +52,41 @@ def feature_cache_root() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2] / "data_cache" / "features"
+
+
+def file_identity(path, relative_to=None) -> list:
+    """``[path, size, mtime_ns, hash]`` of a source file of the feature cache (Chapter 2's data contract).
+
+    ``hash`` is a BLAKE2b digest of the first and last MiB (the whole file when smaller), so a file
+    re-exported with the same size and time, or copied from another utterance, is told apart too; it is
+    computed once per process for a given (path, size, mtime_ns, ctime_ns, inode) -- ctime changes with
+    every write and ``utime``, so a file rewritten in place is hashed again. ``path`` is written relative to
+    ``relative_to`` when given."""
+    path = Path(path)
+    st = path.stat()
+    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)  # ctime: any write or utime
+    digest = _IDENTITY_MEMO.get(memo_key)
+    if digest is None:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            h.update(fh.read(_HASH_SPAN))
+            if st.st_size > 2 * _HASH_SPAN:
+                fh.seek(-_HASH_SPAN, os.SEEK_END)
+            h.update(fh.read(_HASH_SPAN))
+        digest = _IDENTITY_MEMO[memo_key] = h.hexdigest()
+    name = os.path.relpath(path, relative_to) if relative_to is not None else str(path)
+    return [name, int(st.st_size), int(st.st_mtime_ns), digest]
+
+
+def _generator_version(root: Path):
+    """The synthetic corpus generator version recorded in ``<root>/synth_info.json``, None for real data."""
+    info = root / "synth_info.json"
+    if not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text()).get("version")
+    except (ValueError, OSError, AttributeError):
+        return "unreadable"
 
 
 def _sampled_faces(raw: RawSplit, i: int, img_interval: float, max_frames: int | None = None) -> np.ndarray:
@@ -58,19 +105,25 @@ def _waveform(raw: RawSplit, i: int) -> tuple[np.ndarray, int]:
 
 
 class FeatureDataset(Dataset):
-    """A split whose items are computed by ``compute(raw, i) -> dict of arrays`` and cached on disk.
+    """A split whose items are computed by ``compute(raw, i) -> dict of tensors`` and cached on disk.
 
-    ``finish(i, cached) -> item`` turns the cached arrays into the model family's item (adds ids,
-    labels, tokens). :meth:`precompute` fills the cache with a progress bar.
+    ``finish(i, cached) -> item`` turns the cached tensors into the model family's item (adds ids,
+    labels, tokens). ``keys`` are the tensors every entry must hold; ``text_in_cache`` says whether an
+    entry depends on the transcript (then its hash is part of the entry's fingerprint). :meth:`precompute`
+    fills (and checks) the cache with a progress bar. Stale or damaged entries are recomputed (module
+    docstring).
     """
 
-    def __init__(self, raw: RawSplit, kind: str, settings: dict, compute, finish, cache_dir=None):
+    def __init__(self, raw: RawSplit, kind: str, settings: dict, compute, finish, cache_dir=None, *,
+                 keys: tuple = (), text_in_cache: bool = False):
         self.raw, self.kind, self.settings = raw, kind, settings
         self._compute, self._finish = compute, finish
-        meta = raw.raw_dir / "meta.pkl"
-        st = meta.stat()
-        key = json.dumps(dict(root=str(raw.root.resolve()), meta=[st.st_size, int(st.st_mtime)],
-                              dataset=raw.dataset, kind=kind, settings=settings, v=FEATURE_VERSION), sort_keys=True)
+        self.keys, self.text_in_cache = tuple(keys), text_in_cache
+        self.generator_version = _generator_version(raw.root)
+        self._settings_key = json.dumps(settings, sort_keys=True, default=str)
+        key = json.dumps(dict(root=str(raw.root.resolve()), generator=self.generator_version,
+                              dataset=raw.dataset, kind=kind, settings=settings, v=FEATURE_VERSION),
+                         sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         base = Path(cache_dir) if cache_dir else feature_cache_root()
         self.cache_dir = base / f"{raw.dataset}-{kind}-{digest}"
@@ -82,24 +135,66 @@ class FeatureDataset(Dataset):
         """The cache file of item ``i``."""
         return self.cache_dir / f"{self.raw.ids[i]}.pt"
 
+    def fingerprint(self, i: int) -> dict:
+        """What the cache entry of item ``i`` is computed from: feature version, kind and settings, corpus
+        generator version, the identity (:func:`file_identity`) of the audio file and of every frame, and
+        the transcript's hash when the entry holds text. Plain containers (``weights_only`` loadable)."""
+        root = self.raw.root
+        paths, _ = self.raw.frames(i)
+        sources = [file_identity(self.raw.audio_path(i), root)] + [file_identity(p, root) for p in paths]
+        text = hashlib.sha1(self.raw.texts[i].encode()).hexdigest() if self.text_in_cache else None
+        return {"feature_version": FEATURE_VERSION, "kind": self.kind, "settings": self._settings_key,
+                "generator": self.generator_version, "sources": sources, "text": text}
+
+    def _stale(self, entry, i: int, expected: dict) -> str | None:
+        """Why a loaded cache entry cannot serve item ``i`` (None when it can)."""
+        uid = self.raw.ids[i]
+        if not isinstance(entry, dict) or entry.get("format") != _ENTRY_FORMAT or "features" not in entry:
+            return "not a cache entry of this format (written by an older version?)"
+        if entry.get("id") != uid:
+            return f"it holds utterance {entry.get('id')!r}, not {uid!r}"
+        feats = entry["features"]
+        missing = [k for k in self.keys if not isinstance(feats, dict) or not torch.is_tensor(feats.get(k))]
+        if missing:
+            return f"it lacks the feature(s) {', '.join(missing)}"
+        old = entry.get("fingerprint")
+        if old == expected:
+            return None
+        if not isinstance(old, dict):
+            return "it has no fingerprint"
+        changed = [k for k in expected if k != "sources" and old.get(k) != expected[k]]
+        old_src = {s[0]: s[1:] for s in old.get("sources", []) if isinstance(s, list) and s}
+        new_src = {s[0]: s[1:] for s in expected["sources"]}
+        changed += [f"source {name} (new, removed or changed)" for name in sorted(set(old_src) | set(new_src))
+                    if old_src.get(name) != new_src.get(name)]
+        return "what it was computed from changed: " + ", ".join(changed or ["fingerprint"])
+
     def features(self, i: int) -> dict:
-        """Cached arrays of item ``i`` (computed and saved on first use)."""
+        """Cached tensors of item ``i``: loaded (``weights_only=True``) and checked against its sources,
+        else computed and saved (atomically); a recomputation of an existing entry is logged."""
         path = self.cache_path(i)
+        expected = self.fingerprint(i)
         if path.exists():
             try:
-                return torch.load(path, weights_only=False)
-            except Exception:  # a cache file from a killed writer cannot exist (atomic), but be safe
-                pass
+                entry = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated, not a torch file, or refused by weights_only (code inside)
+                reason = f"unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+            else:
+                reason = self._stale(entry, i, expected)
+                if reason is None:
+                    return entry["features"]
+            logger.warning("%s: feature cache entry recomputed: %s", path, reason)
         feats = self._compute(self.raw, i)
-        atomic_write(path, lambda fh: torch.save(feats, fh), "wb")
+        entry = {"format": _ENTRY_FORMAT, "id": self.raw.ids[i], "fingerprint": expected, "features": feats}
+        atomic_write(path, lambda fh: torch.save(entry, fh), "wb")
         return feats
 
     def precompute(self, progress: bool = True) -> "FeatureDataset":
-        """Compute every missing cache file now (tqdm progress bar); returns self."""
+        """Compute every missing or stale cache entry now (tqdm progress bar; every entry is checked as in
+        :meth:`features`); returns self."""
         from tqdm.auto import tqdm
 
-        todo = [i for i in range(len(self)) if not self.cache_path(i).exists()]
-        for i in tqdm(todo, desc=f"{self.kind} features ({self.raw.split})", disable=not progress or not todo,
+        for i in tqdm(range(len(self)), desc=f"{self.kind} features ({self.raw.split})", disable=not progress,
                       leave=False):
             self.features(i)
         return self
@@ -123,15 +218,15 @@ class FeatureDataset(Dataset):
 # MESM family
 # ----------------------------------------------------------------------------------------------
 def mesm_dataset(root, dataset: str, split: str, *, tokenizer=None, max_text_len: int = 50,
-                 img_interval: float = 500, cache_dir=None) -> FeatureDataset:
+                 img_interval: float = 500, cache_dir=None, allow_overlap: bool = False) -> FeatureDataset:
     """MESM / FE2E inputs (Dai et al. 2021, Sec. 3.1; Chapters 5-6) streamed from the feature cache.
 
     Item: ``id``, ``input_ids`` (Lt,) long subword ids (``tokenizer``: a tokenizer object, a local
     folder / model id, or None for the bundled MiniLM), ``pad_id``, ``faces`` (T, 48, 48) float in
     [0, 1] from frames every ``img_interval`` ms, ``mel`` (P, 128, 32) float pieces, ``emotion`` (6,),
-    ``sentiment``. Batch with :func:`collate_mesm`.
+    ``sentiment``. Batch with :func:`collate_mesm`. ``allow_overlap`` goes to :class:`RawSplit`.
     """
-    raw = RawSplit(root, dataset, split)
+    raw = RawSplit(root, dataset, split, allow_overlap=allow_overlap)
     if max_text_len < 2:
         raise DataError(f"max_text_len must be >= 2 (CLS and SEP), got {max_text_len!r}")
     tok = tokenizer if (tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike))) else \
@@ -150,7 +245,7 @@ def mesm_dataset(root, dataset: str, split: str, *, tokenizer=None, max_text_len
                 "faces": c["faces"].float() / 255.0, "mel": c["mel"].float()}
 
     ds = FeatureDataset(raw, "mesm", dict(img_interval=float(img_interval), n_mels=128, piece=32), compute, finish,
-                        cache_dir)
+                        cache_dir, keys=("faces", "mel"))
     return ds
 
 
@@ -204,12 +299,12 @@ def _words_item(raw, i, wv, seq_len):
 
 
 def _lav_dataset(root, dataset: str, split: str, kind: str, audio_fn, video_fn, *, seq_len: int, glove, text_model,
-                 img_interval: float, cache_dir) -> FeatureDataset:
+                 img_interval: float, cache_dir, allow_overlap: bool = False) -> FeatureDataset:
     """A cached text / audio / video dataset (``kind`` "umons" or "handcrafted"): ``text`` word vectors,
     ``audio = audio_fn(wav, sr, seq_len)`` and ``video`` = ``video_fn`` of each sampled face crop
     (at most ``seq_len`` frames, every ``img_interval`` ms). The cache key holds ``kind``, ``seq_len``,
     the word vectors and ``img_interval``."""
-    raw = RawSplit(root, dataset, split)
+    raw = RawSplit(root, dataset, split, allow_overlap=allow_overlap)
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len!r}")
     wv = _word_vectors(glove, text_model)
@@ -223,38 +318,42 @@ def _lav_dataset(root, dataset: str, split: str, kind: str, audio_fn, video_fn, 
 
     ds = FeatureDataset(raw, kind, dict(seq_len=seq_len, words=wv.key, img_interval=float(img_interval)),
                         compute, lambda i, c: {**ds._labels(i), **{k: c[k].float() for k in ("text", "audio", "video")}},
-                        cache_dir)
+                        cache_dir, keys=("text", "audio", "video"), text_in_cache=True)
     return ds
 
 
 def umons_dataset(root, dataset: str, split: str, *, seq_len: int = 60, glove: str | None = None,
-                  text_model: str | None = None, img_interval: float = 100, cache_dir=None) -> FeatureDataset:
+                  text_model: str | None = None, img_interval: float = 100, cache_dir=None,
+                  allow_overlap: bool = False) -> FeatureDataset:
     """UMONS inputs (Delbrouck et al. 2020, Sec. 4; Chapters 3-4) streamed from the feature cache.
 
     Item: ``text`` (Lt, Dw) word vectors (GloVe file ``glove`` or the encoder's input embeddings),
     ``audio`` (La, 80) log-mel frames, ``video`` (Lv, 900) HOG of the 48x48 face crop per frame (frames
     every ``img_interval`` ms), each at most ``seq_len`` long; ``emotion`` (6,), ``sentiment``.
-    Batch with :func:`collate_umons`.
+    Batch with :func:`collate_umons`. ``allow_overlap`` goes to :class:`RawSplit`.
     """
     return _lav_dataset(
         root, dataset, split, "umons", lambda wav, sr, n: F.umons_mel(wav, sr, 80, n),
         lambda faces: torch.from_numpy(np.stack([F.hog_features(f) for f in faces])).to(torch.float16),
-        seq_len=seq_len, glove=glove, text_model=text_model, img_interval=img_interval, cache_dir=cache_dir)
+        seq_len=seq_len, glove=glove, text_model=text_model, img_interval=img_interval, cache_dir=cache_dir,
+        allow_overlap=allow_overlap)
 
 
 def handcrafted_dataset(root, dataset: str, split: str, *, seq_len: int = 60, glove: str | None = None,
-                        text_model: str | None = None, img_interval: float = 100, cache_dir=None) -> FeatureDataset:
+                        text_model: str | None = None, img_interval: float = 100, cache_dir=None,
+                        allow_overlap: bool = False) -> FeatureDataset:
     """Two-phase hand-crafted features (MESM's LF-LSTM / LF-Transformer baselines; Chapter 7).
 
     Same item keys as :func:`umons_dataset`: ``text`` word vectors, ``audio`` (W, 33) MFCC/prosody
     statistics per 250 ms window (:func:`~nbsupport.data.features.prosody_windows`), ``video`` (Lv, 356)
     face descriptors per frame (:func:`~nbsupport.data.features.face_geometry`), each at most
-    ``seq_len`` long. Batch with :func:`collate_umons`.
+    ``seq_len`` long. Batch with :func:`collate_umons`; ``allow_overlap`` as for :func:`umons_dataset`.
     """
     return _lav_dataset(
         root, dataset, split, "handcrafted", lambda wav, sr, n: F.prosody_windows(wav, sr, max_windows=n),
         lambda faces: torch.from_numpy(np.stack([F.face_geometry(f) for f in faces])),
-        seq_len=seq_len, glove=glove, text_model=text_model, img_interval=img_interval, cache_dir=cache_dir)
+        seq_len=seq_len, glove=glove, text_model=text_model, img_interval=img_interval, cache_dir=cache_dir,
+        allow_overlap=allow_overlap)
 
 
 class _UmonsPickleItems(Dataset):

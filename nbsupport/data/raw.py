@@ -15,26 +15,40 @@ speaker-tagged ``image_L_<k>`` / ``image_R_<k>`` (also ``image_<k>_L``). IEMOCAP
 both speakers; the speaker of utterance ``Ses01F_impro01_M003`` is on the left (``L``) when the session's
 gender letter (``F`` in ``Ses01F``) equals the utterance's (``M``), else on the right, as in the release.
 Audio: ``audio.wav`` or the speaker-tagged ``audio_L.wav`` / ``audio_R.wav``.
-Labels: MOSEI ``label`` is 6 presence values (intensities > 0 count as present) and an optional
-``sentiment`` in [-3, 3]; IEMOCAP ``label`` is a class name (or a one-hot of width 6).
+Labels: MOSEI ``label`` is 6 presence values (intensities in [0, 3]; > 0 counts as present) and an
+optional ``sentiment`` in [-3, 3] (absent, None or NaN: no sentiment); IEMOCAP ``label`` is a class name (or a
+one-hot of width 6); ``text`` is a string. All are checked when a split is loaded: NaN, out-of-range or
+wrongly typed values raise :class:`~nbsupport.data.DataError` naming the file, the id and the field.
+Splits: an id listed twice in a split, or in two splits, is an error unless ``allow_overlap=True``.
+Pickles (``meta.pkl``, UMONS ``*.p``, ``cue.pkl``) are read with :mod:`nbsupport.data.safe_pickle`
+(no code from the data runs); truncated media (wav shorter than its header, cut images) are errors.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
-import pickle
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import EMOTIONS, DataError, check_dataset, check_split
+from .common import EMOTIONS, SPLITS, DataError, check_dataset, check_split
+from .safe_pickle import load_pickle
 
 __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", "sample_frame_positions",
-           "speaker_side", "utterance_folders", "read_cues", "load_umons_pickles", "UmonsPickleSplit", "FPS"]
+           "speaker_side", "utterance_folders", "read_cues", "load_umons_pickles", "UmonsPickleSplit", "FPS",
+           "read_split_ids", "UMONS_MEL_BINS"]
 
 FPS = 30
+#: Mel bins of UMONS's pre-extracted audio features (Delbrouck et al. 2020, Sec. 4).
+UMONS_MEL_BINS = 80
+#: Sentiment scores of CMU-MOSEI lie in [-3, 3] (Zadeh et al. 2018); emotion intensities in [0, 3].
+SENTIMENT_RANGE = (-3.0, 3.0)
+EMOTION_RANGE = (0.0, 3.0)
 _FRAME_RE = re.compile(r"^image_(?:(?P<s1>[LR])_)?(?P<k>\d+)(?:_(?P<s2>[LR]))?\.(?:jpe?g|png)$", re.IGNORECASE)
 _PREFIX = {"mosei": "MOSEI", "iemocap": "IEMOCAP"}
 
@@ -88,8 +102,28 @@ def sample_frame_positions(indices, interval_ms: float, duration_s: float | None
     return sorted(set(int(p) for p in pos))
 
 
+def _check_image_complete(path: str) -> None:
+    """DataError when the image at ``path`` is truncated or corrupt.
+
+    OpenCV's ``imread`` decodes a JPEG cut in half into grey rows and only prints libjpeg's warning, so
+    the file is decoded once more with Pillow, which raises on a truncated stream
+    (``ImageFile.LOAD_TRUNCATED_IMAGES`` False, its default, is forced here for this decode)."""
+    from PIL import Image, ImageFile
+
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # PIL.UnidentifiedImageError, OSError("image file is truncated ..."), SyntaxError
+        raise DataError(f"{path}: truncated or corrupt image ({type(e).__name__}: {e})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
 def read_frame(path) -> np.ndarray:
-    """Read one frame as a BGR uint8 array (OpenCV); DataError for a missing, empty or corrupt image."""
+    """Read one frame as a BGR uint8 array (OpenCV); DataError for a missing, empty, truncated or corrupt
+    image (Chapter 2)."""
     import cv2
 
     path = str(path)
@@ -100,13 +134,47 @@ def read_frame(path) -> np.ndarray:
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None or img.size == 0:
         raise DataError(f"{path}: cannot decode image (corrupt or not a JPEG/PNG)")
+    _check_image_complete(path)
     return img
 
 
-def read_audio(path, sr: int | None = 16000) -> tuple[np.ndarray, int]:
-    """Read a wav as mono float32 (soundfile), resampled to ``sr`` with librosa when it differs.
+def _wav_header_frames(path: str) -> int | None:
+    """Frames a RIFF/WAVE file's header declares (``data`` chunk size / block align), None when unknown.
 
-    DataError for a missing, empty or corrupt file, or one with no samples.
+    libsndfile (soundfile) silently shrinks its frame count to what the file holds, so neither
+    ``soundfile.read`` nor ``soundfile.info`` reveals a wav cut short; and the standard library's ``wave``
+    reads PCM only. Hence this small walk over the RIFF chunks. Streaming placeholders (size 0 or
+    0xFFFFFFFF) and RF64 files give None (nothing to compare)."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        block_align = None
+        while True:
+            chunk = fh.read(8)
+            if len(chunk) < 8:
+                return None
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"fmt ":
+                body = fh.read(size)
+                if len(body) < 14:
+                    return None
+                block_align = struct.unpack("<H", body[12:14])[0]
+                if size % 2:
+                    fh.read(1)
+            elif cid == b"data":
+                if not block_align or size in (0, 0xFFFFFFFF):
+                    return None
+                return size // block_align
+            else:
+                fh.seek(size + (size % 2), os.SEEK_CUR)
+
+
+def read_audio(path, sr: int | None = 16000) -> tuple[np.ndarray, int]:
+    """Read a wav as mono float32 (soundfile), resampled to ``sr`` with librosa when it differs (Chapter 2).
+
+    DataError naming the file for a missing, empty or corrupt file, one with no samples, one with fewer
+    samples than its header declares (truncated), or one holding NaN/inf samples.
     """
     import soundfile as sf
 
@@ -121,6 +189,13 @@ def read_audio(path, sr: int | None = 16000) -> tuple[np.ndarray, int]:
         raise DataError(f"{path}: cannot decode audio ({e})") from None
     if wav.shape[0] == 0:
         raise DataError(f"{path}: audio has no samples")
+    declared = _wav_header_frames(path)
+    if declared is not None and wav.shape[0] < declared:
+        raise DataError(f"{path}: audio is truncated: the header declares {declared} samples per channel, "
+                        f"the file holds {wav.shape[0]}")
+    if not np.isfinite(wav).all():
+        bad = int((~np.isfinite(wav)).any(axis=1).sum())
+        raise DataError(f"{path}: audio holds {bad} NaN/inf samples (expected finite values)")
     wav = wav.mean(axis=1)
     if sr is not None and file_sr != sr:
         import librosa
@@ -158,35 +233,97 @@ def read_cues(folder) -> dict:
     path = Path(folder) / "cue.pkl"
     if not path.is_file():
         raise DataError(f"{path}: no cue ground truth (only synthetic corpora have cue.pkl)")
-    with open(path, "rb") as fh:
-        cue = pickle.load(fh)
+    cue = load_pickle(path, "cue ground truth")
+    if not isinstance(cue, dict) or "image_size" not in cue or "au_mask_packed" not in cue:
+        raise DataError(f"{path}: expected a dict with 'image_size' and 'au_mask_packed'")
     _, w = cue["image_size"]
     cue["au_mask"] = np.unpackbits(cue.pop("au_mask_packed"), axis=-1, count=w).astype(bool)
     return cue
 
 
-def _load_pickle(path: Path, what: str):
-    if not path.exists():
-        raise DataError(f"{path}: {what} missing")
-    try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+def _is_number(v) -> bool:
+    return isinstance(v, (numbers.Real, np.number, np.bool_)) and not isinstance(v, (str, bytes))
 
 
-def _emotion_vector(dataset: str, label, where: str) -> np.ndarray:
+def _emotion_vector(dataset: str, label, where: str, field: str = "label") -> np.ndarray:
+    """The (6,) presence vector of one label; DataError naming ``where`` and ``field`` for a label that
+    is not 6 finite numbers in [0, 3] (or, for IEMOCAP, a class name)."""
     names = EMOTIONS[dataset]
     if isinstance(label, str):
         if dataset != "iemocap" or label not in names:
-            raise DataError(f"{where}: label {label!r} is not one of {names}")
+            raise DataError(f"{where}: field '{field}' = {label!r} is not one of {names}")
         v = np.zeros(6, np.float32)
         v[names.index(label)] = 1.0
         return v
-    arr = np.asarray(label, dtype=np.float32).reshape(-1)
+    values = np.asarray(label, dtype=object).reshape(-1) if not isinstance(label, (bytes, dict)) else None
+    if values is None or not all(_is_number(v) for v in values):
+        raise DataError(f"{where}: field '{field}' must be 6 numbers ({', '.join(names)}), got {label!r}")
+    arr = values.astype(np.float64)
     if arr.shape[0] != 6:
-        raise DataError(f"{where}: label has width {arr.shape[0]}, expected 6 ({', '.join(names)})")
+        raise DataError(f"{where}: field '{field}' has width {arr.shape[0]}, expected 6 ({', '.join(names)})")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{where}: field '{field}' holds NaN/inf ({list(label)}); expected 6 numbers in [0, 3]")
+    lo, hi = EMOTION_RANGE
+    if (arr < lo).any() or (arr > hi).any():
+        raise DataError(f"{where}: field '{field}' = {arr.tolist()} is outside [{lo:g}, {hi:g}] "
+                        "(presence 0/1 or intensities 0-3)")
     return (arr > 0).astype(np.float32)
+
+
+def _sentiment_value(value, where: str, field: str = "sentiment") -> float:
+    """A sentiment score in [-3, 3] as float; None, NaN or an absent field is NaN = no sentiment (IEMOCAP,
+    whose synthetic ``meta.pkl`` stores NaN). DataError naming ``where`` and ``field`` for strings, inf or
+    values out of range."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, (np.ndarray, list, tuple)):  # UMONS stores some scores as (1, 1) arrays
+        flat = np.asarray(value, dtype=object).reshape(-1)
+        if flat.size == 1:
+            value = flat[0]
+    if not _is_number(value) or isinstance(value, (bool, np.bool_)):
+        raise DataError(f"{where}: field '{field}' must be a number in [-3, 3] (or None), got {value!r}")
+    s = float(value)
+    lo, hi = SENTIMENT_RANGE
+    if math.isnan(s):
+        return s
+    if not math.isfinite(s):
+        raise DataError(f"{where}: field '{field}' is {s} "
+                        "(leave it out or use None when there is no sentiment)")
+    if not lo <= s <= hi:
+        raise DataError(f"{where}: field '{field}' = {s:g} is outside [{lo:g}, {hi:g}]")
+    return s
+
+
+def _text_value(value, where: str, field: str = "text") -> str:
+    """The transcript as a string; DataError naming ``where`` and ``field`` for None or a non-string."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{field}' must be a string (the transcript), got {value!r}")
+    return value
+
+
+def read_split_ids(split_file, *, allow_overlap: bool = False) -> list[str]:
+    """Utterance ids of a split file (one per line, blank lines skipped), Chapter 2's data contract.
+
+    DataError naming the file and the ids when an id is listed twice, unless ``allow_overlap`` (a data
+    set that repeats ids on purpose, e.g. oversampling)."""
+    split_file = Path(split_file)
+    ids = [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
+    if not allow_overlap:
+        seen, dup = set(), []
+        for uid in ids:
+            if uid in seen and uid not in dup:
+                dup.append(uid)
+            seen.add(uid)
+        if dup:
+            raise DataError(f"{split_file}: ids listed more than once: {_few(dup)} "
+                            "(pass allow_overlap=True if this is on purpose)")
+    return ids
+
+
+def _few(ids, k: int = 5) -> str:
+    ids = sorted(ids)
+    more = f" and {len(ids) - k} more" if len(ids) > k else ""
+    return ", ".join(repr(i) for i in ids[:k]) + more
 
 
 class RawSplit(Dataset):
@@ -197,7 +334,7 @@ class RawSplit(Dataset):
     ``emotion`` (6,) float tensor, ``sentiment`` (float, NaN when the set has none), ``folder``.
     """
 
-    def __init__(self, root, dataset: str, split: str, *, sr: int = 16000):
+    def __init__(self, root, dataset: str, split: str, *, sr: int = 16000, allow_overlap: bool = False):
         self.dataset, self.split = check_dataset(dataset), check_split(split)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -209,11 +346,21 @@ class RawSplit(Dataset):
         split_file = self.root / f"{prefix}_SPLIT" / f"{split}_split.txt"
         if not split_file.is_file():
             raise DataError(f"{split_file}: split file missing")
-        self.ids = [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
+        self.ids = read_split_ids(split_file, allow_overlap=allow_overlap)
         if not self.ids:
             raise DataError(f"{split_file}: split file lists no utterance ids")
+        if not allow_overlap:
+            for other in SPLITS:
+                other_file = split_file.with_name(f"{other}_split.txt")
+                if other == split or not other_file.is_file():
+                    continue
+                shared = set(self.ids) & set(read_split_ids(other_file, allow_overlap=True))
+                if shared:
+                    raise DataError(f"{split_file}: {len(shared)} id(s) also in {other_file.name}: "
+                                    f"{_few(shared)} "
+                                    "(splits must be disjoint; pass allow_overlap=True if this is on purpose)")
         meta_path = self.raw_dir / "meta.pkl"
-        meta = _load_pickle(meta_path, "meta.pkl")
+        meta = load_pickle(meta_path, "meta.pkl")
         if not isinstance(meta, dict):
             raise DataError(f"{meta_path}: expected a dict id -> {{'text', 'label', ...}}, got {type(meta).__name__}")
         self.sr = sr
@@ -227,10 +374,10 @@ class RawSplit(Dataset):
                 raise DataError(f"{self.raw_dir / uid}: utterance folder missing (id listed in {split_file})")
             if not isinstance(m, dict) or "text" not in m or "label" not in m:
                 raise DataError(f"{meta_path}: entry {uid!r} must be a dict with 'text' and 'label'")
-            self.labels.append(_emotion_vector(dataset, m["label"], f"{meta_path} [{uid!r}]"))
-            self.texts.append(str(m["text"]))
-            s = m.get("sentiment", float("nan"))
-            self.sentiments.append(float("nan") if s is None else float(s))
+            where = f"{meta_path} [id {uid!r}]"
+            self.labels.append(_emotion_vector(dataset, m["label"], where))
+            self.texts.append(_text_value(m["text"], where))
+            self.sentiments.append(_sentiment_value(m.get("sentiment"), where))
             self.folders.append(folders[uid])
 
     def __len__(self) -> int:
@@ -266,7 +413,8 @@ def load_split(root, dataset: str, split: str, **kwargs) -> RawSplit:
 
     ``dataset`` is ``"mosei"`` or ``"iemocap"``, ``split`` is ``"train"``, ``"valid"`` or ``"test"``.
     Real data drops in by pointing ``root`` at the folder holding ``MOSEI_RAW_PROCESSED`` etc.
-    Keyword arguments go to :class:`RawSplit` (``sr``).
+    Keyword arguments go to :class:`RawSplit` (``sr``; ``allow_overlap=True`` accepts ids listed twice or
+    shared with another split, which are errors by default).
     """
     return RawSplit(root, dataset, split, **kwargs)
 
@@ -278,44 +426,68 @@ class UmonsPickleSplit(Dataset):
     Each pickle is a dict keyed by utterance id: sentences = list of words (or a string), mels = array
     (frames, 80), emotion = 6 values (presence when > 0), sentiment = a number in [-3, 3]. Ids are those
     of the emotion file. Items: ``id``, ``words``, ``mel`` (frames, 80) float32, ``emotion`` (6,),
-    ``sentiment``.
+    ``sentiment``. Every entry is checked on load (DataError naming the file, the id and the field); the
+    pickles are read with :mod:`nbsupport.data.safe_pickle`.
     """
 
     def __init__(self, folder, split: str):
         check_split(split)
         folder = Path(folder)
-        self.sentences = _load_pickle(folder / f"{split}_sentences.p", "UMONS sentences pickle")
-        self.mels = _load_pickle(folder / f"{split}_mels.p", "UMONS mel pickle")
+        sen_path, mel_path = folder / f"{split}_sentences.p", folder / f"{split}_mels.p"
+        self.sentences = load_pickle(sen_path, "UMONS sentences pickle")
+        self.mels = load_pickle(mel_path, "UMONS mel pickle")
         emo_path = folder / f"{split}_emotion.p"
-        self.emotion = _load_pickle(emo_path, "UMONS emotion pickle")
+        self.emotion = load_pickle(emo_path, "UMONS emotion pickle")
         sent_path = folder / f"{split}_sentiment.p"
-        self.sentiment = _load_pickle(sent_path, "UMONS sentiment pickle") if sent_path.exists() else {}
-        for name, d in (("sentences", self.sentences), ("mels", self.mels), ("emotion", self.emotion)):
+        self.sentiment = load_pickle(sent_path, "UMONS sentiment pickle") if sent_path.exists() else {}
+        for path, d in ((sen_path, self.sentences), (mel_path, self.mels), (emo_path, self.emotion),
+                        (sent_path, self.sentiment)):
             if not isinstance(d, dict):
-                raise DataError(f"{folder / f'{split}_{name}.p'}: expected a dict keyed by utterance id")
+                raise DataError(f"{path}: expected a dict keyed by utterance id, got {type(d).__name__}")
         self.ids = list(self.emotion.keys())
-        self.labels = []  # (6,) presence vectors, validated once here, in the order of ids
+        self.labels, self.words, self.scores = [], [], []  # validated once here, in the order of ids
         for uid in self.ids:
-            for name, d in (("sentences", self.sentences), ("mels", self.mels)):
+            for path, d in ((sen_path, self.sentences), (mel_path, self.mels)):
                 if uid not in d:
-                    raise DataError(f"{folder / f'{split}_{name}.p'}: id {uid!r} of {emo_path.name} missing")
-            self.labels.append(_emotion_vector("mosei", self.emotion[uid], f"{emo_path} [{uid!r}]"))
+                    raise DataError(f"{path}: id {uid!r} of {emo_path.name} missing")
+            where = f"[id {uid!r}]"
+            self.labels.append(_emotion_vector("mosei", self.emotion[uid], f"{emo_path} {where}", "emotion"))
+            self.scores.append(_sentiment_value(self.sentiment.get(uid), f"{sent_path} {where}"))
+            self.words.append(self._words(self.sentences[uid], f"{sen_path} {where}"))
+            self._check_mel(self.mels[uid], f"{mel_path} {where}")
         self.folder = folder
+
+    @staticmethod
+    def _words(words, where: str) -> list[str]:
+        if isinstance(words, str):
+            return words.split()
+        if isinstance(words, (list, tuple, np.ndarray)) and all(isinstance(w, (str, np.str_)) for w in words):
+            return [str(w) for w in words]
+        raise DataError(f"{where}: field 'sentences' must be a string or a list of words, got {words!r:.80}")
+
+    @staticmethod
+    def _check_mel(mel, where: str) -> None:
+        if isinstance(mel, (list, tuple)):
+            try:
+                mel = np.asarray(mel)
+            except ValueError:  # ragged rows
+                pass
+        if not isinstance(mel, np.ndarray) or mel.dtype.kind not in "fiu":
+            raise DataError(f"{where}: field 'mels' must be a numeric array (frames, {UMONS_MEL_BINS}), "
+                            f"got {type(mel).__name__}")
+        if mel.ndim != 2 or mel.shape[1] != UMONS_MEL_BINS:
+            raise DataError(f"{where}: field 'mels' has shape {mel.shape}, expected (frames, {UMONS_MEL_BINS}) "
+                            f"with {UMONS_MEL_BINS} mel bins")
+        if not np.isfinite(mel).all():
+            raise DataError(f"{where}: field 'mels' holds NaN/inf values")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
         uid = self.ids[i]
-        words = self.sentences[uid]
-        words = words.split() if isinstance(words, str) else [str(w) for w in words]
-        mel = np.asarray(self.mels[uid], dtype=np.float32)
-        if mel.ndim != 2:
-            raise DataError(f"{self.folder}: mel of {uid!r} must be 2-D (frames, bins), got shape {mel.shape}")
-        s = self.sentiment.get(uid, float("nan"))
-        return {"id": uid, "words": words, "mel": mel,
-                "emotion": torch.from_numpy(self.labels[i].copy()),
-                "sentiment": float(np.asarray(s, dtype=np.float64).reshape(-1)[0])}
+        return {"id": uid, "words": list(self.words[i]), "mel": np.asarray(self.mels[uid], dtype=np.float32),
+                "emotion": torch.from_numpy(self.labels[i].copy()), "sentiment": self.scores[i]}
 
 
 def load_umons_pickles(folder, split: str) -> UmonsPickleSplit:

@@ -32,7 +32,8 @@ with ``image_L_<k>.jpg`` / ``audio_L.wav`` speaker-tagged names as in the real r
     <out>/synth_info.json                         generator version and knobs (written last)
 
 The corpus is written into ``<out>.partial-<pid>`` and renamed to ``<out>`` only when complete, so a
-killed run never leaves a corpus that looks complete. Same seed and knobs give byte-identical files.
+killed run never leaves a corpus that looks complete; the next run removes the ``<out>.partial-<pid>``
+folders whose process is gone (``kill -9`` leaves them). Same seed and knobs give byte-identical files.
 
 CLI: ``python -m nbsupport.data.synth --out DIR --n N --seed S --style mosei|iemocap``.
 """
@@ -54,7 +55,8 @@ import soundfile as sf
 from scipy import signal
 
 __all__ = ["GENERATOR_VERSION", "EMOTIONS", "STYLES", "SynthConfig", "generate_corpus", "AU_REGIONS",
-           "CUE_PROFILES", "SPECIALTIES", "carry_probability", "cue_profile_for", "main"]
+           "CUE_PROFILES", "SPECIALTIES", "carry_probability", "cue_profile_for", "main",
+           "clean_stale_partials"]
 
 #: Bump when the generator's output changes; part of :func:`nbsupport.data.ensure_corpus`'s cache key.
 GENERATOR_VERSION = 5
@@ -509,12 +511,45 @@ def _write_utterance(udir: Path, style, uid, frames, wav, cue):
         pickle.dump(cue, fh, protocol=4)
 
 
+def _pid_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists on this machine (signal 0 probes without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but belongs to someone else, or cannot tell: keep it
+        return True
+    return True
+
+
+def clean_stale_partials(out) -> list[Path]:
+    """Remove ``<out>.partial-<pid>`` folders left by generator runs that died (``kill -9``), Chapter 2.
+
+    Only folders whose ``pid`` is not a running process on this machine are removed (a live run's
+    folder is left alone; on a folder shared by several machines a pid is only checked locally).
+    Returns the removed paths; each removal is reported on stderr."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in sorted(out.parent.glob(f"{out.name}.partial-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+            print(f"synth: removed {p} left by a generator run that died (pid {pid})", file=sys.stderr)
+    return removed
+
+
 def generate_corpus(out, n: int = 600, seed: int = 0, style: str = "mosei", *, overwrite: bool = False,
                     progress: bool = True, **knobs) -> Path:
     """Write a synthetic corpus in the MESM raw layout to ``out`` and return its path (Chapter 2).
 
     Atomic: everything goes to ``<out>.partial-<pid>`` first and is renamed to ``out`` when complete,
-    with ``synth_info.json`` (generator version, knobs, counts) written last inside it. ``knobs`` are
+    with ``synth_info.json`` (generator version, knobs, counts) written last inside it; partial folders
+    of dead runs are removed first (:func:`clean_stale_partials`). ``knobs`` are
     the other :class:`SynthConfig` fields (``p_text``, ``p_audio``, ``p_video``, ``p_contradict``,
     ``p_second``, ``noise``, ``frame_step``). Deterministic: same arguments, byte-identical files.
     """
@@ -523,6 +558,7 @@ def generate_corpus(out, n: int = 600, seed: int = 0, style: str = "mosei", *, o
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"synth: output folder {out} exists (pass overwrite=True / --overwrite)")
+    clean_stale_partials(out)
     tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

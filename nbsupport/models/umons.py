@@ -84,12 +84,13 @@ class GlimpseLayer(nn.Module):
     """Attention flattening with ``glimpses`` glimpses (UMONS Sec. 3; MCAN's attentional reduction).
 
     ``scores = MLP(x)`` (B, T, G); ``w = softmax_T(scores)`` with padded positions at weight 0;
-    ``g_k = sum_t w[t, k] x_t``. ``merge=True``: ``Linear(concat_k g_k)`` -> (B, hidden); ``merge=False``:
-    the glimpses as a sequence (B, G, hidden). The last weights (B, G, T) are kept in ``self.weights``.
+    ``g_k = sum_t w[t, k] x_t``. ``merge=True``: ``Linear(concat_k g_k)`` -> (B, hidden);
+    ``merge=False``: the glimpses as a sequence (B, G, hidden). The last weights (B, G, T) are kept
+    in ``self.weights``.
     """
 
-    def __init__(self, hidden_size: int, glimpses: int = 1, mlp_size: int | None = None, dropout: float = 0.0,
-                 merge: bool = True):
+    def __init__(self, hidden_size: int, glimpses: int = 1, mlp_size: int | None = None,
+                 dropout: float = 0.0, merge: bool = True):
         super().__init__()
         self.glimpses, self.merge = glimpses, merge
         mlp_size = mlp_size or hidden_size
@@ -124,7 +125,7 @@ class CoAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, y, y_mask, x, x_mask):
-        """y (B, Ty, hidden), x (B, Tx, hidden); masks (B, T) True on real positions -> (B, Ty, hidden)."""
+        """y (B, Ty, hidden), x (B, Tx, hidden); masks (B, T), True = real -> (B, Ty, hidden)."""
         y = self.norms[0](y + self.dropout(self.self_att(y, y, y, y_mask)))
         y = self.norms[1](y + self.dropout(self.cross(y, x, x, x_mask)))
         return self.norms[2](y + self.dropout(self.ff(y)))
@@ -246,7 +247,7 @@ class UmonsTransformer(nn.Module):
                     for m in self.modalities:  # z = LN(z + glimpses(z)), (B, seq_len, hidden)
                         g = self.block_glimpses[m][i](z[m], masks[m])
                         z[m] = self.block_norms[m][i](z[m] + self.dropout(g))
-        vectors = {m: self.final_glimpse[m](z[m], masks[m]) for m in self.modalities}  # each (B, hidden)
+        vectors = {m: self.final_glimpse[m](z[m], masks[m]) for m in self.modalities}  # (B, hidden)
         self._glimpse_vectors = vectors if self.training else None  # kept for auxiliary_loss only
         fused = sum(vectors.values())  # (B, hidden)
         return self.classifier(self.norm(fused))  # (B, n_outputs)

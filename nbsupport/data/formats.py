@@ -1,0 +1,745 @@
+"""Pre-extracted CMU-MOSEI, CMU-MOSI and IEMOCAP features in the forms researchers hold them (Chapter 2).
+
+The two-phase chapters (3, 4 and 7) train on feature sequences. Besides the book's own layouts
+(the MESM raw layout, ``"raw"``, whose features :mod:`nbsupport.data.datasets` computes, and UMONS's
+pickles, ``"umons"``) this module reads the three forms in which the field passes those features on:
+
+* ``"mmsa"`` -- the MMSA toolkit's ``aligned_50.pkl`` / ``unaligned_50.pkl``: ``{train, valid, test}``,
+  each with ``raw_text``, ``text`` (N, Lt, 768 BERT features), ``text_bert`` (N, 3, Lt: ids, mask,
+  segment), ``audio`` / ``vision`` (N, L, D) padded, ``audio_lengths`` / ``vision_lengths`` (unaligned
+  only), ``id`` ("video$_$clip"), ``regression_labels`` (sentiment in [-3, 3]). No emotion labels:
+  :func:`merge_emotions` adds CMU-MOSEI's, matched by video id (CLI below).
+* ``"mult"`` -- the MulT pickles ``mosei_senti_data[_noalign].pkl``, ``mosi_data[_noalign].pkl``,
+  ``iemocap_data[_noalign].pkl`` (Tsai et al. 2019): ``vision``, ``text`` (300-d GloVe), ``audio``,
+  ``labels``, ``id``. IEMOCAP's ``labels`` are (N, 4, 2): four emotions in MulT's order
+  (:data:`MULT_IEMOCAP_EMOTIONS`), each a two-way choice (index 1 = present).
+* ``"csd"`` -- CMU-MultimodalSDK computational sequences (HDF5): ``<sequence name>/data/<video id>/
+  {features, intervals}`` plus ``metadata``. Utterances are the rows of the label sequence; each
+  modality contributes the rows whose time interval overlaps the utterance's.
+
+Every loader returns a :class:`FeatureSplit` whose items have the keys the UMONS and two-phase models
+read (:func:`nbsupport.data.collate_umons`): ``id``, ``text`` / ``audio`` / ``video`` float tensors
+(T, D), ``emotion`` (E,) presence in the book's order (:data:`~nbsupport.data.EMOTIONS`) and
+``sentiment`` in [-3, 3] (NaN when the source has none). Emotion columns are always matched **by
+name**: the SDK's label order (sentiment, happy, sad, anger, surprise, disgust, fear) is not MESM's
+(anger, disgust, fear, happy, sad, surprise), and mixing the two by position silently swaps emotions.
+
+``data_format="auto"`` (:func:`detect_format`) tells the forms apart from the files. Pickles are read
+with :mod:`nbsupport.data.safe_pickle`: plain containers and NumPy arrays only, never code.
+
+CLI::
+
+    python -m nbsupport.data.formats inspect ROOT [--dataset mosei]
+    python -m nbsupport.data.formats merge-emotions unaligned_50.pkl --emotions CMU_MOSEI_Labels.csd \\
+        --out unaligned_50_emotions.pkl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from nbsupport.base import ParameterError, atomic_write
+
+from .common import EMOTIONS, SPLITS, DataError, check_split
+from .safe_pickle import load_pickle
+
+__all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS", "FeatureSplit",
+           "detect_format", "resolve_format", "feature_dataset", "load_mmsa", "load_mult", "load_csd",
+           "read_csd", "csd_emotion_labels", "merge_emotions", "emotion_columns", "main"]
+
+#: Values of the ``data_format`` parameter (``"raw"``: the MESM raw layout; ``"umons"``: UMONS's pickles).
+DATA_FORMATS = ("auto", "raw", "umons", "mmsa", "mult", "csd")
+#: The forms that hold pre-extracted features (two-phase models only; no frames or waveforms).
+FEATURE_FORMATS = ("umons", "mmsa", "mult", "csd")
+#: MulT's IEMOCAP label order ("Neutral", "Happy", "Sad", "Angry" in its evaluation code), as book names.
+MULT_IEMOCAP_EMOTIONS = ("neu", "hap", "sad", "ang")
+#: Column order of CMU-MOSEI's "All Labels" sequence, as the SDK documents it (used when the file's
+#: metadata has no "dimension names").
+SDK_MOSEI_LABELS = ("sentiment", "happy", "sad", "anger", "surprise", "disgust", "fear")
+
+# Names the sources use for an emotion -> the book's name (EMOTIONS), per data set.
+_SYNONYMS = {
+    "mosei": {"anger": "anger", "angry": "anger", "ang": "anger", "disgust": "disgust", "dis": "disgust",
+              "fear": "fear", "fea": "fear", "happy": "happy", "happiness": "happy", "hap": "happy",
+              "sad": "sad", "sadness": "sad", "surprise": "surprise", "sur": "surprise"},
+    "iemocap": {"ang": "ang", "anger": "ang", "angry": "ang", "exc": "exc", "excited": "exc",
+                "fru": "fru", "frustrated": "fru", "frustration": "fru", "hap": "hap", "happy": "hap",
+                "happiness": "hap", "neu": "neu", "neutral": "neu", "sad": "sad", "sadness": "sad"},
+}
+_SPLIT_KEYS = {"train": ("train",), "valid": ("valid", "dev", "val"), "test": ("test",)}
+_MMSA_NAMES = ("unaligned_50.pkl", "aligned_50.pkl")
+_MULT_RE = re.compile(r"^(mosei_senti|mosi|iemocap)_data(_noalign)?\.pkl$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe pickles and HDF5
+# ----------------------------------------------------------------------------------------------
+_PICKLES: dict = {}
+
+
+def _cached_pickle(path: Path):
+    """One read of a (large) pickle for its three splits: cached by path, size and mtime."""
+    if not path.is_file():
+        raise DataError(f"{path}: data pickle missing")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _PICKLES:
+        _PICKLES.clear()  # keep at most one corpus in memory
+        _PICKLES[key] = load_pickle(path, "data pickle")
+    return _PICKLES[key]
+
+
+def read_csd(path, videos=None) -> tuple[str, dict, dict]:
+    """Read a CMU-MultimodalSDK computational sequence (``.csd``, HDF5 via h5py) -> ``(name, data, metadata)``.
+
+    ``data`` = {video id: (features (n, D), intervals (n, 2) seconds)} for every video, or only those
+    in ``videos`` (a full COVAREP sequence is gigabytes); ``metadata`` = {key: value} (the SDK stores
+    each value JSON-encoded in a one-element string dataset). ``"__width__"`` in ``metadata`` is the
+    feature width D. DataError naming the file and the key for anything else (Chapter 2)."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: computational sequence file missing")
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not an HDF5 computational sequence ({e})") from None
+    with fh:
+        roots = list(fh.keys())
+        if len(roots) != 1:
+            raise DataError(f"{path}: expected one top-level group (the sequence name), found {roots}")
+        name = roots[0]
+        grp = fh[name]
+        if "data" not in grp:
+            raise DataError(f"{path}: key '{name}/data' missing (expected <name>/data/<video id>/{{features, "
+                            "intervals}})")
+        data, width = {}, None
+        for vid, entry in grp["data"].items():
+            if width is None and "features" in entry:
+                width = int(np.prod(entry["features"].shape[1:]))
+            if videos is not None and vid not in videos:
+                continue
+            for k in ("features", "intervals"):
+                if k not in entry:
+                    raise DataError(f"{path}: key '{name}/data/{vid}/{k}' missing")
+            feats, iv = entry["features"][()], np.asarray(entry["intervals"][()], np.float64)
+            if iv.ndim != 2 or iv.shape[1] != 2 or feats.shape[0] != iv.shape[0]:
+                raise DataError(f"{path}: '{name}/data/{vid}': features {feats.shape} and intervals {iv.shape} "
+                                "must be (n, D) and (n, 2)")
+            data[vid] = (feats, iv)
+        meta = {}
+        for k, ds in (grp["metadata"].items() if "metadata" in grp else []):
+            raw = ds[()]
+            raw = raw[0] if isinstance(raw, np.ndarray) and raw.size else raw
+            raw = raw.decode() if isinstance(raw, bytes) else raw
+            try:
+                meta[k] = json.loads(raw)
+            except (TypeError, ValueError):
+                meta[k] = raw
+        meta["__width__"] = width
+    return name, data, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Items
+# ----------------------------------------------------------------------------------------------
+def emotion_columns(names, dataset: str, where: str) -> list[tuple[int, str]]:
+    """Match a source's label names to the book's emotions **by name** (never by position).
+
+    Returns ``[(source column, book name)]`` in the book's order (:data:`~nbsupport.data.EMOTIONS`),
+    for the emotions the source has; names that are not emotions (``sentiment``) are skipped.
+    DataError when two columns name the same emotion."""
+    syn = _SYNONYMS.get(dataset, {})
+    found: dict[str, int] = {}
+    for j, n in enumerate(names):
+        book = syn.get(str(n).strip().lower())
+        if book is None:
+            continue
+        if book in found:
+            raise DataError(f"{where}: columns {found[book]} and {j} both name emotion {book!r}")
+        found[book] = j
+    return [(found[n], n) for n in EMOTIONS[dataset] if n in found]
+
+
+class FeatureSplit(Dataset):
+    """One split of pre-extracted features (Chapters 3, 4, 7), any source form.
+
+    Holds per utterance ``text`` / ``audio`` / ``video`` arrays (T, D) without padding (absent
+    modalities are None), ``emotion`` (N, E) presence in the order of ``emotion_names`` (a subset of
+    the book's order; E = 0 when the source has no emotion labels), ``sentiment`` (N,) in [-3, 3] or
+    NaN. Items: ``id``, the modalities as float32 tensors cut to at most ``seq_len`` positions (text
+    truncated, audio and video average-pooled over ``seq_len`` chunks, as :func:`umons_dataset`),
+    ``emotion``, ``sentiment``; batch them with :func:`~nbsupport.data.collate_umons`.
+    """
+
+    def __init__(self, ids, modalities: dict, emotion, emotion_names, sentiment, *, source: str, data_format: str,
+                 split: str, seq_len: int = 60, texts=None):
+        if seq_len < 1:
+            raise ParameterError(f"parameter 'seq_len' must be >= 1, got {seq_len!r}")
+        self.ids, self.modalities, self.source, self.data_format, self.split = list(ids), modalities, source, \
+            data_format, split
+        self.emotion = np.asarray(emotion, np.float32).reshape(len(self.ids), -1)
+        self.emotion_names = list(emotion_names)
+        self.sentiment = np.asarray(sentiment, np.float32).reshape(-1)
+        self.seq_len, self.texts = seq_len, texts
+        if not self.ids:
+            raise DataError(f"{source}: split {split!r} holds no utterance")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def feature_dims(self) -> dict:
+        """{"text": Dt, "audio": Da, "video": Dv} of the modalities present."""
+        return {k: int(v[0].shape[1]) for k, v in self.modalities.items() if v is not None}
+
+    def __getitem__(self, i: int) -> dict:
+        from .features import _pool_frames
+
+        item = {"id": self.ids[i], "emotion": torch.from_numpy(self.emotion[i].copy()),
+                "sentiment": float(self.sentiment[i])}
+        for key, seqs in self.modalities.items():
+            if seqs is None:
+                continue
+            x = seqs[i][:self.seq_len] if key == "text" else _pool_frames(seqs[i], self.seq_len)
+            item[key] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # (T, D)
+        return item
+
+    def label_rows(self) -> dict:
+        """Every item's labels without touching features (``ids``, ``emotion`` (N, E), ``sentiment`` (N,)),
+        the rows :func:`nbsupport.train.fit` counts the BCE pos_weight from."""
+        return {"ids": list(self.ids), "emotion": torch.from_numpy(self.emotion.copy()),
+                "sentiment": torch.from_numpy(self.sentiment.copy())}
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    """float32 with non-finite values (MMSA/MulT audio holds -inf) set to 0, as the authors' loaders do.
+
+    In place when ``x`` is already a writable float32 array (a full CMU-MOSEI pickle is several GB;
+    a copy would double it); the loaded pickle is not reused for anything else."""
+    x = np.asarray(x, np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        if not x.flags.writeable:
+            x = x.copy()
+        x[bad] = 0.0
+    return x
+
+
+def _unpad(x: np.ndarray, length=None) -> np.ndarray:
+    """(L, D) padded -> the real rows: the first ``length`` rows when the source gives lengths (padding
+    at the end), else the rows that are not all zero (MulT/aligned data pad at the front); at least one."""
+    if length is not None:
+        n = int(np.clip(int(length), 1, x.shape[0]))
+        return x[:n]
+    keep = np.abs(x).sum(1) > 0
+    return x[keep] if keep.any() else x[:1]
+
+
+def _masked_rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The rows of ``x`` where ``mask`` is True (BERT's attention mask: a prefix, so a view), at least one."""
+    n = int(mask.sum())
+    if n == 0:
+        return x[:1]
+    return x[:n] if mask[:n].all() else x[mask]
+
+
+def _split_dict(top, split: str, path: Path) -> dict:
+    if not isinstance(top, dict):
+        raise DataError(f"{path}: expected a dict {{train, valid, test}}, got {type(top).__name__}")
+    for k in _SPLIT_KEYS[split]:
+        if k in top:
+            if not isinstance(top[k], dict):
+                raise DataError(f"{path}: key {k!r} must be a dict of arrays, got {type(top[k]).__name__}")
+            return top[k]
+    raise DataError(f"{path}: key {split!r} missing (top-level keys: {sorted(map(str, top))})")
+
+
+def _array(d: dict, key: str, path: Path, split: str, ndim=None, n=None) -> np.ndarray:
+    if key not in d:
+        raise DataError(f"{path}: key [{split!r}][{key!r}] missing (keys: {sorted(map(str, d))})")
+    try:
+        a = np.asarray(d[key])
+    except Exception as e:
+        raise DataError(f"{path}: [{split!r}][{key!r}] is not an array ({e})") from None
+    if ndim is not None and a.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise DataError(f"{path}: [{split!r}][{key!r}] has shape {a.shape}, expected {ndim}-D")
+    if n is not None and a.shape[0] != n:
+        raise DataError(f"{path}: [{split!r}][{key!r}] has {a.shape[0]} rows, expected {n} (one per utterance)")
+    return a
+
+
+def _text(v) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf8", "replace")
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        return _text(v.item())
+    return str(v)
+
+
+def _sentiment(a: np.ndarray, path: Path, split: str, key: str) -> np.ndarray:
+    s = np.asarray(a, np.float64).reshape(a.shape[0], -1)
+    if s.shape[1] != 1:
+        raise DataError(f"{path}: [{split!r}][{key!r}] has shape {a.shape}, expected one sentiment per utterance")
+    s = s[:, 0]
+    if not np.isfinite(s).all() or np.abs(s).max(initial=0) > 3 + 1e-6:
+        raise DataError(f"{path}: [{split!r}][{key!r}] must be sentiment scores in [-3, 3], "
+                        f"got range [{np.nanmin(s):.3g}, {np.nanmax(s):.3g}]")
+    return s.astype(np.float32)
+
+
+def _check_dataset(dataset) -> str:
+    if dataset not in ("mosei", "mosi", "iemocap"):
+        raise ParameterError(f"parameter 'dataset' must be 'mosei', 'mosi' or 'iemocap', got {dataset!r}")
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# MMSA
+# ----------------------------------------------------------------------------------------------
+def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) -> FeatureSplit:
+    """One split of an MMSA pickle (``aligned_50.pkl`` / ``unaligned_50.pkl``) as a :class:`FeatureSplit`.
+
+    ``text`` = the BERT features (real tokens from ``text_bert``'s mask row, else non-zero rows),
+    ``audio`` / ``video`` = ``audio`` / ``vision`` cut to ``audio_lengths`` / ``vision_lengths`` when
+    given (else non-zero rows), -inf set to 0 as MMSA does; ``sentiment`` = ``regression_labels``.
+    Emotions only when the pickle was merged with CMU-MOSEI's labels (:func:`merge_emotions` adds
+    ``emotion_labels`` and ``emotion_names``); rows whose emotions could not be matched are dropped.
+    """
+    path, split, dataset = Path(path), check_split(split), _check_dataset(dataset)
+    d = _split_dict(_cached_pickle(path), split, path)
+    ids = [_text(v) for v in _array(d, "id", path, split, ndim=1)]
+    n = len(ids)
+    sent = _sentiment(_array(d, "regression_labels", path, split, n=n), path, split, "regression_labels")
+    mods: dict = {}
+    if "text" in d:
+        text = _finite(_array(d, "text", path, split, ndim=3, n=n))
+        mask = None
+        if "text_bert" in d:
+            tb = _array(d, "text_bert", path, split, ndim=3, n=n)
+            if tb.shape[1] != 3 or tb.shape[2] != text.shape[1]:
+                raise DataError(f"{path}: [{split!r}]['text_bert'] has shape {tb.shape}, expected (N, 3, "
+                                f"{text.shape[1]}) (ids, mask, segment ids)")
+            mask = tb[:, 1] > 0
+        mods["text"] = [_masked_rows(text[i], mask[i]) if mask is not None else _unpad(text[i]) for i in range(n)]
+    for key, src in (("audio", "audio"), ("video", "vision")):
+        if src in d:
+            x = _finite(_array(d, src, path, split, ndim=3, n=n))
+            lens = _array(d, f"{src}_lengths", path, split, n=n) if f"{src}_lengths" in d else None
+            mods[key] = [_unpad(x[i], None if lens is None else lens[i]) for i in range(n)]
+    if not mods:
+        raise DataError(f"{path}: [{split!r}] has none of 'text', 'audio', 'vision'")
+    emotion, names = np.zeros((n, 0), np.float32), []
+    if "emotion_labels" in d:
+        names = [_text(v) for v in _array(d, "emotion_names", path, split, ndim=1)]
+        cols = emotion_columns(names, "mosei" if dataset == "mosi" else dataset,
+                               f"{path} [{split!r}]['emotion_names']")
+        emo = np.asarray(_array(d, "emotion_labels", path, split, ndim=2, n=n), np.float32)
+        emotion = emo[:, [j for j, _ in cols]]
+        names = [b for _, b in cols]
+        keep = np.isfinite(emotion).all(1)
+        if not keep.any():
+            raise DataError(f"{path}: [{split!r}]['emotion_labels'] matched no utterance")
+        idx = np.flatnonzero(keep)
+        ids, sent, emotion = [ids[i] for i in idx], sent[idx], (emotion[idx] > 0).astype(np.float32)
+        mods = {k: [v[i] for i in idx] for k, v in mods.items()}
+    texts = [_text(v) for v in d["raw_text"]] if "raw_text" in d else None
+    return FeatureSplit(ids, mods, emotion, names, sent, source=str(path), data_format="mmsa", split=split,
+                        seq_len=seq_len, texts=texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# MulT
+# ----------------------------------------------------------------------------------------------
+def _mult_ids(d: dict, n: int, split: str) -> list[str]:
+    if "id" not in d:
+        return [f"{split}-{i}" for i in range(n)]
+    raw = np.asarray(d["id"])
+    rows = raw.reshape(n, -1) if raw.size else np.empty((n, 0))
+    ids = ["_".join(_text(v) for v in r) if r.size else f"{split}-{i}" for i, r in enumerate(rows)]
+    seen: dict = {}
+    for i, u in enumerate(ids):  # keep ids unique (a video id alone repeats over its segments)
+        if u in seen:
+            ids[i] = f"{u}#{i}"
+        seen[u] = True
+    return ids
+
+
+def load_mult(path, split: str, *, dataset: str | None = None, seq_len: int = 60) -> FeatureSplit:
+    """One split of a MulT pickle (Tsai et al. 2019) as a :class:`FeatureSplit` (Chapters 3, 4, 7).
+
+    ``labels`` (N, 1[, 1]) = sentiment (CMU-MOSEI / MOSI); (N, 4, 2) = IEMOCAP's four emotions in
+    MulT's order (:data:`MULT_IEMOCAP_EMOTIONS`), class 1 = present, re-ordered by name into the book's
+    order (ang, hap, neu, sad). Padding rows (all zero, MulT pads at the front) are dropped; -inf in the
+    audio set to 0 as MulT does. ``dataset`` (optional) must agree with the labels.
+    """
+    path, split = Path(path), check_split(split)
+    d = _split_dict(_cached_pickle(path), split, path)
+    labels = _array(d, "labels", path, split)
+    n = labels.shape[0]
+    mods = {}
+    for key, src in (("text", "text"), ("audio", "audio"), ("video", "vision")):
+        if src in d:
+            x = _finite(_array(d, src, path, split, ndim=3, n=n))
+            mods[key] = [_unpad(x[i]) for i in range(n)]
+    if not mods:
+        raise DataError(f"{path}: [{split!r}] has none of 'text', 'audio', 'vision'")
+    if labels.ndim == 3 and labels.shape[1:] == (4, 2):
+        if dataset not in (None, "iemocap"):
+            raise DataError(f"{path}: [{split!r}]['labels'] are IEMOCAP's (N, 4, 2) emotions but "
+                            f"dataset={dataset!r}")
+        present = np.argmax(labels, axis=-1).astype(np.float32)  # (N, 4), 1 = emotion present
+        cols = emotion_columns(MULT_IEMOCAP_EMOTIONS, "iemocap", str(path))
+        emotion, names = present[:, [j for j, _ in cols]], [b for _, b in cols]
+        sent = np.full(n, np.nan, np.float32)
+    elif labels.size == n:
+        if dataset == "iemocap":
+            raise DataError(f"{path}: [{split!r}]['labels'] hold one sentiment per utterance, not IEMOCAP "
+                            "emotions")
+        sent, emotion, names = _sentiment(labels, path, split, "labels"), np.zeros((n, 0), np.float32), []
+    else:
+        raise DataError(f"{path}: [{split!r}]['labels'] has shape {labels.shape}; expected (N, 1, 1) sentiment or "
+                        "(N, 4, 2) IEMOCAP emotions")
+    return FeatureSplit(_mult_ids(d, n, split), mods, emotion, names, sent, source=str(path), data_format="mult",
+                        split=split, seq_len=seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# CMU-MultimodalSDK computational sequences
+# ----------------------------------------------------------------------------------------------
+_CSD_ROLES = (("labels", re.compile(r"label", re.I)),
+              ("text", re.compile(r"glove|word_?vector|wordvector|bert", re.I)),
+              ("audio", re.compile(r"covarep|opensmile|acoustic|audio", re.I)),
+              ("video", re.compile(r"facet|openface|visual|vision", re.I)))
+
+
+def _csd_roles(folder: Path) -> dict:
+    """{role: path} of the ``.csd`` files in ``folder``, by file or sequence name (labels, text, audio, video)."""
+    import h5py
+
+    roles: dict = {}
+    files = sorted(folder.glob("*.csd"))
+    for p in files:
+        try:
+            with h5py.File(p, "r") as fh:
+                name = " ".join(fh.keys())
+        except OSError as e:
+            raise DataError(f"{p}: not an HDF5 computational sequence ({e})") from None
+        for role, pattern in _CSD_ROLES:
+            if pattern.search(p.name) or pattern.search(name):
+                if role in roles:
+                    raise DataError(f"{folder}: both {roles[role].name} and {p.name} look like the {role} "
+                                    "sequence; "
+                                    "keep one per role in the folder")
+                roles[role] = p
+                break
+    if "labels" not in roles:
+        raise DataError(f"{folder}: no label sequence among {[p.name for p in files]} (expected e.g. "
+                        "CMU_MOSEI_Labels.csd, sequence 'All Labels')")
+    return roles
+
+
+def _label_names(path: Path, meta: dict, width: int) -> list[str]:
+    names = meta.get("dimension names")
+    if isinstance(names, (list, tuple)) and len(names) == width:
+        return [str(n) for n in names]
+    if width == len(SDK_MOSEI_LABELS):
+        return list(SDK_MOSEI_LABELS)
+    if width == 1:
+        return ["sentiment"]
+    raise DataError(f"{path}: label features have {width} columns and no 'dimension names' metadata naming them "
+                    f"(expected 7 = {list(SDK_MOSEI_LABELS)} or 1 = sentiment)")
+
+
+def csd_emotion_labels(path, dataset: str = "mosei") -> dict:
+    """CMU's label sequence -> {video id: (intervals (n, 2), sentiment (n,) or None, intensity (n, E))}.
+
+    Rows are sorted by start time (the SDK's segment order); columns are matched to the book's emotion
+    names **by name** (:func:`emotion_columns`). Also returns ``"__names__"``: the book names of the E columns.
+    """
+    path = Path(path)
+    _, data, meta = read_csd(path)
+    if not data:
+        raise DataError(f"{path}: the label sequence has no video")
+    width = next(iter(data.values()))[0].shape[1]
+    names = _label_names(path, meta, width)
+    cols = emotion_columns(names, dataset, str(path))
+    s_col = [j for j, n in enumerate(names) if str(n).strip().lower() == "sentiment"]
+    out = {"__names__": [b for _, b in cols]}
+    for vid, (feats, iv) in data.items():
+        feats = np.asarray(feats, np.float64)
+        if feats.shape[1] != width:
+            raise DataError(f"{path}: '{vid}' has {feats.shape[1]} label columns, expected {width}")
+        order = np.argsort(iv[:, 0], kind="stable")
+        feats, iv = feats[order], iv[order]
+        sent = feats[:, s_col[0]].astype(np.float32) if s_col else None
+        out[vid] = (iv, sent, feats[:, [j for j, _ in cols]].astype(np.float32))
+    return out
+
+
+def _read_split_ids(folder: Path, split: str) -> list[str]:
+    f = folder / f"{split}_split.txt"
+    if not f.is_file():
+        raise DataError(f"{f}: split file missing (one video id, e.g. from the SDK's standard folds, or one "
+                        "utterance id 'video[k]' per line)")
+    ids = [s.strip() for s in f.read_text().splitlines() if s.strip()]
+    if not ids:
+        raise DataError(f"{f}: split file lists no id")
+    return ids
+
+
+def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60) -> FeatureSplit:
+    """One split of CMU-MultimodalSDK computational sequences in ``folder`` as a :class:`FeatureSplit`.
+
+    ``folder`` holds the label sequence (e.g. ``CMU_MOSEI_Labels.csd``), any of the word-vector
+    (text), COVAREP/openSMILE (audio) and FACET/OpenFace (video) sequences, and
+    ``{train,valid,test}_split.txt`` listing video ids (the SDK's standard folds) or utterance ids.
+    Utterance ``<video>[<k>]`` is row ``k`` of the video's labels sorted by start time; its features
+    are the rows of each sequence whose interval overlaps the utterance's (an utterance a sequence
+    does not cover gets one zero row). Emotions are matched by name (the SDK's order is sentiment,
+    happy, sad, anger, surprise, disgust, fear); presence = intensity > 0.
+    """
+    folder, split, dataset = Path(folder), check_split(split), _check_dataset(dataset)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: expected a folder of .csd files")
+    roles = _csd_roles(folder)
+    labels = csd_emotion_labels(roles["labels"], "mosei" if dataset == "mosi" else dataset)
+    names = labels.pop("__names__")
+    wanted = _read_split_ids(folder, split)
+    utts = []  # (utterance id, video, row)
+    for w in wanted:
+        m = re.fullmatch(r"(.+)\[(\d+)\]", w)
+        vid, row = (m.group(1), int(m.group(2))) if m else (w, None)
+        if vid not in labels:
+            raise DataError(f"{folder / f'{split}_split.txt'}: video {vid!r} is not in {roles['labels'].name}")
+        rows = range(len(labels[vid][0])) if row is None else [row]
+        for k in rows:
+            if k >= len(labels[vid][0]):
+                raise DataError(f"{folder / f'{split}_split.txt'}: {w!r} but {vid!r} has {len(labels[vid][0])} "
+                                "labelled segments")
+            utts.append((f"{vid}[{k}]", vid, k))
+    mods = {}
+    for key in ("text", "audio", "video"):
+        if key not in roles:
+            continue
+        _, data, meta = read_csd(roles[key], videos={v for _, v, _ in utts})
+        dim = meta["__width__"] or 1
+        seqs = []
+        for _, vid, k in utts:
+            s, e = labels[vid][0][k]
+            if vid in data:
+                feats, iv = data[vid]
+                hit = (iv[:, 0] < e) & (iv[:, 1] > s)
+                x = _finite(np.asarray(feats[hit], np.float32)) if hit.any() else np.zeros((1, dim), np.float32)
+            else:
+                x = np.zeros((1, dim), np.float32)
+            seqs.append(x.reshape(x.shape[0], -1))
+        mods[key] = seqs
+    if not mods:
+        raise DataError(f"{folder}: no feature sequence (text, audio or video) beside {roles['labels'].name}")
+    emotion = (np.stack([labels[v][2][k] for _, v, k in utts]) > 0).astype(np.float32) if names else \
+        np.zeros((len(utts), 0), np.float32)
+    sent = np.asarray([np.nan if labels[v][1] is None else labels[v][1][k] for _, v, k in utts], np.float32)
+    return FeatureSplit([u for u, _, _ in utts], mods, emotion, names, sent, source=str(folder), data_format="csd",
+                        split=split, seq_len=seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging CMU-MOSEI's emotions into MMSA data
+# ----------------------------------------------------------------------------------------------
+def _match_rows(clip: int, sentiment: float, rows_sent) -> int | None:
+    """Label row of MMSA clip ``clip``: the row at position ``clip`` (0-based) or ``clip - 1`` (1-based)
+    whose sentiment equals MMSA's regression label, else the only row of the video with that sentiment."""
+    if rows_sent is None:
+        return None
+    close = np.abs(rows_sent - sentiment) < 1e-3
+    for k in (clip, clip - 1):
+        if 0 <= k < len(rows_sent) and close[k]:
+            return k
+    hits = np.flatnonzero(close)
+    return int(hits[0]) if len(hits) == 1 else None
+
+
+def merge_emotions(mmsa_path, labels_csd, out=None) -> dict:
+    """Add CMU-MOSEI's emotion labels to an MMSA pickle, matched by video id (Chapter 3-4 on MMSA data).
+
+    MMSA ids are ``"<video>$_$<clip>"``. The clip's row in the label sequence is found by its position
+    and checked against MMSA's own ``regression_labels`` (the same sentiment annotation), so a
+    different clip numbering cannot silently attach another utterance's emotions. Adds to every split
+    ``emotion_labels`` (N, 6) (intensities, NaN where no row matched) and ``emotion_names``; writes the
+    result to ``out`` atomically when given. Returns ``{split: (matched, total)}``.
+    """
+    mmsa_path = Path(mmsa_path)
+    top = dict(load_pickle(mmsa_path, "MMSA pickle"))
+    labels = csd_emotion_labels(labels_csd, "mosei")
+    names = labels.pop("__names__")
+    if len(names) != 6:
+        raise DataError(f"{labels_csd}: the label sequence names {names}, not the six CMU-MOSEI emotions")
+    counts = {}
+    for split in SPLITS:
+        d = dict(_split_dict(top, split, mmsa_path))
+        ids = [_text(v) for v in _array(d, "id", mmsa_path, split, ndim=1)]
+        sent = _sentiment(_array(d, "regression_labels", mmsa_path, split, n=len(ids)), mmsa_path, split,
+                          "regression_labels")
+        emo = np.full((len(ids), 6), np.nan, np.float32)
+        for i, uid in enumerate(ids):
+            vid, _, clip = uid.rpartition("$_$")
+            if vid not in labels or not clip.isdigit():
+                continue
+            k = _match_rows(int(clip), float(sent[i]), labels[vid][1])
+            if k is not None:
+                emo[i] = labels[vid][2][k]
+        d["emotion_labels"], d["emotion_names"] = emo, np.asarray(names)
+        key = next(k for k in _SPLIT_KEYS[split] if k in top)
+        top[key] = d
+        counts[split] = (int(np.isfinite(emo).all(1).sum()), len(ids))
+    if out is not None:
+        atomic_write(out, lambda fh: pickle.dump(top, fh, protocol=4), "wb")
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Format detection and the one entry point
+# ----------------------------------------------------------------------------------------------
+def _pickle_kind(path: Path) -> str:
+    if path.name in _MMSA_NAMES:
+        return "mmsa"
+    if _MULT_RE.match(path.name):
+        return "mult"
+    top = _cached_pickle(path)
+    d = _split_dict(top, "train", path)
+    if "regression_labels" in d:
+        return "mmsa"
+    if "labels" in d:
+        return "mult"
+    raise DataError(f"{path}: a pickle with neither MMSA's 'regression_labels' nor MulT's 'labels' in ['train']")
+
+
+def detect_format(root, dataset: str = "mosei") -> tuple[str, Path]:
+    """Which form the data at ``root`` is in -> ``(data_format, path to read)`` (``data_format="auto"``).
+
+    A file: ``.pkl`` = MMSA or MulT (by name, else by keys), ``.csd`` = its folder. A folder:
+    ``<PREFIX>_RAW_PROCESSED/`` = ``"raw"``, ``train_emotion.p`` = ``"umons"``, ``*.csd`` = ``"csd"``, one
+    MMSA / MulT pickle = that pickle (for MulT, the one of ``dataset``). DataError listing what was
+    found when nothing matches or several pickles do."""
+    root = Path(root)
+    if root.is_file():
+        if root.suffix == ".csd":
+            return "csd", root.parent
+        if root.suffix in (".pkl", ".pickle", ".p"):
+            return _pickle_kind(root), root
+        raise DataError(f"{root}: unknown data file (expected an MMSA/MulT .pkl or a folder)")
+    if not root.is_dir():
+        raise DataError(f"{root}: data root does not exist")
+    prefix = {"mosei": "MOSEI", "iemocap": "IEMOCAP"}.get(dataset, "MOSEI")
+    if (root / f"{prefix}_RAW_PROCESSED").is_dir():
+        return "raw", root
+    if (root / "train_emotion.p").is_file():
+        return "umons", root
+    if any(root.glob("*.csd")):
+        return "csd", root
+    want = {"mosei": "mosei_senti", "mosi": "mosi", "iemocap": "iemocap"}.get(dataset)
+    pickles = [p for p in sorted(root.glob("*.pkl"))
+               if p.name in _MMSA_NAMES or (_MULT_RE.match(p.name) and _MULT_RE.match(p.name).group(1) == want)]
+    if len(pickles) == 1:
+        return _pickle_kind(pickles[0]), pickles[0]
+    if len(pickles) > 1:
+        raise DataError(f"{root}: several data pickles ({', '.join(p.name for p in pickles)}); pass the one "
+                        "to read "
+                        "as data_root")
+    raise DataError(f"{root}: no data found: expected {prefix}_RAW_PROCESSED/ (raw), train_emotion.p (umons), "
+                    "*.csd (csd), aligned_50.pkl / unaligned_50.pkl (mmsa) or <set>_data[_noalign].pkl (mult); "
+                    f"found {sorted(p.name for p in root.iterdir())[:10]}")
+
+
+def resolve_format(root, data_format: str = "auto", dataset: str = "mosei") -> tuple[str, Path]:
+    """Check ``data_format`` (one of :data:`DATA_FORMATS`) and return ``(format, path)``; ``"auto"`` detects."""
+    if data_format not in DATA_FORMATS:
+        raise ParameterError(f"parameter 'data_format' must be one of {', '.join(DATA_FORMATS)}, "
+                             f"got {data_format!r}")
+    if data_format == "auto":
+        return detect_format(root, dataset)
+    root = Path(root)
+    if data_format in ("mmsa", "mult") and root.is_dir():
+        fmt, path = detect_format(root, dataset)
+        if fmt != data_format:
+            raise DataError(f"{root}: data_format={data_format!r} but the folder holds {fmt!r} data ({path.name})")
+        return fmt, path
+    if data_format == "csd" and root.is_file():
+        return "csd", root.parent
+    return data_format, root
+
+
+def feature_dataset(root, split: str, *, data_format: str = "auto", dataset: str = "mosei", seq_len: int = 60,
+                    text_model: str | None = None) -> Dataset:
+    """Pre-extracted features of one split in any :data:`FEATURE_FORMATS` form (Chapters 3, 4, 7).
+
+    Items as :class:`FeatureSplit` (UMONS pickles: :func:`~nbsupport.data.umons_pickle_dataset`), batched
+    by :func:`~nbsupport.data.collate_umons`. ``"raw"`` data is not pre-extracted: read it with
+    :func:`~nbsupport.data.umons_dataset` / :func:`~nbsupport.data.handcrafted_dataset`.
+    """
+    fmt, path = resolve_format(root, data_format, dataset)
+    if fmt == "mmsa":
+        return load_mmsa(path, split, dataset=dataset, seq_len=seq_len)
+    if fmt == "mult":
+        return load_mult(path, split, dataset=dataset, seq_len=seq_len)
+    if fmt == "csd":
+        return load_csd(path, split, dataset=dataset, seq_len=seq_len)
+    if fmt == "umons":
+        from .datasets import umons_pickle_dataset
+
+        return umons_pickle_dataset(path, split, seq_len=seq_len, text_model=text_model)
+    raise DataError(f"{path}: data_format {fmt!r} holds raw videos, not pre-extracted features")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    """``inspect`` a data root (form, splits, feature sizes, labels) or ``merge-emotions`` into an MMSA pickle."""
+    ap = argparse.ArgumentParser(prog="python -m nbsupport.data.formats", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ins = sub.add_parser("inspect", help="print what the book reads from ROOT")
+    ins.add_argument("root")
+    ins.add_argument("--dataset", default="mosei", choices=("mosei", "mosi", "iemocap"))
+    ins.add_argument("--format", default="auto", choices=DATA_FORMATS)
+    mer = sub.add_parser("merge-emotions", help="add CMU-MOSEI's emotion labels to an MMSA pickle")
+    mer.add_argument("mmsa")
+    mer.add_argument("--emotions", required=True, help="CMU-MOSEI label sequence (CMU_MOSEI_Labels.csd)")
+    mer.add_argument("--out", required=True, help="where to write the merged pickle")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "merge-emotions":
+            for split, (hit, n) in merge_emotions(args.mmsa, args.emotions, args.out).items():
+                print(f"{split}: emotions for {hit} of {n} utterances ({100.0 * hit / max(n, 1):.1f}%)")
+            print(f"wrote {args.out}")
+            return 0
+        fmt, path = resolve_format(args.root, args.format, args.dataset)
+        print(f"{path}: data_format {fmt!r}")
+        if fmt == "raw":
+            return 0
+        for split in SPLITS:
+            ds = feature_dataset(path, split, data_format=fmt, dataset=args.dataset)
+            dims = ds.feature_dims() if hasattr(ds, "feature_dims") else {}
+            names = getattr(ds, "emotion_names", EMOTIONS["mosei"])
+            sent = getattr(ds, "sentiment", None)
+            labels = f"emotions {', '.join(names)}" if names else "no emotion labels (merge-emotions adds them)"
+            if sent is not None and np.isfinite(sent).any():
+                labels += f"; sentiment in [{np.nanmin(sent):.2f}, {np.nanmax(sent):.2f}]"
+            print(f"  {split}: {len(ds)} utterances, features {dims}, {labels}")
+        return 0
+    except (DataError, ParameterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

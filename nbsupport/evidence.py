@@ -1,0 +1,147 @@
+"""Intervals behind verdicts: bootstrap confidence intervals over test utterances (Chapters 3-8).
+
+A chapter never says "A beats B" from two point estimates. It keeps each model's test predictions
+(:class:`Predictions`, from :func:`nbsupport.protocol.train_and_test`), resamples the test utterances
+with replacement (``scipy.stats.bootstrap``, percentile method) and reports the metric with its 95 %
+interval (:func:`bootstrap`), or the difference of two models scored on the *same* resampled
+utterances (:func:`paired_difference`, which cancels the luck of the split that both share).
+:func:`verdict` turns an interval into the sentence the chapter prints: a winner only when the
+interval of the difference excludes 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import stats
+
+from nbsupport import metrics
+from nbsupport.train import predict
+
+__all__ = ["Predictions", "Estimate", "test_predictions", "predictions_from", "statistic", "bootstrap",
+           "paired_difference", "verdict", "intervals", "compare", "BOOTSTRAP_RESAMPLES"]
+
+#: Resamples per interval: the percentile interval's end points move by well under 0.5 point between
+#: seeds at this count on the chapters' test splits.
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass
+class Predictions:
+    """One model's decisions on the test split: what every interval is computed from.
+
+    ``decisions`` (N, E) 0/1 for emotions (``sigmoid(logit) > threshold``), or the predicted score
+    (N,) for sentiment (class - 3 for 7 classes, +-1 for 2); ``labels`` as the batches hold them."""
+
+    task: str
+    decisions: np.ndarray
+    labels: np.ndarray
+    ids: list
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Estimate:
+    """A metric (or a difference of metrics) with its bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+    level: float = 0.95
+
+    def points(self) -> str:
+        """As percentage points: '83.7 [80.1, 87.2]'."""
+        return f"{100 * self.value:.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level}
+
+
+def test_predictions(model, loader, *, task: str = "emotion", device="cpu", thresholds=None) -> Predictions:
+    """Run ``model`` on ``loader`` once and keep its decisions with the labels and utterance ids."""
+    logits, labels, ids = predict(model, loader, task=task, device=device)
+    return predictions_from(logits, labels, ids, task=task, thresholds=thresholds)
+
+
+def predictions_from(logits: torch.Tensor, labels: torch.Tensor, ids, *, task: str = "emotion",
+                     thresholds=None) -> Predictions:
+    """Decisions from a model's test logits, the way :func:`nbsupport.train.compute_metrics` decides."""
+    logits, labels = logits.detach().float().cpu(), labels.detach().float().cpu().numpy()
+    if task == "emotion":
+        th = 0.5 if thresholds is None else np.asarray(thresholds, dtype=float)
+        decisions = (torch.sigmoid(logits).numpy() > th).astype(np.int8)
+    elif task == "sentiment7":
+        decisions = logits.argmax(-1).numpy() - 3.0
+    else:
+        decisions = np.where(logits.argmax(-1).numpy() == 1, 1.0, -1.0)
+    return Predictions(task, decisions, labels, list(ids))
+
+
+#: Metric name -> function of (labels, decisions), the same functions :func:`nbsupport.train.compute_metrics` uses.
+_METRICS: dict[str, Callable] = {
+    "wacc": metrics.weighted_accuracy,
+    "acc": lambda t, p: float(np.mean(metrics.per_emotion_accuracy(t, p))),
+    "f1": lambda t, p: float(np.mean(metrics.f1_per_emotion(t, p))),
+    "acc7": metrics.acc7,
+    "acc2": metrics.acc2,
+    "acc2_zero": metrics.acc2_with_zero,
+}
+
+
+def statistic(name: str) -> Callable:
+    """The metric ``name`` as a function of (labels, decisions)."""
+    if name not in _METRICS:
+        raise ValueError(f"nbsupport.evidence: metric {name!r} has no bootstrap; known: {', '.join(_METRICS)}")
+    return _METRICS[name]
+
+
+def _interval(fn: Callable[[np.ndarray], float], n: int, resamples: int, level: float, seed: int) -> Estimate:
+    res = stats.bootstrap((np.arange(n),), fn, vectorized=False, paired=False, method="percentile",
+                          n_resamples=resamples, confidence_level=level, rng=np.random.default_rng(seed))
+    low, high = res.confidence_interval
+    return Estimate(float(fn(np.arange(n))), float(low), float(high), level)
+
+
+def bootstrap(preds: Predictions, name: str = "wacc", *, resamples: int = BOOTSTRAP_RESAMPLES,
+              level: float = 0.95, seed: int = 0) -> Estimate:
+    """``name`` on the test split with its bootstrap interval over utterances (percentile method)."""
+    fn = statistic(name)
+    return _interval(lambda i: fn(preds.labels[i], preds.decisions[i]), len(preds), resamples, level, seed)
+
+
+def paired_difference(a: Predictions, b: Predictions, name: str = "wacc", *,
+                      resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95, seed: int = 0) -> Estimate:
+    """``name(a) - name(b)`` with a paired bootstrap interval: both models scored on the same resampled
+    utterances. The two must hold predictions for the same utterances in the same order."""
+    if a.ids != b.ids:
+        raise ValueError("nbsupport.evidence.paired_difference: the two models were tested on different "
+                         "utterances (ids differ); pair them on one test split")
+    fn = statistic(name)
+    return _interval(lambda i: fn(a.labels[i], a.decisions[i]) - fn(b.labels[i], b.decisions[i]), len(a),
+                     resamples, level, seed)
+
+
+def verdict(name_a: str, name_b: str, diff: Estimate, metric: str = "wacc") -> str:
+    """The sentence a chapter prints, computed from the interval of ``metric(A) - metric(B)``."""
+    ci = (f"{100 * diff.value:+.1f} points, {100 * diff.level:.0f} % CI "
+          f"[{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]")
+    if diff.low > 0:
+        return f"{name_a} beats {name_b} on {metric}: {ci}."
+    if diff.high < 0:
+        return f"{name_b} beats {name_a} on {metric}: {ci}."
+    return f"{name_a} and {name_b} are not distinguishable on {metric} with this test split: {ci}."
+
+
+def intervals(preds: dict[str, Predictions], name: str = "wacc", **kwargs) -> dict[str, Estimate]:
+    """:func:`bootstrap` for every model of ``preds`` (model name -> its test predictions)."""
+    return {model: bootstrap(p, name, **kwargs) for model, p in preds.items()}
+
+
+def compare(preds: dict[str, Predictions], a: str, b: str, name: str = "wacc", **kwargs) -> tuple[Estimate, str]:
+    """The paired difference ``name(a) - name(b)`` and the verdict sentence computed from it."""
+    diff = paired_difference(preds[a], preds[b], name, **kwargs)
+    return diff, verdict(a, b, diff, name)

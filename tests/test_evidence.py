@@ -1,0 +1,80 @@
+"""nbsupport.evidence: bootstrap intervals over test utterances and the verdicts computed from them."""
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from nbsupport import evidence, metrics, train
+
+
+def _preds(decisions, labels, ids=None, task="emotion"):
+    return evidence.Predictions(task, np.asarray(decisions), np.asarray(labels, dtype=float),
+                                list(ids if ids is not None else range(len(labels))))
+
+
+def test_accuracy_interval_matches_scipy_on_per_utterance_correctness():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (200, 1))
+    decisions = np.where(rng.random((200, 1)) < 0.8, labels, 1 - labels)  # about 80 % right
+    est = evidence.bootstrap(_preds(decisions, labels), "acc", resamples=3000, seed=1)
+    correct = (decisions == labels)[:, 0].astype(float)  # independent reference: the mean of 0/1 outcomes
+    ref = stats.bootstrap((correct,), np.mean, method="percentile", n_resamples=3000,
+                          rng=np.random.default_rng(1)).confidence_interval
+    assert est.value == pytest.approx(correct.mean())
+    assert est.low == pytest.approx(ref.low, abs=0.01) and est.high == pytest.approx(ref.high, abs=0.01)
+    assert est.low < est.value < est.high
+
+
+def test_interval_narrows_with_more_utterances():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (50, 800):
+        labels = rng.integers(0, 2, (n, 6))
+        decisions = np.where(rng.random((n, 6)) < 0.7, labels, 1 - labels)
+        est = evidence.bootstrap(_preds(decisions, labels), "wacc", resamples=500)
+        widths.append(est.high - est.low)
+    assert widths[1] < widths[0] / 2  # about 1/sqrt(16) = 1/4 of the width
+
+
+def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (60, 6))
+    p = _preds(rng.integers(0, 2, (60, 6)), labels)
+    d = evidence.paired_difference(p, p, "wacc", resamples=200)
+    assert (d.value, d.low, d.high) == (0.0, 0.0, 0.0)
+    assert "not distinguishable" in evidence.verdict("A", "A", d)
+
+
+def test_paired_difference_finds_a_clearly_better_model_and_refuses_other_utterances():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (300, 6))
+    good = _preds(np.where(rng.random((300, 6)) < 0.9, labels, 1 - labels), labels)
+    bad = _preds(np.where(rng.random((300, 6)) < 0.6, labels, 1 - labels), labels)
+    d = evidence.paired_difference(good, bad, "wacc", resamples=500)
+    assert d.low > 0.2  # about 0.3 apart
+    assert evidence.verdict("good", "bad", d).startswith("good beats bad on wacc")
+    assert evidence.verdict("bad", "good", evidence.paired_difference(bad, good, "wacc", resamples=500)) \
+        .startswith("good beats bad")
+    with pytest.raises(ValueError, match="different utterances"):
+        evidence.paired_difference(good, _preds(bad.decisions, labels, ids=range(1, 301)))
+
+
+def test_verdict_text_follows_the_interval_by_hand():
+    assert evidence.verdict("A", "B", evidence.Estimate(0.05, 0.01, 0.09)) == \
+        "A beats B on wacc: +5.0 points, 95 % CI [+1.0, +9.0]."
+    assert evidence.verdict("A", "B", evidence.Estimate(-0.05, -0.09, -0.01)).startswith("B beats A")
+    assert "not distinguishable" in evidence.verdict("A", "B", evidence.Estimate(0.02, -0.01, 0.05))
+
+
+def test_decisions_agree_with_the_trainer_metrics():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(40, 6), (torch.rand(40, 6) > 0.6).float()
+    th = np.full(6, 0.4)
+    p = evidence.predictions_from(logits, labels, list(range(40)), thresholds=th)
+    ref = train.compute_metrics(logits, labels, "emotion", th)
+    for name in ("wacc", "acc", "f1"):
+        assert evidence.statistic(name)(p.labels, p.decisions) == pytest.approx(ref[name])
+    sent = torch.tensor([-2.4, 0.0, 1.0, 3.0, -0.5])
+    logits7 = torch.nn.functional.one_hot(torch.tensor([1, 3, 4, 6, 3]), 7).float()
+    p7 = evidence.predictions_from(logits7, sent, list(range(5)), task="sentiment7")
+    assert evidence.statistic("acc7")(p7.labels, p7.decisions) == pytest.approx(metrics.acc7(sent, [-2, 0, 1, 3, 0]))
