@@ -17,17 +17,36 @@ from tqdm.auto import tqdm
 
 from nbsupport import evidence, flops, train
 from nbsupport.base import ParameterError
-from nbsupport.data import SPLITS, collate_mesm, collate_umons, handcrafted_dataset, mesm_dataset, umons_dataset
-from nbsupport.data import formats
+from nbsupport.data import (EMOTIONS, SPLITS, collate_mesm, collate_umons, ensure_corpus, formats, handcrafted_dataset,
+                            mesm_dataset, umons_dataset)
 from nbsupport.data.text import load_tokenizer
 from nbsupport.models import mesm as mesm_models
 from nbsupport.models import umons as umons_models
 
-__all__ = ["LOADER_KINDS", "loaders", "train_and_test", "train_umons", "top_p_sweep"]
+__all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_and_test", "train_umons", "top_p_sweep"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
 LOADER_KINDS = ("umons", "handcrafted", "mesm")
+
+
+def chapter_data(data_root, data_format: str = "auto", *, n: int, seed: int, style: str = "mosei"):
+    """Where a chapter reads its data, and in which form: ``(root, data_format)``.
+
+    No ``data_root``: the synthetic corpus of ``n`` utterances (cached; the MESM raw layout, Chapter 2).
+    Otherwise ``data_root`` as given, with its form resolved (``"auto"`` detects it;
+    :func:`nbsupport.data.formats.resolve_format`): the raw layout is checked, pre-extracted features
+    (UMONS, MMSA, MulT pickles, CMU-SDK sequences) are read as they are by :func:`loaders`.
+    """
+    if data_root in (None, ""):
+        return ensure_corpus(None, n=n, seed=seed, style=style), "raw"
+    fmt, path = formats.resolve_format(data_root, data_format, style)
+    return (ensure_corpus(data_root, style=style) if fmt == "raw" else path), fmt
+
+
+def emotion_names(dataset, style: str = "mosei") -> list[str]:
+    """The emotion columns of a loaded split, in label order (pre-extracted sets may hold fewer than six)."""
+    return list(getattr(dataset, "emotion_names", None) or EMOTIONS[style])
 
 
 def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, seed: int = 0,

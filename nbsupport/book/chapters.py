@@ -9,6 +9,7 @@ Smoke overrides shrink a run to well under a minute on two CPU cores along the s
 from __future__ import annotations
 
 from nbsupport.base import ParameterError
+from nbsupport.data.formats import DATA_FORMATS
 from nbsupport.data.text import TINY_TEXT_MODEL
 
 from .notebook import Bool, Choice, DictOf, Float, Int, ListOf, Modalities, Path_, Spec, Str
@@ -18,6 +19,8 @@ __all__ = ["SPECS", "spec", "MESM_SMOKE_SIZES"]
 _P = Float(min=0, max=1, open_min=True)  # a top_p
 _POS = Float(min=0, open_min=True)  # a learning rate or scale
 _DATA = dict(data_root=Path_(optional=True, must_exist=True))
+#: Data in one of the forms researchers hold (raw MESM layout, or pre-extracted features).
+_DATA_FORMAT = dict(data_format=Choice(*DATA_FORMATS))
 #: Feature-extractor and transformer sizes of FE2E/MESM in a smoke run (tiny tensors, same code path).
 MESM_SMOKE_SIZES = dict(stem_channels=8, block_channels=[8, 16, 16], dim=16, layers=1, heads=2)
 _MESM_SIZES = dict(stem_channels=Int(min=1), block_channels=ListOf(Int(min=1), min_len=3), dim=Int(min=2),
@@ -57,11 +60,11 @@ SPECS: dict[str, Spec] = {
         rules=dict(**_DATA, n_utterances=Int(min=12), style=Choice("mosei", "iemocap")),
         smoke=dict(n_utterances=48)),
     "03_umons_monomodal": Spec(
-        rules=dict(**_DATA, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
+        rules=dict(**_DATA, **_DATA_FORMAT, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
                    sentiment_task=Choice("", "sentiment7", "sentiment2"), modalities=ListOf(Choice("L", "A", "V"))),
         smoke=_UMONS_SMOKE),
     "04_umons_multimodal": Spec(
-        rules=dict(**_DATA, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
+        rules=dict(**_DATA, **_DATA_FORMAT, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
                    modalities=ListOf(Modalities())),
         smoke=_UMONS_SMOKE, check=_multimodal_needs_language),
     "05_fe2e": Spec(

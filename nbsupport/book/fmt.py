@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-__all__ = ["percent", "macs", "seconds", "count", "number", "table", "answer", "interval"]
+__all__ = ["percent", "macs", "seconds", "count", "number", "table", "answer", "interval", "plain"]
 
 
 def _missing(x) -> bool:
@@ -81,3 +81,8 @@ def answer(items: Mapping[str, str] | Iterable[tuple[str, str]]) -> pd.DataFrame
 def interval(est) -> str:
     """A metric with its interval, in percent: '83.7 % [80.1, 87.2]' (an :class:`nbsupport.evidence.Estimate`)."""
     return f"{100 * est.value:.1f} % [{100 * est.low:.1f}, {100 * est.high:.1f}]"
+
+
+def plain(text) -> str:
+    """``text`` safe for a matplotlib label: ``$`` escaped (MMSA ids look like ``video$_$clip``)."""
+    return str(text).replace("$", r"\$")
