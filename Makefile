@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test install assets clean benchmarks
+.PHONY: book test install assets clean benchmarks gpu-bundle gpu-check
 
 install: $(STAMP)
 
@@ -37,6 +37,16 @@ test: $(STAMP) assets
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sparse_vs_dense.py --out benchmarks/results/sparse_vs_dense.json
+
+# The GPU check (README "Using a GPU"): `make gpu-bundle` here (needs PyPI) packs what a bare GPU machine lacks
+# into .gpu_bundle/ (gitignored, carried by the device tool); `make gpu-check OUT=folder` there runs the check
+# with the machine's own python3 (no .venv there) and writes folder/gpu_check/.
+gpu-bundle: $(STAMP)
+	$(BIN)/python benchmarks/gpu_bundle.py --out .gpu_bundle
+
+OUT ?= gpu_check_results
+gpu-check:
+	PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --bundle .gpu_bundle --out $(OUT)/gpu_check
 
 clean:
 	rm -rf _build .jupyter_cache .jupyter_cache.data_version

@@ -2,7 +2,7 @@
 
 A chapter never says "A beats B" from two point estimates. It keeps each model's test predictions
 (:class:`Predictions`, from :func:`nbsupport.protocol.train_and_test`), resamples the test utterances
-with replacement (``scipy.stats.bootstrap``, percentile method) and reports the metric with its 95 %
+with replacement (percentile bootstrap) and reports the metric with its 95 %
 interval (:func:`bootstrap`), or the difference of two models scored on the *same* resampled
 utterances (:func:`paired_difference`, which cancels the luck of the split that both share).
 :func:`verdict` turns an interval into the sentence the chapter prints: a winner only when the
@@ -10,12 +10,12 @@ interval of the difference excludes 0.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-from scipy import stats
 
 from nbsupport import metrics
 from nbsupport.train import predict
@@ -100,10 +100,22 @@ def statistic(name: str) -> Callable:
 
 
 def _interval(fn: Callable[[np.ndarray], float], n: int, resamples: int, level: float, seed: int) -> Estimate:
-    res = stats.bootstrap((np.arange(n),), fn, vectorized=False, paired=False, method="percentile",
-                          n_resamples=resamples, confidence_level=level, rng=np.random.default_rng(seed))
-    low, high = res.confidence_interval
-    return Estimate(float(fn(np.arange(n))), float(low), float(high), level)
+    """Percentile bootstrap over the ``n`` test utterances of the statistic ``fn(indices)``.
+
+    Written out rather than with ``scipy.stats.bootstrap``: on small splits a resample can hold no
+    positive of some emotion, where weighted accuracy is undefined (NaN), and scipy then returns a NaN
+    interval; here such resamples are left out (the tests check the interval against scipy's where
+    every resample is defined)."""
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():  # an undefined resample is expected here, and left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        values = np.array([fn(rng.integers(0, n, n)) for _ in range(resamples)], dtype=float)
+    values = values[np.isfinite(values)]
+    point = float(fn(np.arange(n)))
+    if len(values) < resamples // 2:  # the statistic is undefined on most resamples: no interval
+        return Estimate(point, float("nan"), float("nan"), level)
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return Estimate(point, float(low), float(high), level)
 
 
 def bootstrap(preds: Predictions, name: str = "wacc", *, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -129,6 +141,9 @@ def verdict(name_a: str, name_b: str, diff: Estimate, metric: str = "wacc") -> s
     """The sentence a chapter prints, computed from the interval of ``metric(A) - metric(B)``."""
     ci = (f"{100 * diff.value:+.1f} points, {100 * diff.level:.0f} % CI "
           f"[{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]")
+    if not np.isfinite(diff.low):
+        return f"{name_a} against {name_b} on {metric}: {100 * diff.value:+.1f} points; the test split is too " \
+               f"small for an interval, so no verdict."
     if diff.low > 0:
         return f"{name_a} beats {name_b} on {metric}: {ci}."
     if diff.high < 0:

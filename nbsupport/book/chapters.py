@@ -77,7 +77,8 @@ SPECS: dict[str, Spec] = {
                    attention_hidden=16),
         check=_mesm_needs_a_visual_modality),
     "07_two_phase_vs_end_to_end": Spec(
-        rules=dict(**_DATA, n_utterances=Int(min=20), epochs=Int(min=1), baseline_epochs=Int(min=1), lr=_POS,
+        rules=dict(**_DATA, **_DATA_FORMAT, n_utterances=Int(min=20), epochs=Int(min=1),
+                   baseline_epochs=Int(min=1), lr=_POS,
                    batch_size=Int(min=1), top_p=_P,
                    models=ListOf(Choice("LF-LSTM", "LF-Transformer", "MulT", "FE2E", "MESM")),
                    text_model=Str(optional=True), e2e_sizes=DictOf(keys=tuple(_MESM_SIZES), rules=_MESM_SIZES,

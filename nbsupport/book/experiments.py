@@ -1,4 +1,4 @@
-"""Papermill experiment sweeps with resume, parallel workers and a result store (Chapter 8).
+"""Papermill experiment sweeps on Dask: resume, crash safety, one result folder (Chapter 8).
 
 A *sweep* runs one chapter notebook once per *point* of a parameter grid (the cartesian product of
 ``--grid`` values, on top of fixed ``-p`` values). Each point gets its own folder under the sweep
@@ -6,23 +6,37 @@ directory::
 
     DIR/top_p=0.5__modalities=LA/
         06_mesm.ipynb   executed notebook (with the traceback when the point failed)
-        metrics.json    written by the notebook itself (``run.write_metrics``, DESIGN.md shape)
+        metrics.json    written by the notebook itself (``run.write_metrics``, the book's shared shape)
         *.png           figures saved by the notebook (``run.save_figure``)
-        params.json     every parameter the point ran with
-        run.json        status, start/end time, duration, git commit, package versions, host, GPU
+        params.json     the parameters the point ran with (the notebook's own validated values when it
+                        wrote them in metrics.json, e.g. after a smoke-size shrink)
+        run.json        status, requested parameters, start/end time, duration, git commit, package
+                        versions, host and Dask worker
         DONE            marker, present only when the point succeeded
 
-Crash safety (what makes ``kill -9`` harmless): a point runs in a fresh temporary folder under
-``DIR/.partial/`` and is renamed into place only when it has finished (renaming is atomic on one
-file system); the DONE marker is written inside the temporary folder before the rename, so a folder
-with DONE is always complete. On the next run, points with DONE are skipped, ``.partial`` leftovers
-are deleted, and failed or missing points run again. A lock file stops two sweeps from writing the
-same directory at once (the lock dies with its process, so a killed sweep does not block the next).
+Points run as Dask tasks (``distributed``): on a local cluster of ``--workers`` workers by
+default, or on an existing cluster with ``--scheduler tcp://HOST:8786`` (workers started with
+``dask worker``, or by ``dask_jobqueue.SLURMCluster``). Every machine must see the sweep directory at
+the same path (shared storage): points write their folders there, and the driver only collects
+statuses. Dask re-runs a task whose worker died; what makes any re-execution harmless:
+
+* a point runs in a fresh temporary folder ``DIR/.partial/<point>/<random>/`` and is renamed into
+  place only when it has finished (renaming is atomic on one file system); the DONE marker is
+  written inside the temporary folder before the rename, so a folder with DONE is always complete;
+* a point is *finished* only when it has DONE and (for notebooks with ``output_dir``) a
+  ``metrics.json`` that parses and has the shared shape (:func:`point_state`); finished points are
+  skipped, by the driver before submitting and by the task itself before running;
+* a per-point claim (``DIR/.claims/<point>``, an ``flock`` the OS drops when its process dies, even
+  on ``kill -9``) lets one execution of a point run at a time; a second execution (a task Dask
+  retried while the first was still alive, or one left over from a killed driver) waits, then
+  finds the point finished and does nothing;
+* a lock file stops two sweeps (two drivers) from using the same directory at once.
 
 Command line (the same function, :func:`run_sweep`, is what Chapter 8 calls from Python)::
 
     python -m nbsupport.book.experiments run book/06_mesm.ipynb --out runs/mesm -p smoke True \
-        --grid top_p=0.3,0.7,1.0 --grid modalities=LA,LAV --workers 2 [--gpus 0,1] [--shard 0/2]
+        --grid top_p=0.3,0.7,1.0 --grid modalities=LA,LAV --workers 2 [--gpus 0,1]
+    python -m nbsupport.book.experiments run ... --scheduler tcp://HOST:8786 [--resources GPU=1]
     python -m nbsupport.book.experiments collect runs/mesm [--csv table.csv]
 """
 from __future__ import annotations
@@ -33,37 +47,39 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import platform
-import queue
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from nbsupport.base import atomic_write_json, atomic_write_text
-from .notebook import environment
+from .notebook import check_metrics, environment
 
 __all__ = [
-    "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "expand_grid",
-    "point_name", "notebook_parameters", "check_parameters", "run_sweep", "collect", "main", "summary",
-    "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook", "metrics_rows",
+    "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "parse_resources", "expand_grid",
+    "point_name", "notebook_parameters", "check_parameters", "point_state", "run_sweep", "collect", "main",
+    "summary", "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook",
+    "metrics_rows",
 ]
 
 DONE = "DONE"
+CORRUPT = "CORRUPT"
 PARTIAL = ".partial"
+CLAIMS = ".claims"
 LOCK = ".sweep.lock"
 _NAME_MAX = 100
+_CONNECT_TIMEOUT_S = 30
 
 
 class SweepError(ValueError):
@@ -259,10 +275,37 @@ def _parse_gpus(gpus: Sequence[str] | str | None) -> list[str]:
     return list(gpus or [])
 
 
+def parse_resources(resources: str | Mapping[str, float] | None) -> dict[str, float]:
+    """Dask worker resources a point needs, from ``"GPU=1"`` (the ``--resources`` form) or a dict.
+
+    Chapter 8's "one point per GPU": workers started with ``--resources GPU=1`` and points that ask
+    for ``GPU=1`` run one point per GPU at a time.
+    """
+    if resources is None or resources == "":
+        return {}
+    if isinstance(resources, str):
+        out = {}
+        for item in resources.split(","):
+            name, sep, amount = item.partition("=")
+            value = parse_value(amount)
+            if not sep or not name.strip().isidentifier() or isinstance(value, bool) \
+                    or not isinstance(value, (int, float)):
+                raise SweepError(f"--resources {resources!r}: expected NAME=AMOUNT[,NAME=AMOUNT], e.g. GPU=1")
+            out[name.strip()] = value
+        resources = out
+    if not isinstance(resources, Mapping):
+        raise SweepError(f"resources must be a dict like {{'GPU': 1}} or a string 'GPU=1', got {resources!r}")
+    for name, value in resources.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SweepError(f"resource {name!r} needs a positive amount, got {value!r}")
+    return dict(resources)
+
+
 def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Mapping[str, Any] | None = None,
-                 grid: Mapping[str, Sequence[Any]] | None = None, workers: int = 1,
-                 gpus: Sequence[str] | str | None = None) -> str:
-    """The shell command that runs the same sweep as :func:`run_sweep` with these arguments."""
+                 grid: Mapping[str, Sequence[Any]] | None = None, workers: int | None = 1,
+                 gpus: Sequence[str] | str | None = None, *, scheduler: str | None = None,
+                 resources: str | Mapping[str, float] | None = None) -> str:
+    """The shell command that runs the same sweep as :func:`run_sweep` with these arguments (Chapter 8)."""
     import shlex
 
     lit = lambda v: v if isinstance(v, str) and parse_value(v) == v else repr(v)  # noqa: E731
@@ -272,10 +315,15 @@ def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Ma
     for k, vs in (grid or {}).items():
         parts += ["--grid", shlex.quote(f"{k}=" + ",".join(lit(v) for v in vs))]
     gpu_ids = _parse_gpus(gpus)
-    if workers != max(1, len(gpu_ids)):  # the command line's default: one worker per GPU
+    if scheduler is not None:
+        parts += ["--scheduler", shlex.quote(str(scheduler))]
+    elif workers is not None and workers != max(1, len(gpu_ids)):  # the default: one worker per GPU
         parts += ["--workers", str(workers)]
     if gpu_ids:
         parts += ["--gpus", shlex.quote(",".join(gpu_ids))]
+    res = parse_resources(resources)
+    if res:
+        parts += ["--resources", shlex.quote(",".join(f"{k}={v}" for k, v in res.items()))]
     return " ".join(parts)
 
 
@@ -344,17 +392,114 @@ def check_parameters(notebook: str | os.PathLike, params: Mapping[str, Any], *,
 
 
 # ---------------------------------------------------------------------------------------------
-# Running points
+# Point state, claims and the point runner (a Dask task)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class PointResult:
-    """Outcome of one point: ``DONE`` (ran now), ``SKIPPED`` (done earlier), or ``FAILED``."""
+    """Outcome of one point: ``DONE`` (ran now), ``SKIPPED`` (finished earlier), or ``FAILED``."""
 
     name: str
     status: str
     folder: Path
     duration_s: float = 0.0
     error: str = ""
+
+
+@dataclass
+class _Job:
+    """What every point task needs besides its :class:`Point` (sent to the Dask workers once per point)."""
+
+    notebook: Path
+    out: Path
+    kernel: str
+    cwd: Path
+    pass_output_dir: bool
+    provenance: dict
+    timeout: float | None
+    gpu_ids: list = field(default_factory=list)  # local cluster: worker k's kernel gets gpu_ids[k % n]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def point_state(folder: str | os.PathLike) -> tuple[str, str]:
+    """State of a point folder and why: ``DONE``, ``CORRUPT``, ``FAILED`` or ``MISSING`` (Chapter 8's store).
+
+    ``DONE`` needs the DONE marker, a readable ``run.json`` and, when the notebook writes metrics
+    (it has ``output_dir``), a ``metrics.json`` that parses and has the shape every chapter shares
+    (:func:`nbsupport.book.notebook.check_metrics`). A DONE marker without those is ``CORRUPT``: the
+    sweep runs such a point again and :func:`collect` reports it as corrupt, not as a result.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "MISSING", ""
+    run = _read_json(folder / "run.json")
+    if not (folder / DONE).exists():
+        return "FAILED", str(run.get("error") or "no DONE marker")
+    if not run:
+        return CORRUPT, "run.json is missing or does not parse"
+    expects = run.get("writes_metrics")
+    if expects is None:  # folders written before run.json recorded it
+        expects = (folder / "metrics.json").exists()
+    if expects:
+        try:
+            _load_metrics(folder / "metrics.json")
+        except ValueError as exc:
+            return CORRUPT, str(exc)
+    return DONE, ""
+
+
+def _load_metrics(path: Path) -> dict:
+    """``metrics.json`` parsed and checked (``notebook.check_metrics``); a ValueError says what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError("metrics.json is missing (the notebook did not call run.write_metrics)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"metrics.json does not parse ({exc})") from None
+    check_metrics(data)
+    return data
+
+
+@contextlib.contextmanager
+def _flock(path: Path, *, wait: bool, what: str):
+    """Hold an exclusive ``flock`` on ``path``; the OS releases it when the process dies (even ``kill -9``).
+
+    ``wait=False`` raises :class:`BlockingIOError` when another process (or another open of the file)
+    holds it. Hand-written on ``fcntl`` because the lock must die with its holder, which no lock
+    file library guarantees; works across machines on NFS, where Linux maps ``flock`` to POSIX locks.
+    Without ``fcntl`` (Windows) there is no lock, a documented limitation.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        while fcntl is not None:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    raise
+                time.sleep(0.5)  # polling keeps the waiting Dask thread interruptible
+            except OSError as exc:
+                raise OSError(f"cannot lock {what} ({path}): {exc}") from exc
+        yield
+    finally:
+        fh.close()
+
+
+def _claim(out: Path, name: str, *, wait: bool = True):
+    """The per-point claim: one execution of point ``name`` at a time, over all workers and machines."""
+    return _flock(out / CLAIMS / name, wait=wait, what=f"point {name!r}")
 
 
 def _git_commit(where: Path) -> dict:
@@ -370,20 +515,41 @@ def _git_commit(where: Path) -> dict:
     return info
 
 
-def _kernel_manager_with_env(extra_env: Mapping[str, str]):
-    """A jupyter_client kernel manager class that starts its kernel with ``extra_env`` added.
+# Run by the kernel's launcher process before it becomes the kernel (exec keeps the setting): the
+# kernel gets SIGKILL when the process that started it (a Dask worker) dies, even by kill -9.
+# Hand-written: ipykernel only notices a dead parent when it is re-parented to PID 1, which a
+# subreaper (systemd, some containers) prevents, and a leaked kernel can hold a GPU.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ppid = os.getppid(); "
+                    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL)); "  # 1 = PR_SET_PDEATHSIG
+                    "os.getppid() == ppid or os._exit(1); os.execvp(sys.argv[1], sys.argv[1:])")
 
-    Used for ``--gpus``: each worker's kernel sees only its own GPU via ``CUDA_VISIBLE_DEVICES``
-    (threads share ``os.environ``, so the variable must go to the kernel process, not to us).
+
+def _kernel_launcher() -> list[str]:
+    """Command prefix that starts a kernel so that it dies with its worker (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT]  # -I -S: no site packages, starts in ~0.1 s
+
+
+def _kernel_manager(extra_env: Mapping[str, str]):
+    """A jupyter_client kernel manager class for one point's kernel.
+
+    The kernel starts with ``extra_env`` added (``--gpus`` on the local cluster: worker k's kernel
+    sees only its own GPU via ``CUDA_VISIBLE_DEVICES``) and, on Linux, dies with the worker that
+    started it, so a killed worker leaves no kernel behind.
     """
     from jupyter_client.manager import AsyncKernelManager
 
-    class _EnvKernelManager(AsyncKernelManager):
+    class _PointKernelManager(AsyncKernelManager):
+        def format_kernel_cmd(self, extra_arguments=None):  # noqa: D401 - jupyter_client API
+            cmd = super().format_kernel_cmd(extra_arguments)
+            return [*_kernel_launcher(), *cmd]
+
         async def start_kernel(self, **kw):  # noqa: D401 - jupyter_client API
             kw["env"] = {**os.environ, **kw.get("env", {}), **extra_env}
             return await super()._async_start_kernel(**kw)
 
-    return _EnvKernelManager
+    return _PointKernelManager
 
 
 def _now() -> str:
@@ -395,103 +561,234 @@ def _params_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return norm(a) == norm(b)
 
 
-def _run_point(point: Point, notebook: Path, out: Path, *, kernel: str, cwd: Path, pass_output_dir: bool,
-               provenance: dict, env: Mapping[str, str], timeout: float | None) -> PointResult:
+def _duration(folder: Path) -> float:
+    return _read_json(folder / "run.json").get("duration_s", 0.0)
+
+
+def _requested(folder: Path) -> dict | None:
+    """The parameters a finished point was asked to run with (``run.json``; older folders: ``params.json``)."""
+    run = _read_json(folder / "run.json")
+    if isinstance(run.get("requested"), dict):
+        return run["requested"]
+    return _read_json(folder / "params.json") or None
+
+
+def _commit(tmp: Path, final: Path, scratch: Path) -> bool:
+    """Rename the finished temporary folder ``tmp`` to ``final``; False when a finished point is already there.
+
+    A failed or corrupt older folder is moved aside first. ``rename`` onto an existing non-empty
+    folder fails, so even without the claim two executions can never both install a folder.
+    """
+    for _ in range(10):
+        try:
+            os.rename(tmp, final)
+            return True
+        except OSError:
+            if not final.exists():
+                continue  # it was moved away between our rename and this check
+            if point_state(final)[0] == DONE:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, scratch / f"old.{uuid.uuid4().hex[:8]}")
+    raise OSError(f"could not install {tmp} as {final}: the folder keeps changing")
+
+
+def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) -> PointResult:
+    """Run one point under its claim: skip it if finished, else run papermill, install its folder atomically."""
     import papermill as pm
 
+    env = dict(env or {})
+    out = job.out
     final = out / point.name
-    tmp = out / PARTIAL / f"{point.name}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    params = dict(point.params)
-    recorded = {**point.recorded, **({"output_dir": str(final)} if pass_output_dir else {})}
-    atomic_write_json(tmp / "params.json", recorded)
-    if pass_output_dir:
-        params["output_dir"] = str(tmp)  # the notebook writes metrics.json + figures here
-    started, t0 = _now(), time.perf_counter()
-    status, error = DONE, ""
-    kwargs = {"kernel_manager_class": _kernel_manager_with_env(env)} if env else {}
-    try:
-        pm.execute_notebook(str(notebook), str(tmp / notebook.name), parameters=params, kernel_name=kernel,
-                            cwd=str(cwd), progress_bar=False, log_output=False, execution_timeout=timeout,
-                            **kwargs)
-    except pm.PapermillExecutionError as exc:  # the executed notebook (with traceback) is already saved
-        status, error = "FAILED", f"{exc.ename}: {exc.evalue}"
-    except Exception as exc:  # noqa: BLE001 - kernel died, timeout...: keep the reason next to the notebook
-        status, error = "FAILED", f"{type(exc).__name__}: {exc}"
-        atomic_write_text(tmp / "error.txt", traceback.format_exc())
-    duration = time.perf_counter() - t0
-    atomic_write_json(tmp / "run.json", {
-        "point": point.name, "status": status, "parameters": point.params, "error": error, "notebook": str(notebook),
-        "grid": point.grid_values, "started": started, "finished": _now(), "duration_s": round(duration, 3),
-        "host": socket.gethostname(), "env": dict(env), **provenance})
-    if status == DONE:
-        atomic_write_text(tmp / DONE, _now() + "\n")  # last file of a complete point
-    # Commit: move an older (failed) folder away, then rename the new one into place.
-    if final.exists():
-        old = out / PARTIAL / f"old.{point.name}.{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    with _claim(out, point.name):
+        state, _ = point_state(final)
+        if state == DONE:  # finished by another execution of this point (a Dask retry, an earlier driver)
+            return PointResult(point.name, "SKIPPED", final, _duration(final))
+        scratch = out / PARTIAL / point.name
+        shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an execution that died; we hold the claim
+        tmp = scratch / uuid.uuid4().hex[:8]
+        tmp.mkdir(parents=True)
+        params = dict(point.params)
+        requested = {**point.recorded, **({"output_dir": str(final)} if job.pass_output_dir else {})}
+        atomic_write_json(tmp / "params.json", requested)
+        if job.pass_output_dir:
+            params["output_dir"] = str(tmp)  # the notebook writes metrics.json + figures here
+        started, t0 = _now(), time.perf_counter()
+        status, error = DONE, ""
+        try:
+            pm.execute_notebook(str(job.notebook), str(tmp / job.notebook.name), parameters=params,
+                                kernel_name=job.kernel, cwd=str(job.cwd), progress_bar=False, log_output=False,
+                                execution_timeout=job.timeout,
+                                kernel_manager_class=_kernel_manager(env))
+        except pm.PapermillExecutionError as exc:  # the executed notebook (with traceback) is already saved
+            status, error = "FAILED", f"{exc.ename}: {exc.evalue}"
+        except Exception as exc:  # noqa: BLE001 - kernel died, timeout...: keep the reason next to the notebook
+            status, error = "FAILED", f"{type(exc).__name__}: {exc}"
+            atomic_write_text(tmp / "error.txt", traceback.format_exc())
+        duration = time.perf_counter() - t0
+        ran = requested
+        if status == DONE and job.pass_output_dir:  # finished = a metrics.json of the shared shape
+            try:
+                metrics = _load_metrics(tmp / "metrics.json")
+            except ValueError as exc:
+                status, error = "FAILED", str(exc)
+            else:  # what ran: the notebook's own validated parameters (after e.g. a smoke-size shrink)
+                ran = {**requested, **metrics["parameters"], "output_dir": str(final)}
+        atomic_write_json(tmp / "params.json", ran)
+        worker = None
+        with contextlib.suppress(ImportError, ValueError):
+            from distributed import get_worker
+
+            worker = get_worker().address
+        atomic_write_json(tmp / "run.json", {
+            "point": point.name, "status": status, "parameters": point.params, "requested": point.recorded,
+            "error": error, "notebook": str(job.notebook), "grid": point.grid_values, "started": started,
+            "finished": _now(), "duration_s": round(duration, 3), "host": socket.gethostname(),
+            "worker": worker, "env": env,
+            "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
+            "writes_metrics": job.pass_output_dir, **job.provenance})
+        if status == DONE:
+            atomic_write_text(tmp / DONE, _now() + "\n")  # last file of a complete point
+        installed = _commit(tmp, final, scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not installed:
+        return PointResult(point.name, "SKIPPED", final, _duration(final))
     return PointResult(point.name, status, final, duration, error)
 
 
+def _point_task(point: Point, job: _Job) -> PointResult:
+    """The Dask task of one point: pick this worker's GPU (local cluster with ``--gpus``), then run it."""
+    env = {}
+    if job.gpu_ids:
+        from distributed import get_worker
+
+        name = get_worker().name  # local cluster workers are named 0 .. workers-1
+        k = name if isinstance(name, int) else 0
+        env["CUDA_VISIBLE_DEVICES"] = job.gpu_ids[k % len(job.gpu_ids)]
+    return _run_point(point, job, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _sweep_lock(out: Path):
-    """Exclusive lock on the sweep directory; released by the OS when the process dies (even kill -9)."""
-    fh = open(out / LOCK, "a+")
+    """Exclusive lock on the sweep directory: a second sweep (driver) on the same ``--out`` is refused."""
     try:
+        with _flock(out / LOCK, wait=False, what="the sweep directory"):
+            yield
+    except BlockingIOError as exc:
+        raise SweepError(f"another sweep is running in {str(out)!r} (lock {LOCK} held); "
+                         "wait for it to end or use another --out") from exc
+
+
+def _clean_partial(out: Path) -> None:
+    """Delete leftovers of executions that died (``.partial/<point>``), except those of points still running."""
+    partial = out / PARTIAL
+    if not partial.is_dir():
+        return
+    for entry in partial.iterdir():
         try:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # Windows: no lock, documented limitation
-            pass
-        except OSError as exc:
-            raise SweepError(f"another sweep is running in {str(out)!r} (lock {LOCK} held)") from exc
-        yield
-    finally:
-        fh.close()
+            with _claim(out, entry.name, wait=False):
+                shutil.rmtree(entry, ignore_errors=True)
+        except BlockingIOError:
+            pass  # an execution from an earlier driver is still running this point; it cleans up itself
+    with contextlib.suppress(OSError):
+        partial.rmdir()  # only when empty
 
 
-def _parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    if shard is None:
-        return None
-    if isinstance(shard, str):
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
-        if not m:
-            raise SweepError(f"--shard {shard!r}: expected I/N, e.g. 0/4")
-        shard = int(m.group(1)), int(m.group(2))
-    i, n = shard
-    if n < 1 or not 0 <= i < n:
-        raise SweepError(f"--shard {i}/{n}: need 0 <= I < N")
-    return i, n
+# The local cluster: in-process workers of one thread (one point each at a time); no dashboard, and the
+# HTTP endpoints Dask always opens (health, metrics) on loopback, not on every interface (its default).
+_LOCAL_CLUSTER = dict(threads_per_worker=1, processes=False, dashboard_address=None,
+                      scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                      worker_dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+
+
+@contextlib.contextmanager
+def _dask_client(scheduler: Any, workers: int, gpus: list[str], resources: Mapping[str, float]):
+    """A ``distributed.Client``: on a new local cluster, or on ``scheduler`` (address, Client or Cluster).
+
+    The local cluster is a ``LocalCluster`` of ``workers`` workers of one thread each (one point at a
+    time per worker) inside this process (``processes=False``, in-process transport, HTTP endpoints
+    on loopback only, no dashboard): a point's work happens in its own kernel process, so a worker only supervises
+    papermill, and in-process workers start in a fraction of a second instead of a fresh Python
+    with its imports per worker (measured by ``benchmarks/sweep_overhead.py``). Kernels inherit
+    this process's environment unchanged.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler is None:
+        cluster = LocalCluster(**_LOCAL_CLUSTER, n_workers=workers, resources=dict(resources) or None)
+        try:
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+        return
+    if isinstance(scheduler, Client):
+        yield scheduler  # the caller's client: neither closed nor changed
+        return
+    address = getattr(scheduler, "scheduler_address", scheduler)  # a Cluster object (SLURMCluster, ...)
+    try:
+        client = Client(address, timeout=_CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        raise SweepError(f"cannot connect to the Dask scheduler {address!r}: {exc}") from exc
+    with client:
+        if resources:
+            have = [w.get("resources", {}) for w in client.scheduler_info()["workers"].values()]
+            if not any(all(r.get(k, 0) >= v for k, v in resources.items()) for r in have):
+                print(f"note: no worker of {address} offers {resources} yet; points wait until one joins "
+                      "(start workers with --resources)", file=sys.stderr)
+        yield client
 
 
 def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Mapping[str, Any] | None = None,
-              grid: Mapping[str, Sequence[Any]] | None = None, workers: int = 1,
-              gpus: Sequence[str] | str | None = None, shard: str | tuple[int, int] | None = None,
-              kernel: str = "python3", cwd: str | os.PathLike | None = None, timeout: float | None = None,
+              grid: Mapping[str, Sequence[Any]] | None = None, workers: int | None = None,
+              gpus: Sequence[str] | str | None = None, scheduler: Any = None,
+              resources: str | Mapping[str, float] | None = None, kernel: str = "python3",
+              cwd: str | os.PathLike | None = None, timeout: float | None = None,
               progress: bool = True) -> list[PointResult]:
-    """Run ``notebook`` once per grid point into ``out/<point>/``; resume, parallel, crash safe (Chapter 8).
+    """Run ``notebook`` once per grid point into ``out/<point>/`` as Dask tasks, resumable (Chapter 8).
 
     ``params`` are fixed for every point, ``grid`` maps a parameter to the values to sweep. Every
     name and value type is checked against the notebook's parameters cell before anything runs
-    (:class:`SweepError`). ``workers`` points run at once (each in its own kernel process);
-    ``gpus`` (e.g. ``"0,1"``) gives each worker slot its own ``CUDA_VISIBLE_DEVICES``, round-robin;
-    ``shard="i/n"`` runs only points ``i, i+n, i+2n, ...`` so ``n`` machines can split a sweep.
-    ``cwd`` (default: the notebook's folder, as Jupyter and the book build use) is where the
-    kernel starts. Returns one :class:`PointResult` per selected point, in grid order.
+    (:class:`SweepError`, via :func:`check_parameters`). Points run as Dask tasks:
+
+    * ``scheduler=None``: on a local cluster of ``workers`` workers (default 1, or one per GPU);
+      ``gpus`` (e.g. ``"0,1"``) gives worker k's kernel ``CUDA_VISIBLE_DEVICES=gpus[k % n]`` and each
+      worker the resource ``GPU=1``;
+    * ``scheduler="tcp://HOST:8786"`` (or a ``distributed.Client``, or a cluster object such as
+      ``dask_jobqueue.SLURMCluster``): on that cluster. ``resources={"GPU": 1}`` runs each point on a
+      worker started with ``--resources GPU=1``, one point per GPU; that worker's own
+      ``CUDA_VISIBLE_DEVICES`` (set when it was started, or by SLURM) is what its kernel sees.
+
+    Finished points are skipped, a point whose worker died runs again elsewhere, and every
+    point folder is installed atomically once (see the module notes). ``cwd`` (default: the
+    notebook's folder) is where the kernel starts; all paths must be the same on every machine.
+    Returns one :class:`PointResult` per point, in grid order.
     """
     notebook = Path(notebook).resolve()
-    out = Path(out)
+    out = Path(out).resolve()
     params = dict(params or {})
     grid = dict(grid or {})
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise SweepError(f"workers must be an integer >= 1, got {workers!r}")
     gpus = _parse_gpus(gpus)
-    shard_ = _parse_shard(shard)
+    res = parse_resources(resources)
+    if scheduler is not None:
+        if workers is not None:
+            raise SweepError("workers sizes the local cluster; with a scheduler, its workers decide "
+                             "(drop --workers)")
+        if gpus:
+            raise SweepError("gpus describes local workers; on a cluster start one worker per GPU with "
+                             "CUDA_VISIBLE_DEVICES and --resources GPU=1, and pass resources GPU=1")
+    else:
+        workers = max(1, len(gpus)) if workers is None else workers
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise SweepError(f"workers must be an integer >= 1, got {workers!r}")
+        if res:
+            raise SweepError("resources are for workers of an existing cluster (scheduler); the local cluster "
+                             "gets GPU=1 per worker from gpus")
+        if gpus:
+            res = {"GPU": 1}
     defaults = notebook_parameters(notebook)
     if "output_dir" in params or "output_dir" in grid:
         raise SweepError("parameter 'output_dir' is set by the sweep (one folder per point); do not pass it")
@@ -500,74 +797,76 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
         for v in values:
             check_parameters(notebook, {name: v}, defaults=defaults)
     points = expand_grid(params, grid)
-    if shard_:
-        points = points[shard_[0]::shard_[1]]
     literal_defaults = {k: v for k, v in defaults.items() if v is not _UNKNOWN and k != "output_dir"}
     for p in points:
         p.recorded = {**literal_defaults, **p.params}
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, PointResult] = {}
     with _sweep_lock(out):
-        shutil.rmtree(out / PARTIAL, ignore_errors=True)  # leftovers of killed runs: never complete
-        todo = []
+        _clean_partial(out)
+        todo, corrupt = [], []
         for p in points:
             folder = out / p.name
-            if (folder / DONE).exists():
-                try:
-                    old = json.loads((folder / "params.json").read_text())
-                except (OSError, ValueError):
-                    old = None
+            state, why = point_state(folder)
+            if state == DONE:
+                old = _requested(folder)
                 if old is None or not _params_equal(old, p.recorded):
                     raise SweepError(f"{str(folder)!r} already holds a finished point with other parameters "
                                      f"({old}); use another --out or delete it")
-                results[p.name] = PointResult(p.name, "SKIPPED", folder,
-                                              _read_json(folder / "run.json").get("duration_s", 0.0))
+                results[p.name] = PointResult(p.name, "SKIPPED", folder, _duration(folder))
             else:
                 todo.append(p)
-        provenance = {**_git_commit(notebook.parent), "versions": environment(),
-                      "python_executable": sys.executable, "platform": platform.platform()}
-        pass_output_dir = "output_dir" in defaults
-        run_cwd = Path(cwd) if cwd is not None else notebook.parent
-        slots: queue.Queue[int] = queue.Queue()
-        for s in range(workers):
-            slots.put(s)
-
-        def task(p: Point) -> PointResult:
-            slot = slots.get()
-            try:
-                env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {}
-                return _run_point(p, notebook, out, kernel=kernel, cwd=run_cwd, pass_output_dir=pass_output_dir,
-                                  provenance=provenance, env=env, timeout=timeout)
-            finally:
-                slots.put(slot)
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"sweep {notebook.name}",
-                   unit="point", disable=not progress)
-        failed = 0
-        pool = ThreadPoolExecutor(max_workers=workers)
-        try:
-            futures = {pool.submit(task, p): p for p in todo}
-            for fut in as_completed(futures):
-                r = fut.result()
-                results[r.name] = r
-                failed += r.status == "FAILED"
-                bar.update(1)
-                bar.set_postfix(failed=failed)
-        finally:  # Ctrl-C: points not started are dropped; running ones finish (or die with us)
-            pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
+                if state == CORRUPT:
+                    corrupt.append(f"{p.name} ({why})")
+        if corrupt:
+            print(f"running again {len(corrupt)} point(s) whose result is corrupt: {'; '.join(corrupt)}",
+                  file=sys.stderr)
+        if todo:
+            job = _Job(notebook=notebook, out=out, kernel=kernel,
+                       cwd=Path(cwd).resolve() if cwd is not None else notebook.parent,
+                       pass_output_dir="output_dir" in defaults, timeout=timeout,
+                       gpu_ids=gpus if scheduler is None else [],
+                       provenance={**_git_commit(notebook.parent), "versions": environment(),
+                                   "python_executable": sys.executable, "platform": platform.platform()})
+            results.update(_run_on_dask(todo, job, scheduler, workers, gpus, res, progress,
+                                        initial=len(points) - len(todo)))
         with contextlib.suppress(OSError):
             (out / PARTIAL).rmdir()  # only when empty
     return [results[p.name] for p in points]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+def _run_on_dask(todo: list[Point], job: _Job, scheduler: Any, workers: int | None, gpus: list[str],
+                 resources: Mapping[str, float], progress: bool, initial: int) -> dict[str, PointResult]:
+    """The driver of :func:`run_sweep`: one Dask task per point (grid order first), results as they finish."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    results: dict[str, PointResult] = {}
+    token = uuid.uuid4().hex[:8]  # keys unique to this driver: tasks of a killed earlier driver never clash
+    bar = tqdm(total=initial + len(todo), initial=initial, desc=f"sweep {job.notebook.name}", unit="point",
+               disable=not progress)
+    failed = 0
+    with _dask_client(scheduler, workers or 0, gpus, resources) as client:
+        futures = {}
+        for i, p in enumerate(todo):
+            fut = client.submit(_point_task, p, job, key=f"sweep-{token}-{p.name}", pure=False,
+                                resources=dict(resources) or None, priority=len(todo) - i)
+            futures[fut] = p
+        try:
+            for fut in as_completed(futures):
+                p = futures[fut]
+                try:
+                    r = fut.result()
+                except Exception as exc:  # noqa: BLE001 - KilledWorker (died too often), lost scheduler...
+                    r = PointResult(p.name, "FAILED", job.out / p.name, 0.0, f"{type(exc).__name__}: {exc}")
+                results[p.name] = r
+                failed += r.status == "FAILED"
+                bar.update(1)
+                bar.set_postfix(failed=failed)
+        finally:  # Ctrl-C: cancel what has not run; a running point is dropped with its kernel
+            client.cancel(list(futures))
+            bar.close()
+    return results
 
 
 def summary(results: Iterable[PointResult]):
@@ -594,9 +893,12 @@ def _point_folders(root: Path) -> list[Path]:
 def collect(*dirs: str | os.PathLike):
     """Gather sweep results into a pandas DataFrame: one row per point and ``metrics.json`` result row.
 
-    Parameter columns (from each point's ``params.json``) sit next to the metric columns of the
-    result rows, with ``point``, ``status``, ``duration_s`` and ``folder``. Several directories (or
-    one directory holding copies from several machines) are merged. A parameter whose name is also
+    Parameter columns (from each point's ``params.json``: what the point ran with) sit next to the
+    metric columns of the result rows, with ``point``, ``status``, ``duration_s`` and ``folder``.
+    ``status`` is ``DONE``, ``FAILED``, or ``CORRUPT`` (a DONE marker but no valid ``metrics.json``,
+    see :func:`point_state`); only ``DONE`` points contribute metrics, the others one row of NaN.
+    Several directories (or one directory holding copies from several machines) are merged. A
+    parameter whose name is also
     a result key (e.g. ``modalities``) becomes ``param_<name>``; the result row keeps the plain name.
     ``df.attrs["parameters"]`` lists the parameter columns.
     """
@@ -613,9 +915,9 @@ def collect(*dirs: str | os.PathLike):
     for folder in points:
         run = _read_json(folder / "run.json")
         params = {k: v for k, v in _read_json(folder / "params.json").items() if k != "output_dir"}
-        metrics = _read_json(folder / "metrics.json")
-        status = "DONE" if (folder / DONE).exists() else run.get("status", "FAILED")
-        results = metrics.get("results") if isinstance(metrics.get("results"), list) else []
+        state, _ = point_state(folder)
+        status = {DONE: DONE, CORRUPT: CORRUPT}.get(state, run.get("status") or "FAILED")
+        results = _read_json(folder / "metrics.json").get("results", []) if state == DONE else []
         for r in results:
             metric_keys.update(r)
         loaded.append((folder, run, params, status, results))
@@ -668,18 +970,26 @@ def column(df, name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m nbsupport.book.experiments",
-                                 description="Papermill sweeps over a chapter's parameters (Chapter 8).")
+                                 description="Papermill sweeps of a chapter's parameters, on Dask (Chapter 8).")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a notebook once per grid point (resumable)")
     r.add_argument("notebook")
-    r.add_argument("--out", required=True, help="sweep directory (one folder per point)")
+    r.add_argument("--out", required=True,
+                   help="sweep directory (one folder per point; on shared storage for a cluster)")
     r.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="fixed parameter, value parsed like papermill -p (3, 0.5, True, None, LA, [1,2])")
     r.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="parameter to sweep (cartesian product over all --grid options)")
-    r.add_argument("--workers", type=int, default=None, help="points run at once (default 1, or one per GPU)")
-    r.add_argument("--gpus", default=None, help="comma list of GPU ids; worker k gets CUDA_VISIBLE_DEVICES=gpus[k %% n]")
-    r.add_argument("--shard", default=None, metavar="I/N", help="run only points I, I+N, I+2N, ... (0-based)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="workers of the local Dask cluster, one point each at a time (default 1, "
+                        "or one per GPU)")
+    r.add_argument("--gpus", default=None,
+                   help="local cluster: comma list of GPU ids; worker k's kernel gets "
+                        "CUDA_VISIBLE_DEVICES=gpus[k %% n]")
+    r.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on an existing Dask cluster, e.g. tcp://HOST:8786 (dask scheduler / dask worker)")
+    r.add_argument("--resources", default=None, metavar="NAME=N",
+                   help="worker resources each point needs on a --scheduler cluster, e.g. GPU=1")
     r.add_argument("--kernel", default="python3")
     r.add_argument("--cwd", default=None, help="kernel working directory (default: the notebook's folder)")
     r.add_argument("--timeout", type=float, default=None, help="seconds per cell before a point fails")
@@ -712,10 +1022,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if name in grid:
                 raise SweepError(f"--grid {name} given twice")
             grid[name] = values
-        gpus = _parse_gpus(args.gpus)
-        workers = args.workers if args.workers is not None else max(1, len(gpus))
-        results = run_sweep(args.notebook, args.out, params=params, grid=grid, workers=workers, gpus=gpus,
-                            shard=args.shard, kernel=args.kernel, cwd=args.cwd, timeout=args.timeout,
+        results = run_sweep(args.notebook, args.out, params=params, grid=grid, workers=args.workers,
+                            gpus=args.gpus, scheduler=args.scheduler, resources=args.resources,
+                            kernel=args.kernel, cwd=args.cwd, timeout=args.timeout,
                             progress=not args.no_progress)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -728,4 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: Dask pickles the point tasks and their
+    # dataclasses by reference, and workers import them as nbsupport.book.experiments.
+    from nbsupport.book.experiments import main as _main
+
+    sys.exit(_main())

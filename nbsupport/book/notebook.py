@@ -254,14 +254,14 @@ class Run:
     params: dict
     device: Any
     output_dir: Path | None = None
-    chapter: str = ""
+    notebook: str = ""
     figures: list = field(default_factory=list)
     metrics_path: Path | None = None
 
     def __repr__(self) -> str:
         given = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if k not in COMMON_RULES)
         where = f" -> {self.output_dir}" if self.output_dir else ""
-        return (f"{self.chapter or 'run'}: seed {self.params['seed']}, {self.device.type}"
+        return (f"{self.notebook or 'run'}: seed {self.params['seed']}, {self.device.type}"
                 f"{', smoke run' if self.params['smoke'] else ''}{where}\n{given}")
 
     def __getattr__(self, name: str) -> Any:  # run.epochs etc.
@@ -301,6 +301,11 @@ class Spec:
     smoke: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[dict], None] | None = None
 
+    def __post_init__(self):
+        shadowed = sorted(set(self.rules) & _RUN_ATTRIBUTES)
+        if shadowed:  # run.<name> would read the Run's attribute, not the parameter
+            raise ValueError(f"Spec: parameter name(s) {', '.join(shadowed)} are attributes of Run; rename them")
+
     @property
     def names(self) -> list[str]:
         """Every parameter name of the chapter, the common ones first."""
@@ -322,6 +327,8 @@ class Spec:
 
 
 _LITERAL_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
+#: Names a chapter parameter cannot take: ``run.<name>`` reads these attributes of :class:`Run`.
+_RUN_ATTRIBUTES = {"params", "output_dir", "notebook", "figures", "metrics_path", "save_figure", "write_metrics"}
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 
 
@@ -374,7 +381,7 @@ def _writable(output_dir: str | None, name: str = "output_dir") -> Path | None:
     return out
 
 
-def start(chapter: "str | Spec", namespace: Mapping[str, Any] | None = None, **legacy_rules: Any) -> Run:
+def start(chapter: "str | Spec", namespace: Mapping[str, Any]) -> Run:
     """The one-call opening of every chapter: ``run = nb.start("06_mesm", globals())``.
 
     Validates the parameters in ``namespace`` against the chapter's :class:`Spec` (a wrong type or
@@ -385,8 +392,6 @@ def start(chapter: "str | Spec", namespace: Mapping[str, Any] | None = None, **l
     """
     from nbsupport.book import chapters  # the specs import this module's rules
 
-    if isinstance(chapter, Mapping):  # transitional: chapters not yet converted pass (values, **rules)
-        chapter, namespace = Spec(rules=dict(namespace or {}, **legacy_rules)), chapter
     spec = chapter if isinstance(chapter, Spec) else chapters.spec(chapter)
     values = {k: namespace[k] for k in spec.names if k in namespace}
     for name in _given_names(namespace) - set(spec.names):
@@ -398,7 +403,7 @@ def start(chapter: "str | Spec", namespace: Mapping[str, Any] | None = None, **l
     out = _writable(params["output_dir"])
     seed_everything(params["seed"])
     return Run(params=params, device=device, output_dir=out,
-               chapter=chapter if isinstance(chapter, str) else "")
+               notebook=chapter if isinstance(chapter, str) else "")
 
 
 def environment() -> dict:
