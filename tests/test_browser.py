@@ -31,6 +31,8 @@ import pytest
 import yaml
 
 from conftest import NOTEBOOKS, ROOT, _toc_files
+from test_code_units import REQUIRED as REQUIRED_UNITS
+from test_code_units import shown_units
 
 ARTIFACTS = ROOT / "_build" / "test-artifacts" / "browser"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
@@ -367,6 +369,23 @@ def test_page_renders_offline(page, is_notebook, site, server, browser):
     if re.search(r"\{cite[:pt]*\}`", info["text"]):
         problems.append("an unresolved citation/reference is shown")
     assert not problems, f"{page}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("path", [nb for nb in NOTEBOOKS if nb.stem in REQUIRED_UNITS],
+                         ids=[nb.stem for nb in NOTEBOOKS if nb.stem in REQUIRED_UNITS])
+def test_chapter_shows_its_code_units(path, site, server, browser):
+    """Each chapter shows the package code of its ideas, highlighted, with the file it comes from."""
+    from selenium.webdriver.common.by import By
+
+    units = shown_units(path)
+    page = path.relative_to(ROOT).with_suffix(".html").as_posix()
+    open_page(browser, server + page)
+    blocks = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".cell_output div.highlight pre")]
+    text = browser.find_element(By.TAG_NAME, "body").text
+    for expr, unit in units:
+        first = next(line for line in unit.source.splitlines() if line.strip())  # its def/class line
+        assert any(first.strip() in b for b in blocks), f"{page}: code of {expr} not shown as highlighted code"
+        assert unit.where in text, f"{page}: the origin of {expr} ({unit.where}) is not shown"
 
 
 def test_bibliography_lists_the_papers(site, server, browser):
