@@ -15,7 +15,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 __all__ = ["per_emotion_accuracy", "weighted_accuracy", "per_emotion_weighted_accuracy", "f1_per_emotion",
            "weighted_f1", "auc_per_emotion", "best_thresholds", "emotion_metrics", "sentiment_metrics",
            "acc2", "acc2_with_zero", "acc2_has0", "acc2_non0", "acc5", "acc7", "acc7_bins", "sentiment7_bins",
-           "mae", "pearson_r", "sigmoid", "THRESHOLD_TIES", "paired_bootstrap_difference"]
+           "mae", "pearson_r", "sigmoid", "THRESHOLD_TIES"]
 
 #: Tie rules of :func:`best_thresholds`: the threshold closest to 0.5 (book) or the lowest (MESM's code).
 THRESHOLD_TIES = ("closest", "lowest")
@@ -224,45 +224,3 @@ def sentiment_metrics(y_true, y_pred) -> dict:
             "acc5": acc5(y_true, y_pred), "acc7": acc7(y_true, y_pred), "acc7_bins": acc7_bins(y_true, y_pred),
             "mae": mae(y_true, y_pred), "corr": pearson_r(y_true, y_pred)}
 
-
-def paired_bootstrap_difference(y_true, probs_a, probs_b, *, metric: str = "wacc", thresholds_a=0.5,
-                                thresholds_b=0.5, n_resamples: int = 1000, confidence: float = 0.95,
-                                seed: int = 0) -> dict:
-    """Difference ``metric(A) - metric(B)`` of two models on the same test utterances, with a paired
-    percentile bootstrap interval over utterances (``scipy.stats.bootstrap``, ``paired=True``): the
-    evidence behind a chapter's verdict (Chapter 6, "reweight" vs "none"; Chapter 7).
-
-    ``y_true`` (n, E) 0/1; ``probs_*`` (n, E) probabilities; ``thresholds_*`` per-emotion or scalar;
-    ``metric``: an emotion metric of :func:`emotion_metrics` (``wacc``, ``acc``, ``f1``). Returns ``a``,
-    ``b``, ``diff`` (on all utterances) and ``low``/``high`` (the interval); ``better`` is "A" or "B"
-    when the interval excludes 0, else "neither".
-    """
-    from scipy.stats import bootstrap
-
-    t = _as2d(y_true, "y_true")
-    pa, pb = _as2d(probs_a, "probs_a"), _as2d(probs_b, "probs_b")
-    if not (t.shape == pa.shape == pb.shape):
-        raise ValueError(f"paired_bootstrap_difference: y_true {t.shape}, probs_a {pa.shape} and "
-                         f"probs_b {pb.shape} must have the same shape")
-    if metric not in ("wacc", "acc", "f1"):
-        raise ValueError(f"paired_bootstrap_difference: parameter 'metric' must be wacc, acc or f1, "
-                         f"got {metric!r}")
-
-    per = {"wacc": per_emotion_weighted_accuracy, "acc": per_emotion_accuracy, "f1": f1_per_emotion}[metric]
-    da, db = pa > np.asarray(thresholds_a, dtype=np.float64), pb > np.asarray(thresholds_b, dtype=np.float64)
-
-    def value(dec, idx):  # the metric averaged over emotions, as emotion_metrics reports it
-        return float(np.nanmean(per(t[idx], dec[idx])))
-
-    def score(idx):
-        idx = np.asarray(idx, dtype=int)
-        return value(da, idx) - value(db, idx)
-
-    full = np.arange(len(t))
-    a, b = value(da, full), value(db, full)
-    res = bootstrap((full,), score, vectorized=False, n_resamples=n_resamples, confidence_level=confidence,
-                    method="percentile", random_state=np.random.default_rng(seed))
-    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    better = "A" if low > 0 else "B" if high < 0 else "neither"
-    return {"metric": metric, "a": float(a), "b": float(b), "diff": float(a - b), "low": low, "high": high,
-            "confidence": confidence, "better": better}

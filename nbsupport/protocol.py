@@ -188,7 +188,7 @@ def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, threshold
 
 
 def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: int, lr: float, seed: int = 0,
-                           device="auto", metric: str = "wacc", n_resamples: int = 1000,
+                           device="auto", metric: str = "wacc", resamples: int = evidence.BOOTSTRAP_RESAMPLES,
                            progress: bool = True, **fit_kw) -> dict:
     """Train MESM twice on the same data and seed, once with the book's learned attention
     (``attention_grad="reweight"``) and once as the authors' code (``"none"``: the attention only selects
@@ -196,14 +196,12 @@ def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: in
 
     ``build(attention_grad) -> EndToEndModel`` makes each model (called under the same ``torch`` seed, so
     both start from the same weights). Returns ``rows`` (the two :func:`train_and_test` rows, ``model`` =
-    "MESM (reweight)" / "MESM (none)"), ``fits`` ({setting: FitResult}, for the attention maps) and
-    ``comparison``: :func:`nbsupport.metrics.paired_bootstrap_difference` of ``metric``, reweight minus
-    none, over the test utterances with each model's validation thresholds. ``fit_kw`` go to
-    :func:`train_and_test` (e.g. ``protocol``, ``patience``).
+    "MESM (reweight)" / "MESM (none)"), ``fits`` ({setting: FitResult}, for the attention maps),
+    ``difference`` (:func:`nbsupport.evidence.paired_difference` of ``metric``, reweight minus none, over
+    the test utterances, each model with its validation thresholds) and ``verdict`` (the sentence computed
+    from that interval). ``fit_kw`` go to :func:`train_and_test` (e.g. ``protocol``, ``patience``).
     """
-    from nbsupport import metrics
-
-    rows, fits, probs = [], {}, {}
+    rows, fits, preds = [], {}, {}
     for setting in mesm_models.ATTENTION_GRAD:
         torch.manual_seed(seed)
         model = build(setting)
@@ -211,16 +209,13 @@ def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: in
         if any(p.attention_grad != setting for p in paths.values()):
             raise ValueError(f"compare_attention_grad: build({setting!r}) returned a model with another "
                              f"attention_grad")
-        row, res = train_and_test(model, loaders, name=f"MESM ({setting})", epochs=epochs, lr=lr, seed=seed,
+        name = f"MESM ({setting})"
+        row, res = train_and_test(model, loaders, name=name, epochs=epochs, lr=lr, seed=seed,
                                   device=device, progress=progress, **fit_kw)
         row["attention_grad"] = setting
         rows.append(row)
         fits[setting] = res
-        logits, labels, _ = train.predict(res.model, loaders["test"], device=device)
-        th = 0.5 if res.thresholds is None else res.thresholds
-        probs[setting] = (torch.sigmoid(logits).numpy(), labels.numpy(), th)
-    (pa, y, tha), (pb, _, thb) = probs["reweight"], probs["none"]
-    comparison = metrics.paired_bootstrap_difference(y, pa, pb, metric=metric, thresholds_a=tha,
-                                                     thresholds_b=thb, n_resamples=n_resamples, seed=seed)
-    comparison.update(a_name="reweight", b_name="none")
-    return {"rows": rows, "fits": fits, "comparison": comparison}
+        preds[name] = res.extra["test"]
+    diff, sentence = evidence.compare(preds, "MESM (reweight)", "MESM (none)", metric, resamples=resamples,
+                                      seed=seed)
+    return {"rows": rows, "fits": fits, "difference": diff, "verdict": sentence}

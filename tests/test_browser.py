@@ -3,8 +3,10 @@
 With the network blocked (only 127.0.0.1 resolves), each page listed in _toc.yml must load with no
 console error and no request leaving the machine; equations typeset by the book's own MathJax;
 figures of every chapter load and are not blank; tables have rows; widgets render from the state
-papermill saved (DESIGN.md, "Rendering notes"); no traceback is shown; internal links and
-citations point at pages and anchors that exist; chapters carry the "run in JupyterLab" box.
+papermill saved; no traceback is shown; internal links and
+citations point at pages and anchors that exist; chapters carry the "run in JupyterLab" box; the
+precomputed explorers of chapters 1, 4 and 6 (``nbsupport.book.widgets.static_explorer``), opened from
+``file://`` with the network blocked, show the expected state when a slider or dropdown moves.
 A full-page screenshot of each page is kept under ``_build/test-artifacts/browser/``.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them) and the ``selenium``
@@ -29,6 +31,8 @@ import pytest
 import yaml
 
 from conftest import NOTEBOOKS, ROOT, _toc_files
+from test_code_units import REQUIRED as REQUIRED_UNITS
+from test_code_units import shown_units
 
 ARTIFACTS = ROOT / "_build" / "test-artifacts" / "browser"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
@@ -367,6 +371,23 @@ def test_page_renders_offline(page, is_notebook, site, server, browser):
     assert not problems, f"{page}:\n  " + "\n  ".join(problems)
 
 
+@pytest.mark.parametrize("path", [nb for nb in NOTEBOOKS if nb.stem in REQUIRED_UNITS],
+                         ids=[nb.stem for nb in NOTEBOOKS if nb.stem in REQUIRED_UNITS])
+def test_chapter_shows_its_code_units(path, site, server, browser):
+    """Each chapter shows the package code of its ideas, highlighted, with the file it comes from."""
+    from selenium.webdriver.common.by import By
+
+    units = shown_units(path)
+    page = path.relative_to(ROOT).with_suffix(".html").as_posix()
+    open_page(browser, server + page)
+    blocks = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".cell_output div.highlight pre")]
+    text = browser.find_element(By.TAG_NAME, "body").text
+    for expr, unit in units:
+        first = next(line for line in unit.source.splitlines() if line.strip())  # its def/class line
+        assert any(first.strip() in b for b in blocks), f"{page}: code of {expr} not shown as highlighted code"
+        assert unit.where in text, f"{page}: the origin of {expr} ({unit.where}) is not shown"
+
+
 def test_bibliography_lists_the_papers(site, server, browser):
     page = next((p for p, _ in PAGES if p.endswith("bibliography.html")), None)
     if page is None:
@@ -394,3 +415,198 @@ def test_book_opens_from_disk_without_a_server(site, tmp_path_factory):
     assert info["mathjax"] > 0 or not info["rawMath"]
     if info["widgetViews"]:
         assert info["widgetRoots"] >= info["widgetViews"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Explorers without a kernel (nbsupport.book.widgets.static_explorer): precomputed states switched in the page
+# ---------------------------------------------------------------------------------------------
+_EXPLORER_JS = """
+const root = document.querySelectorAll('.nbsupport-explorer')[arguments[0]];
+if (!root) return null;
+const img = root.querySelector('img.nbx-image');
+const data = JSON.parse(root.querySelector('script.nbx-data').textContent);
+return {src: img.getAttribute('src'), alt: img.getAttribute('alt'), ready: root.getAttribute('data-ready'),
+        caption: root.querySelector('.nbx-caption').textContent, state: root.getAttribute('data-state'),
+        captions: data.captions, n: document.querySelectorAll('.nbsupport-explorer').length,
+        stateSrc: 'data:' + data.mime + ';base64,'
+                  + data.images[data.state_image[+root.getAttribute('data-state')]],
+        ranges: Array.from(root.querySelectorAll('input[type=range]')).map(r => r.getAttribute('aria-label')),
+        selects: Array.from(root.querySelectorAll('select')).map(s => s.getAttribute('aria-label'))};
+"""
+
+
+def explorer_state(browser, index: int = 0) -> dict | None:
+    """What the ``index``-th static explorer of the page shows now: image src, caption, state index."""
+    return browser.execute_script(_EXPLORER_JS, index)
+
+
+def move(browser, index: int, axis: str, key=None, option: str | None = None) -> None:
+    """As a reader does: focus the explorer's slider ``axis`` and press ``key``, or pick ``option`` in its
+    dropdown (a keyboard/mouse event, not a script setting the value)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    root = browser.find_elements(By.CSS_SELECTOR, ".nbsupport-explorer")[index]
+    control = root.find_element(By.CSS_SELECTOR, f'[aria-label="{axis}"]')
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", control)
+    if option is None:
+        control.send_keys(key)
+    else:
+        Select(control).select_by_visible_text(option)
+
+
+def _pixel(src: str, xy=(30, 30)):
+    import io
+
+    from PIL import Image
+
+    assert src.startswith("data:image/"), src[:40]
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB").getpixel(xy)
+
+
+def test_static_explorer_switches_states_from_file_offline(tmp_path):
+    """A synthetic explorer whose states are solid colours: opened from file:// with the network
+    blocked, each key press / dropdown pick shows the picture of the expected state."""
+    chromium, driver = require_chromium()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from selenium.webdriver.common.keys import Keys
+
+    from nbsupport.book.widgets import static_explorer
+
+    def colour(a, b):  # the test's reference
+        return (40 + 60 * a, 200 - 80 * b, 100)
+
+    def draw(a, b):
+        fig = plt.figure(figsize=(1, 1))
+        fig.patch.set_facecolor([c / 255 for c in colour(a, b)])
+        return fig, f"sum {a + b}"
+
+    page = static_explorer(draw, {"a": [0, 1, 2], "b": [("x", 0), ("y", 1)]}, start={"a": 1},
+                           progress=False).save_html(tmp_path / "explorer.html")
+    b = start_chromium(chromium, driver, tmp_path / "profile")
+    try:
+        info, console, network, ready = open_page(b, page.as_uri())
+        assert ready == "ok" and not console and not network, (ready, console, network)
+        seen = []
+        for step, expected in [(None, (1, 0)), ((("a", Keys.ARROW_RIGHT),), (2, 0)),
+                               ((("b", None, "y"),), (2, 1)), ((("a", Keys.HOME),), (0, 1)),
+                               ((("a", Keys.ARROW_RIGHT), ("b", None, "x")), (1, 0))]:
+            for args in step or ():
+                move(b, 0, *args)
+            now = explorer_state(b)
+            a_, b_ = expected
+            assert now["ready"] == "1", "the explorer's script did not run"
+            assert now["caption"] == now["alt"] == f"a {a_}, b {'xy'[b_]}: sum {a_ + b_}", now["caption"]
+            pixel = _pixel(now["src"])
+            assert max(abs(p - q) for p, q in zip(pixel, colour(a_, b_))) <= 2, (expected, now["caption"], pixel)
+            seen.append(now["src"])
+        assert seen[0] == seen[-1] and len(set(seen)) == 4
+        assert not [e for e in b.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        b.quit()
+
+
+# the key words and their angles on Chapter 1's plane (the test's own copy: the reference is hand arithmetic)
+_KEYS = {"joy": 20, "delight": 35, "calm": 90, "table": 180, "fear": 250, "dread": 265, "anger": 310}
+
+
+def _check_ch1(state: dict) -> tuple[float, float]:
+    """Chapter 1's caption against softmax(q.k / sqrt(2) / T) computed here by hand; returns (angle, T)."""
+    import numpy as np
+
+    m = re.fullmatch(r"query angle ([\d.]+)°, temperature ([\d.]+): largest weight ([\d.]+) on '(\w+)'",
+                     state["caption"])
+    assert m, f"chapter 1 caption not understood: {state['caption']!r}"
+    angle, t = float(m[1]), float(m[2])
+    scores = np.cos(np.deg2rad(angle - np.array(list(_KEYS.values())))) / np.sqrt(2) / t
+    w = np.exp(scores - scores.max())
+    w /= w.sum()
+    assert abs(float(m[3]) - w.max()) <= 0.006 and m[4] == list(_KEYS)[int(w.argmax())], (state["caption"], w)
+    return angle, t
+
+
+def _check_ch6(state: dict) -> tuple[str, float, float, float]:
+    """Chapter 6's caption: (utterance, top_p, extractor M MACs, implied dense M MACs = MACs / share)."""
+    m = re.fullmatch(r"utterance (.+), top_p ([\d.]+): extractor ([\d.]+) M MACs \((\d+)% of dense\)",
+                     state["caption"])
+    assert m, f"chapter 6 caption not understood: {state['caption']!r}"
+    return m[1], float(m[2]), float(m[3]), float(m[3]) / (int(m[4]) / 100)
+
+
+def _shown_state(browser, before: dict | None = None) -> dict:
+    """The explorer's state now; the picture is the precomputed picture of the captioned state and,
+    when ``before`` is given, differs from the one shown before the move."""
+    now = explorer_state(browser)
+    assert now and now["ready"] == "1", "the explorer's script did not run"
+    assert now["caption"] == now["alt"] == now["captions"][int(now["state"])]
+    assert now["src"] == now["stateSrc"], "the picture is not the one of the captioned state"
+    if before is not None:
+        assert now["caption"] != before["caption"], "moving the control did not change the state"
+        assert now["src"] != before["src"], f"the picture did not change ({before['caption']} -> {now['caption']})"
+    return now
+
+
+@pytest.mark.parametrize("chapter", ["01_attention_basics", "04_umons_multimodal", "06_mesm"])
+def test_chapter_explorer_works_without_kernel(chapter, site, tmp_path):
+    """The chapter page opened from file:// with the network blocked: moving the precomputed explorer's
+    slider or dropdown shows the expected state (caption numbers checked against hand arithmetic)."""
+    from selenium.webdriver.common.keys import Keys
+
+    chromium, driver = require_chromium()
+    page = next(p for p, _ in PAGES if p.endswith(f"{chapter}.html"))
+    b = start_chromium(chromium, driver, tmp_path / "profile")
+    try:
+        info, console, network, ready = open_page(b, (site / page).resolve().as_uri())
+        assert ready == "ok" and not console and not network, (ready, console, network)
+        first = _shown_state(b)
+        assert first["n"] == 1, f"{page}: {first['n']} precomputed explorers, expected 1"
+        # in the rendered book the live ipywidgets twin (its sliders need a kernel) is hidden
+        hidden = b.execute_script("return Array.from(document.querySelectorAll('.nbsupport-live-only'))"
+                                  ".map(e => getComputedStyle(e).display)")
+        assert hidden and set(hidden) == {"none"}, f"live widget twin not hidden in the book: {hidden}"
+        if chapter == "01_attention_basics":
+            assert first["ranges"] == ["query angle", "temperature"]
+            angle0, t0 = _check_ch1(first)
+            move(b, 0, "temperature", Keys.ARROW_RIGHT)
+            now = _shown_state(b, first)
+            angle1, t1 = _check_ch1(now)
+            assert angle1 == angle0 and t1 > t0
+            move(b, 0, "query angle", Keys.ARROW_RIGHT)
+            angle2, t2 = _check_ch1(_shown_state(b, now))
+            assert angle2 > angle1 and t2 == t1
+        elif chapter == "04_umons_multimodal":
+            assert first["selects"] == ["utterance"] and first["ranges"] == ["layer"]
+            options = b.execute_script("return Array.from(document.querySelectorAll('.nbsupport-explorer select "
+                                       "option')).map(o => o.textContent)")
+            assert first["caption"] == f"utterance {options[0]}, layer 1"
+            move(b, 0, "utterance", option=options[1])
+            now = _shown_state(b, first)
+            assert now["caption"] == f"utterance {options[1]}, layer 1"
+            layers = 1 + b.execute_script(
+                "return +document.querySelector('.nbsupport-explorer input[type=range]').max")
+            if layers > 1:
+                move(b, 0, "layer", Keys.END)
+                assert _shown_state(b, now)["caption"] == f"utterance {options[1]}, layer {layers}"
+        else:
+            assert first["selects"] == ["utterance"] and first["ranges"] == ["top_p"]
+            utt, p0, macs0, dense0 = _check_ch6(first)
+            move(b, 0, "top_p", Keys.ARROW_LEFT)
+            utt1, p1, macs1, dense1 = _check_ch6(_shown_state(b, first))
+            move(b, 0, "top_p", Keys.END)
+            utt2, p2, macs2, dense2 = _check_ch6(_shown_state(b))
+            assert utt1 == utt2 == utt and p1 < p0 < p2 == 1.0
+            assert macs1 <= macs0 <= macs2, "fewer kept sites must not cost more MACs"
+            # the dense cost of an utterance does not depend on top_p (share rounded to 1 %)
+            assert max(dense0, dense1, dense2) / min(dense0, dense1, dense2) < 1.02, (dense0, dense1, dense2)
+            options = b.execute_script("return Array.from(document.querySelectorAll('.nbsupport-explorer select "
+                                       "option')).map(o => o.textContent)")
+            move(b, 0, "utterance", option=options[1])
+            assert _check_ch6(_shown_state(b))[:2] == (options[1], 1.0)
+        assert not [e for e in b.get_log("browser") if e["level"] == "SEVERE"]
+        assert not _network_problems(b.get_log("performance"))
+        full_page_screenshot(b, ARTIFACTS / f"{chapter}__explorer.png")
+    finally:
+        b.quit()

@@ -31,18 +31,23 @@ def _shown(path):
     return code, exprs
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_shown_code_exists_and_is_short(path):
+def shown_units(path) -> list[tuple[str, CodeUnit]]:
+    """``(expression, unit)`` for every ``show_code(...)`` of a chapter, evaluated in its opening cell's imports."""
     code, exprs = _shown(path)
-    assert len(exprs) >= REQUIRED.get(path.stem, 0), f"{path.name} shows {len(exprs)} code unit(s)"
     if not exprs:
-        return
+        return []
     ns: dict = {}
     imports = code[1].source.split("run = nb.start(")[0]  # the opening cell's imports, without the run
     exec(compile(code[0].source + "\n" + imports, f"{path.name}:opening", "exec"), ns)
-    for expr in exprs:
-        obj = eval(expr, ns)  # NameError / AttributeError: the chapter shows a symbol that no longer exists
-        unit = CodeUnit(obj)
+    # NameError / AttributeError here: the chapter shows a symbol that no longer exists
+    return [(expr, CodeUnit(eval(expr, ns))) for expr in exprs]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_shown_code_exists_and_is_short(path):
+    units = shown_units(path)
+    assert len(units) >= REQUIRED.get(path.stem, 0), f"{path.name} shows {len(units)} code unit(s)"
+    for expr, unit in units:
         assert unit.n_lines <= MAX_LINES
         long = [line for line in unit.source.splitlines() if len(line) > 100]
         assert not long, f"{path.name}: {expr} has lines over 100 characters: {long[:2]}"

@@ -1,4 +1,4 @@
-"""The chapters' widgets in JupyterLab, the way a reader uses them (DESIGN.md, user path 2).
+"""The chapters' widgets in JupyterLab, the way a reader uses them (the reader who opens a chapter in JupyterLab).
 
 Starts JupyterLab on 127.0.0.1 (free port, random token) in a temporary folder holding a copy of a
 chapter with ``smoke = True``, opens it in headless Chromium, runs all cells, moves a slider with the
@@ -133,7 +133,7 @@ while (box && !box.querySelector(IMG)) box = box.parentElement;
 const img = box ? box.querySelector(IMG) : null;
 const readout = slider.querySelector('.widget-readout');
 return {handle: handle, src: img ? img.getAttribute('src') : null,
-        readout: readout ? readout.textContent.trim() : null};
+        readout: readout ? readout.textContent.trim() : null, visible: slider.offsetParent !== null};
 """
 
 
@@ -174,6 +174,8 @@ def test_slider_redraws_figure_in_jupyterlab(jupyterlab, tmp_path, chapter, slid
 
         found = browser.execute_script(_SLIDER_JS, slider)
         assert found, f"no slider described '{slider}' rendered in {chapter}"
+        # the rendered book hides the live widget (nbsupport.book.widgets.LIVE_ONLY_CLASS); JupyterLab must not
+        assert found["visible"], f"{chapter}: the live '{slider}' slider is hidden in JupyterLab"
         assert found["src"] and found["src"].startswith(("data:image/png", "blob:")), \
             f"{chapter}: no figure image next to the '{slider}' slider"
         before_src, before_value = found["src"], found["readout"]

@@ -117,19 +117,3 @@ def test_umons_pickle_emotions_are_mapped_by_name(tmp_path):
     with pytest.raises(ParameterError, match="emotion_order"):
         load_umons_pickles(tmp_path, "test", emotion_order=["happy", "sad", "anger", "surprise", "disgust", "joy"])
 
-
-def test_paired_bootstrap_difference():
-    rng = np.random.default_rng(0)
-    y = (rng.random((300, 6)) < 0.4).astype(float)
-    good = np.clip(y * 0.6 + rng.normal(0.2, 0.2, y.shape), 0, 1)  # informative probabilities
-    noise = rng.random(y.shape)  # uninformative
-    out = M.paired_bootstrap_difference(y, good, noise, n_resamples=300)
-    # the point difference is the difference of the two models' wacc (emotion_metrics, independent path)
-    wa = M.emotion_metrics(good, y, 0.5, probs=True)["wacc"]
-    wb = M.emotion_metrics(noise, y, 0.5, probs=True)["wacc"]
-    assert out["diff"] == pytest.approx(wa - wb) and out["low"] <= out["diff"] <= out["high"]
-    assert out["better"] == "A" and out["low"] > 0.1
-    same = M.paired_bootstrap_difference(y, good, good, n_resamples=100)
-    assert same["diff"] == 0 and same["low"] == 0 and same["high"] == 0 and same["better"] == "neither"
-    with pytest.raises(ValueError, match="metric"):
-        M.paired_bootstrap_difference(y, good, noise, metric="auc")

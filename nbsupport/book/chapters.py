@@ -54,8 +54,9 @@ def _shrink_grid(grid: dict) -> dict:
 
 SPECS: dict[str, Spec] = {
     "01_attention_basics": Spec(
-        rules=dict(n_train=Int(min=20), seq_len=Int(min=4), epochs=Int(min=1), sentence=Str()),
-        smoke=dict(n_train=200, epochs=40)),
+        rules=dict(n_train=Int(min=20), seq_len=Int(min=4), epochs=Int(min=1), sentence=Str(),
+                   explorer_angles=ListOf(Float()), explorer_temperatures=ListOf(Float(min=0, open_min=True))),
+        smoke=dict(n_train=200, epochs=40, explorer_angles=[0, 90], explorer_temperatures=[0.5, 2.0])),
     "02_multimodal_data": Spec(
         rules=dict(**_DATA, n_utterances=Int(min=12), style=Choice("mosei", "iemocap")),
         smoke=dict(n_utterances=48)),

@@ -6,11 +6,13 @@ Every chapter formats its measured answer with these, so a page never shows ``1.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-__all__ = ["percent", "macs", "seconds", "count", "number", "table", "answer", "interval", "plain"]
+__all__ = ["percent", "macs", "seconds", "count", "number", "table", "answer", "interval", "plain",
+           "train_step_table"]
 
 
 def _missing(x) -> bool:
@@ -86,3 +88,20 @@ def interval(est) -> str:
 def plain(text) -> str:
     """``text`` safe for a matplotlib label: ``$`` escaped (MMSA ids look like ``video$_$clip``)."""
     return str(text).replace("$", r"\$")
+
+
+def train_step_table(path) -> pd.DataFrame:
+    """The committed training-step benchmark (``benchmarks/train_step.py``) as a table: MESM's step time
+    over FE2E's at each model size, with the spread over interleaved rounds, MACs ratio and peak memory."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    rows = []
+    for r in data["rows"]:
+        blocks = "/".join(str(c) for c in r["sizes"]["block_channels"])
+        t = r["mesm_over_fe2e"]
+        rows.append({"model size": f"{r['preset']} (stem {r['sizes']['stem_channels']}, blocks {blocks})",
+                     "MESM / FE2E step time": f"{t['ratio']:.2f} [{t['ratio_min']:.2f}, {t['ratio_max']:.2f}]",
+                     "MESM / FE2E extractor MACs": percent(r["extractor_macs"]["ratio"]),
+                     "peak MB (MESM / FE2E)": f"{r['peak_mb']['mesm']:.0f} / {r['peak_mb']['fe2e']:.0f}"})
+    return pd.DataFrame(rows).set_index("model size")

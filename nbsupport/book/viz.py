@@ -1,13 +1,14 @@
-"""Plot helpers shared by the chapters: attention heatmaps and animations that work without a kernel."""
+"""Plot helpers shared by the chapters: attention heatmaps (Chapter 1). Explorers that work without a
+kernel are :func:`nbsupport.book.widgets.static_explorer`."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-__all__ = ["attention_heatmap", "head_heatmaps", "slider_animation"]
+__all__ = ["attention_heatmap", "head_heatmaps"]
 
 
 def attention_heatmap(weights, x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None,
@@ -49,20 +50,3 @@ def head_heatmaps(weights, tokens: Sequence[str], title: str = "", max_cols: int
         fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def slider_animation(draw: Callable[[object, object], None], values: Sequence, figsize=(6, 3.5), interval: int = 400):
-    """A matplotlib animation over ``values`` rendered with ``to_jshtml``: a slider a reader can move in the
-    static book, without a kernel (DESIGN.md, rendering notes). ``draw(fig, value)`` redraws the figure."""
-    from matplotlib import animation
-
-    fig = plt.figure(figsize=figsize)
-
-    def frame(i):
-        fig.clf()
-        draw(fig, values[i])
-
-    anim = animation.FuncAnimation(fig, frame, frames=len(values), interval=interval)
-    html = anim.to_jshtml(default_mode="once")
-    plt.close(fig)
-    return html
