@@ -115,13 +115,14 @@ def test_cue_regions_on_a_tiny_synthetic_corpus(tmp_path, monkeypatch):
     """End to end on real corpus files: the regions line up with the collate_mesm batch (one per real
     frame / piece), and each utterance's cue.pkl is read once for both modalities."""
     from nbsupport.data import collate_mesm, generate_corpus, load_cues, mesm_dataset, raw
+    from nbsupport import interpret
     from nbsupport.interpret import CueRegions
 
     root = generate_corpus(tmp_path / "c", n=6, seed=1, progress=False)
     ds = mesm_dataset(root, "mosei", "train", cache_dir=tmp_path / "f")
     reads = []
     real_read = raw.read_cues
-    monkeypatch.setattr(raw, "read_cues", lambda folder: reads.append(str(folder)) or real_read(folder))
+    monkeypatch.setattr(interpret, "read_cues", lambda folder: reads.append(str(folder)) or real_read(folder))
     batch = collate_mesm([ds[i] for i in range(len(ds))])
     cues = CueRegions(ds)
     faces, mel = cues.for_batch(batch, "V"), cues.for_batch(batch, "A")
