@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from . import distributed as _dist
+from . import metrics
 from .base import atomic_write, count_parameters, resolve_device as _base_device, seed_everything, to_device
 
 __all__ = [
@@ -139,9 +140,8 @@ def sentiment_classes(sentiment: torch.Tensor, task: str, bins: str = "round") -
         raise ValueError(f"nbsupport.train: task {task!r} needs batch['sentiment'] but it holds NaN "
                          "(IEMOCAP has no sentiment; use task='emotion')")
     if task == "sentiment7" and bins == "mosei":
-        from nbsupport.metrics import sentiment7_bins
 
-        return torch.from_numpy(sentiment7_bins(s.cpu().numpy())).to(s.device)
+        return torch.from_numpy(metrics.sentiment7_bins(s.cpu().numpy())).to(s.device)
     if task == "sentiment7":
         return (torch.round(torch.clamp(s, -3.0, 3.0)) + 3).long()
     return (s >= 0).long()
@@ -255,7 +255,6 @@ def _seed_epoch(loader, seed: int, epoch: int) -> None:
 def choose_thresholds(probs: np.ndarray, labels: np.ndarray, ties: str = "closest") -> np.ndarray:
     """Per-emotion probability threshold maximising F1 on validation (Dai et al. 2021, Sec. 4.3), via
     :func:`nbsupport.metrics.best_thresholds` (``ties="lowest"``: MESM's code)."""
-    from nbsupport import metrics
 
     return np.asarray(metrics.best_thresholds(labels, probs, ties=ties), dtype=float)
 
@@ -275,7 +274,6 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str,
     sentiment2: ``acc2`` = ``acc2_non0`` (items with score 0 dropped) and ``acc2_zero`` = ``acc2_has0`` (0
     counted as non-negative, the convention the classes are trained with).
     """
-    from nbsupport import metrics
 
     _check_task(task)
     logits = logits.detach().float().cpu()

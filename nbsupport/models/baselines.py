@@ -34,7 +34,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from nbsupport.attention import MultiHeadAttention, PositionwiseFeedForward, TransformerEncoderBlock, key_padding_mask
 from nbsupport.models.umons import MODALITY_KEYS, input_dims_from, masked_feature_moments
-from nbsupport.base import ParameterError, check_modalities
+from nbsupport import flops
+from nbsupport.base import ParameterError, check_modalities, to_device
 
 __all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "build_baseline",
            "sinusoidal_positions", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
@@ -330,8 +331,6 @@ def model_macs(model: nn.Module, items: Iterable[Mapping], collate, *, device="c
     linear layers through :class:`nbsupport.flops.MacCounter`, LSTMs by the gate formula, and the two
     attention matmuls ``QK^T`` and ``AV`` (``2 * Q * K * dim``) of every :class:`MultiHeadAttention`
     (Chapter 7's compute column for the two-phase models; hand-crafted extraction is not counted)."""
-    from nbsupport import flops
-    from nbsupport.base import to_device
 
     extra = []
 

@@ -44,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbsupport import flops
 from nbsupport import sparse as sparse_lib  # "sparse" is also a constructor flag below
+from nbsupport.base import count_parameters, to_device
 from nbsupport.attention import AdditiveAttention, TransformerEncoderBlock
 from nbsupport.models.text import TextEncoder
 
@@ -506,8 +508,6 @@ def extractor_macs(model: EndToEndModel, batches) -> dict:
     """Multiply-accumulates of the feature extractor over ``batches`` (a batch dict or an iterable of
     them) as it actually ran (:mod:`nbsupport.flops`): ``macs`` (kept sites), ``dense_macs`` (what FE2E
     would spend on the same inputs), their ``ratio``, and the per-layer ``table`` (Dai et al. 2021, Sec. 4)."""
-    from nbsupport import flops
-    from nbsupport.base import to_device
 
     if isinstance(batches, dict):
         batches = [batches]
@@ -577,7 +577,6 @@ def paper_parameter_count(model: str = "MESM", modalities: str = "LAV", n_output
     """
     from transformers import AlbertConfig, AlbertModel
 
-    from nbsupport.base import count_parameters
 
     if model not in ("FE2E", "MESM"):
         raise ValueError(f"paper_parameter_count: parameter 'model' must be 'FE2E' or 'MESM', got {model!r}")

@@ -31,7 +31,8 @@ from torch.nn import functional as F
 
 from nbsupport.attention import (LAYERNORM_KINDS, MultiHeadAttention, PositionwiseFeedForward,
                                  TransformerEncoderBlock, layer_norm, masked_softmax)
-from nbsupport.base import ParameterError, check_modalities
+from nbsupport.base import ParameterError, check_modalities, count_parameters
+from nbsupport.data.features import split_words
 
 __all__ = ["UmonsConfig", "PAPER_CONFIG", "REFERENCE_SWITCHES", "paper_parameter_count",
            "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
@@ -386,7 +387,6 @@ class UmonsTransformer(nn.Module):
     def describe(self) -> dict:
         """UMONS configuration (Delbrouck et al. 2020, Sec. 4), modalities and trainable parameter count
         (:func:`nbsupport.base.count_parameters`; printed by Chapter 4)."""
-        from nbsupport.base import count_parameters
 
         return {"modalities": self.modalities, **asdict(self.config), "n_params": count_parameters(self)}
 
@@ -397,7 +397,6 @@ def paper_parameter_count(modalities: str = "LAV", n_outputs: int = 6,
     Model_LAV) for ``modalities``, without the word-embedding table (the book feeds word vectors to the
     LSTM). Defaults: GloVe 300-d words, 80 mel bins, 512-d video features, 6 emotions. Printed by
     Chapters 3-4, e.g. ``paper_parameter_count("LA")``; pinned by a test that derives it from layer sizes."""
-    from nbsupport.base import count_parameters
 
     return count_parameters(UmonsTransformer(modalities, n_outputs, config=UmonsConfig.paper(),
                                              input_dims=input_dims))
@@ -446,7 +445,6 @@ def masked_feature_moments(loader: Iterable, modalities: Iterable[str],
 def utterance_words(dataset, uid: str, seq_len: int) -> list[str]:
     """The words of utterance ``uid`` of a ``umons_dataset`` split, in the order UMONS' LSTM reads them
     (at most ``seq_len``): the token labels of the Chapter 3-4 glimpse and co-attention plots."""
-    from nbsupport.data.features import split_words
 
     raw = dataset.raw
     return split_words(raw.texts[raw.ids.index(uid)])[:seq_len]
