@@ -387,13 +387,16 @@ def test_umons_pickle_folder_through_the_same_loader_builder(tmp_path):
         ids = [f"{split}{i}_0" for i in range(n)]
         data = {"sentences": {u: ["i", "am", "so", "happy"][: 2 + i % 3] for i, u in enumerate(ids)},
                 "mels": {u: rng.normal(size=(5 + i, 80)) for i, u in enumerate(ids)},
-                "emotion": {u: [0, 0, 0, float(i % 2), 0, 0.7 * (i % 3 == 0)] for i, u in enumerate(ids)},
+                # UMONS's emotion pickles hold the CMU-MOSEI SDK order: happy, sad, anger, surprise, disgust, fear
+                "emotion": {u: [float(i % 2), 0, 0, 0, 0, 0.7 * (i % 3 == 0)] for i, u in enumerate(ids)},
                 "sentiment": {u: float(i % 7 - 3) for i, u in enumerate(ids)}}
         for k, v in data.items():
             (tmp_path / f"{split}_{k}.p").write_bytes(pickle.dumps(v))
     assert formats.detect_format(tmp_path) == ("umons", tmp_path)
     sets, loaders = protocol.loaders("umons", tmp_path, batch_size=4, seq_len=8, progress=False)
-    assert sets["train"][1]["emotion"].tolist() == [0, 0, 0, 1, 0, 0]
+    # the book's order (anger, disgust, fear, happy, sad, surprise), mapped by name
+    assert sets["train"][1]["emotion"].tolist() == [0, 0, 0, 1, 0, 0]  # happy
+    assert sets["train"][0]["emotion"].tolist() == [0, 0, 1, 0, 0, 0]  # fear
     row, _ = protocol.train_umons("LA", loaders, config=SMALL, epochs=1, device="cpu", progress=False)
     assert 0.0 <= row["wacc"] <= 1.0
 
