@@ -90,9 +90,14 @@ def plain(text) -> str:
     return str(text).replace("$", r"\$")
 
 
-def train_step_table(path) -> pd.DataFrame:
+#: The committed result of ``benchmarks/train_step.py`` in the book's repository.
+TRAIN_STEP_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "train_step.json"
+
+
+def train_step_table(path=TRAIN_STEP_RESULTS) -> pd.DataFrame:
     """The committed training-step benchmark (``benchmarks/train_step.py``) as a table: MESM's step time
-    over FE2E's at each model size, with the spread over interleaved rounds, MACs ratio and peak memory."""
+    over FE2E's at each model size, with the spread over interleaved rounds, MACs ratio and peak memory.
+    The path does not depend on the notebook's working folder (JupyterLab, papermill, the book build)."""
     import json
 
     data = json.loads(Path(path).read_text())
