@@ -36,7 +36,7 @@ from torch import nn
 
 import common
 from nbsupport import sparse as sp
-from nbsupport.base import atomic_write_json
+from nbsupport.base import atomic_write, atomic_write_json
 from nbsupport.models import mesm
 
 try:  # the peer is optional: nothing in the book depends on it
@@ -405,9 +405,7 @@ def plot(result: dict, path: Path) -> None:
                  f"{load} on {mach['cores']} cores"
                  f" | peer: {'SparseConvNet' if result.get('scn_filter_order') else 'absent'}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), "wb")
     plt.close(fig)
 
 

@@ -44,7 +44,7 @@ from torch import nn
 import common
 from nbsupport import flops
 from nbsupport import sparse as sp
-from nbsupport.base import atomic_write_json
+from nbsupport.base import atomic_write, atomic_write_json
 from nbsupport.models import mesm
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2, the book's text encoder
@@ -230,9 +230,7 @@ def plot(result: dict, path: Path) -> None:
                  f"threads {mach['threads']} | load avg {mach['load_average_before'][0]:.1f} on {mach['cores']} cores",
                  fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), "wb")
     plt.close(fig)
 
 
