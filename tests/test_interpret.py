@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from nbsupport import evidence
 from nbsupport.interpret import (audio_box_to_pieces, cue_shares, face_region_from_box, layer_cue_table,
-                                 region_to_grid, summarize_cue_table)
+                                 lift_intervals, region_to_grid, summarize_cue_table)
 from nbsupport.models.mesm import LayerRecord
 
 
@@ -49,6 +50,58 @@ def test_layer_table_and_summary():
     assert (row.attention_share, row.kept_share, row.chance, row.n) == (pytest.approx(0.25), 1.0, 0.25, 3)
     summary = summarize_cue_table([table, table])
     assert summary.iloc[0]["kept_lift"] == pytest.approx(4.0) and summary.iloc[0]["n"] == 6
+
+
+def _records(n_frames_attention):
+    """One layer of 2x2 grids; frame f puts attention a_f on the cue cell (a quarter of the grid)."""
+    a = torch.tensor(n_frames_attention, dtype=torch.float32)
+    att = torch.empty(len(a), 2, 2)
+    att[:] = ((1 - a) / 3)[:, None, None]
+    att[:, 0, 0] = a
+    kept = att >= att.amax((1, 2), keepdim=True)  # the top site only
+    region = torch.zeros(len(a), 2, 2)
+    region[:, 0, 0] = 1.0
+    rec = LayerRecord(att, kept, torch.ones(len(a), 2, 2, dtype=torch.bool), torch.zeros(len(a), 2, dtype=torch.long))
+    return [rec], region
+
+
+def test_lift_intervals_point_and_interval_by_hand():
+    # 6 utterances of 2 frames each; the attention on the cue cell: utterance u has 0.25 + 0.1 * u on both frames
+    share = [0.25 + 0.1 * u for u in range(6) for _ in range(2)]
+    owners = [f"u{u}" for u in range(6) for _ in range(2)]
+    records, region = _records(share)
+    per = layer_cue_table(records, region, "V", owners=owners)
+    assert len(per) == 6 and per["n"].tolist() == [2] * 6
+    table = lift_intervals(per, resamples=4000, seed=1)
+    row = table.iloc[0]
+    # hand: mean share = mean(0.25..0.75) = 0.5, chance = 0.25 -> lift 2.0; same as the frame-weighted summary
+    assert row.attention_lift == pytest.approx(2.0) and row.chance == pytest.approx(0.25)
+    assert row.n_utterances == 6 and row.n == 12
+    assert summarize_cue_table([layer_cue_table(records, region, "V")]).iloc[0]["attention_lift"] == \
+        pytest.approx(row.attention_lift)
+    # independent reference: a percentile bootstrap of the per-utterance shares written out in numpy
+    rng = np.random.default_rng(0)
+    u = np.array([0.25 + 0.1 * k for k in range(6)])
+    boot = np.array([u[rng.integers(0, 6, 6)].mean() / 0.25 for _ in range(4000)])
+    low, high = np.percentile(boot, [2.5, 97.5])
+    assert row.attention_lift_low == pytest.approx(low, abs=0.08)
+    assert row.attention_lift_high == pytest.approx(high, abs=0.08)
+    assert row.attention_lift_low > 1  # every utterance is at or above chance, most well above
+    assert "prefers the cue regions" in evidence.lift_verdict("V layer 1", evidence.Estimate(
+        row.attention_lift, row.attention_lift_low, row.attention_lift_high))
+
+
+def test_lift_interval_straddles_one_for_a_uniform_attention():
+    # attention at chance on average: half the utterances above, half below
+    share = [0.15, 0.15, 0.35, 0.35, 0.2, 0.2, 0.3, 0.3]
+    owners = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    records, region = _records(share)
+    row = lift_intervals(layer_cue_table(records, region, "V", owners=owners), resamples=2000).iloc[0]
+    assert row.attention_lift == pytest.approx(1.0)
+    assert row.attention_lift_low < 1 < row.attention_lift_high
+    text = evidence.lift_verdict("V layer 1", evidence.Estimate(row.attention_lift, row.attention_lift_low,
+                                                                row.attention_lift_high))
+    assert "not distinguishable from chance" in text
 
 
 def test_face_region_from_box_central_square():
