@@ -80,6 +80,7 @@ def test_sweep_answer_sentence_follows_the_interval():
     # one seed: no interval and no knee, said so
     one = ss.sweep_answer(table()[table()["seed"] == 0])
     assert "no verdict" in one["sentence"] and one["knee"]["top_p"] is None
+    assert one["seed_noise_sd"] is None and one["effect"]["low"] is None  # JSON-safe: no NaN
     assert "seed noise is not measured" in one["sentence"]
     single = ss.sweep_answer(table()[table()["top_p"] == 1.0])
     assert single["effect"] is None and "One top_p value" in single["sentence"]

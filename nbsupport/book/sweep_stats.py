@@ -29,6 +29,17 @@ from scipy import stats
 __all__ = ["per_value_stats", "seed_noise", "paired_effect", "knee", "sweep_answer"]
 
 
+def _json_safe(obj):
+    """NaN (an undefined SD or interval) as None, so ``metrics.json`` stays valid JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
 def _check_columns(table: pd.DataFrame, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
@@ -113,7 +124,8 @@ def sweep_answer(table: pd.DataFrame, *, by: str = "top_p", seed: str = "seed", 
     """Chapter 8's computed answer from a sweep table (one row per point: ``by``, ``seed``, ``metric``,
     ``cost``): per-value stats with each value's paired difference to the reference (the largest
     ``by``), the seed noise, the effect of the largest against the smallest ``by``, the knee, and the
-    sentence that states them. Every number in the sentence comes from the returned values."""
+    sentence that states them. Every number in the sentence comes from the returned values; an undefined
+    value (the SD of one seed, the interval of one pair) is ``None``."""
     pv = per_value_stats(table, by, seed, metric, costs=(cost, "seconds"))
     if pv.empty:
         raise ValueError(f"sweep_answer: no point has a {metric} (did every point fail?)")
@@ -126,8 +138,8 @@ def sweep_answer(table: pd.DataFrame, *, by: str = "top_p", seed: str = "seed", 
     kn = knee(pv, noise, by=by, cost=cost, reference=ref) if cost in pv.columns else {by: None}
     n_seeds = int(pv["n_seeds"].max())
     if ref == low:
-        return {"per_value": pv.to_dict("records"), "seed_noise_sd": noise, "effect": None, "knee": kn,
-                "sentence": f"One {by} value only ({by}={ref}): no {by} effect to measure."}
+        return _json_safe({"per_value": pv.to_dict("records"), "seed_noise_sd": noise, "effect": None, "knee": kn,
+                           "sentence": f"One {by} value only ({by}={ref}): no {by} effect to measure."})
     eff = paired_effect(table, ref, low, by=by, seed=seed, metric=metric, level=level)
     pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731 - percentage points
     head = (f"{metric} at {by}={ref} minus {by}={low}, paired by seed: {pts(eff['value'])} points")
@@ -148,5 +160,5 @@ def sweep_answer(table: pd.DataFrame, *, by: str = "top_p", seed: str = "seed", 
     else:
         knee_txt = (f"Knee: {by}={kn[by]} is the cheapest setting whose mean {metric} is within one seed-noise SD "
                     f"of {by}={ref}'s, at {100 * kn['cost_ratio']:.0f} % of its {cost}.")
-    return {"per_value": pv.to_dict("records"), "seed_noise_sd": noise, "effect": eff, "knee": kn,
-            "sentence": " ".join([noise_txt, verdict, knee_txt])}
+    return _json_safe({"per_value": pv.to_dict("records"), "seed_noise_sd": noise, "effect": eff, "knee": kn,
+                       "sentence": " ".join([noise_txt, verdict, knee_txt])})
