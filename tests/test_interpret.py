@@ -185,3 +185,41 @@ def test_cue_regions_on_a_tiny_synthetic_corpus(tmp_path, monkeypatch):
     assert sorted(reads) == sorted(str(f) for f in ds.raw.folders)  # one read per utterance
     cue = cues._cue(batch["ids"][0])
     np.testing.assert_array_equal(cue["au_mask"], load_cues(root, "mosei", batch["ids"][0])["au_mask"])
+
+
+@pytest.mark.slow
+def test_lift_tracker_measures_every_epoch_without_changing_training(tmp_path):
+    """Chapter 6 measures the lift after every epoch: the trained weights are the same, bit for bit, as
+    without the callback, and the tracker holds one table per measurement with utterance-level intervals."""
+    from nbsupport import protocol, train
+    from nbsupport.data import collate_mesm, generate_corpus, mesm_dataset
+    from nbsupport.data.text import TINY_TEXT_MODEL, load_tokenizer
+    from nbsupport.interpret import CueRegions, LiftTracker
+    from nbsupport.models import mesm
+
+    root = generate_corpus(tmp_path / "c", n=12, seed=2, progress=False, splits=(0.5, 0.25, 0.25))
+    tok = load_tokenizer(TINY_TEXT_MODEL)
+    sets = {s: mesm_dataset(root, "mosei", s, tokenizer=tok, cache_dir=tmp_path / "f") for s in ("train", "valid", "test")}
+    loaders = {s: train.make_loader(d, batch_size=3, shuffle=s == "train", seed=0, collate_fn=collate_mesm)
+               for s, d in sets.items()}
+
+    def trained(callbacks_for):
+        torch.manual_seed(0)
+        model = mesm.MESM("LAV", top_p=0.7, text_model=TINY_TEXT_MODEL, stem_channels=4, block_channels=[4, 8, 8],
+                          dim=8, layers=1, heads=2, attention_hidden=8)
+        cbs = callbacks_for(model)
+        protocol.train_and_test(model, loaders, name="MESM", epochs=2, lr=1e-3, device="cpu", seed=0,
+                                progress=False, callbacks=cbs)
+        return model, cbs
+
+    plain, _ = trained(lambda m: [])
+    tracked, (tracker,) = trained(lambda m: [LiftTracker(m, loaders["test"], CueRegions(sets["test"]), resamples=200)])
+    for (name, a), b in zip(plain.state_dict().items(), tracked.state_dict().values()):
+        assert torch.equal(a, b), name
+    table = tracker.table
+    assert sorted(table["epoch"].unique()) == [1, 2]
+    assert set(table["modality"]) <= {"A", "V"} and (table["n_utterances"] <= len(sets["test"])).all()
+    ok = table.dropna(subset=["attention_lift_low"])
+    assert ((ok["attention_lift_low"] <= ok["attention_lift"] + 1e-9)
+            & (ok["attention_lift"] <= ok["attention_lift_high"] + 1e-9)).all()
+    assert tracker.final()["epoch"].unique().tolist() == [2]
