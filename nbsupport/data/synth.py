@@ -17,7 +17,12 @@ records *where* each emotional cue is:
 Each modality carries the label's cue with its own probability (``p_text``, ``p_audio``,
 ``p_video``), raised by ``specialise`` for the emotions it expresses best (:data:`SPECIALTIES`: faces
 the action-unit-salient ones, the voice the arousal-marked ones) and lowered by it for the others;
-otherwise it is neutral or, with probability ``p_contradict``, shows another emotion. So every
+otherwise it is neutral or, with probability ``p_contradict``, shows another emotion.
+
+``cue_gain`` (default 1) scales how strongly the face and voice express a shown emotion *inside the
+recorded regions*: the AU motion (capped where the drawn face would leave its regions) plus, above 1, a
+local-contrast boost inside the active AU regions only; the prosody/energy departure from neutral inside
+the audio cue window (extrapolated past the profile above 1). 0 removes both cues. So every
 modality is informative, none is enough, each emotion is best read in a different modality, and
 fusion pays (measured in Chapter 2 with linear probes and in Chapter 4 with the UMONS models).
 
@@ -59,7 +64,12 @@ __all__ = ["GENERATOR_VERSION", "EMOTIONS", "STYLES", "SynthConfig", "generate_c
            "clean_stale_partials"]
 
 #: Bump when the generator's output changes; part of :func:`nbsupport.data.ensure_corpus`'s cache key.
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
+
+#: Largest ``SynthConfig.cue_gain``: past it the drawn face leaves its AU regions.
+MAX_CUE_GAIN = 4.0
+#: AU intensity the face drawing reaches at most; ``cue_gain`` above this adds contrast, not motion.
+_MAX_AU = 1.5
 
 from .common import EMOTIONS
 
@@ -142,7 +152,8 @@ class SynthConfig:
     noise: float = 1.0         # scales image noise, audio background noise and cue-intensity jitter
     frame_step: int = 15       # write every frame_step-th 30 fps frame (15 = the frames 500 ms sampling reads)
     duration: tuple = (2.6, 3.4)  # seconds, uniform
-    splits: tuple = (0.7, 0.15, 0.15)
+    splits: tuple = (0.6, 0.1, 0.3)  # train/valid/test; a large test split keeps bootstrap intervals narrow
+    cue_gain: float = 1.0      # scales the face AU cue and the audio prosody cue inside their recorded regions
 
     def check(self) -> "SynthConfig":
         """Raise ValueError naming the knob that is out of range."""
@@ -162,6 +173,15 @@ class SynthConfig:
             raise ValueError(f"synth: noise must be in [0, 5], got {self.noise!r}")
         if not 1 <= int(self.frame_step) <= 30:
             raise ValueError(f"synth: frame_step must be in [1, 30], got {self.frame_step!r}")
+        if isinstance(self.cue_gain, bool) or not isinstance(self.cue_gain, (int, float, np.floating)) \
+                or not 0.0 <= float(self.cue_gain) <= MAX_CUE_GAIN:
+            raise ValueError(f"synth: cue_gain must be a number in [0, {MAX_CUE_GAIN:g}] (1 = the book corpus), "
+                             f"got {self.cue_gain!r}")
+        sp = tuple(self.splits) if isinstance(self.splits, (tuple, list)) else ()
+        if len(sp) != 3 or any(not 0.0 <= float(x) <= 1.0 for x in sp) or abs(sum(sp) - 1.0) > 1e-6 \
+                or sp[0] <= 0 or sp[2] <= 0:
+            raise ValueError(f"synth: splits must be three fractions (train, valid, test) summing to 1 with "
+                             f"train and test > 0, got {self.splits!r}")
         return self
 
 
@@ -326,6 +346,16 @@ def _au_mask(f, aus, dx, dy):
     return m.astype(bool)
 
 
+def _boost_contrast(img, mask, factor):
+    """Scale the local contrast of ``img`` by ``factor`` inside ``mask`` only (``SynthConfig.cue_gain`` > 1):
+    each pixel moves away from its Gaussian-blurred neighbourhood mean (sigma 3 px); outside the AU
+    regions the frame is untouched, so ``cue.pkl``'s regions stay the places where the cue is."""
+    x = img.astype(np.float32)
+    mean = cv2.GaussianBlur(x, (0, 0), 3.0)
+    out = np.where(mask[..., None], mean + (x - mean) * factor, x)
+    return out.clip(0, 255).astype(np.uint8)
+
+
 def _envelope(t, on, off, ramp=0.25):
     """Cue intensity over time: 0 before ``on``, ramps to 1, back to 0 after ``off`` (onset/apex/offset)."""
     return np.clip(np.minimum((t - on) / ramp, (off - t) / ramp), 0.0, 1.0)
@@ -344,16 +374,20 @@ def _video(rng, cfg, profiles, dur):
     ks = np.arange(0, int(dur * FPS), cfg.frame_step)
     frames, masks = [], []
     drift = rng.normal(0, 1.0, size=(len(ks), 2)).cumsum(0) * 0.6  # head jitter (pixels)
+    gain = float(cfg.cue_gain)
     for j, k in enumerate(ks):
         e = float(_envelope(k / FPS, on, off)) * strength
-        au_now = {a: w * e for a, w in aus.items()}
+        au_now = {a: min(w * e * gain, _MAX_AU) for a, w in aus.items()}  # cue_gain scales the AU motion
         img = _draw_face(f, au_now, *drift[j])
+        active = [a for a, w in au_now.items() if w > 0.2]
+        mask = _au_mask(f, active, *drift[j])
+        if gain > 1.0 and mask.any():
+            img = _boost_contrast(img, mask, 1.0 + 0.5 * (gain - 1.0) * e)
         noise = rng.normal(0, 6.0 * cfg.noise, size=img.shape)
         img = (img.astype(np.float32) * f["light"] + noise).clip(0, 255).astype(np.uint8)
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
         frames.append((int(k), buf.tobytes()))
-        active = [a for a, w in au_now.items() if w > 0.2]
-        masks.append(_au_mask(f, active, *drift[j]))
+        masks.append(mask)
     return frames, np.stack(masks), (float(on), float(off)), sorted(aus)
 
 
@@ -379,6 +413,16 @@ def _mix(profiles, key):
     return float(np.exp(np.mean([np.log(CUE_PROFILES[p][key]) for p in profiles])))
 
 
+def _prosody_at(neutral, target, amount, key):
+    """Prosody value ``key`` moved from ``neutral`` towards ``target`` by ``amount`` (0 = neutral, 1 = the
+    profile, above 1 = further, the ``cue_gain`` > 1 extrapolation): additive for ``db``, ``tilt`` and
+    ``jit``, geometric for the scale factors; kept in each value's physical range."""
+    if key in ("db", "tilt", "jit"):
+        v = neutral + (target - neutral) * amount
+        return np.clip(v, 0.0, 1.0) if key == "tilt" else (np.maximum(v, 0.0) if key == "jit" else v)
+    return neutral * (target / neutral) ** amount
+
+
 def _audio(rng, cfg, profiles, dur, female):
     n = int(dur * SR)
     t = np.arange(n) / SR
@@ -388,7 +432,8 @@ def _audio(rng, cfg, profiles, dur, female):
     env = _envelope(t, on, off, ramp=0.15) * strength  # (n,) how much emotion is in the prosody
     P = {k: _mix(profiles, k) for k in ("f0", "rng", "db", "rate", "jit", "tilt")}
     N = CUE_PROFILES["neutral"]
-    lerp = lambda k: N[k] + (P[k] - N[k]) * env if k in ("db", "tilt", "jit") else N[k] * (P[k] / N[k]) ** env
+    g_env = env * float(cfg.cue_gain)  # cue_gain scales the prosody/energy departure inside the cue box
+    lerp = lambda k: _prosody_at(N[k], P[k], g_env, k)
     base = rng.uniform(180, 240) if female else rng.uniform(95, 140)
     # syllables: durations set by the tempo at their start, with pauses
     rate_now = lerp("rate")
@@ -434,7 +479,7 @@ def _audio(rng, cfg, profiles, dur, female):
     bg = bg / (bg.std() + 1e-9) * 0.01 * cfg.noise * rng.uniform(0.5, 2.0)
     hum = 0.003 * cfg.noise * np.sin(2 * np.pi * rng.choice([50, 60]) * t)
     wav = (out + bg + hum).clip(-1, 1).astype(np.float32)
-    f_lo = float(max(50.0, base * float(P["f0"]) * 0.7))
+    f_lo = float(max(50.0, base * float(P["f0"]) ** float(cfg.cue_gain) * 0.7))
     box = dict(t0=float(on), t1=float(off), f0_hz=f_lo, f1_hz=3500.0)
     return wav, box
 
@@ -491,7 +536,7 @@ def _one(cfg: SynthConfig, i: int):
         version=GENERATOR_VERSION, frame_index=[k for k, _ in frames], image_size=(IMG, IMG),
         au_mask_packed=np.packbits(masks, axis=-1), active_aus=aus, video_window_s=(von, voff),
         audio_box=box, carried={"L": text_c, "A": aud_c, "V": vid_c},
-        shown={"L": text_p, "A": aud_p, "V": vid_p}, profiles=active,
+        shown={"L": text_p, "A": aud_p, "V": vid_p}, profiles=active, cue_gain=float(cfg.cue_gain),
     )
     meta = dict(text=text, label=label, sentiment=sentiment, duration=dur)
     return uid, folder, meta, frames, wav, cue
@@ -551,7 +596,7 @@ def generate_corpus(out, n: int = 600, seed: int = 0, style: str = "mosei", *, o
     with ``synth_info.json`` (generator version, knobs, counts) written last inside it; partial folders
     of dead runs are removed first (:func:`clean_stale_partials`). ``knobs`` are
     the other :class:`SynthConfig` fields (``p_text``, ``p_audio``, ``p_video``, ``p_contradict``,
-    ``p_second``, ``noise``, ``frame_step``). Deterministic: same arguments, byte-identical files.
+    ``p_second``, ``noise``, ``frame_step``, ``cue_gain``, ``splits``). Deterministic: same arguments, byte-identical files.
     """
     cfg = SynthConfig(n=n, seed=seed, style=style, **knobs).check()
     out = Path(out)
@@ -614,7 +659,7 @@ def cue_profile_for(label_name: str) -> str:
 
 
 #: The float knobs of :class:`SynthConfig` the CLI exposes (``--p-text`` ...); ``--frame-step`` is the int one.
-_FLOAT_KNOBS = ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second", "noise")
+_FLOAT_KNOBS = ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second", "noise", "cue_gain")
 
 
 def main(argv=None) -> int:
