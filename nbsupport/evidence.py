@@ -16,12 +16,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import stats
 
 from nbsupport import metrics
 from nbsupport.train import predict
 
 __all__ = ["Predictions", "Estimate", "test_predictions", "predictions_from", "statistic", "bootstrap",
-           "paired_difference", "verdict", "intervals", "compare", "BOOTSTRAP_RESAMPLES"]
+           "paired_difference", "verdict", "intervals", "compare", "ratio_interval", "lift_verdict",
+           "BOOTSTRAP_RESAMPLES"]
 
 #: Resamples per interval: the percentile interval's end points move by well under 0.5 point between
 #: seeds at this count on the chapters' test splits.
@@ -135,6 +137,45 @@ def paired_difference(a: Predictions, b: Predictions, name: str = "wacc", *,
     fn = statistic(name)
     return _interval(lambda i: fn(a.labels[i], a.decisions[i]) - fn(b.labels[i], b.decisions[i]), len(a),
                      resamples, level, seed)
+
+
+def ratio_interval(numerators, denominators, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+                   seed: int = 0) -> Estimate:
+    """``sum(numerators) / sum(denominators)`` with a percentile bootstrap interval over the units (rows).
+
+    Chapter 6's attention *lift* is such a ratio: per test utterance, the attention share on the cue
+    regions summed over its frames (numerator) and the chance share summed likewise (denominator);
+    resampling utterances, not frames, keeps the frames of one utterance together. Both arrays hold one
+    value per unit, in the same order. Uses ``scipy.stats.bootstrap`` with paired samples (every
+    resample is defined here as long as the chance sum is positive)."""
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if num.shape != den.shape or num.ndim != 1:
+        raise ValueError(f"nbsupport.evidence.ratio_interval: numerators {num.shape} and denominators "
+                         f"{den.shape} must be 1-d arrays of the same length (one value per unit)")
+    if len(num) == 0 or den.sum() <= 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), level)
+    point = float(num.sum() / den.sum())
+    if len(num) < 2:
+        return Estimate(point, float("nan"), float("nan"), level)
+
+    def ratio(n, d, axis=-1):
+        return n.sum(axis=axis) / np.maximum(d.sum(axis=axis), 1e-12)
+
+    res = stats.bootstrap((num, den), ratio, paired=True, vectorized=True, n_resamples=resamples,
+                          confidence_level=level, method="percentile", random_state=np.random.default_rng(seed))
+    return Estimate(point, float(res.confidence_interval.low), float(res.confidence_interval.high), level)
+
+
+def lift_verdict(what: str, lift: Estimate) -> str:
+    """The sentence for a lift over chance (1 = chance), computed from its interval (Chapter 6)."""
+    ci = f"{lift.value:.2f}, {100 * lift.level:.0f} % CI [{lift.low:.2f}, {lift.high:.2f}]"
+    if not np.isfinite(lift.low):
+        return f"{what}: lift {lift.value:.2f}; too few utterances with a cue for an interval, so no verdict."
+    if lift.low > 1:
+        return f"{what} prefers the cue regions: lift {ci}, above 1."
+    if lift.high < 1:
+        return f"{what} avoids the cue regions: lift {ci}, below 1."
+    return f"{what} is not distinguishable from chance on the cue regions: lift {ci}."
 
 
 def verdict(name_a: str, name_b: str, diff: Estimate, metric: str = "wacc") -> str:

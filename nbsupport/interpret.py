@@ -24,12 +24,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from tqdm.auto import tqdm
+
+from nbsupport import evidence
 from nbsupport.base import to_device
 from nbsupport.data import features
 from nbsupport.data.raw import read_cues, read_frame, sample_frame_positions
 from nbsupport.models.mesm import extractor_macs
 
 __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_pieces", "summarize_cue_table",
+           "lift_intervals", "LiftTracker", "lift_verdicts", "draw_lift_by_epoch",
            "face_crop_box", "face_region_from_box", "CueRegions", "measure_cue_attention", "utterance_maps",
            "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites"]
 
@@ -69,22 +73,36 @@ def cue_shares(attention: torch.Tensor | None, kept: torch.Tensor, active: torch
     return out
 
 
-def layer_cue_table(records: Sequence, regions: torch.Tensor, modality: str) -> pd.DataFrame:
+def layer_cue_table(records: Sequence, regions: torch.Tensor, modality: str, owners: Sequence | None = None
+                    ) -> pd.DataFrame:
     """One row per layer: mean attention share, kept share and chance over frames with a cue region.
 
     ``records``: the model's ``last_maps[modality]`` (:class:`nbsupport.models.mesm.LayerRecord` with
     ``attention``, ``kept``, ``active``); ``regions`` (N, H, W): the cue region of every frame/piece of
-    that forward pass, in model-input coordinates, in the same order as the records' rows.
+    that forward pass, in model-input coordinates, in the same order as the records' rows. With
+    ``owners`` (the utterance id of each of the N rows) the table instead has one row per layer and
+    utterance, with the *sums* over that utterance's frames (``attention_sum``, ``kept_sum``,
+    ``chance_sum``): what :func:`lift_intervals` resamples.
     """
     rows = []
     for i, rec in enumerate(records):
         grid = rec.kept.shape[1:]
-        r = region_to_grid(regions, grid)
-        s = cue_shares(rec.attention, rec.kept, rec.active, r)
-        rows.append(dict(modality=modality, layer=i + 1, grid=f"{grid[0]}x{grid[1]}", n=len(s["chance"]),
-                         attention_share=float(np.mean(s["attention_share"])) if len(s["chance"]) else np.nan,
-                         kept_share=float(np.mean(s["kept_share"])) if len(s["chance"]) else np.nan,
-                         chance=float(np.mean(s["chance"])) if len(s["chance"]) else np.nan))
+        s = cue_shares(rec.attention, rec.kept, rec.active, region_to_grid(regions, grid))
+        base = dict(modality=modality, layer=i + 1, grid=f"{grid[0]}x{grid[1]}")
+        if owners is not None:
+            frames = pd.DataFrame({"utterance": np.asarray(owners, dtype=object)[s["rows"]],
+                                   "attention_sum": s.get("attention_share", np.full(len(s["rows"]), np.nan)),
+                                   "kept_sum": s["kept_share"], "chance_sum": s["chance"]})
+            per = frames.groupby("utterance", sort=False).agg(
+                n=("chance_sum", "size"), attention_sum=("attention_sum", "sum"), kept_sum=("kept_sum", "sum"),
+                chance_sum=("chance_sum", "sum")).reset_index()
+            rows.extend({**base, **r} for r in per.to_dict("records"))
+            continue
+        n = len(s["chance"])
+        rows.append(dict(**base, n=n,
+                         attention_share=float(np.mean(s["attention_share"])) if n else np.nan,
+                         kept_share=float(np.mean(s["kept_share"])) if n else np.nan,
+                         chance=float(np.mean(s["chance"])) if n else np.nan))
     return pd.DataFrame(rows)
 
 
@@ -101,6 +119,30 @@ def summarize_cue_table(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
     out["attention_lift"] = out["attention_share"] / out["chance"]
     out["kept_lift"] = out["kept_share"] / out["chance"]
     return out
+
+
+def lift_intervals(per_utterance: pd.DataFrame, *, resamples: int = evidence.BOOTSTRAP_RESAMPLES,
+                   level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Chapter 6's cue table with a bootstrap interval on each lift, resampling *test utterances*.
+
+    ``per_utterance``: :func:`layer_cue_table` rows with ``owners`` (sums per layer and utterance).
+    Per modality and layer: the shares and chance (frame-weighted means, as :func:`summarize_cue_table`
+    gives them), ``attention_lift`` / ``kept_lift`` = sum of shares / sum of chance over the frames, and
+    their 95 % intervals (``*_low``, ``*_high``; :func:`nbsupport.evidence.ratio_interval`) with
+    ``n_utterances``, the utterances that had a cue region. A lift whose interval excludes 1 is a verdict.
+    """
+    rows = []
+    for (m, layer, grid), g in per_utterance.groupby(["modality", "layer", "grid"], sort=True):
+        n = float(g["n"].sum())
+        row = dict(modality=m, layer=layer, grid=grid, n=int(n), n_utterances=len(g),
+                   attention_share=g["attention_sum"].sum() / n, kept_share=g["kept_sum"].sum() / n,
+                   chance=g["chance_sum"].sum() / n)
+        for what in ("attention", "kept"):
+            est = evidence.ratio_interval(g[f"{what}_sum"].to_numpy(), g["chance_sum"].to_numpy(),
+                                          resamples=resamples, level=level, seed=seed)
+            row.update({f"{what}_lift": est.value, f"{what}_lift_low": est.low, f"{what}_lift_high": est.high})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,12 +252,11 @@ class CueRegions:
 
 @torch.no_grad()
 def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_batches: int | None = None,
-                          progress: bool = True) -> pd.DataFrame:
+                          progress: bool = True, resamples: int = evidence.BOOTSTRAP_RESAMPLES,
+                          seed: int = 0) -> pd.DataFrame:
     """Share of attention mass and of kept sites inside the cue regions vs chance, per modality and
-    layer, over ``loader`` (Ch. 6's measured interpretability); see :func:`summarize_cue_table`."""
-    from tqdm.auto import tqdm
-
-
+    layer, over ``loader`` (Ch. 6's measured interpretability), each lift with its bootstrap interval
+    over the test utterances; see :func:`lift_intervals`."""
     was_training = model.training
     model.eval()
     tables = []
@@ -224,9 +265,50 @@ def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_
             break
         model(to_device(batch, device))
         for m, records in model.last_maps.items():
-            tables.append(layer_cue_table(records, cues.for_batch(batch, m), m))
+            mask = batch["faces_mask" if m == "V" else "mel_mask"]
+            owners = np.repeat(np.asarray(batch["ids"], dtype=object), mask.sum(1).cpu().numpy().astype(int))
+            tables.append(layer_cue_table(records, cues.for_batch(batch, m), m, owners=owners))
     model.train(was_training)
-    return summarize_cue_table(tables)
+    return lift_intervals(pd.concat(tables, ignore_index=True), resamples=resamples, seed=seed)
+
+
+class LiftTracker:
+    """The attention's lift on the cue regions, measured as training goes (Chapter 6, lift against epochs).
+
+    A :func:`nbsupport.train.fit` callback: after every epoch it runs :func:`measure_cue_attention` on
+    ``loader`` (the model in eval mode, no gradient, no random numbers drawn, so training is unchanged)
+    and keeps the table with an ``epoch`` column; call it once with epoch 0 before training for the
+    untrained model. ``table`` holds every measurement; :meth:`final` the last epoch's.
+    """
+
+    def __init__(self, model, loader, cues: CueRegions, *, device="cpu", resamples: int = 1000, seed: int = 0):
+        self.model, self.loader, self.cues, self.device = model, loader, cues, device
+        self.resamples, self.seed, self.tables = resamples, seed, []
+
+    def __call__(self, epoch: int, row: dict | None = None) -> None:
+        t = measure_cue_attention(self.model, self.loader, self.cues, device=self.device, progress=False,
+                                  resamples=self.resamples, seed=self.seed)
+        self.tables.append(t.assign(epoch=int(epoch)))
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """Every measurement so far, one row per epoch, modality and layer."""
+        return pd.concat(self.tables, ignore_index=True) if self.tables else pd.DataFrame()
+
+    def final(self) -> pd.DataFrame:
+        """The rows of the last measured epoch."""
+        t = self.table
+        return t[t["epoch"] == t["epoch"].max()].reset_index(drop=True)
+
+
+def lift_verdicts(table: pd.DataFrame, what: str = "attention", label: str = "") -> list[str]:
+    """One sentence per modality and layer of a :func:`lift_intervals` table, each computed from the
+    interval of ``{what}_lift`` (``what`` = "attention" or "kept"; Chapter 6's interpretability verdict)."""
+    noun = {"attention": "the attention", "kept": "the kept sites"}[what]
+    return [evidence.lift_verdict(f"{label}{r.modality} layer {r.layer}: {noun}",
+                                  evidence.Estimate(r[f"{what}_lift"], r[f"{what}_lift_low"],
+                                                    r[f"{what}_lift_high"]))
+            for _, r in table.sort_values(["modality", "layer"]).iterrows()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,3 +469,27 @@ def draw_coattention(ax, maps: Sequence[torch.Tensor], batch: dict, idx: int, la
                 cbar_kws={"label": "attention weight"})
     frame = {"A": "audio", "V": "video"}[modality]
     ax.set(xlabel="word (key)", ylabel=f"{frame} frame (query)", title=title)
+
+
+def draw_lift_by_epoch(table: pd.DataFrame, what: str = "attention", fig=None):
+    """Lift on the cue regions against training epochs (Chapter 6), one panel per modality, one line per
+    layer, with the bootstrap interval of every point as a band; the dashed line is chance (1).
+    ``table``: :attr:`LiftTracker.table`."""
+    import matplotlib.pyplot as plt
+
+    mods = sorted(table["modality"].unique())
+    if fig is None:
+        fig = plt.figure(figsize=(5.2 * len(mods), 3.4))
+    axes = fig.subplots(1, len(mods), squeeze=False)[0]
+    for ax, m in zip(axes, mods):
+        for layer, g in table[table["modality"] == m].groupby("layer"):
+            g = g.sort_values("epoch")
+            line, = ax.plot(g["epoch"], g[f"{what}_lift"], marker="o", label=f"layer {layer}")
+            ax.fill_between(g["epoch"], g[f"{what}_lift_low"], g[f"{what}_lift_high"], alpha=0.18,
+                            color=line.get_color())
+        ax.axhline(1.0, color="grey", ls="--", lw=1)
+        ax.set(xlabel="epoch (0 = untrained)", ylabel=f"{what} lift on the cue regions",
+               title={"V": "faces (V)", "A": "mel pieces (A)"}.get(m, m))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

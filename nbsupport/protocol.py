@@ -108,7 +108,8 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
 def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, name: str, task: str = "emotion",
                    epochs: int, lr: float, device="auto", seed: int = 0,
                    thresholds: str | float | None = None, patience: int | None = train.PROTOCOL_DEFAULT,
-                   checkpoint_dir=None, progress: bool = True, protocol: str = "book") -> tuple[dict, object]:
+                   checkpoint_dir=None, progress: bool = True, protocol: str = "book",
+                   callbacks=()) -> tuple[dict, object]:
     """The book's single protocol for every model (Chapters 3-8): fit, pick the best epoch, test.
 
     :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
@@ -119,7 +120,8 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time).
     End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
     it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column.
-    ``protocol`` ("book", "paper", "umons", "mesm"; :data:`nbsupport.train.PROTOCOLS`) is passed to
+    ``callbacks`` (``cb(epoch, row)`` after each epoch, e.g. :class:`nbsupport.interpret.LiftTracker`) and
+    ``protocol`` ("book", "paper", "umons", "mesm"; :data:`nbsupport.train.PROTOCOLS`) are passed to
     :func:`~nbsupport.train.fit`; ``thresholds=None`` means "validation" under the book's protocol and the
     protocol's own rule otherwise; ``patience`` left unset takes the protocol's.
     """
@@ -128,7 +130,7 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
         thresholds = "validation" if protocol == "book" else train.PROTOCOL_DEFAULT
     res = train.fit(model, loaders["train"], loaders["valid"], task=task, epochs=epochs, lr=lr, device=device,
                     seed=seed, thresholds=thresholds, patience=patience, checkpoint_dir=checkpoint_dir,
-                    progress=progress, desc=name, protocol=protocol)
+                    progress=progress, desc=name, protocol=protocol, callbacks=callbacks)
     seconds = time.perf_counter() - t0
     logits, labels, ids = train.predict(res.model, loaders["test"], task=task, device=device)
     test = train.compute_metrics(logits, labels, task, res.thresholds)

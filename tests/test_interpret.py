@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from nbsupport import evidence
 from nbsupport.interpret import (audio_box_to_pieces, cue_shares, face_region_from_box, layer_cue_table,
-                                 region_to_grid, summarize_cue_table)
+                                 lift_intervals, region_to_grid, summarize_cue_table)
 from nbsupport.models.mesm import LayerRecord
 
 
@@ -49,6 +50,58 @@ def test_layer_table_and_summary():
     assert (row.attention_share, row.kept_share, row.chance, row.n) == (pytest.approx(0.25), 1.0, 0.25, 3)
     summary = summarize_cue_table([table, table])
     assert summary.iloc[0]["kept_lift"] == pytest.approx(4.0) and summary.iloc[0]["n"] == 6
+
+
+def _records(n_frames_attention):
+    """One layer of 2x2 grids; frame f puts attention a_f on the cue cell (a quarter of the grid)."""
+    a = torch.tensor(n_frames_attention, dtype=torch.float32)
+    att = torch.empty(len(a), 2, 2)
+    att[:] = ((1 - a) / 3)[:, None, None]
+    att[:, 0, 0] = a
+    kept = att >= att.amax((1, 2), keepdim=True)  # the top site only
+    region = torch.zeros(len(a), 2, 2)
+    region[:, 0, 0] = 1.0
+    rec = LayerRecord(att, kept, torch.ones(len(a), 2, 2, dtype=torch.bool), torch.zeros(len(a), 2, dtype=torch.long))
+    return [rec], region
+
+
+def test_lift_intervals_point_and_interval_by_hand():
+    # 6 utterances of 2 frames each; the attention on the cue cell: utterance u has 0.25 + 0.1 * u on both frames
+    share = [0.25 + 0.1 * u for u in range(6) for _ in range(2)]
+    owners = [f"u{u}" for u in range(6) for _ in range(2)]
+    records, region = _records(share)
+    per = layer_cue_table(records, region, "V", owners=owners)
+    assert len(per) == 6 and per["n"].tolist() == [2] * 6
+    table = lift_intervals(per, resamples=4000, seed=1)
+    row = table.iloc[0]
+    # hand: mean share = mean(0.25..0.75) = 0.5, chance = 0.25 -> lift 2.0; same as the frame-weighted summary
+    assert row.attention_lift == pytest.approx(2.0) and row.chance == pytest.approx(0.25)
+    assert row.n_utterances == 6 and row.n == 12
+    assert summarize_cue_table([layer_cue_table(records, region, "V")]).iloc[0]["attention_lift"] == \
+        pytest.approx(row.attention_lift)
+    # independent reference: a percentile bootstrap of the per-utterance shares written out in numpy
+    rng = np.random.default_rng(0)
+    u = np.array([0.25 + 0.1 * k for k in range(6)])
+    boot = np.array([u[rng.integers(0, 6, 6)].mean() / 0.25 for _ in range(4000)])
+    low, high = np.percentile(boot, [2.5, 97.5])
+    assert row.attention_lift_low == pytest.approx(low, abs=0.08)
+    assert row.attention_lift_high == pytest.approx(high, abs=0.08)
+    assert row.attention_lift_low > 1  # every utterance is at or above chance, most well above
+    assert "prefers the cue regions" in evidence.lift_verdict("V layer 1", evidence.Estimate(
+        row.attention_lift, row.attention_lift_low, row.attention_lift_high))
+
+
+def test_lift_interval_straddles_one_for_a_uniform_attention():
+    # attention at chance on average: half the utterances above, half below
+    share = [0.15, 0.15, 0.35, 0.35, 0.2, 0.2, 0.3, 0.3]
+    owners = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    records, region = _records(share)
+    row = lift_intervals(layer_cue_table(records, region, "V", owners=owners), resamples=2000).iloc[0]
+    assert row.attention_lift == pytest.approx(1.0)
+    assert row.attention_lift_low < 1 < row.attention_lift_high
+    text = evidence.lift_verdict("V layer 1", evidence.Estimate(row.attention_lift, row.attention_lift_low,
+                                                                row.attention_lift_high))
+    assert "not distinguishable from chance" in text
 
 
 def test_face_region_from_box_central_square():
@@ -132,3 +185,41 @@ def test_cue_regions_on_a_tiny_synthetic_corpus(tmp_path, monkeypatch):
     assert sorted(reads) == sorted(str(f) for f in ds.raw.folders)  # one read per utterance
     cue = cues._cue(batch["ids"][0])
     np.testing.assert_array_equal(cue["au_mask"], load_cues(root, "mosei", batch["ids"][0])["au_mask"])
+
+
+@pytest.mark.slow
+def test_lift_tracker_measures_every_epoch_without_changing_training(tmp_path):
+    """Chapter 6 measures the lift after every epoch: the trained weights are the same, bit for bit, as
+    without the callback, and the tracker holds one table per measurement with utterance-level intervals."""
+    from nbsupport import protocol, train
+    from nbsupport.data import collate_mesm, generate_corpus, mesm_dataset
+    from nbsupport.data.text import TINY_TEXT_MODEL, load_tokenizer
+    from nbsupport.interpret import CueRegions, LiftTracker
+    from nbsupport.models import mesm
+
+    root = generate_corpus(tmp_path / "c", n=12, seed=2, progress=False, splits=(0.5, 0.25, 0.25))
+    tok = load_tokenizer(TINY_TEXT_MODEL)
+    sets = {s: mesm_dataset(root, "mosei", s, tokenizer=tok, cache_dir=tmp_path / "f") for s in ("train", "valid", "test")}
+    loaders = {s: train.make_loader(d, batch_size=3, shuffle=s == "train", seed=0, collate_fn=collate_mesm)
+               for s, d in sets.items()}
+
+    def trained(callbacks_for):
+        torch.manual_seed(0)
+        model = mesm.MESM("LAV", top_p=0.7, text_model=TINY_TEXT_MODEL, stem_channels=4, block_channels=[4, 8, 8],
+                          dim=8, layers=1, heads=2, attention_hidden=8)
+        cbs = callbacks_for(model)
+        protocol.train_and_test(model, loaders, name="MESM", epochs=2, lr=1e-3, device="cpu", seed=0,
+                                progress=False, callbacks=cbs)
+        return model, cbs
+
+    plain, _ = trained(lambda m: [])
+    tracked, (tracker,) = trained(lambda m: [LiftTracker(m, loaders["test"], CueRegions(sets["test"]), resamples=200)])
+    for (name, a), b in zip(plain.state_dict().items(), tracked.state_dict().values()):
+        assert torch.equal(a, b), name
+    table = tracker.table
+    assert sorted(table["epoch"].unique()) == [1, 2]
+    assert set(table["modality"]) <= {"A", "V"} and (table["n_utterances"] <= len(sets["test"])).all()
+    ok = table.dropna(subset=["attention_lift_low"])
+    assert ((ok["attention_lift_low"] <= ok["attention_lift"] + 1e-9)
+            & (ok["attention_lift"] <= ok["attention_lift_high"] + 1e-9)).all()
+    assert tracker.final()["epoch"].unique().tolist() == [2]

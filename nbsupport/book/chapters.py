@@ -80,7 +80,8 @@ SPECS: dict[str, Spec] = {
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES)),
     "06_mesm": Spec(
         rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, top_p=_P,
-                   top_p_sweep=ListOf(_P), compare_fe2e=Bool(), **_MESM_SIZES, attention_hidden=Int(min=1)),
+                   top_p_sweep=ListOf(_P), compare_fe2e=Bool(), compare_attention_grad=Bool(), explorer=Bool(),
+                   **_MESM_SIZES, attention_hidden=Int(min=1)),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES,
                    attention_hidden=16),
         check=_mesm_needs_a_visual_modality),

@@ -85,6 +85,13 @@ def interval(est) -> str:
     return f"{100 * est.value:.1f} % [{100 * est.low:.1f}, {100 * est.high:.1f}]"
 
 
+def lift(value, low, high) -> str:
+    """A lift over chance with its interval: '1.13 [0.98, 1.27]' (Chapter 6's cue regions; 1 = chance)."""
+    if _missing(low) or _missing(high):
+        return f"{value:.2f} [no interval]"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def plain(text) -> str:
     """``text`` safe for a matplotlib label: ``$`` escaped (MMSA ids look like ``video$_$clip``)."""
     return str(text).replace("$", r"\$")
