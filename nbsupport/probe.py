@@ -150,17 +150,19 @@ def cue_form_probes(feats: dict, folds: int = 5, C: float = 0.1, seed: int = 0) 
         for kind, label in (("hand", "hand-crafted"), ("raw", "raw")):
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000))
             s = cross_val_score(clf, feats[f"{mod}_{kind}"], y, cv=cv)
-            rows.append({"modality": name, "features": label, "acc": float(s.mean()), "acc_sd": float(s.std()),
-                         "chance": chance, "folds": k})
+            rows.append({"modality": name, "features": label, "acc": float(s.mean()),
+                         "acc_sd": float(s.std()), "chance": chance, "folds": k})
     return rows
 
 
-def cue_gain_contrast(gains=(0.0, 1.0, 2.0, 3.0), n: int = 8, seed: int = 0, progress: bool = True) -> list[dict]:
+def cue_gain_contrast(gains=(0.0, 1.0, 2.0, 3.0), n: int = 8, seed: int = 0,
+                      progress: bool = True) -> list[dict]:
     """How strongly ``cue_gain`` plants the face cue, and where (Chapter 2): corpora identical but for the
     gain (same seed, same faces and noise), each frame compared with the gain-0 frame (no cue): mean
     absolute grey-level change inside the recorded AU regions (``cue.pkl``) and outside them.
     Rows ``{"cue_gain", "inside", "outside", "frames"}``."""
-    roots = {g: cue_probe_corpus(n, seed, cue_gain=float(g), progress=progress) for g in sorted(set(gains) | {0.0})}
+    roots = {g: cue_probe_corpus(n, seed, cue_gain=float(g), progress=progress)
+             for g in sorted(set(gains) | {0.0})}
     ref = {s: load_split(roots[0.0], "mosei", s) for s in SPLITS}
     rows = []
     for g in gains:

@@ -36,17 +36,19 @@ def _features(root):
         g = np.stack([F.face_geometry(c) for c in crops])
         vh.append(np.r_[g.mean(0), g.std(0)])
         cells = []
-        for c in crops:  # positive minus negative energy of a fine high-pass, 6x6 cells, minus the first frame
+        for c in crops:  # positive minus negative energy of a fine high-pass, 6x6 cells, minus frame 0
             c = c.astype(np.float32)
             hp = c - cv2.GaussianBlur(c, (0, 0), 0.7)
             cells.append((cv2.resize(np.maximum(hp, 0) ** 2, (6, 6), interpolation=cv2.INTER_AREA)
-                          - cv2.resize(np.maximum(-hp, 0) ** 2, (6, 6), interpolation=cv2.INTER_AREA)).ravel())
+                          - cv2.resize(np.maximum(-hp, 0) ** 2, (6, 6),
+                                       interpolation=cv2.INTER_AREA)).ravel())
         d = np.stack(cells)[1:] - cells[0]
         vr.append(np.r_[d.max(0), d.mean(0)])
         wav, sr = sf.read(str(raw / uid / "audio.wav"), dtype="float32")
         p = F.prosody_windows(wav, sr)
         ah.append(np.r_[p.mean(0), p.std(0)])
-        mel = librosa.power_to_db(librosa.feature.melspectrogram(y=wav, sr=sr, n_fft=400, hop_length=200, n_mels=128))
+        mel = librosa.power_to_db(librosa.feature.melspectrogram(y=wav, sr=sr, n_fft=400, hop_length=200,
+                                                                 n_mels=128))
         b = cue["audio_box"]
         ar.append(mel[:, int(b["t0"] * 80):max(int(b["t0"] * 80) + 1, int(b["t1"] * 80))].mean(1))
         y.append(int(np.argmax(m["label"])))
@@ -112,7 +114,8 @@ def test_cue_gain_grows_the_contrast_inside_the_recorded_regions(tmp_path):
                 if masks[j].sum() < 50:
                     continue
                 a = cv2.imread(str(raw[g] / uid / f"image_{k}.jpg"), cv2.IMREAD_GRAYSCALE).astype(np.float32)
-                b = cv2.imread(str(raw[0.0] / uid / f"image_{k}.jpg"), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+                b = cv2.imread(str(raw[0.0] / uid / f"image_{k}.jpg"),
+                               cv2.IMREAD_GRAYSCALE).astype(np.float32)
                 d = np.abs(a - b)
                 inside[g].append(d[masks[j]].mean())
                 outside[g].append(d[~masks[j]].mean())
@@ -136,7 +139,8 @@ def test_knob_validation_names_the_knob():
 
 
 def test_cli_takes_the_two_flags(tmp_path):
-    rc = synth.main(["--out", str(tmp_path / "c"), "--n", "6", "--cue-gain", "2", "--hidden-cue", "1", "--quiet"])
+    rc = synth.main(["--out", str(tmp_path / "c"), "--n", "6", "--cue-gain", "2", "--hidden-cue", "1",
+                     "--quiet"])
     assert rc == 0
     info = (tmp_path / "c" / "synth_info.json").read_text()
     assert '"cue_gain": 2.0' in info and '"hidden_cue": 1.0' in info

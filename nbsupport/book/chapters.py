@@ -65,7 +65,8 @@ SPECS: dict[str, Spec] = {
                    explorer_angles=ListOf(Float()), explorer_temperatures=ListOf(Float(min=0, open_min=True))),
         smoke=dict(n_train=200, epochs=40, explorer_angles=[0, 90], explorer_temperatures=[0.5, 2.0])),
     "02_multimodal_data": Spec(
-        rules=dict(**_DATA, n_utterances=Int(min=12), style=Choice("mosei", "iemocap"), placement_n=Int(min=24)),
+        rules=dict(**_DATA, n_utterances=Int(min=12), style=Choice("mosei", "iemocap"),
+                   placement_n=Int(min=24)),
         smoke=dict(n_utterances=48, placement_n=36)),
     "03_umons_monomodal": Spec(
         rules=dict(**_DATA, **_DATA_FORMAT, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),

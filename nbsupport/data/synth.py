@@ -153,7 +153,7 @@ class SynthConfig:
     frame_step: int = 15       # write every frame_step-th 30 fps frame (15 = the frames 500 ms sampling reads)
     duration: tuple = (2.6, 3.4)  # seconds, uniform
     splits: tuple = (0.6, 0.1, 0.3)  # train/valid/test; a large test split keeps bootstrap intervals narrow
-    cue_gain: float = 1.0      # scales the face AU cue and the audio prosody cue inside their recorded regions
+    cue_gain: float = 1.0      # scales the face AU cue and the audio prosody cue inside their regions
     hidden_cue: float = 0.0    # probability that a shown emotion takes the form hand-crafted features miss
 
     def check(self) -> "SynthConfig":
@@ -176,7 +176,8 @@ class SynthConfig:
             raise ValueError(f"synth: frame_step must be in [1, 30], got {self.frame_step!r}")
         if isinstance(self.cue_gain, bool) or not isinstance(self.cue_gain, (int, float, np.floating)) \
                 or not 0.0 <= float(self.cue_gain) <= MAX_CUE_GAIN:
-            raise ValueError(f"synth: cue_gain must be a number in [0, {MAX_CUE_GAIN:g}] (1 = the book corpus), "
+            raise ValueError(f"synth: cue_gain must be a number in [0, {MAX_CUE_GAIN:g}] "
+                             f"(1 = the book corpus), "
                              f"got {self.cue_gain!r}")
         if isinstance(self.hidden_cue, bool) or not isinstance(self.hidden_cue, (int, float, np.floating)) \
                 or not 0.0 <= float(self.hidden_cue) <= 1.0:
@@ -372,7 +373,7 @@ TEXTURE_PERIOD, TEXTURE_DOT, TEXTURE_AMP = 6, 3, 55.0
 
 
 def _dot_lattice(ox: int, oy: int) -> np.ndarray:
-    """(IMG, IMG) zero-mean lattice: -1 on the dots, a small positive value between them (mean 0 per period)."""
+    """(IMG, IMG) zero-mean lattice: -1 on the dots, a small positive value between them."""
     yy, xx = np.mgrid[0:IMG, 0:IMG]
     dots = (((xx - ox) % TEXTURE_PERIOD) < TEXTURE_DOT) & (((yy - oy) % TEXTURE_PERIOD) < TEXTURE_DOT)
     cover = TEXTURE_DOT ** 2 / TEXTURE_PERIOD ** 2
@@ -474,7 +475,8 @@ def _tone_bed(rng_h, cfg, seg_on, env, n):
         c = np.clip(env, 0.0, 1.0) if j in seg_on else np.zeros(n)
         ph = rng_h.uniform(0, 2 * np.pi, size=3)
         out += A * np.sqrt(2.0) * np.sqrt(1 - c) * np.sin(2 * np.pi * mid * t + ph[0])
-        out += A * np.sqrt(c) * (np.sin(2 * np.pi * (mid - q) * t + ph[1]) + np.sin(2 * np.pi * (mid + q) * t + ph[2]))
+        out += A * np.sqrt(c) * (np.sin(2 * np.pi * (mid - q) * t + ph[1])
+                                 + np.sin(2 * np.pi * (mid + q) * t + ph[2]))
     return out
 
 
@@ -550,7 +552,8 @@ def _audio(rng, cfg, profiles, dur, female, hidden=False, rng_h=None):
     wav = (out + bg + hum).clip(-1, 1).astype(np.float32)
     if hidden:
         segs = _segments_of(cfg, shown) or [0]
-        box = dict(t0=float(on), t1=float(off), f0_hz=TONE_SEGMENTS[segs[0]][0], f1_hz=TONE_SEGMENTS[segs[-1]][1])
+        box = dict(t0=float(on), t1=float(off), f0_hz=TONE_SEGMENTS[segs[0]][0],
+                   f1_hz=TONE_SEGMENTS[segs[-1]][1])
         return wav, box
     f_lo = float(max(50.0, base * float(P["f0"]) ** float(cfg.cue_gain) * 0.7))
     box = dict(t0=float(on), t1=float(off), f0_hz=f_lo, f1_hz=3500.0)
@@ -678,7 +681,8 @@ def generate_corpus(out, n: int = 600, seed: int = 0, style: str = "mosei", *, o
     with ``synth_info.json`` (generator version, knobs, counts) written last inside it; partial folders
     of dead runs are removed first (:func:`clean_stale_partials`). ``knobs`` are
     the other :class:`SynthConfig` fields (``p_text``, ``p_audio``, ``p_video``, ``p_contradict``,
-    ``p_second``, ``noise``, ``frame_step``, ``cue_gain``, ``splits``). Deterministic: same arguments, byte-identical files.
+    ``p_second``, ``noise``, ``frame_step``, ``cue_gain``, ``hidden_cue``, ``splits``). Deterministic: same
+    arguments, byte-identical files.
     """
     cfg = SynthConfig(n=n, seed=seed, style=style, **knobs).check()
     out = Path(out)
