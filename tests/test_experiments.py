@@ -625,3 +625,100 @@ def test_chapter_helpers(toy_nb, tmp_path, monkeypatch):
     assert ex.find_notebook("toy.ipynb") == (tmp_path / "book" / "toy.ipynb").resolve()
     with pytest.raises(ex.SweepError, match="'nope.ipynb' not found"):
         ex.find_notebook("nope.ipynb")
+
+
+# ------------------------------------------------------------------------------------------------
+# The persistent result store: one folder per fingerprint of what decides a point's result
+def _store_sources(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A notebook, a stand-in package (two modules) and a requirements file, all in tmp_path."""
+    nb_path = make_notebook(tmp_path / "toy.ipynb")
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("A = 1\n")
+    (pkg / "sub" / "b.py").write_text("B = 2\n")
+    req = tmp_path / "requirements.txt"
+    req.write_text("torch==2.13.0\n")
+    return nb_path, pkg, req
+
+
+def test_store_dir_same_inputs_same_folder_any_change_another(tmp_path, monkeypatch):
+    nb_path, pkg, req = _store_sources(tmp_path)
+    params = {"smoke": False, "epochs": 3}
+    store = lambda p=params: ex.store_dir(nb_path, p, root=tmp_path / "cache", package=pkg,  # noqa: E731
+                                          requirements=req)
+    first = store()
+    assert first.parent == tmp_path / "cache" / "sweeps" and first.name.startswith("toy-")
+    assert len(first.name) == len("toy-") + 16
+    assert store() == first and store(dict(reversed(params.items()))) == first  # key order does not matter
+    seen = {first}
+
+    def changed(what: str) -> None:
+        new = store()
+        assert new not in seen, f"{what} did not change the store folder"
+        seen.add(new)
+
+    assert store({**params, "epochs": 4}) not in seen  # a fixed parameter
+    # a code cell of the swept notebook; a markdown edit leaves results (and the folder) as they were
+    book = nbformat.read(nb_path, as_version=4)
+    book.cells[0].source = "# toy, reworded"
+    nbformat.write(book, nb_path)
+    assert store() == first
+    book.cells[2].source += "\n# a code change"
+    nbformat.write(book, nb_path)
+    changed("a code cell")
+    (pkg / "sub" / "b.py").write_text("B = 3\n")
+    changed("a package module")
+    (pkg / "sub" / "c.py").write_text("")
+    changed("a new package module")
+    req.write_text("torch==2.13.1\n")
+    changed("the requirements")
+    monkeypatch.setattr(ex, "data_version", lambda: "synth999-features999")
+    changed("the data version")
+    # the default root is the data cache root ($NBSUPPORT_DATA)
+    monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path / "env_cache"))
+    assert ex.store_dir(nb_path, params, package=pkg, requirements=req).parent == tmp_path / "env_cache" / "sweeps"
+
+
+def test_store_fingerprint_covers_the_real_package(tmp_path):
+    """With the defaults, the fingerprint reads this repository's nbsupport sources and requirements."""
+    nb_path = make_notebook(tmp_path / "toy.ipynb")
+    pkg = Path(ex.__file__).resolve().parents[1]
+    assert ex.sweep_fingerprint(nb_path, {"x": 1}) == ex.sweep_fingerprint(
+        nb_path, {"x": 1}, package=pkg, requirements=pkg.parent / "requirements.txt")
+    copy = tmp_path / "copy"
+    shutil.copytree(pkg, copy / "nbsupport", ignore=shutil.ignore_patterns("__pycache__"))
+    assert ex.sweep_fingerprint(nb_path, {"x": 1}, package=copy / "nbsupport",
+                                requirements=pkg.parent / "requirements.txt") == ex.sweep_fingerprint(nb_path, {"x": 1})
+    with open(copy / "nbsupport" / "base.py", "a") as fh:
+        fh.write("\n")
+    assert ex.sweep_fingerprint(nb_path, {"x": 1}, package=copy / "nbsupport",
+                                requirements=pkg.parent / "requirements.txt") != ex.sweep_fingerprint(nb_path, {"x": 1})
+
+
+def test_unchanged_rerun_in_the_store_reuses_every_point(toy_nb, tmp_path, fake_papermill, inproc_client):
+    out = ex.store_dir(toy_nb, {"smoke": True}, root=tmp_path)
+    run = lambda: ex.run_sweep(toy_nb, out, params={"smoke": True}, grid={"x": [1, 2, 3]},  # noqa: E731
+                               scheduler=inproc_client, progress=False)
+    assert ex.reuse_counts(run()) == {"reused": 0, "run": 3, "failed": 0}
+    assert ex.reuse_counts(run()) == {"reused": 3, "run": 0, "failed": 0} and len(fake_papermill) == 3
+
+
+def test_attach_intervals_reads_each_points_model_interval(tmp_path):
+    import pandas as pd
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+    ex.atomic_write_json(a / "metrics.json", {"parameters": {}, "results": [], "intervals": {
+        "wacc": {"MESM": {"value": 0.7, "low": 0.6, "high": 0.8, "level": 0.95},
+                 "FE2E": {"value": 0.5, "low": 0.4, "high": 0.55, "level": 0.95}}}})
+    ex.atomic_write_json(b / "metrics.json", {"parameters": {}, "results": []})  # no interval written
+    table = pd.DataFrame([
+        {"model": "MESM", "status": "DONE", "wacc": 0.7, "folder": str(a)},
+        {"model": "FE2E", "status": "DONE", "wacc": 0.5, "folder": str(a)},
+        {"model": "MESM", "status": "DONE", "wacc": 0.6, "folder": str(b)},
+        {"model": "MESM", "status": "FAILED", "wacc": float("nan"), "folder": str(a)}])
+    out = ex.attach_intervals(table)
+    assert out["wacc_low"].tolist()[:2] == [0.6, 0.4] and out["wacc_high"].tolist()[:2] == [0.8, 0.55]
+    assert out["wacc_low"].iloc[2:].isna().all() and out["wacc_high"].iloc[2:].isna().all()
+    assert "wacc_low" not in table.columns  # a copy

@@ -59,6 +59,11 @@ def _shrink_grid(grid: dict) -> dict:
     return shrink_grid(grid, max_points=1)
 
 
+def _smoke_points(fixed: dict) -> dict:
+    """Chapter 8 in smoke mode sweeps smoke-sized points of the swept chapter (same code path)."""
+    return {**fixed, "smoke": True}
+
+
 SPECS: dict[str, Spec] = {
     "01_attention_basics": Spec(
         rules=dict(n_train=Int(min=20), seq_len=Int(min=4), epochs=Int(min=1), sentence=Str(),
@@ -109,7 +114,7 @@ def _experiments_spec() -> Spec:
 
     return Spec(rules=dict(chapter=Str(), grid=GridRule(), fixed=ParamsRule(), workers=Int(min=1),
                            gpus=Str(optional=True), sweep_dir=Path_(optional=True)),
-                smoke=dict(grid=_shrink_grid))
+                smoke=dict(grid=_shrink_grid, fixed=_smoke_points))
 
 
 def spec(chapter: str) -> Spec:

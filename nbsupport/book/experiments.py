@@ -66,6 +66,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import nbformat
 
 from nbsupport.base import atomic_write_json, atomic_write_text
+from nbsupport.data.corpus import corpus_cache_root, data_version
 
 from . import chapters
 from . import notebook as nb
@@ -75,7 +76,7 @@ __all__ = [
     "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "parse_resources", "expand_grid",
     "point_name", "notebook_parameters", "parameter_spec", "check_parameters", "point_state", "run_sweep", "collect", "main",
     "summary", "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook",
-    "metrics_rows",
+    "metrics_rows", "sweep_fingerprint", "store_dir", "reuse_counts", "attach_intervals",
 ]
 
 DONE = "DONE"
@@ -954,6 +955,88 @@ def collect(*dirs: str | os.PathLike):
         df = df[lead + [c for c in df.columns if c not in lead and c != "folder"] + ["folder"]]
         df = df.sort_values(["point"], kind="stable").reset_index(drop=True)
     df.attrs["parameters"] = param_cols
+    return df
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # the nbsupport package folder
+
+
+def sweep_fingerprint(notebook: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
+                      package: str | os.PathLike | None = None,
+                      requirements: str | os.PathLike | None = None) -> str:
+    """A 16-hex-digit hash of everything that decides a sweep point's result (Chapter 8's result store).
+
+    Hashed: the code cells of ``notebook`` (its markdown does not change a result), every ``*.py`` file
+    of the ``nbsupport`` package (``package``, by relative path and content), the data version
+    (:func:`nbsupport.data.corpus.data_version`: corpus generator and feature cache), the parameters
+    every point shares (``params``: the sweep's fixed values) and the pinned requirements
+    (``requirements``, default the repository's ``requirements.txt``; a missing file hashes as empty).
+    Same inputs give the same fingerprint; any change to one of them gives another.
+    """
+    path = Path(notebook)
+    try:
+        cells = nbformat.read(path, as_version=4).cells
+    except Exception as exc:  # noqa: BLE001 - report the file
+        raise SweepError(f"notebook {str(path)!r}: cannot read it to fingerprint the sweep ({exc})") from exc
+    package = Path(package) if package is not None else _PACKAGE
+    requirements = Path(requirements) if requirements is not None else package.parent / "requirements.txt"
+    h = hashlib.sha256()
+
+    def part(label: str, data: bytes) -> None:  # length-prefixed, so two parts never run into each other
+        h.update(f"{label}:{len(data)}:".encode())
+        h.update(data)
+
+    for cell in cells:
+        if cell.cell_type == "code":
+            part("cell", cell.source.encode())
+    for src in sorted(package.rglob("*.py")):
+        if "__pycache__" not in src.parts:
+            part(f"src {src.relative_to(package).as_posix()}", src.read_bytes())
+    part("data", data_version().encode())
+    part("params", json.dumps(dict(params or {}), sort_keys=True, default=str).encode())
+    part("requirements", requirements.read_bytes() if requirements.is_file() else b"")
+    return h.hexdigest()[:16]
+
+
+def store_dir(notebook: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
+              root: str | os.PathLike | None = None, **fingerprint_options) -> Path:
+    """The persistent sweep folder of ``notebook`` with the shared ``params`` (Chapter 8's result store).
+
+    ``<root>/sweeps/<notebook stem>-<fingerprint>/`` with ``root`` defaulting to the data cache root
+    (:func:`nbsupport.data.corpus.corpus_cache_root`, ``$NBSUPPORT_DATA``) and the fingerprint from
+    :func:`sweep_fingerprint`. An unchanged rebuild finds its finished points there and runs none; a
+    changed notebook, package, data version, parameter or requirement gets a new folder, so a stale
+    result is never read back. Pass ``package``/``requirements`` to fingerprint other sources.
+    """
+    root = Path(root) if root is not None else corpus_cache_root()
+    stem = Path(notebook).stem
+    return root / "sweeps" / f"{stem}-{sweep_fingerprint(notebook, params, **fingerprint_options)}"
+
+
+def reuse_counts(results: Iterable[PointResult]) -> dict[str, int]:
+    """How many points of a :func:`run_sweep` were ``reused`` (finished earlier), ``run`` now, and ``failed``."""
+    results = list(results)
+    return {"reused": sum(r.status == "SKIPPED" for r in results), "run": sum(r.status == "DONE" for r in results),
+            "failed": sum(r.status == "FAILED" for r in results)}
+
+
+def attach_intervals(table, metric: str = "wacc"):
+    """Add ``<metric>_low`` and ``<metric>_high`` to a :func:`collect` table from each point's ``metrics.json``.
+
+    A chapter writes a model's bootstrap interval over its test utterances (Chapter 3's convention,
+    :mod:`nbsupport.evidence`) as ``"intervals": {metric: {model: {"value", "low", "high", "level"}}}``;
+    a row gets the interval of its own ``model``, or NaN where its point wrote none. Returns a copy.
+    """
+    df = table.copy()
+    lows, highs = [], []
+    for _, r in df.iterrows():
+        est = {}
+        if r.get("status") == DONE and isinstance(r.get("folder"), str):
+            found = _read_json(Path(r["folder"]) / "metrics.json").get("intervals") or {}
+            est = (found.get(metric) or {}).get(str(r.get("model")), {}) if isinstance(found, dict) else {}
+        lows.append(float(est["low"]) if isinstance(est, dict) and est.get("low") is not None else float("nan"))
+        highs.append(float(est["high"]) if isinstance(est, dict) and est.get("high") is not None else float("nan"))
+    df[f"{metric}_low"], df[f"{metric}_high"] = lows, highs
     return df
 
 
