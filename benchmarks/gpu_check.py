@@ -410,7 +410,9 @@ def chapter6_parameters(ctx: Context, preset: dict, declared: dict) -> tuple[dic
                 params[k] = list(v) if isinstance(v, tuple) else v
             else:
                 note.setdefault("preset_keys_not_parameters", []).append(k)
-        n_train = round(0.7 * params["n_utterances"])  # nbsupport.data.synth's train share
+        from nbsupport.data.synth import SynthConfig  # the synthetic corpus's train share
+
+        n_train = round(SynthConfig().splits[0] * params["n_utterances"])
         note["train_steps_per_model"] = params["epochs"] * math.ceil(n_train / params["batch_size"])
     unknown = sorted(set(params) - set(declared))
     if unknown:

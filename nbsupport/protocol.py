@@ -31,16 +31,19 @@ __all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_an
 LOADER_KINDS = ("umons", "handcrafted", "mesm")
 
 
-def chapter_data(data_root, data_format: str = "auto", *, n: int, seed: int, style: str = "mosei"):
+def chapter_data(data_root, data_format: str = "auto", *, n: int, seed: int, style: str = "mosei", **knobs):
     """Where a chapter reads its data, and in which form: ``(root, data_format)``.
 
-    No ``data_root``: the synthetic corpus of ``n`` utterances (cached; the MESM raw layout, Chapter 2).
+    No ``data_root``: the synthetic corpus of ``n`` utterances (cached; the MESM raw layout, Chapter 2),
+    drawn with the corpus ``knobs`` of :class:`nbsupport.data.synth.SynthConfig` (``hidden_cue``,
+    ``cue_gain``, ...; Chapter 7's two regimes). The knobs describe synthetic data only: with a
+    ``data_root`` they are ignored (the data is the user's).
     Otherwise ``data_root`` as given, with its form resolved (``"auto"`` detects it;
     :func:`nbsupport.data.formats.resolve_format`): the raw layout is checked, pre-extracted features
     (UMONS, MMSA, MulT pickles, CMU-SDK sequences) are read as they are by :func:`loaders`.
     """
     if data_root in (None, ""):
-        return ensure_corpus(None, n=n, seed=seed, style=style), "raw"
+        return ensure_corpus(None, n=n, seed=seed, style=style, **knobs), "raw"
     fmt, path = formats.resolve_format(data_root, data_format, style)
     return (ensure_corpus(data_root, style=style) if fmt == "raw" else path), fmt
 

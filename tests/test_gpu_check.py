@@ -171,7 +171,7 @@ def test_chapter6_parameters_from_the_paper_preset(tmp_path):
     assert params["device"] == "cuda" and params["block_channels"] == [128, 256, 512] and params["dim"] == 64
     assert params["n_utterances"] == 480 and "smoke" not in params
     assert note["preset_keys_not_parameters"] == ["text_pooling"]
-    assert note["train_steps_per_model"] == 6 * math.ceil(336 / 8) == 252  # 70 % of 480 = 336 in train
+    assert note["train_steps_per_model"] == 6 * math.ceil(288 / 8) == 216  # 60 % of 480 = 288 in train
     json.dumps(params)  # papermill gets them as one YAML/JSON mapping
     cpu, _ = gc.chapter6_parameters(_ctx(tmp_path), preset, declared)
     assert cpu["smoke"] is True and cpu["device"] == "cpu" and "dim" not in cpu

@@ -31,6 +31,8 @@ _UMONS = dict(n_utterances=Int(min=30), hidden_size=Int(min=4), ff_size=Int(min=
               heads=Int(min=1), dropout=Float(min=0, max=0.9), seq_len=Int(min=2), epochs=Int(min=1), lr=_POS,
               batch_size=Int(min=1))
 _UMONS_SMOKE = dict(n_utterances=lambda n: min(n, 60), epochs=1)
+#: Chapter 7's regimes: a name -> the synthetic corpus's ``hidden_cue`` (nbsupport.data.synth.SynthConfig).
+_REGIMES = DictOf(item=Float(min=0, max=1))
 _BASELINE_SIZES = DictOf(keys=("LF-LSTM", "LF-Transformer", "MulT"), item=DictOf(item=Int(min=1)), complete=True)
 
 
@@ -45,6 +47,11 @@ def _mesm_needs_a_visual_modality(params: dict) -> None:
     if not params["modalities"].replace("L", ""):
         raise ParameterError("parameter 'modalities' must include 'A' or 'V' for MESM (the attention selects "
                              "their sites)")
+
+
+def _regimes_not_empty(params: dict) -> None:
+    if not params["regimes"]:
+        raise ParameterError("parameter 'regimes' must name at least one regime, e.g. {'visible': 0.0}")
 
 
 def _shrink_grid(grid: dict) -> dict:
@@ -64,8 +71,9 @@ SPECS: dict[str, Spec] = {
                    explorer_angles=ListOf(Float()), explorer_temperatures=ListOf(Float(min=0, open_min=True))),
         smoke=dict(n_train=200, epochs=40, explorer_angles=[0, 90], explorer_temperatures=[0.5, 2.0])),
     "02_multimodal_data": Spec(
-        rules=dict(**_DATA, n_utterances=Int(min=12), style=Choice("mosei", "iemocap")),
-        smoke=dict(n_utterances=48)),
+        rules=dict(**_DATA, n_utterances=Int(min=12), style=Choice("mosei", "iemocap"),
+                   placement_n=Int(min=24)),
+        smoke=dict(n_utterances=48, placement_n=36)),
     "03_umons_monomodal": Spec(
         rules=dict(**_DATA, **_DATA_FORMAT, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
                    sentiment_task=Choice("", "sentiment7", "sentiment2"), modalities=ListOf(Choice("L", "A", "V"))),
@@ -92,11 +100,14 @@ SPECS: dict[str, Spec] = {
                    models=ListOf(Choice("LF-LSTM", "LF-Transformer", "MulT", "FE2E", "MESM")),
                    text_model=Str(optional=True), e2e_sizes=DictOf(keys=tuple(_MESM_SIZES), rules=_MESM_SIZES,
                                                                    complete=True),
-                   baseline_sizes=_BASELINE_SIZES),
+                   baseline_sizes=_BASELINE_SIZES, regimes=_REGIMES,
+                   later_regime_models=ListOf(Choice("LF-LSTM", "LF-Transformer", "MulT", "FE2E", "MESM"),
+                                              min_len=0)),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, baseline_epochs=1, text_model=TINY_TEXT_MODEL,
                    e2e_sizes=MESM_SMOKE_SIZES,
                    baseline_sizes={"LF-LSTM": dict(hidden=8), "LF-Transformer": dict(dim=8, layers=1, heads=2),
-                                   "MulT": dict(dim=8, heads=2, cross_layers=1, self_layers=1)})),
+                                   "MulT": dict(dim=8, heads=2, cross_layers=1, self_layers=1)}),
+        check=_regimes_not_empty),
 }
 
 

@@ -100,8 +100,8 @@ _IEMOCAP_PROFILE = {"ang": "anger", "exc": "excited", "fru": "frustrated", "hap"
 
 #: Face regions of each AU in face-normalised coordinates (u, v in [-1, 1]: box u0, v0, u1, v1).
 AU_REGIONS = {
-    1: (-0.45, -0.62, 0.45, -0.22),   # inner brow raiser
-    2: (-0.85, -0.66, 0.85, -0.25),   # outer brow raiser
+    1: (-0.45, -0.75, 0.45, -0.22),   # inner brow raiser
+    2: (-0.85, -0.80, 0.85, -0.25),   # outer brow raiser
     4: (-0.55, -0.55, 0.55, -0.20),   # brow lowerer
     5: (-0.62, -0.32, 0.62, 0.02),    # upper lid raiser
     6: (-0.75, -0.05, 0.75, 0.25),    # cheek raiser
@@ -111,7 +111,7 @@ AU_REGIONS = {
     15: (-0.60, 0.35, 0.60, 0.80),    # lip corner depressor
     20: (-0.70, 0.30, 0.70, 0.72),    # lip stretcher
     23: (-0.45, 0.32, 0.45, 0.70),    # lip tightener
-    26: (-0.45, 0.35, 0.45, 0.98),    # jaw drop
+    26: (-0.45, 0.35, 0.45, 1.20),    # jaw drop
 }
 
 _TOPICS = ["the movie", "the new phone", "my job", "the election", "the trip", "this product", "the weather",
@@ -153,7 +153,8 @@ class SynthConfig:
     frame_step: int = 15       # write every frame_step-th 30 fps frame (15 = the frames 500 ms sampling reads)
     duration: tuple = (2.6, 3.4)  # seconds, uniform
     splits: tuple = (0.6, 0.1, 0.3)  # train/valid/test; a large test split keeps bootstrap intervals narrow
-    cue_gain: float = 1.0      # scales the face AU cue and the audio prosody cue inside their recorded regions
+    cue_gain: float = 1.0      # scales the face AU cue and the audio prosody cue inside their regions
+    hidden_cue: float = 0.0    # probability that a shown emotion takes the form hand-crafted features miss
 
     def check(self) -> "SynthConfig":
         """Raise ValueError naming the knob that is out of range."""
@@ -175,8 +176,12 @@ class SynthConfig:
             raise ValueError(f"synth: frame_step must be in [1, 30], got {self.frame_step!r}")
         if isinstance(self.cue_gain, bool) or not isinstance(self.cue_gain, (int, float, np.floating)) \
                 or not 0.0 <= float(self.cue_gain) <= MAX_CUE_GAIN:
-            raise ValueError(f"synth: cue_gain must be a number in [0, {MAX_CUE_GAIN:g}] (1 = the book corpus), "
+            raise ValueError(f"synth: cue_gain must be a number in [0, {MAX_CUE_GAIN:g}] "
+                             f"(1 = the book corpus), "
                              f"got {self.cue_gain!r}")
+        if isinstance(self.hidden_cue, bool) or not isinstance(self.hidden_cue, (int, float, np.floating)) \
+                or not 0.0 <= float(self.hidden_cue) <= 1.0:
+            raise ValueError(f"synth: hidden_cue must be a probability in [0, 1], got {self.hidden_cue!r}")
         sp = tuple(self.splits) if isinstance(self.splits, (tuple, list)) else ()
         if len(sp) != 3 or any(not 0.0 <= float(x) <= 1.0 for x in sp) or abs(sum(sp) - 1.0) > 1e-6 \
                 or sp[0] <= 0 or sp[2] <= 0:
@@ -361,8 +366,28 @@ def _envelope(t, on, off, ramp=0.25):
     return np.clip(np.minimum((t - on) / ramp, (off - t) / ramp), 0.0, 1.0)
 
 
-def _video(rng, cfg, profiles, dur):
-    """Frames (list of (k, jpg bytes)), per-frame AU masks, cue window and AUs."""
+#: Hidden video form: a dot lattice over the whole frame (``SynthConfig.hidden_cue`` > 0), 3x3 px dots every
+#: 6 px (dots of 1.5-2 px every 3-3.5 px in the 48 px face crop, well under a 12 px HOG cell); amplitude
+#: in grey levels at ``cue_gain`` 1.
+TEXTURE_PERIOD, TEXTURE_DOT, TEXTURE_AMP = 6, 3, 55.0
+
+
+def _dot_lattice(ox: int, oy: int) -> np.ndarray:
+    """(IMG, IMG) zero-mean lattice: -1 on the dots, a small positive value between them."""
+    yy, xx = np.mgrid[0:IMG, 0:IMG]
+    dots = (((xx - ox) % TEXTURE_PERIOD) < TEXTURE_DOT) & (((yy - oy) % TEXTURE_PERIOD) < TEXTURE_DOT)
+    cover = TEXTURE_DOT ** 2 / TEXTURE_PERIOD ** 2
+    return np.where(dots, -1.0, cover / (1.0 - cover)).astype(np.float32)
+
+
+def _video(rng, cfg, profiles, dur, hidden=False, lattice=None):
+    """Frames (list of (k, jpg bytes)), per-frame AU masks, cue window and AUs.
+
+    ``lattice`` (``hidden_cue`` > 0): every frame carries the dot lattice, dark dots everywhere. ``hidden``:
+    the face keeps a neutral geometry and the shown AUs' regions get the same lattice with its sign
+    flipped (bright dots) instead: gradient magnitudes, unsigned gradient orientations and cell means are
+    those of the dark lattice, so HOG and the face-geometry grids see no difference, while a fine-scale
+    rectified filter (a CNN's first layer) tells bright dots from dark ones."""
     f = _face_identity(rng)
     aus = {}
     for p in profiles:
@@ -378,11 +403,15 @@ def _video(rng, cfg, profiles, dur):
     for j, k in enumerate(ks):
         e = float(_envelope(k / FPS, on, off)) * strength
         au_now = {a: min(w * e * gain, _MAX_AU) for a, w in aus.items()}  # cue_gain scales the AU motion
-        img = _draw_face(f, au_now, *drift[j])
+        img = _draw_face(f, {} if hidden else au_now, *drift[j])
         active = [a for a, w in au_now.items() if w > 0.2]
         mask = _au_mask(f, active, *drift[j])
-        if gain > 1.0 and mask.any():
+        if gain > 1.0 and mask.any() and not hidden:
             img = _boost_contrast(img, mask, 1.0 + 0.5 * (gain - 1.0) * e)
+        if lattice is not None:
+            sign = np.where(mask, -1.0, 1.0).astype(np.float32) if hidden else 1.0
+            tex = TEXTURE_AMP * min(gain, 2.0) * lattice * sign
+            img = (img.astype(np.float32) + tex[..., None]).clip(0, 255).astype(np.uint8)
         noise = rng.normal(0, 6.0 * cfg.noise, size=img.shape)
         img = (img.astype(np.float32) * f["light"] + noise).clip(0, 255).astype(np.uint8)
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -423,7 +452,46 @@ def _prosody_at(neutral, target, amount, key):
     return neutral * (target / neutral) ** amount
 
 
-def _audio(rng, cfg, profiles, dur, female):
+#: Hidden audio form: one 40-band mel segment (between two adjacent centres of the MFCC filter bank:
+#: librosa, 16 kHz, n_fft 400, 40 Slaney mels) per emotion index, every other segment from 2.4 kHz.
+TONE_SEGMENTS = ((2376.0, 2564.0), (2766.0, 2984.0), (3219.0, 3472.0), (3746.0, 4041.0), (4360.0, 4704.0),
+                 (5074.0, 5474.0))
+TONE_AMP = 0.006  # amplitude of each split tone at cue_gain 1 (the voice is 0.08 RMS while voiced)
+
+
+def _tone_bed(rng_h, cfg, seg_on, env, n):
+    """Steady tones in :data:`TONE_SEGMENTS` (``hidden_cue`` > 0): one tone of amplitude sqrt(2)*A at each
+    segment's centre, which crossfades (``env``, power kept) into a pair of tones of amplitude A at a quarter
+    and three quarters of the segment in the segments ``seg_on`` (the shown emotions, hidden form).
+
+    Both forms put the same power into each triangular (linear in Hz) MFCC mel filter and have the same
+    power-weighted mean frequency, so MFCCs, RMS energy and spectral centroid do not change; a 128-band
+    mel spectrogram resolves one peak from two."""
+    t = np.arange(n) / SR
+    A = TONE_AMP * min(float(cfg.cue_gain), 2.0)
+    out = np.zeros(n)
+    for j, (lo, hi) in enumerate(TONE_SEGMENTS):
+        mid, q = (lo + hi) / 2, (hi - lo) / 4
+        c = np.clip(env, 0.0, 1.0) if j in seg_on else np.zeros(n)
+        ph = rng_h.uniform(0, 2 * np.pi, size=3)
+        out += A * np.sqrt(2.0) * np.sqrt(1 - c) * np.sin(2 * np.pi * mid * t + ph[0])
+        out += A * np.sqrt(c) * (np.sin(2 * np.pi * (mid - q) * t + ph[1])
+                                 + np.sin(2 * np.pi * (mid + q) * t + ph[2]))
+    return out
+
+
+def _segments_of(cfg, profiles):
+    """Indices into :data:`TONE_SEGMENTS` of the shown emotion profiles (neutral has none)."""
+    names = [cue_profile_for(e) for e in EMOTIONS[cfg.style]]
+    return sorted({names.index(p) for p in profiles if p != "neutral" and p in names})
+
+
+def _audio(rng, cfg, profiles, dur, female, hidden=False, rng_h=None):
+    """Waveform and cue box. ``hidden``: the prosody stays neutral and the shown emotions' tone segments
+    split inside the cue window instead (:func:`_tone_bed`, present whenever ``hidden_cue`` > 0)."""
+    shown = profiles
+    if hidden:
+        profiles = ["neutral"]
     n = int(dur * SR)
     t = np.arange(n) / SR
     on = rng.uniform(0.05, 0.3) * dur
@@ -478,7 +546,15 @@ def _audio(rng, cfg, profiles, dur, female):
     bg = signal.lfilter([0.05], [1, -0.95], rng.normal(0, 1, n))
     bg = bg / (bg.std() + 1e-9) * 0.01 * cfg.noise * rng.uniform(0.5, 2.0)
     hum = 0.003 * cfg.noise * np.sin(2 * np.pi * rng.choice([50, 60]) * t)
+    if rng_h is not None:
+        segs = _segments_of(cfg, shown) if hidden else []
+        out = out + _tone_bed(rng_h, cfg, segs, _envelope(t, on, off, ramp=0.15) * strength, n)
     wav = (out + bg + hum).clip(-1, 1).astype(np.float32)
+    if hidden:
+        segs = _segments_of(cfg, shown) or [0]
+        box = dict(t0=float(on), t1=float(off), f0_hz=TONE_SEGMENTS[segs[0]][0],
+                   f1_hz=TONE_SEGMENTS[segs[-1]][1])
+        return wav, box
     f_lo = float(max(50.0, base * float(P["f0"]) ** float(cfg.cue_gain) * 0.7))
     box = dict(t0=float(on), t1=float(off), f0_hz=f_lo, f1_hz=3500.0)
     return wav, box
@@ -529,16 +605,25 @@ def _one(cfg: SynthConfig, i: int):
     spk_draw = rng.random()
     female = rng.random() < 0.5
     text = _text(rng, text_p)
-    frames, masks, (von, voff), aus = _video(rng, cfg, vid_p, dur)
-    wav, box = _audio(rng, cfg, aud_p, dur, female)
+    # hidden forms: their own random stream, so a corpus with hidden_cue > 0 has the same labels, faces and
+    # voices as the default one and differs only in the form the cues take
+    rng_h = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), int(i), GENERATOR_VERSION, 7]))
+    draw_v, draw_a, ox, oy = rng_h.random(), rng_h.random(), *rng_h.integers(0, TEXTURE_PERIOD, size=2)
+    hidden_on = float(cfg.hidden_cue) > 0
+    hid_v = hidden_on and draw_v < cfg.hidden_cue and vid_p != ["neutral"]
+    hid_a = hidden_on and draw_a < cfg.hidden_cue and aud_p != ["neutral"]
+    lattice = _dot_lattice(int(ox), int(oy)) if hidden_on else None
+    frames, masks, (von, voff), aus = _video(rng, cfg, vid_p, dur, hid_v, lattice)
+    wav, box = _audio(rng, cfg, aud_p, dur, female, hid_a, rng_h if hidden_on else None)
     folder, uid = _utterance_id(cfg.style, i, spk_draw)
     cue = dict(
         version=GENERATOR_VERSION, frame_index=[k for k, _ in frames], image_size=(IMG, IMG),
         au_mask_packed=np.packbits(masks, axis=-1), active_aus=aus, video_window_s=(von, voff),
         audio_box=box, carried={"L": text_c, "A": aud_c, "V": vid_c},
         shown={"L": text_p, "A": aud_p, "V": vid_p}, profiles=active, cue_gain=float(cfg.cue_gain),
+        form={"A": "tones" if hid_a else "prosody", "V": "texture" if hid_v else "geometry"},
     )
-    meta = dict(text=text, label=label, sentiment=sentiment, duration=dur)
+    meta = dict(text=text, label=label, sentiment=sentiment, duration=dur, cue_form=dict(cue["form"]))
     return uid, folder, meta, frames, wav, cue
 
 
@@ -596,7 +681,8 @@ def generate_corpus(out, n: int = 600, seed: int = 0, style: str = "mosei", *, o
     with ``synth_info.json`` (generator version, knobs, counts) written last inside it; partial folders
     of dead runs are removed first (:func:`clean_stale_partials`). ``knobs`` are
     the other :class:`SynthConfig` fields (``p_text``, ``p_audio``, ``p_video``, ``p_contradict``,
-    ``p_second``, ``noise``, ``frame_step``, ``cue_gain``, ``splits``). Deterministic: same arguments, byte-identical files.
+    ``p_second``, ``noise``, ``frame_step``, ``cue_gain``, ``hidden_cue``, ``splits``). Deterministic: same
+    arguments, byte-identical files.
     """
     cfg = SynthConfig(n=n, seed=seed, style=style, **knobs).check()
     out = Path(out)
@@ -659,7 +745,8 @@ def cue_profile_for(label_name: str) -> str:
 
 
 #: The float knobs of :class:`SynthConfig` the CLI exposes (``--p-text`` ...); ``--frame-step`` is the int one.
-_FLOAT_KNOBS = ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second", "noise", "cue_gain")
+_FLOAT_KNOBS = ("p_text", "p_audio", "p_video", "specialise", "p_contradict", "p_second", "noise", "cue_gain",
+                "hidden_cue")
 
 
 def main(argv=None) -> int:
