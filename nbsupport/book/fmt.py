@@ -92,6 +92,16 @@ def lift(value, low, high) -> str:
     return f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def lift_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (a :func:`nbsupport.interpret.lift_intervals` result) with the columns
+    "attention lift [95 % CI]" and "kept-site lift [95 % CI]" formatted by :func:`lift` (Chapter 6)."""
+    out = table.copy()
+    for what, col in (("attention", "attention lift [95 % CI]"), ("kept", "kept-site lift [95 % CI]")):
+        out[col] = [lift(v, lo, hi) for v, lo, hi in
+                    zip(out[f"{what}_lift"], out[f"{what}_lift_low"], out[f"{what}_lift_high"])]
+    return out
+
+
 def plain(text) -> str:
     """``text`` safe for a matplotlib label: ``$`` escaped (MMSA ids look like ``video$_$clip``)."""
     return str(text).replace("$", r"\$")
