@@ -168,9 +168,9 @@ def ratio_interval(numerators, denominators, *, resamples: int = BOOTSTRAP_RESAM
 
 def lift_verdict(what: str, lift: Estimate) -> str:
     """The sentence for a lift over chance (1 = chance), computed from its interval (Chapter 6)."""
-    ci = f"{lift.value:.2f}, {100 * lift.level:.0f} % CI [{lift.low:.2f}, {lift.high:.2f}]"
+    ci = f"{lift.value:.3f}, {100 * lift.level:.0f} % CI [{lift.low:.3f}, {lift.high:.3f}]"
     if not np.isfinite(lift.low):
-        return f"{what}: lift {lift.value:.2f}; too few utterances with a cue for an interval, so no verdict."
+        return f"{what}: lift {lift.value:.3f}; too few utterances with a cue for an interval, so no verdict."
     if lift.low > 1:
         return f"{what} prefers the cue regions: lift {ci}, above 1."
     if lift.high < 1:

@@ -194,7 +194,7 @@ def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, threshold
 
 def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: int, lr: float, seed: int = 0,
                            device="auto", metric: str = "wacc", resamples: int = evidence.BOOTSTRAP_RESAMPLES,
-                           progress: bool = True, **fit_kw) -> dict:
+                           progress: bool = True, trained: Mapping | None = None, **fit_kw) -> dict:
     """Train MESM twice on the same data and seed, once with the book's learned attention
     (``attention_grad="reweight"``) and once as the authors' code (``"none"``: the attention only selects
     with its initial weights), and compare them on the test split (Chapter 6).
@@ -205,18 +205,26 @@ def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: in
     ``difference`` (:func:`nbsupport.evidence.paired_difference` of ``metric``, reweight minus none, over
     the test utterances, each model with its validation thresholds) and ``verdict`` (the sentence computed
     from that interval). ``fit_kw`` go to :func:`train_and_test` (e.g. ``protocol``, ``patience``).
+    ``trained`` ({setting: (row, fit_result)}) supplies a setting already trained by the caller in exactly
+    this way (same ``build``, seed, data and protocol; Chapter 6's main MESM is the "reweight" one), which
+    is then not trained a second time.
     """
     rows, fits, preds = [], {}, {}
     for setting in mesm_models.ATTENTION_GRAD:
-        torch.manual_seed(seed)
-        model = build(setting)
-        paths = getattr(model, "pathways", None) or {}
-        if any(p.attention_grad != setting for p in paths.values()):
-            raise ValueError(f"compare_attention_grad: build({setting!r}) returned a model with another "
-                             f"attention_grad")
         name = f"MESM ({setting})"
-        row, res = train_and_test(model, loaders, name=name, epochs=epochs, lr=lr, seed=seed,
-                                  device=device, progress=progress, **fit_kw)
+        if trained and setting in trained:
+            row, res = trained[setting]
+            model = res.model
+            row = {**row, "model": name}
+        else:
+            torch.manual_seed(seed)
+            model = build(setting)
+        if any(p.attention_grad != setting for p in (getattr(model, "pathways", None) or {}).values()):
+            raise ValueError(f"compare_attention_grad: the {setting!r} model (from build or trained) has another "
+                             f"attention_grad")
+        if not (trained and setting in trained):
+            row, res = train_and_test(model, loaders, name=name, epochs=epochs, lr=lr, seed=seed,
+                                      device=device, progress=progress, **fit_kw)
         row["attention_grad"] = setting
         rows.append(row)
         fits[setting] = res

@@ -402,3 +402,13 @@ def test_compare_attention_grad_trains_both_settings_from_the_same_start():
     wacc = {r["attention_grad"]: r["wacc"] for r in out["rows"]}
     assert d.value == pytest.approx(wacc["reweight"] - wacc["none"])  # the rows' own test wacc
     assert d.low <= d.value <= d.high and "MESM (reweight)" in out["verdict"]
+    # a setting the caller already trained the same way is reused, not trained again: the same result
+    again = compare_attention_grad(build, loaders, epochs=2, lr=1e-2, device="cpu", resamples=50, progress=False,
+                                   trained={"reweight": (out["rows"][0], out["fits"]["reweight"])})
+    assert again["fits"]["reweight"] is out["fits"]["reweight"]
+    assert again["difference"].value == pytest.approx(d.value)
+    for k, v in out["fits"]["none"].model.state_dict().items():  # "none" trained afresh, identically
+        assert torch.equal(again["fits"]["none"].model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="another attention_grad"):
+        compare_attention_grad(build, loaders, epochs=1, lr=1e-2, device="cpu", resamples=50, progress=False,
+                               trained={"reweight": (out["rows"][1], out["fits"]["none"])})

@@ -86,10 +86,11 @@ def interval(est) -> str:
 
 
 def lift(value, low, high) -> str:
-    """A lift over chance with its interval: '1.13 [0.98, 1.27]' (Chapter 6's cue regions; 1 = chance)."""
+    """A lift over chance with its interval: '1.134 [0.981, 1.270]' (Chapter 6's cue regions; 1 = chance).
+    Three decimals, so that an interval just above 1 does not print as [1.00, 1.01]."""
     if _missing(low) or _missing(high):
-        return f"{value:.2f} [no interval]"
-    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+        return f"{value:.3f} [no interval]"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def lift_columns(table: pd.DataFrame) -> pd.DataFrame:
