@@ -23,6 +23,7 @@ from nbsupport.train import predict
 
 __all__ = ["Predictions", "Estimate", "test_predictions", "predictions_from", "statistic", "bootstrap",
            "paired_difference", "verdict", "intervals", "compare", "ratio_interval", "lift_verdict",
+           "difference_in_differences",
            "BOOTSTRAP_RESAMPLES"]
 
 #: Resamples per interval: the percentile interval's end points move by well under 0.5 point between
@@ -137,6 +138,27 @@ def paired_difference(a: Predictions, b: Predictions, name: str = "wacc", *,
     fn = statistic(name)
     return _interval(lambda i: fn(a.labels[i], a.decisions[i]) - fn(b.labels[i], b.decisions[i]), len(a),
                      resamples, level, seed)
+
+
+def difference_in_differences(a1: Predictions, b1: Predictions, a2: Predictions, b2: Predictions,
+                              name: str = "wacc", *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+                              seed: int = 0) -> Estimate:
+    """``(name(a1) - name(b1)) - (name(a2) - name(b2))`` with a paired bootstrap interval (Chapter 7).
+
+    Does the gap between two kinds of model change between two conditions (two corpus regimes drawn
+    for the same utterance ids)? All four hold predictions for the same utterances in the same order,
+    and every resample scores all four on the same utterances; the gap changes only when the interval
+    of this difference excludes 0."""
+    if not (a1.ids == b1.ids == a2.ids == b2.ids):
+        raise ValueError("nbsupport.evidence.difference_in_differences: the four models were tested on "
+                         "different utterances (ids differ); the conditions must share one test split")
+    fn = statistic(name)
+
+    def gap(i):
+        return (fn(a1.labels[i], a1.decisions[i]) - fn(b1.labels[i], b1.decisions[i])
+                - fn(a2.labels[i], a2.decisions[i]) + fn(b2.labels[i], b2.decisions[i]))
+
+    return _interval(gap, len(a1), resamples, level, seed)
 
 
 def ratio_interval(numerators, denominators, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,

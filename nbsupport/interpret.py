@@ -281,7 +281,8 @@ class LiftTracker:
     untrained model. ``table`` holds every measurement; :meth:`final` the last epoch's.
     """
 
-    def __init__(self, model, loader, cues: CueRegions, *, device="cpu", resamples: int = 1000, seed: int = 0):
+    def __init__(self, model, loader, cues: CueRegions, *, device="cpu",
+                 resamples: int = evidence.BOOTSTRAP_RESAMPLES, seed: int = 0):
         self.model, self.loader, self.cues, self.device = model, loader, cues, device
         self.resamples, self.seed, self.tables = resamples, seed, []
 

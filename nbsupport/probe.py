@@ -151,7 +151,7 @@ def cue_form_probes(feats: dict, folds: int = 5, C: float = 0.1, seed: int = 0) 
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000))
             s = cross_val_score(clf, feats[f"{mod}_{kind}"], y, cv=cv)
             rows.append({"modality": name, "features": label, "acc": float(s.mean()),
-                         "acc_sd": float(s.std()), "chance": chance, "folds": k})
+                         "acc_sd": float(s.std(ddof=1)), "chance": chance, "folds": k})
     return rows
 
 
@@ -181,6 +181,7 @@ def cue_gain_contrast(gains=(0.0, 1.0, 2.0, 3.0), n: int = 8, seed: int = 0,
                                - cv2.cvtColor(read_frame(q), cv2.COLOR_BGR2GRAY).astype(np.float32))
                     inside.append(d[m].mean())
                     outside.append(d[~m].mean())
-        rows.append({"cue_gain": float(g), "inside": float(np.mean(inside)) if inside else 0.0,
-                     "outside": float(np.mean(outside)) if outside else 0.0, "frames": len(inside)})
+        # no frame with a cue region (gain 0 draws no cue): no measurement, not a zero
+        rows.append({"cue_gain": float(g), "inside": float(np.mean(inside)) if inside else float("nan"),
+                     "outside": float(np.mean(outside)) if outside else float("nan"), "frames": len(inside)})
     return rows

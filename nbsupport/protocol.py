@@ -117,7 +117,8 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     ``thresholds="validation"`` (Dai et al. 2021, Sec. 4.3), then the test split with those thresholds.
     Returns ``(row, fit_result)``; ``fit_result.extra["test"]`` holds the test decisions
     (:class:`nbsupport.evidence.Predictions`) that intervals are computed from; ``row`` has ``model``, ``modalities``, ``task``, the task's metrics
-    (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time).
+    (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time,
+    without the time spent in ``callbacks``).
     End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
     it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column.
     ``callbacks`` (``cb(epoch, row)`` after each epoch, e.g. :class:`nbsupport.interpret.LiftTracker`) and
@@ -128,10 +129,21 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     t0 = time.perf_counter()
     if thresholds is None:
         thresholds = "validation" if protocol == "book" else train.PROTOCOL_DEFAULT
+    spent = [0.0]  # seconds inside the callbacks: measurement, not training
+
+    def timed(cb):
+        def run(epoch, row):
+            start = time.perf_counter()
+            try:
+                return cb(epoch, row)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return run
+
     res = train.fit(model, loaders["train"], loaders["valid"], task=task, epochs=epochs, lr=lr, device=device,
                     seed=seed, thresholds=thresholds, patience=patience, checkpoint_dir=checkpoint_dir,
-                    progress=progress, desc=name, protocol=protocol, callbacks=callbacks)
-    seconds = time.perf_counter() - t0
+                    progress=progress, desc=name, protocol=protocol, callbacks=[timed(cb) for cb in callbacks])
+    seconds = time.perf_counter() - t0 - spent[0]
     logits, labels, ids = train.predict(res.model, loaders["test"], task=task, device=device)
     test = train.compute_metrics(logits, labels, task, res.thresholds)
     # the decisions behind every interval the chapters print (nbsupport.evidence)

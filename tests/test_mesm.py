@@ -412,3 +412,25 @@ def test_compare_attention_grad_trains_both_settings_from_the_same_start():
     with pytest.raises(ValueError, match="another attention_grad"):
         compare_attention_grad(build, loaders, epochs=1, lr=1e-2, device="cpu", resamples=50, progress=False,
                                trained={"reweight": (out["rows"][1], out["fits"]["none"])})
+
+
+def test_training_seconds_leave_out_the_callbacks():
+    """Chapter 6 compares MESM's training time with FE2E's while only MESM runs the lift measurement after
+    each epoch: the row's seconds must not count the time spent in callbacks."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from nbsupport.protocol import train_and_test
+
+    batches = [make_batch(b=4, seed=s) for s in range(2)]
+    loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
+    torch.manual_seed(0)
+    model = MESM("LAV", top_p=0.7, **REF)
+    calls = []
+    start = time.perf_counter()
+    row, _ = train_and_test(model, loaders, name="MESM", epochs=2, lr=1e-2, device="cpu", progress=False,
+                            callbacks=[lambda epoch, r: calls.append(epoch) or time.sleep(1.0)])
+    wall = time.perf_counter() - start
+    assert calls == [1, 2]
+    assert row["seconds"] <= wall - 2.0 + 0.05  # the two 1 s sleeps are not training time

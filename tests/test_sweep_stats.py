@@ -84,3 +84,12 @@ def test_sweep_answer_sentence_follows_the_interval():
     assert "seed noise is not measured" in one["sentence"]
     single = ss.sweep_answer(table()[table()["top_p"] == 1.0])
     assert single["effect"] is None and "One top_p value" in single["sentence"]
+
+
+def test_paired_effect_without_spread_over_seeds_gives_no_interval():
+    """The same difference on every seed leaves t undefined: no interval, so no verdict (not a zero-width one)."""
+    t = pd.DataFrame({"top_p": [1.0, 0.3] * 3, "seed": [0, 0, 1, 1, 2, 2],
+                      "wacc": [0.70, 0.65, 0.72, 0.67, 0.68, 0.63]})
+    eff = ss.paired_effect(t, 1.0, 0.3)
+    assert eff["value"] == pytest.approx(0.05) and eff["n"] == 3
+    assert np.isnan(eff["low"]) and np.isnan(eff["high"])

@@ -45,6 +45,7 @@ import argparse
 import ast
 import contextlib
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import logging
@@ -969,8 +970,9 @@ def sweep_fingerprint(notebook: str | os.PathLike, params: Mapping[str, Any] | N
     Hashed: the code cells of ``notebook`` (its markdown does not change a result), every ``*.py`` file
     of the ``nbsupport`` package (``package``, by relative path and content), the data version
     (:func:`nbsupport.data.corpus.data_version`: corpus generator and feature cache), the parameters
-    every point shares (``params``: the sweep's fixed values) and the pinned requirements
-    (``requirements``, default the repository's ``requirements.txt``; a missing file hashes as empty).
+    every point shares (``params``: the sweep's fixed values), the pinned requirements
+    (``requirements``, default the repository's ``requirements.txt``; a missing file hashes as empty) and
+    the installed PyTorch version, machine architecture and Python version.
     Same inputs give the same fingerprint; any change to one of them gives another.
     """
     path = Path(notebook)
@@ -995,6 +997,12 @@ def sweep_fingerprint(notebook: str | os.PathLike, params: Mapping[str, Any] | N
     part("data", data_version().encode())
     part("params", json.dumps(dict(params or {}), sort_keys=True, default=str).encode())
     part("requirements", requirements.read_bytes() if requirements.is_file() else b"")
+    # what was actually installed and where it runs (a point's seconds and float results depend on them)
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "none"
+    part("platform", f"torch {torch_version} {platform.machine()} {platform.python_version()}".encode())
     return h.hexdigest()[:16]
 
 

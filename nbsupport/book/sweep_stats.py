@@ -87,8 +87,8 @@ def paired_effect(table: pd.DataFrame, a, b, *, by: str = "top_p", seed: str = "
            "high": float("nan"), "level": level, "n": int(len(d)),
            "sd": float(d.std(ddof=1)) if len(d) > 1 else float("nan"), "pvalue": float("nan")}
     if len(d) > 1:
-        if np.allclose(d, d[0]):  # no spread over seeds: t is undefined and the interval is the point
-            out.update(low=float(d[0]), high=float(d[0]))
+        if np.allclose(d, d[0]):  # no spread over seeds: t is undefined, so no interval and no verdict
+            pass
         else:
             res = stats.ttest_rel(x, y)
             ci = res.confidence_interval(confidence_level=level)
