@@ -477,6 +477,7 @@ def draw_lift_by_epoch(table: pd.DataFrame, what: str = "attention", fig=None):
     layer, with the bootstrap interval of every point as a band; the dashed line is chance (1).
     ``table``: :attr:`LiftTracker.table`."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     mods = sorted(table["modality"].unique())
     if fig is None:
@@ -489,6 +490,7 @@ def draw_lift_by_epoch(table: pd.DataFrame, what: str = "attention", fig=None):
             ax.fill_between(g["epoch"], g[f"{what}_lift_low"], g[f"{what}_lift_high"], alpha=0.18,
                             color=line.get_color())
         ax.axhline(1.0, color="grey", ls="--", lw=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set(xlabel="epoch (0 = untrained)", ylabel=f"{what} lift on the cue regions",
                title={"V": "faces (V)", "A": "mel pieces (A)"}.get(m, m))
         ax.legend(fontsize=8)
