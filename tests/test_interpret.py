@@ -223,3 +223,19 @@ def test_lift_tracker_measures_every_epoch_without_changing_training(tmp_path):
     assert ((ok["attention_lift_low"] <= ok["attention_lift"] + 1e-9)
             & (ok["attention_lift"] <= ok["attention_lift_high"] + 1e-9)).all()
     assert tracker.final()["epoch"].unique().tolist() == [2]
+
+
+def test_lift_formatting_keeps_three_decimals_and_says_when_there_is_no_interval():
+    """Chapter 6 prints each lift with its interval; an interval just above 1 must not read [1.00, 1.01]."""
+    import pandas as pd
+
+    from nbsupport.book import fmt
+
+    assert fmt.lift(1.0042, 1.0031, 1.0053) == "1.004 [1.003, 1.005]"
+    assert fmt.lift(1.2, float("nan"), float("nan")) == "1.200 [no interval]"
+    table = pd.DataFrame({"attention_lift": [1.21], "attention_lift_low": [1.127], "attention_lift_high": [1.302],
+                          "kept_lift": [0.98], "kept_lift_low": [0.969], "kept_lift_high": [1.001]})
+    out = fmt.lift_columns(table)
+    assert out["attention lift [95 % CI]"].tolist() == ["1.210 [1.127, 1.302]"]
+    assert out["kept-site lift [95 % CI]"].tolist() == ["0.980 [0.969, 1.001]"]
+    assert "attention lift [95 % CI]" not in table  # the input is left as it was
