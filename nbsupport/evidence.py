@@ -132,11 +132,19 @@ def paired_difference(a: Predictions, b: Predictions, name: str = "wacc", *,
                       resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95, seed: int = 0) -> Estimate:
     """``name(a) - name(b)`` with a paired bootstrap interval: both models scored on the same resampled
     utterances. The two must hold predictions for the same utterances in the same order."""
-    if a.ids != b.ids:
-        raise ValueError("nbsupport.evidence.paired_difference: the two models were tested on different "
-                         "utterances (ids differ); pair them on one test split")
+    return _contrast("paired_difference", [(1, a), (-1, b)], name, resamples, level, seed)
+
+
+def _contrast(caller: str, terms, name: str, resamples: int, level: float, seed: int) -> Estimate:
+    """``sum(sign * name(model))`` over ``terms`` [(sign, Predictions)], every model scored on the same
+    resampled utterances (the paired bootstrap behind :func:`paired_difference` and
+    :func:`difference_in_differences`); all must hold the same utterance ids in the same order."""
+    first = terms[0][1]
+    if any(p.ids != first.ids for _, p in terms):
+        raise ValueError(f"nbsupport.evidence.{caller}: the models were tested on different utterances (ids "
+                         f"differ); compare them on one test split")
     fn = statistic(name)
-    return _interval(lambda i: fn(a.labels[i], a.decisions[i]) - fn(b.labels[i], b.decisions[i]), len(a),
+    return _interval(lambda i: sum(sign * fn(p.labels[i], p.decisions[i]) for sign, p in terms), len(first),
                      resamples, level, seed)
 
 
@@ -149,16 +157,8 @@ def difference_in_differences(a1: Predictions, b1: Predictions, a2: Predictions,
     for the same utterance ids)? All four hold predictions for the same utterances in the same order,
     and every resample scores all four on the same utterances; the gap changes only when the interval
     of this difference excludes 0."""
-    if not (a1.ids == b1.ids == a2.ids == b2.ids):
-        raise ValueError("nbsupport.evidence.difference_in_differences: the four models were tested on "
-                         "different utterances (ids differ); the conditions must share one test split")
-    fn = statistic(name)
-
-    def gap(i):
-        return (fn(a1.labels[i], a1.decisions[i]) - fn(b1.labels[i], b1.decisions[i])
-                - fn(a2.labels[i], a2.decisions[i]) + fn(b2.labels[i], b2.decisions[i]))
-
-    return _interval(gap, len(a1), resamples, level, seed)
+    return _contrast("difference_in_differences", [(1, a1), (-1, b1), (-1, a2), (1, b2)], name, resamples,
+                     level, seed)
 
 
 def ratio_interval(numerators, denominators, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
