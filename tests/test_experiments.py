@@ -188,6 +188,8 @@ def test_expand_grid_is_cartesian_deterministic_and_named():
     (["--resources", "GPU=1"], "resources"),        # resources are for workers of an existing cluster
     (["--scheduler", "tcp://127.0.0.1:9", "--workers", "2"], "workers"),
     (["--scheduler", "tcp://127.0.0.1:9", "--gpus", "0"], "gpus"),
+    (["--scheduler", "tcp://127.0.0.1:9", "--threads", "2"], "threads"),
+    (["--threads", "0"], "threads"),
     (["--scheduler", "tcp://127.0.0.1:9", "-p", "x", "0.5"], "'x'"),  # checked before connecting
 ])
 def test_bad_options_fail_before_anything_runs(toy_nb, tmp_path, capsys, args, word):
@@ -196,6 +198,14 @@ def test_bad_options_fail_before_anything_runs(toy_nb, tmp_path, capsys, args, w
     err = capsys.readouterr().err
     assert word in err and "error:" in err
     assert not out.exists() or _points(out) == []
+
+
+def test_threads_per_point_shares_the_usable_cores(monkeypatch):
+    monkeypatch.setattr(ex, "usable_cores", lambda: 16)
+    assert [ex.threads_per_point(w) for w in (1, 2, 3, 16, 40)] == [16, 8, 5, 1, 1]
+    assert ex.threads_per_point(4, threads=3) == 3  # an explicit count wins
+    with pytest.raises(ex.SweepError, match="threads"):
+        ex.threads_per_point(2, threads=True)
 
 
 def test_unreachable_scheduler_is_a_clear_error(toy_nb, tmp_path, capsys, monkeypatch):
@@ -350,7 +360,7 @@ def test_two_executions_of_one_point_install_it_once(toy_nb, tmp_path, fake_pape
 def local_sweep(toy_nb, tmp_path_factory):
     """4 smoke points on a LocalCluster of 2 workers with fake GPU ids; the fail=True points fail on purpose.
 
-    The driver runs without OMP_NUM_THREADS set, to check that no Dask default (1) reaches the kernels.
+    The driver runs without OMP_NUM_THREADS set: each kernel's thread count comes from threads_per_point.
     """
     out = tmp_path_factory.mktemp("sweep") / "fp"
     env = _env()
@@ -391,7 +401,10 @@ def test_local_workers_overlap_and_each_kernel_sees_its_gpu(local_sweep):
     for f in out.glob("x=*"):
         run = json.loads((f / "run.json").read_text())
         assert run["cuda_visible_devices"] == json.loads((f / "times.json").read_text())["gpu"]
-    assert {x["omp"] for x in t} == {None}  # the caller's environment, not Dask's OMP_NUM_THREADS=1
+    # the cores shared by the 2 workers (threads_per_point), not the caller's (unset) nor Dask's own value
+    assert {x["omp"] for x in t} == {str(ex.threads_per_point(2))}
+    for f in out.glob("x=*"):
+        assert json.loads((f / "run.json").read_text())["env"]["OMP_NUM_THREADS"] == str(ex.threads_per_point(2))
 
 
 def test_collect_table(local_sweep):
@@ -599,10 +612,11 @@ def test_chapter_helpers(toy_nb, tmp_path, monkeypatch):
     assert {k: ex.parse_value(v) for k, v in a.parameter} == params
     assert dict(ex.parse_grid_option(g) for g in a.grid) == grid
     # ... and through the real entry point to the same cluster as the Python call
-    seen = []
+    seen, threads = [], []
 
     def fake_run_on_dask(todo, job, scheduler, workers, gpus, resources, progress, initial):
         seen.append((scheduler, workers, gpus, resources))
+        threads.append(job.threads)
         return {p.name: ex.PointResult(p.name, "DONE", job.out / p.name) for p in todo}
 
     monkeypatch.setattr(ex, "_run_on_dask", fake_run_on_dask)
@@ -619,6 +633,9 @@ def test_chapter_helpers(toy_nb, tmp_path, monkeypatch):
         line = ex.command_line(toy_nb, tmp_path / f"o{len(seen)}", **kw)
         assert ex.main(shlex.split(line)[3:] + ["--no-progress"]) == 0, line
         assert seen[-1] == expected, (kw, seen[-1])
+    assert threads == [ex.threads_per_point(w) for w in (1, 2, 3, 1, 1)] + [None]  # None: the cluster's
+    line = ex.command_line(toy_nb, tmp_path / "t", workers=2, threads=1)
+    assert ex.main(shlex.split(line)[3:] + ["--no-progress"]) == 0 and threads[-1] == 1, line
     monkeypatch.chdir(tmp_path)
     (tmp_path / "book").mkdir()
     make_notebook(tmp_path / "book" / "toy.ipynb")
@@ -674,6 +691,10 @@ def test_store_dir_same_inputs_same_folder_any_change_another(tmp_path, monkeypa
     changed("the requirements")
     monkeypatch.setattr(ex, "data_version", lambda: "synth999-features999")
     changed("the data version")
+    now = store()
+    one = ex.store_dir(nb_path, params, root=tmp_path / "cache", package=pkg, requirements=req, threads=1)
+    two = ex.store_dir(nb_path, params, root=tmp_path / "cache", package=pkg, requirements=req, threads=2)
+    assert len({now, one, two}) == 3  # fixed thread counts: their own folders
     # the default root is the data cache root ($NBSUPPORT_DATA)
     monkeypatch.setenv("NBSUPPORT_DATA", str(tmp_path / "env_cache"))
     assert ex.store_dir(nb_path, params, package=pkg, requirements=req).parent == tmp_path / "env_cache" / "sweeps"

@@ -88,6 +88,7 @@ SPECS: dict[str, Spec] = {
     "06_mesm": Spec(
         rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, top_p=_P,
                    top_p_sweep=ListOf(_P), compare_fe2e=Bool(), compare_attention_grad=Bool(), explorer=Bool(), lift_by_epoch=Bool(),
+                   analysis=Bool(),
                    cue_gain=Float(min=0, max=MAX_CUE_GAIN),
                    **_MESM_SIZES, attention_hidden=Int(min=1)),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES,
@@ -115,6 +116,7 @@ def _experiments_spec() -> Spec:
     from .experiments import GridRule, ParamsRule
 
     return Spec(rules=dict(chapter=Str(), grid=GridRule(), fixed=ParamsRule(), workers=Int(min=1),
+                           threads=Int(min=1),
                            gpus=Str(optional=True), sweep_dir=Path_(optional=True)),
                 smoke=dict(grid=_shrink_grid, fixed=_smoke_points))
 

@@ -77,6 +77,7 @@ __all__ = [
     "SweepError", "Point", "PointResult", "parse_value", "parse_grid_option", "parse_resources", "expand_grid",
     "point_name", "notebook_parameters", "parameter_spec", "check_parameters", "point_state", "run_sweep", "collect", "main",
     "summary", "GridRule", "ParamsRule", "shrink_grid", "column", "command_line", "find_notebook",
+    "threads_per_point", "usable_cores", "THREAD_VARIABLES",
     "metrics_rows", "sweep_fingerprint", "store_dir", "reuse_counts", "attach_intervals",
 ]
 
@@ -309,7 +310,7 @@ def parse_resources(resources: str | Mapping[str, float] | None) -> dict[str, fl
 def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Mapping[str, Any] | None = None,
                  grid: Mapping[str, Sequence[Any]] | None = None, workers: int | None = 1,
                  gpus: Sequence[str] | str | None = None, *, scheduler: str | None = None,
-                 resources: str | Mapping[str, float] | None = None) -> str:
+                 resources: str | Mapping[str, float] | None = None, threads: int | None = None) -> str:
     """The shell command that runs the same sweep as :func:`run_sweep` with these arguments (Chapter 8)."""
     import shlex
 
@@ -326,6 +327,8 @@ def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Ma
         parts += ["--workers", str(workers)]
     if gpu_ids:
         parts += ["--gpus", shlex.quote(",".join(gpu_ids))]
+    if threads is not None:
+        parts += ["--threads", str(threads)]
     res = parse_resources(resources)
     if res:
         parts += ["--resources", shlex.quote(",".join(f"{k}={v}" for k, v in res.items()))]
@@ -435,6 +438,7 @@ class _Job:
     provenance: dict
     timeout: float | None
     gpu_ids: list = field(default_factory=list)  # local cluster: worker k's kernel gets gpu_ids[k % n]
+    threads: int | None = None  # local cluster: CPU threads of each point's kernel (None: inherited)
 
 
 def _read_json(path: Path) -> dict:
@@ -547,6 +551,32 @@ def _kernel_launcher() -> list[str]:
     if not sys.platform.startswith("linux"):
         return []
     return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT]  # -I -S: no site packages, starts in ~0.1 s
+
+
+#: The variables that size a kernel's CPU thread pools (PyTorch's intra-op pool reads OMP_NUM_THREADS).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count``)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def threads_per_point(workers: int, threads: int | None = None) -> int:
+    """CPU threads each kernel of a local sweep gets: ``threads``, or the usable cores shared by ``workers``.
+
+    Points that run at once on one machine share its cores. Each kernel inheriting the caller's
+    thread count (the book's ``OMP_NUM_THREADS=2`` on 2 cores) oversubscribes them: measured on 2
+    cores, two such MESM points at once trained 3-4x slower each than one alone, slower in total than
+    running them one after the other. ``cores // workers`` threads per kernel (at least 1) avoids that.
+    """
+    if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise SweepError(f"threads must be an integer >= 1, got {threads!r}")
+        return threads
+    return max(1, usable_cores() // max(1, workers))
 
 
 def _kernel_manager(extra_env: Mapping[str, str]):
@@ -675,8 +705,10 @@ def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) ->
 
 
 def _point_task(point: Point, job: _Job) -> PointResult:
-    """The Dask task of one point: pick this worker's GPU (local cluster with ``--gpus``), then run it."""
+    """The Dask task of one point: its kernel's CPU threads and GPU (local cluster), then run it."""
     env = {}
+    if job.threads:
+        env.update({v: str(job.threads) for v in THREAD_VARIABLES})
     if job.gpu_ids:
         from distributed import get_worker
 
@@ -731,7 +763,7 @@ def _dask_client(scheduler: Any, workers: int, gpus: list[str], resources: Mappi
     on loopback only, no dashboard): a point's work happens in its own kernel process, so a worker only supervises
     papermill, and in-process workers start in a fraction of a second instead of a fresh Python
     with its imports per worker (measured by ``benchmarks/sweep_overhead.py``). Kernels inherit
-    this process's environment unchanged.
+    this process's environment, except their thread counts (:func:`threads_per_point`) and GPU.
     """
     from distributed import Client, LocalCluster
 
@@ -765,7 +797,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
               gpus: Sequence[str] | str | None = None, scheduler: Any = None,
               resources: str | Mapping[str, float] | None = None, kernel: str = "python3",
               cwd: str | os.PathLike | None = None, timeout: float | None = None,
-              progress: bool = True) -> list[PointResult]:
+              progress: bool = True, threads: int | None = None) -> list[PointResult]:
     """Run ``notebook`` once per grid point into ``out/<point>/`` as Dask tasks, resumable (Chapter 8).
 
     ``params`` are fixed for every point, ``grid`` maps a parameter to the values to sweep. Every
@@ -780,6 +812,11 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
       worker started with ``--resources GPU=1``, one point per GPU; that worker's own
       ``CUDA_VISIBLE_DEVICES`` (set when it was started, or by SLURM) is what its kernel sees.
 
+    On the local cluster each kernel gets ``threads`` CPU threads (``OMP_NUM_THREADS`` and
+    ``MKL_NUM_THREADS``; default: the usable cores divided by ``workers``, see
+    :func:`threads_per_point`), so points running at once do not oversubscribe the cores. On an
+    existing cluster kernels inherit their worker's environment.
+
     Finished points are skipped, a point whose worker died runs again elsewhere, and every
     point folder is installed atomically once (see the module notes). ``cwd`` (default: the
     notebook's folder) is where the kernel starts; all paths must be the same on every machine.
@@ -792,6 +829,9 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
     gpus = _parse_gpus(gpus)
     res = parse_resources(resources)
     if scheduler is not None:
+        if threads is not None:
+            raise SweepError("threads sizes the kernels of the local cluster; on a cluster, set "
+                             "OMP_NUM_THREADS where its workers start (drop --threads)")
         if workers is not None:
             raise SweepError("workers sizes the local cluster; with a scheduler, its workers decide "
                              "(drop --workers)")
@@ -807,6 +847,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
                              "gets GPU=1 per worker from gpus")
         if gpus:
             res = {"GPU": 1}
+        threads = threads_per_point(workers, threads)
     defaults = notebook_parameters(notebook)
     if "output_dir" in params or "output_dir" in grid:
         raise SweepError("parameter 'output_dir' is set by the sweep (one folder per point); do not pass it")
@@ -843,7 +884,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
             job = _Job(notebook=notebook, out=out, kernel=kernel,
                        cwd=Path(cwd).resolve() if cwd is not None else notebook.parent,
                        pass_output_dir="output_dir" in defaults, timeout=timeout,
-                       gpu_ids=gpus if scheduler is None else [],
+                       gpu_ids=gpus if scheduler is None else [], threads=threads,
                        provenance={**_git_commit(notebook.parent), "versions": environment(),
                                    "python_executable": sys.executable, "platform": platform.platform()})
             results.update(_run_on_dask(todo, job, scheduler, workers, gpus, res, progress,
@@ -964,7 +1005,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]  # the nbsupport package folder
 
 def sweep_fingerprint(notebook: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
                       package: str | os.PathLike | None = None,
-                      requirements: str | os.PathLike | None = None) -> str:
+                      requirements: str | os.PathLike | None = None, threads: int | None = None) -> str:
     """A 16-hex-digit hash of everything that decides a sweep point's result (Chapter 8's result store).
 
     Hashed: the code cells of ``notebook`` (its markdown does not change a result), every ``*.py`` file
@@ -972,7 +1013,9 @@ def sweep_fingerprint(notebook: str | os.PathLike, params: Mapping[str, Any] | N
     (:func:`nbsupport.data.corpus.data_version`: corpus generator and feature cache), the parameters
     every point shares (``params``: the sweep's fixed values), the pinned requirements
     (``requirements``, default the repository's ``requirements.txt``; a missing file hashes as empty) and
-    the installed PyTorch version, machine architecture and Python version.
+    the installed PyTorch version, machine architecture and Python version, and ``threads`` (the CPU
+    threads of each point's kernel, when the caller fixes them: summation order, so the last digits of
+    a float result, depend on the thread count).
     Same inputs give the same fingerprint; any change to one of them gives another.
     """
     path = Path(notebook)
@@ -1003,6 +1046,8 @@ def sweep_fingerprint(notebook: str | os.PathLike, params: Mapping[str, Any] | N
     except importlib.metadata.PackageNotFoundError:
         torch_version = "none"
     part("platform", f"torch {torch_version} {platform.machine()} {platform.python_version()}".encode())
+    if threads is not None:  # absent for None: fingerprints from before this option stay the same
+        part("threads", str(threads).encode())
     return h.hexdigest()[:16]
 
 
@@ -1093,6 +1138,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus", default=None,
                    help="local cluster: comma list of GPU ids; worker k's kernel gets "
                         "CUDA_VISIBLE_DEVICES=gpus[k %% n]")
+    r.add_argument("--threads", type=int, default=None,
+                   help="local cluster: CPU threads of each point's kernel (default: usable cores // workers)")
     r.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on an existing Dask cluster, e.g. tcp://HOST:8786 (dask scheduler / dask worker)")
     r.add_argument("--resources", default=None, metavar="NAME=N",
@@ -1132,7 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_sweep(args.notebook, args.out, params=params, grid=grid, workers=args.workers,
                             gpus=args.gpus, scheduler=args.scheduler, resources=args.resources,
                             kernel=args.kernel, cwd=args.cwd, timeout=args.timeout,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, threads=args.threads)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
