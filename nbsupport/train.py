@@ -11,7 +11,9 @@ contract) can be trained. Three tasks:
 
 Reproducibility: every epoch re-seeds PyTorch's generator (and the loader's own shuffle generator)
 from ``(seed, epoch)``, so the shuffle order and dropout masks of epoch ``e`` do not depend on what
-ran before. Together with the checkpoint (model, optimiser, epoch, best state, history, RNG states,
+ran before. On CPU, :func:`fit` also runs with PyTorch's deterministic algorithms
+(:func:`cpu_determinism`): with more than one thread, some backward passes otherwise sum in the order
+the threads finish. Together with the checkpoint (model, optimiser, epoch, best state, history, RNG states,
 written atomically after every epoch) an interrupted run resumes to the same final result.
 A checkpoint records the fingerprint of the run that wrote it (:func:`run_fingerprint`: model class,
 architecture and parameter shapes, seed, optimiser settings, task, data sizes and ids); a resume whose
@@ -26,6 +28,8 @@ are gathered from all ranks before metrics, and only rank 0 writes checkpoints: 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -49,7 +53,7 @@ from .base import atomic_write, count_parameters, resolve_device as _base_device
 __all__ = [
     "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
     "FitResult", "resolve_device", "to_device", "compute_metrics", "choose_thresholds", "count_parameters",
-    "PROTOCOLS", "resolve_protocol",
+    "PROTOCOLS", "resolve_protocol", "cpu_determinism",
     "CheckpointError", "run_fingerprint", "load_checkpoint",
 ]
 
@@ -564,6 +568,44 @@ def _auxiliary_loss(model: nn.Module, batch: Mapping[str, Any], criterion: Calla
     return aux
 
 
+@contextlib.contextmanager
+def cpu_determinism(device: str | torch.device = "cpu"):
+    """While inside, PyTorch's deterministic algorithms on a CPU ``device`` (reproducible runs: same seed,
+    same metrics), restored afterwards; on other devices nothing changes.
+
+    Why: ``index_put_(accumulate=True)``, the backward of indexing with repeated indices (an embedding
+    lookup, for one), sums on CPU in the order its threads finish. Measured on 2 cores with
+    ``OMP_NUM_THREADS=2``: 30 of 30 repeats of one such sum differed bitwise while another process
+    loaded the machine, and three identical 2-epoch trainings of Chapter 7's MESM run at once gave
+    three different sets of weights; with deterministic algorithms, one (at about 4 % more time per
+    epoch). A CPU op without a deterministic version would raise here rather than vary silently. CUDA is
+    left to the caller: several CUDA kernels have no deterministic version, and they need
+    ``CUBLAS_WORKSPACE_CONFIG`` set before the first cuBLAS call.
+    """
+    if resolve_device(device).type != "cpu":
+        yield
+        return
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def _deterministic_on_cpu(train_fn):
+    """Run ``train_fn`` (keyword ``device``) inside :func:`cpu_determinism` for that device."""
+
+    @functools.wraps(train_fn)
+    def wrapper(*args, **kwargs):
+        with cpu_determinism(kwargs.get("device", "auto")):
+            return train_fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_deterministic_on_cpu
 def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emotion", epochs: int = 10,
         lr: float = 1e-3, weight_decay: float = 0.0, device="auto", seed: int = 0,
         grad_clip: float | None = PROTOCOL_DEFAULT, patience: int | None = PROTOCOL_DEFAULT,

@@ -78,6 +78,24 @@ def test_same_seed_same_metrics_and_history():
     assert not a.history["train_loss"].equals(c.history["train_loss"])
 
 
+def test_cpu_fit_runs_with_deterministic_algorithms_and_restores_the_setting():
+    seen = []
+    assert not torch.are_deterministic_algorithms_enabled()
+    _fit(epochs=2, callbacks=[lambda epoch, row: seen.append(torch.are_deterministic_algorithms_enabled())])
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="boom"):  # restored also when training fails
+        _fit(epochs=1, callbacks=[lambda epoch, row: (_ for _ in ()).throw(RuntimeError("boom"))])
+    assert not torch.are_deterministic_algorithms_enabled()
+    # inside the context, the accumulating index_put_ (embedding-style backward) repeats bit for bit
+    src, idx = torch.randn(30000, 16), torch.randint(0, 500, (30000,))
+    with train.cpu_determinism("cpu"):
+        sums = [torch.zeros(500, 16).index_put_((idx,), src, accumulate=True) for _ in range(5)]
+    assert all(torch.equal(sums[0], x) for x in sums[1:])
+    # ... and equals the float64 sum to float32 precision (what it computes, not only that it repeats)
+    ref = torch.zeros(500, 16, dtype=torch.float64).index_add_(0, idx, src.double())
+    assert torch.allclose(sums[0].double(), ref, atol=1e-4)
+
+
 def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path):
     full = _fit(epochs=4, checkpoint_dir=tmp_path / "full")
 
