@@ -86,13 +86,11 @@ def paired_effect(table: pd.DataFrame, a, b, *, by: str = "top_p", seed: str = "
     out = {"a": a, "b": b, "value": float(d.mean()) if len(d) else float("nan"), "low": float("nan"),
            "high": float("nan"), "level": level, "n": int(len(d)),
            "sd": float(d.std(ddof=1)) if len(d) > 1 else float("nan"), "pvalue": float("nan")}
-    if len(d) > 1:
-        if np.allclose(d, d[0]):  # no spread over seeds: t is undefined, so no interval and no verdict
-            pass
-        else:
-            res = stats.ttest_rel(x, y)
-            ci = res.confidence_interval(confidence_level=level)
-            out.update(low=float(ci.low), high=float(ci.high), pvalue=float(res.pvalue))
+    # without spread over seeds t is undefined: no interval, so no verdict
+    if len(d) > 1 and not np.allclose(d, d[0]):
+        res = stats.ttest_rel(x, y)
+        ci = res.confidence_interval(confidence_level=level)
+        out.update(low=float(ci.low), high=float(ci.high), pvalue=float(res.pvalue))
     return out
 
 
