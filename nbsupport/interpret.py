@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from nbsupport import evidence
 from nbsupport.base import to_device
 from nbsupport.data import features
-from nbsupport.data.raw import read_cues, read_frame, sample_frame_positions
+from nbsupport.data.raw import read_cues, read_frame
 from nbsupport.models.mesm import extractor_macs
 
 __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_pieces", "summarize_cue_table",
@@ -217,8 +217,8 @@ class CueRegions:
         """(T, 48, 48) area fractions of the active AU regions on each sampled face crop of ``uid``."""
         if uid not in self._faces:
             cue = self._cue(uid)
-            paths, idx = self.raw.frames(self.index[uid])
-            pos = sample_frame_positions(idx, self.img_interval)
+            paths, pos = self.raw.sample_frames(self.index[uid], self.img_interval)
+            idx = self.raw.frames(self.index[uid])[1]
             where = {k: j for j, k in enumerate(cue["frame_index"])}
             out = []
             for p in pos:

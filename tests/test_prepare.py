@@ -16,6 +16,7 @@ import pytest
 import skimage.data
 import soundfile as sf
 import torch
+from conftest import require_program
 
 from nbsupport import protocol
 from nbsupport.data import EMOTIONS, load_split
@@ -36,10 +37,9 @@ def frame_rgb(k: int, split_screen: bool = False) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is needed (apt-get install espeak-ng; .ci/run installs it)")
+    espeak = require_program("espeak-ng", "espeak-ng")  # skips locally, fails in CI, without it
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(path), "I am so happy to see you today. This is wonderful news."],
+    subprocess.run([espeak, "-w", str(path), "I am so happy to see you today. This is wonderful news."],
                    check=True)
     wav, sr = sf.read(path, dtype="float32")
     return wav, sr
@@ -75,6 +75,17 @@ def encode(path, speech, *, seconds=SECONDS, audio=True, stereo=False, split_scr
             c.mux(p)
     c.close()
     return path
+
+
+def mux_mono(c, a, wav, sr=16000):
+    """Encode the mono float32 ``wav`` into audio stream ``a`` of container ``c`` and mux it."""
+    for i in range(0, len(wav), 1024):
+        fr = av.AudioFrame.from_ndarray(wav[None, i:i + 1024].copy(), format="fltp", layout="mono")
+        fr.sample_rate, fr.pts = sr, i
+        for p in a.encode(fr):
+            c.mux(p)
+    for p in a.encode():
+        c.mux(p)
 
 
 SEGMENTS = [("-6rXp3zJ3kc", 0, 0.2, 1.6), ("-6rXp3zJ3kc", 1, 1.0, 3.0), ("abc_DEF", 0, 0.5, 2.0),
@@ -300,14 +311,7 @@ def test_bad_video_missing_frames(tmp_path, speech, capsys):
             c.mux(p)
     for p in vs.encode():
         c.mux(p)
-    tone = (0.3 * np.sin(np.arange(64000) * 0.1)).astype(np.float32)
-    for i in range(0, 64000, 1024):
-        fr = av.AudioFrame.from_ndarray(tone[None, i:i + 1024].copy(), format="fltp", layout="mono")
-        fr.sample_rate, fr.pts = 16000, i
-        for p in a.encode(fr):
-            c.mux(p)
-    for p in a.encode():
-        c.mux(p)
+    mux_mono(c, a, (0.3 * np.sin(np.arange(64000) * 0.1)).astype(np.float32))
     c.close()
     line = _bad_run(tmp_path, speech, bad, [("gap", 0, 1.0, 3.0)], capsys)
     assert "no decodable frame at 1.50, 2.00, 2.50 s" in line
