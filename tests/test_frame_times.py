@@ -20,7 +20,7 @@ import torch
 from test_prepare import mux_mono
 
 from nbsupport.data import datasets as D
-from nbsupport.data import load_split
+from nbsupport.data import DataError, load_split
 from nbsupport.data import prepare as P
 from nbsupport.data.raw import sample_frame_positions
 
@@ -133,6 +133,16 @@ def test_old_root_without_fps_reads_30_fps_and_warns_once(tmp_path, monkeypatch)
     assert len(said) == 1 and "30 fps" in str(said[0].message) and "meta.pkl" in str(said[0].message)
     read = [_k(p) for p in loader_frames(splits[2], 0, monkeypatch)]
     assert read == [0, 15, 30, 45, 60, 75, 90] == sample_frame_positions(frames["c_0"], 500)
+
+
+@pytest.mark.parametrize("bad, field", [({"fps": "25"}, "fps"), ({"fps": 0}, "fps"), ({"fps": float("nan")}, "fps"),
+                                        ({"fps": 25, "start": "x"}, "start"),
+                                        ({"fps": 25, "frame_times": {1.5: 0.1}}, "frame_times"),
+                                        ({"fps": 25, "frame_times": {float("inf"): 0.1}}, "frame_times")])
+def test_bad_frame_clock_names_the_file_id_and_field(tmp_path, bad, field):
+    root = write_root(tmp_path, {"a_0": bad}, {"a_0": [0]})
+    with pytest.raises(DataError, match=rf"meta.pkl \[id 'a_0'\]: field '{field}'"):
+        load_split(root, "mosei", "test")
 
 
 def test_feature_cache_entry_sampled_without_the_clock_is_recomputed(clock_root, tmp_path, caplog):

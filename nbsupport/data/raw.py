@@ -138,27 +138,33 @@ def sample_frame_times(times_s, interval_ms: float, start_s: float | None = None
     return sorted(set(int(p) for p in pos))
 
 
-def frame_timing(entry) -> dict | None:
-    """The frame clock of one ``meta.pkl`` entry: ``{"fps", "start", "end", "frame_times"}`` (floats,
-    ``frame_times`` {k: s} or None) when it records a frame rate, else None (frames numbered as 30 fps
-    video: older roots, the MESM release). DataError is left to the caller's entry check; a bad value
-    here (not a positive finite number) gives None for the field."""
-    if not isinstance(entry, dict) or not _is_number(entry.get("fps")):
+def frame_timing(entry, where: str = "meta.pkl") -> dict | None:
+    """The frame clock of one ``meta.pkl`` entry: ``{"fps", "start", "end", "frame_times"}`` (floats;
+    ``start`` / ``end`` None when absent, ``frame_times`` {k: s} or None) when it records ``fps``, else
+    None (frames numbered as 30 fps video: older roots, the MESM release). DataError naming ``where``
+    and the field for an ``fps`` that is not a positive number, a ``start``/``end`` that is not a finite
+    number, or ``frame_times`` that is not a dict of frame index -> finite seconds."""
+    if not isinstance(entry, dict) or "fps" not in entry:
         return None
-    fps = float(entry["fps"])
-    if not math.isfinite(fps) or fps <= 0:
-        return None
-
-    def seconds(v):
-        return float(v) if _is_number(v) and math.isfinite(float(v)) else None
-
+    fps = entry["fps"]
+    if not _is_number(fps) or isinstance(fps, (bool, np.bool_)) or not (math.isfinite(fps) and fps > 0):
+        raise DataError(f"{where}: field 'fps' must be the video's frame rate (a number > 0), got {fps!r}")
+    out = {"fps": float(fps)}
+    for field in ("start", "end"):
+        v = entry.get(field)
+        if v is not None and (not _is_number(v) or not math.isfinite(v)):
+            raise DataError(f"{where}: field '{field}' must be a time in seconds, got {v!r}")
+        out[field] = None if v is None else float(v)
     times = entry.get("frame_times")
-    if isinstance(times, dict):
-        times = {int(k): float(v) for k, v in times.items() if _is_number(k) and seconds(v) is not None}
-    else:
-        times = None
-    return {"fps": fps, "start": seconds(entry.get("start")), "end": seconds(entry.get("end")),
-            "frame_times": times or None}
+    if times is not None:
+        ok = isinstance(times, dict) and all(
+            _is_number(k) and math.isfinite(k) and float(k) == int(k) and _is_number(v) and math.isfinite(v) for k, v in times.items())
+        if not ok:
+            raise DataError(f"{where}: field 'frame_times' must map frame indices to times in seconds "
+                            f"({{k: s}}), got {times!r:.120}")
+        times = {int(k): float(v) for k, v in times.items()}
+    out["frame_times"] = times or None
+    return out
 
 
 def _check_image_complete(path: str) -> None:
@@ -440,7 +446,7 @@ class RawSplit(Dataset):
             self.texts.append(_text_value(m["text"], where))
             self.sentiments.append(_sentiment_value(m.get("sentiment"), where))
             self.folders.append(folders[uid])
-            self.timing.append(frame_timing(m))
+            self.timing.append(frame_timing(m, where))
         self._warn_without_fps(meta_path)
 
     def _warn_without_fps(self, meta_path: Path) -> None:
