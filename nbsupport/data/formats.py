@@ -502,14 +502,14 @@ def _csd_roles(folder: Path, sequences=None) -> dict:
             if pattern.search(p.name) or pattern.search(seq_names[p]):
                 candidates.setdefault(role, []).append(p)
                 break
+    several = {r: found for r, found in candidates.items() if r not in roles and len(found) > 1}
+    if several:
+        listed = "; ".join(f"several {r} sequences: " + ", ".join(f"{p.name} (sequence {seq_names[p]!r})"
+                                                                for p in found) for r, found in several.items())
+        example = {r: found[0].name for r, found in several.items()}
+        raise DataError(f"{folder}: {listed}; choose with the parameter csd_sequences, e.g. {example}")
     for role, found in candidates.items():
-        if role in roles:
-            continue  # chosen by csd_sequences; the others of this role are not read
-        if len(found) > 1:
-            listed = ", ".join(f"{p.name} (sequence {seq_names[p]!r})" for p in found)
-            raise DataError(f"{folder}: several {role} sequences: {listed}; choose one with the parameter "
-                            f"csd_sequences, e.g. {{{role!r}: {found[0].name!r}}}")
-        roles[role] = found[0]
+        roles.setdefault(role, found[0])  # a role chosen by csd_sequences keeps its choice
     if "labels" not in roles:
         raise DataError(f"{folder}: no label sequence among {[p.name for p in files]} (expected e.g. "
                         "CMU_MOSEI_Labels.csd, sequence 'All Labels')")
@@ -694,6 +694,9 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60, c
 _SEGMENT_TOLERANCE = 0.01
 #: MMSA's sentiment and the label row's may differ by rounding only (MOSEI sentiments are steps of 1/3).
 _SENTIMENT_TOLERANCE = 0.05
+#: Above this share of identified clips whose sentiment differs, the numbering itself is wrong: stop.
+_MAX_SENTIMENT_DIFFER = 0.05
+_SENTIMENT_DIFFERS = "the label row's sentiment differs from MMSA's (another utterance)"
 
 
 def read_transcript_segments(path) -> dict:
@@ -745,8 +748,10 @@ def merge_emotions(mmsa_path, labels_csd, out=None, *, columns: str = "metadata"
     (stored row ``c``; :func:`sdk_utterance_rows`); with ``segments`` (CMU-MOSEI's segmented
     transcripts, :func:`read_transcript_segments`) the row whose interval is transcript segment ``c``'s.
     Never by position or by an equal sentiment. MMSA's own ``regression_labels`` is then a check only:
-    a row whose sentiment differs is another utterance, and the clip is left out. Several rows with
-    different labels for one interval make the clip ambiguous; it is left out and listed.
+    a row whose sentiment differs is another utterance, and the clip is left out; when that happens for
+    more than 5% of the identified clips the numbering is not the one assumed and nothing is merged
+    (DataError). Several rows with different labels for one interval make the clip ambiguous; it is
+    left out and listed.
 
     Adds to every split ``emotion_labels`` (N, 6) (intensities, NaN where nothing matched) and
     ``emotion_names``; writes the result to ``out`` atomically when given. Returns ``{split: {"total",
@@ -786,7 +791,7 @@ def merge_emotions(mmsa_path, labels_csd, out=None, *, columns: str = "metadata"
                 continue
             k = rows[0]
             if row_sent is not None and abs(float(row_sent[k]) - float(sent[i])) > _SENTIMENT_TOLERANCE:
-                left.setdefault("the label row's sentiment differs from MMSA's (another utterance)", []).append(uid)
+                left.setdefault(_SENTIMENT_DIFFERS, []).append(uid)
                 continue
             emo[i] = row_emo[k]
         d["emotion_labels"], d["emotion_names"] = emo, np.asarray(names)
@@ -794,13 +799,21 @@ def merge_emotions(mmsa_path, labels_csd, out=None, *, columns: str = "metadata"
         top[key] = d
         report[split] = {"total": len(ids), "matched": int(np.isfinite(emo).all(1).sum()), "left_out": left,
                          "ambiguous": ambiguous}
+    differ = sum(len(r["left_out"].get(_SENTIMENT_DIFFERS, [])) for r in report.values())
+    found = differ + sum(r["matched"] for r in report.values())
+    if differ > _MAX_SENTIMENT_DIFFER * max(found, 1):
+        how = "the SDK's utterance numbers" if segs is None else "the transcripts' segment numbers"
+        raise DataError(f"{mmsa_path}: for {differ} of {found} clips the label row their id names has another "
+                        f"sentiment than MMSA's regression label, so the clip numbers are not {how}; nothing "
+                        "was merged" + ("; pass segments (CMU-MOSEI's segmented transcripts) to match clips "
+                                        "by interval" if segs is None else ""))
     if out is not None:
         atomic_write(out, lambda fh: pickle.dump(top, fh, protocol=4), "wb")
     return report
 
 
 def _print_merge_report(report: dict) -> None:
-    """The counts of :func:`merge_emotions`, every ambiguous clip, and a hint when numbers disagree."""
+    """The counts of :func:`merge_emotions`, its reasons for leaving clips out, and every ambiguous clip."""
     for split, r in report.items():
         n_left = sum(map(len, r["left_out"].values()))
         print(f"{split}: {r['matched']} of {r['total']} clips matched ({100.0 * r['matched'] / max(r['total'], 1):.1f}%)"
@@ -809,10 +822,6 @@ def _print_merge_report(report: dict) -> None:
             print(f"  left out, {reason}: {len(ids)} (e.g. {', '.join(ids[:3])})")
         if r["ambiguous"]:
             print(f"  ambiguous (several label rows with different labels): {', '.join(r['ambiguous'])}")
-        differ = len(next((v for k, v in r["left_out"].items() if k.startswith("the label row's")), []))
-        if differ > 0.2 * max(r["total"], 1):
-            print("  many sentiments differ: the pickle's clip numbers are probably not the SDK's utterance "
-                  "numbers; pass --segments with CMU-MOSEI's segmented transcripts to match by interval")
 
 
 # ----------------------------------------------------------------------------------------------
