@@ -407,6 +407,9 @@ def test_csd_sequences_picks_the_visual_and_text_sequence(sdk, table, tmp_path):
         formats.load_csd(folder, "valid", sequences={"video": "FACET", "text": "glove_vectors"})
     with pytest.raises(ParameterError, match="unknown role"):
         formats.load_csd(folder, "valid", sequences={"visual": "FACET 4.2"})
+    assert formats.main(["inspect", str(folder), "--sequence", "video=FACET 4.2", "--sequence",
+                         "text=glove_vectors"]) == 0
+    assert formats.main(["inspect", str(folder)]) == 2  # several sequences: the error, not a traceback
 
 
 def test_fold_videos_missing_from_the_labels_are_left_out_and_listed(sdk, table, tmp_path, capsys):

@@ -8,14 +8,15 @@ pickles, ``"umons"``) this module reads the three forms in which the field passe
   each with ``raw_text``, ``text`` (N, Lt, 768 BERT features), ``text_bert`` (N, 3, Lt: ids, mask,
   segment), ``audio`` / ``vision`` (N, L, D) padded, ``audio_lengths`` / ``vision_lengths`` (unaligned
   only), ``id`` ("video$_$clip"), ``regression_labels`` (sentiment in [-3, 3]). No emotion labels:
-  :func:`merge_emotions` adds CMU-MOSEI's, matched by video id (CLI below).
+  :func:`merge_emotions` adds CMU-MOSEI's, each clip matched to the SDK utterance its id names (CLI below).
 * ``"mult"`` -- the MulT pickles ``mosei_senti_data[_noalign].pkl``, ``mosi_data[_noalign].pkl``,
   ``iemocap_data[_noalign].pkl`` (Tsai et al. 2019): ``vision``, ``text`` (300-d GloVe), ``audio``,
   ``labels``, ``id``. IEMOCAP's ``labels`` are (N, 4, 2): four emotions in MulT's order
   (:data:`MULT_IEMOCAP_EMOTIONS`), each a two-way choice (index 1 = present).
 * ``"csd"`` -- CMU-MultimodalSDK computational sequences (HDF5): ``<sequence name>/data/<video id>/
-  {features, intervals}`` plus ``metadata``. Utterances are the rows of the label sequence; each
-  modality contributes the rows whose time interval overlaps the utterance's.
+  {features, intervals}`` plus ``metadata``. Utterances are the rows of the label sequence, numbered
+  ``<video>[k]`` as the SDK's ``align()`` numbers them (stored row order); each modality contributes the
+  rows whose time interval overlaps the utterance's. Label columns are named by the file's metadata.
 
 Every loader returns a :class:`FeatureSplit` whose items have the keys the UMONS and two-phase models
 read (:func:`nbsupport.data.collate_umons`): ``id``, ``text`` / ``audio`` / ``video`` float tensors
@@ -29,9 +30,9 @@ with :mod:`nbsupport.data.safe_pickle`: plain containers and NumPy arrays only, 
 
 CLI::
 
-    python -m nbsupport.data.formats inspect ROOT [--dataset mosei]
+    python -m nbsupport.data.formats inspect ROOT [--dataset mosei] [--columns sdk-default] [--sequence video=NAME]
     python -m nbsupport.data.formats merge-emotions unaligned_50.pkl --emotions CMU_MOSEI_Labels.csd \\
-        --out unaligned_50_emotions.pkl
+        --out unaligned_50_emotions.pkl [--segments Transcript/Segmented/Combined] [--columns sdk-default]
 """
 from __future__ import annotations
 
@@ -939,6 +940,8 @@ def main(argv=None) -> int:
     mer.add_argument("--out", required=True, help="where to write the merged pickle")
     mer.add_argument("--segments", default=None,
                      help="CMU-MOSEI's segmented transcripts (file or folder): match clips by interval")
+    ins.add_argument("--sequence", action="append", default=[], metavar="ROLE=NAME",
+                     help=".csd: the file or sequence name of a role (text, audio, video) among several")
     for p in (ins, mer):
         p.add_argument("--columns", default="metadata", choices=LABEL_COLUMNS,
                        help="label column names: the file's 'dimension names', or the SDK's documented order")
@@ -953,8 +956,15 @@ def main(argv=None) -> int:
         print(f"{path}: data_format {fmt!r}")
         if fmt == "raw":
             return 0
+        seqs = {}
+        for v in args.sequence:
+            role, sep, name = v.partition("=")
+            if not sep:
+                raise ParameterError(f"--sequence {v!r}: expected ROLE=NAME, e.g. 'video=FACET 4.2'")
+            seqs[role.strip()] = name.strip()
         for split in SPLITS:
-            ds = feature_dataset(path, split, data_format=fmt, dataset=args.dataset, label_columns=args.columns)
+            ds = feature_dataset(path, split, data_format=fmt, dataset=args.dataset, label_columns=args.columns,
+                                 csd_sequences=seqs)
             dims = ds.feature_dims() if hasattr(ds, "feature_dims") else {}
             names = getattr(ds, "emotion_names", EMOTIONS["mosei"])
             sent = getattr(ds, "sentiment", None)
