@@ -530,7 +530,7 @@ def _label_names(path: Path, meta: dict, width: int, dataset: str = "mosei", col
     Names that are missing, cannot be read as a list of strings, do not fit ``width``, or are not
     ``sentiment`` nor an emotion of ``dataset`` stop with a DataError naming the file, unless
     ``columns="sdk-default"`` chooses the SDK's documented order instead (one column, with no names:
-    the sentiment, which no order can swap)."""
+    the sentiment, which no order can swap). Readable, known names always win over that choice."""
     _check_columns(columns)
     raw = meta.get("dimension names")
     known = _SYNONYMS.get(dataset, {})
