@@ -80,10 +80,13 @@ def write_csd_current_sdk(path, name, data, metadata=None):
     return path
 
 
-def sdk_align(sdk, files: dict, reference: str) -> dict:
-    """{utterance id: label features row} from the SDK's own ``mmdataset(files).align(reference)``."""
+def sdk_align(sdk, files: dict, reference: str, sequence: str | None = None) -> dict:
+    """From the SDK's own ``mmdataset(files).align(reference)``: {utterance id: label features row}, or
+    with ``sequence`` {utterance id: that sequence's aligned features (rows, D)}."""
     ds = sdk.mmdataset(files)
     ds.align(reference)
+    if sequence is not None:
+        return {k: np.asarray(v["features"]) for k, v in ds[sequence].data.items()}
     return {k: np.asarray(v["features"][0]) for k, v in ds[reference].data.items()}
 
 
@@ -258,6 +261,33 @@ def test_utterance_ids_are_the_sdk_align_ids(sdk, table, tmp_path):
     ds = formats.load_csd(folder, "test")
     assert ds.ids == pick
     assert [ds[i]["emotion"].tolist() for i in range(4)] == [_book_presence(aligned[u]) for u in pick]
+
+
+def test_utterance_features_are_the_rows_align_gives_it(sdk, table, tmp_path):
+    """Feature rows stored out of time order, and frames that touch an utterance by less (0.5 ms) or
+    more (2 ms) than the SDK's 1 ms epsilon: each utterance gets exactly the SDK's aligned rows."""
+    rows, segs = table
+    folder = _csd_folder(sdk, tmp_path / "csd", table, names=SDK_ORDER)
+    rng = np.random.default_rng(4)
+    audio = {}
+    for vid, iv in segs.items():
+        feats, fiv = _feature_seq(rng, {vid: iv}, 6, 0.5)[vid]
+        s, e = iv[0]
+        edge = np.array([[e - 0.0005, e + 0.7], [s - 0.7, s + 0.002]])
+        fiv = np.vstack([fiv, edge])
+        feats = np.vstack([feats, rng.normal(size=(2, 6)).astype(np.float32)])
+        perm = rng.permutation(len(fiv))
+        audio[vid] = (feats[perm], fiv[perm])
+    write_csd_sdk006(sdk, folder / "CMU_MOSEI_COVAREP.csd", "COVAREP", audio)
+    aligned = sdk_align(sdk, {"All Labels": str(folder / "CMU_MOSEI_Labels.csd"),
+                              "COVAREP": str(folder / "CMU_MOSEI_COVAREP.csd")}, "All Labels", "COVAREP")
+    n = 0
+    for split in ("train", "valid", "test"):
+        ds = formats.load_csd(folder, split)
+        for i, uid in enumerate(ds.ids):
+            np.testing.assert_array_equal(ds[i]["audio"].numpy(), aligned[uid], err_msg=uid)
+            n += 1
+    assert n == 40
 
 
 def test_a_zero_length_row_is_skipped_without_renumbering_as_align_does(sdk, tmp_path):

@@ -57,7 +57,8 @@ from .safe_pickle import load_pickle
 
 __all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "LABEL_COLUMNS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS",
            "SDK_EPSILON", "FeatureSplit", "detect_format", "resolve_format", "feature_dataset", "load_mmsa",
-           "load_mult", "load_csd", "read_csd", "csd_emotion_labels", "sdk_utterance_rows", "merge_emotions",
+           "load_mult", "load_csd", "read_csd", "csd_emotion_labels", "sdk_utterance_rows",
+           "sdk_overlapping_rows", "merge_emotions",
            "read_transcript_segments", "emotion_columns", "main"]
 
 #: Values of the ``data_format`` parameter (``"raw"``: the MESM raw layout; ``"umons"``: UMONS's pickles).
@@ -597,6 +598,20 @@ def sdk_utterance_rows(intervals) -> list[int]:
     return [k for k in range(iv.shape[0]) if not abs(iv[k, 0] - iv[k, 1]) < SDK_EPSILON]
 
 
+def sdk_overlapping_rows(intervals, start: float, end: float) -> np.ndarray:
+    """Rows of a feature sequence that the SDK's ``align()`` gives the utterance ``[start, end]``.
+
+    It reads the sequence in time order (rows sorted by start, stably) and keeps a row whose interval,
+    clipped to the utterance's, is longer than :data:`SDK_EPSILON` (``__intersect_and_copy`` in
+    mmdatasdk/dataset/dataset.py). Returns the row indices in that order."""
+    iv = np.asarray(intervals, np.float64).reshape(-1, 2)
+    order = np.argsort(iv[:, 0], kind="stable")
+    iv = iv[order]
+    near = (iv[:, 0] < end + SDK_EPSILON) & (iv[:, 1] > start - SDK_EPSILON)
+    clipped = np.minimum(iv[:, 1], end) - np.maximum(iv[:, 0], start)
+    return order[near & (np.abs(clipped) > SDK_EPSILON)]
+
+
 def _read_split_ids(folder: Path, split: str) -> list[str]:
     f = folder / f"{split}_split.txt"
     if not f.is_file():
@@ -638,8 +653,9 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60, c
     (text), COVAREP/openSMILE (audio) and FACET/OpenFace (video) sequences, and
     ``{train,valid,test}_split.txt`` listing video ids (the SDK's standard folds) or utterance ids.
     Utterance ``<video>[<k>]`` is the SDK's own (:func:`sdk_utterance_rows`: stored row ``k`` of the
-    video's labels); its features are the rows of each sequence whose interval overlaps the
-    utterance's (an utterance a sequence does not cover gets one zero row). Emotions are matched by
+    video's labels); its features are the rows the SDK's ``align()`` gives it from each sequence
+    (:func:`sdk_overlapping_rows`; an utterance a sequence does not cover gets one zero row, where the
+    SDK leaves it out of that sequence). Emotions are matched by
     name (``columns``: :func:`_label_names`); presence = intensity > 0. ``sequences`` picks the file of
     a role where the folder holds several (:func:`_csd_roles`). Ids of the split file whose video is
     not in the labels (the SDK's standard folds list some) are left out, printed with their count, and
@@ -671,8 +687,8 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60, c
             s, e = labels[vid][0][k]
             if vid in data:
                 feats, iv = data[vid]
-                hit = (iv[:, 0] < e) & (iv[:, 1] > s)
-                x = _finite(np.asarray(feats[hit], np.float32)) if hit.any() else np.zeros((1, dim), np.float32)
+                rows = sdk_overlapping_rows(iv, s, e)
+                x = _finite(np.asarray(feats[rows], np.float32)) if len(rows) else np.zeros((1, dim), np.float32)
             else:
                 x = np.zeros((1, dim), np.float32)
             seqs.append(x.reshape(x.shape[0], -1))
