@@ -55,7 +55,8 @@ def emotion_names(dataset, style: str = "mosei") -> list[str]:
 
 def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, seed: int = 0,
             seq_len: int = 60, text_model: str | None = None, img_interval: float = 500,
-            progress: bool = True, data_format: str = "auto") -> tuple[dict, dict]:
+            progress: bool = True, data_format: str = "auto", label_columns: str = "metadata",
+            csd_sequences: Mapping | None = None) -> tuple[dict, dict]:
     """Train/valid/test datasets of ``kind`` and their seeded loaders (the training one shuffled with ``seed``).
 
     * ``"umons"``: word vectors, log-mel frames and per-frame HOG cut at ``seq_len`` (Chapters 3-4,
@@ -69,6 +70,11 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
     ``"mmsa"`` (``aligned_50.pkl`` / ``unaligned_50.pkl``), ``"mult"`` (MulT pickles), ``"csd"``
     (CMU-MultimodalSDK sequences) -- which feed ``"umons"`` and ``"handcrafted"`` as they are (read
     once into memory, ``collate_umons``); ``"auto"`` detects the form from the files.
+    ``dataset`` ("mosei", "iemocap"; "mosi" for pre-extracted CMU-MOSI) says which corpus ``root``
+    holds; IEMOCAP's emotions keep their own names. For ``"csd"``, ``label_columns`` says how the label
+    columns are named ("metadata": the file's names, or a stop; "sdk-default": the SDK's documented
+    order) and ``csd_sequences`` ({role: file or sequence name}) picks the text/audio/video sequence
+    where the folder holds several (:func:`nbsupport.data.formats.load_csd`).
 
     Returns ``(datasets, loaders)``, dicts keyed by split.
     """
@@ -81,7 +87,8 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
                                  f"holds pre-extracted {fmt!r} features; prepare videos with "
                                  "`python -m nbsupport.data.prepare`")
         sets = {s: formats.feature_dataset(path, s, data_format=fmt, dataset=dataset, seq_len=seq_len,
-                                           text_model=text_model) for s in SPLITS}
+                                           text_model=text_model, label_columns=label_columns,
+                                           csd_sequences=csd_sequences) for s in SPLITS}
         collate, in_memory = collate_umons, False  # already in memory; items are cut on the fly
     elif kind == "umons":
         sets = {s: umons_dataset(root, dataset, s, seq_len=seq_len) for s in SPLITS}

@@ -53,3 +53,16 @@ def test_chapter_7_two_phase_models_on_cmu_sdk_sequences(csd, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["model"] for r in metrics["results"]] == ["LF-LSTM", "LF-Transformer", "MulT"]  # no raw frames
     assert metrics["emotions"] == ["anger", "disgust", "fear", "happy", "sad", "surprise"]
+
+
+def test_chapter_3_on_mult_iemocap_keeps_iemocaps_emotion_names(tmp_path):
+    """The dataset parameter carries IEMOCAP through papermill; its emotions keep their own names."""
+    data = _write_mult(tmp_path / "iemocap_data.pkl", _mult_data(np.random.default_rng(2), iemocap=True))
+    out = tmp_path / "out"
+    params = {"smoke": True, "data_root": str(data), "dataset": "iemocap", "sentiment_task": "",
+              "output_dir": str(out)}
+    _, error = run_papermill(BOOK / "03_umons_monomodal.ipynb", tmp_path / "executed.ipynb", params)
+    assert error is None, error[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["parameters"]["dataset"] == "iemocap"
+    assert metrics["emotions"] == ["ang", "hap", "neu", "sad"]  # MulT's four, in the book's order

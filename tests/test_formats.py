@@ -113,6 +113,7 @@ def _write_csd(path, name, data, metadata):
 
 
 # SDK label rows: [sentiment, happy, sad, anger, surprise, disgust, fear]
+SDK_NAMES = ("sentiment", "happy", "sad", "anger", "surprise", "disgust", "fear")
 SDK_ROWS = {"-6rXp3zJ3kc": [[1.0, 2.0, 0, 0, 0, 0, 0], [-1.5, 0, 0, 1.3, 0, 0.6, 0], [0.0, 0, 0.3, 0, 0, 0, 0]],
             "abc_DEF-123": [[2.3333, 1.0, 0, 0, 0.6, 0, 0], [-2.6667, 0, 2.0, 0, 0, 0, 1.0]],
             "zz9": [[0.6667, 0, 0, 0, 0, 0.3, 0], [-0.3333, 0, 0, 2.0, 0, 0, 0]]}
@@ -131,9 +132,9 @@ def csd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("csd")
     rng = np.random.default_rng(1)
     labels = {v: (np.asarray(r, np.float64)[::-1].copy(), np.asarray(SEGMENTS[v], np.float64)[::-1].copy())
-              for v, r in SDK_ROWS.items()}  # stored out of time order: the loader sorts by start time
+              for v, r in SDK_ROWS.items()}  # stored out of time order: utterance v[k] is stored row k
     _write_csd(folder / "CMU_MOSEI_Labels.csd", "All Labels", labels,
-               {"root name": "All Labels", "dataset name": "CMU-MOSEI"})
+               {"root name": "All Labels", "dataset name": "CMU-MOSEI", "dimension names": list(SDK_NAMES)})
     seqs = {}
     for fname, name, dim, step in (("CMU_MOSEI_TimestampedWordVectors.csd", "glove_vectors", 300, 0.4),
                                    ("CMU_MOSEI_COVAREP.csd", "COVAREP", 74, 0.1),
@@ -251,7 +252,8 @@ def _labels_for_mmsa(folder, data):
         for k in by_clip:
             truth[f"{vid}$_${k}"] = _book_vector(feats[k])
     seqs["-vidtrain0"] = (seqs["-vidtrain0"][0][:2], seqs["-vidtrain0"][1][:2])  # clip 2 unlabelled
-    return _write_csd(folder / "CMU_MOSEI_Labels.csd", "All Labels", seqs, {"root name": "All Labels"}), truth
+    return _write_csd(folder / "CMU_MOSEI_Labels.csd", "All Labels", seqs,
+                      {"root name": "All Labels", "dimension names": list(SDK_NAMES)}), truth
 
 
 def test_merge_emotions_by_video_id_then_emotion_training(mmsa, tmp_path):
@@ -270,11 +272,16 @@ def test_merge_emotions_by_video_id_then_emotion_training(mmsa, tmp_path):
     assert 0.0 <= row["wacc"] <= 1.0
 
 
-def test_merge_checks_the_clip_against_the_sentiment(tmp_path):
-    # clip numbering 1-based in MMSA ids: row k-1 carries the same sentiment; a mismatch matches nothing
-    assert formats._match_rows(2, 0.5, np.array([1.0, 0.5, -1.0])) == 1
-    assert formats._match_rows(0, 0.5, np.array([1.0, 0.5, -1.0])) == 1  # the video's only row with 0.5
-    assert formats._match_rows(0, 0.0, np.array([1.0, 0.5, 0.5])) is None
+def test_merge_leaves_out_a_clip_whose_row_has_another_sentiment(mmsa, tmp_path):
+    path, data = mmsa
+    labels, truth = _labels_for_mmsa(tmp_path, data)
+    with h5py.File(labels, "r+") as fh:  # row 1 of -vidtrain1 now carries another sentiment
+        fh["All Labels/data/-vidtrain1/features"][1, 0] += 1.0
+    report = formats.merge_emotions(path, labels)
+    assert report["train"]["left_out"] == {
+        "no SDK utterance with that clip number": ["-vidtrain0$_$2"],
+        "the label row's sentiment differs from MMSA's (another utterance)": ["-vidtrain1$_$1"]}
+    assert report["train"]["matched"] == SIZES["train"] - 2 and report["train"]["ambiguous"] == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,16 +331,18 @@ def test_csd_utterances_rows_and_emotion_order(csd):
     assert ds.emotion_names == EMOTIONS["mosei"]
     for i, uid in enumerate(ds.ids):
         vid, k = uid[:-3], int(uid[-2])
+        k = len(SDK_ROWS[vid]) - 1 - k  # stored row k of the reversed file is time-order row n-1-k
         it = ds[i]
         assert it["emotion"].tolist() == _book_vector(SDK_ROWS[vid][k]), uid  # happy stays happy
         assert it["sentiment"] == pytest.approx(SDK_ROWS[vid][k][0])
         s, e = SEGMENTS[vid][k]
         feats, iv = seqs["COVAREP"][vid]
-        rows = [j for j in range(len(iv)) if iv[j, 0] < e and iv[j, 1] > s]  # overlapping 10 ms frames
+        # frames overlapping the utterance by more than the SDK's epsilon (1 ms), as its align() keeps them
+        rows = [j for j in range(len(iv)) if min(iv[j, 1], e) - max(iv[j, 0], s) > 1e-3]
         assert 3 <= len(rows) <= 60
         np.testing.assert_array_equal(it["audio"].numpy(), feats[rows])
         assert it["text"].shape[1] == 300 and it["video"].shape[1] == 35
-    assert ds[0]["emotion"].tolist() == [0, 0, 0, 1, 0, 0]  # SDK column 1 'happy' -> book column 3 'happy'
+    assert ds[2]["emotion"].tolist() == [0, 0, 0, 1, 0, 0]  # SDK column 1 'happy' -> book column 3 'happy'
     zz = formats.load_csd(folder, "valid")[0]
     assert torch.isfinite(zz["audio"]).all()
 
@@ -453,7 +462,7 @@ def test_csd_errors(csd, tmp_path):
     with pytest.raises(DataError, match=r"test_split\.txt: split file missing"):
         formats.load_csd(bad, "test")
     (bad / "test_split.txt").write_text("nope\n")
-    with pytest.raises(DataError, match=r"video 'nope' is not in CMU_MOSEI_Labels\.csd"):
+    with pytest.raises(DataError, match=r"test_split\.txt: none of its 1 ids is a video of CMU_MOSEI_Labels\.csd"):
         formats.load_csd(bad, "test")
 
 

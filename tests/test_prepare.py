@@ -19,7 +19,7 @@ import torch
 from conftest import require_program
 
 from nbsupport import protocol
-from nbsupport.data import EMOTIONS, load_split
+from nbsupport.data import EMOTIONS, DataError, load_split
 from nbsupport.data import prepare as P
 from nbsupport.models.mesm import MESM
 
@@ -228,8 +228,11 @@ def test_labels_from_the_sdk_label_sequence(prepared, tmp_path):
             g = data.create_group(vid)
             g.create_dataset("features", data=np.array([[r.get(n, 0) for n in sdk] for _, _, r in rs], float))
             g.create_dataset("intervals", data=np.array([[s, e] for s, e, _ in rs]))
+    with pytest.raises(DataError, match=r"CMU_MOSEI_Labels\.csd: the label sequence has no 'dimension names'"):
+        P.prepare(base / "videos", base / "segments.csv", tmp_path / "CMU_MOSEI_Labels.csd", tmp_path / "out",
+                  progress=False)
     rep = P.prepare(base / "videos", base / "segments.csv", tmp_path / "CMU_MOSEI_Labels.csd", tmp_path / "out",
-                    progress=False)
+                    progress=False, label_columns="sdk-default")  # the file names no columns: SDK order, chosen
     assert not rep.failed and sorted(rep.unlabelled) == ["zz9_0", "zz9_1"]  # zz9 has no label rows
     meta = pickle.loads((tmp_path / "out" / "MOSEI_RAW_PROCESSED" / "meta.pkl").read_bytes())
     for vid, rs in rows.items():

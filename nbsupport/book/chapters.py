@@ -9,7 +9,7 @@ Smoke overrides shrink a run to well under a minute on two CPU cores along the s
 from __future__ import annotations
 
 from nbsupport.base import ParameterError
-from nbsupport.data.formats import DATA_FORMATS
+from nbsupport.data.formats import DATA_FORMATS, LABEL_COLUMNS
 from nbsupport.data.synth import MAX_CUE_GAIN
 from nbsupport.data.text import TINY_TEXT_MODEL
 
@@ -22,6 +22,9 @@ _POS = Float(min=0, open_min=True)  # a learning rate or scale
 _DATA = dict(data_root=Path_(optional=True, must_exist=True))
 #: Data in one of the forms researchers hold (raw MESM layout, or pre-extracted features).
 _DATA_FORMAT = dict(data_format=Choice(*DATA_FORMATS))
+#: The corpus a data root holds, and how a CMU-SDK (.csd) folder is read (nbsupport.data.formats.load_csd).
+_REAL_DATA = dict(dataset=Choice("mosei", "iemocap"), label_columns=Choice(*LABEL_COLUMNS),
+                  csd_sequences=DictOf(keys=("labels", "text", "audio", "video"), item=Str()))
 #: Feature-extractor and transformer sizes of FE2E/MESM in a smoke run (tiny tensors, same code path).
 MESM_SMOKE_SIZES = dict(stem_channels=8, block_channels=[8, 16, 16], dim=16, layers=1, heads=2)
 _MESM_SIZES = dict(stem_channels=Int(min=1), block_channels=ListOf(Int(min=1), min_len=3), dim=Int(min=2),
@@ -85,18 +88,19 @@ SPECS: dict[str, Spec] = {
                    placement_n=Int(min=24)),
         smoke=dict(n_utterances=48, placement_n=36)),
     "03_umons_monomodal": Spec(
-        rules=dict(**_DATA, **_DATA_FORMAT, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
+        rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
                    sentiment_task=Choice("", "sentiment7", "sentiment2"), modalities=ListOf(Choice("L", "A", "V"))),
         smoke=_UMONS_SMOKE),
     "04_umons_multimodal": Spec(
-        rules=dict(**_DATA, **_DATA_FORMAT, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
+        rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
                    modalities=ListOf(Modalities())),
         smoke=_UMONS_SMOKE, check=_multimodal_needs_language),
     "05_fe2e": Spec(
         rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, **_MESM_SIZES),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES)),
     "06_mesm": Spec(
-        rules=dict(**_DATA, **_DATA_FORMAT, dataset=Choice("mosei", "iemocap"), n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, top_p=_P,
+        rules=dict(**_DATA, **_DATA_FORMAT, dataset=Choice("mosei", "iemocap"), n_utterances=Int(min=20),
+                   modalities=Modalities(need_text=True), **_E2E, top_p=_P,
                    top_p_sweep=ListOf(_P), compare_fe2e=Bool(), compare_attention_grad=Bool(), explorer=Bool(), lift_by_epoch=Bool(),
                    analysis=Bool(),
                    cue_gain=Float(min=0, max=MAX_CUE_GAIN),
@@ -105,7 +109,7 @@ SPECS: dict[str, Spec] = {
                    attention_hidden=16),
         check=_mesm_chapter_checks),
     "07_two_phase_vs_end_to_end": Spec(
-        rules=dict(**_DATA, **_DATA_FORMAT, n_utterances=Int(min=20), epochs=Int(min=1),
+        rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, n_utterances=Int(min=20), epochs=Int(min=1),
                    baseline_epochs=Int(min=1), lr=_POS,
                    batch_size=Int(min=1), top_p=_P,
                    models=ListOf(Choice("LF-LSTM", "LF-Transformer", "MulT", "FE2E", "MESM")),

@@ -8,14 +8,15 @@ pickles, ``"umons"``) this module reads the three forms in which the field passe
   each with ``raw_text``, ``text`` (N, Lt, 768 BERT features), ``text_bert`` (N, 3, Lt: ids, mask,
   segment), ``audio`` / ``vision`` (N, L, D) padded, ``audio_lengths`` / ``vision_lengths`` (unaligned
   only), ``id`` ("video$_$clip"), ``regression_labels`` (sentiment in [-3, 3]). No emotion labels:
-  :func:`merge_emotions` adds CMU-MOSEI's, matched by video id (CLI below).
+  :func:`merge_emotions` adds CMU-MOSEI's, each clip matched to the SDK utterance its id names (CLI below).
 * ``"mult"`` -- the MulT pickles ``mosei_senti_data[_noalign].pkl``, ``mosi_data[_noalign].pkl``,
   ``iemocap_data[_noalign].pkl`` (Tsai et al. 2019): ``vision``, ``text`` (300-d GloVe), ``audio``,
   ``labels``, ``id``. IEMOCAP's ``labels`` are (N, 4, 2): four emotions in MulT's order
   (:data:`MULT_IEMOCAP_EMOTIONS`), each a two-way choice (index 1 = present).
 * ``"csd"`` -- CMU-MultimodalSDK computational sequences (HDF5): ``<sequence name>/data/<video id>/
-  {features, intervals}`` plus ``metadata``. Utterances are the rows of the label sequence; each
-  modality contributes the rows whose time interval overlaps the utterance's.
+  {features, intervals}`` plus ``metadata``. Utterances are the rows of the label sequence, numbered
+  ``<video>[k]`` as the SDK's ``align()`` numbers them (stored row order); each modality contributes the
+  rows whose time interval overlaps the utterance's. Label columns are named by the file's metadata.
 
 Every loader returns a :class:`FeatureSplit` whose items have the keys the UMONS and two-phase models
 read (:func:`nbsupport.data.collate_umons`): ``id``, ``text`` / ``audio`` / ``video`` float tensors
@@ -29,13 +30,14 @@ with :mod:`nbsupport.data.safe_pickle`: plain containers and NumPy arrays only, 
 
 CLI::
 
-    python -m nbsupport.data.formats inspect ROOT [--dataset mosei]
+    python -m nbsupport.data.formats inspect ROOT [--dataset mosei] [--columns sdk-default] [--sequence video=NAME]
     python -m nbsupport.data.formats merge-emotions unaligned_50.pkl --emotions CMU_MOSEI_Labels.csd \\
-        --out unaligned_50_emotions.pkl
+        --out unaligned_50_emotions.pkl [--segments Transcript/Segmented/Combined] [--columns sdk-default]
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import pickle
 import re
@@ -53,9 +55,11 @@ from .datasets import umons_pickle_dataset
 from .features import _pool_frames
 from .safe_pickle import load_pickle
 
-__all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS", "FeatureSplit",
-           "detect_format", "resolve_format", "feature_dataset", "load_mmsa", "load_mult", "load_csd",
-           "read_csd", "csd_emotion_labels", "merge_emotions", "emotion_columns", "main"]
+__all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "LABEL_COLUMNS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS",
+           "SDK_EPSILON", "FeatureSplit", "detect_format", "resolve_format", "feature_dataset", "load_mmsa",
+           "load_mult", "load_csd", "read_csd", "csd_emotion_labels", "sdk_utterance_rows",
+           "sdk_overlapping_rows", "merge_emotions",
+           "read_transcript_segments", "emotion_columns", "main"]
 
 #: Values of the ``data_format`` parameter (``"raw"``: the MESM raw layout; ``"umons"``: UMONS's pickles).
 DATA_FORMATS = ("auto", "raw", "umons", "mmsa", "mult", "csd")
@@ -66,6 +70,15 @@ MULT_IEMOCAP_EMOTIONS = ("neu", "hap", "sad", "ang")
 #: Column order of CMU-MOSEI's "All Labels" sequence, as the SDK documents it (used when the file's
 #: metadata has no "dimension names").
 SDK_MOSEI_LABELS = ("sentiment", "happy", "sad", "anger", "surprise", "disgust", "fear")
+#: Column order of the SDK's six-column "Emotion Labels" sequence (no sentiment), as its author gives it.
+SDK_EMOTION_LABELS = SDK_MOSEI_LABELS[1:]
+#: How a label sequence's columns are named (parameter ``columns`` / ``label_columns``): ``"metadata"``
+#: reads its "dimension names" and stops when they are missing, unreadable or unknown; ``"sdk-default"``
+#: then takes the SDK's documented order (:data:`SDK_MOSEI_LABELS`, 6 columns: without sentiment).
+LABEL_COLUMNS = ("metadata", "sdk-default")
+#: The SDK's ``epsilon`` (mmdatasdk/dataset/dataset.py): ``align()`` makes no utterance of a label row
+#: whose interval is shorter than this (seconds).
+SDK_EPSILON = 10e-4
 
 # Names the sources use for an emotion -> the book's name (EMOTIONS), per data set.
 _SYNONYMS = {
@@ -99,12 +112,52 @@ def _cached_pickle(path: Path):
     return _PICKLES[key]
 
 
+_MAX_METADATA_CHARS = 1 << 20
+
+
+def _metadata_value(raw):
+    """One ``.csd`` metadata value in any form the CMU-MultimodalSDK versions wrote (Chapter 2).
+
+    Each value is a one-element string dataset. The current SDK writes ``json.dumps(value)``
+    (file_ops.write_CSD); the PyPI release 0.0.6 writes ``str(value)``, so a list of column names is a
+    Python literal such as ``"['sentiment', 'happy', ...]"``; h5py returns either as bytes. A value the
+    current SDK could not parse and wrote back is the JSON of such a literal. Literals are parsed with
+    :func:`ast.literal_eval` (data only, nothing is evaluated); text that is neither JSON nor a literal
+    (a plain string written with ``str``) stays text."""
+    if isinstance(raw, np.ndarray):
+        raw = raw.reshape(-1)[0] if raw.size else ""
+    if isinstance(raw, (bytes, np.bytes_)):
+        raw = bytes(raw).decode("utf8", "replace")
+    if isinstance(raw, np.generic):
+        return raw.item()
+    value = raw
+    for _ in range(3):  # JSON of a str() literal: two layers
+        if not isinstance(value, str) or len(value) > _MAX_METADATA_CHARS:
+            break
+        text = value.strip()
+        try:
+            new = json.loads(text)
+        except RecursionError:
+            break
+        except ValueError:
+            if not text or text[0] not in "[({'\"u":
+                break
+            try:
+                new = ast.literal_eval(text)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                break
+        if new == value:
+            break
+        value = new
+    return value
+
+
 def read_csd(path, videos=None) -> tuple[str, dict, dict]:
     """Read a CMU-MultimodalSDK computational sequence (``.csd``, HDF5 via h5py) -> ``(name, data, metadata)``.
 
     ``data`` = {video id: (features (n, D), intervals (n, 2) seconds)} for every video, or only those
-    in ``videos`` (a full COVAREP sequence is gigabytes); ``metadata`` = {key: value} (the SDK stores
-    each value JSON-encoded in a one-element string dataset). ``"__width__"`` in ``metadata`` is the
+    in ``videos`` (a full COVAREP sequence is gigabytes); ``metadata`` = {key: value} decoded from every
+    form the SDK versions wrote (:func:`_metadata_value`). ``"__width__"`` in ``metadata`` is the
     feature width D. DataError naming the file and the key for anything else (Chapter 2)."""
     import h5py
 
@@ -138,15 +191,7 @@ def read_csd(path, videos=None) -> tuple[str, dict, dict]:
                 raise DataError(f"{path}: '{name}/data/{vid}': features {feats.shape} and intervals {iv.shape} "
                                 "must be (n, D) and (n, 2)")
             data[vid] = (feats, iv)
-        meta = {}
-        for k, ds in (grp["metadata"].items() if "metadata" in grp else []):
-            raw = ds[()]
-            raw = raw[0] if isinstance(raw, np.ndarray) and raw.size else raw
-            raw = raw.decode() if isinstance(raw, bytes) else raw
-            try:
-                meta[k] = json.loads(raw)
-            except (TypeError, ValueError):
-                meta[k] = raw
+        meta = {k: _metadata_value(ds[()]) for k, ds in (grp["metadata"].items() if "metadata" in grp else [])}
         meta["__width__"] = width
     return name, data, meta
 
@@ -193,6 +238,7 @@ class FeatureSplit(Dataset):
         self.emotion_names = list(emotion_names)
         self.sentiment = np.asarray(sentiment, np.float32).reshape(-1)
         self.seq_len, self.texts = seq_len, texts
+        self.left_out: list[str] = []  # ids a split listed that the labels do not hold (load_csd)
         if not self.ids:
             raise DataError(f"{source}: split {split!r} holds no utterance")
 
@@ -316,6 +362,8 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
     ``emotion_labels`` and ``emotion_names``); rows whose emotions could not be matched are dropped.
     """
     path, split, dataset = Path(path), check_split(split), _check_dataset(dataset)
+    if dataset == "iemocap":
+        raise DataError(f"{path}: MMSA's pickles hold CMU-MOSI, CMU-MOSEI or CH-SIMS, not dataset='iemocap'")
     d = _split_dict(_cached_pickle(path), split, path)
     ids = [_text(v) for v in _array(d, "id", path, split, ndim=1)]
     n = len(ids)
@@ -422,56 +470,111 @@ _CSD_ROLES = (("labels", re.compile(r"label", re.I)),
               ("video", re.compile(r"facet|openface|visual|vision", re.I)))
 
 
-def _csd_roles(folder: Path) -> dict:
-    """{role: path} of the ``.csd`` files in ``folder``, by file or sequence name (labels, text, audio, video)."""
+def _csd_roles(folder: Path, sequences=None) -> dict:
+    """{role: path} of the ``.csd`` files in ``folder``, by file or sequence name (labels, text, audio, video).
+
+    ``sequences`` ({role: file name, file stem or sequence name}) picks a role's file where the folder
+    holds several (the SDK's high-level download has FACET and OpenFace2, two word-vector sequences);
+    without it such a folder stops with a DataError listing them."""
     import h5py
 
-    roles: dict = {}
-    files = sorted(folder.glob("*.csd"))
+    sequences = dict(sequences or {})
+    bad = [r for r in sequences if r not in ("labels", "text", "audio", "video")]
+    if bad:
+        raise ParameterError(f"parameter 'csd_sequences': unknown role(s) {bad}; known: labels, text, audio, video")
+    files, seq_names = sorted(folder.glob("*.csd")), {}
     for p in files:
         try:
             with h5py.File(p, "r") as fh:
-                name = " ".join(fh.keys())
+                seq_names[p] = " ".join(fh.keys())
         except OSError as e:
             raise DataError(f"{p}: not an HDF5 computational sequence ({e})") from None
+    roles: dict = {}
+    for role, want in sequences.items():
+        hits = [p for p in files if want in (p.name, p.stem, seq_names[p])]
+        if len(hits) != 1:
+            raise DataError(f"{folder}: csd_sequences[{role!r}] = {want!r} names {len(hits)} of the sequences "
+                            f"{[f'{p.name} ({seq_names[p]})' for p in files]}; give a file name or sequence name")
+        roles[role] = hits[0]
+    candidates: dict = {}
+    for p in files:
+        if p in roles.values():
+            continue
         for role, pattern in _CSD_ROLES:
-            if pattern.search(p.name) or pattern.search(name):
-                if role in roles:
-                    raise DataError(f"{folder}: both {roles[role].name} and {p.name} look like the {role} "
-                                    "sequence; "
-                                    "keep one per role in the folder")
-                roles[role] = p
+            if pattern.search(p.name) or pattern.search(seq_names[p]):
+                candidates.setdefault(role, []).append(p)
                 break
+    several = {r: found for r, found in candidates.items() if r not in roles and len(found) > 1}
+    if several:
+        listed = "; ".join(f"several {r} sequences: " + ", ".join(f"{p.name} (sequence {seq_names[p]!r})"
+                                                                for p in found) for r, found in several.items())
+        example = {r: found[0].name for r, found in several.items()}
+        raise DataError(f"{folder}: {listed}; choose with the parameter csd_sequences, e.g. {example}")
+    for role, found in candidates.items():
+        roles.setdefault(role, found[0])  # a role chosen by csd_sequences keeps its choice
     if "labels" not in roles:
         raise DataError(f"{folder}: no label sequence among {[p.name for p in files]} (expected e.g. "
                         "CMU_MOSEI_Labels.csd, sequence 'All Labels')")
     return roles
 
 
-def _label_names(path: Path, meta: dict, width: int) -> list[str]:
-    names = meta.get("dimension names")
-    if isinstance(names, (list, tuple)) and len(names) == width:
-        return [str(n) for n in names]
-    if width == len(SDK_MOSEI_LABELS):
-        return list(SDK_MOSEI_LABELS)
-    if width == 1:
+def _check_columns(columns) -> str:
+    if columns not in LABEL_COLUMNS:
+        raise ParameterError(f"parameter 'columns' (label_columns) must be one of {', '.join(LABEL_COLUMNS)}, "
+                             f"got {columns!r}")
+    return columns
+
+
+def _label_names(path: Path, meta: dict, width: int, dataset: str = "mosei", columns: str = "metadata") -> list[str]:
+    """Names of a label sequence's ``width`` columns, from its "dimension names" metadata.
+
+    Names that are missing, cannot be read as a list of strings, do not fit ``width``, or are not
+    ``sentiment`` nor an emotion of ``dataset`` stop with a DataError naming the file, unless
+    ``columns="sdk-default"`` chooses the SDK's documented order instead (one column, with no names:
+    the sentiment, which no order can swap). Readable, known names always win over that choice."""
+    _check_columns(columns)
+    raw = meta.get("dimension names")
+    known = _SYNONYMS.get(dataset, {})
+    if raw is None:
+        problem = "has no 'dimension names' metadata"
+    elif not (isinstance(raw, (list, tuple)) and all(isinstance(n, str) for n in raw)):
+        problem = f"has 'dimension names' metadata that is not a list of names ({str(raw)[:80]!r})"
+    elif len(raw) != width:
+        problem = f"names {len(raw)} columns ({list(raw)}) but holds {width}"
+    else:
+        unknown = [n for n in raw if n.strip().lower() != "sentiment" and n.strip().lower() not in known]
+        if not unknown:
+            return [str(n) for n in raw]
+        problem = f"names columns {unknown} that are neither 'sentiment' nor a {dataset} emotion"
+    if columns == "sdk-default":
+        default = {len(SDK_MOSEI_LABELS): SDK_MOSEI_LABELS, len(SDK_EMOTION_LABELS): SDK_EMOTION_LABELS,
+                   1: ("sentiment",)}.get(width)
+        if default is None:
+            raise DataError(f"{path}: the label sequence {problem}, and the SDK's order has no {width}-column "
+                            f"form (7 = {list(SDK_MOSEI_LABELS)}, 6 = without sentiment, 1 = sentiment)")
+        return list(default)
+    if width == 1 and raw is None:
         return ["sentiment"]
-    raise DataError(f"{path}: label features have {width} columns and no 'dimension names' metadata naming them "
-                    f"(expected 7 = {list(SDK_MOSEI_LABELS)} or 1 = sentiment)")
+    raise DataError(f"{path}: the label sequence {problem}, so its emotion columns cannot be matched by name; "
+                    f"pass columns='sdk-default' (parameter label_columns) to read them in the SDK's documented "
+                    f"order {list(SDK_MOSEI_LABELS)} (without 'sentiment' for 6 columns)")
 
 
-def csd_emotion_labels(path, dataset: str = "mosei") -> dict:
+def csd_emotion_labels(path, dataset: str = "mosei", columns: str = "metadata") -> dict:
     """CMU's label sequence -> {video id: (intervals (n, 2), sentiment (n,) or None, intensity (n, E))}.
 
-    Rows are sorted by start time (the SDK's segment order); columns are matched to the book's emotion
-    names **by name** (:func:`emotion_columns`). Also returns ``"__names__"``: the book names of the E columns.
+    Rows stay in the file's stored order: row ``k`` is the SDK's utterance ``<video>[k]``
+    (:func:`sdk_utterance_rows`), which is not time order in the real label file. Columns are matched to
+    the book's emotion names **by name** from the file's "dimension names" (:func:`_label_names`;
+    ``columns="sdk-default"`` when the file does not name them). Also returns ``"__names__"``: the book
+    names of the E columns.
     """
     path = Path(path)
     _, data, meta = read_csd(path)
     if not data:
         raise DataError(f"{path}: the label sequence has no video")
     width = next(iter(data.values()))[0].shape[1]
-    names = _label_names(path, meta, width)
+    names = _label_names(path, meta, width, dataset, columns)
     cols = emotion_columns(names, dataset, str(path))
     s_col = [j for j, n in enumerate(names) if str(n).strip().lower() == "sentiment"]
     out = {"__names__": [b for _, b in cols]}
@@ -479,11 +582,34 @@ def csd_emotion_labels(path, dataset: str = "mosei") -> dict:
         feats = np.asarray(feats, np.float64)
         if feats.shape[1] != width:
             raise DataError(f"{path}: '{vid}' has {feats.shape[1]} label columns, expected {width}")
-        order = np.argsort(iv[:, 0], kind="stable")
-        feats, iv = feats[order], iv[order]
         sent = feats[:, s_col[0]].astype(np.float32) if s_col else None
         out[vid] = (iv, sent, feats[:, [j for j, _ in cols]].astype(np.float32))
     return out
+
+
+def sdk_utterance_rows(intervals) -> list[int]:
+    """The label rows that the SDK's ``mmdataset.align()`` turns into utterances, as it numbers them.
+
+    ``align()`` walks the reference (label) sequence's rows in their **stored** order and names row
+    ``k`` of video ``v`` ``v[k]``; it skips (without renumbering) a row whose interval is shorter than
+    :data:`SDK_EPSILON`. So utterance ``v[k]`` is stored row ``k`` (Chapter 2, CMU-MultimodalSDK
+    mmdatasdk/dataset/dataset.py)."""
+    iv = np.asarray(intervals, np.float64).reshape(-1, 2)
+    return [k for k in range(iv.shape[0]) if not abs(iv[k, 0] - iv[k, 1]) < SDK_EPSILON]
+
+
+def sdk_overlapping_rows(intervals, start: float, end: float) -> np.ndarray:
+    """Rows of a feature sequence that the SDK's ``align()`` gives the utterance ``[start, end]``.
+
+    It reads the sequence in time order (rows sorted by start, stably) and keeps a row whose interval,
+    clipped to the utterance's, is longer than :data:`SDK_EPSILON` (``__intersect_and_copy`` in
+    mmdatasdk/dataset/dataset.py). Returns the row indices in that order."""
+    iv = np.asarray(intervals, np.float64).reshape(-1, 2)
+    order = np.argsort(iv[:, 0], kind="stable")
+    iv = iv[order]
+    near = (iv[:, 0] < end + SDK_EPSILON) & (iv[:, 1] > start - SDK_EPSILON)
+    clipped = np.minimum(iv[:, 1], end) - np.maximum(iv[:, 0], start)
+    return order[near & (np.abs(clipped) > SDK_EPSILON)]
 
 
 def _read_split_ids(folder: Path, split: str) -> list[str]:
@@ -497,36 +623,59 @@ def _read_split_ids(folder: Path, split: str) -> list[str]:
     return ids
 
 
-def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60) -> FeatureSplit:
+def _csd_utterances(labels: dict, wanted: list[str], split_file: Path, labels_name: str):
+    """(utterance id, video, row) for the ids of a split file, and the listed ids that were left out."""
+    utts, left_out = [], []
+    for w in wanted:
+        m = re.fullmatch(r"(.+)\[(\d+)\]", w)
+        vid, row = (m.group(1), int(m.group(2))) if m else (w, None)
+        if vid not in labels:
+            left_out.append(w)
+            continue
+        iv = labels[vid][0]
+        rows = sdk_utterance_rows(iv)
+        if row is not None:
+            if row >= len(iv):
+                raise DataError(f"{split_file}: {w!r} but {vid!r} has {len(iv)} labelled segments in {labels_name}")
+            if row not in rows:
+                left_out.append(f"{w} (zero-length segment: the SDK makes no utterance of it)")
+                continue
+            rows = [row]
+        utts += [(f"{vid}[{k}]", vid, k) for k in rows]
+    return utts, left_out
+
+
+def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60, columns: str = "metadata",
+             sequences=None) -> FeatureSplit:
     """One split of CMU-MultimodalSDK computational sequences in ``folder`` as a :class:`FeatureSplit`.
 
     ``folder`` holds the label sequence (e.g. ``CMU_MOSEI_Labels.csd``), any of the word-vector
     (text), COVAREP/openSMILE (audio) and FACET/OpenFace (video) sequences, and
     ``{train,valid,test}_split.txt`` listing video ids (the SDK's standard folds) or utterance ids.
-    Utterance ``<video>[<k>]`` is row ``k`` of the video's labels sorted by start time; its features
-    are the rows of each sequence whose interval overlaps the utterance's (an utterance a sequence
-    does not cover gets one zero row). Emotions are matched by name (the SDK's order is sentiment,
-    happy, sad, anger, surprise, disgust, fear); presence = intensity > 0.
+    Utterance ``<video>[<k>]`` is the SDK's own (:func:`sdk_utterance_rows`: stored row ``k`` of the
+    video's labels); its features are the rows the SDK's ``align()`` gives it from each sequence
+    (:func:`sdk_overlapping_rows`; an utterance a sequence does not cover gets one zero row, where the
+    SDK leaves it out of that sequence). Emotions are matched by
+    name (``columns``: :func:`_label_names`); presence = intensity > 0. ``sequences`` picks the file of
+    a role where the folder holds several (:func:`_csd_roles`). Ids of the split file whose video is
+    not in the labels (the SDK's standard folds list some) are left out, printed with their count, and
+    kept in ``left_out``.
     """
     folder, split, dataset = Path(folder), check_split(split), _check_dataset(dataset)
     if not folder.is_dir():
         raise DataError(f"{folder}: expected a folder of .csd files")
-    roles = _csd_roles(folder)
-    labels = csd_emotion_labels(roles["labels"], "mosei" if dataset == "mosi" else dataset)
+    roles = _csd_roles(folder, sequences)
+    labels = csd_emotion_labels(roles["labels"], "mosei" if dataset == "mosi" else dataset, columns)
     names = labels.pop("__names__")
     wanted = _read_split_ids(folder, split)
-    utts = []  # (utterance id, video, row)
-    for w in wanted:
-        m = re.fullmatch(r"(.+)\[(\d+)\]", w)
-        vid, row = (m.group(1), int(m.group(2))) if m else (w, None)
-        if vid not in labels:
-            raise DataError(f"{folder / f'{split}_split.txt'}: video {vid!r} is not in {roles['labels'].name}")
-        rows = range(len(labels[vid][0])) if row is None else [row]
-        for k in rows:
-            if k >= len(labels[vid][0]):
-                raise DataError(f"{folder / f'{split}_split.txt'}: {w!r} but {vid!r} has {len(labels[vid][0])} "
-                                "labelled segments")
-            utts.append((f"{vid}[{k}]", vid, k))
+    split_file = folder / f"{split}_split.txt"
+    utts, left_out = _csd_utterances(labels, wanted, split_file, roles["labels"].name)
+    if left_out:
+        shown = ", ".join(left_out[:50]) + (f", and {len(left_out) - 50} more" if len(left_out) > 50 else "")
+        print(f"{split_file.name}: {len(left_out)} of {len(wanted)} listed ids are not utterances of "
+              f"{roles['labels'].name}, left out: {shown}")
+    if not utts:
+        raise DataError(f"{split_file}: none of its {len(wanted)} ids is a video of {roles['labels'].name}")
     mods = {}
     for key in ("text", "audio", "video"):
         if key not in roles:
@@ -538,8 +687,8 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60) -
             s, e = labels[vid][0][k]
             if vid in data:
                 feats, iv = data[vid]
-                hit = (iv[:, 0] < e) & (iv[:, 1] > s)
-                x = _finite(np.asarray(feats[hit], np.float32)) if hit.any() else np.zeros((1, dim), np.float32)
+                rows = sdk_overlapping_rows(iv, s, e)
+                x = _finite(np.asarray(feats[rows], np.float32)) if len(rows) else np.zeros((1, dim), np.float32)
             else:
                 x = np.zeros((1, dim), np.float32)
             seqs.append(x.reshape(x.shape[0], -1))
@@ -549,62 +698,147 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60) -
     emotion = (np.stack([labels[v][2][k] for _, v, k in utts]) > 0).astype(np.float32) if names else \
         np.zeros((len(utts), 0), np.float32)
     sent = np.asarray([np.nan if labels[v][1] is None else labels[v][1][k] for _, v, k in utts], np.float32)
-    return FeatureSplit([u for u, _, _ in utts], mods, emotion, names, sent, source=str(folder), data_format="csd",
-                        split=split, seq_len=seq_len)
+    out = FeatureSplit([u for u, _, _ in utts], mods, emotion, names, sent, source=str(folder), data_format="csd",
+                       split=split, seq_len=seq_len)
+    out.left_out = left_out
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Merging CMU-MOSEI's emotions into MMSA data
 # ----------------------------------------------------------------------------------------------
-def _match_rows(clip: int, sentiment: float, rows_sent) -> int | None:
-    """Label row of MMSA clip ``clip``: the row at position ``clip`` (0-based) or ``clip - 1`` (1-based)
-    whose sentiment equals MMSA's regression label, else the only row of the video with that sentiment."""
-    if rows_sent is None:
-        return None
-    close = np.abs(rows_sent - sentiment) < 1e-3
-    for k in (clip, clip - 1):
-        if 0 <= k < len(rows_sent) and close[k]:
-            return k
-    hits = np.flatnonzero(close)
-    return int(hits[0]) if len(hits) == 1 else None
+#: Seconds within which a transcript segment and a label row are the same interval (merge_emotions).
+_SEGMENT_TOLERANCE = 0.01
+#: MMSA's sentiment and the label row's may differ by rounding only (MOSEI sentiments are steps of 1/3).
+_SENTIMENT_TOLERANCE = 0.05
+#: Above this share of identified clips whose sentiment differs, the numbering itself is wrong: stop.
+_MAX_SENTIMENT_DIFFER = 0.05
+_SENTIMENT_DIFFERS = "the label row's sentiment differs from MMSA's (another utterance)"
 
 
-def merge_emotions(mmsa_path, labels_csd, out=None) -> dict:
-    """Add CMU-MOSEI's emotion labels to an MMSA pickle, matched by video id (Chapter 3-4 on MMSA data).
+def read_transcript_segments(path) -> dict:
+    """CMU-MOSEI's segmented transcripts -> {(video, segment number): (start, end)} (merge_emotions).
 
-    MMSA ids are ``"<video>$_$<clip>"``. The clip's row in the label sequence is found by its position
-    and checked against MMSA's own ``regression_labels`` (the same sentiment annotation), so a
-    different clip numbering cannot silently attach another utterance's emotions. Adds to every split
-    ``emotion_labels`` (N, 6) (intensities, NaN where no row matched) and ``emotion_names``; writes the
-    result to ``out`` atomically when given. Returns ``{split: (matched, total)}``.
+    ``path`` is one transcript or the folder of them (``Raw/Transcript/Segmented/Combined``): lines
+    ``<video>___<segment>___<start>___<end>___<text>``, the segments MMSA cut its MOSEI clips from
+    (MMSA's ``Raw/<video>/<clip>.mp4`` and ids ``<video>$_$<clip>``)."""
+    path = Path(path)
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise DataError(f"{path}: no transcript (.txt lines '<video>___<segment>___<start>___<end>___<text>')")
+    out: dict = {}
+    for f in files:
+        for i, line in enumerate(f.read_text(encoding="utf8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split("___", 4)
+            try:
+                vid, seg, start, end = parts[0].strip(), int(parts[1]), float(parts[2]), float(parts[3])
+            except (IndexError, ValueError):
+                raise DataError(f"{f}: line {i} is not '<video>___<segment>___<start>___<end>___<text>': "
+                                f"{line[:80]!r}") from None
+            out[(vid, seg)] = (start, end)
+    return out
+
+
+def _label_row_of_clip(vid: str, clip: int, labels: dict, segments) -> tuple[str, list[int]]:
+    """Label rows that identify MMSA clip ``clip`` of ``vid``: the SDK's utterance ``vid[clip]`` (stored
+    row ``clip``, :func:`sdk_utterance_rows`), or with ``segments`` the rows whose interval is the
+    clip's transcript segment. Returns ``(reason, rows)``; ``reason`` says why none fits."""
+    iv = labels[vid][0]
+    rows = sdk_utterance_rows(iv)
+    if segments is None:
+        return ("no SDK utterance with that clip number", [clip] if clip in rows else [])
+    seg = segments.get((vid, clip))
+    if seg is None:
+        return ("no transcript segment with that number", [])
+    hits = [k for k in rows if abs(iv[k, 0] - seg[0]) <= _SEGMENT_TOLERANCE and abs(iv[k, 1] - seg[1])
+            <= _SEGMENT_TOLERANCE]
+    return ("no label row with the segment's interval", hits)
+
+
+def merge_emotions(mmsa_path, labels_csd, out=None, *, columns: str = "metadata", segments=None) -> dict:
+    """Add CMU-MOSEI's emotion labels to an MMSA pickle, matched by what identifies an utterance (Chapters 3-4).
+
+    MMSA ids are ``"<video>$_$<clip>"`` (MMSA builds them from ``video_id`` and ``clip_id``). Clip
+    ``c`` is the label row that names the same utterance: by default the SDK's utterance ``video[c]``
+    (stored row ``c``; :func:`sdk_utterance_rows`); with ``segments`` (CMU-MOSEI's segmented
+    transcripts, :func:`read_transcript_segments`) the row whose interval is transcript segment ``c``'s.
+    Never by position or by an equal sentiment. MMSA's own ``regression_labels`` is then a check only:
+    a row whose sentiment differs is another utterance, and the clip is left out; when that happens for
+    more than 5% of the identified clips the numbering is not the one assumed and nothing is merged
+    (DataError). Several rows with different labels for one interval make the clip ambiguous; it is
+    left out and listed.
+
+    Adds to every split ``emotion_labels`` (N, 6) (intensities, NaN where nothing matched) and
+    ``emotion_names``; writes the result to ``out`` atomically when given. Returns ``{split: {"total",
+    "matched", "left_out": {reason: [ids]}, "ambiguous": [ids]}}``.
     """
     mmsa_path = Path(mmsa_path)
     top = dict(load_pickle(mmsa_path, "MMSA pickle"))
-    labels = csd_emotion_labels(labels_csd, "mosei")
+    labels = csd_emotion_labels(labels_csd, "mosei", columns)
     names = labels.pop("__names__")
     if len(names) != 6:
         raise DataError(f"{labels_csd}: the label sequence names {names}, not the six CMU-MOSEI emotions")
-    counts = {}
+    segs = None if segments is None else read_transcript_segments(segments)
+    report = {}
     for split in SPLITS:
         d = dict(_split_dict(top, split, mmsa_path))
         ids = [_text(v) for v in _array(d, "id", mmsa_path, split, ndim=1)]
         sent = _sentiment(_array(d, "regression_labels", mmsa_path, split, n=len(ids)), mmsa_path, split,
                           "regression_labels")
         emo = np.full((len(ids), 6), np.nan, np.float32)
+        left: dict = {}
+        ambiguous = []
         for i, uid in enumerate(ids):
-            vid, _, clip = uid.rpartition("$_$")
-            if vid not in labels or not clip.isdigit():
+            vid, sep, clip = uid.rpartition("$_$")
+            if not sep or not clip.strip().isdigit():
+                left.setdefault("id is not '<video>$_$<clip number>'", []).append(uid)
                 continue
-            k = _match_rows(int(clip), float(sent[i]), labels[vid][1])
-            if k is not None:
-                emo[i] = labels[vid][2][k]
+            if vid not in labels:
+                left.setdefault("video not in the label sequence", []).append(uid)
+                continue
+            reason, rows = _label_row_of_clip(vid, int(clip), labels, segs)
+            if not rows:
+                left.setdefault(reason, []).append(uid)
+                continue
+            iv, row_sent, row_emo = labels[vid]
+            if len({tuple(row_emo[k].tolist()) for k in rows}) > 1:
+                ambiguous.append(uid)
+                continue
+            k = rows[0]
+            if row_sent is not None and abs(float(row_sent[k]) - float(sent[i])) > _SENTIMENT_TOLERANCE:
+                left.setdefault(_SENTIMENT_DIFFERS, []).append(uid)
+                continue
+            emo[i] = row_emo[k]
         d["emotion_labels"], d["emotion_names"] = emo, np.asarray(names)
         key = next(k for k in _SPLIT_KEYS[split] if k in top)
         top[key] = d
-        counts[split] = (int(np.isfinite(emo).all(1).sum()), len(ids))
+        report[split] = {"total": len(ids), "matched": int(np.isfinite(emo).all(1).sum()), "left_out": left,
+                         "ambiguous": ambiguous}
+    differ = sum(len(r["left_out"].get(_SENTIMENT_DIFFERS, [])) for r in report.values())
+    found = differ + sum(r["matched"] for r in report.values())
+    if differ > _MAX_SENTIMENT_DIFFER * max(found, 1):
+        how = "the SDK's utterance numbers" if segs is None else "the transcripts' segment numbers"
+        raise DataError(f"{mmsa_path}: for {differ} of {found} clips the label row their id names has another "
+                        f"sentiment than MMSA's regression label, so the clip numbers are not {how}; nothing "
+                        "was merged" + ("; pass segments (CMU-MOSEI's segmented transcripts) to match clips "
+                                        "by interval" if segs is None else ""))
     if out is not None:
         atomic_write(out, lambda fh: pickle.dump(top, fh, protocol=4), "wb")
-    return counts
+    return report
+
+
+def _print_merge_report(report: dict) -> None:
+    """The counts of :func:`merge_emotions`, its reasons for leaving clips out, and every ambiguous clip."""
+    for split, r in report.items():
+        n_left = sum(map(len, r["left_out"].values()))
+        print(f"{split}: {r['matched']} of {r['total']} clips matched ({100.0 * r['matched'] / max(r['total'], 1):.1f}%)"
+              f", {n_left} left out, {len(r['ambiguous'])} ambiguous")
+        for reason, ids in r["left_out"].items():
+            print(f"  left out, {reason}: {len(ids)} (e.g. {', '.join(ids[:3])})")
+        if r["ambiguous"]:
+            print(f"  ambiguous (several label rows with different labels): {', '.join(r['ambiguous'])}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -680,22 +914,27 @@ def resolve_format(root, data_format: str = "auto", dataset: str = "mosei") -> t
 
 
 def feature_dataset(root, split: str, *, data_format: str = "auto", dataset: str = "mosei", seq_len: int = 60,
-                    text_model: str | None = None) -> Dataset:
+                    text_model: str | None = None, label_columns: str = "metadata",
+                    csd_sequences=None) -> Dataset:
     """Pre-extracted features of one split in any :data:`FEATURE_FORMATS` form (Chapters 3, 4, 7).
 
     Items as :class:`FeatureSplit` (UMONS pickles: :func:`~nbsupport.data.umons_pickle_dataset`), batched
     by :func:`~nbsupport.data.collate_umons`. ``"raw"`` data is not pre-extracted: read it with
     :func:`~nbsupport.data.umons_dataset` / :func:`~nbsupport.data.handcrafted_dataset`.
+    ``label_columns`` and ``csd_sequences`` are :func:`load_csd`'s ``columns`` and ``sequences``.
     """
     fmt, path = resolve_format(root, data_format, dataset)
+    _check_columns(label_columns)
     if fmt == "mmsa":
         return load_mmsa(path, split, dataset=dataset, seq_len=seq_len)
     if fmt == "mult":
         return load_mult(path, split, dataset=dataset, seq_len=seq_len)
     if fmt == "csd":
-        return load_csd(path, split, dataset=dataset, seq_len=seq_len)
+        return load_csd(path, split, dataset=dataset, seq_len=seq_len, columns=label_columns,
+                        sequences=csd_sequences)
     if fmt == "umons":
-
+        if dataset != "mosei":
+            raise DataError(f"{path}: UMONS's pickles hold CMU-MOSEI, not dataset={dataset!r}")
         return umons_pickle_dataset(path, split, seq_len=seq_len, text_model=text_model)
     raise DataError(f"{path}: data_format {fmt!r} holds raw videos, not pre-extracted features")
 
@@ -715,19 +954,33 @@ def main(argv=None) -> int:
     mer.add_argument("mmsa")
     mer.add_argument("--emotions", required=True, help="CMU-MOSEI label sequence (CMU_MOSEI_Labels.csd)")
     mer.add_argument("--out", required=True, help="where to write the merged pickle")
+    mer.add_argument("--segments", default=None,
+                     help="CMU-MOSEI's segmented transcripts (file or folder): match clips by interval")
+    ins.add_argument("--sequence", action="append", default=[], metavar="ROLE=NAME",
+                     help=".csd: the file or sequence name of a role (text, audio, video) among several")
+    for p in (ins, mer):
+        p.add_argument("--columns", default="metadata", choices=LABEL_COLUMNS,
+                       help="label column names: the file's 'dimension names', or the SDK's documented order")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "merge-emotions":
-            for split, (hit, n) in merge_emotions(args.mmsa, args.emotions, args.out).items():
-                print(f"{split}: emotions for {hit} of {n} utterances ({100.0 * hit / max(n, 1):.1f}%)")
+            _print_merge_report(merge_emotions(args.mmsa, args.emotions, args.out, columns=args.columns,
+                                               segments=args.segments))
             print(f"wrote {args.out}")
             return 0
         fmt, path = resolve_format(args.root, args.format, args.dataset)
         print(f"{path}: data_format {fmt!r}")
         if fmt == "raw":
             return 0
+        seqs = {}
+        for v in args.sequence:
+            role, sep, name = v.partition("=")
+            if not sep:
+                raise ParameterError(f"--sequence {v!r}: expected ROLE=NAME, e.g. 'video=FACET 4.2'")
+            seqs[role.strip()] = name.strip()
         for split in SPLITS:
-            ds = feature_dataset(path, split, data_format=fmt, dataset=args.dataset)
+            ds = feature_dataset(path, split, data_format=fmt, dataset=args.dataset, label_columns=args.columns,
+                                 csd_sequences=seqs)
             dims = ds.feature_dims() if hasattr(ds, "feature_dims") else {}
             names = getattr(ds, "emotion_names", EMOTIONS["mosei"])
             sent = getattr(ds, "sentiment", None)

@@ -58,7 +58,7 @@ import numpy as np
 from nbsupport.base import atomic_write, atomic_write_json, atomic_write_text
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset
-from .formats import _SYNONYMS, csd_emotion_labels
+from .formats import _SYNONYMS, LABEL_COLUMNS, csd_emotion_labels
 from .safe_pickle import load_pickle
 
 __all__ = ["Segment", "read_segments", "read_labels", "prepare", "prepare_utterance", "main", "VIDEO_EXTENSIONS"]
@@ -194,13 +194,14 @@ def _emotion_name(col: str, dataset: str):
     return _SYNONYMS[dataset].get(col.strip().lower().replace("answer.", ""))
 
 
-def read_labels(path, dataset: str, segments: list[Segment]) -> dict:
+def read_labels(path, dataset: str, segments: list[Segment], label_columns: str = "metadata") -> dict:
     """Labels of the segments -> {id: {"label": ..., "sentiment": float or None, "text": str or None}}.
 
     MOSEI ``label`` = 6 presence values in the book's order (matched by column name; several rows of
     one id -- one per annotator in CMU's CSVs -- summed, then > 0); IEMOCAP ``label`` = a class name of
     :data:`~nbsupport.data.EMOTIONS` (other IEMOCAP classes are left out, as MESM does). A ``.csd``
-    label sequence gives each segment the row of its video that overlaps it most in time."""
+    label sequence gives each segment the row of its video that overlaps it most in time; its columns
+    are named as ``label_columns`` says (:func:`nbsupport.data.formats.csd_emotion_labels`)."""
     path, dataset = Path(path), check_dataset(dataset)
     if not path.is_file():
         raise DataError(f"{path}: label file missing")
@@ -210,7 +211,7 @@ def read_labels(path, dataset: str, segments: list[Segment]) -> dict:
         if dataset != "mosei":
             raise DataError(f"{path}: a .csd label sequence holds CMU-MOSEI labels, not {dataset}")
 
-        table = csd_emotion_labels(path, "mosei")
+        table = csd_emotion_labels(path, "mosei", label_columns)
         if table.pop("__names__") != names:
             raise DataError(f"{path}: the label sequence does not name the six CMU-MOSEI emotions")
         for s in segments:
@@ -485,7 +486,7 @@ def _read_split_dir(folder: Path, segments: list[Segment]) -> dict:
 
 
 def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=None, workers: int = 1,
-            img_interval: float = 500, progress: bool = True) -> PrepareReport:
+            img_interval: float = 500, progress: bool = True, label_columns: str = "metadata") -> PrepareReport:
     """Build the MESM raw layout under ``out`` from videos, a segment table and labels (Chapters 5-7).
 
     Finished utterance folders are skipped (resumable); ``workers`` > 1 runs utterances in that many
@@ -499,7 +500,7 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
     if img_interval <= 0:
         raise DataError(f"img_interval must be > 0 ms, got {img_interval!r}")
     segs = read_segments(segments, dataset)
-    labs = read_labels(labels, dataset, segs)
+    labs = read_labels(labels, dataset, segs, label_columns)
     index = _video_index(Path(videos))
     out = Path(out)
     raw_dir = out / f"{_PREFIX[dataset]}_RAW_PROCESSED"
@@ -582,10 +583,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--img-interval", type=float, default=500.0, help="ms between kept frames (MESM: 500)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--label-columns", default="metadata", choices=LABEL_COLUMNS,
+                    help=".csd labels: column names from the file, or the SDK's documented order")
     args = ap.parse_args(argv)
     try:
         rep = prepare(args.videos, args.segments, args.labels, args.out, dataset=args.dataset, splits=args.splits,
-                      workers=args.workers, img_interval=args.img_interval, progress=not args.no_progress)
+                      workers=args.workers, img_interval=args.img_interval, progress=not args.no_progress,
+                      label_columns=args.label_columns)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
