@@ -17,6 +17,8 @@ Only frames/pieces whose region is non-empty are averaged (a neutral face has no
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -29,13 +31,14 @@ from tqdm.auto import tqdm
 from nbsupport import evidence
 from nbsupport.base import to_device
 from nbsupport.data import features
-from nbsupport.data.raw import read_cues, read_frame, sample_frame_positions
+from nbsupport.data.raw import read_cues, read_frame
 from nbsupport.models.mesm import extractor_macs
 
 __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_pieces", "summarize_cue_table",
            "lift_intervals", "LiftTracker", "lift_verdicts", "draw_lift_by_epoch",
            "face_crop_box", "face_region_from_box", "CueRegions", "measure_cue_attention", "utterance_maps",
-           "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites"]
+           "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites",
+           "AnalysisPlan", "analysis_plan"]
 
 
 def region_to_grid(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -217,8 +220,8 @@ class CueRegions:
         """(T, 48, 48) area fractions of the active AU regions on each sampled face crop of ``uid``."""
         if uid not in self._faces:
             cue = self._cue(uid)
-            paths, idx = self.raw.frames(self.index[uid])
-            pos = sample_frame_positions(idx, self.img_interval)
+            paths, pos = self.raw.sample_frames(self.index[uid], self.img_interval)
+            idx = self.raw.frames(self.index[uid])[1]
             where = {k: j for j, k in enumerate(cue["frame_index"])}
             out = []
             for p in pos:
@@ -496,3 +499,54 @@ def draw_lift_by_epoch(table: pd.DataFrame, what: str = "attention", fig=None):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# What Chapter 6 can analyse on a given corpus
+# ---------------------------------------------------------------------------------------------
+def _and(items: list) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+@dataclass(frozen=True)
+class AnalysisPlan:
+    """Which of Chapter 6's analyses run (:func:`analysis_plan`); ``skipped`` is the one sentence that
+    says which were skipped for want of cue ground truth, and why ("" when none was)."""
+
+    sweep: bool
+    maps: bool
+    kept_sites: bool
+    cue_lifts: bool
+    lift_by_epoch: bool
+    attention_grad: bool
+    attention_grad_lifts: bool
+    skipped: str = ""
+
+
+def analysis_plan(test_set, *, analysis: bool = True, lift_by_epoch: bool = True,
+                  compare_attention_grad: bool = True) -> AnalysisPlan:
+    """Chapter 6's analyses on the corpus of ``test_set`` (a MESM dataset or its raw split), given the
+    chapter's switches. The ``top_p`` sweep, attention maps and kept sites need only the trained model;
+    the cue-region measures (lift table, verdicts and bar plot, lift by epoch, the lifts of the
+    ``attention_grad`` pair) need ``cue.pkl`` in every test utterance folder, which only the synthetic
+    corpus writes. On real data those are skipped -- no switch to turn off -- and ``skipped`` names them."""
+    raw = getattr(test_set, "raw", test_set)
+    lacking = sum(not (Path(f) / "cue.pkl").is_file() for f in raw.folders)
+    cues = lacking == 0
+    plan = dict(sweep=analysis, maps=analysis, kept_sites=analysis, cue_lifts=analysis and cues,
+                lift_by_epoch=lift_by_epoch and cues, attention_grad=compare_attention_grad,
+                attention_grad_lifts=compare_attention_grad and cues)
+    dropped = [name for wanted, name in (
+        (analysis, "the cue-region lift table with its verdicts and bar plot"),
+        (lift_by_epoch, "the lift by epoch"),
+        (compare_attention_grad, "the cue lifts of the attention_grad pair")) if wanted and not cues]
+    skipped = ""
+    if dropped:
+        kept = ["training", "test"] + (["the top_p sweep", "the attention maps", "the kept sites"] if analysis
+                                       else []) + (["the attention_grad comparison"] if compare_attention_grad
+                                                   else [])
+        skipped = (f"No cue ground truth here ({lacking} of {len(raw.folders)} test utterances have no cue.pkl, "
+                   f"which only the synthetic corpus writes), so the cells that need it are skipped "
+                   f"({_and(dropped)}), while {_and(kept)} run as usual.")
+    return AnalysisPlan(**plan, skipped=skipped)
+

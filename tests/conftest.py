@@ -115,3 +115,28 @@ def smoke_book(smoke_runs, tmp_path_factory) -> Path:
     shutil.rmtree(artifacts, ignore_errors=True)
     shutil.copytree(site / "_build" / "html", artifacts)
     return artifacts
+
+
+# ---------------------------------------------------------------------------------------------
+# System programs the README does not require: skip locally, fail in CI
+# ---------------------------------------------------------------------------------------------
+def in_ci() -> bool:
+    """True when the ``CI`` environment variable is set (``.ci/run`` sets ``CI=true``)."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test with ``reason`` (which names the Debian package to install); fail instead when
+    ``CI`` is set, so a CI machine that lacks the package cannot pass by skipping."""
+    if in_ci():
+        pytest.fail(f"CI is set but this test cannot run: {reason}")
+    pytest.skip(reason)
+
+
+def require_program(program: str, package: str) -> str:
+    """Path of the system ``program`` (from Debian's ``package``); skip locally or fail in CI without it."""
+    path = shutil.which(program)
+    if path is None:
+        skip_or_fail(f"{program} not installed (apt-get install {package}; .ci/run installs it)")
+    return path
+

@@ -30,7 +30,7 @@ from urllib.parse import unquote, urljoin, urlparse
 import pytest
 import yaml
 
-from conftest import NOTEBOOKS, ROOT, _toc_files
+from conftest import NOTEBOOKS, ROOT, _toc_files, skip_or_fail
 from test_code_units import REQUIRED as REQUIRED_UNITS
 from test_code_units import shown_units
 
@@ -63,9 +63,7 @@ def require_chromium() -> tuple[str, str]:
     """Paths of chromium and chromedriver; skip (locally) or fail (CI=true) when they are missing."""
     chromium, driver, reason = find_chromium()
     if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI is set but the browser tests cannot run: {reason}")
-        pytest.skip(reason)
+        skip_or_fail(reason)
     return chromium, driver
 
 

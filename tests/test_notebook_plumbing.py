@@ -118,3 +118,25 @@ def test_metrics_shape_checked(tmp_path):
         run.write_metrics([{"model": "m", "wacc": 0.5}])
     with pytest.raises(ValueError, match="wacc"):
         run.write_metrics([{"model": "m", "modalities": "L", "wacc": "high"}])
+
+
+@pytest.mark.parametrize("data_format, refused", [("raw", False), ("auto", False), ("mmsa", True),
+                                                  ("csd", True)])
+def test_chapter_6_needs_the_raw_layout(data_format, refused):
+    """Chapter 6 trains on frames and audio: pre-extracted forms stop at the spec, naming the preparer."""
+    import nbformat
+    from conftest import BOOK
+
+    from nbsupport.book import chapters
+
+    cell = next(c for c in nbformat.read(BOOK / "06_mesm.ipynb", as_version=4).cells
+                if "parameters" in c.metadata.get("tags", []))
+    ns: dict = {}
+    exec(cell.source, ns)
+    params = {k: v for k, v in ns.items() if not k.startswith("__")}
+    params["data_format"] = data_format
+    if not refused:
+        assert chapters.spec("06_mesm").validate(params)["data_format"] == data_format
+        return
+    with pytest.raises(nb.ParameterError, match=r"'data_format' = '\w+': chapter 6 .* raw layout .*prepare"):
+        chapters.spec("06_mesm").validate(params)

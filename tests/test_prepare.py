@@ -16,6 +16,7 @@ import pytest
 import skimage.data
 import soundfile as sf
 import torch
+from conftest import require_program
 
 from nbsupport import protocol
 from nbsupport.data import EMOTIONS, DataError, load_split
@@ -36,10 +37,9 @@ def frame_rgb(k: int, split_screen: bool = False) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is needed (apt-get install espeak-ng; .ci/run installs it)")
+    espeak = require_program("espeak-ng", "espeak-ng")  # skips locally, fails in CI, without it
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(path), "I am so happy to see you today. This is wonderful news."],
+    subprocess.run([espeak, "-w", str(path), "I am so happy to see you today. This is wonderful news."],
                    check=True)
     wav, sr = sf.read(path, dtype="float32")
     return wav, sr
@@ -75,6 +75,17 @@ def encode(path, speech, *, seconds=SECONDS, audio=True, stereo=False, split_scr
             c.mux(p)
     c.close()
     return path
+
+
+def mux_mono(c, a, wav, sr=16000):
+    """Encode the mono float32 ``wav`` into audio stream ``a`` of container ``c`` and mux it."""
+    for i in range(0, len(wav), 1024):
+        fr = av.AudioFrame.from_ndarray(wav[None, i:i + 1024].copy(), format="fltp", layout="mono")
+        fr.sample_rate, fr.pts = sr, i
+        for p in a.encode(fr):
+            c.mux(p)
+    for p in a.encode():
+        c.mux(p)
 
 
 SEGMENTS = [("-6rXp3zJ3kc", 0, 0.2, 1.6), ("-6rXp3zJ3kc", 1, 1.0, 3.0), ("abc_DEF", 0, 0.5, 2.0),
@@ -303,14 +314,7 @@ def test_bad_video_missing_frames(tmp_path, speech, capsys):
             c.mux(p)
     for p in vs.encode():
         c.mux(p)
-    tone = (0.3 * np.sin(np.arange(64000) * 0.1)).astype(np.float32)
-    for i in range(0, 64000, 1024):
-        fr = av.AudioFrame.from_ndarray(tone[None, i:i + 1024].copy(), format="fltp", layout="mono")
-        fr.sample_rate, fr.pts = 16000, i
-        for p in a.encode(fr):
-            c.mux(p)
-    for p in a.encode():
-        c.mux(p)
+    mux_mono(c, a, (0.3 * np.sin(np.arange(64000) * 0.1)).astype(np.float32))
     c.close()
     line = _bad_run(tmp_path, speech, bad, [("gap", 0, 1.0, 3.0)], capsys)
     assert "no decodable frame at 1.50, 2.00, 2.50 s" in line
@@ -354,3 +358,36 @@ def test_default_split_keeps_each_video_in_one_split():
     n_videos = {s: len({u.rsplit("_", 1)[0] for u in ids}) for s, ids in splits.items()}
     assert n_videos == {"train": 7, "valid": 2, "test": 1}  # round(0.7 * 10), round(0.15 * 10) = 2
     assert P._default_splits(by_video) == splits  # a hash of the id, not a random draw
+
+
+def test_chapter_6_runs_on_a_root_prepared_from_real_videos(prepared, tmp_path):
+    """`python -m nbsupport.data.prepare` (segments as UMONS's d_*.pkl) on the real mp4s with real speech,
+    then chapter 6 through papermill with smoke=True and only data_root set: it completes, and says in
+    one sentence which cue analyses it skipped (real data has no cue.pkl)."""
+    import json
+    import sys
+
+    from conftest import BOOK, run_papermill
+    from test_segment_tables import umons_table
+
+    base, _ = prepared
+    segments = umons_table(tmp_path / "d_all.pkl", SEGMENTS)
+    cmd = [sys.executable, "-m", "nbsupport.data.prepare", "--videos", str(base / "videos"), "--segments",
+           str(segments), "--labels", str(base / "labels.csv"), "--splits", str(base / "splits"), "--out",
+           str(tmp_path / "root"), "--workers", "1", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    executed = tmp_path / "06.ipynb"
+    seconds, error = run_papermill(BOOK / "06_mesm.ipynb", executed,
+                                   {"smoke": True, "data_root": str(tmp_path / "root"),
+                                    "output_dir": str(tmp_path / "out")},
+                                   env_extra={"NBSUPPORT_CACHE": str(tmp_path / "cache")})
+    assert error is None, error
+    text = "".join("".join(o.get("text", "")) for c in json.loads(executed.read_text())["cells"]
+                   for o in c.get("outputs", []))
+    assert ("No cue ground truth here (2 of 2 test utterances have no cue.pkl, which only the synthetic "
+            "corpus writes), so the cells that need it are skipped (the cue-region lift table") in text
+    assert ("while training, test, the top_p sweep, the attention maps, the kept sites and the "
+            "attention_grad comparison run as usual.") in text
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["sweep"] and metrics["interpretability"] is None and metrics["skipped"]

@@ -52,6 +52,16 @@ def _mesm_needs_a_visual_modality(params: dict) -> None:
                              "their sites)")
 
 
+def _mesm_chapter_checks(params: dict) -> None:
+    """Chapter 6: a visual modality to select sites in, and data with frames and audio (raw layout)."""
+    _mesm_needs_a_visual_modality(params)
+    if params["data_format"] not in ("auto", "raw"):
+        raise ParameterError(f"parameter 'data_format' = {params['data_format']!r}: chapter 6 trains MESM end to "
+                             "end on face frames and audio, so it needs the raw layout ('raw'); pre-extracted "
+                             "features (umons, mmsa, mult, csd) hold no frames. Prepare the videos with "
+                             "`python -m nbsupport.data.prepare` (see Running on your data)")
+
+
 def _regimes_not_empty(params: dict) -> None:
     if not params["regimes"]:
         raise ParameterError("parameter 'regimes' must name at least one regime, e.g. {'visible': 0.0}")
@@ -89,14 +99,15 @@ SPECS: dict[str, Spec] = {
         rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, **_MESM_SIZES),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES)),
     "06_mesm": Spec(
-        rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, top_p=_P,
+        rules=dict(**_DATA, **_DATA_FORMAT, dataset=Choice("mosei", "iemocap"), n_utterances=Int(min=20),
+                   modalities=Modalities(need_text=True), **_E2E, top_p=_P,
                    top_p_sweep=ListOf(_P), compare_fe2e=Bool(), compare_attention_grad=Bool(), explorer=Bool(), lift_by_epoch=Bool(),
                    analysis=Bool(),
                    cue_gain=Float(min=0, max=MAX_CUE_GAIN),
                    **_MESM_SIZES, attention_hidden=Int(min=1)),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES,
                    attention_hidden=16),
-        check=_mesm_needs_a_visual_modality),
+        check=_mesm_chapter_checks),
     "07_two_phase_vs_end_to_end": Spec(
         rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, n_utterances=Int(min=20), epochs=Int(min=1),
                    baseline_epochs=Int(min=1), lr=_POS,

@@ -123,11 +123,12 @@ def utterance_figure(raw: RawSplit, i: int, frame: int = 0, fig=None):
     cue = _cue(raw, i)
     if cue is not None and frame < len(cue["au_mask"]) and cue["au_mask"][frame].any():
         a0.contour(cue["au_mask"][frame], levels=[0.5], colors="yellow", linewidths=1)
-    a0.set_title(f"frame {idx[frame]} (t = {idx[frame] / 30:.2f} s)", fontsize=9)
+    t = raw.frame_times(i, idx)[frame]  # s in the source video (recorded clock, else 30 fps)
+    a0.set_title(f"frame {idx[frame]} (t = {t:.2f} s)", fontsize=9)
     a0.axis("off")
     wav, sr = read_audio(raw.audio_path(i))
     a1.imshow(log_mel(wav, sr), origin="lower", aspect="auto", extent=[0, len(wav) / sr, 0, 128], cmap="magma")
-    a1.axvline(idx[frame] / 30, color="white", lw=1)
+    a1.axvline(t - ((raw.timing[i] or {}).get("start") or 0.0), color="white", lw=1)  # audio starts there
     a1.set_xlabel("time (s)")
     a1.set_ylabel("mel bin")
     labels = [e for e, v in zip(EMOTIONS[raw.dataset], raw.labels[i]) if v]

@@ -33,7 +33,7 @@ from nbsupport.base import atomic_write
 from . import features as F
 from .common import DataError
 from .text import load_tokenizer
-from .raw import RawSplit, load_umons_pickles, read_audio, read_frame, sample_frame_positions
+from .raw import RawSplit, load_umons_pickles, read_audio, read_frame
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ def _generator_version(root: Path):
 def _sampled_faces(raw: RawSplit, i: int, img_interval: float, max_frames: int | None = None) -> np.ndarray:
     """Face crops (T, 48, 48) uint8 of the frames read every ``img_interval`` ms (at most ``max_frames``,
     evenly spread)."""
-    paths, idx = raw.frames(i)
-    pos = sample_frame_positions(idx, img_interval)
+    paths, pos = raw.sample_frames(i, img_interval)  # by the recorded frame times (RawSplit)
     if max_frames is not None and len(pos) > max_frames:
         pos = [pos[j] for j in np.linspace(0, len(pos) - 1, max_frames).round().astype(int)]
     return np.stack([F.face_crop(read_frame(paths[p]))[0] for p in pos])
@@ -137,14 +136,20 @@ class FeatureDataset(Dataset):
 
     def fingerprint(self, i: int) -> dict:
         """What the cache entry of item ``i`` is computed from: feature version, kind and settings, corpus
-        generator version, the identity (:func:`file_identity`) of the audio file and of every frame, and
-        the transcript's hash when the entry holds text. Plain containers (``weights_only`` loadable)."""
+        generator version, the identity (:func:`file_identity`) of the audio file and of every frame, the
+        transcript's hash when the entry holds text, and the digest of the recorded frame clock
+        (``frame_times``, :meth:`RawSplit.timing_key`) when the root records one. Plain containers
+        (``weights_only`` loadable)."""
         root = self.raw.root
         paths, _ = self.raw.frames(i)
         sources = [file_identity(self.raw.audio_path(i), root)] + [file_identity(p, root) for p in paths]
         text = hashlib.sha1(self.raw.texts[i].encode()).hexdigest() if self.text_in_cache else None
-        return {"feature_version": FEATURE_VERSION, "kind": self.kind, "settings": self._settings_key,
-                "generator": self.generator_version, "sources": sources, "text": text}
+        out = {"feature_version": FEATURE_VERSION, "kind": self.kind, "settings": self._settings_key,
+               "generator": self.generator_version, "sources": sources, "text": text}
+        clock = self.raw.timing_key(i)  # frames sampled by recorded times: entries made without them are stale
+        if clock is not None:
+            out["frame_times"] = clock
+        return out
 
     def _stale(self, entry, i: int, expected: dict) -> str | None:
         """Why a loaded cache entry cannot serve item ``i`` (None when it can)."""

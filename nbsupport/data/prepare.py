@@ -12,7 +12,8 @@ Output (read by :class:`nbsupport.data.raw.RawSplit`)::
     ROOT/MOSEI_RAW_PROCESSED/<video>_<clip>/image_<k>.jpg   a frame every 500 ms, k = source frame index
     ROOT/MOSEI_RAW_PROCESSED/<video>_<clip>/audio.wav       16 kHz mono
     ROOT/MOSEI_RAW_PROCESSED/meta.pkl                       {id: {text, label (6 presence values),
-                                                             sentiment, video, start, end, fps}}
+                                                             sentiment, video, start, end, fps,
+                                                             frame_times {k: s}}}
     ROOT/MOSEI_SPLIT/{train,valid,test}_split.txt
     ROOT/IEMOCAP_RAW_PROCESSED/<dialogue>/<id>/image_L_<k>.jpg, image_R_<k>.jpg, audio_L.wav, audio_R.wav
                                                             (left / right half of the frame and first /
@@ -95,21 +96,37 @@ def _iemocap_dialogue(uid: str) -> str:
     return uid.rsplit("_", 1)[0]
 
 
-def _float(v, where: str) -> float:
+def _float(v, where: str, clamp: bool = False) -> float:
     try:
         x = float(v)
     except (TypeError, ValueError):
         raise DataError(f"{where}: expected a number of seconds, got {v!r}") from None
+    if clamp and math.isfinite(x) and x < 0:
+        return 0.0
     if not math.isfinite(x) or x < 0:
         raise DataError(f"{where}: expected a time >= 0 s, got {v!r}")
     return x
 
 
 def _segment(uid, video, start, end, text, dataset, where) -> Segment:
-    s, e = _float(start, f"{where} start"), _float(end, f"{where} end")
+    # CMU-MOSEI's intervals may start before 0 (46 of the 4,662 rows of UMONS's d_test.pkl, down to
+    # -0.49 s): such a segment starts at the video's start, as MESM's preprocessing cuts it
+    s, e = _float(start, f"{where} start", clamp=True), _float(end, f"{where} end")
     if e <= s:
         raise DataError(f"{where}: end {e} s is not after start {s} s")
     return Segment(str(uid), str(video), s, e, "" if text is None else str(text).strip())
+
+
+def _umons_row(key, value) -> list:
+    """One row of a segment table stored as a dict: the value when it starts with the utterance name
+    (UMONS's ``data/d_*.pkl``: row index -> ['<video>[<clip>]', start, end]), else [key, *value]
+    (a table keyed by the name)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        value = list(np.asarray(value, dtype=object).reshape(-1))
+        if value and isinstance(value[0], str):
+            return value
+        return [key, *value]
+    return [key, value]
 
 
 def read_segments(path, dataset: str = "mosei") -> list[Segment]:
@@ -122,7 +139,8 @@ def read_segments(path, dataset: str = "mosei") -> list[Segment]:
     out: list[Segment] = []
     if path.suffix in (".pkl", ".p", ".pickle"):
         rows = load_pickle(path, "segment table")
-        rows = [[k, *v] for k, v in rows.items()] if isinstance(rows, dict) else rows
+        if isinstance(rows, dict):  # UMONS's d_*.pkl: {0: ['-6rXp3zJ3kc[0]', np.float64(14.468), ...], ...}
+            rows = [_umons_row(k, v) for k, v in rows.items()]
         if not isinstance(rows, (list, tuple)):
             raise DataError(f"{path}: expected a list of rows ['video[clip]', start, end], "
                             f"got {type(rows).__name__}")
@@ -257,7 +275,8 @@ def _utterance_dir(raw_dir: Path, dataset: str, uid: str) -> Path:
 
 
 def _decode_frames(container, stream, seg: Segment, interval_ms: float, where: str):
-    """Frames nearest to start, start + interval, ... (< end) -> [(source frame index, BGR image)]."""
+    """Frames nearest to start, start + interval, ... (< end) -> ([(k, t, BGR image)], fps), k = round(t * fps)
+    the frame's index in the source video (made unique), t its timestamp (s) from the stream's start."""
     import av
 
     fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -280,13 +299,21 @@ def _decode_frames(container, stream, seg: Segment, interval_ms: float, where: s
             j = int(np.argmin(np.abs(targets - t)))
             d = abs(targets[j] - t)
             if d <= tol and (j not in best or d < best[j][0]):
-                best[j] = (d, int(round(t * fps)), frame.to_ndarray(format="bgr24"))
+                best[j] = (d, t, frame.to_ndarray(format="bgr24"))
     except av.error.FFmpegError as e:
         raise DataError(f"{where}: corrupt video data near {seg.start:.2f}-{seg.end:.2f} s ({e})") from None
     missing = [f"{targets[j]:.2f}" for j in range(len(targets)) if j not in best]
     if missing:
         raise DataError(f"{where}: no decodable frame at {', '.join(missing[:5])} s (corrupt or missing frames)")
-    return [(best[j][1], best[j][2]) for j in range(len(targets))], fps
+    out, used = [], set()
+    for j in range(len(targets)):
+        _, t, img = best[j]
+        k = int(round(t * fps))
+        while k in used:  # variable frame rate: two kept frames may round to one index
+            k += 1
+        used.add(k)
+        out.append((k, t, img))
+    return out, fps
 
 
 def _decode_audio(container, stream, seg: Segment, channels: int, where: str) -> np.ndarray:
@@ -331,7 +358,8 @@ def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
     Writes ``image_<k>.jpg`` (IEMOCAP: ``image_L_<k>.jpg`` / ``image_R_<k>.jpg``, the two halves of
     the frame) for the frames nearest to every ``img_interval`` ms from the segment start (k = the
     frame's index in the source video) and ``audio.wav`` 16 kHz mono (IEMOCAP: ``audio_L.wav`` /
-    ``audio_R.wav``, the first and second channel). Returns ``{"fps", "frames"}``. DataError naming the
+    ``audio_R.wav``, the first and second channel). Returns ``{"fps", "frames", "frame_times"}``
+    (``frame_times`` {k: timestamp in s}, what the reader samples by). DataError naming the
     video and the problem for an unreadable file, no audio track, a segment past the end of the
     video, or corrupt frames (Chapter 5's data, "Running on your data")."""
     import av
@@ -360,7 +388,7 @@ def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        for k, img in frames:
+        for k, _, img in frames:
             if dataset == "iemocap":
                 w = img.shape[1] // 2
                 cv2.imwrite(str(tmp / f"image_L_{k}.jpg"), img[:, :w])
@@ -381,7 +409,7 @@ def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"fps": fps, "frames": len(frames)}
+    return {"fps": fps, "frames": len(frames), "frame_times": {k: float(t) for k, t, _ in frames}}
 
 
 def _job(args):
@@ -516,15 +544,15 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
         if lab.get("sentiment") is not None:
             m["sentiment"] = lab["sentiment"]
         if uid in info:
-            m["fps"] = info[uid]["fps"]
+            m["fps"], m["frame_times"] = info[uid]["fps"], info[uid]["frame_times"]
         meta[uid] = m
     old = raw_dir / "meta.pkl"
-    if old.is_file():  # keep the frame rates recorded by earlier runs
+    if old.is_file():  # keep the frame clocks recorded by earlier runs
         prev = load_pickle(old, "meta.pkl")
         for uid, m in meta.items():
             earlier = prev.get(uid) if isinstance(prev, dict) else None
             if "fps" not in m and isinstance(earlier, dict) and "fps" in earlier:
-                m["fps"] = earlier["fps"]
+                m.update({k: earlier[k] for k in ("fps", "frame_times") if k in earlier})
     atomic_write(old, lambda fh: pickle.dump(meta, fh, protocol=4), "wb")
     if splits is not None:
         split_ids = _read_split_dir(Path(splits), segs)

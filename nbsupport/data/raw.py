@@ -3,7 +3,7 @@
 MESM raw layout (Dai et al., NAACL 2021, released data; our synthetic corpus writes the same)::
 
     <root>/MOSEI_RAW_PROCESSED/meta.pkl             {id: {"text": str, "label": 6 presence values, ...}}
-    <root>/MOSEI_RAW_PROCESSED/<id>/image_<k>.jpg   frames, k = index in the 30 fps video
+    <root>/MOSEI_RAW_PROCESSED/<id>/image_<k>.jpg   frames, k = frame index in the source video
     <root>/MOSEI_RAW_PROCESSED/<id>/audio.wav
     <root>/MOSEI_SPLIT/{train,valid,test}_split.txt one id per line
     <root>/IEMOCAP_RAW_PROCESSED/meta.pkl           {id: {"text": str, "label": "ang"|"exc"|...}}
@@ -20,16 +20,24 @@ optional ``sentiment`` in [-3, 3] (absent, None or NaN: no sentiment); IEMOCAP `
 one-hot of width 6); ``text`` is a string. All are checked when a split is loaded: NaN, out-of-range or
 wrongly typed values raise :class:`~nbsupport.data.DataError` naming the file, the id and the field.
 Splits: an id listed twice in a split, or in two splits, is an error unless ``allow_overlap=True``.
+Frame times: ``meta.pkl`` entries written by :mod:`nbsupport.data.prepare` record ``fps`` (the source
+video's frame rate), ``start`` / ``end`` (s) and ``frame_times`` ({k: s}, each kept frame's timestamp,
+so variable-frame-rate video is read right); frames are then sampled by time
+(:meth:`RawSplit.sample_frames`). Entries without ``fps`` (older roots, the MESM release) are read as
+30 fps video as before, with one warning per root; the synthetic corpus is 30 fps by construction.
 Pickles (``meta.pkl``, UMONS ``*.p``, ``cue.pkl``) are read with :mod:`nbsupport.data.safe_pickle`
 (no code from the data runs); truncated media (wav shorter than its header, cut images) are errors.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +51,7 @@ from .safe_pickle import load_pickle
 
 __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", "sample_frame_positions",
            "speaker_side", "utterance_folders", "read_cues", "load_umons_pickles", "UmonsPickleSplit", "FPS",
-           "read_split_ids", "UMONS_MEL_BINS"]
+           "read_split_ids", "UMONS_MEL_BINS", "sample_frame_times", "frame_timing"]
 
 FPS = 30
 #: Mel bins of UMONS's pre-extracted audio features (Delbrouck et al. 2020, Sec. 4).
@@ -53,6 +61,7 @@ SENTIMENT_RANGE = (-3.0, 3.0)
 EMOTION_RANGE = (0.0, 3.0)
 _FRAME_RE = re.compile(r"^image_(?:(?P<s1>[LR])_)?(?P<k>\d+)(?:_(?P<s2>[LR]))?\.(?:jpe?g|png)$", re.IGNORECASE)
 _PREFIX = {"mosei": "MOSEI", "iemocap": "IEMOCAP"}
+_WARNED_NO_FPS: set = set()  # roots whose missing frame rate was reported (once per process)
 
 
 def speaker_side(utt_id: str) -> str:
@@ -102,6 +111,60 @@ def sample_frame_positions(indices, interval_ms: float, duration_s: float | None
     prev = np.clip(pos - 1, 0, len(idx) - 1)
     pos = np.where(np.abs(idx[prev] - targets) <= np.abs(idx[pos] - targets), prev, pos)
     return sorted(set(int(p) for p in pos))
+
+
+def sample_frame_times(times_s, interval_ms: float, start_s: float | None = None,
+                       end_s: float | None = None) -> list[int]:
+    """Positions into ``times_s`` (sorted frame timestamps, s) of the frames nearest in time to
+    ``start_s``, ``start_s + interval``, ... (MESM's ``img_interval`` sampling, Dai et al. 2021, Sec. 3.1).
+
+    Targets run from ``start_s`` (default: the first frame's time) while below ``end_s`` (default: up to
+    and including the last frame's time); each takes the frame nearest in time (the earlier one on a tie),
+    duplicates dropped. With every frame of a constant-rate video stored, each target lands within half a
+    frame period of its frame, at any rate (24, 25, 29.97, 30, 50, 60 fps) and for variable rate."""
+    if interval_ms <= 0:
+        raise DataError(f"img_interval must be > 0 ms, got {interval_ms!r}")
+    t = np.asarray(times_s, dtype=np.float64)
+    if t.size == 0:
+        return []
+    t0 = float(t[0]) if start_s is None else float(start_s)
+    if end_s is None:
+        targets = t0 + np.arange(0.0, max(float(t[-1]) - t0, 0.0) + 1e-9, interval_ms / 1000.0)
+    else:
+        targets = t0 + np.arange(0.0, max(float(end_s) - t0 - 1e-9, 1e-12), interval_ms / 1000.0)
+    pos = np.clip(np.searchsorted(t, targets), 0, len(t) - 1)
+    prev = np.clip(pos - 1, 0, len(t) - 1)
+    pos = np.where(np.abs(t[prev] - targets) <= np.abs(t[pos] - targets) + 1e-9, prev, pos)
+    return sorted(set(int(p) for p in pos))
+
+
+def frame_timing(entry, where: str = "meta.pkl") -> dict | None:
+    """The frame clock of one ``meta.pkl`` entry: ``{"fps", "start", "end", "frame_times"}`` (floats;
+    ``start`` / ``end`` None when absent, ``frame_times`` {k: s} or None) when it records ``fps``, else
+    None (frames numbered as 30 fps video: older roots, the MESM release). DataError naming ``where``
+    and the field for an ``fps`` that is not a positive number, a ``start``/``end`` that is not a finite
+    number, or ``frame_times`` that is not a dict of frame index -> finite seconds."""
+    if not isinstance(entry, dict) or "fps" not in entry:
+        return None
+    fps = entry["fps"]
+    if not _is_number(fps) or isinstance(fps, (bool, np.bool_)) or not (math.isfinite(fps) and fps > 0):
+        raise DataError(f"{where}: field 'fps' must be the video's frame rate (a number > 0), got {fps!r}")
+    out = {"fps": float(fps)}
+    for field in ("start", "end"):
+        v = entry.get(field)
+        if v is not None and (not _is_number(v) or not math.isfinite(v)):
+            raise DataError(f"{where}: field '{field}' must be a time in seconds, got {v!r}")
+        out[field] = None if v is None else float(v)
+    times = entry.get("frame_times")
+    if times is not None:
+        ok = isinstance(times, dict) and all(
+            _is_number(k) and math.isfinite(k) and float(k) == int(k) and _is_number(v) and math.isfinite(v) for k, v in times.items())
+        if not ok:
+            raise DataError(f"{where}: field 'frame_times' must map frame indices to times in seconds "
+                            f"({{k: s}}), got {times!r:.120}")
+        times = {int(k): float(v) for k, v in times.items()}
+    out["frame_times"] = times or None
+    return out
 
 
 def _check_image_complete(path: str) -> None:
@@ -331,9 +394,10 @@ def _few(ids, k: int = 5) -> str:
 class RawSplit(Dataset):
     """One split of a corpus in the MESM raw layout; items are dicts of raw inputs (Chapter 2).
 
-    Item keys: ``id``, ``text``, ``frames`` (frame paths sorted by 30 fps index; read them with
+    Item keys: ``id``, ``text``, ``frames`` (frame paths sorted by frame index; read them with
     :func:`read_frame`), ``frame_index`` (their indices), ``audio`` (float32 mono waveform), ``sr``,
     ``emotion`` (6,) float tensor, ``sentiment`` (float, NaN when the set has none), ``folder``.
+    :meth:`sample_frames` picks the frames read every ``img_interval`` ms by their recorded times.
     """
 
     def __init__(self, root, dataset: str, split: str, *, sr: int = 16000, allow_overlap: bool = False):
@@ -368,6 +432,7 @@ class RawSplit(Dataset):
         self.sr = sr
         folders = utterance_folders(self.raw_dir, dataset)
         self.texts, self.labels, self.sentiments, self.folders = [], [], [], []
+        self.timing = []  # frame_timing() of each item, None: numbered as 30 fps video
         for uid in self.ids:
             if uid not in meta:
                 raise DataError(f"{meta_path}: id {uid!r} from {split_file.name} has no entry")
@@ -381,6 +446,22 @@ class RawSplit(Dataset):
             self.texts.append(_text_value(m["text"], where))
             self.sentiments.append(_sentiment_value(m.get("sentiment"), where))
             self.folders.append(folders[uid])
+            self.timing.append(frame_timing(m, where))
+        self._warn_without_fps(meta_path)
+
+    def _warn_without_fps(self, meta_path: Path) -> None:
+        """One warning per root (per process) when real utterances record no frame rate."""
+        n = sum(t is None for t in self.timing)
+        if not n or (self.root / "synth_info.json").is_file():  # the synthetic corpus is 30 fps
+            return
+        key = str(self.raw_dir.resolve())
+        if key in _WARNED_NO_FPS:
+            return
+        _WARNED_NO_FPS.add(key)
+        warnings.warn(f"{meta_path}: {n} of {len(self.timing)} utterances of split {self.split!r} record no "
+                      f"frame rate ('fps'); their frames image_<k> are read as {FPS} fps video (frame k at "
+                      f"k/{FPS} s), as before. Prepare them again with python -m nbsupport.data.prepare to "
+                      "sample frames by their timestamps.", UserWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -397,8 +478,39 @@ class RawSplit(Dataset):
         return folder / "audio.wav"
 
     def frames(self, i: int) -> tuple[list[str], list[int]]:
-        """(frame paths, 30 fps indices) of item ``i``."""
+        """(frame paths, frame indices) of item ``i``, sorted by index."""
         return list_frames(self.folders[i], self.side(i))
+
+    def frame_times(self, i: int, idx=None) -> np.ndarray:
+        """Timestamps (s, in the source video) of the frames of item ``i`` (indices ``idx``, default
+        :meth:`frames`): the preparer's recorded ``frame_times``, else index / ``fps``, else index / 30
+        (roots without ``fps``)."""
+        idx = self.frames(i)[1] if idx is None else idx
+        timing = self.timing[i]
+        if timing is None:
+            return np.asarray(idx, dtype=np.float64) / FPS
+        recorded = timing["frame_times"] or {}
+        return np.asarray([recorded.get(k, k / timing["fps"]) for k in idx], dtype=np.float64)
+
+    def sample_frames(self, i: int, interval_ms: float) -> tuple[list[str], list[int]]:
+        """(all frame paths, positions of those read every ``interval_ms`` ms) of item ``i`` (MESM's
+        ``img_interval``, Chapters 2-7). With a recorded frame clock the targets run from the segment's
+        ``start`` to its ``end`` and each takes the frame nearest in time (:func:`sample_frame_times`);
+        without one, frames are numbered as 30 fps video from t = 0 (:func:`sample_frame_positions`)."""
+        paths, idx = self.frames(i)
+        timing = self.timing[i]
+        if timing is None:
+            return paths, sample_frame_positions(idx, interval_ms)
+        return paths, sample_frame_times(self.frame_times(i, idx), interval_ms, timing["start"], timing["end"])
+
+    def timing_key(self, i: int) -> str | None:
+        """A digest of item ``i``'s recorded frame clock (None without one): part of the feature cache's
+        fingerprint, so features sampled under another clock are recomputed."""
+        timing = self.timing[i]
+        if timing is None:
+            return None
+        text = json.dumps({**timing, "frame_times": sorted((timing["frame_times"] or {}).items())})
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def __getitem__(self, i: int) -> dict:
         paths, idx = self.frames(i)
