@@ -34,6 +34,7 @@ from conftest import NOTEBOOKS, ROOT, _toc_files
 from test_code_units import REQUIRED as REQUIRED_UNITS
 from test_code_units import shown_units
 
+pytestmark = pytest.mark.browser  # the slow tier: needs Chromium (and, via `site`, the smoke runs)
 ARTIFACTS = ROOT / "_build" / "test-artifacts" / "browser"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 PAGE_TIMEOUT_S = 20
