@@ -6,5 +6,5 @@ parameter spec), ``show`` (a package object's code on the page), ``fmt`` (tables
 (papermill sweeps) and ``assets`` (offline MathJax/widget scripts for the rendered book).
 
 Content modules (attention, data, models, sparse, metrics, flops) and the protocol never import
-from here; ``make test`` checks it with import-linter (``.importlinter``).
+from here; ``make test`` checks it with import-linter (``pyproject.toml``, ``[tool.importlinter]``).
 """

@@ -48,9 +48,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import pandas as pd
 
 from nbsupport.base import atomic_write_text
 
@@ -77,8 +79,6 @@ def command_line(notebook: str | os.PathLike, out: str | os.PathLike, params: Ma
                  gpus: Sequence[str] | str | None = None, *, scheduler: str | None = None,
                  resources: str | Mapping[str, float] | None = None, threads: int | None = None) -> str:
     """The shell command that runs the same sweep as :func:`run_sweep` with these arguments (Chapter 8)."""
-    import shlex
-
     lit = lambda v: v if isinstance(v, str) and parse_value(v) == v else repr(v)  # noqa: E731
     parts = ["python -m nbsupport.book.experiments run", shlex.quote(str(notebook)), "--out", shlex.quote(str(out))]
     for k, v in (params or {}).items():
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             df = collect(*args.dirs)
             if args.csv:
                 atomic_write_text(args.csv, df.to_csv(index=False))
-            with __import__("pandas").option_context("display.width", 200, "display.max_columns", 30):
+            with pd.option_context("display.width", 200, "display.max_columns", 30):
                 print(df.drop(columns=["folder"], errors="ignore").to_string(index=False))
             return 0
         params = {}

@@ -14,6 +14,7 @@ below, in :mod:`nbsupport.book.params` (re-exported here: ``nb.Int``, ``nb.Spec`
 """
 from __future__ import annotations
 
+import importlib.metadata as md
 import platform
 import tempfile
 from dataclasses import dataclass, field
@@ -169,8 +170,6 @@ def start(chapter: "str | Spec", namespace: Mapping[str, Any]) -> Run:
 
 def environment() -> dict:
     """Versions of Python and the main libraries, for provenance in run folders."""
-    import importlib.metadata as md
-
     info = {"python": platform.python_version()}
     for pkg in ("torch", "numpy", "transformers", "librosa", "spconv", "papermill", "nbsupport"):
         try:

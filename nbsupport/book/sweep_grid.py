@@ -24,13 +24,12 @@ from typing import Any, Mapping, Sequence
 from nbsupport.base import ParameterError
 
 from . import chapters
-from .params import (COMMON_RULES, UNKNOWN, Bool, DictOf, Float, GridRule, Int, ListOf, ParamsRule, Spec, Str,
-                     parameters_cell, shrink_grid)
+from .params import COMMON_RULES, UNKNOWN, Bool, DictOf, Float, Int, ListOf, Spec, Str, parameters_cell
 
 __all__ = [
     "SweepError", "Point", "OUTPUT_DIR", "parse_value", "parse_grid_option", "parse_resources", "expand_grid",
     "point_name", "notebook_parameters", "parameter_spec", "check_parameters", "canonical_grid", "find_notebook",
-    "without_output_dir", "GridRule", "ParamsRule", "shrink_grid",
+    "without_output_dir",
 ]
 
 #: The parameter a sweep sets itself: each point's notebook writes its metrics and figures there.

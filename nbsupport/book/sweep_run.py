@@ -24,6 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import pandas as pd
+import papermill as pm
+from distributed import Client, LocalCluster, as_completed, get_worker
+from jupyter_client.manager import AsyncKernelManager
+from tqdm.auto import tqdm
+
 from nbsupport.base import atomic_write_json, atomic_write_text
 
 from .notebook import environment
@@ -75,7 +81,7 @@ def _flock(path: Path, *, wait: bool, what: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")
     try:
-        try:
+        try:  # here, not at the top: fcntl is POSIX-only (Windows: no lock, see above)
             import fcntl
         except ImportError:
             fcntl = None
@@ -161,8 +167,6 @@ def _kernel_manager(extra_env: Mapping[str, str]):
     sees only its own GPU via ``CUDA_VISIBLE_DEVICES``) and, on Linux, dies with the worker that
     started it, so a killed worker leaves no kernel behind.
     """
-    from jupyter_client.manager import AsyncKernelManager
-
     class _PointKernelManager(AsyncKernelManager):
         def format_kernel_cmd(self, extra_arguments=None):  # noqa: D401 - jupyter_client API
             cmd = super().format_kernel_cmd(extra_arguments)
@@ -181,8 +185,6 @@ def _now() -> str:
 
 def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) -> PointResult:
     """Run one point under its claim: skip it if finished, else run papermill, install its folder atomically."""
-    import papermill as pm
-
     env = dict(env or {})
     out = job.out
     final = out / point.name
@@ -222,9 +224,7 @@ def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) ->
                 ran = {**requested, **metrics["parameters"], **installed_as}
         atomic_write_json(tmp / "params.json", ran)
         worker = None
-        with contextlib.suppress(ImportError, ValueError):
-            from distributed import get_worker
-
+        with contextlib.suppress(ValueError):  # not inside a Dask worker (a direct call)
             worker = get_worker().address
         atomic_write_json(tmp / "run.json", {
             "point": point.name, "status": status, "parameters": point.params, "requested": point.recorded,
@@ -248,8 +248,6 @@ def _point_task(point: Point, job: _Job) -> PointResult:
     if job.threads:
         env.update({v: str(job.threads) for v in THREAD_VARIABLES})
     if job.gpu_ids:
-        from distributed import get_worker
-
         name = get_worker().name  # local cluster workers are named 0 .. workers-1
         k = name if isinstance(name, int) else 0
         env["CUDA_VISIBLE_DEVICES"] = job.gpu_ids[k % len(job.gpu_ids)]
@@ -322,8 +320,6 @@ def _dask_client(scheduler: Any, workers: int, gpus: list[str], resources: Mappi
     with its imports per worker (measured by ``benchmarks/sweep_overhead.py``). Kernels inherit
     this process's environment, except their thread counts (:func:`threads_per_point`) and GPU.
     """
-    from distributed import Client, LocalCluster
-
     if scheduler is None:
         cluster = LocalCluster(**_LOCAL_CLUSTER, n_workers=workers, resources=dict(resources) or None)
         try:
@@ -460,9 +456,6 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
 def _run_on_dask(todo: list[Point], job: _Job, scheduler: Any, workers: int | None, gpus: list[str],
                  resources: Mapping[str, float], progress: bool, initial: int) -> dict[str, PointResult]:
     """The driver of :func:`run_sweep`: one Dask task per point (grid order first), results as they finish."""
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
     results: dict[str, PointResult] = {}
     token = uuid.uuid4().hex[:8]  # keys unique to this driver: tasks of a killed earlier driver never clash
     bar = tqdm(total=initial + len(todo), initial=initial, desc=f"sweep {job.notebook.name}", unit="point",
@@ -495,7 +488,5 @@ def _run_on_dask(todo: list[Point], job: _Job, scheduler: Any, workers: int | No
 
 def summary(results: Iterable[PointResult]):
     """A small table (pandas DataFrame) of point, status, duration and error of a sweep."""
-    import pandas as pd
-
     return pd.DataFrame([{"point": r.name, "status": r.status, "duration_s": round(r.duration_s, 1),
                           "error": (r.error[:80] + "...") if len(r.error) > 80 else r.error} for r in results])

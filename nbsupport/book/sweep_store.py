@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import nbformat
+import pandas as pd
 
 from nbsupport.data.corpus import corpus_cache_root, data_version
 
@@ -171,8 +172,6 @@ def collect(*dirs: str | os.PathLike):
     a result key (e.g. ``modalities``) becomes ``param_<name>``; the result row keeps the plain name.
     ``df.attrs["parameters"]`` lists the parameter columns.
     """
-    import pandas as pd
-
     rows, param_cols, metric_keys = [], [], set()
     points = []
     for d in dirs:
