@@ -3,7 +3,7 @@
 With the network blocked (only 127.0.0.1 resolves), each page listed in _toc.yml must load with no
 console error and no request leaving the machine; equations typeset by the book's own MathJax;
 figures of every chapter load and are not blank; tables have rows; widgets render from the state
-papermill saved; no traceback is shown; internal links and
+papermill saved; no traceback is shown; no code block or table scrolls sideways; internal links and
 citations point at pages and anchors that exist; chapters carry the "run in JupyterLab" box; the
 precomputed explorers of chapters 1, 4 and 6 (``nbsupport.book.widgets.static_explorer``), opened from
 ``file://`` with the network blocked, show the expected state when a slider or dropdown moves.
