@@ -36,7 +36,7 @@ from .notebook import environment
 from .sweep_grid import (OUTPUT_DIR, UNKNOWN, Point, SweepError, _parse_gpus, canonical_grid, check_parameters,
                          expand_grid, notebook_parameters, parse_resources, without_output_dir)
 from .sweep_store import (CLAIMS, CORRUPT, DONE, LOCK, PARTIAL, StoreNotWritable, _commit, _duration, _load_metrics,
-                          _params_equal, _requested, not_writable, point_state, refuses_writes)
+                          _params_equal, _requested, point_state, refusals_named)
 
 __all__ = ["PointResult", "run_sweep", "summary", "threads_per_point", "usable_cores", "THREAD_VARIABLES"]
 
@@ -251,12 +251,8 @@ def _point_task(point: Point, job: _Job) -> PointResult:
         name = get_worker().name  # local cluster workers are named 0 .. workers-1
         k = name if isinstance(name, int) else 0
         env["CUDA_VISIBLE_DEVICES"] = job.gpu_ids[k % len(job.gpu_ids)]
-    try:
+    with refusals_named(job.out):  # the sweep folder refuses writes: stop the sweep with a clear error
         return _run_point(point, job, env)
-    except OSError as exc:  # the sweep folder refuses writes: stop the sweep with a clear error
-        if refuses_writes(exc):
-            raise not_writable(job.out, exc) from exc
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,43 +409,37 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
     literal_defaults = without_output_dir({k: v for k, v in defaults.items() if v is not UNKNOWN})
     for p in points:
         p.recorded = {**literal_defaults, **p.params}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        results: dict[str, PointResult] = {}
-        with _sweep_lock(out):
-            _clean_partial(out)
-            todo, corrupt = [], []
-            for p in points:
-                folder = out / p.name
-                state, why = point_state(folder)
-                if state == DONE:
-                    old = _requested(folder)
-                    if old is None or not _params_equal(old, p.recorded):
-                        raise SweepError(f"{str(folder)!r} already holds a finished point with other parameters "
-                                         f"({old}); use another --out or delete it")
-                    results[p.name] = PointResult(p.name, "SKIPPED", folder, _duration(folder))
-                else:
-                    todo.append(p)
-                    if state == CORRUPT:
-                        corrupt.append(f"{p.name} ({why})")
-            if corrupt:
-                print(f"running again {len(corrupt)} point(s) whose result is corrupt: {'; '.join(corrupt)}",
-                      file=sys.stderr)
-            if todo:
-                job = _Job(notebook=notebook, out=out, kernel=kernel,
-                           cwd=Path(cwd).resolve() if cwd is not None else notebook.parent,
-                           pass_output_dir=OUTPUT_DIR in defaults, timeout=timeout,
-                           gpu_ids=gpus if scheduler is None else [], threads=threads,
-                           provenance={**_git_commit(notebook.parent), "versions": environment(),
-                                       "python_executable": sys.executable, "platform": platform.platform()})
-                results.update(_run_on_dask(todo, job, scheduler, workers, gpus, res, progress,
-                                            initial=len(points) - len(todo)))
-            with contextlib.suppress(OSError):
-                (out / PARTIAL).rmdir()  # only when empty
-    except OSError as exc:
-        if refuses_writes(exc):
-            raise not_writable(out, exc) from exc
-        raise
+    results: dict[str, PointResult] = {}
+    with refusals_named(out), _sweep_lock(out):  # a folder that refuses writes: StoreNotWritable
+        _clean_partial(out)
+        todo, corrupt = [], []
+        for p in points:
+            folder = out / p.name
+            state, why = point_state(folder)
+            if state == DONE:
+                old = _requested(folder)
+                if old is None or not _params_equal(old, p.recorded):
+                    raise SweepError(f"{str(folder)!r} already holds a finished point with other parameters "
+                                     f"({old}); use another --out or delete it")
+                results[p.name] = PointResult(p.name, "SKIPPED", folder, _duration(folder))
+            else:
+                todo.append(p)
+                if state == CORRUPT:
+                    corrupt.append(f"{p.name} ({why})")
+        if corrupt:
+            print(f"running again {len(corrupt)} point(s) whose result is corrupt: {'; '.join(corrupt)}",
+                  file=sys.stderr)
+        if todo:
+            job = _Job(notebook=notebook, out=out, kernel=kernel,
+                       cwd=Path(cwd).resolve() if cwd is not None else notebook.parent,
+                       pass_output_dir=OUTPUT_DIR in defaults, timeout=timeout,
+                       gpu_ids=gpus if scheduler is None else [], threads=threads,
+                       provenance={**_git_commit(notebook.parent), "versions": environment(),
+                                   "python_executable": sys.executable, "platform": platform.platform()})
+            results.update(_run_on_dask(todo, job, scheduler, workers, gpus, res, progress,
+                                        initial=len(points) - len(todo)))
+        with contextlib.suppress(OSError):
+            (out / PARTIAL).rmdir()  # only when empty
     return [results[p.name] for p in points]
 
 

@@ -28,7 +28,7 @@ from .notebook import check_metrics
 from .sweep_grid import SweepError, without_output_dir
 
 __all__ = [
-    "DONE", "CORRUPT", "PARTIAL", "CLAIMS", "LOCK", "StoreNotWritable", "point_state", "collect", "sweep_fingerprint", "store_dir",
+    "DONE", "CORRUPT", "PARTIAL", "CLAIMS", "LOCK", "StoreNotWritable", "refusals_named", "point_state", "collect", "sweep_fingerprint", "store_dir",
     "reuse_counts", "attach_intervals", "metrics_rows", "column",
 ]
 
@@ -124,6 +124,19 @@ def not_writable(out: Path, exc: OSError) -> StoreNotWritable:
 def refuses_writes(exc: BaseException) -> bool:
     """Whether ``exc`` says a folder refuses writes (permission, read-only or full file system)."""
     return isinstance(exc, OSError) and exc.errno in _REFUSED
+
+
+@contextlib.contextmanager
+def refusals_named(out: Path):
+    """Create the sweep folder ``out``; inside, an ``OSError`` of a folder that refuses writes becomes the
+    sweep's clear :class:`StoreNotWritable` naming ``out`` (other errors pass unchanged)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        if refuses_writes(exc):
+            raise not_writable(out, exc) from exc
+        raise
 
 
 def _commit(tmp: Path, final: Path, scratch: Path) -> bool:
