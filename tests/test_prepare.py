@@ -4,6 +4,7 @@ end-to-end loaders and one MESM training step. Frame identity, audio content and
 against the source arrays the test encoded; every kind of bad video has its own test."""
 import csv
 import fractions
+import os
 import pickle
 import shutil
 import subprocess
@@ -36,8 +37,11 @@ def frame_rgb(k: int, split_screen: bool = False) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is needed (apt-get install espeak-ng; .ci/run installs it)")
+    if shutil.which("espeak-ng") is None:  # skip on a bare machine (README), fail in CI (.ci/run installs it)
+        reason = "espeak-ng not installed (Debian package espeak-ng: apt-get install espeak-ng)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI is set but the preparer tests cannot run: {reason}")
+        pytest.skip(reason)
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
     subprocess.run(["espeak-ng", "-w", str(path), "I am so happy to see you today. This is wonderful news."],
                    check=True)
