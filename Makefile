@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test install assets clean benchmarks gpu-bundle gpu-check
+.PHONY: book test test-fast install assets clean benchmarks gpu-bundle gpu-check
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ book: $(STAMP) assets
 
 test: $(STAMP) assets
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier (README, "Tests"): units and contracts; no notebook, browser, Dask-cluster, fuzz or slow test
+# (pyproject.toml's markers, `pytest --markers`). `make test` runs these and every other test.
+FAST_TIER := not notebook and not browser and not cluster and not fuzz and not slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sparse_vs_dense.py --out benchmarks/results/sparse_vs_dense.json

@@ -27,7 +27,6 @@ plumbing is tested where there is no GPU (tests/test_gpu_check.py).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -48,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the repository's nbsupport, not an installed copy
     sys.path.insert(0, str(REPO))
 
-from nbsupport.base import atomic_write_json, atomic_write_text  # noqa: E402
+from nbsupport.base import ParameterError, atomic_write_json, atomic_write_text  # noqa: E402
+from nbsupport.book.params import parameters_cell  # noqa: E402
 
 NOTEBOOK = REPO / "book" / "06_mesm.ipynb"
 #: Files written to --out (the device tool brings back at most 8 files).
@@ -367,18 +367,12 @@ def review_benchmark(ctx: Context, res: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ chapter 6
 def notebook_parameters(path: Path = NOTEBOOK) -> dict:
-    """Names and default values of the notebook's ``parameters`` cell (plain literals, DESIGN.md)."""
-    nb = json.loads(path.read_text())
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
-            src = "".join(cell["source"])
-            out = {}
-            for node in ast.parse(src).body:
-                if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                        and isinstance(node.targets[0], ast.Name)):
-                    out[node.targets[0].id] = ast.literal_eval(node.value)
-            return out
-    raise CheckError(f"{path}: no code cell tagged 'parameters'")
+    """Names and default values of the notebook's ``parameters`` cell, read by the book's one reader of
+    that cell (:func:`nbsupport.book.params.parameters_cell`, plain literals)."""
+    try:
+        return parameters_cell(path)
+    except ParameterError as err:
+        raise CheckError(str(err)) from None
 
 
 PAPER_PROBE = ("import json; from nbsupport.models.mesm import PAPER_SIZES; "

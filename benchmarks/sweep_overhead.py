@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from nbsupport.base import atomic_write, atomic_write_json  # noqa: E402
 from nbsupport.book import experiments as dask_driver  # noqa: E402
+from nbsupport.book import sweep_run  # noqa: E402
 
 BODY = '''import json, os
 if output_dir:
@@ -106,7 +107,7 @@ def wrapper_seconds() -> float:
         subprocess.run(cmd, check=True)
         return time.perf_counter() - t0
     true = [sys.executable, "-c", "pass"]  # the kernel's own start is the same with or without the launcher
-    return run([*dask_driver._kernel_launcher(), *true]) - run(true)
+    return run([*sweep_run._kernel_launcher(), *true]) - run(true)
 
 
 def interval(values: list[float]) -> dict:

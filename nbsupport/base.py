@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from nbsupport import distributed
+
 __all__ = ["ParameterError", "check_modalities", "atomic_write", "atomic_write_text", "atomic_write_json",
            "jsonable", "seed_everything", "resolve_device", "count_parameters", "to_device"]
 
@@ -104,14 +106,18 @@ def seed_everything(seed: int) -> None:
 def resolve_device(device: Any = "auto"):
     """Map ``"auto"`` to CUDA when a GPU is present, else CPU; ``"cuda"`` without a GPU is an error.
 
-    The one device rule of the book; :func:`nbsupport.train.resolve_device` builds on it (and picks
-    this rank's GPU under torchrun)."""
+    The one device rule of the book (the chapters' ``device`` parameter, the trainer): under
+    torch.distributed, ``"auto"``/``"cuda"`` on CUDA is this rank's GPU (``LOCAL_RANK``, the data
+    parallelism of Chapter 8). Raises :class:`ParameterError` naming ``device``."""
+    asked = device
     if isinstance(device, torch.device):
         device = device.type if device.index is None else str(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ParameterError("parameter 'device' is 'cuda' but no CUDA GPU is available (use 'auto' or 'cpu')")
+    if asked in ("auto", "cuda") and device == "cuda" and distributed.is_distributed():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(device)
 
 

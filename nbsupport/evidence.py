@@ -19,9 +19,8 @@ import torch
 from scipy import stats
 
 from nbsupport import metrics
-from nbsupport.train import predict
 
-__all__ = ["Predictions", "Estimate", "test_predictions", "predictions_from", "statistic", "bootstrap",
+__all__ = ["Predictions", "Estimate", "predictions_from", "statistic", "bootstrap",
            "paired_difference", "verdict", "intervals", "compare", "ratio_interval", "lift_verdict",
            "difference_in_differences",
            "BOOTSTRAP_RESAMPLES"]
@@ -64,24 +63,12 @@ class Estimate:
         return {"value": self.value, "low": self.low, "high": self.high, "level": self.level}
 
 
-def test_predictions(model, loader, *, task: str = "emotion", device="cpu", thresholds=None) -> Predictions:
-    """Run ``model`` on ``loader`` once and keep its decisions with the labels and utterance ids."""
-    logits, labels, ids = predict(model, loader, task=task, device=device)
-    return predictions_from(logits, labels, ids, task=task, thresholds=thresholds)
-
-
 def predictions_from(logits: torch.Tensor, labels: torch.Tensor, ids, *, task: str = "emotion",
                      thresholds=None) -> Predictions:
-    """Decisions from a model's test logits, the way :func:`nbsupport.train.compute_metrics` decides."""
-    logits, labels = logits.detach().float().cpu(), labels.detach().float().cpu().numpy()
-    if task == "emotion":
-        th = 0.5 if thresholds is None else np.asarray(thresholds, dtype=float)
-        decisions = (torch.sigmoid(logits).numpy() > th).astype(np.int8)
-    elif task == "sentiment7":
-        decisions = logits.argmax(-1).numpy() - 3.0
-    else:
-        decisions = np.where(logits.argmax(-1).numpy() == 1, 1.0, -1.0)
-    return Predictions(task, decisions, labels, list(ids))
+    """Decisions from a model's test logits, by the rule :func:`nbsupport.train.compute_metrics` uses
+    (:func:`nbsupport.metrics.decisions`)."""
+    labels = labels.detach().float().cpu().numpy()
+    return Predictions(task, metrics.decisions(logits.detach().float(), task, thresholds), labels, list(ids))
 
 
 #: Metric name -> function of (labels, decisions), the same functions :func:`nbsupport.train.compute_metrics` uses.

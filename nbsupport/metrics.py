@@ -15,7 +15,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 __all__ = ["per_emotion_accuracy", "weighted_accuracy", "per_emotion_weighted_accuracy", "f1_per_emotion",
            "weighted_f1", "auc_per_emotion", "best_thresholds", "emotion_metrics", "sentiment_metrics",
            "acc2", "acc2_with_zero", "acc2_has0", "acc2_non0", "acc5", "acc7", "acc7_bins", "sentiment7_bins",
-           "mae", "pearson_r", "sigmoid", "THRESHOLD_TIES"]
+           "mae", "pearson_r", "sigmoid", "decisions", "THRESHOLD_TIES"]
 
 #: Tie rules of :func:`best_thresholds`: the threshold closest to 0.5 (book) or the lowest (MESM's code).
 THRESHOLD_TIES = ("closest", "lowest")
@@ -111,6 +111,25 @@ def best_thresholds(y_true, probs, grid=None, ties: str = "closest") -> np.ndarr
     return out
 
 
+def decisions(logits, task: str = "emotion", thresholds=None, *, probs: bool = False) -> np.ndarray:
+    """The book's one rule from a model's outputs to its decisions (Chapters 3-8: metrics and evidence).
+
+    ``emotion``: 1 where ``sigmoid(logit) > threshold`` (0.5, one per emotion from :func:`best_thresholds`,
+    MESM's protocol; ``probs=True`` when ``logits`` already are probabilities), else 0, ``(n, emotions)``
+    int8. ``sentiment7``: the predicted class minus 3, a score in -3..3. ``sentiment2``: +1 for class 1
+    (non-negative), -1 for class 0. :func:`nbsupport.train.compute_metrics` and
+    :func:`nbsupport.evidence.predictions_from` both decide through here.
+    """
+    s = np.asarray(logits.detach().cpu().numpy() if hasattr(logits, "detach") else logits, dtype=np.float64)
+    if task == "emotion":
+        th = 0.5 if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        return ((s if probs else sigmoid(s)) > th).astype(np.int8)
+    if task not in ("sentiment7", "sentiment2"):
+        raise ValueError(f"task must be 'emotion', 'sentiment7' or 'sentiment2', got {task!r}")
+    pred = s.argmax(-1)
+    return pred - 3.0 if task == "sentiment7" else np.where(pred == 1, 1.0, -1.0)
+
+
 def emotion_metrics(logits, targets, thresholds=None, *, probs: bool = False) -> dict:
     """Shared metric names for emotions from (logits, 0/1 targets), both (n, classes) -- Chapters 3-8.
 
@@ -121,8 +140,7 @@ def emotion_metrics(logits, targets, thresholds=None, *, probs: bool = False) ->
     """
     s = _as2d(logits, "logits")
     pr = s if probs else sigmoid(s)
-    th = 0.5 if thresholds is None else np.asarray(thresholds, dtype=np.float64)
-    pred = pr > th
+    pred = decisions(pr, "emotion", thresholds, probs=True)
     t = _as2d(targets, "targets")
     w = per_emotion_weighted_accuracy(t, pred)
     a = per_emotion_accuracy(t, pred)

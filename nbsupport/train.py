@@ -1,7 +1,7 @@
 """The shared trainer (Chapters 3-8): ``fit``, ``evaluate``, ``predict``.
 
-Any ``nn.Module`` called as ``model(batch) -> logits (B, n_outputs)`` on a batch dict (DESIGN.md data
-contract) can be trained. Three tasks:
+Any ``nn.Module`` called as ``model(batch) -> logits (B, n_outputs)`` on a batch dict (book/design.md,
+"Data flow") can be trained. Three tasks:
 
 * ``"emotion"`` -- multi-label, one logit per emotion, BCE-with-logits with ``pos_weight = neg/pos``
   counted on the training labels (Dai et al. 2021, Sec. 4.3; also UMONS' binary-per-emotion setup);
@@ -48,7 +48,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from . import distributed as _dist
 from . import metrics
-from .base import atomic_write, count_parameters, resolve_device as _base_device, seed_everything, to_device
+from .base import atomic_write, count_parameters, resolve_device, seed_everything, to_device
 
 __all__ = [
     "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
@@ -121,18 +121,6 @@ def n_outputs(task: str, n_emotions: int = 6) -> int:
     """Size of the classifier for ``task``: ``n_emotions`` logits, 7 or 2 classes (Chapters 3-4)."""
     n = TASKS[_check_task(task)][0]
     return n_emotions if n is None else n
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU (:func:`nbsupport.base.resolve_device`; ``"cuda"``
-    without a GPU raises its ParameterError naming 'device'); under torch.distributed ``"auto"``/``"cuda"``
-    on CUDA is this rank's GPU (``LOCAL_RANK``, data parallelism of Chapter 8)."""
-    if isinstance(device, torch.device):
-        return device
-    resolved = _base_device(device)
-    if device in ("auto", "cuda") and resolved.type == "cuda" and _dist.is_distributed():
-        return torch.device("cuda", _dist.local_rank())
-    return resolved
 
 
 def sentiment_classes(sentiment: torch.Tensor, task: str, bins: str = "round") -> torch.Tensor:
@@ -287,15 +275,13 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str,
         for name in ("wacc", "acc", "f1", "auc"):  # flat per-emotion numbers for tables and metrics.json
             out.update({f"{name}_{k}": float(v) for k, v in enumerate(out.pop(f"{name}_per"))})
         return out
-    probs = torch.softmax(logits, -1).numpy()
-    pred = probs.argmax(-1)
+    score = metrics.decisions(logits, task)  # sentiment7: class - 3; sentiment2: +1 for class 1 (non-negative)
     if task == "sentiment7":
-        expected = probs @ np.arange(-3, 4, dtype=float)  # (N,) expected score
+        expected = torch.softmax(logits, -1).numpy() @ np.arange(-3, 4, dtype=float)  # (N,) expected score
         out = metrics.sentiment_metrics(labels, expected)
-        out.update(acc7=metrics.acc7(labels, pred - 3.0), acc5=metrics.acc5(labels, pred - 3.0),
-                   acc7_bins=metrics.acc7_bins(labels, pred - 3.0))
+        out.update(acc7=metrics.acc7(labels, score), acc5=metrics.acc5(labels, score),
+                   acc7_bins=metrics.acc7_bins(labels, score))
         return out
-    score = np.where(pred == 1, 1.0, -1.0)  # class 1 = non-negative
     non0, has0 = metrics.acc2(labels, score), metrics.acc2_with_zero(labels, score)
     return {"acc2": non0, "acc2_zero": has0, "acc2_non0": non0, "acc2_has0": has0}
 

@@ -50,6 +50,22 @@ def toc_notebooks() -> list[Path]:
 
 NOTEBOOKS = toc_notebooks()
 
+#: The slow tiers (pyproject.toml's markers; `make test-fast` deselects them): a test that uses one of
+#: these fixtures, directly or through another fixture, gets the tiers' markers here, so a new test on
+#: the smoke runs can never land in the fast tier by a forgotten decorator.
+TIERS_OF_FIXTURE = {"smoke_runs": ("notebook",), "smoke_book": ("notebook",),
+                    "site": ("browser", "notebook"),  # tests/test_browser.py: the smoke-built book
+                    "jupyterlab": ("browser",), "local_sweep": ("cluster",), "dask_cluster": ("cluster",)}
+SLOW_TIERS = ("notebook", "browser", "cluster", "fuzz", "slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test by the tiers of the fixtures it uses (see ``TIERS_OF_FIXTURE``)."""
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            for tier in TIERS_OF_FIXTURE.get(name, ()):
+                item.add_marker(getattr(pytest.mark, tier))
+
 
 @dataclass
 class SmokeRun:

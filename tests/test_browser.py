@@ -3,7 +3,7 @@
 With the network blocked (only 127.0.0.1 resolves), each page listed in _toc.yml must load with no
 console error and no request leaving the machine; equations typeset by the book's own MathJax;
 figures of every chapter load and are not blank; tables have rows; widgets render from the state
-papermill saved; no traceback is shown; internal links and
+papermill saved; no traceback is shown; no code block or table scrolls sideways; internal links and
 citations point at pages and anchors that exist; chapters carry the "run in JupyterLab" box; the
 precomputed explorers of chapters 1, 4 and 6 (``nbsupport.book.widgets.static_explorer``), opened from
 ``file://`` with the network blocked, show the expected state when a slider or dropdown moves.
@@ -34,6 +34,7 @@ from conftest import NOTEBOOKS, ROOT, _toc_files, skip_or_fail
 from test_code_units import REQUIRED as REQUIRED_UNITS
 from test_code_units import shown_units
 
+pytestmark = pytest.mark.browser  # the slow tier: needs Chromium (and, via `site`, the smoke runs)
 ARTIFACTS = ROOT / "_build" / "test-artifacts" / "browser"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 PAGE_TIMEOUT_S = 20
@@ -180,7 +181,27 @@ function tick() {
 tick();
 """
 
-_INSPECT_JS = """
+#: Code blocks and tables that scroll sideways (issue "pages that fit"): the element itself, or the nearest
+#: ancestor that scrolls it, is wider inside than its box. Hidden (collapsed) cells are not measured.
+_SIDEWAYS_JS = """
+function sideways(root) {
+  const out = [];
+  for (const el of root.querySelectorAll('pre, table')) {
+    if (!el.offsetParent) continue;
+    let box = el;
+    for (let a = el; a && a !== root; a = a.parentElement) {
+      const ox = getComputedStyle(a).overflowX;
+      if (ox === 'auto' || ox === 'scroll') { box = a; break; }
+    }
+    const over = box.scrollWidth - box.clientWidth;
+    if (over > 1) out.push({tag: el.tagName.toLowerCase(), over: over,
+                            text: el.innerText.split('\\n').sort((x, y) => y.length - x.length)[0].slice(0, 100)});
+  }
+  return out;
+}
+"""
+
+_INSPECT_JS = _SIDEWAYS_JS + """
 const main = document.querySelector('main') || document.body;
 function blank(img) {
   // not blank = the image's pixels are not all (nearly) one colour
@@ -225,6 +246,7 @@ return {
   citations: Array.from(main.querySelectorAll('a[href*="bibliography"], span.citation a, a.reference.internal[href*="#id"]'))
     .map(a => a.getAttribute('href')),
   openLocally: !!main.querySelector('.nbsupport-open-locally'),
+  sideways: sideways(main),
 };
 """
 
@@ -362,6 +384,9 @@ def test_page_renders_offline(page, is_notebook, site, server, browser):
         # progress bars are widgets too; sliders are expected where the saved state holds slider models
         if re.search(r"(Int|Float|FloatLog|Selection)(Range)?SliderModel", html) and not info["sliders"]:
             problems.append("saved slider widgets but no slider rendered")
+    # pages that fit: no code block or table scrolls sideways at the default window width
+    problems += [f"<{w['tag']}> scrolls sideways by {w['over']} px (its longest line: {w['text']!r})"
+                 for w in info["sideways"]]
     # internal links and citations resolve
     problems += [f"broken link {b}" for b in broken_internal_links(site, page, info["links"])]
     if re.search(r"\{cite[:pt]*\}`", info["text"]):
@@ -460,6 +485,30 @@ def _pixel(src: str, xy=(30, 30)):
 
     assert src.startswith("data:image/"), src[:40]
     return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB").getpixel(xy)
+
+
+def test_sideways_check_finds_the_block_and_the_table_that_scroll(tmp_path):
+    """The page check of the rendered chapters, on a page built to fail it: of two code blocks and two
+    tables in an 80-character column, the long line and the wide table scroll sideways, the others fit."""
+    chromium, driver = require_chromium()
+    long, short = "x = " + "1 + " * 40 + "1", "x = 1"
+    cells = "".join(f"<td>{i}</td>" for i in range(60))
+    page = tmp_path / "wide.html"
+    page.write_text(f"""<!doctype html><html><body><main style="width: 80ch; font-family: monospace">
+<div class="highlight"><pre style="overflow-x: auto">{long}</pre></div>
+<div class="highlight"><pre style="overflow-x: auto">{short}</pre></div>
+<div style="overflow-x: auto"><table><tr>{cells}</tr></table></div>
+<div style="overflow-x: auto"><table><tr><td>66.7 %</td></tr></table></div>
+</main></body></html>""")
+    b = start_chromium(chromium, driver, tmp_path / "profile")
+    try:
+        b.get(page.as_uri())
+        found = b.execute_script(_SIDEWAYS_JS + "return sideways(document.querySelector('main'));")
+    finally:
+        b.quit()
+    assert [(w["tag"], w["text"]) for w in found] == [("pre", long[:100]),
+                                                       ("table", "\t".join(map(str, range(60)))[:100])]
+    assert all(w["over"] > 1 for w in found)
 
 
 def test_static_explorer_switches_states_from_file_offline(tmp_path):

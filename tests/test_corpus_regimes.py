@@ -73,12 +73,14 @@ def regimes(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the `regimes` fixture generates two corpora and their features (~9 s)
 def test_hidden_cue_forms_recorded(regimes):
     assert all(f == ("geometry", "prosody", "geometry", "prosody") for f in regimes[0.0]["forms"])
     assert all(f == ("texture", "tones", "texture", "tones") for f in regimes[1.0]["forms"])
     assert np.array_equal(regimes[0.0]["y"], regimes[1.0]["y"])  # same labels, only the cue's form differs
 
 
+@pytest.mark.slow  # the `regimes` fixture generates two corpora and their features (~9 s)
 def test_visible_cues_reach_the_handcrafted_features(regimes):
     f = regimes[0.0]
     chance = np.bincount(f["y"]).max() / len(f["y"])
@@ -86,6 +88,7 @@ def test_visible_cues_reach_the_handcrafted_features(regimes):
     assert _cv_acc(f["A_hand"], f["y"]) > chance + 0.15
 
 
+@pytest.mark.slow  # the `regimes` fixture generates two corpora and their features (~9 s)
 def test_hidden_cues_are_missed_by_handcrafted_but_kept_in_raw_inputs(regimes):
     f = regimes[1.0]
     chance = np.bincount(f["y"]).max() / len(f["y"])

@@ -29,7 +29,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from nbsupport.base import atomic_write_json
 from nbsupport.book import experiments as ex
+from nbsupport.book import sweep_run, sweep_store
 
 PARAMS = '''smoke = False
 seed = 0
@@ -201,7 +203,7 @@ def test_bad_options_fail_before_anything_runs(toy_nb, tmp_path, capsys, args, w
 
 
 def test_threads_per_point_shares_the_usable_cores(monkeypatch):
-    monkeypatch.setattr(ex, "usable_cores", lambda: 16)
+    monkeypatch.setattr(sweep_run, "usable_cores", lambda: 16)
     assert [ex.threads_per_point(w) for w in (1, 2, 3, 16, 40)] == [16, 8, 5, 1, 1]
     assert ex.threads_per_point(4, threads=3) == 3  # an explicit count wins
     with pytest.raises(ex.SweepError, match="threads"):
@@ -209,7 +211,7 @@ def test_threads_per_point_shares_the_usable_cores(monkeypatch):
 
 
 def test_unreachable_scheduler_is_a_clear_error(toy_nb, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ex, "_CONNECT_TIMEOUT_S", 2)
+    monkeypatch.setattr(sweep_run, "_CONNECT_TIMEOUT_S", 2)
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -223,7 +225,7 @@ def test_unreachable_scheduler_is_a_clear_error(toy_nb, tmp_path, capsys, monkey
 def test_second_sweep_on_the_same_folder_is_refused(toy_nb, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()
-    with ex._sweep_lock(out):  # a running sweep holds the lock (another open of the lock file conflicts)
+    with sweep_run._sweep_lock(out):  # a running sweep holds the lock (another open of the lock file conflicts)
         assert ex.main(["run", str(toy_nb), "--out", str(out), "--grid", "x=1,2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "another sweep is running" in err
@@ -256,7 +258,7 @@ def fake_papermill(monkeypatch):
             raise pm.PapermillExecutionError(2, 1, "raise", "RuntimeError", "boom on purpose", [])
         x, lr = p.get("x", 1), p.get("lr", 0.1)
         ran = {**p, "n_train": 20 if p.get("smoke") else p.get("n_train", 2000)}
-        ex.atomic_write_json(Path(p["output_dir"]) / "metrics.json", {
+        atomic_write_json(Path(p["output_dir"]) / "metrics.json", {
             "parameters": ran, "results": [{"model": "toy", "modalities": "L", "wacc": x * lr}]})
 
     monkeypatch.setattr(pm, "execute_notebook", execute_notebook)
@@ -268,7 +270,7 @@ def inproc_client():
     """A Dask client on an in-process cluster (threads), so the stand-in papermill is what runs."""
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(**ex._LOCAL_CLUSTER, n_workers=2)  # the sweep's own local cluster settings
+    cluster = LocalCluster(**sweep_run._LOCAL_CLUSTER, n_workers=2)  # the sweep's own local cluster settings
     try:
         with Client(cluster) as client:
             yield client
@@ -294,7 +296,7 @@ def test_resume_skips_finished_points_and_reruns_corrupt_ones(toy_nb, tmp_path, 
     # a finished point whose metrics.json is corrupt: CORRUPT in collect (no metrics), run again on resume
     (out / "x=1__lr=1.0" / "metrics.json").write_text('{"parameters": {}, "results": [')
     bad_shape = {"parameters": {}, "results": [{"model": "toy", "wacc": 0.5}]}  # no 'modalities'
-    ex.atomic_write_json(out / "x=2__lr=1.0" / "metrics.json", bad_shape)
+    atomic_write_json(out / "x=2__lr=1.0" / "metrics.json", bad_shape)
     assert ex.point_state(out / "x=1__lr=1.0")[0] == ex.CORRUPT
     assert "modalities" in ex.point_state(out / "x=2__lr=1.0")[1]
     df = ex.collect(out)
@@ -335,10 +337,10 @@ def test_two_executions_of_one_point_install_it_once(toy_nb, tmp_path, fake_pape
     out = tmp_path / "twice"
     point = ex.expand_grid({"sleep": 0.5}, {"x": [7]})[0]
     point.recorded = dict(point.params)
-    job = ex._Job(notebook=toy_nb, out=out, kernel="python3", cwd=toy_nb.parent, pass_output_dir=True,
+    job = sweep_run._Job(notebook=toy_nb, out=out, kernel="python3", cwd=toy_nb.parent, pass_output_dir=True,
                   provenance={}, timeout=None)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(ex._run_point(point, job))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(sweep_run._run_point(point, job))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -349,7 +351,7 @@ def test_two_executions_of_one_point_install_it_once(toy_nb, tmp_path, fake_pape
     late = out / ex.PARTIAL / "late"
     late.mkdir(parents=True)
     (late / "marker").write_text("late")
-    assert ex._commit(late, out / "x=7", out / ex.PARTIAL) is False
+    assert sweep_store._commit(late, out / "x=7", out / ex.PARTIAL) is False
     assert not (out / "x=7" / "marker").exists()
 
 
@@ -439,6 +441,7 @@ def test_metrics_rows_of_a_collect_table():
         {"point": "p2", "top_p": 1.0, "model": "sweep", "modalities": "LAV"}]
 
 
+@pytest.mark.cluster  # real sweep drivers (local clusters, kernels) in child processes
 def test_resume_after_killing_the_driver_runs_every_point_once(toy_nb, tmp_path):
     out, log = tmp_path / "resume", tmp_path / "kernels.log"
     args = _cli("run", toy_nb, "--out", out, "-p", "sleep", "2.0", "-p", "log", log, "--grid", "x=1,2",
@@ -619,7 +622,7 @@ def test_chapter_helpers(toy_nb, tmp_path, monkeypatch):
         threads.append(job.threads)
         return {p.name: ex.PointResult(p.name, "DONE", job.out / p.name) for p in todo}
 
-    monkeypatch.setattr(ex, "_run_on_dask", fake_run_on_dask)
+    monkeypatch.setattr(sweep_run, "_run_on_dask", fake_run_on_dask)
     cases = [  # (command_line arguments, what the cluster gets: scheduler, workers, GPU ids, point resources)
         (dict(workers=1, gpus="0,1"), (None, 1, ["0", "1"], {"GPU": 1})),
         (dict(workers=2, gpus=["0", "1"]), (None, 2, ["0", "1"], {"GPU": 1})),
@@ -689,7 +692,7 @@ def test_store_dir_same_inputs_same_folder_any_change_another(tmp_path, monkeypa
     changed("a new package module")
     req.write_text("torch==2.13.1\n")
     changed("the requirements")
-    monkeypatch.setattr(ex, "data_version", lambda: "synth999-features999")
+    monkeypatch.setattr(sweep_store, "data_version", lambda: "synth999-features999")
     changed("the data version")
     now = store()
     one = ex.store_dir(nb_path, params, root=tmp_path / "cache", package=pkg, requirements=req, threads=1)
@@ -730,10 +733,10 @@ def test_attach_intervals_reads_each_points_model_interval(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for folder in (a, b):
         folder.mkdir()
-    ex.atomic_write_json(a / "metrics.json", {"parameters": {}, "results": [], "intervals": {
+    atomic_write_json(a / "metrics.json", {"parameters": {}, "results": [], "intervals": {
         "wacc": {"MESM": {"value": 0.7, "low": 0.6, "high": 0.8, "level": 0.95},
                  "FE2E": {"value": 0.5, "low": 0.4, "high": 0.55, "level": 0.95}}}})
-    ex.atomic_write_json(b / "metrics.json", {"parameters": {}, "results": []})  # no interval written
+    atomic_write_json(b / "metrics.json", {"parameters": {}, "results": []})  # no interval written
     table = pd.DataFrame([
         {"model": "MESM", "status": "DONE", "wacc": 0.7, "folder": str(a)},
         {"model": "FE2E", "status": "DONE", "wacc": 0.5, "folder": str(a)},
@@ -743,3 +746,70 @@ def test_attach_intervals_reads_each_points_model_interval(tmp_path):
     assert out["wacc_low"].tolist()[:2] == [0.6, 0.4] and out["wacc_high"].tolist()[:2] == [0.8, 0.55]
     assert out["wacc_low"].iloc[2:].isna().all() and out["wacc_high"].iloc[2:].isna().all()
     assert "wacc_low" not in table.columns  # a copy
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile sweeps (issue "nothing silently wrong"): equal grid values, a DONE point without params.json,
+# a sweep folder that turns read-only while the sweep runs
+# ------------------------------------------------------------------------------------------------
+CHAPTER6 = Path(__file__).resolve().parents[1] / "book" / "06_mesm.ipynb"
+
+
+def test_grid_values_the_chapter_treats_as_equal_make_one_point(toy_nb, tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(sweep_run, "_run_on_dask", lambda todo, job, *a, **kw: ran.extend(todo) or {
+        p.name: ex.PointResult(p.name, "DONE", job.out / p.name) for p in todo})
+    # chapter 6 orders its modalities L, A, V: "LVA" is "LAV"; its top_p is real-valued: 1 is 1.0
+    for option in ("modalities=LAV,LVA", "top_p=1,1.0"):
+        assert ex.main(["run", str(CHAPTER6), "--out", str(tmp_path / "c6"), "--grid", option]) == 2
+        err = capsys.readouterr().err
+        assert "are the same for 06_mesm.ipynb" in err and option.split("=")[0] in err, err
+    assert ran == []  # refused before anything ran
+    # one canonical form per value: the point is named and run with what the chapter uses
+    assert ex.canonical_grid(CHAPTER6, {"modalities": ["LVA", "LA"], "top_p": [1, 0.5]}) == {
+        "modalities": ["LAV", "LA"], "top_p": [1.0, 0.5]}
+    results = ex.run_sweep(toy_nb, tmp_path / "toy", grid={"lr": [1]}, progress=False)  # toy: lr = 0.1, a float
+    assert [r.name for r in results] == ["lr=1.0"] and ran[0].params["lr"] == 1.0
+
+
+def test_done_point_without_params_json_is_corrupt_and_runs_again(toy_nb, tmp_path, fake_papermill, inproc_client):
+    out = tmp_path / "s"
+    run = lambda: ex.run_sweep(toy_nb, out, grid={"x": [1, 2]}, scheduler=inproc_client, progress=False)  # noqa
+    assert [r.status for r in run()] == ["DONE", "DONE"]
+    (out / "x=2" / "params.json").unlink()
+    assert ex.point_state(out / "x=2") == (ex.CORRUPT, "params.json is missing or does not parse")
+    df = ex.collect(out)
+    assert list(df["point"]) == ["x=1", "x=2"] and list(df["status"]) == [ex.DONE, ex.CORRUPT]
+    assert df.loc[df["point"] == "x=2", "wacc"].isna().all()
+    again = run()
+    assert [r.status for r in again] == ["SKIPPED", "DONE"] and len(fake_papermill) == 3
+    assert ex.point_state(out / "x=2") == (ex.DONE, "") and (out / "x=2" / "params.json").exists()
+
+
+def test_sweep_folder_made_read_only_mid_sweep_stops_clearly_and_keeps_every_result(
+        toy_nb, tmp_path, fake_papermill, inproc_client, monkeypatch):
+    out = (tmp_path / "s").resolve()
+    run = lambda: ex.run_sweep(toy_nb, out, grid={"x": [1, 2, 3]}, scheduler=inproc_client, progress=False)  # noqa
+    real_rename = os.rename
+    installed = []
+
+    def rename(src, dst):  # the folder turns read-only once the first point is installed (root ignores chmod)
+        if Path(dst).parent == out and Path(src).parent.parent == out / ex.PARTIAL:
+            if installed:
+                raise PermissionError(13, "Permission denied", str(dst))
+            installed.append(dst)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(ex.SweepError, match=r"refuses writes \(Permission denied.*kept"):
+        run()
+    installed_then = {p.name: (p / "run.json").read_text() for p in out.iterdir() if not p.name.startswith(".")}
+    assert installed_then and all(ex.point_state(out / name)[0] == ex.DONE for name in installed_then)
+    waiting = [d for d in (out / ex.PARTIAL).glob("*/*") if ex.point_state(d)[0] == ex.DONE]
+    assert waiting  # the point that could not be installed is kept, finished
+    monkeypatch.setattr(os, "rename", real_rename)  # writable again (a point still running may finish now)
+    again = run()  # the waiting results are installed, not computed again
+    assert {r.status for r in again} <= {"SKIPPED", "DONE"}
+    assert all(ex.point_state(out / f"x={x}")[0] == ex.DONE for x in (1, 2, 3))
+    assert Counter(c["x"] for c in fake_papermill) == {1: 1, 2: 1, 3: 1}  # no point ran twice
+    assert {name: (out / name / "run.json").read_text() for name in installed_then} == installed_then

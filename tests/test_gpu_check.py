@@ -95,6 +95,7 @@ def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
     assert gc.overall(res) == "failed"
 
 
+@pytest.mark.slow  # waits out a 3 s budget and a 6 s grandchild (~10 s)
 def test_a_step_over_its_time_is_killed_with_its_children(tmp_path):
     ctx = _ctx(tmp_path, budget=3)
     marker = tmp_path / "grandchild_survived"
@@ -179,6 +180,7 @@ def test_chapter6_parameters_from_the_paper_preset(tmp_path):
         gc.chapter6_parameters(_ctx(tmp_path), {}, {"device": 1, "seed": 1})
 
 
+@pytest.mark.slow  # a child Python imports torch and the models (~12 s on 2 cores)
 def test_paper_sizes_are_read_from_the_package_in_a_child_process(tmp_path):
     sizes = gc.paper_sizes(_ctx(tmp_path, selftest=False))
     # Dai et al. 2021, Sec. 4.2: CNN stem 64, sparse blocks 128/256/512, transformer dim 64, 4 layers, 4 heads

@@ -27,6 +27,7 @@ import pytest
 from conftest import ROOT
 from test_browser import require_chromium, start_chromium
 
+pytestmark = [pytest.mark.browser, pytest.mark.notebook]  # Chromium + JupyterLab running chapters
 #: (chapter, description of the slider the test moves, how many right-arrow presses)
 CASES = [("01_attention_basics.ipynb", "temperature", 5), ("04_umons_multimodal.ipynb", "layer", 1),
          ("06_mesm.ipynb", "top_p", 3)]

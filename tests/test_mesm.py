@@ -377,6 +377,7 @@ def test_paper_preset_builds_and_runs_small():
         paper_preset(hidden=3)
 
 
+@pytest.mark.slow  # trains MESM twice (~7 s)
 def test_compare_attention_grad_trains_both_settings_from_the_same_start():
     from torch.utils.data import DataLoader
 

@@ -117,3 +117,16 @@ def test_umons_pickle_emotions_are_mapped_by_name(tmp_path):
     with pytest.raises(ParameterError, match="emotion_order"):
         load_umons_pickles(tmp_path, "test", emotion_order=["happy", "sad", "anger", "surprise", "disgust", "joy"])
 
+
+
+def test_decisions_one_rule_for_every_task():
+    """metrics.decisions, the rule compute_metrics and evidence share, against hand-computed decisions."""
+    logits = np.array([[0.0, 2.0], [-1.0, 0.1]])  # sigmoid: [[0.5, 0.881], [0.269, 0.525]]
+    assert M.decisions(logits, "emotion").tolist() == [[0, 1], [0, 1]]  # 0.5 is not above 0.5
+    assert M.decisions(logits, "emotion", [0.2, 0.6]).tolist() == [[1, 1], [1, 0]]
+    seven = np.zeros((3, 7))
+    seven[0, 6], seven[1, 0], seven[2, 3] = 1.0, 1.0, 1.0  # classes 6, 0, 3 -> scores 3, -3, 0
+    assert M.decisions(seven, "sentiment7").tolist() == [3.0, -3.0, 0.0]
+    assert M.decisions(np.array([[0.2, 0.1], [0.0, 0.3]]), "sentiment2").tolist() == [-1.0, 1.0]
+    with pytest.raises(ValueError, match="task"):
+        M.decisions(logits, "sentiment3")

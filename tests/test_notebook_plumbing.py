@@ -1,6 +1,7 @@
 """nbsupport.book.notebook: parameter validation, atomic writes, metrics.json shape."""
 import json
 import os
+import re
 
 import pytest
 
@@ -140,3 +141,30 @@ def test_chapter_6_needs_the_raw_layout(data_format, refused):
         return
     with pytest.raises(nb.ParameterError, match=r"'data_format' = '\w+': chapter 6 .* raw layout .*prepare"):
         chapters.spec("06_mesm").validate(params)
+
+
+def test_explicit_parameters_win_over_smoke_sizes():
+    # papermill -p smoke True -p epochs 3: the injected cell after the parameters cell sets both
+    ns = _values(smoke=True, epochs=3, text_model=None)
+    ns["In"] = ["", "smoke = False\nseed = 0\ndevice = 'cpu'\noutput_dir = None\nepochs = 300\ntext_model = None",
+                "# Parameters\nsmoke = True\nepochs = 3\n", "run = nb.start('x', globals())"]
+    run = nb.start(SPEC, ns)
+    assert run.epochs == 3  # explicit: kept
+    assert run.text_model == "tiny"  # not given: the smoke size
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("seed", 2**70, "'seed' must be <= 4294967295"),
+    ("n_train", 10**12, "'n_train' must be <= 1000000"),
+    ("n_train", 1e12, "'n_train' must be an integer"),
+    ("epochs", 10**12, "'epochs' must be <= 2147483647"),
+])
+def test_out_of_range_numbers_stop_at_the_top(name, value, words):
+    from nbsupport.book import chapters
+
+    spec = chapters.spec("01_attention_basics")
+    ns = dict(_values(), n_train=2000, seq_len=8, epochs=3, sentence="a b", explorer_angles=[0.0],
+              explorer_temperatures=[1.0])
+    ns[name] = value
+    with pytest.raises(nb.ParameterError, match=re.escape(words)):
+        nb.start(spec, ns)

@@ -62,6 +62,7 @@ def test_smoke_run_writes_metrics(path, smoke_runs):
         assert (run.output_dir / fig).stat().st_size > 0
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_wrong_parameter_stops_early_with_clear_message(path, tmp_path):
     executed = tmp_path / "bad.ipynb"
@@ -75,6 +76,7 @@ def test_wrong_parameter_stops_early_with_clear_message(path, tmp_path):
     assert all(c.get("execution_count") is None for c in code[failed[0] + 1:]), "work ran after the bad parameter"
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", [nb for nb in NOTEBOOKS if nb.stem in ("01_attention_basics", "06_mesm")],
                          ids=["01_attention_basics", "06_mesm"])
 def test_misspelled_parameter_stops_with_the_closest_name(path, tmp_path):

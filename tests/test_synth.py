@@ -149,3 +149,16 @@ def test_stale_partial_folders_of_dead_runs_are_removed(tmp_path):
     assert not (tmp_path / f"c.partial-{dead}").exists()
     assert (tmp_path / f"c.partial-{live}").exists() and (tmp_path / "other.partial-1").exists()
     assert (tmp_path / "c" / "synth_info.json").is_file()
+
+
+@pytest.mark.slow  # a child Python imports torch and the data package (~10 s on 2 cores)
+def test_command_line_runs_without_a_runpy_warning(tmp_path):
+    """``python -m nbsupport.data.synth`` as the README and Chapter 2 give it: no RuntimeWarning from runpy
+    (the package imports the generator; a module run with -m after its import makes runpy warn)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "nbsupport.data.synth", "--out",
+                           str(tmp_path / "x"), "--n", "2"], capture_output=True, text=True, timeout=120)
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "error:" in proc.stderr  # n too small: the CLI's own clean error

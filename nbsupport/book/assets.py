@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import html
 import json
 import os
 import shutil
@@ -42,6 +43,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+import pandas as pd
 
 from nbsupport.base import atomic_write_text
 
@@ -314,7 +317,7 @@ def ensure_assets(static_dir: str | os.PathLike, *, npm: str = "npm", force: boo
 # --------------------------------------------------------------------------------------------
 def _check_assets(app) -> None:
     """builder-inited: stop an HTML build whose offline assets are missing (they would not render)."""
-    from sphinx.errors import ExtensionError
+    from sphinx.errors import ExtensionError  # here, not at the top: only the book build loads Sphinx
 
     if app.builder.format != "html" or "://" in str(app.config.mathjax_path):
         return
@@ -336,8 +339,6 @@ def open_locally_html(source: str) -> str:
     JupyterLab and move its widgets); the link assumes ``jupyter lab`` started at the repository
     root on its default port.
     """
-    import html
-
     src = html.escape(source)
     return (
         '<div class="admonition tip nbsupport-open-locally">'
@@ -403,8 +404,6 @@ def results_table_html(data, key: str | None = None, columns: Sequence[str] | No
                        floatfmt: str = "{:.3g}") -> str:
     """HTML table of benchmark/experiment records (list of dicts, or a dict holding one under ``key``,
     ``"results"``, ``"rows"`` or ``"records"``): the measured numbers the Performance page shows."""
-    import pandas as pd
-
     records = data
     if isinstance(data, dict):
         keys = [key] if key else ["results", "rows", "records"]
@@ -439,6 +438,8 @@ def _results_directive():
     Paths are relative to the page. A missing file gives a visible note ("run `make benchmarks`")
     instead of failing the book build; the browser test checks the figure when results exist.
     """
+    # here, not at the top: docutils is Sphinx's, loaded only by the book build (a notebook that imports
+    # this module for its HTML helpers does not pay for it)
     from docutils import nodes
     from docutils.parsers.rst import Directive, directives
 

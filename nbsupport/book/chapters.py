@@ -4,7 +4,9 @@ A chapter's ``parameters`` cell holds the default values; its opening call
 ``run = nb.start("06_mesm", globals())`` checks them against the chapter's :class:`Spec` here, and the
 sweep command (``python -m nbsupport.book.experiments``) checks ``-p``/``--grid`` values against the same
 spec. ``tests/test_notebooks.py`` checks that every parameters cell and its spec name the same parameters.
-Smoke overrides shrink a run to well under a minute on two CPU cores along the same code path.
+Smoke overrides shrink a run to well under a minute on two CPU cores along the same code path; a
+parameter set explicitly (papermill's ``-p epochs 3``, a sweep's ``-p``/``--grid`` value) keeps its value:
+explicit parameters win over smoke sizes.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from nbsupport.data.formats import DATA_FORMATS, LABEL_COLUMNS
 from nbsupport.data.synth import MAX_CUE_GAIN
 from nbsupport.data.text import TINY_TEXT_MODEL
 
-from .notebook import Bool, Choice, DictOf, Float, Int, ListOf, Modalities, Path_, Spec, Str
+from .params import (Bool, Choice, DictOf, Float, GridRule, Int, ListOf, Modalities, ParamsRule, Path_, Spec, Str,
+                     shrink_grid)
 
 __all__ = ["SPECS", "spec", "MESM_SMOKE_SIZES"]
 
@@ -68,19 +71,19 @@ def _regimes_not_empty(params: dict) -> None:
 
 
 def _shrink_grid(grid: dict) -> dict:
-    from .experiments import shrink_grid  # book tooling beside this module
-
     return shrink_grid(grid, max_points=1)
 
 
 def _smoke_points(fixed: dict) -> dict:
-    """Chapter 8 in smoke mode sweeps smoke-sized points of the swept chapter (same code path)."""
-    return {**fixed, "smoke": True}
+    """Chapter 8 in smoke mode sweeps smoke-sized points of the swept chapter (same code path): the fixed
+    values a chapter's smoke mode shrinks are left out, since explicit values win over smoke sizes."""
+    shrunk = {name for s in SPECS.values() for name in s.smoke}
+    return {**{k: v for k, v in fixed.items() if k not in shrunk}, "smoke": True}
 
 
 SPECS: dict[str, Spec] = {
     "01_attention_basics": Spec(
-        rules=dict(n_train=Int(min=20), seq_len=Int(min=4), epochs=Int(min=1), sentence=Str(),
+        rules=dict(n_train=Int(min=20, max=10**6), seq_len=Int(min=4), epochs=Int(min=1), sentence=Str(),
                    explorer_angles=ListOf(Float()), explorer_temperatures=ListOf(Float(min=0, open_min=True))),
         smoke=dict(n_train=200, epochs=40, explorer_angles=[0, 90], explorer_temperatures=[0.5, 2.0])),
     "02_multimodal_data": Spec(
@@ -127,8 +130,6 @@ SPECS: dict[str, Spec] = {
 
 
 def _experiments_spec() -> Spec:
-    from .experiments import GridRule, ParamsRule
-
     return Spec(rules=dict(chapter=Str(), grid=GridRule(), fixed=ParamsRule(), workers=Int(min=1),
                            threads=Int(min=1),
                            gpus=Str(optional=True), sweep_dir=Path_(optional=True)),

@@ -5,6 +5,7 @@ Every chapter formats its measured answer with these, so a page never shows ``1.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -108,16 +109,11 @@ def plain(text) -> str:
     return str(text).replace("$", r"\$")
 
 
-#: The committed result of ``benchmarks/train_step.py`` in the book's repository.
-TRAIN_STEP_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "train_step.json"
-
-
-def train_step_table(path=TRAIN_STEP_RESULTS) -> pd.DataFrame:
-    """The committed training-step benchmark (``benchmarks/train_step.py``) as a table: MESM's step time
-    over FE2E's at each model size, with the spread over interleaved rounds, MACs ratio and peak memory.
-    The path does not depend on the notebook's working folder (JupyterLab, papermill, the book build)."""
-    import json
-
+def train_step_table(path: str | Path) -> pd.DataFrame:
+    """The training-step benchmark's result file ``path`` (written by ``benchmarks/train_step.py``; Chapter 6
+    reads the committed ``../benchmarks/results/train_step.json`` from its own folder) as a table: MESM's
+    step time over FE2E's at each model size, with the spread over interleaved rounds, MACs ratio and peak
+    memory."""
     data = json.loads(Path(path).read_text())
     rows = []
     for r in data["rows"]:

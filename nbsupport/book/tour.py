@@ -2,7 +2,12 @@
 and a widget to browse utterances. Every function returns a matplotlib figure (or a widget)."""
 from __future__ import annotations
 
+import ipywidgets as W
+import librosa
+import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
+from matplotlib.patches import Rectangle
 
 from nbsupport.data.common import EMOTIONS
 from nbsupport.data.features import log_mel
@@ -35,8 +40,6 @@ def _cue(raw, i):
 
 def face_gallery(raw: RawSplit, overlay: bool = True):
     """One frame per emotion, at the apex of the facial cue, with the action-unit regions outlined."""
-    import matplotlib.pyplot as plt
-
     ex = examples_per_emotion(raw)
     fig, axes = plt.subplots(1, len(ex), figsize=(2.2 * len(ex), 2.6))
     for ax, (emo, i) in zip(np.atleast_1d(axes), ex.items()):
@@ -56,9 +59,6 @@ def face_gallery(raw: RawSplit, overlay: bool = True):
 
 def audio_gallery(raw: RawSplit):
     """Waveform and log-mel spectrogram per emotion, with the saved audio cue box."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
 
     ex = examples_per_emotion(raw)
     fig, axes = plt.subplots(2, len(ex), figsize=(2.6 * len(ex), 4.2), sharey="row")
@@ -72,8 +72,6 @@ def audio_gallery(raw: RawSplit):
         axes[1, c].imshow(spec, origin="lower", aspect="auto", extent=[0, t[-1], 0, 128], cmap="magma")
         cue = _cue(raw, i)
         if cue is not None:
-            import librosa
-
             b = cue["audio_box"]
             mels = librosa.hz_to_mel([b["f0_hz"], b["f1_hz"]])
             top = librosa.hz_to_mel(sr / 2)
@@ -89,9 +87,6 @@ def audio_gallery(raw: RawSplit):
 
 def label_figure(raw: RawSplit):
     """Label co-occurrence heatmap and (MOSEI) sentiment histogram."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     Y = np.stack(raw.labels)
     names = EMOTIONS[raw.dataset]
     s = np.asarray(raw.sentiments)
@@ -111,8 +106,6 @@ def label_figure(raw: RawSplit):
 
 def utterance_figure(raw: RawSplit, i: int, frame: int = 0, fig=None):
     """One utterance: the chosen frame (cue outlined), the log-mel spectrogram with a time marker, transcript, labels."""
-    import matplotlib.pyplot as plt
-
 
     fig = fig or plt.figure(figsize=(9, 3))
     fig.clear()
@@ -138,8 +131,6 @@ def utterance_figure(raw: RawSplit, i: int, frame: int = 0, fig=None):
 
 def browser(raw: RawSplit):
     """ipywidgets browser: utterance and frame sliders redraw :func:`utterance_figure` (cheap callbacks)."""
-    import ipywidgets as W
-
 
     u = W.IntSlider(0, 0, len(raw) - 1, description="utterance")
     f = W.IntSlider(0, 0, 20, description="frame")

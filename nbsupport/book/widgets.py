@@ -9,6 +9,10 @@
 from __future__ import annotations
 
 import base64
+import html
+import io
+import json
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from IPython.display import display
+from PIL import Image
+from tqdm.auto import tqdm
 
 from nbsupport.attention import scaled_dot_product_attention
 from nbsupport.base import ParameterError, atomic_write_text
@@ -28,8 +34,6 @@ __all__ = ["KEY_WORDS", "key_vectors", "draw_query_attention", "attention_explor
 
 def figure_png(fig, dpi: int = 100) -> bytes:
     """PNG bytes of the matplotlib figure ``fig`` (then closed); what :func:`figure_view` shows."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
@@ -234,8 +238,6 @@ def _close(a, b) -> bool:
 def _render_png(fig, dpi: int) -> bytes:
     """The figure as PNG at ``dpi`` (then closed). No bbox_inches="tight" (it draws twice): the draw
     functions lay out their own figure."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
@@ -245,10 +247,6 @@ def _render_png(fig, dpi: int) -> bytes:
 def _encode(png: bytes, fmt: str, scale: float, quality: int) -> bytes:
     """``png`` shrunk by ``scale`` and re-encoded compactly: ``png`` (as is at scale 1), ``png8``
     (256-colour palette PNG, compact for plots) or ``jpeg`` (compact for pictures such as face crops)."""
-    import io
-
-    from PIL import Image
-
     if fmt == "png" and scale == 1:
         return png
     image = Image.open(io.BytesIO(png)).convert("RGB")
@@ -299,9 +297,6 @@ class StaticExplorer:
                 f"{self.scale:.0%} scale, {self.nbytes / 1e6:.2f} MB in the page")
 
     def _render(self) -> str:
-        import html
-        import json
-
         esc = html.escape
         controls = []
         for a, (name, pairs) in enumerate(self.axes.items()):
@@ -365,11 +360,6 @@ def static_explorer(draw: Callable, axes: dict, *, title: str = "", controls: di
     ``.scale``) until it does; past that :class:`ParameterError` says to choose a coarser grid or a
     smaller figure.
     """
-    import json
-    import uuid
-
-    from tqdm.auto import tqdm
-
     if not callable(draw):
         raise ParameterError(f"static_explorer: 'draw' must be callable, got {type(draw).__name__}")
     if not isinstance(axes, dict) or not axes:

@@ -32,7 +32,7 @@ def _spconv_available() -> bool:
     global _SPCONV_OK
     if _SPCONV_OK is None:
         try:
-            import spconv.pytorch  # noqa: F401
+            import spconv.pytorch  # noqa: F401  (optional: CUDA-only engine, absent on most machines)
             _SPCONV_OK = True
         except Exception:  # ImportError, or a CPU-only build failing to load its CUDA parts
             _SPCONV_OK = False
@@ -49,7 +49,7 @@ def spconv_selfcheck(device: torch.device | str = "cuda") -> float:
 
     MESM's sparse blocks (Chapter 6) are only as good as the engine under them, and spconv has
     returned wrong numbers without an error in three ways we met (its CPU wheel, its max-pool, and
-    column-major coordinates on CUDA; DESIGN.md). So before spconv is trusted on a device, a small
+    column-major coordinates on CUDA; book/design.md, "Sparse convolution"). So before spconv is trusted on a device, a small
     random case (batch 2, 8 -> 16 channels, 10x10, density 0.4) goes through exactly the code the
     book runs there (:func:`to_sparse`, then :class:`SpconvSubm`: weight conversion,
     coordinates, cached spconv tensor) and is compared with dense convolution, forward values and
@@ -101,7 +101,7 @@ def sparse_backend(device: torch.device | str | None = None) -> str:
 
     Chapter 6 prints it.  spconv is used only for CUDA devices with ``spconv`` importable, passing
     :func:`spconv_selfcheck` there, and ``NBSUPPORT_SPARSE_BACKEND`` not set to ``torch-rulebook``;
-    CPU always gets the verified rulebook (spconv's CPU wheel is wrong here, DESIGN.md).
+    CPU always gets the verified rulebook (spconv's CPU wheel is wrong here, book/design.md).
     """
     forced = os.environ.get("NBSUPPORT_SPARSE_BACKEND", "").strip()
     if forced not in ("", "spconv", SPARSE_BACKEND_CPU):
@@ -117,7 +117,7 @@ def backend_description(device: torch.device | str | None = None) -> str:
     """One line for the chapter: the backend in use on ``device`` and why."""
     name = sparse_backend(device)
     if name == "spconv":
-        import spconv
+        import spconv  # optional: present when the line above chose it
         diff = _SPCONV_CHECKED.get(str(torch.device(device)), float("nan"))
         return (f"spconv {getattr(spconv, '__version__', '?')} on {device} (SubMConv2d, self-check against dense "
                 f"conv2d: max diff {diff:.1e}; sparse max-pool in PyTorch)")

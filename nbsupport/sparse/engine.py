@@ -47,7 +47,7 @@ class SparseTensor:
         if self.coords.is_floating_point():
             raise TypeError("SparseTensor: 'coords' must be an integer tensor (batch, y, x)")
         # contiguous: CUDA nonzero() returns column-major (N, 3) coordinates, which spconv silently misreads
-        # (DESIGN.md); every SparseTensor holds row-major ones, whatever produced them
+        # (book/design.md, "Sparse convolution"); every SparseTensor holds row-major ones, whatever produced them
         self.coords = self.coords.long().contiguous()
         self.spatial_shape = (int(self.spatial_shape[0]), int(self.spatial_shape[1]))
         self.batch_size = int(self.batch_size)

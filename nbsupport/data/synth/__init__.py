@@ -1,7 +1,7 @@
 """Synthetic multimodal emotion corpus in the MESM re-organised raw layout (Chapter 2).
 
 The book cannot ship CMU-MOSEI or IEMOCAP, so this module draws a small corpus that goes through
-exactly the code path of the real data (DESIGN.md, "Data contract") and, unlike the real sets,
+exactly the code path of the real data (book/design.md, "Data flow") and, unlike the real sets,
 records *where* each emotional cue is:
 
 * **video** -- ``image_<k>.jpg`` frames numbered as 30 fps video (only the frames a 500 ms sampler
@@ -71,7 +71,7 @@ MAX_CUE_GAIN = 4.0
 #: AU intensity the face drawing reaches at most; ``cue_gain`` above this adds contrast, not motion.
 _MAX_AU = 1.5
 
-from .common import EMOTIONS
+from ..common import EMOTIONS
 
 STYLES = tuple(EMOTIONS)
 
@@ -770,6 +770,3 @@ def main(argv=None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
