@@ -490,16 +490,17 @@ def _subm_conv_tiles(features: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]).index_select(0, plan.site_pos)  # (N, C_out)
 
 
-#: Relative costs of the CPU plans, in units of one output cell of oneDNN's dense 3x3 convolution (forward
-#: + backward; measured with ``benchmarks/peer_scn.py``'s layer shapes, 64 -> 128 channels at 24x24, one
-#: thread): the "pairs" plan pays PAIRS_COST per active (site, neighbour) pair divided by k*k (its
-#: gather-GEMM-scatter of 64-channel slices runs at about half oneDNN's rate), "im2col" IM2COL_COST per site
-#: (one GEMM over all k*k offsets, zero rows included), "tiles" one per output cell of its active tiles plus
-#: TILE_GATHER_COST per gathered input cell (the halo; oneDNN's rate on small tiles), "dense" one per cell of
-#: the grid.  :func:`plan_costs` applies them.
-PAIRS_COST = 2.0
-IM2COL_COST = 1.6
-TILE_GATHER_COST = 0.15
+#: Relative costs of the CPU plans, in units of one output cell of oneDNN's dense 3x3 convolution (forward +
+#: backward), measured on one thread at the first face block's shapes (64 -> 128 channels at 24x24, batch
+#: 32) on random and compact masks: the "pairs" plan pays PAIRS_COST per active (site, neighbour) pair
+#: divided by k*k (its gather-GEMM-scatter of 64-channel slices runs at about half oneDNN's rate), "im2col"
+#: IM2COL_COST per site (one GEMM over all k*k offsets, zero rows included, 1.8 to 2.1 measured), "tiles"
+#: one per output cell of its active tiles plus TILE_GATHER_COST per gathered input cell (its halo; 1.04 to
+#: 1.2 per output cell measured with 4x4 tiles), "dense" one per cell of the grid.  :func:`plan_costs`
+#: applies them.
+PAIRS_COST = 2.2
+IM2COL_COST = 1.9
+TILE_GATHER_COST = 0.05
 
 
 def _check_weight(weight: torch.Tensor, c_in: int) -> None:
