@@ -15,7 +15,6 @@ import platform
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbsupport import cost
 from nbsupport import sparse as sp
 
 
@@ -60,28 +60,13 @@ def peak_rss_mb(fn: Callable[[], object]) -> float | None:
 
 def timed(fn: Callable[[], object]) -> float:
     """Wall time of ``fn()`` in seconds; on CUDA the queue is drained before and after."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return cost._timed(fn)
 
 
 def interleave(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Time every variant ``repeats`` times, one repetition of each in turn (order rotated every round),
-    after ``warmup`` untimed rounds.  Returns the seconds of every repetition per variant."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            out[name].append(timed(fns[name]))
-    return out
+    after ``warmup`` untimed rounds (:func:`nbsupport.cost.interleave`, which chapter 6 uses too)."""
+    return cost.interleave(fns, repeats, warmup)
 
 
 def spread(times: dict[str, list[float]], num: str, den: str) -> dict:

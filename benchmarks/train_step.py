@@ -6,10 +6,12 @@ Usage::
 
 Chapter 6 trains MESM and FE2E on the synthetic corpus with small CNNs (stem 8, blocks 16/32/64) and the
 bundled MiniLM text encoder.  This times one optimisation step (forward, BCE-with-logits loss, backward,
-Adam step) of both models of the book (``nbsupport.models.mesm``) on the same batches of the book's own
-loader (``nbsupport.protocol.loaders("mesm", ...)``, batch 8), interleaved, for several CNN sizes from
-chapter 6's up to the paper's, and reports the time ratio with its spread, the extractor MACs ratio and
-the peak memory of a step.  The CNN widths are the only thing that changes between presets.
+AdamW step: ``nbsupport.cost.training_step``, the step chapter 6 times) of both models of the book
+(``nbsupport.models.mesm``) on the same batches of the book's own loader
+(``nbsupport.protocol.loaders("mesm", ...)``, batch 8), interleaved, for several CNN sizes from chapter
+6's up to the paper's, at 1 and 2 threads, and reports the time ratio with its spread, the extractor
+MACs ratio and the peak memory of a step.  The CNN widths are the only thing that changes between
+presets.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import common
+from nbsupport import cost
 from nbsupport.base import atomic_write_json
 from nbsupport.models import mesm
 
@@ -33,20 +35,6 @@ PRESETS = {
 }
 
 
-def step_fn(model, batches, opt):
-    """One training step per call, cycling through ``batches`` (the loss of chapters 5-6, no pos_weight)."""
-    state = {"i": 0}
-
-    def step():
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        opt.zero_grad(set_to_none=True)
-        loss = F.binary_cross_entropy_with_logits(model(batch), batch["emotion"].float())
-        loss.backward()
-        opt.step()
-    return step
-
-
 def bench_preset(name: str, sizes: dict, batches, top_p: float, repeats: int, seed: int, tiny_text: bool) -> dict:
     """FE2E and MESM(top_p) of one size preset, same initial weights, same batches, interleaved steps."""
     torch.manual_seed(seed)
@@ -57,7 +45,7 @@ def bench_preset(name: str, sizes: dict, batches, top_p: float, repeats: int, se
     fns = {}
     for key, net in (("mesm", model), ("fe2e", fe2e)):
         net.train()
-        fns[key] = step_fn(net, batches, torch.optim.Adam(net.param_groups(1e-4)))
+        fns[key] = cost.training_step(net, batches, 1e-4)  # the step chapter 6 times (AdamW, BCE)
     times = common.interleave(fns, repeats)
     macs = mesm.extractor_macs(model, batches[0])
     macs_dense = mesm.extractor_macs(fe2e, batches[0])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -27,11 +27,12 @@ from nbsupport.data.raw import read_audio, read_frame, sample_frame_positions
 from nbsupport.data.text import load_tokenizer
 
 __all__ = ["interleave", "ratio_summary", "training_step", "compare_training_steps", "step_profile",
-           "step_verdict", "pipeline_costs", "pipeline_table", "STAGES"]
+           "step_verdict", "profile_table", "pipeline_costs", "pipeline_table", "STAGES"]
 
 
 # ------------------------------------------------------------------------------------------ timing
 def _timed(fn: Callable[[], object]) -> float:
+    # wall time of fn(); on CUDA the queue is drained before and after
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -139,47 +140,45 @@ def _innermost_stage(ev) -> str | None:
     return None
 
 
-def step_profile(model: nn.Module, batch: dict, *, lr: float = 1e-3, device="cpu", warmup: int = 1) -> pd.DataFrame:
-    """Where one training step of FE2E or MESM spends its time (Chapter 6), from PyTorch's profiler: the
-    forward ops are attributed to the innermost model part that ran them (:data:`STAGES`, through module
-    hooks), each backward op to the part whose forward op created it (autograd's sequence numbers), the
-    AdamW update to "optimizer".  Returns one row per stage: ``forward_ms``, ``backward_ms``,
-    ``total_ms`` and ``share`` of the profiled step (the profiler adds a small overhead per op)."""
+class _SilentFds:
+    """Sends the process' stdout/stderr file descriptors to /dev/null while open: PyTorch's profiler
+    (Kineto) prints a line on every start and stop from C++, which would land in the chapter's output.
+    Python exceptions are unaffected."""
+
+    def __enter__(self):
+        import os
+        import sys
+
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        self.saved = [os.dup(1), os.dup(2)]
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        for fd, saved in zip((1, 2), self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _profile_once(model, batch, opt, loss_fn) -> tuple[dict, dict]:
+    # one profiled step: forward ms per innermost stage, backward ms per stage of the forward op
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
-    step = training_step(model, [batch], lr, device)
-    for _ in range(warmup):
-        step()
-    opt = _optimizer(model, lr)
-    stack: list = []
-
-    def enter(name):
-        def hook(mod, inputs):
-            rf = record_function(f"stage:{name}")
-            rf.__enter__()
-            stack.append(rf)
-        return hook
-
-    def leave(mod, inputs, output):
-        stack.pop().__exit__(None, None, None)
-
-    handles = []
-    for mod, name in _stage_scopes(model):
-        handles += [mod.register_forward_pre_hook(enter(name)), mod.register_forward_hook(leave)]
-    batch = to_device(batch, device)
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            opt.zero_grad(set_to_none=True)
-            with record_function("stage:heads, fusion, loss"):
-                loss = F.binary_cross_entropy_with_logits(model(batch), batch["emotion"].float())
-            with record_function("stage:backward"):
-                loss.backward()
-            with record_function("stage:optimizer"):
-                opt.step()
-    finally:
-        for h in handles:
-            h.remove()
+    with _SilentFds(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.zero_grad(set_to_none=True)
+        with record_function("stage:heads, fusion, loss"):
+            loss = loss_fn(model(batch), batch["emotion"].float())
+        with record_function("stage:backward"):
+            loss.backward()
+        with record_function("stage:optimizer"):
+            opt.step()
     events = prof.events()
     seq_stage = {}
     for ev in events:  # forward ops: the sequence number autograd gives the node they create
@@ -203,7 +202,54 @@ def step_profile(model: nn.Module, batch: dict, *, lr: float = 1e-3, device="cpu
             fwd["optimizer"] += ms
         else:
             fwd[stage] += ms
-    rows = [dict(stage=s, forward_ms=fwd[s], backward_ms=bwd[s], total_ms=fwd[s] + bwd[s]) for s in STAGES]
+    return fwd, bwd
+
+
+def step_profile(model: nn.Module, batch: dict, *, lr: float = 1e-3, device="cpu", repeats: int = 3,
+                 warmup: int = 1) -> pd.DataFrame:
+    """Where a training step of FE2E or MESM spends its time (Chapter 6), from PyTorch's profiler: the
+    forward ops are attributed to the innermost model part that ran them (:data:`STAGES`, through module
+    hooks), each backward op to the part whose forward op created it (autograd's sequence numbers), the
+    AdamW update to "optimizer".  ``repeats`` steps are profiled and each stage's median is kept.  Runs on
+    a copy of ``model``.  Returns one row per stage: ``forward_ms``, ``backward_ms``, ``total_ms`` and
+    ``share`` of the step (the profiler adds a small overhead per op)."""
+    import copy
+
+    from torch.autograd.profiler import record_function
+
+    model = copy.deepcopy(model)  # the steps below train it: the caller's weights stay as they are
+    step = training_step(model, [batch], lr, device)
+    for _ in range(warmup):
+        step()
+    opt = _optimizer(model, lr)
+    stack: list = []
+
+    def enter(name):
+        def hook(mod, inputs):
+            rf = record_function(f"stage:{name}")
+            rf.__enter__()
+            stack.append(rf)
+        return hook
+
+    def leave(mod, inputs, output):
+        stack.pop().__exit__(None, None, None)
+
+    handles = []
+    for mod, name in _stage_scopes(model):
+        handles += [mod.register_forward_pre_hook(enter(name)), mod.register_forward_hook(leave)]
+    batch = to_device(batch, device)
+    runs = []
+    try:
+        for _ in range(repeats):
+            runs.append(_profile_once(model, batch, opt, F.binary_cross_entropy_with_logits))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for s in STAGES:
+        f = statistics.median(r[0][s] for r in runs)
+        b = statistics.median(r[1][s] for r in runs)
+        rows.append(dict(stage=s, forward_ms=f, backward_ms=b, total_ms=f + b))
     table = pd.DataFrame(rows)
     table["share"] = table["total_ms"] / table["total_ms"].sum()
     return table
@@ -223,6 +269,7 @@ class _Clock:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.muted = False  # True: blocks run untimed (a warm-up)
 
     def __call__(self, stage: str):
         clock = self
@@ -232,7 +279,8 @@ class _Clock:
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
-                clock.seconds[stage] = clock.seconds.get(stage, 0.0) + time.perf_counter() - self.t0
+                if not clock.muted:
+                    clock.seconds[stage] = clock.seconds.get(stage, 0.0) + time.perf_counter() - self.t0
         return _Block()
 
 
@@ -244,11 +292,13 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
     Two-phase models (``two_phase``: trained baselines on the hand-crafted view ``hc_set``): reading the
     frames sampled every ``img_interval`` ms of ``hc_set.settings`` and the audio, face detection and
     crop (:func:`~nbsupport.data.features.face_crop`), the hand-crafted features (face geometry/HOG per
-    frame, MFCC/prosody windows, word vectors) and the model.  End-to-end models (``end_to_end``: FE2E,
-    MESM on ``raw_set``): reading frames (every ``img_interval`` of ``raw_set.settings``) and audio, face
-    detection and crop, log-mel pieces and subword tokens, and the model.  Reading and feature stages are
+    frame, MFCC/prosody windows, word vectors of the bundled encoder's embeddings) and the model.
+    End-to-end models (``end_to_end``: FE2E, MESM on ``raw_set``): reading frames (every ``img_interval`` of
+    ``raw_set.settings``) and audio, face detection and crop, log-mel pieces and the subword tokens of
+    ``text_model``'s tokenizer, and the model.  Reading and feature stages are
     timed once per view and shared by its models; each model runs in eval mode on one utterance at a time.
-    MACs are given for the models (linear and convolution layers and the LSTM gates and attention matmuls
+    Every stage runs once untimed first (word vectors and librosa's compiled kernels load once per
+    process).  MACs are given for the models (linear and convolution layers and the LSTM gates and attention matmuls
     that :func:`~nbsupport.models.baselines.model_macs` counts; for FE2E/MESM the whole model's linear and
     convolution layers, sparse ones as they ran); feature extraction has no MAC count.  Returns one row per
     (pipeline, stage): ``seconds`` per utterance, ``macs`` per utterance (NaN where undefined)."""
@@ -260,9 +310,12 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
     rows = []
     # --- two-phase view: every stage from the files, timed per utterance
     hc_clock = _Clock()
-    wv = feats.WordVectors(model=text_model) if two_phase else None
+    wv = feats.WordVectors() if two_phase else None  # the vectors the hand-crafted loader uses
     hc = hc_set.settings
-    for i in range(n) if two_phase else ():
+    # the first utterance runs once untimed first: loading the word vectors and compiling librosa's
+    # kernels happen once per process, not per utterance
+    for k, i in enumerate([0, *range(n)] if two_phase else ()):
+        hc_clock.muted = k == 0
         with hc_clock("read frames and audio"):
             frames = [read_frame(p) for p in _sampled_frames(hc_set.raw, i, hc["img_interval"], hc["seq_len"])]
             wav, sr = read_audio(hc_set.raw.audio_path(i), feats.SR)
@@ -278,6 +331,7 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
             rows.append(dict(pipeline=name, family="two-phase", stage=stage, seconds=sec / n, macs=np.nan))
         model.eval()
         with torch.no_grad():
+            model(to_device(collate_umons(items[:1]), device))  # warm-up, untimed
             t = sum(_timed(lambda it=it: model(to_device(collate_umons([it]), device))) for it in items)
         macs = bl.model_macs(model, items, collate_umons, device=device)
         rows.append(dict(pipeline=name, family="two-phase", stage="model", seconds=t / n, macs=macs))
@@ -285,7 +339,8 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
     e2e_clock = _Clock()
     tok = load_tokenizer(text_model or None) if end_to_end else None
     st = raw_set.settings
-    for i in range(n) if end_to_end else ():
+    for k, i in enumerate([0, *range(n)] if end_to_end else ()):
+        e2e_clock.muted = k == 0  # the first utterance once untimed (one-time loading)
         with e2e_clock("read frames and audio"):
             frames = [read_frame(p) for p in _sampled_frames(raw_set.raw, i, st["img_interval"], None)]
             wav, sr = read_audio(raw_set.raw.audio_path(i), feats.SR)
@@ -300,6 +355,7 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
             rows.append(dict(pipeline=name, family="end-to-end", stage=stage, seconds=sec / n, macs=np.nan))
         model.eval()
         with torch.no_grad():
+            model(to_device(collate_mesm(items[:1]), device))  # warm-up, untimed
             t = sum(_timed(lambda it=it: model(to_device(collate_mesm([it]), device))) for it in items)
             macs = sum(int(flops.count_macs(model, to_device(collate_mesm([it]), device))["macs"].sum())
                        for it in items)
@@ -312,6 +368,9 @@ def pipeline_table(costs: pd.DataFrame, quality: Mapping[str, str] | None = None
     total, the share spent before the model, the model's MACs per utterance, and ``quality`` (e.g. each
     model's test WAcc with its interval) next to it."""
     wide = costs.pivot_table(index="pipeline", columns="stage", values="seconds", aggfunc="sum", sort=False)
+    order = ["read frames and audio", "face detection and crop", "hand-crafted features",
+             "log-mel pieces and tokens", "model"]
+    wide = wide[[c for c in order if c in wide.columns] + [c for c in wide.columns if c not in order]]
     out = pd.DataFrame(index=wide.index)
     for stage in wide.columns:
         out[f"{stage} (s)"] = wide[stage]
@@ -335,3 +394,15 @@ def step_verdict(summary: Mapping, a: str, b: str) -> str:
             f"{s['low']:.2f} to {s['high']:.2f}, a {100 * s['coverage']:.0f} % interval for the median; "
             f"{s[a + '_seconds']:.2f} s against {s[b + '_seconds']:.2f} s per step, this machine, "
             f"{torch.get_num_threads()} thread(s)).")
+
+
+def profile_table(profiles: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Several :func:`step_profile` tables side by side (Chapter 6: MESM against FE2E): milliseconds of
+    forward + backward per stage and each stage's share of its model's step, plus a total row."""
+    out = pd.DataFrame(index=list(STAGES) + ["whole step"])
+    for name, t in profiles.items():
+        ms = t.set_index("stage")["total_ms"]
+        out[f"{name} ms"] = list(ms.reindex(STAGES)) + [ms.sum()]
+        out[f"{name} share"] = list(ms.reindex(STAGES) / ms.sum()) + [1.0]
+    out.index.name = "stage"
+    return out

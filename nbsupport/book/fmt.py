@@ -114,7 +114,8 @@ TRAIN_STEP_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "resul
 
 def train_step_table(path=TRAIN_STEP_RESULTS) -> pd.DataFrame:
     """The committed training-step benchmark (``benchmarks/train_step.py``) as a table: MESM's step time
-    over FE2E's at each model size, with the spread over interleaved rounds, MACs ratio and peak memory.
+    over FE2E's at each model size (and thread count), with the spread over interleaved rounds, MACs ratio
+    and peak memory.
     The path does not depend on the notebook's working folder (JupyterLab, papermill, the book build)."""
     import json
 
@@ -123,7 +124,8 @@ def train_step_table(path=TRAIN_STEP_RESULTS) -> pd.DataFrame:
     for r in data["rows"]:
         blocks = "/".join(str(c) for c in r["sizes"]["block_channels"])
         t = r["mesm_over_fe2e"]
-        rows.append({"model size": f"{r['preset']} (stem {r['sizes']['stem_channels']}, blocks {blocks})",
+        threads = f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}" if "threads" in r else ""
+        rows.append({"model size": f"{r['preset']} (stem {r['sizes']['stem_channels']}, blocks {blocks}{threads})",
                      "MESM / FE2E step time": f"{t['ratio']:.2f} [{t['ratio_min']:.2f}, {t['ratio_max']:.2f}]",
                      "MESM / FE2E extractor MACs": percent(r["extractor_macs"]["ratio"]),
                      "peak MB (MESM / FE2E)": f"{r['peak_mb']['mesm']:.0f} / {r['peak_mb']['fe2e']:.0f}"})
