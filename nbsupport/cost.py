@@ -374,7 +374,7 @@ def pipeline_table(costs: pd.DataFrame, quality: Mapping[str, str] | None = None
     out = pd.DataFrame(index=wide.index)
     for stage in wide.columns:
         out[f"{stage} (s)"] = wide[stage]
-    out["total (s)"] = wide.sum(1, skipna=True)
+    out["total (s)"] = wide.sum(axis=1, skipna=True)
     out["before the model"] = 1 - wide["model"] / out["total (s)"]
     model_rows = costs[costs["stage"] == "model"].set_index("pipeline")
     out["model MACs"] = model_rows["macs"].reindex(out.index)
