@@ -27,7 +27,7 @@ from nbsupport.data.raw import read_audio, read_frame, sample_frame_positions
 from nbsupport.data.text import load_tokenizer
 
 __all__ = ["interleave", "ratio_summary", "training_step", "compare_training_steps", "step_profile",
-           "step_verdict", "profile_table", "pipeline_costs", "pipeline_table", "STAGES"]
+           "step_verdict", "profile_table", "profile_sentence", "pipeline_costs", "pipeline_table", "STAGES"]
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -406,3 +406,20 @@ def profile_table(profiles: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         out[f"{name} share"] = list(ms.reindex(STAGES) / ms.sum()) + [1.0]
     out.index.name = "stage"
     return out
+
+
+def profile_sentence(table: pd.DataFrame, a: str = "MESM", b: str = "FE2E") -> str:
+    """What :func:`profile_table` says about ``a`` against ``b`` (Chapter 6): what ``a`` adds (the
+    cross-modal attention and the selection), what it saves or loses in the CNN blocks, and how much the
+    stages both share differ (the profile's noise)."""
+    ms = {name: table[f"{name} ms"] for name in (a, b)}
+    added = sum(ms[a][s] - ms[b][s] for s in ("cross-modal attention (scores)", "selection and gathers"))
+    blocks = ms[b]["CNN blocks (with pooling)"] - ms[a]["CNN blocks (with pooling)"]
+    shared = [s for s in STAGES if s not in ("cross-modal attention (scores)", "selection and gathers",
+                                             "CNN blocks (with pooling)")]
+    rest = sum(ms[a][s] - ms[b][s] for s in shared)
+    saves = f"saves {blocks:.0f} ms in the CNN blocks" if blocks >= 0 else \
+        f"spends {-blocks:.0f} ms more in the CNN blocks"
+    return (f"Per profiled step, against {b}, {a} adds {added:.0f} ms in the cross-modal attention and the "
+            f"selection and {saves}; the stages both models share differ by {rest:+.0f} ms in total (the "
+            f"profile's own noise). Whole step: {ms[a]['whole step']:.0f} ms against {ms[b]['whole step']:.0f} ms.")
