@@ -115,7 +115,7 @@ def compare_training_steps(models: Mapping[str, nn.Module], batches: list[dict],
 # ------------------------------------------------------------------------------------------ stage profile
 #: The stages :func:`step_profile` splits a training step of FE2E/MESM into.
 STAGES = ("text encoder", "dense CNN stem", "cross-modal attention (scores)", "selection and gathers",
-          "CNN blocks (with pooling)", "frame transformer", "heads, fusion, loss", "optimizer")
+          "CNN blocks (with pooling)", "frame transformer", "heads, fusion, loss", "optimizer", "autograd engine")
 
 
 def _stage_scopes(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -167,7 +167,8 @@ class _SilentFds:
 
 
 def _profile_once(model, batch, opt, loss_fn) -> tuple[dict, dict]:
-    # one profiled step: forward ms per innermost stage, backward ms per stage of the forward op
+    # one profiled step: wall ms per stage scope (its time minus the stage scopes nested in it, so Python
+    # between ops counts where it runs), backward ms per stage of the forward op that created each node
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
@@ -188,29 +189,32 @@ def _profile_once(model, batch, opt, loss_fn) -> tuple[dict, dict]:
     fwd = dict.fromkeys(STAGES, 0.0)
     bwd = dict.fromkeys(STAGES, 0.0)
     for ev in events:
-        stage = _innermost_stage(ev)
-        if stage is None or ev.name.startswith("stage:"):
+        if not ev.name.startswith("stage:"):
             continue
-        ms = ev.self_cpu_time_total / 1e3
-        if stage == "backward":
-            node = ev
-            while node is not None and not node.name.startswith("autograd::engine::evaluate_function"):
-                node = node.cpu_parent
-            target = seq_stage.get(node.sequence_nr) if node is not None else None
-            bwd[target or "optimizer"] += ms  # gradient accumulation into .grad has no forward op
-        elif stage == "optimizer":
-            fwd["optimizer"] += ms
+        ms = ev.cpu_time_total / 1e3
+        outer = _innermost_stage(ev.cpu_parent)
+        if outer is not None and outer != "backward":
+            fwd[outer] -= ms  # the nested scope's time is its own stage's, not the enclosing one's
+        if ev.name == "stage:backward":
+            bwd["autograd engine"] += ms  # what the nodes below do not account for stays here
         else:
-            fwd[stage] += ms
+            fwd[ev.name[6:]] += ms
+    for ev in events:  # backward nodes: their whole time, to the stage of their forward op
+        if ev.name.startswith("autograd::engine::evaluate_function") and _innermost_stage(ev) == "backward":
+            ms = ev.cpu_time_total / 1e3
+            bwd["autograd engine"] -= ms
+            target = seq_stage.get(ev.sequence_nr)
+            bwd[target or "optimizer"] += ms  # gradient accumulation into .grad has no forward op
     return fwd, bwd
 
 
 def step_profile(model: nn.Module, batch: dict, *, lr: float = 1e-3, device="cpu", repeats: int = 3,
                  warmup: int = 1) -> pd.DataFrame:
     """Where a training step of FE2E or MESM spends its time (Chapter 6), from PyTorch's profiler: the
-    forward ops are attributed to the innermost model part that ran them (:data:`STAGES`, through module
-    hooks), each backward op to the part whose forward op created it (autograd's sequence numbers), the
-    AdamW update to "optimizer".  ``repeats`` steps are profiled and each stage's median is kept.  Runs on
+    forward pass is timed per model part (:data:`STAGES`, scopes opened by module hooks; a part's time
+    includes the Python between its ops, not the parts nested in it), each backward node is given to the
+    part whose forward op created it (autograd's sequence numbers), the AdamW update (and gradient
+    accumulation) to "optimizer", and the backward time no node accounts for to "autograd engine".  ``repeats`` steps are profiled and each stage's median is kept.  Runs on
     a copy of ``model``.  Returns one row per stage: ``forward_ms``, ``backward_ms``, ``total_ms`` and
     ``share`` of the step (the profiler adds a small overhead per op)."""
     import copy

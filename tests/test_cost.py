@@ -74,8 +74,8 @@ def test_pipeline_table_totals_and_shares_by_hand():
 
 def test_profile_sentence_reads_the_table_by_hand():
     stages = list(cost.STAGES)  # attention is stages[2], selection [3], blocks [4]
-    mine = pd.DataFrame({"stage": stages, "total_ms": [1.0, 2, 3, 4, 5, 6, 7, 8]})
-    other = mine.assign(total_ms=[1.0, 2, 0, 1, 9, 6, 7, 9])
+    mine = pd.DataFrame({"stage": stages, "total_ms": [1.0, 2, 3, 4, 5, 6, 7, 8, 0]})
+    other = mine.assign(total_ms=[1.0, 2, 0, 1, 9, 6, 7, 9, 0])
     sentence = cost.profile_sentence(cost.profile_table({"MESM": mine, "FE2E": other}))
     # adds (3 - 0) + (4 - 1) = 6, saves 9 - 5 = 4 in the blocks, shared stages differ by 8 - 9 = -1
     assert "adds 6 ms" in sentence and "saves 4 ms in the CNN blocks" in sentence

@@ -418,15 +418,35 @@ def test_planner_picks_each_plan_from_hand_counted_costs(expected, make, offer_t
         assert tiles.tile == (16, 16) and tiles.n_tiles == 1 and costs["tiles"] == pytest.approx(272.2)
     if not offer_tiles:
         return
-    # the module (which always offers the block-sparse plan) takes the same decision, and its result is the
-    # dense convolution's
+    # the module (which always offers the block-sparse plan) takes the same decision at the reference
+    # channels (64 -> 128), and its result is the dense convolution's
     torch.manual_seed(0)
-    conv = sp.SubMConv2d(3, 4).double()
-    dense = torch.randn(b, 3, h, w, dtype=torch.float64) * mask[:, None]
+    conv = sp.SubMConv2d(64, 128).double()
+    dense = torch.randn(b, 64, h, w, dtype=torch.float64) * mask[:, None]
     out = conv(sp.to_sparse(dense, mask)).features
     assert conv.last_strategy == expected
     ref = F.conv2d(dense, conv.weight, padding=1).permute(0, 2, 3, 1)[mask]
     torch.testing.assert_close(out, ref)
+
+
+def test_planner_prefers_dense_kernels_with_few_channels():
+    """A checkerboard of a 20x20 map (200 sites, each with its diagonal neighbours): at the reference
+    channels the pairs plan is cheapest; at 8 -> 16 channels a pair costs 2.2 + 700 (1/128 - 1/8192) = 7.58
+    dense taps, so im2col (1.9 x 200 = 380) beats it and the dense plan (400)."""
+    mask = ((torch.arange(20)[:, None] + torch.arange(20)) % 2 == 0)[None]
+    nbr = _region_nbr(mask)
+    pairs = int((nbr < nbr.shape[0]).sum())
+    tiles = sp.tile_plan(mask.nonzero(), (20, 20), 1)
+    assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles) == "pairs"
+    assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles, channels=(64, 128)) == "pairs"
+    costs = sp.plan_costs(nbr, (20, 20), 1, tiles, channels=(8, 16))
+    assert costs["pairs"] == pytest.approx((2.2 + 700 * (1 / 128 - 1 / 8192)) * pairs / 9)
+    assert costs["im2col"] == pytest.approx(380) and costs["dense"] == 400
+    assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles, channels=(8, 16)) == "im2col"
+    conv = sp.SubMConv2d(8, 16)
+    x = sp.to_sparse(torch.randn(1, 8, 20, 20) * mask[:, None], mask)
+    conv(x)
+    assert conv.last_strategy == "im2col"
 
 
 def _compact_masks(seed, b, h, w, density):

@@ -428,10 +428,12 @@ def _tile_keys(coords: torch.Tensor, spatial_shape: Sequence[int], th: int, tw: 
     return (coords[:, 0] * nty + ty) * ntx + tx, nty, ntx
 
 
-def _tile_cost(n_tiles: int, th: int, tw: int, r: int) -> float:
+def _tile_cost(n_tiles: int, th: int, tw: int, r: int, gather: float | None = None) -> float:
     # relative cost of the block-sparse plan: the dense convolution over the tiles' output cells, plus the
-    # gather of the input tiles with their halo and the scatter back (TILE_GATHER_COST per gathered cell)
-    return n_tiles * (th * tw + TILE_GATHER_COST * (th + 2 * r) * (tw + 2 * r))
+    # gather of the input tiles with their halo and the scatter back (``gather`` per gathered cell,
+    # TILE_GATHER_COST at the reference channels)
+    gather = TILE_GATHER_COST if gather is None else gather
+    return n_tiles * (th * tw + gather * (th + 2 * r) * (tw + 2 * r))
 
 
 def tile_plan(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: int, kernel_size: int = 3,
@@ -501,6 +503,15 @@ def _subm_conv_tiles(features: torch.Tensor, weight: torch.Tensor, bias: torch.T
 PAIRS_COST = 2.2
 IM2COL_COST = 1.9
 TILE_GATHER_COST = 0.05
+#: The constants above hold at C_in x C_out = REFERENCE_CHANNELS (64 -> 128).  With fewer channels a
+#: dense cell costs fewer MACs while gathering and scattering a row costs about as much, so the pairs
+#: plan and the tiles' halo cost relatively more: PAIRS_FEW_CHANNELS / (C_in C_out) and
+#: TILE_GATHER_FEW_CHANNELS / (C_in C_out) are added (each minus its value at the reference), fitted to
+#: the same measurements at 8 -> 16 and 16 -> 32 channels (chapter 6's widths), where the pairs plan cost
+#: 7.7 dense taps per pair and a 4x4 tile 1.7 dense cells per output cell.
+REFERENCE_CHANNELS = 64 * 128
+PAIRS_FEW_CHANNELS = 700.0
+TILE_GATHER_FEW_CHANNELS = 37.0
 
 
 def _check_weight(weight: torch.Tensor, c_in: int) -> None:
@@ -550,7 +561,8 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
     if strategy == "auto":
         if tiles is None and n > 0 and spatial_shape is not None and batch_size is not None:
             tiles = tile_plan(coords, spatial_shape, batch_size, k)
-        strategy = choose_strategy(neighbours, spatial_shape, batch_size, tiles=tiles)
+        strategy = choose_strategy(neighbours, spatial_shape, batch_size, tiles=tiles,
+                                   channels=(features.shape[1], weight.shape[0]))
     if strategy == "tiles" and n > 0:
         if tiles is None:
             if spatial_shape is None or batch_size is None:
@@ -580,30 +592,36 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
 
 
 def plan_costs(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = None,
-               batch_size: int | None = None, tiles: "TilePlan | None" = None) -> dict[str, float]:
+               batch_size: int | None = None, tiles: "TilePlan | None" = None,
+               channels: tuple[int, int] | None = None) -> dict[str, float]:
     """Estimated relative cost of each CPU plan of a submanifold convolution (Chapter 6), from its rulebook
-    ``neighbours`` (N, k*k), the grid and a block-sparse :class:`TilePlan` (see :data:`PAIRS_COST`):
-    "pairs" and "im2col" always, "dense" with a grid size, "tiles" with a tile plan."""
+    ``neighbours`` (N, k*k), the grid, a block-sparse :class:`TilePlan` and the layer's ``channels``
+    (C_in, C_out; None: the reference 64 -> 128) (see :data:`PAIRS_COST`): "pairs" and "im2col" always,
+    "dense" with a grid size, "tiles" with a tile plan."""
     n, kk = neighbours.shape
     pairs = float((neighbours < n).sum())
-    costs = {"pairs": PAIRS_COST * pairs / kk, "im2col": IM2COL_COST * n}
+    few = 0.0 if channels is None else 1.0 / (int(channels[0]) * int(channels[1])) - 1.0 / REFERENCE_CHANNELS
+    costs = {"pairs": (PAIRS_COST + PAIRS_FEW_CHANNELS * few) * pairs / kk, "im2col": IM2COL_COST * n}
     if spatial_shape is not None and batch_size is not None:
         costs["dense"] = float(int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]))
     if tiles is not None:
-        costs["tiles"] = float(_tile_cost(tiles.n_tiles, *tiles.tile, tiles.halo))
+        gather = TILE_GATHER_COST + TILE_GATHER_FEW_CHANNELS * few
+        costs["tiles"] = float(_tile_cost(tiles.n_tiles, *tiles.tile, tiles.halo, gather))
     return costs
 
 
 def choose_strategy(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = None,
-                    batch_size: int | None = None, tiles: "TilePlan | None" = None) -> str:
+                    batch_size: int | None = None, tiles: "TilePlan | None" = None,
+                    channels: tuple[int, int] | None = None) -> str:
     """CPU execution plan of a submanifold convolution (Chapter 6): the cheapest by :func:`plan_costs`.
     Scattered sites go to "pairs" (work in proportion to the active pairs), compact regions with full
     neighbourhoods to "im2col" or, when their tiles are well filled, "tiles" (block-sparse: oneDNN on the
-    active tiles), a mostly active grid to "dense".  Same result whichever runs.  Without a grid size the
-    dense plan is not considered, without a tile plan the block-sparse one is not."""
+    active tiles), a mostly active grid to "dense"; few channels favour the dense kernels.  Same result
+    whichever runs.  Without a grid size the dense plan is not considered, without a tile plan the
+    block-sparse one is not."""
     if neighbours.shape[0] == 0:
         return "pairs"
-    costs = plan_costs(neighbours, spatial_shape, batch_size, tiles)
+    costs = plan_costs(neighbours, spatial_shape, batch_size, tiles, channels)
     return min(costs, key=costs.get)
 
 

@@ -50,10 +50,11 @@ class SubMConv2d(nn.Module):
         nbr = x.neighbours(self.kernel_size)
         strategy = self.strategy
         if strategy == "auto":
-            key = ("strategy", self.kernel_size)
+            key = ("strategy", self.kernel_size, self.in_channels, self.out_channels)
             if key not in x.cache:
                 tiles = x.tiles(self.kernel_size) if x.num_sites > 0 else None
-                x.cache[key] = choose_strategy(nbr, x.spatial_shape, x.batch_size, tiles=tiles)
+                x.cache[key] = choose_strategy(nbr, x.spatial_shape, x.batch_size, tiles=tiles,
+                                               channels=(self.in_channels, self.out_channels))
             strategy = x.cache[key]
         self.last_strategy = strategy
         pairs = x.pairs(self.kernel_size) if strategy == "pairs" else None
