@@ -62,6 +62,16 @@ def bench_preset(name: str, sizes: dict, batches, top_p: float, repeats: int, se
     return row
 
 
+def goal(rows: list[dict]) -> dict:
+    """The Performance page's goal, MESM's step faster than FE2E's at chapter 6's sizes, per thread count:
+    ``met`` only when every interleaved round had MESM faster (the range of the per-round ratio, a
+    rank interval for its median, lies below 1); the median alone is reported beside it."""
+    at_ch6 = [r for r in rows if r["preset"] == "chapter6"]
+    return dict(goal="MESM's training step faster than FE2E's at chapter 6's sizes",
+                met={r["threads"]: r["mesm_over_fe2e"]["ratio_max"] < 1 for r in at_ch6},
+                median_below_1={r["threads"]: r["mesm_over_fe2e"]["ratio"] < 1 for r in at_ch6})
+
+
 def main(argv=None) -> dict:
     """Command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,9 +115,7 @@ def main(argv=None) -> dict:
             row = bench_preset(p, PRESETS[p], batches, args.top_p, args.repeats, args.seed, args.tiny_text)
             result["rows"].append({"threads": n_threads, **row})
     result["machine"]["threads"] = threads
-    at_ch6 = [r for r in result["rows"] if r["preset"] == "chapter6"]
-    result["goal"] = dict(goal="MESM's step faster than FE2E's at chapter 6's sizes (median ratio < 1)",
-                          met={r["threads"]: r["mesm_over_fe2e"]["ratio"] < 1 for r in at_ch6})
+    result["goal"] = goal(result["rows"])
     result["seconds_total"] = time.perf_counter() - t0
     atomic_write_json(Path(args.out), result)
     print(f"wrote {args.out} in {result['seconds_total']:.0f} s")
