@@ -5,7 +5,9 @@ Usage::
     PYTHONPATH=/work/scn/src:. python benchmarks/peer_scn.py --out benchmarks/results/peer_scn.json
 
 Two comparisons, every variant timed in the same run with interleaved repetitions (``benchmarks/common.py``),
-forward + backward, ``torch.set_num_threads(--threads)`` (1 by default):
+forward + backward, once per thread count of ``--threads`` (1 and 2 by default) and per kind of site mask
+of ``--masks`` (``common.site_masks``: "random" scattered sites, "attention" compact regions like those
+top-p keeps from a peaked attention map); the goals of the Performance page are checked in ``goals``:
 
 * **one layer**: a submanifold 3x3 convolution, 64 -> 128 channels on 24x24 maps, batch 32 (MESM's first
   face block), at site densities 0.1 ... 1.0: the book's :class:`nbsupport.sparse.SubMConv2d`,
