@@ -2,8 +2,9 @@
 
 A :class:`SparseTensor` holds the active sites of a batch of 2-D maps; :func:`neighbour_table` finds,
 for every site and kernel offset, the index of its neighbour (the *rulebook*); :func:`subm_conv2d`
-runs a submanifold convolution from it (Graham & van der Maaten, 2017) with one of three plans of
-identical results (:func:`choose_strategy`), and :func:`sparse_max_pool2d` pools active inputs.
+runs a submanifold convolution from it (Graham & van der Maaten, 2017) with one of four plans of
+identical results, the cheapest by a measured cost model (:func:`choose_strategy`; one of them, "tiles",
+is SBNet's block-sparse plan, :func:`tile_plan`), and :func:`sparse_max_pool2d` pools active inputs.
 Hand-written because no installed library does correct sparse convolution on CPU (spconv's CPU
 wheel returns wrong values here); every plan is tested against dense ``conv2d``/``max_pool2d``.
 """
