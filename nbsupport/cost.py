@@ -308,6 +308,10 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
     (pipeline, stage): ``seconds`` per utterance, ``macs`` per utterance (NaN where undefined)."""
     from nbsupport.models import baselines as bl
 
+    for name, ds, models in (("hc_set", hc_set, two_phase), ("raw_set", raw_set, end_to_end)):
+        if models and not (hasattr(ds, "raw") and hasattr(ds, "settings")):
+            raise ValueError(f"pipeline_costs: parameter '{name}' must be a dataset read from raw frames and "
+                             f"audio (protocol.loaders on data_format 'raw'), got {type(ds).__name__}")
     n = min([int(n_utterances)] + [len(s) for s, m in ((hc_set, two_phase), (raw_set, end_to_end)) if m])
     if n < 1:
         raise ValueError(f"pipeline_costs: 'n_utterances' must be >= 1 and the splits non-empty, got {n_utterances!r}")

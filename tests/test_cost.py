@@ -80,3 +80,8 @@ def test_profile_sentence_reads_the_table_by_hand():
     # adds (3 - 0) + (4 - 1) = 6, saves 9 - 5 = 4 in the blocks, shared stages differ by 8 - 9 = -1
     assert "adds 6 ms" in sentence and "saves 4 ms in the CNN blocks" in sentence
     assert "differ by -1 ms" in sentence and "36 ms against 35 ms" in sentence
+
+
+def test_pipeline_costs_refuse_pre_extracted_features_naming_the_parameter():
+    with pytest.raises(ValueError, match="'hc_set'"):
+        cost.pipeline_costs({"LF-LSTM": torch.nn.Linear(1, 1)}, {}, [{"text": torch.zeros(1)}], None)
