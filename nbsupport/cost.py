@@ -60,15 +60,22 @@ def interleave(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int
     return out
 
 
+#: Rounds needed before :func:`ratio_summary` gives a verdict: their range is then a confidence
+#: interval of at least 94 % for the median ratio.
+MIN_VERDICT_ROUNDS = 5
+
+
 def ratio_summary(times: Mapping[str, list[float]], num: str, den: str) -> dict:
     """The per-round ratio ``num / den`` (round i of one against round i of the other, timed back to back):
     its median, its range (``low``, ``high``; a confidence interval for the median of coverage
     ``1 - 2 ** (1 - rounds)``), each variant's median seconds, and the verdict: ``"faster"`` when the whole
-    range lies below 1, ``"slower"`` when above, else ``"no difference shown"`` (Chapter 6)."""
+    range lies below 1, ``"slower"`` when above, else ``"no difference shown"``; with fewer than
+    :data:`MIN_VERDICT_ROUNDS` rounds none (Chapter 6)."""
     ratios = [a / b for a, b in zip(times[num], times[den])]
     n = len(ratios)
     low, high = min(ratios), max(ratios)
-    verdict = "faster" if high < 1 else "slower" if low > 1 else "no difference shown"
+    verdict = ("too few rounds for a verdict" if n < MIN_VERDICT_ROUNDS else
+               "faster" if high < 1 else "slower" if low > 1 else "no difference shown")
     return dict(ratio=statistics.median(ratios), low=low, high=high, rounds=n,
                 coverage=1 - 2.0 ** (1 - n) if n > 1 else 0.0, verdict=verdict,
                 **{f"{k}_seconds": statistics.median(times[k]) for k in (num, den)})
@@ -397,7 +404,9 @@ def step_verdict(summary: Mapping, a: str, b: str) -> str:
     s = summary
     what = {"faster": f"{a}'s training step is faster than {b}'s",
             "slower": f"{a}'s training step is slower than {b}'s",
-            "no difference shown": f"no difference between {a}'s and {b}'s training steps is shown"}[s["verdict"]]
+            "no difference shown": f"no difference between {a}'s and {b}'s training steps is shown",
+            "too few rounds for a verdict": f"too few rounds to compare {a}'s and {b}'s training steps"
+            }[s["verdict"]]
     return (f"{what}: {a}/{b} time per step {s['ratio']:.2f} (range over {s['rounds']} interleaved rounds "
             f"{s['low']:.2f} to {s['high']:.2f}, a {100 * s['coverage']:.0f} % interval for the median; "
             f"{s[a + '_seconds']:.2f} s against {s[b + '_seconds']:.2f} s per step, this machine, "

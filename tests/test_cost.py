@@ -29,10 +29,13 @@ def test_ratio_summary_hand_computed():
     assert s["coverage"] == pytest.approx(1 - 2 ** -4)  # rank interval of the median from 5 rounds
     assert s["verdict"] == "no difference shown"
     assert s["x_seconds"] == 3.0 and s["y_seconds"] == 4.0
-    faster = cost.ratio_summary({"x": [1.0, 1.0], "y": [2.0, 1.5]}, "x", "y")
-    assert faster["verdict"] == "faster" and faster["coverage"] == 0.5
-    assert cost.ratio_summary({"x": [3.0], "y": [2.0]}, "x", "y")["verdict"] == "slower"
-    assert "slower" in cost.step_verdict(cost.ratio_summary({"x": [3.0], "y": [2.0]}, "x", "y"), "x", "y")
+    faster = cost.ratio_summary({"x": [1.0] * 5, "y": [2.0, 1.5, 1.1, 3.0, 1.2]}, "x", "y")
+    assert faster["verdict"] == "faster"
+    slower = cost.ratio_summary({"x": [3.0] * 5, "y": [2.0] * 5}, "x", "y")
+    assert slower["verdict"] == "slower" and "slower" in cost.step_verdict(slower, "x", "y")
+    few = cost.ratio_summary({"x": [1.0] * 4, "y": [2.0] * 4}, "x", "y")  # a 88 % interval: no verdict
+    assert few["verdict"] == "too few rounds for a verdict" and few["coverage"] == pytest.approx(0.875)
+    assert "too few rounds" in cost.step_verdict(few, "x", "y")
 
 
 @pytest.mark.parametrize("build,has_attention", [(mesm.MESM, True), (mesm.FE2E, False)])
