@@ -15,7 +15,6 @@ import platform
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbsupport import cost
 from nbsupport import sparse as sp
 
 
@@ -60,28 +60,13 @@ def peak_rss_mb(fn: Callable[[], object]) -> float | None:
 
 def timed(fn: Callable[[], object]) -> float:
     """Wall time of ``fn()`` in seconds; on CUDA the queue is drained before and after."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return cost._timed(fn)
 
 
 def interleave(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Time every variant ``repeats`` times, one repetition of each in turn (order rotated every round),
-    after ``warmup`` untimed rounds.  Returns the seconds of every repetition per variant."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            out[name].append(timed(fns[name]))
-    return out
+    after ``warmup`` untimed rounds (:func:`nbsupport.cost.interleave`, which chapter 6 uses too)."""
+    return cost.interleave(fns, repeats, warmup)
 
 
 def spread(times: dict[str, list[float]], num: str, den: str) -> dict:
@@ -151,3 +136,37 @@ class PeakedAttention:
             c = self.sites[i]  # sparse sites: (M, 1)
             return out + pm[c[:, 0], c[:, 1], c[:, 2]][:, None]
         return hook
+
+
+# ------------------------------------------------------------------------------------------ site masks
+#: The two kinds of site mask the sparse benchmarks time: uniformly scattered sites, and the compact
+#: regions an attention keeps (what top-p selects from a peaked map: one blob per frame).
+MASK_KINDS = ("random", "attention")
+
+
+def site_masks(kind: str, n: int, h: int, w: int, density: float, gen: torch.Generator,
+               blob: float = 0.25) -> torch.Tensor:
+    """(n, h, w) bool masks with ``round(density * h * w)`` active sites per frame (at least one).
+    ``"random"``: sites drawn uniformly; ``"attention"``: the sites of highest :func:`peaked_prior` (one
+    Gaussian blob per frame at a random centre, slightly jittered so ties break at random), i.e. the
+    compact region that top-p keeps from a peaked attention map at that density."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"site_masks: 'kind' must be one of {MASK_KINDS}, got {kind!r}")
+    score = torch.rand(n, h * w, generator=gen)
+    if kind == "attention":
+        score = peaked_prior(n, h, w, blob, gen).reshape(n, -1) + 0.05 * score
+    k = min(h * w, max(1, round(density * h * w)))
+    mask = torch.zeros(n, h * w, dtype=torch.bool)
+    mask.scatter_(1, score.topk(k, 1).indices, True)
+    return mask.view(n, h, w)
+
+
+def site_prior(kind: str, n: int, h: int, w: int, blob: float, gen: torch.Generator) -> torch.Tensor:
+    """Log-prior (n, h, w) added to the attention's scores by :class:`PeakedAttention`: ``"attention"``
+    one blob per frame (:func:`peaked_prior`), ``"random"`` independent noise per site (std 2), so top-p
+    keeps scattered sites."""
+    if kind == "attention":
+        return peaked_prior(n, h, w, blob, gen)
+    if kind == "random":
+        return 2.0 * torch.randn(n, h, w, generator=gen)
+    raise ValueError(f"site_prior: 'kind' must be one of {MASK_KINDS}, got {kind!r}")

@@ -70,7 +70,8 @@ class MacCounter:
     rulebook size (what a sparse engine such as spconv executes); ``dense_macs`` is what a dense layer
     costs on the full grid (equal to ``macs`` for dense layers); ``executed_macs`` is what the CPU plan
     really multiplied (:func:`nbsupport.sparse.choose_strategy` runs oneDNN's dense conv on the
-    zero-filled grid when most of it is active, then ``executed_macs == dense_macs``).  ``include``
+    zero-filled grid when most of it is active, then ``executed_macs == dense_macs``; the block-sparse
+    plan computes every output cell of its active tiles).  ``include``
     filters layer names.
     """
 
@@ -102,8 +103,9 @@ class MacCounter:
                 cells = x.batch_size * x.spatial_shape[0] * x.spatial_shape[1]
                 dense = dense_conv_macs(*x.spatial_shape, mod.in_channels, mod.out_channels, k, x.batch_size)
                 plan = mod.last_strategy  # None when spconv ran
-                executed = {"dense": dense, "im2col": x.num_sites * k * k * mod.in_channels * mod.out_channels}.get(
-                    plan, macs)
+                per_cell = k * k * mod.in_channels * mod.out_channels
+                executed = {"dense": dense, "im2col": x.num_sites * per_cell,
+                            "tiles": (mod.last_tile_cells or 0) * per_cell}.get(plan, macs)
                 row = dict(layer=name, kind="subm_conv2d", macs=macs, dense_macs=dense, executed_macs=executed,
                            sites=x.num_sites, dense_sites=cells)
             elif isinstance(mod, nn.Conv2d):

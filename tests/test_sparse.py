@@ -50,7 +50,7 @@ CONV_CASES = [  # seed, batch, H, W, C_in, C_out, density, kernel
 
 @pytest.mark.parametrize("seed,b,h,w,cin,cout,density,k", CONV_CASES)
 @pytest.mark.parametrize("method,strategy", [("grid", "pairs"), ("search", "pairs"), ("grid", "im2col"),
-                                             ("search", "dense"), ("grid", "auto")])
+                                             ("search", "dense"), ("grid", "tiles"), ("grid", "auto")])
 def test_subm_conv2d_matches_dense_forward_and_backward(seed, b, h, w, cin, cout, density, k, method, strategy):
     g, mask, dense = _random_case(seed, b, h, w, cin, density)
     dense = dense * mask[:, None]  # inactive sites are zeros
@@ -229,7 +229,7 @@ def test_sparse_vgg_block_equals_dense_twin_at_full_density_and_shares_state_dic
     assert sparse_block.conv1.conv.last_strategy == "dense"  # full grid -> oneDNN plan
 
 
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "im2col", "dense"])
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "im2col", "dense", "tiles"])
 def test_sparse_block_on_partial_sites_equals_masked_dense_layers(strategy):
     torch.manual_seed(1)
     block = sp.SparseVggBlock(3, 5).double().eval()  # eval: BN uses running stats (site-independent)
@@ -262,7 +262,7 @@ def test_backend_is_torch_rulebook_on_cpu():
     assert "torch-rulebook" in sp.backend_description("cpu")
 
 
-@pytest.mark.parametrize("strategy", ["pairs", "im2col", "dense"])
+@pytest.mark.parametrize("strategy", ["pairs", "im2col", "dense", "tiles"])
 def test_offset_major_weight_storage_same_values_and_grad_layout(strategy):
     g, mask, dense = _random_case(7, 2, 7, 6, 5, 0.5)
     dense = dense * mask[:, None]
@@ -376,19 +376,159 @@ def test_cuda_backend_falls_back_when_spconv_fails_its_selfcheck(monkeypatch, re
     assert sp.sparse_backend("cuda") == "torch-rulebook"
 
 
-def test_choose_strategy_hand_counted_rulebooks():
-    """The CPU plan follows the rulebook's fill, counted by hand: a compact 5x5 region of a 20x20 map has
-    13 x 13 = 169 active (site, neighbour) pairs of 25 x 9 = 225 taps (0.75: im2col) and 169 / 3600 of the
-    grid's taps (not dense); isolated sites have 1 / 9 (pairs); a full map fills every tap but the border
-    (dense)."""
+def _region_nbr(mask):
+    return sp.neighbour_table(mask.nonzero(), mask.shape[1:], mask.shape[0])
+
+
+def _plan_case(b, h, w, regions):
+    mask = torch.zeros(b, h, w, dtype=torch.bool)
+    for i, y0, y1, x0, x1 in regions:
+        mask[i, y0:y1, x0:x1] = True
+    return mask
+
+
+# Hand-counted plan costs (units: one output cell of the dense conv; PAIRS_COST 2.2, IM2COL_COST 1.9,
+# TILE_GATHER_COST 0.05).  A compact n x n block has (3n - 2)^2 active (site, neighbour) pairs.
+PLAN_CASES = [  # expected plan, mask, whether the block-sparse plan is offered
+    # isolated sites on a 20x20 map (every third row and column): 49 pairs, 49 sites -> pairs 12 < im2col 93
+    ("pairs", lambda: (torch.arange(20)[:, None] % 3 == 0) & (torch.arange(20) % 3 == 0), True),
+    # a 20x20 block of a 40x40 map: 58^2 = 3364 pairs -> pairs 822, im2col 760, dense 1600
+    ("im2col", lambda: _plan_case(1, 40, 40, [(0, 10, 30, 10, 30)]), False),
+    # a 16x16 block aligned to one 16x16 tile of a 32x32 map: 46^2 = 2116 pairs -> pairs 517, im2col 486,
+    # tiles 256 + 0.05 * 18^2 = 272.2, dense 1024
+    ("tiles", lambda: _plan_case(1, 32, 32, [(0, 0, 16, 0, 16)]), True),
+    # every site of a 20x20 map: pairs 822, im2col 760, tiles >= 400 + halo (25 4x4 tiles: 445), dense 400
+    ("dense", lambda: torch.ones(1, 20, 20, dtype=torch.bool), True),
+]
+
+
+@pytest.mark.parametrize("expected,make,offer_tiles", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_planner_picks_each_plan_from_hand_counted_costs(expected, make, offer_tiles):
+    mask = make()
+    mask = mask[None] if mask.dim() == 2 else mask
+    b, h, w = mask.shape
+    nbr = _region_nbr(mask)
+    tiles = sp.tile_plan(mask.nonzero(), (h, w), b) if offer_tiles else None
+    costs = sp.plan_costs(nbr, (h, w), b, tiles)
+    n, pairs = int(mask.sum()), int((nbr < nbr.shape[0]).sum())
+    assert costs["pairs"] == pytest.approx(2.2 * pairs / 9) and costs["im2col"] == pytest.approx(1.9 * n)
+    assert costs["dense"] == b * h * w
+    assert sp.choose_strategy(nbr, (h, w), b, tiles=tiles) == expected
+    if expected == "tiles":
+        assert tiles.tile == (16, 16) and tiles.n_tiles == 1 and costs["tiles"] == pytest.approx(272.2)
+    if not offer_tiles:
+        return
+    # the module (which always offers the block-sparse plan) takes the same decision at the reference
+    # channels (64 -> 128), and its result is the dense convolution's
+    torch.manual_seed(0)
+    conv = sp.SubMConv2d(64, 128).double()
+    dense = torch.randn(b, 64, h, w, dtype=torch.float64) * mask[:, None]
+    out = conv(sp.to_sparse(dense, mask)).features
+    assert conv.last_strategy == expected
+    ref = F.conv2d(dense, conv.weight, padding=1).permute(0, 2, 3, 1)[mask]
+    torch.testing.assert_close(out, ref)
+
+
+def test_planner_prefers_dense_kernels_with_few_channels():
+    """A checkerboard of a 20x20 map (200 sites, each with its diagonal neighbours): at the reference
+    channels the pairs plan is cheapest; at 8 -> 16 channels a pair costs 2.2 + 700 (1/128 - 1/8192) = 7.58
+    dense taps, so im2col (1.9 x 200 = 380) beats it and the dense plan (400)."""
+    mask = ((torch.arange(20)[:, None] + torch.arange(20)) % 2 == 0)[None]
+    nbr = _region_nbr(mask)
+    pairs = int((nbr < nbr.shape[0]).sum())
+    tiles = sp.tile_plan(mask.nonzero(), (20, 20), 1)
+    assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles) == "pairs"
+    assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles, channels=(64, 128)) == "pairs"
+    costs = sp.plan_costs(nbr, (20, 20), 1, tiles, channels=(8, 16))
+    assert costs["pairs"] == pytest.approx((2.2 + 700 * (1 / 128 - 1 / 8192)) * pairs / 9)
+    assert costs["im2col"] == pytest.approx(380) and costs["dense"] == 400
+    assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles, channels=(8, 16)) == "im2col"
+    conv = sp.SubMConv2d(8, 16)
+    x = sp.to_sparse(torch.randn(1, 8, 20, 20) * mask[:, None], mask)
+    conv(x)
+    assert conv.last_strategy == "im2col"
+
+
+def _compact_masks(seed, b, h, w, density):
+    """Attention-shaped masks: per image, the sites nearest a random centre (a compact blob) at the given
+    density; image 0 has none (an empty image, so some tiles and one whole image are empty), and one blob
+    is centred on the map's corner (tiles at the border)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    masks = torch.zeros(b, h, w, dtype=torch.bool)
+    for i in range(1, b):
+        cy, cx = (h - 1, w - 1) if i == 1 else (float(torch.rand(1, generator=g)) * h, float(torch.rand(1, generator=g)) * w)
+        dist = (yy - cy) ** 2 + (xx - cx) ** 2 + 0.01 * torch.rand(h, w, generator=g)
+        k = max(1, round(density * h * w))
+        masks[i].view(-1)[dist.view(-1).argsort()[:k]] = True
+    return masks
+
+
+TILE_CASES = [  # seed, batch, H, W, C_in, C_out, density, kernel, tile
+    (0, 3, 13, 11, 4, 5, 0.3, 3, 4),  # odd sizes, partial tiles at the bottom/right border
+    (1, 4, 24, 24, 3, 6, 0.5, 3, 8),
+    (2, 3, 9, 17, 5, 3, 0.7, 3, 16),  # tile larger than the map's height: clipped to 9
+    (3, 2, 10, 10, 2, 4, 0.2, 5, 4),  # 5x5 kernel: two-cell halo
+    (4, 3, 7, 7, 3, 3, 0.4, 1, 3),  # 1x1 kernel: no halo
+    (5, 3, 12, 8, 4, 4, 0.6, 3, None),  # tile chosen by the plan's cost
+]
+
+
+@pytest.mark.parametrize("seed,b,h,w,cin,cout,density,k,tile", TILE_CASES)
+def test_block_sparse_plan_equals_dense_conv_on_compact_regions(seed, b, h, w, cin, cout, density, k, tile):
+    """The block-sparse ("tiles") plan against PyTorch's dense conv2d, forward and backward (input, weight
+    and bias gradients), on attention-shaped masks with an empty image, border tiles and odd sizes."""
+    mask = _compact_masks(seed, b, h, w, density)
+    g = torch.Generator().manual_seed(seed + 100)
+    dense = torch.randn(b, cin, h, w, generator=g, dtype=torch.float64) * mask[:, None]
+    weight = torch.randn(cout, cin, k, k, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    x = sp.to_sparse(dense, mask)
+    plan = sp.tile_plan(x.coords, (h, w), b, k, tile)
+    # the plan, counted by hand: distinct (image, tile row, tile column) of the active sites
+    th, tw = plan.tile
+    if tile is not None:
+        assert (th, tw) == (min(tile, h), min(tile, w))
+    keys = {(int(c[0]), int(c[1]) // th, int(c[2]) // tw) for c in x.coords}
+    assert plan.n_tiles == len(keys) and plan.covered == len(keys) * th * tw
+    assert plan.cells.numel() == len(keys) * (th + k - 1) * (tw + k - 1)
+    assert plan.fill == pytest.approx(x.num_sites / plan.covered)
+    feats = x.features.clone().requires_grad_(True)
+    wt, bs = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    out = sp.subm_conv2d(feats, x.coords, wt, bs, strategy="tiles", tiles=plan)
+    dref, wref, bref = (t.clone().requires_grad_(True) for t in (dense, weight, bias))
+    ref = F.conv2d(dref, wref, bref, padding=k // 2).permute(0, 2, 3, 1)[mask]
+    torch.testing.assert_close(out, ref)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(feats.grad, dref.grad.permute(0, 2, 3, 1)[mask])
+    torch.testing.assert_close(wt.grad, wref.grad)
+    torch.testing.assert_close(bs.grad, bref.grad)
+
+
+def test_block_sparse_plan_bad_arguments_name_the_parameter():
+    coords = torch.tensor([[0, 1, 1]])
+    with pytest.raises(ValueError, match="kernel_size"):
+        sp.tile_plan(coords, (4, 4), 1, 2)
+    with pytest.raises(ValueError, match="'tile'"):
+        sp.tile_plan(coords, (4, 4), 1, 3, 0)
+    with pytest.raises(ValueError, match="spatial_shape"):
+        sp.subm_conv2d(torch.randn(1, 2), coords, torch.randn(3, 2, 3, 3), strategy="tiles",
+                       neighbours=sp.neighbour_table(coords, (4, 4), 1))
+
+
+def test_choose_strategy_considers_only_the_plans_it_can_run():
+    """A compact 5x5 region of a 20x20 map has 13 x 13 = 169 active (site, neighbour) pairs (hand count):
+    pairs 2.2 * 169 / 9 = 41.3 < im2col 1.9 * 25 = 47.5.  A full map is dense's, but without a grid size the
+    dense plan is not considered (im2col 760 < pairs 822), and without a tile plan the tiles are not."""
     region = torch.zeros(1, 20, 20, dtype=torch.bool)
     region[0, 3:8, 10:15] = True
     nbr = sp.neighbour_table(region.nonzero(), (20, 20), 1)
     assert int((nbr < nbr.shape[0]).sum()) == 169
-    assert sp.choose_strategy(nbr, (20, 20), 1) == "im2col"
-    assert sp.choose_strategy(nbr) == "im2col"  # no grid size: dense is not considered
-    isolated = torch.zeros(1, 20, 20, dtype=torch.bool)
-    isolated[0, ::3, ::3] = True
-    assert sp.choose_strategy(sp.neighbour_table(isolated.nonzero(), (20, 20), 1), (20, 20), 1) == "pairs"
+    assert sp.choose_strategy(nbr, (20, 20), 1) == "pairs"
     full = torch.ones(1, 20, 20, dtype=torch.bool)
-    assert sp.choose_strategy(sp.neighbour_table(full.nonzero(), (20, 20), 1), (20, 20), 1) == "dense"
+    nbr = sp.neighbour_table(full.nonzero(), (20, 20), 1)
+    assert sp.choose_strategy(nbr, (20, 20), 1) == "dense"
+    assert sp.choose_strategy(nbr) == "im2col"
+    assert set(sp.plan_costs(nbr)) == {"pairs", "im2col"}

@@ -112,14 +112,15 @@ def plain(text) -> str:
 def train_step_table(path: str | Path) -> pd.DataFrame:
     """The training-step benchmark's result file ``path`` (written by ``benchmarks/train_step.py``; Chapter 6
     reads the committed ``../benchmarks/results/train_step.json`` from its own folder) as a table: MESM's
-    step time over FE2E's at each model size, with the spread over interleaved rounds, MACs ratio and peak
-    memory."""
+    step time over FE2E's at each model size (and thread count), with the spread over interleaved rounds,
+    MACs ratio and peak memory."""
     data = json.loads(Path(path).read_text())
     rows = []
     for r in data["rows"]:
         blocks = "/".join(str(c) for c in r["sizes"]["block_channels"])
         t = r["mesm_over_fe2e"]
-        rows.append({"model size": f"{r['preset']} (stem {r['sizes']['stem_channels']}, blocks {blocks})",
+        threads = f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}" if "threads" in r else ""
+        rows.append({"model size": f"{r['preset']} (stem {r['sizes']['stem_channels']}, blocks {blocks}{threads})",
                      "MESM / FE2E step time": f"{t['ratio']:.2f} [{t['ratio_min']:.2f}, {t['ratio_max']:.2f}]",
                      "MESM / FE2E extractor MACs": percent(r["extractor_macs"]["ratio"]),
                      "peak MB (MESM / FE2E)": f"{r['peak_mb']['mesm']:.0f} / {r['peak_mb']['fe2e']:.0f}"})

@@ -30,7 +30,8 @@ on CPU): coordinates ``(batch, y, x)`` are hashed to linear keys; for each of th
 offsets the index of the neighbour site is looked up (a dense index grid when the bounding grid is
 small, ``torch.searchsorted`` on sorted keys otherwise); missing neighbours point to an extra zero
 row.  The table is cached on the :class:`SparseTensor`, so both convolutions of a block share it.
-The CPU then executes one of three plans with identical results (:func:`choose_strategy`):
+The CPU then executes one of four plans with identical results, the cheapest by a cost model
+(:func:`choose_strategy`, :func:`plan_costs`):
 
 * ``"pairs"`` (low density, the MESM regime): the classic gather -> GEMM -> scatter rulebook over the
   *active* (output, input) pairs only, all non-centre offsets in one batched matmul; the work is the
@@ -38,7 +39,12 @@ The CPU then executes one of three plans with identical results (:func:`choose_s
 * ``"dense"`` (most of the grid active): oneDNN's ``conv2d`` on the zero-filled map, read at the sites;
 * ``"im2col"`` (compact regions, most neighbours active): one gather to (N, k*k*C_in) and one matmul.
   Because the submanifold neighbour relation is symmetric, its backward is the mirrored gather and one
-  matmul (no scatter).
+  matmul (no scatter);
+* ``"tiles"`` (compact regions whose tiles are well filled: the regions MESM's attention keeps): the
+  block-sparse plan of SBNet (Ren et al. 2018) -- the map is cut into tiles (:func:`tile_plan`), the
+  tiles holding active sites are gathered with a one-cell halo (zeros at inactive cells), oneDNN's dense
+  ``conv2d`` runs on that batch of small maps, and only the active sites are read back. With inputs
+  zero at inactive sites this is the submanifold convolution exactly.
 
 :class:`SubMConv2d` keeps its weight in PyTorch's (C_out, C_in, k, k) shape -- state dicts are shared
 with ``nn.Conv2d`` -- but stored offset-major in memory, so the rulebook reads it without copies.
@@ -54,9 +60,10 @@ from __future__ import annotations
 
 from .backends import (SPARSE_BACKEND_CPU, SPCONV_SELFCHECK_TOL, SpconvSubm, backend_description, sparse_backend,
                        spconv_selfcheck)
-from .engine import (DENSE_POOL_MIN_DENSITY, DENSE_STRATEGY_MIN_FILL, IM2COL_MIN_FILL, RulebookPairs,
-                     SparseTensor, choose_strategy, neighbour_table, offset_major, rulebook_pairs, sparse_max_pool2d,
-                     subm_conv2d, to_dense, to_sparse)
+from .engine import (DENSE_POOL_MIN_DENSITY, IM2COL_COST, PAIRS_COST, PAIRS_FEW_CHANNELS, REFERENCE_CHANNELS,
+                     TILE_GATHER_COST, TILE_GATHER_FEW_CHANNELS, TILE_SIZES, RulebookPairs,
+                     SparseTensor, TilePlan, choose_strategy, neighbour_table, offset_major, plan_costs,
+                     rulebook_pairs, sparse_max_pool2d, subm_conv2d, tile_plan, to_dense, to_sparse)
 from .layers import DenseConvBNReLU, DenseVggBlock, SparseConvBNReLU, SparseMaxPool2d, SparseVggBlock, SubMConv2d
 from .topp import top_p_mask, top_p_mask_segments
 
@@ -64,8 +71,9 @@ __all__ = [
     "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "SPCONV_SELFCHECK_TOL", "sparse_backend", "backend_description",
     "spconv_selfcheck", "SpconvSubm", "top_p_mask", "top_p_mask_segments",
     "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "offset_major",
-    "choose_strategy", "subm_conv2d", "sparse_max_pool2d", "DENSE_STRATEGY_MIN_FILL", "IM2COL_MIN_FILL",
-    "DENSE_POOL_MIN_DENSITY",
+    "choose_strategy", "plan_costs", "tile_plan", "TilePlan", "subm_conv2d", "sparse_max_pool2d",
+    "PAIRS_COST", "IM2COL_COST", "TILE_GATHER_COST", "TILE_SIZES", "REFERENCE_CHANNELS", "PAIRS_FEW_CHANNELS",
+    "TILE_GATHER_FEW_CHANNELS", "DENSE_POOL_MIN_DENSITY",
     "SubMConv2d", "SparseConvBNReLU", "SparseMaxPool2d", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",
 ]
 

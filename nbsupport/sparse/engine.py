@@ -2,8 +2,9 @@
 
 A :class:`SparseTensor` holds the active sites of a batch of 2-D maps; :func:`neighbour_table` finds,
 for every site and kernel offset, the index of its neighbour (the *rulebook*); :func:`subm_conv2d`
-runs a submanifold convolution from it (Graham & van der Maaten, 2017) with one of three plans of
-identical results (:func:`choose_strategy`), and :func:`sparse_max_pool2d` pools active inputs.
+runs a submanifold convolution from it (Graham & van der Maaten, 2017) with one of four plans of
+identical results, the cheapest by a measured cost model (:func:`choose_strategy`; one of them, "tiles",
+is SBNet's block-sparse plan, :func:`tile_plan`), and :func:`sparse_max_pool2d` pools active inputs.
 Hand-written because no installed library does correct sparse convolution on CPU (spconv's CPU
 wheel returns wrong values here); every plan is tested against dense ``conv2d``/``max_pool2d``.
 """
@@ -84,6 +85,13 @@ class SparseTensor:
         key = ("pairs", int(kernel_size))
         if key not in self.cache:
             self.cache[key] = rulebook_pairs(self.neighbours(kernel_size))
+        return self.cache[key]
+
+    def tiles(self, kernel_size: int = 3) -> "TilePlan":
+        """Cached block-sparse plan of these sites (see :func:`tile_plan`)."""
+        key = ("tiles", int(kernel_size))
+        if key not in self.cache:
+            self.cache[key] = tile_plan(self.coords, self.spatial_shape, self.batch_size, kernel_size)
         return self.cache[key]
 
     def dense(self, fill: float = 0.0) -> torch.Tensor:
@@ -372,16 +380,139 @@ class _Pairs:
         self.pairs = pairs
 
 
-#: At or above this share of the dense grid's taps being active pairs, the CPU plan is oneDNN's dense
-#: conv2d on the zero-filled map (identical result); below it, a rulebook plan.
-DENSE_STRATEGY_MIN_FILL = 0.4
-#: Below the dense threshold, "im2col" (one GEMM over all k*k offsets, missing neighbours read a zero
-#: row) replaces the per-offset "pairs" when at least this share of the sites' k*k neighbours are active:
-#: the few zero rows cost less than the per-offset scatter and the smaller GEMMs.  That is the regime of
-#: MESM's attention-selected regions (measured 0.87 of the taps in block 1 and 0.73 in block 2 at top_p
-#: 0.7, where im2col took 0.85-0.98x the time of "pairs"; benchmarks/peer_scn.py); scattered random
-#: sites stay far below it.
-IM2COL_MIN_FILL = 0.7
+# ---------------------------------------------------------------------------------------------
+# Block-sparse plan: dense convolution on the active tiles (SBNet, Ren et al. 2018)
+# ---------------------------------------------------------------------------------------------
+#: Output tile sides the block-sparse plan considers (a tile is clipped to the map, so a side larger than
+#: the map means whole images); :func:`tile_plan` with ``tile=None`` takes the cheapest by
+#: :func:`_tile_cost`.
+TILE_SIZES = (4, 8, 16)
+
+
+@dataclass
+class TilePlan:
+    """Active tiles of a block-sparse submanifold convolution (SBNet, Ren et al. 2018; Chapter 6).
+
+    The map is cut into ``tile`` = (th, tw) output tiles; ``n_tiles`` of them hold an active site.  Each is
+    gathered with a ``halo`` of k//2 cells on every side: ``cells`` (n_tiles * (th+2r) * (tw+2r),) long
+    holds, row-major per tile, the index of the site at each cell, or N where the cell is inactive or off
+    the map (a zero row).  ``site_pos`` (N,) long is each site's row in the (n_tiles * th * tw) output
+    cells.  ``fill`` = active sites / output cells of the active tiles."""
+
+    tile: tuple[int, int]
+    halo: int
+    n_tiles: int
+    cells: torch.Tensor
+    site_pos: torch.Tensor
+
+    @property
+    def covered(self) -> int:
+        """Output cells the dense convolution computes: n_tiles * th * tw."""
+        return self.n_tiles * self.tile[0] * self.tile[1]
+
+    @property
+    def fill(self) -> float:
+        """Share of the computed output cells that are active sites."""
+        return self.site_pos.numel() / self.covered if self.covered else 0.0
+
+
+def _tile_sides(tile: int, spatial_shape: Sequence[int]) -> tuple[int, int]:
+    return min(int(tile), int(spatial_shape[0])), min(int(tile), int(spatial_shape[1]))
+
+
+def _tile_keys(coords: torch.Tensor, spatial_shape: Sequence[int], th: int, tw: int):
+    # linear key (batch, tile row, tile column) of every site's tile, and the tile grid's (rows, cols)
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    nty, ntx = -(-h // th), -(-w // tw)
+    ty = torch.div(coords[:, 1], th, rounding_mode="floor")
+    tx = torch.div(coords[:, 2], tw, rounding_mode="floor")
+    return (coords[:, 0] * nty + ty) * ntx + tx, nty, ntx
+
+
+def _tile_cost(n_tiles: int, th: int, tw: int, r: int, gather: float | None = None) -> float:
+    # relative cost of the block-sparse plan: the dense convolution over the tiles' output cells, plus the
+    # gather of the input tiles with their halo and the scatter back (``gather`` per gathered cell,
+    # TILE_GATHER_COST at the reference channels)
+    gather = TILE_GATHER_COST if gather is None else gather
+    return n_tiles * (th * tw + gather * (th + 2 * r) * (tw + 2 * r))
+
+
+def tile_plan(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: int, kernel_size: int = 3,
+              tile: int | None = None) -> TilePlan:
+    """The block-sparse plan of a submanifold convolution (SBNet, Ren et al. 2018; Chapter 6): which
+    ``tile`` x ``tile`` output tiles (clipped to the map) hold active sites, and for each, the sites of its
+    input tile with a k//2 halo.  ``tile=None``: the side in :data:`TILE_SIZES` of least estimated cost
+    (the tiles' area with their halo).  Sites are (batch, y, x) rows of ``coords``."""
+    k = int(kernel_size)
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"nbsupport.sparse.tile_plan: 'kernel_size' must be a positive odd integer, got {kernel_size!r}")
+    coords = coords.long()
+    n, r = coords.shape[0], k // 2
+    if tile is None:
+        costs = []
+        for t in TILE_SIZES:
+            th, tw = _tile_sides(t, spatial_shape)
+            m = int(torch.unique(_tile_keys(coords, spatial_shape, th, tw)[0]).numel()) if n else 0
+            costs.append((_tile_cost(m, th, tw, r), -t, t))
+        tile = min(costs)[2]
+    if int(tile) < 1:
+        raise ValueError(f"nbsupport.sparse.tile_plan: 'tile' must be >= 1, got {tile!r}")
+    th, tw = _tile_sides(tile, spatial_shape)
+    dev = coords.device
+    key, nty, ntx = _tile_keys(coords, spatial_shape, th, tw)
+    tiles, inv = torch.unique(key, return_inverse=True)  # sorted: tiles in (batch, row, col) order
+    m = tiles.numel()
+    # padded index grid covering whole tiles plus the halo; every cell not holding a site points to row N
+    hg, wg = nty * th + 2 * r, ntx * tw + 2 * r
+    grid = torch.full((int(batch_size) * hg * wg,), n, dtype=torch.long, device=dev)
+    grid[(coords[:, 0] * hg + coords[:, 1] + r) * wg + coords[:, 2] + r] = torch.arange(n, device=dev)
+    tb = torch.div(tiles, nty * ntx, rounding_mode="floor")
+    rem = tiles - tb * nty * ntx
+    ty, tx = torch.div(rem, ntx, rounding_mode="floor"), rem % ntx
+    base = (tb * hg + ty * th) * wg + tx * tw  # the input tile's top-left cell in the padded grid
+    oy, ox = torch.arange(th + 2 * r, device=dev), torch.arange(tw + 2 * r, device=dev)
+    cells = grid[base[:, None] + (oy[:, None] * wg + ox[None, :]).reshape(1, -1)].reshape(-1)
+    site_pos = (inv * th + coords[:, 1] - ty[inv] * th) * tw + coords[:, 2] - tx[inv] * tw
+    return TilePlan((th, tw), r, m, cells, site_pos)
+
+
+def _subm_conv_tiles(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     plan: TilePlan) -> torch.Tensor:
+    """Block-sparse submanifold convolution: gather the active input tiles (halo included, zeros at inactive
+    cells) as a batch of small dense maps, oneDNN's conv2d without padding, read back the active sites.
+    Built from differentiable gathers, so autograd's backward is exact (halo copies add up their
+    gradients)."""
+    n, c_in = features.shape
+    (th, tw), r = plan.tile, plan.halo
+    fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)  # (N+1, C_in), row N = zeros
+    x = fpad.index_select(0, plan.cells).view(plan.n_tiles, th + 2 * r, tw + 2 * r, c_in)
+    x = x.permute(0, 3, 1, 2)  # (M, C_in, th+2r, tw+2r), channels-last memory
+    if not weight.is_contiguous() and weight.permute(2, 3, 1, 0).is_contiguous():
+        weight = _StandardLayout.apply(weight)  # offset-major storage -> oneDNN's layout, fast copy
+    y = F.conv2d(x, weight, bias)  # (M, C_out, th, tw)
+    return y.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]).index_select(0, plan.site_pos)  # (N, C_out)
+
+
+#: Relative costs of the CPU plans, in units of one output cell of oneDNN's dense 3x3 convolution (forward +
+#: backward), measured on one thread at the first face block's shapes (64 -> 128 channels at 24x24, batch
+#: 32) on random and compact masks: the "pairs" plan pays PAIRS_COST per active (site, neighbour) pair
+#: divided by k*k (its gather-GEMM-scatter of 64-channel slices runs at about half oneDNN's rate), "im2col"
+#: IM2COL_COST per site (one GEMM over all k*k offsets, zero rows included, 1.8 to 2.1 measured), "tiles"
+#: one per output cell of its active tiles plus TILE_GATHER_COST per gathered input cell (its halo; 1.04 to
+#: 1.2 per output cell measured with 4x4 tiles), "dense" one per cell of the grid.  :func:`plan_costs`
+#: applies them.
+PAIRS_COST = 2.2
+IM2COL_COST = 1.9
+TILE_GATHER_COST = 0.05
+#: The constants above hold at C_in x C_out = REFERENCE_CHANNELS (64 -> 128).  With fewer channels a
+#: dense cell costs fewer MACs while gathering and scattering a row costs about as much, so the pairs
+#: plan and the tiles' halo cost relatively more: PAIRS_FEW_CHANNELS / (C_in C_out) and
+#: TILE_GATHER_FEW_CHANNELS / (C_in C_out) are added (each minus its value at the reference), fitted to
+#: the same measurements at 8 -> 16 and 16 -> 32 channels (chapter 6's widths), where the pairs plan cost
+#: 7.7 dense taps per pair and a 4x4 tile 1.7 dense cells per output cell.
+REFERENCE_CHANNELS = 64 * 128
+PAIRS_FEW_CHANNELS = 700.0
+TILE_GATHER_FEW_CHANNELS = 37.0
 
 
 def _check_weight(weight: torch.Tensor, c_in: int) -> None:
@@ -393,7 +524,7 @@ def _check_weight(weight: torch.Tensor, c_in: int) -> None:
 def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 *, spatial_shape: Sequence[int] | None = None, batch_size: int | None = None,
                 neighbours: torch.Tensor | None = None, strategy: str = "auto",
-                pairs: "RulebookPairs | None" = None) -> torch.Tensor:
+                pairs: "RulebookPairs | None" = None, tiles: "TilePlan | None" = None) -> torch.Tensor:
     """Submanifold sparse convolution (Graham & van der Maaten 2017; MESM's sparse blocks, Chapter 6).
 
     ``features`` (N, C_in) at ``coords`` (N, 3) integer (batch, y, x); ``weight`` (C_out, C_in, k, k) in
@@ -405,8 +536,9 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
     ``strategy`` (how the CPU executes it; the result is the same): "pairs" (per offset, gather ->
     matmul -> index_add over the active pairs only: the real rulebook size, best at low density),
     "im2col" (one gather to (N, k*k*C_in) + one matmul; missing neighbours read a zero row), "dense"
-    (conv2d on the zero-filled map, read at the sites; needs ``spatial_shape``/``batch_size``) or
-    "auto" (:func:`choose_strategy`).
+    (conv2d on the zero-filled map, read at the sites; needs ``spatial_shape``/``batch_size``), "tiles"
+    (block-sparse, SBNet: conv2d on the active tiles only, :func:`tile_plan`; pass ``tiles`` to reuse a
+    plan) or "auto" (:func:`choose_strategy`).
     """
     if features.dim() != 2:
         raise ValueError(f"nbsupport.sparse.subm_conv2d: 'features' must be (N, C_in), got {tuple(features.shape)}")
@@ -423,11 +555,22 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
         if batch_size is None:
             batch_size = int(coords[:, 0].max()) + 1
         neighbours = neighbour_table(coords, spatial_shape, batch_size, k)
-    if strategy not in ("auto", "im2col", "pairs", "dense"):
-        raise ValueError(f"nbsupport.sparse.subm_conv2d: 'strategy' must be auto/im2col/pairs/dense, got {strategy!r}")
+    if strategy not in ("auto", "im2col", "pairs", "dense", "tiles"):
+        raise ValueError(f"nbsupport.sparse.subm_conv2d: 'strategy' must be auto/im2col/pairs/dense/tiles, "
+                         f"got {strategy!r}")
     n = features.shape[0]
     if strategy == "auto":
-        strategy = choose_strategy(neighbours, spatial_shape, batch_size)
+        if tiles is None and n > 0 and spatial_shape is not None and batch_size is not None:
+            tiles = tile_plan(coords, spatial_shape, batch_size, k)
+        strategy = choose_strategy(neighbours, spatial_shape, batch_size, tiles=tiles,
+                                   channels=(features.shape[1], weight.shape[0]))
+    if strategy == "tiles" and n > 0:
+        if tiles is None:
+            if spatial_shape is None or batch_size is None:
+                raise ValueError("nbsupport.sparse.subm_conv2d: strategy 'tiles' needs 'spatial_shape' and "
+                                 "'batch_size'")
+            tiles = tile_plan(coords, spatial_shape, batch_size, k)
+        return _subm_conv_tiles(features, weight, bias, tiles)
     if strategy == "dense" and n > 0:
         if spatial_shape is None or batch_size is None:
             raise ValueError("nbsupport.sparse.subm_conv2d: strategy 'dense' needs 'spatial_shape' and 'batch_size'")
@@ -449,23 +592,38 @@ def subm_conv2d(features: torch.Tensor, coords: torch.Tensor, weight: torch.Tens
     return out
 
 
-def choose_strategy(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = None,
-                    batch_size: int | None = None) -> str:
-    """CPU execution plan of a submanifold convolution from its rulebook (Chapter 6): "dense" (oneDNN's
-    conv2d on the zero-filled map, read at the active sites; faster when most of the grid is active) once
-    the active (site, neighbour) pairs reach :data:`DENSE_STRATEGY_MIN_FILL` of the dense grid's taps;
-    below that "im2col" when the sites' own neighbourhoods are at least :data:`IM2COL_MIN_FILL` full
-    (compact regions), else "pairs" (scattered sites).  Same result whichever runs.  Without a grid size
-    the dense plan is not considered."""
+def plan_costs(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = None,
+               batch_size: int | None = None, tiles: "TilePlan | None" = None,
+               channels: tuple[int, int] | None = None) -> dict[str, float]:
+    """Estimated relative cost of each CPU plan of a submanifold convolution (Chapter 6), from its rulebook
+    ``neighbours`` (N, k*k), the grid, a block-sparse :class:`TilePlan` and the layer's ``channels``
+    (C_in, C_out; None: the reference 64 -> 128) (see :data:`PAIRS_COST`): "pairs" and "im2col" always,
+    "dense" with a grid size, "tiles" with a tile plan."""
     n, kk = neighbours.shape
-    if n == 0:
-        return "pairs"
     pairs = float((neighbours < n).sum())
+    few = 0.0 if channels is None else 1.0 / (int(channels[0]) * int(channels[1])) - 1.0 / REFERENCE_CHANNELS
+    costs = {"pairs": (PAIRS_COST + PAIRS_FEW_CHANNELS * few) * pairs / kk, "im2col": IM2COL_COST * n}
     if spatial_shape is not None and batch_size is not None:
-        taps = int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]) * kk
-        if pairs / taps >= DENSE_STRATEGY_MIN_FILL:
-            return "dense"
-    return "im2col" if pairs / (n * kk) >= IM2COL_MIN_FILL else "pairs"
+        costs["dense"] = float(int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]))
+    if tiles is not None:
+        gather = TILE_GATHER_COST + TILE_GATHER_FEW_CHANNELS * few
+        costs["tiles"] = float(_tile_cost(tiles.n_tiles, *tiles.tile, tiles.halo, gather))
+    return costs
+
+
+def choose_strategy(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = None,
+                    batch_size: int | None = None, tiles: "TilePlan | None" = None,
+                    channels: tuple[int, int] | None = None) -> str:
+    """CPU execution plan of a submanifold convolution (Chapter 6): the cheapest by :func:`plan_costs`.
+    Scattered sites go to "pairs" (work in proportion to the active pairs), compact regions with full
+    neighbourhoods to "im2col" or, when their tiles are well filled, "tiles" (block-sparse: oneDNN on the
+    active tiles), a mostly active grid to "dense"; few channels favour the dense kernels.  Same result
+    whichever runs.  Without a grid size the dense plan is not considered, without a tile plan the
+    block-sparse one is not."""
+    if neighbours.shape[0] == 0:
+        return "pairs"
+    costs = plan_costs(neighbours, spatial_shape, batch_size, tiles, channels)
+    return min(costs, key=costs.get)
 
 
 def _pool_pairs(coords: torch.Tensor, spatial_shape: Sequence[int], k: int, s: int):

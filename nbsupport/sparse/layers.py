@@ -33,8 +33,9 @@ class SubMConv2d(nn.Module):
         self.bias = ref.bias
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.last_backend: str | None = None
-        self.strategy = "auto"  # torch-rulebook execution plan: auto/pairs/dense/im2col (see subm_conv2d)
+        self.strategy = "auto"  # torch-rulebook execution plan: auto/pairs/dense/im2col/tiles (see subm_conv2d)
         self.last_strategy: str | None = None
+        self.last_tile_cells: int | None = None  # output cells the "tiles" plan computed in the last call
         self._spconv = SpconvSubm(in_channels, out_channels, kernel_size)
 
     def extra_repr(self) -> str:
@@ -49,14 +50,18 @@ class SubMConv2d(nn.Module):
         nbr = x.neighbours(self.kernel_size)
         strategy = self.strategy
         if strategy == "auto":
-            key = ("strategy", self.kernel_size)
+            key = ("strategy", self.kernel_size, self.in_channels, self.out_channels)
             if key not in x.cache:
-                x.cache[key] = choose_strategy(nbr, x.spatial_shape, x.batch_size)
+                tiles = x.tiles(self.kernel_size) if x.num_sites > 0 else None
+                x.cache[key] = choose_strategy(nbr, x.spatial_shape, x.batch_size, tiles=tiles,
+                                               channels=(self.in_channels, self.out_channels))
             strategy = x.cache[key]
         self.last_strategy = strategy
         pairs = x.pairs(self.kernel_size) if strategy == "pairs" else None
+        tiles = x.tiles(self.kernel_size) if strategy == "tiles" and x.num_sites > 0 else None
+        self.last_tile_cells = tiles.covered if tiles is not None else None  # for nbsupport.flops
         out = subm_conv2d(x.features, x.coords, self.weight, self.bias, neighbours=nbr, strategy=strategy,
-                          pairs=pairs, spatial_shape=x.spatial_shape, batch_size=x.batch_size)
+                          pairs=pairs, tiles=tiles, spatial_shape=x.spatial_shape, batch_size=x.batch_size)
         return x.replace(out)
 
 
