@@ -53,8 +53,11 @@ MAX_DEPTH = 100
 
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")  # NumPy 1.x and 2.x module names
 _NUMPY_NUMERIC = ("numpy.core.numeric", "numpy._core.numeric")
-#: Plain dtype kinds: bool, signed/unsigned integers, floats, complex, bytes, str.
-_PLAIN_KINDS = "biufcSU"
+#: Plain dtype kinds: bool, signed/unsigned integers, floats, complex, bytes, str; and "O", the object
+#: dtype of MMSA's ``id``/``raw_text`` arrays, whose items are rebuilt from the stream's own values.
+_PLAIN_KINDS = "biufcSUO"
+#: What an object array may hold (MMSA: strings): plain leaves, never containers or other objects.
+_OBJECT_ITEMS = (str, bytes, int, float, bool, complex, type(None), np.generic)
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -145,8 +148,8 @@ def _plain_dtype(code, where: str) -> np.dtype:
     except TypeError as e:
         raise UnsafePickleError(f"{where}: dtype {code!r} ({e})") from None
     if dt.kind not in _PLAIN_KINDS or dt.fields is not None or dt.subdtype is not None or dt.metadata:
-        raise UnsafePickleError(f"{where}: dtype {code!r} is not plain (only bool, integers, floats, complex and "
-                                "fixed-width str/bytes are read)")
+        raise UnsafePickleError(f"{where}: dtype {code!r} is not plain (only bool, integers, floats, complex, "
+                                "fixed-width str/bytes and arrays of strings are read)")
     return dt
 
 
@@ -279,19 +282,33 @@ class SafeUnpickler(pickle._Unpickler):
 
     def _scalar(self, dtype=None, raw=None, *rest):
         dt = _dtype_of(dtype, "numpy scalar")
+        if dt.kind == "O":
+            raise UnsafePickleError("numpy object scalar refused")
         raw = _raw_bytes(raw, "numpy scalar")
         if rest or len(raw) != dt.itemsize:
             raise UnsafePickleError(f"numpy scalar of dtype {dt}: {len(raw)} bytes, expected {dt.itemsize}")
         return np.frombuffer(bytes(raw), dt)[0].copy()
 
     def _frombuffer(self, buf=None, dtype=None, shape=None, order="C", *rest):
+        if _dtype_of(dtype, "numpy array").kind == "O":
+            raise UnsafePickleError("numpy object array from a raw buffer refused")
         return self._array(_shape(shape, "numpy array"), _dtype_of(dtype, "numpy array"), order == "F", buf)
 
     def _array(self, shape: tuple, dt: np.dtype, fortran: bool, raw) -> np.ndarray:
-        raw = _raw_bytes(raw, "numpy array")
         n = 1
         for s in shape:
             n *= s
+        if dt.kind == "O":  # items are values the stream already held (a list), never bytes read as pointers
+            if not isinstance(raw, list) or len(raw) != n or not all(isinstance(v, _OBJECT_ITEMS) for v in raw):
+                raise UnsafePickleError(f"numpy object array of shape {shape}: expected a list of {n} strings or "
+                                        "numbers")
+            self._charge(8 * n, f"numpy object array of shape {shape}")
+            a = np.empty(n, dt)
+            for i, v in enumerate(raw):
+                a[i] = v
+            a = a.reshape(shape)  # NumPy lists the items in C order, also for a Fortran-ordered array
+            return np.asfortranarray(a) if fortran else a
+        raw = _raw_bytes(raw, "numpy array")
         if n * dt.itemsize != len(raw):
             raise UnsafePickleError(f"numpy array of shape {shape} and dtype {dt}: {len(raw)} bytes, expected "
                                     f"{n * dt.itemsize}")
