@@ -51,6 +51,7 @@ from nbsupport.base import ParameterError, atomic_write
 from .common import EMOTIONS, SPLITS, DataError, check_split
 from .datasets import umons_pickle_dataset
 from .features import _pool_frames
+from .hdf5_safe import open_hdf5
 from .safe_pickle import load_pickle
 
 __all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS", "FeatureSplit",
@@ -106,15 +107,8 @@ def read_csd(path, videos=None) -> tuple[str, dict, dict]:
     in ``videos`` (a full COVAREP sequence is gigabytes); ``metadata`` = {key: value} (the SDK stores
     each value JSON-encoded in a one-element string dataset). ``"__width__"`` in ``metadata`` is the
     feature width D. DataError naming the file and the key for anything else (Chapter 2)."""
-    import h5py
-
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: computational sequence file missing")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not an HDF5 computational sequence ({e})") from None
+    fh, safe = open_hdf5(path, "computational sequence")  # links and storage checked (hdf5_safe)
     with fh:
         roots = list(fh.keys())
         if len(roots) != 1:
@@ -133,14 +127,16 @@ def read_csd(path, videos=None) -> tuple[str, dict, dict]:
             for k in ("features", "intervals"):
                 if k not in entry:
                     raise DataError(f"{path}: key '{name}/data/{vid}/{k}' missing")
-            feats, iv = entry["features"][()], np.asarray(entry["intervals"][()], np.float64)
+            key = f"{name}/data/{vid}"
+            feats = safe.read(entry["features"], f"{key}/features")
+            iv = np.asarray(safe.read(entry["intervals"], f"{key}/intervals"), np.float64)
             if iv.ndim != 2 or iv.shape[1] != 2 or feats.shape[0] != iv.shape[0]:
                 raise DataError(f"{path}: '{name}/data/{vid}': features {feats.shape} and intervals {iv.shape} "
                                 "must be (n, D) and (n, 2)")
             data[vid] = (feats, iv)
         meta = {}
         for k, ds in (grp["metadata"].items() if "metadata" in grp else []):
-            raw = ds[()]
+            raw = safe.read(ds, f"{name}/metadata/{k}", numeric=False)
             raw = raw[0] if isinstance(raw, np.ndarray) and raw.size else raw
             raw = raw.decode() if isinstance(raw, bytes) else raw
             try:
