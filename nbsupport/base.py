@@ -16,12 +16,42 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-__all__ = ["ParameterError", "check_modalities", "atomic_write", "atomic_write_text", "atomic_write_json",
+__all__ = ["ParameterError", "UnsafePathError", "child_path", "check_modalities", "atomic_write", "atomic_write_text", "atomic_write_json",
            "jsonable", "seed_everything", "resolve_device", "count_parameters", "to_device"]
 
 
 class ParameterError(ValueError):
     """A parameter has the wrong type or value; the message names it and what was expected."""
+
+
+class UnsafePathError(ValueError):
+    """A name that becomes a path (an utterance id, a cache entry, a sweep point) would leave its folder."""
+
+
+def child_path(folder: str | os.PathLike, name: Any, *, what: str = "id", error: type = UnsafePathError) -> Path:
+    """``folder / name`` for a ``name`` that stays inside ``folder``: the one check for every id that
+    becomes a path (preparer ``--out`` utterances, raw layout, feature caches, checkpoints, sweep points).
+
+    ``name`` must be a non-empty string that is one plain path component: no ``/`` or ``\\``, not ``.``
+    or ``..``, no NUL or other control character, not absolute; and the joined path, with any symbolic
+    link already on disk resolved, must lie inside ``folder``. Raises ``error`` (a ``ValueError``;
+    callers pass their own family, e.g. ``DataError``) naming ``what``, the name and the folder."""
+    folder = Path(folder)
+    bad = None
+    if not isinstance(name, str) or not name:
+        bad = f"must be a non-empty string, got {name!r:.80}"
+    elif name in (".", "..") or any(c in name for c in "/\\") or os.path.isabs(name):
+        bad = "must be one path component (no '/', '\\', '.' or '..')"
+    elif not name.isprintable():
+        bad = "holds control characters"
+    if bad is None:
+        path = folder / name
+        base = folder.resolve()
+        if not path.resolve().is_relative_to(base):
+            bad = f"resolves to {path.resolve()}, outside the folder (a symbolic link?)"
+        else:
+            return path
+    raise error(f"{what} {name!r:.120} {bad}: it would become a path outside {folder}")
 
 
 def _describe(value: Any) -> str:

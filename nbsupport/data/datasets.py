@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nbsupport.base import atomic_write
+from nbsupport.base import atomic_write, child_path
 
 from . import features as F
 from .common import DataError
@@ -133,7 +133,8 @@ class FeatureDataset(Dataset):
 
     def cache_path(self, i: int) -> Path:
         """The cache file of item ``i``."""
-        return self.cache_dir / f"{self.raw.ids[i]}.pt"
+        return child_path(self.cache_dir, f"{self.raw.ids[i]}.pt", what="feature cache entry of utterance",
+                          error=DataError)
 
     def fingerprint(self, i: int) -> dict:
         """What the cache entry of item ``i`` is computed from: feature version, kind and settings, corpus

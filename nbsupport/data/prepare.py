@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbsupport.base import atomic_write, atomic_write_json, atomic_write_text
+from nbsupport.base import atomic_write, atomic_write_json, atomic_write_text, child_path
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset
 from .formats import _SYNONYMS, csd_emotion_labels
@@ -165,6 +165,7 @@ def read_segments(path, dataset: str = "mosei") -> list[Segment]:
         raise DataError(f"{path}: the segment table lists no utterance")
     seen = set()
     for s in out:
+        child_path(path.parent, s.id, what=f"{path}: utterance id", error=DataError)  # becomes a folder name
         if s.id in seen:
             raise DataError(f"{path}: utterance {s.id!r} listed twice")
         seen.add(s.id)
@@ -252,7 +253,10 @@ def read_labels(path, dataset: str, segments: list[Segment]) -> dict:
 # One utterance
 # ----------------------------------------------------------------------------------------------
 def _utterance_dir(raw_dir: Path, dataset: str, uid: str) -> Path:
-    return raw_dir / _iemocap_dialogue(uid) / uid if dataset == "iemocap" else raw_dir / uid
+    """The utterance's folder under ``raw_dir``; DataError when the id would leave it (``../x``, ``/abs``)."""
+    parent = child_path(raw_dir, _iemocap_dialogue(uid), what="IEMOCAP dialogue of utterance id",
+                        error=DataError) if dataset == "iemocap" else raw_dir
+    return child_path(parent, uid, what="utterance id", error=DataError)
 
 
 def _decode_frames(container, stream, seg: Segment, interval_ms: float, where: str):

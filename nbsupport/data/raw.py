@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nbsupport.base import ParameterError
+from nbsupport.base import ParameterError, child_path
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset, check_split
 from .safe_pickle import load_pickle
@@ -310,6 +310,8 @@ def read_split_ids(split_file, *, allow_overlap: bool = False) -> list[str]:
     set that repeats ids on purpose, e.g. oversampling)."""
     split_file = Path(split_file)
     ids = [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
+    for uid in ids:  # an id names a folder of the layout: it must not leave it
+        child_path(split_file.parent, uid, what=f"{split_file}: utterance id", error=DataError)
     if not allow_overlap:
         seen, dup = set(), []
         for uid in ids:
