@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pickle
 import re
 import sys
@@ -53,6 +54,8 @@ from .datasets import umons_pickle_dataset
 from .features import _pool_frames
 from .hdf5_safe import open_hdf5
 from .safe_pickle import load_pickle
+from .validate import SDK_MOSEI_LABELS, SYNONYMS as _SYNONYMS, check_disjoint, check_emotions, check_features, \
+    check_ids, check_intervals, check_lengths, check_sentiment, emotion_columns
 
 __all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS", "FeatureSplit",
            "detect_format", "resolve_format", "feature_dataset", "load_mmsa", "load_mult", "load_csd",
@@ -64,19 +67,7 @@ DATA_FORMATS = ("auto", "raw", "umons", "mmsa", "mult", "csd")
 FEATURE_FORMATS = ("umons", "mmsa", "mult", "csd")
 #: MulT's IEMOCAP label order ("Neutral", "Happy", "Sad", "Angry" in its evaluation code), as book names.
 MULT_IEMOCAP_EMOTIONS = ("neu", "hap", "sad", "ang")
-#: Column order of CMU-MOSEI's "All Labels" sequence, as the SDK documents it (used when the file's
-#: metadata has no "dimension names").
-SDK_MOSEI_LABELS = ("sentiment", "happy", "sad", "anger", "surprise", "disgust", "fear")
-
-# Names the sources use for an emotion -> the book's name (EMOTIONS), per data set.
-_SYNONYMS = {
-    "mosei": {"anger": "anger", "angry": "anger", "ang": "anger", "disgust": "disgust", "dis": "disgust",
-              "fear": "fear", "fea": "fear", "happy": "happy", "happiness": "happy", "hap": "happy",
-              "sad": "sad", "sadness": "sad", "surprise": "surprise", "sur": "surprise"},
-    "iemocap": {"ang": "ang", "anger": "ang", "angry": "ang", "exc": "exc", "excited": "exc",
-                "fru": "fru", "frustrated": "fru", "frustration": "fru", "hap": "hap", "happy": "hap",
-                "happiness": "hap", "neu": "neu", "neutral": "neu", "sad": "sad", "sadness": "sad"},
-}
+logger = logging.getLogger(__name__)
 _SPLIT_KEYS = {"train": ("train",), "valid": ("valid", "dev", "val"), "test": ("test",)}
 _MMSA_NAMES = ("unaligned_50.pkl", "aligned_50.pkl")
 _MULT_RE = re.compile(r"^(mosei_senti|mosi|iemocap)_data(_noalign)?\.pkl$")
@@ -150,24 +141,6 @@ def read_csd(path, videos=None) -> tuple[str, dict, dict]:
 # ----------------------------------------------------------------------------------------------
 # Items
 # ----------------------------------------------------------------------------------------------
-def emotion_columns(names, dataset: str, where: str) -> list[tuple[int, str]]:
-    """Match a source's label names to the book's emotions **by name** (never by position).
-
-    Returns ``[(source column, book name)]`` in the book's order (:data:`~nbsupport.data.EMOTIONS`),
-    for the emotions the source has; names that are not emotions (``sentiment``) are skipped.
-    DataError when two columns name the same emotion."""
-    syn = _SYNONYMS.get(dataset, {})
-    found: dict[str, int] = {}
-    for j, n in enumerate(names):
-        book = syn.get(str(n).strip().lower())
-        if book is None:
-            continue
-        if book in found:
-            raise DataError(f"{where}: columns {found[book]} and {j} both name emotion {book!r}")
-        found[book] = j
-    return [(found[n], n) for n in EMOTIONS[dataset] if n in found]
-
-
 class FeatureSplit(Dataset):
     """One split of pre-extracted features (Chapters 3, 4, 7), any source form.
 
@@ -217,26 +190,18 @@ class FeatureSplit(Dataset):
                 "sentiment": torch.from_numpy(self.sentiment.copy())}
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
-    """float32 with non-finite values (MMSA/MulT audio holds -inf) set to 0, as the authors' loaders do.
-
-    In place when ``x`` is already a writable float32 array (a full CMU-MOSEI pickle is several GB;
-    a copy would double it); the loaded pickle is not reused for anything else."""
-    x = np.asarray(x, np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        if not x.flags.writeable:
-            x = x.copy()
-        x[bad] = 0.0
-    return x
+def _finite(x: np.ndarray, where: str) -> np.ndarray:
+    """float32 with -inf (MMSA/MulT audio) set to 0, as the authors' loaders do; NaN or +inf is an error
+    (:func:`~nbsupport.data.validate.check_features`). In place when ``x`` is already a writable float32
+    array (a full CMU-MOSEI pickle is several GB); the loaded pickle is not reused for anything else."""
+    return check_features(x, where)
 
 
 def _unpad(x: np.ndarray, length=None) -> np.ndarray:
     """(L, D) padded -> the real rows: the first ``length`` rows when the source gives lengths (padding
     at the end), else the rows that are not all zero (MulT/aligned data pad at the front); at least one."""
     if length is not None:
-        n = int(np.clip(int(length), 1, x.shape[0]))
-        return x[:n]
+        return x[:int(length)]  # validated by check_lengths: 1 <= length <= x.shape[0]
     keep = np.abs(x).sum(1) > 0
     return x[keep] if keep.any() else x[:1]
 
@@ -302,6 +267,36 @@ def _check_dataset(dataset) -> str:
 # ----------------------------------------------------------------------------------------------
 # MMSA
 # ----------------------------------------------------------------------------------------------
+def _mmsa_ids(top: dict, split: str, path: Path) -> list[str]:
+    """The ``id`` column of ``split``, checked: no id repeated, none shared with another split."""
+    ids = {}
+    for s in SPLITS:
+        if s == split or any(k in top for k in _SPLIT_KEYS[s]):
+            d = _split_dict(top, s, path)
+            ids[s] = check_ids([_text(v) for v in _array(d, "id", path, s, ndim=1)], f"{path}: [{s!r}]['id']")
+    check_disjoint(ids, f"{path}: ['id']")
+    return ids[split]
+
+
+def _mmsa_emotion_rows(emotion: np.ndarray, ids: list, where: str) -> np.ndarray:
+    """Rows to keep: those with emotion labels. A row that is all NaN is one ``merge_emotions`` could not
+    match: it is dropped, with a warning naming how many and which; a row that is only partly NaN is an
+    error (a damaged label, not a missing one)."""
+    nan = np.isnan(emotion)
+    partial = nan.any(1) & ~nan.all(1)
+    if partial.any():
+        check_emotions(emotion[partial], where)  # raises, naming the rows
+    keep = ~nan.all(1) if emotion.shape[1] else np.ones(len(ids), bool)
+    if not keep.any():
+        raise DataError(f"{where} matched no utterance (every row is NaN)")
+    if not keep.all():
+        gone = [ids[i] for i in np.flatnonzero(~keep)]
+        logger.warning("%s: %d of %d utterances have no emotion labels (all NaN: merge-emotions found no "
+                       "matching row) and are left out: %s", where, len(gone), len(ids),
+                       ", ".join(map(repr, gone[:5])) + (" ..." if len(gone) > 5 else ""))
+    return keep
+
+
 def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) -> FeatureSplit:
     """One split of an MMSA pickle (``aligned_50.pkl`` / ``unaligned_50.pkl``) as a :class:`FeatureSplit`.
 
@@ -312,13 +307,14 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
     ``emotion_labels`` and ``emotion_names``); rows whose emotions could not be matched are dropped.
     """
     path, split, dataset = Path(path), check_split(split), _check_dataset(dataset)
-    d = _split_dict(_cached_pickle(path), split, path)
-    ids = [_text(v) for v in _array(d, "id", path, split, ndim=1)]
+    top = _cached_pickle(path)
+    d = _split_dict(top, split, path)
+    ids = _mmsa_ids(top, split, path)
     n = len(ids)
     sent = _sentiment(_array(d, "regression_labels", path, split, n=n), path, split, "regression_labels")
     mods: dict = {}
     if "text" in d:
-        text = _finite(_array(d, "text", path, split, ndim=3, n=n))
+        text = _finite(_array(d, "text", path, split, ndim=3, n=n), f"{path}: [{split!r}]['text']")
         mask = None
         if "text_bert" in d:
             tb = _array(d, "text_bert", path, split, ndim=3, n=n)
@@ -329,8 +325,9 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
         mods["text"] = [_masked_rows(text[i], mask[i]) if mask is not None else _unpad(text[i]) for i in range(n)]
     for key, src in (("audio", "audio"), ("video", "vision")):
         if src in d:
-            x = _finite(_array(d, src, path, split, ndim=3, n=n))
-            lens = _array(d, f"{src}_lengths", path, split, n=n) if f"{src}_lengths" in d else None
+            x = _finite(_array(d, src, path, split, ndim=3, n=n), f"{path}: [{split!r}][{src!r}]")
+            lens = check_lengths(_array(d, f"{src}_lengths", path, split, n=n), x.shape[1],
+                                 f"{path}: [{split!r}]['{src}_lengths']") if f"{src}_lengths" in d else None
             mods[key] = [_unpad(x[i], None if lens is None else lens[i]) for i in range(n)]
     if not mods:
         raise DataError(f"{path}: [{split!r}] has none of 'text', 'audio', 'vision'")
@@ -342,13 +339,14 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
         emo = np.asarray(_array(d, "emotion_labels", path, split, ndim=2, n=n), np.float32)
         emotion = emo[:, [j for j, _ in cols]]
         names = [b for _, b in cols]
-        keep = np.isfinite(emotion).all(1)
-        if not keep.any():
-            raise DataError(f"{path}: [{split!r}]['emotion_labels'] matched no utterance")
+        keep = _mmsa_emotion_rows(emotion, ids, f"{path}: [{split!r}]['emotion_labels']")
         idx = np.flatnonzero(keep)
-        ids, sent, emotion = [ids[i] for i in idx], sent[idx], (emotion[idx] > 0).astype(np.float32)
+        ids, sent = [ids[i] for i in idx], sent[idx]
+        emotion = (check_emotions(emotion[idx], f"{path}: [{split!r}]['emotion_labels']") > 0).astype(np.float32)
         mods = {k: [v[i] for i in idx] for k, v in mods.items()}
-    texts = [_text(v) for v in d["raw_text"]] if "raw_text" in d else None
+        texts = [_text(d["raw_text"][i]) for i in idx] if "raw_text" in d else None
+    else:
+        texts = [_text(v) for v in d["raw_text"]] if "raw_text" in d else None
     return FeatureSplit(ids, mods, emotion, names, sent, source=str(path), data_format="mmsa", split=split,
                         seq_len=seq_len, texts=texts)
 
@@ -385,7 +383,7 @@ def load_mult(path, split: str, *, dataset: str | None = None, seq_len: int = 60
     mods = {}
     for key, src in (("text", "text"), ("audio", "audio"), ("video", "vision")):
         if src in d:
-            x = _finite(_array(d, src, path, split, ndim=3, n=n))
+            x = _finite(_array(d, src, path, split, ndim=3, n=n), f"{path}: [{split!r}][{src!r}]")
             mods[key] = [_unpad(x[i]) for i in range(n)]
     if not mods:
         raise DataError(f"{path}: [{split!r}] has none of 'text', 'audio', 'vision'")
@@ -393,6 +391,12 @@ def load_mult(path, split: str, *, dataset: str | None = None, seq_len: int = 60
         if dataset not in (None, "iemocap"):
             raise DataError(f"{path}: [{split!r}]['labels'] are IEMOCAP's (N, 4, 2) emotions but "
                             f"dataset={dataset!r}")
+        pairs = np.asarray(labels, np.float64)
+        bad = ~np.isin(pairs, (0.0, 1.0)).all((1, 2)) | (pairs.sum(-1) != 1).any(1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise DataError(f"{path}: [{split!r}]['labels'] must hold, per emotion, a one-hot pair [absent, present] "
+                            f"of 0/1; rows {rows[:5].tolist()} hold {pairs[rows[0]].tolist()}")
         present = np.argmax(labels, axis=-1).astype(np.float32)  # (N, 4), 1 = emotion present
         cols = emotion_columns(MULT_IEMOCAP_EMOTIONS, "iemocap", str(path))
         emotion, names = present[:, [j for j, _ in cols]], [b for _, b in cols]
@@ -475,10 +479,12 @@ def csd_emotion_labels(path, dataset: str = "mosei") -> dict:
         feats = np.asarray(feats, np.float64)
         if feats.shape[1] != width:
             raise DataError(f"{path}: '{vid}' has {feats.shape[1]} label columns, expected {width}")
+        where = f"{path}: '{vid}'"
+        iv = check_intervals(iv, f"{where} label intervals")
         order = np.argsort(iv[:, 0], kind="stable")
         feats, iv = feats[order], iv[order]
-        sent = feats[:, s_col[0]].astype(np.float32) if s_col else None
-        out[vid] = (iv, sent, feats[:, [j for j, _ in cols]].astype(np.float32))
+        sent = check_sentiment(feats[:, s_col[0]], f"{where} sentiment") if s_col else None
+        out[vid] = (iv, sent, check_emotions(feats[:, [j for j, _ in cols]], f"{where} emotions"))
     return out
 
 
@@ -491,6 +497,25 @@ def _read_split_ids(folder: Path, split: str) -> list[str]:
     if not ids:
         raise DataError(f"{f}: split file lists no id")
     return ids
+
+
+def _split_utterances(folder: Path, split: str, labels: dict, labels_name: str) -> list[tuple]:
+    """[(utterance id, video, row)] of a split file (video ids or ``video[k]`` ids); no id twice."""
+    wanted = _read_split_ids(folder, split)
+    utts = []  # (utterance id, video, row)
+    for w in wanted:
+        m = re.fullmatch(r"(.+)\[(\d+)\]", w)
+        vid, row = (m.group(1), int(m.group(2))) if m else (w, None)
+        if vid not in labels:
+            raise DataError(f"{folder / f'{split}_split.txt'}: video {vid!r} is not in {labels_name}")
+        rows = range(len(labels[vid][0])) if row is None else [row]
+        for k in rows:
+            if k >= len(labels[vid][0]):
+                raise DataError(f"{folder / f'{split}_split.txt'}: {w!r} but {vid!r} has {len(labels[vid][0])} "
+                                "labelled segments")
+            utts.append((f"{vid}[{k}]", vid, k))
+    check_ids([u for u, _, _ in utts], f"{folder / f'{split}_split.txt'}")
+    return utts
 
 
 def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60) -> FeatureSplit:
@@ -510,19 +535,11 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60) -
     roles = _csd_roles(folder)
     labels = csd_emotion_labels(roles["labels"], "mosei" if dataset == "mosi" else dataset)
     names = labels.pop("__names__")
-    wanted = _read_split_ids(folder, split)
-    utts = []  # (utterance id, video, row)
-    for w in wanted:
-        m = re.fullmatch(r"(.+)\[(\d+)\]", w)
-        vid, row = (m.group(1), int(m.group(2))) if m else (w, None)
-        if vid not in labels:
-            raise DataError(f"{folder / f'{split}_split.txt'}: video {vid!r} is not in {roles['labels'].name}")
-        rows = range(len(labels[vid][0])) if row is None else [row]
-        for k in rows:
-            if k >= len(labels[vid][0]):
-                raise DataError(f"{folder / f'{split}_split.txt'}: {w!r} but {vid!r} has {len(labels[vid][0])} "
-                                "labelled segments")
-            utts.append((f"{vid}[{k}]", vid, k))
+    utts = _split_utterances(folder, split, labels, roles["labels"].name)
+    check_disjoint({s: [u for u, _, _ in (utts if s == split else _split_utterances(folder, s, labels,
+                                                                                    roles["labels"].name))]
+                    for s in SPLITS if s == split or (folder / f"{s}_split.txt").is_file()},
+                   f"{folder}: split files")
     mods = {}
     for key in ("text", "audio", "video"):
         if key not in roles:
@@ -535,7 +552,8 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60) -
             if vid in data:
                 feats, iv = data[vid]
                 hit = (iv[:, 0] < e) & (iv[:, 1] > s)
-                x = _finite(np.asarray(feats[hit], np.float32)) if hit.any() else np.zeros((1, dim), np.float32)
+                x = _finite(np.asarray(feats[hit], np.float32), f"{roles[key]}: '{vid}' features") if hit.any() \
+                    else np.zeros((1, dim), np.float32)
             else:
                 x = np.zeros((1, dim), np.float32)
             seqs.append(x.reshape(x.shape[0], -1))

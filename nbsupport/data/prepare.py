@@ -57,7 +57,8 @@ import numpy as np
 from nbsupport.base import atomic_write, atomic_write_json, atomic_write_text, child_path
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset
-from .formats import _SYNONYMS, csd_emotion_labels
+from .formats import csd_emotion_labels
+from .validate import SYNONYMS as _SYNONYMS
 from .safe_pickle import load_pickle
 
 __all__ = ["Segment", "read_segments", "read_labels", "prepare", "prepare_utterance", "main", "VIDEO_EXTENSIONS"]
