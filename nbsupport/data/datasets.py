@@ -179,7 +179,8 @@ class FeatureDataset(Dataset):
             try:
                 entry = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # truncated, not a torch file, or refused by weights_only (code inside)
-                reason = f"unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "empty or cut short"
+                reason = f"unreadable ({type(e).__name__}: {first})"
             else:
                 reason = self._stale(entry, i, expected)
                 if reason is None:

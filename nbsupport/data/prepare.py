@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import json
 import hashlib
 import math
 import os
@@ -54,11 +56,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nbsupport.base import atomic_write, atomic_write_json, atomic_write_text, child_path
+from nbsupport.base import ParameterError, WriteError, atomic_write, atomic_write_json, atomic_write_text, \
+    child_path
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset
 from .formats import csd_emotion_labels
-from .validate import SYNONYMS as _SYNONYMS
+from .validate import SYNONYMS as _SYNONYMS, check_sentiment
 from .safe_pickle import load_pickle
 
 __all__ = ["Segment", "read_segments", "read_labels", "prepare", "prepare_utterance", "main", "VIDEO_EXTENSIONS"]
@@ -66,6 +69,8 @@ __all__ = ["Segment", "read_segments", "read_labels", "prepare", "prepare_uttera
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".flv", ".m4v", ".mpg", ".mpeg")
 _PREFIX = {"mosei": "MOSEI", "iemocap": "IEMOCAP"}
 SR = 16000
+#: Per-utterance record written inside each finished utterance folder (frame rate, frame count).
+_INFO = ".prepare.json"
 #: How far (s) a segment may end past the end of its video (transcript times are rounded).
 END_TOLERANCE = 0.25
 
@@ -178,6 +183,16 @@ def _emotion_name(col: str, dataset: str):
     return _SYNONYMS[dataset].get(col.strip().lower().replace("answer.", ""))
 
 
+def _sentiment_cell(v, where: str) -> float:
+    """A CSV sentiment cell as a number in [-3, 3]; DataError naming the cell otherwise (an empty cell
+    means no sentiment)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: expected a sentiment score in [-3, 3] (or an empty cell), got {v!r}") from None
+    return float(check_sentiment([x], where)[0])
+
+
 def read_labels(path, dataset: str, segments: list[Segment]) -> dict:
     """Labels of the segments -> {id: {"label": ..., "sentiment": float or None, "text": str or None}}.
 
@@ -236,7 +251,7 @@ def read_labels(path, dataset: str, segments: list[Segment]) -> dict:
                     rec["emo"][names.index(n)] += _float(row[f] or 0, f"{path} line {i} column {f!r}")
             s = _col(low, "sentiment", "answer.sentiment")
             if s is not None:
-                rec["sent"].append(float(s))
+                rec["sent"].append(_sentiment_cell(s, f"{path} line {i} column 'sentiment'"))
             rec["text"] = _col(low, "text") or rec["text"]
     for uid, rec in sums.items():
         if dataset == "iemocap":
@@ -363,19 +378,33 @@ def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    def image(name, img):
+        if not cv2.imwrite(str(tmp / name), img):
+            raise WriteError(errno.EIO, f"{tmp / name}: cannot write the frame (is the disk full or --out "
+                             "read-only?)")
+
+    def audio(name, samples):
+        try:
+            sf.write(tmp / name, samples, SR, subtype="PCM_16")
+        except (OSError, RuntimeError) as e:  # libsndfile reports a full disk as "System error"
+            raise WriteError(errno.EIO, f"{tmp / name}: cannot write the audio ({e}; is the disk full or --out "
+                             "read-only?)") from None
+
     try:
         for k, img in frames:
             if dataset == "iemocap":
                 w = img.shape[1] // 2
-                cv2.imwrite(str(tmp / f"image_L_{k}.jpg"), img[:, :w])
-                cv2.imwrite(str(tmp / f"image_R_{k}.jpg"), img[:, w:])
+                image(f"image_L_{k}.jpg", img[:, :w])
+                image(f"image_R_{k}.jpg", img[:, w:])
             else:
-                cv2.imwrite(str(tmp / f"image_{k}.jpg"), img)
+                image(f"image_{k}.jpg", img)
         if dataset == "iemocap":
-            sf.write(tmp / "audio_L.wav", wav[0], SR, subtype="PCM_16")
-            sf.write(tmp / "audio_R.wav", wav[1], SR, subtype="PCM_16")
+            audio("audio_L.wav", wav[0])
+            audio("audio_R.wav", wav[1])
         else:
-            sf.write(tmp / "audio.wav", wav[0], SR, subtype="PCM_16")
+            audio("audio.wav", wav[0])
+        # per-utterance fields of meta.pkl, renamed with the folder: they survive a kill before meta.pkl
+        atomic_write_json(tmp / _INFO, {"fps": fps, "frames": len(frames)})
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another run finished it first
@@ -388,11 +417,25 @@ def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
     return {"fps": fps, "frames": len(frames)}
 
 
+def _utterance_info(folder: Path) -> dict | None:
+    """The ``.prepare.json`` record of a finished utterance folder (None when absent or unusable: the
+    frame rate may then still come from an earlier ``meta.pkl``)."""
+    f = folder / _INFO
+    try:
+        if f.stat().st_size > 4096:
+            return None
+        rec = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    fps = rec.get("fps") if isinstance(rec, dict) else None
+    return rec if isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0 else None
+
+
 def _job(args):
     video, seg, out_dir, dataset, interval = args
     try:
         return seg.id, prepare_utterance(video, seg, out_dir, dataset, interval), None
-    except DataError as e:
+    except (DataError, WriteError) as e:
         return seg.id, None, str(e)
     except Exception as e:  # an unexpected decoder failure still only fails this utterance
         return seg.id, None, f"{video} [{seg.id}]: {type(e).__name__}: {e}"
@@ -480,7 +523,13 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
     index = _video_index(Path(videos))
     out = Path(out)
     raw_dir = out / f"{_PREFIX[dataset]}_RAW_PROCESSED"
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(raw_dir / ".write-test", "")
+        (raw_dir / ".write-test").unlink()
+    except OSError as e:
+        raise ParameterError(f"parameter --out {out}: cannot write there ({getattr(e, 'strerror', None) or e}); "
+                             "expected a writable folder") from None
     report = PrepareReport()
     jobs = []
     for s in segs:
@@ -519,8 +568,9 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
              "video": s.video, "start": s.start, "end": s.end}
         if lab.get("sentiment") is not None:
             m["sentiment"] = lab["sentiment"]
-        if uid in info:
-            m["fps"] = info[uid]["fps"]
+        rec = info.get(uid) or _utterance_info(_utterance_dir(raw_dir, dataset, uid))
+        if rec is not None:
+            m["fps"] = rec["fps"]
         meta[uid] = m
     old = raw_dir / "meta.pkl"
     if old.is_file():  # keep the frame rates recorded by earlier runs
@@ -563,9 +613,12 @@ def main(argv=None) -> int:
     try:
         rep = prepare(args.videos, args.segments, args.labels, args.out, dataset=args.dataset, splits=args.splits,
                       workers=args.workers, img_interval=args.img_interval, progress=not args.no_progress)
-    except DataError as e:
+    except (DataError, ParameterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # a full disk while writing meta.pkl or the split files
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"prepared {len(rep.prepared)} utterances ({rep.per_second:.2f}/s), skipped {len(rep.skipped)} already "
           f"done, {len(rep.unlabelled)} without labels, {len(rep.failed)} failed")
     for uid, msg in rep.failed.items():
