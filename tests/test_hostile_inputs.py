@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from nbsupport import train
-from nbsupport.base import ParameterError, UnsafePathError, WriteError, child_path
 from nbsupport.data import DataError, load_split, mesm_dataset, synth
 from nbsupport.data import formats, prepare as P
 from nbsupport.data.raw import _emotion_vector
@@ -151,7 +150,7 @@ def test_forged_dtype_numpy_scalar_is_refused(tmp_path):
 def test_forged_dtype_mmsa_pickle_is_refused(tmp_path):
     data = {s: _mmsa_split(np.random.default_rng(0), 3, s, dims=(4, 6, 2), lt=3, la=3, lv=3)
             for s in ("train", "valid", "test")}
-    data["train"]["regression_labels"] = ForgedArray()
+    data["train"]["id"] = ForgedArray()  # _text() reads the item: a pointer from the file
     path = tmp_path / "unaligned_50.pkl"
     path.write_bytes(pickle.dumps(data, protocol=4))
     r = _child(f"print(len(nbsupport.data.formats.load_mmsa({str(path)!r}, 'train')))")
@@ -632,6 +631,8 @@ def test_hostile_input(case, corpus, tmp_path, caplog):
 
 def test_child_path_is_the_one_check():
     """child_path: one component, inside the folder; the feature cache and the preparer use it."""
+    from nbsupport.base import UnsafePathError, child_path
+
     for bad in ("../x", "/abs/x", "a/b", "..", ".", "", "x\x00", "a\\b", 7):
         with pytest.raises(UnsafePathError):
             child_path("/tmp/folder", bad)
@@ -641,6 +642,8 @@ def test_child_path_is_the_one_check():
 
 
 def test_symlink_out_of_the_folder_is_refused(tmp_path):
+    from nbsupport.base import UnsafePathError, child_path
+
     (tmp_path / "inside").mkdir()
     (tmp_path / "inside" / "link").symlink_to(tmp_path)
     with pytest.raises(UnsafePathError, match="outside the folder"):
