@@ -432,7 +432,7 @@ def _csd_roles(folder: Path) -> dict:
         try:
             with h5py.File(p, "r") as fh:
                 name = " ".join(fh.keys())
-        except OSError as e:
+        except Exception as e:  # OSError, or RuntimeError/KeyError from a damaged file's groups
             raise DataError(f"{p}: not an HDF5 computational sequence ({e})") from None
         for role, pattern in _CSD_ROLES:
             if pattern.search(p.name) or pattern.search(name):

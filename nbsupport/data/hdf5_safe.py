@@ -38,7 +38,14 @@ class SafeHdf5:
     def __init__(self, fh, path, *, max_bytes=None):
         self.fh, self.path = fh, Path(path)
         self.budget = load_budget(self.path.stat().st_size, max_bytes)
-        self._check_links()
+        self._key = ""
+        try:
+            self._check_links()
+        except DataError:
+            raise
+        except Exception as e:  # HDF5's own errors on a damaged file: RuntimeError, KeyError, OSError, ...
+            raise self._err(self._key or "/", f"damaged HDF5 structure ({type(e).__name__}: {str(e)[:200]})") \
+                from None
 
     def _err(self, key: str, msg: str) -> DataError:
         return DataError(f"{self.path}: key '{key}': {msg}")
@@ -52,7 +59,7 @@ class SafeHdf5:
         while todo:
             group, prefix = todo.pop()
             for name in group.keys():
-                key = f"{prefix}/{name}"
+                key = self._key = f"{prefix}/{name}"
                 link = group.get(name, getlink=True)
                 if isinstance(link, h5py.ExternalLink):
                     raise self._err(key.lstrip("/"), f"is an HDF5 external link to '{link.filename}:{link.path}' "
@@ -64,6 +71,8 @@ class SafeHdf5:
                     raise self._err(key.lstrip("/"), f"is a {type(link).__name__} (only plain groups and datasets "
                                     "are read)")
                 obj = group.get(name)
+                if obj is None:
+                    raise self._err(key.lstrip("/"), "cannot be opened (damaged object header)")
                 addr = _address(obj)
                 if isinstance(obj, h5py.Group):
                     if addr not in seen:
@@ -124,7 +133,7 @@ class SafeHdf5:
                             "$NBSUPPORT_MAX_LOAD_BYTES raises the absolute cap)")
         try:
             return ds[()]
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
+        except Exception as e:  # HDF5 errors on damaged data: OSError, RuntimeError, ValueError, ...
             raise self._err(key, f"cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
 
 
