@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test install assets clean benchmarks gpu-bundle gpu-check
+.PHONY: book test install assets clean benchmarks gpu-bundle gpu-check fuzz
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ book: $(STAMP) assets
 
 test: $(STAMP) assets
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The data readers under the mutation fuzzer for FUZZ_SECONDS (make test runs it for 60 s);
+# the inputs that break the property are kept in fuzz_findings/.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz_data.py --seconds $(FUZZ_SECONDS) --findings fuzz_findings
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sparse_vs_dense.py --out benchmarks/results/sparse_vs_dense.json
