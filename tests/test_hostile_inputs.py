@@ -455,6 +455,26 @@ def _csd_features(dtype=None, shape=None):
     return make
 
 
+def _csd_scalar_features(tmp, corpus):
+    path = tmp / "CMU_MOSEI_Labels.csd"
+    with h5py.File(path, "w") as fh:
+        v = fh.create_group("All Labels/data/zz9")
+        v.create_dataset("features", data=1.5)  # 0-d: no rows (found by the fuzzer: IndexError)
+        v.create_dataset("intervals", data=np.array([[0.0, 1.0]]))
+    return lambda: formats.read_csd(path)
+
+
+def _ucs4_not_unicode(tmp, corpus):
+    """An MMSA id array whose str data is not Unicode (found by the fuzzer: a SystemError when read)."""
+    data = bytearray(pickle.dumps({"train": {"id": np.array(["ab"])}}, protocol=4))
+    i = data.index("ab".encode("utf-32-le"))
+    data[i + 3] = 0x7F  # code point 0x7f000061 > 0x10FFFF
+    path = tmp / "unaligned_50.pkl"
+    path.write_bytes(bytes(data))
+    formats._PICKLES.clear()
+    return lambda: formats.load_mmsa(path, "train")
+
+
 def _nested_label(tmp, corpus):
     root = _copy(corpus, tmp)
     n = 200_000
@@ -564,6 +584,9 @@ CASES = [
          ("CMU_MOSEI_COVAREP.csd", "COVAREP/data/zz9/features", "nothing written")),
     Case("csd-string-features", _csd_features(dtype="S3"), DataError,
          ("CMU_MOSEI_COVAREP.csd", "COVAREP/data/zz9/features", "expected numbers")),
+    Case("csd-scalar-features", _csd_scalar_features, DataError,
+         ("CMU_MOSEI_Labels.csd", "All Labels/data/zz9/features", "expected an array of rows")),
+    Case("pickle-str-not-unicode", _ucs4_not_unicode, DataError, ("unaligned_50.pkl", "not Unicode code points")),
     # silently wrong: .csd
     Case("csd-emotions-all-nan", _csd_row(labels_edit=lambda L: L["zz9"][0][1].__setitem__(slice(1, 7), np.nan)),
          DataError, ("CMU_MOSEI_Labels.csd", "'zz9'", "all NaN")),

@@ -115,8 +115,8 @@ class SafeHdf5:
         if dt.fields is not None or dt.kind not in _NUMERIC + "SUO":
             raise self._err(key, f"holds {dt} values; expected numbers or strings")
         shape = ds.shape
-        if shape is None or len(shape) > 32:
-            raise self._err(key, f"has shape {shape}")
+        if shape is None or len(shape) > 32 or (numeric and len(shape) < 1):
+            raise self._err(key, f"has shape {shape}; expected an array of rows")
         count = 1
         for s in shape:
             count *= int(s)

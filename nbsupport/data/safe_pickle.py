@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,23 @@ def load_budget(file_size: int, max_bytes=None) -> int:
     return min(SIZE_FACTOR * int(file_size) + SIZE_FLOOR, absolute_cap(max_bytes))
 
 
+class _Big:
+    """A long byte string of the stream read straight into a NumPy buffer (no second copy when it is an
+    array's data); anywhere else it becomes ``bytes``."""
+
+    __slots__ = ("buf", "used")
+
+    def __init__(self, buf: np.ndarray):
+        self.buf, self.used = buf, False
+
+    def to_bytes(self) -> bytes:
+        return self.buf.tobytes()
+
+
+#: Byte strings at least this long are read into a NumPy buffer (:class:`_Big`).
+_BIG = 1 << 20
+
+
 class _Stub:
     """A NumPy array or dtype under construction: created by REDUCE, completed by BUILD (our code)."""
 
@@ -124,12 +142,22 @@ class _BoundedReader:
         return data
 
     def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
+        n = len(buf)
+        if n > self.left:
+            raise EOFError(f"the stream declares {n} bytes where {self.left} are left (truncated, or a forged "
+                           "length)")
+        got = self.fh.readinto(buf) if hasattr(self.fh, "readinto") else None
+        if got is None:
+            data = self.fh.read(n)
+            buf[:len(data)] = data
+            got = len(data)
+        self.left -= got
+        if got != n:
+            raise EOFError(f"the stream ends {n - got} bytes early")
+        return got
 
     def readline(self) -> bytes:
-        line = self.fh.readline(min(self.left, 1 << 20))
+        line = self.fh.readline(self.left)
         self.left -= len(line)
         return line
 
@@ -179,6 +207,16 @@ def _finish_dtype(stub: _Stub, state) -> np.dtype:
     return dt
 
 
+def _check_text(a: np.ndarray, where: str) -> np.ndarray:
+    """A fixed-width str array must hold Unicode code points (UCS-4 values up to 0x10FFFF): NumPy turns
+    any other value into a SystemError when the item is read."""
+    if a.dtype.kind == "U" and a.size and a.dtype.itemsize:
+        codes = np.ascontiguousarray(a).view(np.dtype("u4").newbyteorder(a.dtype.byteorder))
+        if (codes > 0x10FFFF).any():
+            raise UnsafePickleError(f"{where}: str data holds values that are not Unicode code points")
+    return a
+
+
 def _dtype_of(value, where: str) -> np.dtype:
     if isinstance(value, np.dtype):  # built by _finish_dtype only
         return value
@@ -195,6 +233,8 @@ def _shape(shape, where: str) -> tuple:
 
 
 def _raw_bytes(raw, where: str):
+    if isinstance(raw, _Big):
+        return raw.to_bytes()
     if isinstance(raw, str):  # Python 2 pickles hold the bytes as a latin-1 str
         raw = raw.encode("latin1")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
@@ -216,6 +256,10 @@ class SafeUnpickler(pickle._Unpickler):
         self.budget = load_budget(size or 0) if budget is None else budget
         self.dispatch = dict(pickle._Unpickler.dispatch)
         self.dispatch[pickle.BUILD[0]] = SafeUnpickler._load_build
+        self.dispatch[pickle.BINBYTES[0]] = SafeUnpickler._load_binbytes
+        self.dispatch[pickle.BINBYTES8[0]] = SafeUnpickler._load_binbytes8
+        self.dispatch[pickle.BYTEARRAY8[0]] = SafeUnpickler._load_bytearray8
+        self._reader = file if isinstance(file, _BoundedReader) else None
         for op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2,
                    pickle.EXT4):
             self.dispatch[op[0]] = SafeUnpickler._refuse_opcode
@@ -253,6 +297,7 @@ class SafeUnpickler(pickle._Unpickler):
         def make(*args):
             if not args:
                 return ctor()
+            args = tuple(a.to_bytes() if isinstance(a, _Big) else a for a in args)
             data = args[0]
             if isinstance(data, str) and len(args) == 2 and args[1] in ("latin1", "latin-1"):
                 data = data.encode("latin1")
@@ -287,7 +332,7 @@ class SafeUnpickler(pickle._Unpickler):
         raw = _raw_bytes(raw, "numpy scalar")
         if rest or len(raw) != dt.itemsize:
             raise UnsafePickleError(f"numpy scalar of dtype {dt}: {len(raw)} bytes, expected {dt.itemsize}")
-        return np.frombuffer(bytes(raw), dt)[0].copy()
+        return _check_text(np.frombuffer(bytes(raw), dt), "numpy scalar")[0].copy()
 
     def _frombuffer(self, buf=None, dtype=None, shape=None, order="C", *rest):
         if _dtype_of(dtype, "numpy array").kind == "O":
@@ -308,13 +353,53 @@ class SafeUnpickler(pickle._Unpickler):
                 a[i] = v
             a = a.reshape(shape)  # NumPy lists the items in C order, also for a Fortran-ordered array
             return np.asfortranarray(a) if fortran else a
+        if isinstance(raw, _Big) and not raw.used:
+            if n * dt.itemsize != raw.buf.size:
+                raise UnsafePickleError(f"numpy array of shape {shape} and dtype {dt}: {raw.buf.size} bytes, "
+                                        f"expected {n * dt.itemsize}")
+            raw.used = True  # the array owns the buffer from now on; a second use copies
+            return _check_text(raw.buf.view(dt).reshape(shape, order="F" if fortran else "C"), "numpy array")
         raw = _raw_bytes(raw, "numpy array")
         if n * dt.itemsize != len(raw):
             raise UnsafePickleError(f"numpy array of shape {shape} and dtype {dt}: {len(raw)} bytes, expected "
                                     f"{n * dt.itemsize}")
         self._charge(len(raw), f"numpy array of shape {shape}")
         a = np.frombuffer(raw, dt, count=n) if n else np.empty(0, dt)
-        return a.reshape(shape, order="F" if fortran else "C").copy(order="K")
+        return _check_text(a.reshape(shape, order="F" if fortran else "C").copy(order="K"), "numpy array")
+
+    def _long_bytes(self, n: int, mutable: bool):
+        """Bytes of a length-prefixed opcode: the length checked against what the stream holds before
+        anything is allocated; long strings outside a frame read straight into a NumPy buffer."""
+        frame = self._unframer.current_frame
+        in_frame = frame is not None and frame.tell() < len(frame.getbuffer())
+        left = (len(frame.getbuffer()) - frame.tell()) if in_frame else (
+            self._reader.left if self._reader is not None else None)
+        if left is not None and n > left:
+            raise EOFError(f"the stream declares {n} bytes where {left} are left (truncated, or a forged length)")
+        if left is None:
+            self._charge(n, f"a byte string of {n} bytes")
+        if n >= _BIG and not in_frame and self._reader is not None:
+            self._unframer.current_frame = None
+            buf = np.empty(n, np.uint8)
+            self._reader.readinto(memoryview(buf))
+            return _Big(buf) if not mutable else bytearray(buf.tobytes())
+        if mutable:
+            b = bytearray(n)
+            self.readinto(b)
+            return b
+        return self.read(n)
+
+    def _load_binbytes(self):
+        n, = struct.unpack("<I", self.read(4))
+        self.append(self._long_bytes(n, False))
+
+    def _load_binbytes8(self):
+        n, = struct.unpack("<Q", self.read(8))
+        self.append(self._long_bytes(n, False))
+
+    def _load_bytearray8(self):
+        n, = struct.unpack("<Q", self.read(8))
+        self.append(self._long_bytes(n, True))
 
     def _refuse_opcode(self):
         raise UnsafePickleError("object-building opcode refused (INST/OBJ/NEWOBJ/EXT): data files only hold "
@@ -368,6 +453,8 @@ class SafeUnpickler(pickle._Unpickler):
 
     def load(self):  # noqa: D102 - pickle.Unpickler.load, then the depth and stub checks
         obj = super().load()
+        if isinstance(obj, _Big):
+            return obj.to_bytes()
         return _check_tree(obj)
 
 
@@ -404,6 +491,13 @@ def _check_tree(obj):
         x, depth = todo.pop()
         if isinstance(x, _Stub):
             raise UnsafePickleError(f"a NumPy {x.kind} was never given its state")
+        if isinstance(x, (list, dict)):  # long byte strings that were not array data become bytes
+            for k, v in (x.items() if isinstance(x, dict) else enumerate(x)):
+                if isinstance(v, _Big):
+                    x[k] = v.to_bytes()
+        elif isinstance(x, (tuple, set, frozenset)) and any(isinstance(v, _Big) for v in x):
+            raise UnsafePickleError("a byte string of 1 MiB or more inside a tuple or set (data files hold "
+                                    "long byte strings as array data only)")
         if isinstance(x, (list, tuple, set, frozenset, dict)):
             if depth >= MAX_DEPTH:
                 raise UnsafePickleError(f"containers nested deeper than {MAX_DEPTH} levels (data files hold "
