@@ -671,3 +671,72 @@ def test_symlink_out_of_the_folder_is_refused(tmp_path):
     (tmp_path / "inside" / "link").symlink_to(tmp_path)
     with pytest.raises(UnsafePathError, match="outside the folder"):
         child_path(tmp_path / "inside", "link")
+
+
+# ------------------------------------------------------------------------------- trusted data still loads
+def _same(a, b) -> bool:
+    """Deep equality with types, dtypes, shapes and memory order (the reference: pickle.loads)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return (a.dtype == b.dtype and a.shape == b.shape and a.flags.f_contiguous == b.flags.f_contiguous
+                and b.flags.writeable and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.generic):
+        return a.dtype == b.dtype and (a == b or (a != a and b != b))
+    return a == b or (a != a and b != b)  # NaN equals NaN here
+
+
+def _numpy1_names():
+    """Pickle as NumPy 1.x does: the rebuild functions under ``numpy.core`` (NumPy 2 keeps that alias)."""
+    import contextlib
+
+    import numpy._core.multiarray as ma
+    import numpy._core.numeric as nm
+
+    @contextlib.contextmanager
+    def names():
+        funcs = (ma._reconstruct, ma.scalar, nm._frombuffer)
+        saved = [f.__module__ for f in funcs]
+        try:
+            for f, m in zip(funcs, ("numpy.core.multiarray", "numpy.core.multiarray", "numpy.core.numeric")):
+                f.__module__ = m
+            yield
+        finally:
+            for f, m in zip(funcs, saved):
+                f.__module__ = m
+    return names()
+
+
+@pytest.mark.parametrize("numpy1", [False, True], ids=["numpy2-names", "numpy1-names"])
+def test_field_pickles_load_as_pickle_loads_does(numpy1):
+    """MMSA's, MulT's, UMONS's and the raw layout's structures, protocols 2-5, NumPy 1.x and 2.x module
+    names: safe_pickle gives exactly what pickle.loads gives on the same trusted bytes."""
+    import contextlib
+    import warnings
+
+    from nbsupport.data.safe_pickle import safe_loads
+
+    rng = np.random.default_rng(0)
+    mmsa = {s: _mmsa_split(rng, 4, s, dims=(8, 6, 4), lt=5, la=6, lv=5) for s in ("train", "valid", "test")}
+    mult = _mult_data(np.random.default_rng(1), True, dims=(6, 5, 4))
+    mult_senti = _mult_data(np.random.default_rng(2), False, dims=(6, 5, 4))
+    umons = {"sentences": {"a_1": ["i", "am"], "b_2": "hello"}, "mels": {"a_1": rng.normal(size=(30, 80))},
+             "emotion": {"a_1": [0, 0, 0, 1.3, 0, 0]}, "sentiment": {"a_1": np.array([[1.5]]), "b_2": np.float64(2)}}
+    meta = {"u0": {"text": "words", "label": np.array([0, 1, 0, 0, 2.5, 0], np.float32), "sentiment": float("nan"),
+                   "fps": 29.97, "start": np.float64(1.5)}, "u1": {"text": "ses", "label": "ang"}}
+    big = {"text": np.asfortranarray(rng.normal(size=(64, 40, 100)).astype(np.float32)),  # > 1 MiB
+           "id": np.array([f"v{i}" for i in range(64)]), "be": np.arange(10, dtype=">i4")}
+    names = _numpy1_names if numpy1 else contextlib.nullcontext
+    for obj in (mmsa, mult, mult_senti, umons, meta, big):
+        for protocol in (2, 3, 4, 5):
+            with names():
+                data = pickle.dumps(obj, protocol=protocol)
+            assert (b"numpy.core" in data) == numpy1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ref = pickle.loads(data)
+            assert _same(ref, safe_loads(data)), protocol
