@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nbsupport.base import ParameterError, atomic_write
+from nbsupport.base import ParameterError, WriteError, atomic_write
 
 from .common import EMOTIONS, SPLITS, DataError, check_split
 from .datasets import umons_pickle_dataset
@@ -753,6 +753,9 @@ def main(argv=None) -> int:
     except (DataError, ParameterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # merge-emotions' --out on a full disk or a read-only folder
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
