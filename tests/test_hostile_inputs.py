@@ -282,15 +282,17 @@ def test_preparer_keeps_fps_after_kill_and_resume(videos, tmp_path):
     assert {u: m.get("fps") for u, m in meta.items()} == fps
 
 
-@pytest.mark.parametrize("uid", ["../../escaped", "/tmp/abs_escape", "a/b", ".."])
+@pytest.mark.parametrize("uid", ["../../escaped", "ABSOLUTE", "a/b", ".."])
 def test_preparer_refuses_ids_that_leave_out(videos, tmp_path, uid):
+    outside = tmp_path / "outside" / "abs_escape"
+    uid = str(outside) if uid == "ABSOLUTE" else uid
     (tmp_path / "segments.csv").write_text(f"id,video_id,start,end\n{uid},vidA,0.1,1.5\n")
     (tmp_path / "labels.csv").write_text(f"id,happiness,sadness,anger,surprise,disgust,fear\n{uid},1,0,0,0,0,0\n")
     out = tmp_path / "deep" / "out"
     before = set(tmp_path.rglob("*"))
     with pytest.raises(DataError, match=r"segments.csv: utterance id .* one path component"):
         P.prepare(videos / "videos", tmp_path / "segments.csv", tmp_path / "labels.csv", out, progress=False)
-    assert set(tmp_path.rglob("*")) == before and not Path("/tmp/abs_escape").exists()
+    assert set(tmp_path.rglob("*")) == before and not outside.exists()
 
 
 def test_preparer_sentiment_not_a_number(videos, tmp_path):
