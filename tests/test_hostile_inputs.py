@@ -128,6 +128,7 @@ def _peak_mib(out: str) -> float:
 
 
 # ------------------------------------------------------------------------------- crashes (child process)
+@pytest.mark.slow  # a child process (imports torch)
 def test_forged_dtype_meta_pkl_is_refused_not_a_segfault(corpus, tmp_path):
     """load_split on a meta.pkl holding the forged array: today a segmentation fault (exit -11)."""
     root = _copy(corpus, tmp_path)
@@ -139,6 +140,7 @@ def test_forged_dtype_meta_pkl_is_refused_not_a_segfault(corpus, tmp_path):
     assert "ERROR DataError" in r.stdout and "meta.pkl" in r.stdout and "not plain" in r.stdout, r.stdout
 
 
+@pytest.mark.slow  # a child process (imports torch)
 def test_forged_dtype_numpy_scalar_is_refused(tmp_path):
     path = tmp_path / "scalar.pkl"
     path.write_bytes(pickle.dumps({"x": ForgedScalar()}, protocol=2))
@@ -147,6 +149,7 @@ def test_forged_dtype_numpy_scalar_is_refused(tmp_path):
     assert "ERROR DataError" in r.stdout and "scalar.pkl" in r.stdout, r.stdout
 
 
+@pytest.mark.slow  # a child process (imports torch)
 def test_forged_dtype_mmsa_pickle_is_refused(tmp_path):
     data = {s: _mmsa_split(np.random.default_rng(0), 3, s, dims=(4, 6, 2), lt=3, la=3, lv=3)
             for s in ("train", "valid", "test")}
@@ -159,6 +162,7 @@ def test_forged_dtype_mmsa_pickle_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------- memory bombs (child process)
+@pytest.mark.slow  # a child process (imports torch)
 def test_tiny_meta_pkl_bomb_allocates_nothing(corpus, tmp_path):
     """A meta.pkl of a few dozen bytes that calls bytearray(1.5e9): refused before it allocates."""
     root = _copy(corpus, tmp_path)
@@ -179,6 +183,7 @@ def _csd_declaring(path: Path, rows: int, dim: int, *, nothing_written: bool = T
     return path
 
 
+@pytest.mark.slow  # a child process (imports torch)
 def test_small_csd_declaring_gigabytes_allocates_nothing(tmp_path):
     path = _csd_declaring(tmp_path / "CMU_MOSEI_COVAREP.csd", 1_200_000, 300)  # 1.34 GiB declared
     r = _child(f"nbsupport.data.formats.read_csd({str(path)!r})")
@@ -189,6 +194,7 @@ def test_small_csd_declaring_gigabytes_allocates_nothing(tmp_path):
 
 
 # ------------------------------------------------------------------------------- full disks (child process)
+@pytest.mark.slow  # a child process (imports torch)
 def test_full_disk_under_the_feature_cache_names_the_entry(corpus, tmp_path):
     root = _copy(corpus, tmp_path)
     r = _child(f"nbsupport.data.mesm_dataset({str(root)!r}, 'mosei', 'train', "
@@ -197,6 +203,7 @@ def test_full_disk_under_the_feature_cache_names_the_entry(corpus, tmp_path):
     assert not list((tmp_path / "fc").rglob("*.pt")), "a half-written cache entry was left"
 
 
+@pytest.mark.slow  # a child process (imports torch)
 def test_full_disk_during_checkpointing_names_the_checkpoint(tmp_path):
     code = f"""
     from test_bad_inputs import _fit
@@ -251,6 +258,7 @@ def _tables(folder: Path, ids=(("vidA", 0), ("vidB", 0), ("vidC", 0)), sentiment
     return folder / "segments.csv", folder / "labels.csv"
 
 
+@pytest.mark.slow  # a child process (imports torch)
 def test_full_disk_in_the_preparer_names_the_output_not_the_video(videos, tmp_path):
     seg, lab = _tables(tmp_path)
     out = tmp_path / "out"
