@@ -193,6 +193,29 @@ def test_small_csd_declaring_gigabytes_allocates_nothing(tmp_path):
     assert "nothing written" in r.stdout and peak < 64, (peak, r.stdout)
 
 
+@pytest.mark.slow  # a child process (imports torch)
+def test_damaged_global_heap_is_refused_not_a_hang(tmp_path):
+    """A .csd metadata string whose HDF5 global heap has a free-space size of 0: HDF5 itself loops forever
+    reading it (found by the fuzzer); the reader checks the heap first."""
+    import struct
+
+    path = tmp_path / "CMU_MOSEI_COVAREP.csd"
+    _write_csd(path, "COVAREP", {"zz9": (np.ones((2, 3), np.float32), np.array([[0.0, 1.0], [1.0, 2.0]]))},
+               {"root name": "COVAREP"})
+    data = bytearray(path.read_bytes())
+    addr = data.index(b"GCOL")
+    size = struct.unpack_from("<Q", data, addr + 24)[0]  # object 1's size
+    free = addr + 32 + ((size + 7) // 8) * 8  # the free-space object's header
+    assert struct.unpack_from("<H", data, free)[0] == 0
+    data[free + 8:free + 16] = bytes(8)
+    path.write_bytes(bytes(data))
+    try:
+        r = _child(f"nbsupport.data.formats.read_csd({str(path)!r})", timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading the .csd hung for 60 s")
+    assert "ERROR DataError" in r.stdout and "COVAREP/metadata/root name" in r.stdout and "global heap" in r.stdout
+
+
 # ------------------------------------------------------------------------------- full disks (child process)
 @pytest.mark.slow  # a child process (imports torch)
 def test_full_disk_under_the_feature_cache_names_the_entry(corpus, tmp_path):
@@ -485,6 +508,15 @@ def _ucs4_not_unicode(tmp, corpus):
     return lambda: formats.load_mmsa(path, "train")
 
 
+def _csd_metadata_not_utf8(tmp, corpus):
+    path = tmp / "CMU_MOSEI_COVAREP.csd"
+    _write_csd(path, "COVAREP", {"zz9": (np.ones((2, 3), np.float32), np.array([[0.0, 1.0], [1.0, 2.0]]))}, {})
+    with h5py.File(path, "a") as fh:
+        ds = fh.create_dataset("COVAREP/metadata/root name", (1,), dtype=h5py.special_dtype(vlen=bytes))
+        ds[0] = b'"\xff\xfe"'
+    return lambda: formats.read_csd(path)
+
+
 def _nested_label(tmp, corpus):
     root = _copy(corpus, tmp)
     n = 200_000
@@ -596,6 +628,8 @@ CASES = [
          ("CMU_MOSEI_COVAREP.csd", "COVAREP/data/zz9/features", "expected numbers")),
     Case("csd-scalar-features", _csd_scalar_features, DataError,
          ("CMU_MOSEI_Labels.csd", "All Labels/data/zz9/features", "expected an array of rows")),
+    Case("csd-metadata-not-utf8", _csd_metadata_not_utf8, DataError,
+         ("CMU_MOSEI_COVAREP.csd", "COVAREP/metadata/root name", "not UTF-8")),
     Case("pickle-str-not-unicode", _ucs4_not_unicode, DataError, ("unaligned_50.pkl", "not Unicode code points")),
     # silently wrong: .csd
     Case("csd-emotions-all-nan", _csd_row(labels_edit=lambda L: L["zz9"][0][1].__setitem__(slice(1, 7), np.nan)),

@@ -18,6 +18,7 @@ h5py (HDF5) itself stays trusted code, like the media decoders.
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +110,15 @@ class SafeHdf5:
 
         if not isinstance(ds, h5py.Dataset):
             raise self._err(key, f"expected a dataset, found a {type(ds).__name__}")
-        dt = ds.dtype
+        try:
+            dt, shape = ds.dtype, ds.shape
+        except Exception as e:  # a datatype h5py cannot map (damaged type message), ...
+            raise self._err(key, f"has a datatype that cannot be read ({type(e).__name__}: {str(e)[:200]})") \
+                from None
         if numeric and (dt.kind not in _NUMERIC or dt.fields is not None or dt.subdtype is not None):
             raise self._err(key, f"holds {dt} values; expected numbers (integers or floats)")
         if dt.fields is not None or dt.kind not in _NUMERIC + "SUO":
             raise self._err(key, f"holds {dt} values; expected numbers or strings")
-        shape = ds.shape
         if shape is None or len(shape) > 32 or (numeric and len(shape) < 1):
             raise self._err(key, f"has shape {shape}; expected an array of rows")
         count = 1
@@ -126,15 +130,77 @@ class SafeHdf5:
         if dt.kind != "O" and not filtered and declared > stored:
             raise self._err(key, f"declares shape {shape} of {dt} ({declared} bytes) but the file stores "
                             f"{stored} bytes for it (a declared shape with nothing written)")
+        if dt.kind == "O":
+            self._check_heap(ds, key, count)
         self.budget -= declared
         if self.budget < 0:
             raise self._err(key, f"declares shape {shape} of {dt} ({declared / 2**20:.1f} MiB), more than a file "
                             f"of {self.path.stat().st_size} bytes may allocate (4x its size + 64 MiB; "
                             "$NBSUPPORT_MAX_LOAD_BYTES raises the absolute cap)")
         try:
-            return ds[()]
+            value = ds[()]
         except Exception as e:  # HDF5 errors on damaged data: OSError, RuntimeError, ValueError, ...
             raise self._err(key, f"cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+        if not numeric:  # text must be UTF-8 (the SDK writes JSON strings)
+            for item in (value.reshape(-1) if isinstance(value, np.ndarray) and value.dtype.kind in "OS" else [value]):
+                if isinstance(item, bytes):
+                    try:
+                        item.decode("utf8")
+                    except UnicodeDecodeError as e:
+                        raise self._err(key, f"holds text that is not UTF-8 ({e})") from None
+        return value
+
+
+    def _check_heap(self, ds, key: str, count: int) -> None:
+        """Variable-length strings (the SDK's metadata) live in HDF5 global heap collections; HDF5 itself
+        loops forever on a collection whose size field is damaged (found by the fuzzer), so each element's
+        collection is checked here first, from the file's bytes: signature ``GCOL``, version 1, a size
+        within the file, and objects that tile it up to the element's object of at least its length.
+        Checked for contiguous datasets of 16-byte references (what h5py writes); DataError otherwise."""
+        import h5py
+
+        plist = ds.id.get_create_plist()
+        size = self.path.stat().st_size
+        offset = ds.id.get_offset() if plist.get_layout() == h5py.h5d.CONTIGUOUS else None
+        stored = ds.id.get_storage_size()
+        if offset is None or count == 0 or stored != 16 * count or count > 100_000:
+            if count:
+                raise self._err(key, "holds variable-length strings in a layout this reader does not check "
+                                "(expected a contiguous array of strings, as h5py writes metadata)")
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            refs = fh.read(stored)
+            for j in range(count):
+                length, addr, index = struct.unpack_from("<IQI", refs, 16 * j)
+                if length and not _heap_object_fits(fh, addr, index, length, size):
+                    raise self._err(key, f"string {j} points into a damaged HDF5 global heap (address {addr})")
+
+
+def _heap_object_fits(fh, addr: int, index: int, length: int, file_size: int) -> bool:
+    """True when the global heap collection at ``addr`` is well formed -- its objects tile it, the free
+    space (object 0) spans exactly the rest -- and object ``index`` holds at least ``length`` bytes
+    (HDF5 file format spec, "Global Heap")."""
+    if addr + 16 > file_size:
+        return False
+    fh.seek(addr)
+    head = fh.read(16)
+    if head[:4] != b"GCOL" or head[4] != 1:
+        return False
+    coll = struct.unpack_from("<Q", head, 8)[0]
+    if coll < 4096 or addr + coll > file_size:
+        return False
+    pos, end, found = addr + 16, addr + coll, False
+    while pos + 16 <= end:
+        fh.seek(pos)
+        idx, _, _, osize = struct.unpack("<HHIQ", fh.read(16))
+        if idx == 0:  # free space: exactly the rest of the collection, header included
+            return found and osize == end - pos
+        if osize > end - pos - 16:
+            return False
+        found = found or (idx == index and osize >= length)
+        pos += 16 + ((osize + 7) // 8) * 8
+    return found
 
 
 def _address(obj):
