@@ -251,9 +251,10 @@ def child_main(target: str, work: Path, start: int, count: int, base_seed: int) 
 
 
 def fuzz(seconds: float, targets=TARGETS, *, findings: Path | None = None, base_seed: int = 0, batch: int = 400,
-         hang: float = 30.0, log=print) -> dict:
-    """Fuzz each target for ``seconds / len(targets)`` seconds; returns {target: {outcome: count},
-    "findings": [...]} (a finding: target, input number, what happened; its bytes under ``findings``)."""
+         hang: float = 30.0, min_inputs: int = 100, log=print) -> dict:
+    """Fuzz each target for ``seconds / len(targets)`` seconds, and at least ``min_inputs`` inputs; returns
+    {target: {outcome: count}, "findings": [...], "inputs": n} (a finding: target, input number, what
+    happened; its bytes under ``findings``)."""
     work = Path(tempfile.mkdtemp(prefix="nbsupport-fuzz-"))
     try:
         seeds = make_seeds(work)
@@ -268,7 +269,7 @@ def fuzz(seconds: float, targets=TARGETS, *, findings: Path | None = None, base_
         for target in targets:
             counts: dict = {}
             k, deadline = 0, time.monotonic() + seconds / len(targets)
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline or sum(counts.values()) < min_inputs:
                 proc = subprocess.Popen([sys.executable, __file__, "--child", target, str(work), str(k), str(batch),
                                          str(base_seed)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
                 current, last, buf, fd = None, time.monotonic(), b"", proc.stdout.fileno()
@@ -296,7 +297,7 @@ def fuzz(seconds: float, targets=TARGETS, *, findings: Path | None = None, base_
                         proc.kill()
                         proc.wait()
                         break
-                    if current is None and time.monotonic() > deadline:
+                    if current is None and time.monotonic() > deadline and sum(counts.values()) >= min_inputs:
                         proc.kill()
                         proc.wait()
                         break
