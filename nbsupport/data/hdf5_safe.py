@@ -11,7 +11,10 @@ before anything is read -- without following any link -- and refuses, with a
 * datasets with external raw storage or a virtual layout;
 * when read: a dataset whose declared size exceeds what the file stores for it (uncompressed), or the
   file's load budget (:func:`nbsupport.data.safe_pickle.load_budget`: 4x the file size + 64 MiB, at
-  most ``$NBSUPPORT_MAX_LOAD_BYTES``), and non-numeric data where numbers are expected.
+  most ``$NBSUPPORT_MAX_LOAD_BYTES``), non-numeric or 0-d data where rows of numbers are expected, a
+  datatype h5py cannot map, text that is not UTF-8, and variable-length strings whose global heap
+  collection is damaged (HDF5 itself loops forever on some; :meth:`SafeHdf5._check_heap`);
+* any other error HDF5 raises on a damaged file (RuntimeError, KeyError, ...) as a DataError.
 
 Soft links inside the file are fine once the file has no external link (their targets resolve inside).
 h5py (HDF5) itself stays trusted code, like the media decoders.
