@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test test-fast install assets clean benchmarks gpu-bundle gpu-check
+.PHONY: book test test-fast install assets clean benchmarks gpu-bundle gpu-check fuzz
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ test: $(STAMP) assets
 FAST_TIER := not notebook and not browser and not cluster and not fuzz and not slow
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
+
+# The data readers under the mutation fuzzer for FUZZ_SECONDS (make test runs it for 60 s);
+# the inputs that break the property are kept in fuzz_findings/.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz_data.py --seconds $(FUZZ_SECONDS) --findings fuzz_findings
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sparse_vs_dense.py --out benchmarks/results/sparse_vs_dense.json

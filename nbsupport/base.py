@@ -18,12 +18,43 @@ import torch
 
 from nbsupport import distributed
 
-__all__ = ["ParameterError", "check_modalities", "atomic_write", "atomic_write_text", "atomic_write_json",
+__all__ = ["ParameterError", "UnsafePathError", "WriteError", "child_path", "check_modalities",
+           "atomic_write", "atomic_write_text", "atomic_write_json",
            "jsonable", "seed_everything", "resolve_device", "count_parameters", "to_device"]
 
 
 class ParameterError(ValueError):
     """A parameter has the wrong type or value; the message names it and what was expected."""
+
+
+class UnsafePathError(ValueError):
+    """A name that becomes a path (an utterance id, a cache entry, a sweep point) would leave its folder."""
+
+
+def child_path(folder: str | os.PathLike, name: Any, *, what: str = "id", error: type = UnsafePathError) -> Path:
+    """``folder / name`` for a ``name`` that stays inside ``folder``: the one check for every id that
+    becomes a path (preparer ``--out`` utterances, raw layout, feature caches, checkpoints, sweep points).
+
+    ``name`` must be a non-empty string that is one plain path component: no ``/`` or ``\\``, not ``.``
+    or ``..``, no NUL or other control character, not absolute; and the joined path, with any symbolic
+    link already on disk resolved, must lie inside ``folder``. Raises ``error`` (a ``ValueError``;
+    callers pass their own family, e.g. ``DataError``) naming ``what``, the name and the folder."""
+    folder = Path(folder)
+    bad = None
+    if not isinstance(name, str) or not name:
+        bad = f"must be a non-empty string, got {name!r:.80}"
+    elif name in (".", "..") or any(c in name for c in "/\\") or os.path.isabs(name):
+        bad = "must be one path component (no '/', '\\', '.' or '..')"
+    elif not name.isprintable():
+        bad = "holds control characters"
+    if bad is None:
+        path = folder / name
+        base = folder.resolve()
+        if not path.resolve().is_relative_to(base):
+            bad = f"resolves to {path.resolve()}, outside the folder (a symbolic link?)"
+        else:
+            return path
+    raise error(f"{what} {name!r:.120} {bad}: it would become a path outside {folder}")
 
 
 def _describe(value: Any) -> str:
@@ -44,23 +75,60 @@ def check_modalities(name: str, value: Any, *, need_text: bool = False) -> str:
     return "".join(m for m in "LAV" if m in value)
 
 
+class WriteError(OSError):
+    """A file could not be written (full disk, read-only folder, ...); the message names the path."""
+
+
+class _WatchedFile:
+    """A file object that remembers the OSError its writes raised (a writer such as ``torch.save`` may
+    report a failed write as its own unrelated error)."""
+
+    def __init__(self, fh):
+        self._fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self._fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def _write_error(path: Path, e: BaseException) -> WriteError:
+    code = getattr(e, "errno", None)
+    why = getattr(e, "strerror", None) or str(e)
+    return WriteError(code or 0, f"{path}: cannot write ({why}; is the disk full or the folder read-only?)")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
     """Create ``path`` through a temporary file in the same folder, then rename: never half-written.
 
     ``write(fh)`` fills the open temporary file (``mode`` ``"w"`` or ``"wb"``); on any error the
-    temporary file is removed and nothing appears at ``path``. Every file the book writes (metrics,
+    temporary file is removed and nothing appears at ``path``. A failed write or rename (full disk,
+    read-only folder) raises :class:`WriteError` naming ``path``. Every file the book writes (metrics,
     figures, checkpoints, feature caches, stamps) goes through here.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    watched = None
     try:
         with os.fdopen(fd, mode) as fh:
-            write(fh)
+            watched = _WatchedFile(fh)
+            write(watched)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        failed = watched.error if watched is not None and watched.error is not None else e
+        if isinstance(failed, OSError) and not isinstance(failed, WriteError):
+            raise _write_error(path, failed) from e
         raise
     return path
 

@@ -420,7 +420,25 @@ def _dataset_fingerprint(loader) -> dict | None:
             break
     if isinstance(ids, (list, tuple)):
         out["ids_sha1"] = hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest()
+    labels = _labels_digest(ds)
+    if labels is not None:
+        out["labels_sha1"] = labels
     return out
+
+
+def _labels_digest(ds) -> str | None:
+    """SHA-1 of every item's labels (``label_rows()``: emotion and sentiment, in item order), so a resume on
+    the same ids with other (e.g. shuffled) labels is refused; None when the dataset does not offer them."""
+    label_rows = getattr(ds, "label_rows", None)
+    if not callable(label_rows):
+        return None
+    rows = label_rows()
+    h = hashlib.sha1()
+    for key in ("emotion", "sentiment"):
+        if key in rows:
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(torch.as_tensor(rows[key], dtype=torch.float64).numpy()).tobytes())
+    return h.hexdigest()
 
 
 def run_fingerprint(model: nn.Module, train_loader=None, valid_loader=None, **settings) -> dict:
@@ -495,9 +513,13 @@ def _resume_state(last_path: Path, fingerprint: dict, epochs: int, model: nn.Mod
     ckpt = load_checkpoint(last_path)
     fix = ("call fit(..., resume='fresh') to move the old files aside and start again, "
            "or use another checkpoint_dir")
-    if ckpt.get("format") != CHECKPOINT_FORMAT or "fingerprint" not in ckpt:
-        raise CheckpointError(f"{last_path}: checkpoint has no run fingerprint (written by an older "
-                              f"nbsupport); {fix}")
+    fmt = ckpt.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{last_path}: checkpoint format {fmt} was written by a newer nbsupport (this one "
+                              f"reads format {CHECKPOINT_FORMAT}); update nbsupport, or {fix}")
+    if fmt != CHECKPOINT_FORMAT or "fingerprint" not in ckpt:
+        raise CheckpointError(f"{last_path}: checkpoint has no run fingerprint of format {CHECKPOINT_FORMAT} "
+                              f"(written by an older nbsupport, format {fmt!r}); {fix}")
     diff = _fingerprint_differences(ckpt["fingerprint"], fingerprint)
     if diff:
         raise CheckpointError(f"{last_path}: checkpoint was written by a different run; differing: "

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nbsupport.base import atomic_write
+from nbsupport.base import atomic_write, child_path
 
 from . import features as F
 from .common import DataError
@@ -132,7 +132,8 @@ class FeatureDataset(Dataset):
 
     def cache_path(self, i: int) -> Path:
         """The cache file of item ``i``."""
-        return self.cache_dir / f"{self.raw.ids[i]}.pt"
+        return child_path(self.cache_dir, f"{self.raw.ids[i]}.pt", what="feature cache entry of utterance",
+                          error=DataError)
 
     def fingerprint(self, i: int) -> dict:
         """What the cache entry of item ``i`` is computed from: feature version, kind and settings, corpus
@@ -183,7 +184,8 @@ class FeatureDataset(Dataset):
             try:
                 entry = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # truncated, not a torch file, or refused by weights_only (code inside)
-                reason = f"unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "empty or cut short"
+                reason = f"unreadable ({type(e).__name__}: {first})"
             else:
                 reason = self._stale(entry, i, expected)
                 if reason is None:

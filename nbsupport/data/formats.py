@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import pickle
 import re
 import sys
@@ -48,12 +49,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nbsupport.base import ParameterError, atomic_write
+from nbsupport.base import ParameterError, WriteError, atomic_write
 
 from .common import EMOTIONS, SPLITS, DataError, check_split
 from .datasets import umons_pickle_dataset
 from .features import _pool_frames
+from .hdf5_safe import open_hdf5
 from .safe_pickle import load_pickle
+from .validate import SDK_MOSEI_LABELS, SYNONYMS as _SYNONYMS, check_disjoint, check_emotions, check_features, \
+    check_ids, check_intervals, check_lengths, check_sentiment, emotion_columns
 
 __all__ = ["DATA_FORMATS", "FEATURE_FORMATS", "LABEL_COLUMNS", "MULT_IEMOCAP_EMOTIONS", "SDK_MOSEI_LABELS",
            "SDK_EPSILON", "FeatureSplit", "detect_format", "resolve_format", "feature_dataset", "load_mmsa",
@@ -67,9 +71,6 @@ DATA_FORMATS = ("auto", "raw", "umons", "mmsa", "mult", "csd")
 FEATURE_FORMATS = ("umons", "mmsa", "mult", "csd")
 #: MulT's IEMOCAP label order ("Neutral", "Happy", "Sad", "Angry" in its evaluation code), as book names.
 MULT_IEMOCAP_EMOTIONS = ("neu", "hap", "sad", "ang")
-#: Column order of CMU-MOSEI's "All Labels" sequence, as the SDK documents it (used when the file's
-#: metadata has no "dimension names").
-SDK_MOSEI_LABELS = ("sentiment", "happy", "sad", "anger", "surprise", "disgust", "fear")
 #: Column order of the SDK's six-column "Emotion Labels" sequence (no sentiment), as its author gives it.
 SDK_EMOTION_LABELS = SDK_MOSEI_LABELS[1:]
 #: How a label sequence's columns are named (parameter ``columns`` / ``label_columns``): ``"metadata"``
@@ -79,16 +80,7 @@ LABEL_COLUMNS = ("metadata", "sdk-default")
 #: The SDK's ``epsilon`` (mmdatasdk/dataset/dataset.py): ``align()`` makes no utterance of a label row
 #: whose interval is shorter than this (seconds).
 SDK_EPSILON = 10e-4
-
-# Names the sources use for an emotion -> the book's name (EMOTIONS), per data set.
-_SYNONYMS = {
-    "mosei": {"anger": "anger", "angry": "anger", "ang": "anger", "disgust": "disgust", "dis": "disgust",
-              "fear": "fear", "fea": "fear", "happy": "happy", "happiness": "happy", "hap": "happy",
-              "sad": "sad", "sadness": "sad", "surprise": "surprise", "sur": "surprise"},
-    "iemocap": {"ang": "ang", "anger": "ang", "angry": "ang", "exc": "exc", "excited": "exc",
-                "fru": "fru", "frustrated": "fru", "frustration": "fru", "hap": "hap", "happy": "hap",
-                "happiness": "hap", "neu": "neu", "neutral": "neu", "sad": "sad", "sadness": "sad"},
-}
+logger = logging.getLogger(__name__)
 _SPLIT_KEYS = {"train": ("train",), "valid": ("valid", "dev", "val"), "test": ("test",)}
 _MMSA_NAMES = ("unaligned_50.pkl", "aligned_50.pkl")
 _MULT_RE = re.compile(r"^(mosei_senti|mosi|iemocap)_data(_noalign)?\.pkl$")
@@ -159,15 +151,8 @@ def read_csd(path, videos=None) -> tuple[str, dict, dict]:
     in ``videos`` (a full COVAREP sequence is gigabytes); ``metadata`` = {key: value} decoded from every
     form the SDK versions wrote (:func:`_metadata_value`). ``"__width__"`` in ``metadata`` is the
     feature width D. DataError naming the file and the key for anything else (Chapter 2)."""
-    import h5py
-
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: computational sequence file missing")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not an HDF5 computational sequence ({e})") from None
+    fh, safe = open_hdf5(path, "computational sequence")  # links and storage checked (hdf5_safe)
     with fh:
         roots = list(fh.keys())
         if len(roots) != 1:
@@ -186,12 +171,15 @@ def read_csd(path, videos=None) -> tuple[str, dict, dict]:
             for k in ("features", "intervals"):
                 if k not in entry:
                     raise DataError(f"{path}: key '{name}/data/{vid}/{k}' missing")
-            feats, iv = entry["features"][()], np.asarray(entry["intervals"][()], np.float64)
+            key = f"{name}/data/{vid}"
+            feats = safe.read(entry["features"], f"{key}/features")
+            iv = np.asarray(safe.read(entry["intervals"], f"{key}/intervals"), np.float64)
             if iv.ndim != 2 or iv.shape[1] != 2 or feats.shape[0] != iv.shape[0]:
                 raise DataError(f"{path}: '{name}/data/{vid}': features {feats.shape} and intervals {iv.shape} "
                                 "must be (n, D) and (n, 2)")
             data[vid] = (feats, iv)
-        meta = {k: _metadata_value(ds[()]) for k, ds in (grp["metadata"].items() if "metadata" in grp else [])}
+        meta = {k: _metadata_value(safe.read(ds, f"{name}/metadata/{k}", numeric=False))
+                for k, ds in (grp["metadata"].items() if "metadata" in grp else [])}
         meta["__width__"] = width
     return name, data, meta
 
@@ -199,24 +187,6 @@ def read_csd(path, videos=None) -> tuple[str, dict, dict]:
 # ----------------------------------------------------------------------------------------------
 # Items
 # ----------------------------------------------------------------------------------------------
-def emotion_columns(names, dataset: str, where: str) -> list[tuple[int, str]]:
-    """Match a source's label names to the book's emotions **by name** (never by position).
-
-    Returns ``[(source column, book name)]`` in the book's order (:data:`~nbsupport.data.EMOTIONS`),
-    for the emotions the source has; names that are not emotions (``sentiment``) are skipped.
-    DataError when two columns name the same emotion."""
-    syn = _SYNONYMS.get(dataset, {})
-    found: dict[str, int] = {}
-    for j, n in enumerate(names):
-        book = syn.get(str(n).strip().lower())
-        if book is None:
-            continue
-        if book in found:
-            raise DataError(f"{where}: columns {found[book]} and {j} both name emotion {book!r}")
-        found[book] = j
-    return [(found[n], n) for n in EMOTIONS[dataset] if n in found]
-
-
 class FeatureSplit(Dataset):
     """One split of pre-extracted features (Chapters 3, 4, 7), any source form.
 
@@ -267,26 +237,18 @@ class FeatureSplit(Dataset):
                 "sentiment": torch.from_numpy(self.sentiment.copy())}
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
-    """float32 with non-finite values (MMSA/MulT audio holds -inf) set to 0, as the authors' loaders do.
-
-    In place when ``x`` is already a writable float32 array (a full CMU-MOSEI pickle is several GB;
-    a copy would double it); the loaded pickle is not reused for anything else."""
-    x = np.asarray(x, np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        if not x.flags.writeable:
-            x = x.copy()
-        x[bad] = 0.0
-    return x
+def _finite(x: np.ndarray, where: str) -> np.ndarray:
+    """float32 with -inf (MMSA/MulT audio) set to 0, as the authors' loaders do; NaN or +inf is an error
+    (:func:`~nbsupport.data.validate.check_features`). In place when ``x`` is already a writable float32
+    array (a full CMU-MOSEI pickle is several GB); the loaded pickle is not reused for anything else."""
+    return check_features(x, where)
 
 
 def _unpad(x: np.ndarray, length=None) -> np.ndarray:
     """(L, D) padded -> the real rows: the first ``length`` rows when the source gives lengths (padding
     at the end), else the rows that are not all zero (MulT/aligned data pad at the front); at least one."""
     if length is not None:
-        n = int(np.clip(int(length), 1, x.shape[0]))
-        return x[:n]
+        return x[:int(length)]  # validated by check_lengths: 1 <= length <= x.shape[0]
     keep = np.abs(x).sum(1) > 0
     return x[keep] if keep.any() else x[:1]
 
@@ -352,6 +314,36 @@ def _check_dataset(dataset) -> str:
 # ----------------------------------------------------------------------------------------------
 # MMSA
 # ----------------------------------------------------------------------------------------------
+def _mmsa_ids(top: dict, split: str, path: Path) -> list[str]:
+    """The ``id`` column of ``split``, checked: no id repeated, none shared with another split."""
+    ids = {}
+    for s in SPLITS:
+        if s == split or any(k in top for k in _SPLIT_KEYS[s]):
+            d = _split_dict(top, s, path)
+            ids[s] = check_ids([_text(v) for v in _array(d, "id", path, s, ndim=1)], f"{path}: [{s!r}]['id']")
+    check_disjoint(ids, f"{path}: ['id']")
+    return ids[split]
+
+
+def _mmsa_emotion_rows(emotion: np.ndarray, ids: list, where: str) -> np.ndarray:
+    """Rows to keep: those with emotion labels. A row that is all NaN is one ``merge_emotions`` could not
+    match: it is dropped, with a warning naming how many and which; a row that is only partly NaN is an
+    error (a damaged label, not a missing one)."""
+    nan = np.isnan(emotion)
+    partial = nan.any(1) & ~nan.all(1)
+    if partial.any():
+        check_emotions(emotion[partial], where)  # raises, naming the rows
+    keep = ~nan.all(1) if emotion.shape[1] else np.ones(len(ids), bool)
+    if not keep.any():
+        raise DataError(f"{where} matched no utterance (every row is NaN)")
+    if not keep.all():
+        gone = [ids[i] for i in np.flatnonzero(~keep)]
+        logger.warning("%s: %d of %d utterances have no emotion labels (all NaN: merge-emotions found no "
+                       "matching row) and are left out: %s", where, len(gone), len(ids),
+                       ", ".join(map(repr, gone[:5])) + (" ..." if len(gone) > 5 else ""))
+    return keep
+
+
 def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) -> FeatureSplit:
     """One split of an MMSA pickle (``aligned_50.pkl`` / ``unaligned_50.pkl``) as a :class:`FeatureSplit`.
 
@@ -364,13 +356,14 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
     path, split, dataset = Path(path), check_split(split), _check_dataset(dataset)
     if dataset == "iemocap":
         raise DataError(f"{path}: MMSA's pickles hold CMU-MOSI, CMU-MOSEI or CH-SIMS, not dataset='iemocap'")
-    d = _split_dict(_cached_pickle(path), split, path)
-    ids = [_text(v) for v in _array(d, "id", path, split, ndim=1)]
+    top = _cached_pickle(path)
+    d = _split_dict(top, split, path)
+    ids = _mmsa_ids(top, split, path)
     n = len(ids)
     sent = _sentiment(_array(d, "regression_labels", path, split, n=n), path, split, "regression_labels")
     mods: dict = {}
     if "text" in d:
-        text = _finite(_array(d, "text", path, split, ndim=3, n=n))
+        text = _finite(_array(d, "text", path, split, ndim=3, n=n), f"{path}: [{split!r}]['text']")
         mask = None
         if "text_bert" in d:
             tb = _array(d, "text_bert", path, split, ndim=3, n=n)
@@ -381,8 +374,9 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
         mods["text"] = [_masked_rows(text[i], mask[i]) if mask is not None else _unpad(text[i]) for i in range(n)]
     for key, src in (("audio", "audio"), ("video", "vision")):
         if src in d:
-            x = _finite(_array(d, src, path, split, ndim=3, n=n))
-            lens = _array(d, f"{src}_lengths", path, split, n=n) if f"{src}_lengths" in d else None
+            x = _finite(_array(d, src, path, split, ndim=3, n=n), f"{path}: [{split!r}][{src!r}]")
+            lens = check_lengths(_array(d, f"{src}_lengths", path, split, n=n), x.shape[1],
+                                 f"{path}: [{split!r}]['{src}_lengths']") if f"{src}_lengths" in d else None
             mods[key] = [_unpad(x[i], None if lens is None else lens[i]) for i in range(n)]
     if not mods:
         raise DataError(f"{path}: [{split!r}] has none of 'text', 'audio', 'vision'")
@@ -394,13 +388,14 @@ def load_mmsa(path, split: str, *, dataset: str = "mosei", seq_len: int = 60) ->
         emo = np.asarray(_array(d, "emotion_labels", path, split, ndim=2, n=n), np.float32)
         emotion = emo[:, [j for j, _ in cols]]
         names = [b for _, b in cols]
-        keep = np.isfinite(emotion).all(1)
-        if not keep.any():
-            raise DataError(f"{path}: [{split!r}]['emotion_labels'] matched no utterance")
+        keep = _mmsa_emotion_rows(emotion, ids, f"{path}: [{split!r}]['emotion_labels']")
         idx = np.flatnonzero(keep)
-        ids, sent, emotion = [ids[i] for i in idx], sent[idx], (emotion[idx] > 0).astype(np.float32)
+        ids, sent = [ids[i] for i in idx], sent[idx]
+        emotion = (check_emotions(emotion[idx], f"{path}: [{split!r}]['emotion_labels']") > 0).astype(np.float32)
         mods = {k: [v[i] for i in idx] for k, v in mods.items()}
-    texts = [_text(v) for v in d["raw_text"]] if "raw_text" in d else None
+        texts = [_text(d["raw_text"][i]) for i in idx] if "raw_text" in d else None
+    else:
+        texts = [_text(v) for v in d["raw_text"]] if "raw_text" in d else None
     return FeatureSplit(ids, mods, emotion, names, sent, source=str(path), data_format="mmsa", split=split,
                         seq_len=seq_len, texts=texts)
 
@@ -437,7 +432,7 @@ def load_mult(path, split: str, *, dataset: str | None = None, seq_len: int = 60
     mods = {}
     for key, src in (("text", "text"), ("audio", "audio"), ("video", "vision")):
         if src in d:
-            x = _finite(_array(d, src, path, split, ndim=3, n=n))
+            x = _finite(_array(d, src, path, split, ndim=3, n=n), f"{path}: [{split!r}][{src!r}]")
             mods[key] = [_unpad(x[i]) for i in range(n)]
     if not mods:
         raise DataError(f"{path}: [{split!r}] has none of 'text', 'audio', 'vision'")
@@ -445,6 +440,12 @@ def load_mult(path, split: str, *, dataset: str | None = None, seq_len: int = 60
         if dataset not in (None, "iemocap"):
             raise DataError(f"{path}: [{split!r}]['labels'] are IEMOCAP's (N, 4, 2) emotions but "
                             f"dataset={dataset!r}")
+        pairs = np.asarray(labels, np.float64)
+        bad = ~np.isin(pairs, (0.0, 1.0)).all((1, 2)) | (pairs.sum(-1) != 1).any(1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise DataError(f"{path}: [{split!r}]['labels'] must hold, per emotion, a one-hot pair [absent, present] "
+                            f"of 0/1; rows {rows[:5].tolist()} hold {pairs[rows[0]].tolist()}")
         present = np.argmax(labels, axis=-1).astype(np.float32)  # (N, 4), 1 = emotion present
         cols = emotion_columns(MULT_IEMOCAP_EMOTIONS, "iemocap", str(path))
         emotion, names = present[:, [j for j, _ in cols]], [b for _, b in cols]
@@ -487,7 +488,7 @@ def _csd_roles(folder: Path, sequences=None) -> dict:
         try:
             with h5py.File(p, "r") as fh:
                 seq_names[p] = " ".join(fh.keys())
-        except OSError as e:
+        except Exception as e:  # OSError, or RuntimeError/KeyError from a damaged file's groups
             raise DataError(f"{p}: not an HDF5 computational sequence ({e})") from None
     roles: dict = {}
     for role, want in sequences.items():
@@ -582,8 +583,10 @@ def csd_emotion_labels(path, dataset: str = "mosei", columns: str = "metadata") 
         feats = np.asarray(feats, np.float64)
         if feats.shape[1] != width:
             raise DataError(f"{path}: '{vid}' has {feats.shape[1]} label columns, expected {width}")
-        sent = feats[:, s_col[0]].astype(np.float32) if s_col else None
-        out[vid] = (iv, sent, feats[:, [j for j, _ in cols]].astype(np.float32))
+        where = f"{path}: '{vid}'"
+        iv = check_intervals(iv, f"{where} label intervals")  # stored order kept: row k is v[k]
+        sent = check_sentiment(feats[:, s_col[0]], f"{where} sentiment") if s_col else None
+        out[vid] = (iv, sent, check_emotions(feats[:, [j for j, _ in cols]], f"{where} emotions"))
     return out
 
 
@@ -642,6 +645,7 @@ def _csd_utterances(labels: dict, wanted: list[str], split_file: Path, labels_na
                 continue
             rows = [row]
         utts += [(f"{vid}[{k}]", vid, k) for k in rows]
+    check_ids([u for u, _, _ in utts], str(split_file))
     return utts, left_out
 
 
@@ -676,6 +680,11 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60, c
               f"{roles['labels'].name}, left out: {shown}")
     if not utts:
         raise DataError(f"{split_file}: none of its {len(wanted)} ids is a video of {roles['labels'].name}")
+    others = {s: _csd_utterances(labels, _read_split_ids(folder, s), folder / f"{s}_split.txt",
+                                 roles["labels"].name)[0]
+              for s in SPLITS if s != split and (folder / f"{s}_split.txt").is_file()}
+    check_disjoint({split: [u for u, _, _ in utts],
+                    **{s: [u for u, _, _ in o] for s, o in others.items()}}, f"{folder}: split files")
     mods = {}
     for key in ("text", "audio", "video"):
         if key not in roles:
@@ -688,7 +697,8 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60, c
             if vid in data:
                 feats, iv = data[vid]
                 rows = sdk_overlapping_rows(iv, s, e)
-                x = _finite(np.asarray(feats[rows], np.float32)) if len(rows) else np.zeros((1, dim), np.float32)
+                x = _finite(np.asarray(feats[rows], np.float32), f"{roles[key]}: '{vid}' features") \
+                    if len(rows) else np.zeros((1, dim), np.float32)
             else:
                 x = np.zeros((1, dim), np.float32)
             seqs.append(x.reshape(x.shape[0], -1))
@@ -992,6 +1002,9 @@ def main(argv=None) -> int:
     except (DataError, ParameterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # merge-emotions' --out on a full disk or a read-only folder
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

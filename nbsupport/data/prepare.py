@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import json
 import hashlib
 import math
 import os
@@ -55,10 +57,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nbsupport.base import atomic_write, atomic_write_json, atomic_write_text
+from nbsupport.base import ParameterError, WriteError, atomic_write, atomic_write_json, atomic_write_text, \
+    child_path
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset
-from .formats import _SYNONYMS, LABEL_COLUMNS, csd_emotion_labels
+from .formats import LABEL_COLUMNS, csd_emotion_labels
+from .validate import SYNONYMS as _SYNONYMS, check_sentiment
 from .safe_pickle import load_pickle
 
 __all__ = ["Segment", "read_segments", "read_labels", "prepare", "prepare_utterance", "main", "VIDEO_EXTENSIONS"]
@@ -66,6 +70,8 @@ __all__ = ["Segment", "read_segments", "read_labels", "prepare", "prepare_uttera
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".flv", ".m4v", ".mpg", ".mpeg")
 _PREFIX = {"mosei": "MOSEI", "iemocap": "IEMOCAP"}
 SR = 16000
+#: Per-utterance record written inside each finished utterance folder (frame rate, frame count).
+_INFO = ".prepare.json"
 #: How far (s) a segment may end past the end of its video (transcript times are rounded).
 END_TOLERANCE = 0.25
 
@@ -183,6 +189,7 @@ def read_segments(path, dataset: str = "mosei") -> list[Segment]:
         raise DataError(f"{path}: the segment table lists no utterance")
     seen = set()
     for s in out:
+        child_path(path.parent, s.id, what=f"{path}: utterance id", error=DataError)  # becomes a folder name
         if s.id in seen:
             raise DataError(f"{path}: utterance {s.id!r} listed twice")
         seen.add(s.id)
@@ -192,6 +199,16 @@ def read_segments(path, dataset: str = "mosei") -> list[Segment]:
 def _emotion_name(col: str, dataset: str):
 
     return _SYNONYMS[dataset].get(col.strip().lower().replace("answer.", ""))
+
+
+def _sentiment_cell(v, where: str) -> float:
+    """A CSV sentiment cell as a number in [-3, 3]; DataError naming the cell otherwise (an empty cell
+    means no sentiment)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: expected a sentiment score in [-3, 3] (or an empty cell), got {v!r}") from None
+    return float(check_sentiment([x], where)[0])
 
 
 def read_labels(path, dataset: str, segments: list[Segment], label_columns: str = "metadata") -> dict:
@@ -253,7 +270,7 @@ def read_labels(path, dataset: str, segments: list[Segment], label_columns: str 
                     rec["emo"][names.index(n)] += _float(row[f] or 0, f"{path} line {i} column {f!r}")
             s = _col(low, "sentiment", "answer.sentiment")
             if s is not None:
-                rec["sent"].append(float(s))
+                rec["sent"].append(_sentiment_cell(s, f"{path} line {i} column 'sentiment'"))
             rec["text"] = _col(low, "text") or rec["text"]
     for uid, rec in sums.items():
         if dataset == "iemocap":
@@ -271,7 +288,10 @@ def read_labels(path, dataset: str, segments: list[Segment], label_columns: str 
 # One utterance
 # ----------------------------------------------------------------------------------------------
 def _utterance_dir(raw_dir: Path, dataset: str, uid: str) -> Path:
-    return raw_dir / _iemocap_dialogue(uid) / uid if dataset == "iemocap" else raw_dir / uid
+    """The utterance's folder under ``raw_dir``; DataError when the id would leave it (``../x``, ``/abs``)."""
+    parent = child_path(raw_dir, _iemocap_dialogue(uid), what="IEMOCAP dialogue of utterance id",
+                        error=DataError) if dataset == "iemocap" else raw_dir
+    return child_path(parent, uid, what="utterance id", error=DataError)
 
 
 def _decode_frames(container, stream, seg: Segment, interval_ms: float, where: str):
@@ -387,19 +407,34 @@ def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    def image(name, img):
+        if not cv2.imwrite(str(tmp / name), img):
+            raise WriteError(errno.EIO, f"{tmp / name}: cannot write the frame (is the disk full or --out "
+                             "read-only?)")
+
+    def audio(name, samples):
+        try:
+            sf.write(tmp / name, samples, SR, subtype="PCM_16")
+        except (OSError, RuntimeError) as e:  # libsndfile reports a full disk as "System error"
+            raise WriteError(errno.EIO, f"{tmp / name}: cannot write the audio ({e}; is the disk full or --out "
+                             "read-only?)") from None
+
     try:
         for k, _, img in frames:
             if dataset == "iemocap":
                 w = img.shape[1] // 2
-                cv2.imwrite(str(tmp / f"image_L_{k}.jpg"), img[:, :w])
-                cv2.imwrite(str(tmp / f"image_R_{k}.jpg"), img[:, w:])
+                image(f"image_L_{k}.jpg", img[:, :w])
+                image(f"image_R_{k}.jpg", img[:, w:])
             else:
-                cv2.imwrite(str(tmp / f"image_{k}.jpg"), img)
+                image(f"image_{k}.jpg", img)
         if dataset == "iemocap":
-            sf.write(tmp / "audio_L.wav", wav[0], SR, subtype="PCM_16")
-            sf.write(tmp / "audio_R.wav", wav[1], SR, subtype="PCM_16")
+            audio("audio_L.wav", wav[0])
+            audio("audio_R.wav", wav[1])
         else:
-            sf.write(tmp / "audio.wav", wav[0], SR, subtype="PCM_16")
+            audio("audio.wav", wav[0])
+        # per-utterance fields of meta.pkl, renamed with the folder: they survive a kill before meta.pkl
+        atomic_write_json(tmp / _INFO, {"fps": fps, "frames": len(frames),
+                                        "frame_times": {str(k): float(t) for k, t, _ in frames}})
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another run finished it first
@@ -412,11 +447,32 @@ def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
     return {"fps": fps, "frames": len(frames), "frame_times": {k: float(t) for k, t, _ in frames}}
 
 
+def _utterance_info(folder: Path) -> dict | None:
+    """The ``.prepare.json`` record of a finished utterance folder (None when absent or unusable: the
+    frame rate may then still come from an earlier ``meta.pkl``)."""
+    f = folder / _INFO
+    try:
+        if f.stat().st_size > 1 << 20:  # a frame clock of hours of video is far smaller
+            return None
+        rec = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    fps = rec.get("fps") if isinstance(rec, dict) else None
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        return None
+    times = rec.get("frame_times")
+    try:  # JSON keys are strings: back to frame numbers (the reader checks the clock itself)
+        rec["frame_times"] = None if times is None else {int(k): float(t) for k, t in times.items()}
+    except (AttributeError, TypeError, ValueError):
+        rec["frame_times"] = None
+    return rec
+
+
 def _job(args):
     video, seg, out_dir, dataset, interval = args
     try:
         return seg.id, prepare_utterance(video, seg, out_dir, dataset, interval), None
-    except DataError as e:
+    except (DataError, WriteError) as e:
         return seg.id, None, str(e)
     except Exception as e:  # an unexpected decoder failure still only fails this utterance
         return seg.id, None, f"{video} [{seg.id}]: {type(e).__name__}: {e}"
@@ -504,7 +560,13 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
     index = _video_index(Path(videos))
     out = Path(out)
     raw_dir = out / f"{_PREFIX[dataset]}_RAW_PROCESSED"
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(raw_dir / ".write-test", "")
+        (raw_dir / ".write-test").unlink()
+    except OSError as e:
+        raise ParameterError(f"parameter --out {out}: cannot write there ({getattr(e, 'strerror', None) or e}); "
+                             "expected a writable folder") from None
     report = PrepareReport()
     jobs = []
     for s in segs:
@@ -543,8 +605,11 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
              "video": s.video, "start": s.start, "end": s.end}
         if lab.get("sentiment") is not None:
             m["sentiment"] = lab["sentiment"]
-        if uid in info:
-            m["fps"], m["frame_times"] = info[uid]["fps"], info[uid]["frame_times"]
+        rec = info.get(uid) or _utterance_info(_utterance_dir(raw_dir, dataset, uid))
+        if rec is not None:
+            m["fps"] = rec["fps"]
+            if rec.get("frame_times") is not None:
+                m["frame_times"] = rec["frame_times"]
         meta[uid] = m
     old = raw_dir / "meta.pkl"
     if old.is_file():  # keep the frame clocks recorded by earlier runs
@@ -590,9 +655,12 @@ def main(argv=None) -> int:
         rep = prepare(args.videos, args.segments, args.labels, args.out, dataset=args.dataset, splits=args.splits,
                       workers=args.workers, img_interval=args.img_interval, progress=not args.no_progress,
                       label_columns=args.label_columns)
-    except DataError as e:
+    except (DataError, ParameterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # a full disk while writing meta.pkl or the split files
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"prepared {len(rep.prepared)} utterances ({rep.per_second:.2f}/s), skipped {len(rep.skipped)} already "
           f"done, {len(rep.unlabelled)} without labels, {len(rep.failed)} failed")
     for uid, msg in rep.failed.items():

@@ -44,10 +44,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nbsupport.base import ParameterError
+from nbsupport.base import ParameterError, child_path
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset, check_split
 from .safe_pickle import load_pickle
+from .validate import EMOTION_RANGE, SDK_MOSEI_LABELS, SENTIMENT_RANGE, emotion_columns
 
 __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", "sample_frame_positions",
            "speaker_side", "utterance_folders", "read_cues", "load_umons_pickles", "UmonsPickleSplit", "FPS",
@@ -56,9 +57,6 @@ __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", 
 FPS = 30
 #: Mel bins of UMONS's pre-extracted audio features (Delbrouck et al. 2020, Sec. 4).
 UMONS_MEL_BINS = 80
-#: Sentiment scores of CMU-MOSEI lie in [-3, 3] (Zadeh et al. 2018); emotion intensities in [0, 3].
-SENTIMENT_RANGE = (-3.0, 3.0)
-EMOTION_RANGE = (0.0, 3.0)
 _FRAME_RE = re.compile(r"^image_(?:(?P<s1>[LR])_)?(?P<k>\d+)(?:_(?P<s2>[LR]))?\.(?:jpe?g|png)$", re.IGNORECASE)
 _PREFIX = {"mosei": "MOSEI", "iemocap": "IEMOCAP"}
 _WARNED_NO_FPS: set = set()  # roots whose missing frame rate was reported (once per process)
@@ -332,6 +330,9 @@ def _emotion_vector(dataset: str, label, where: str, field: str = "label") -> np
     if (arr < lo).any() or (arr > hi).any():
         raise DataError(f"{where}: field '{field}' = {arr.tolist()} is outside [{lo:g}, {hi:g}] "
                         "(presence 0/1 or intensities 0-3)")
+    if dataset == "iemocap" and (arr > 0).sum() != 1:
+        raise DataError(f"{where}: field '{field}' = {arr.tolist()} must mark exactly one class of {names} "
+                        "(IEMOCAP has one emotion per utterance)")
     return (arr > 0).astype(np.float32)
 
 
@@ -373,6 +374,8 @@ def read_split_ids(split_file, *, allow_overlap: bool = False) -> list[str]:
     set that repeats ids on purpose, e.g. oversampling)."""
     split_file = Path(split_file)
     ids = [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
+    for uid in ids:  # an id names a folder of the layout: it must not leave it
+        child_path(split_file.parent, uid, what=f"{split_file}: utterance id", error=DataError)
     if not allow_overlap:
         seen, dup = set(), []
         for uid in ids:
@@ -547,9 +550,6 @@ class UmonsPickleSplit(Dataset):
     """
 
     def __init__(self, folder, split: str, emotion_order=None):
-        # formats imports datasets, which imports this module: read the name matcher at call time
-        from .formats import SDK_MOSEI_LABELS, emotion_columns
-
         check_split(split)
         folder = Path(folder)
         emotion_order = list(SDK_MOSEI_LABELS[1:] if emotion_order is None else emotion_order)
