@@ -255,12 +255,15 @@ def test_utterance_ids_are_the_sdk_align_ids(sdk, table, tmp_path):
             assert ds[i]["emotion"].tolist() == _book_presence(row), uid
             seen[uid] = True
     assert sorted(seen) == sorted(aligned)
-    # a split listing the SDK's utterance ids selects exactly those utterances
-    pick = sorted(aligned)[3:7]
+    # a split listing the SDK's utterance ids selects exactly those utterances (of the test video:
+    # the splits stay disjoint)
+    test_video = (folder / "test_split.txt").read_text().split()[0]
+    pick = sorted(u for u in aligned if u.rsplit("[", 1)[0] == test_video)[1:][::-1]
+    assert len(pick) >= 2
     (folder / "test_split.txt").write_text("\n".join(pick) + "\n")
     ds = formats.load_csd(folder, "test")
     assert ds.ids == pick
-    assert [ds[i]["emotion"].tolist() for i in range(4)] == [_book_presence(aligned[u]) for u in pick]
+    assert [ds[i]["emotion"].tolist() for i in range(len(pick))] == [_book_presence(aligned[u]) for u in pick]
 
 
 def test_utterance_features_are_the_rows_align_gives_it(sdk, table, tmp_path):
@@ -299,10 +302,10 @@ def test_a_zero_length_row_is_skipped_without_renumbering_as_align_does(sdk, tmp
         np.random.default_rng(0), {"v": np.array([[0.0, 6.0]])}, 4, 0.5))
     aligned = sdk_align(sdk, {"All Labels": str(tmp_path / "CMU_MOSEI_Labels.csd"),
                               "COVAREP": str(tmp_path / "CMU_MOSEI_COVAREP.csd")}, "All Labels")
-    for s in ("train", "valid"):
-        (tmp_path / f"{s}_split.txt").write_text("v\n")
-    (tmp_path / "test_split.txt").write_text("v[1]\nv[2]\n")
+    (tmp_path / "train_split.txt").write_text("v\n")
     assert formats.load_csd(tmp_path, "train").ids == sorted(aligned) == ["v[0]", "v[2]"]
+    (tmp_path / "train_split.txt").write_text("v[0]\n")  # the splits stay disjoint
+    (tmp_path / "test_split.txt").write_text("v[1]\nv[2]\n")
     ds = formats.load_csd(tmp_path, "test")
     assert ds.ids == ["v[2]"] and ds.left_out == ["v[1] (zero-length segment: the SDK makes no utterance of it)"]
 
