@@ -35,7 +35,8 @@ from nbsupport.models.mesm import extractor_macs
 __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_pieces", "summarize_cue_table",
            "lift_intervals", "LiftTracker", "lift_verdicts", "draw_lift_by_epoch",
            "face_crop_box", "face_region_from_box", "CueRegions", "measure_cue_attention", "utterance_maps",
-           "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites"]
+           "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites",
+           "attention_lifts"]
 
 
 def region_to_grid(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -496,3 +497,12 @@ def draw_lift_by_epoch(table: pd.DataFrame, what: str = "attention", fig=None):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def attention_lifts(model, loader, cues: CueRegions, *, device="cpu", seed: int = 0) -> dict:
+    """The attention's lift on the cue regions per modality and layer, as plain numbers keyed
+    ``"V layer 1"`` etc. (:func:`measure_cue_attention`'s point values, no interval): the per-seed
+    measurement of :func:`nbsupport.protocol.reference_bug_cost` in Chapter 6, whose intervals come from
+    the spread over training seeds instead."""
+    table = measure_cue_attention(model, loader, cues, device=device, progress=False, resamples=100, seed=seed)
+    return {f"{r.modality} layer {r.layer}": float(r.attention_lift) for r in table.itertuples()}

@@ -513,3 +513,36 @@ def test_paper_with_reference_bugs_turns_on_every_bug_and_nothing_else():
     n_fixed = sum(p.numel() for p in UmonsTransformer("LA", 6, config=UmonsConfig.paper()).parameters())
     n_buggy = sum(p.numel() for p in UmonsTransformer("LA", 6, config=buggy).parameters())
     assert n_buggy - n_fixed == 300
+
+
+def test_bug_cost_pairs_seeds_from_the_same_start_and_its_interval_is_over_seeds():
+    from torch.utils.data import DataLoader
+
+    from nbsupport import protocol
+    from nbsupport.evidence import seed_interval
+
+    batches = [_batch(lengths={"L": [5, 3, 7], "A": [2, 8, 6], "V": [5, 6, 1]}, seed=s, pad_to=8) for s in range(3)]
+    loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
+    starts = []
+    real_fit = protocol.train_and_test
+
+    def spy(model, *args, **kw):  # the initial weights each training starts from
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_fit(model, *args, **kw)
+
+    protocol.train_and_test = spy
+    try:
+        cost = protocol.umons_bug_cost(loaders, UmonsConfig(**SMALL), {"video_glimpse_mask": "audio"},
+                                       seeds=[0, 1, 2], epochs=1, lr=1e-2, device="cpu", progress=False)
+    finally:
+        protocol.train_and_test = real_fit
+    assert [r["seed"] for r in cost["per_seed"]] == [0, 1, 2] and len(starts) == 6
+    for fixed, bug in zip(starts[0::2], starts[1::2]):  # per seed: the same initial weights
+        assert all(torch.equal(fixed[k], bug[k]) for k in fixed)
+    assert not torch.equal(starts[0]["classifier.weight"], starts[2]["classifier.weight"])  # seeds differ
+    d = seed_interval([r["bug"] for r in cost["per_seed"]], [r["fixed"] for r in cost["per_seed"]])
+    assert cost["difference"]["value"] == pytest.approx(d.value) and cost["difference"]["n_seeds"] == 3
+    assert (cost["difference"]["low"] == pytest.approx(d.low, nan_ok=True))
+    assert "paired by seed over 3 seeds" in cost["sentence"]
+    with pytest.raises(ValueError, match="seeds"):
+        protocol.reference_bug_cost(lambda bug: None, loaders, seeds=[1, 1], epochs=1, lr=1e-2)
