@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -185,3 +186,60 @@ def test_bad_inputs_name_the_field():
     batch["text"] = batch["text"][..., :5]
     with pytest.raises(ValueError, match="text"):
         model(batch)
+
+
+# ---------------------------------------------- MulT: the authors' MULTModel as a preset, each difference a switch
+def test_mult_reference_parameter_count_from_layer_sizes():
+    # MULTModel with main.py's defaults on CMU-MOSEI's features (GloVe 300, COVAREP 74, FACET 35), 1 output
+    d, heads, layers, dims, n_out = 30, 5, 5, {"L": 300, "A": 74, "V": 35}, 1
+
+    def layer(w):  # attention (q, k, v, out with biases) + one shared LayerNorm + LN_ff + fc1 w->4w + fc2
+        return 4 * (w * w + w) + 2 * w + 2 * w + (w * 4 * w + 4 * w) + (4 * w * w + w)
+
+    proj = d * sum(dims.values())  # Conv1d(k=1) without bias
+    cross = 6 * (layers * layer(d) + 2 * d)  # six directions, final LayerNorm each
+    mem = 3 * (max(layers, 3) * layer(2 * d) + 2 * 2 * d)  # one self-attention transformer per target, width 2d
+    head = 2 * (6 * d * 6 * d + 6 * d) + (6 * d * n_out + n_out)  # proj1, proj2, out_layer on 3 * 2d
+    expected = proj + cross + mem + head
+    assert expected == 1_073_731
+    ref = bl.MulT("LAV", dims, n_out, **bl.MULT_REFERENCE)
+    assert sum(p.numel() for p in ref.parameters()) == expected
+    # the book's switches at the same sizes: separate key/value LayerNorms and projection biases
+    book = bl.MulT("LAV", dims, n_out, dim=d, heads=heads, cross_layers=layers, self_layers=max(layers, 3))
+    assert sum(p.numel() for p in book.parameters()) == expected + 6 * layers * 2 * d + 3 * d
+
+
+def test_fairseq_positions_by_hand():
+    x = torch.ones(1, 3, 4)
+    x[0, 2, 0] = 0.0  # first feature exactly 0: the reference reads it as padding
+    pe = bl.fairseq_positions(x)[0]
+    # width 4: half 2, frequencies exp(-i * ln(10000) / (2 - 1)) = 1, 1e-4; positions start at 1
+    for p in (1, 2):
+        expected = torch.tensor([math.sin(p), math.sin(p * 1e-4), math.cos(p), math.cos(p * 1e-4)])
+        assert torch.allclose(pe[p - 1], expected, atol=1e-6)
+    assert torch.equal(pe[2], torch.zeros(4))
+
+
+def test_mult_reference_switches_by_hand():
+    torch.manual_seed(0)
+    m = bl.MulT("LA", {"L": 3, "A": 2}, 2, dim=4, heads=2, cross_layers=1, self_layers=1, entry="reference",
+                mask_padding=False, future_mask=True, pooling="last")
+    x = torch.randn(2, 5, 4)
+    assert torch.allclose(m._enter(x), 2.0 * x + bl.fairseq_positions(x))  # sqrt(4) x + positions
+    q_mask, k_mask = torch.ones(2, 2, dtype=torch.bool), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    allowed = m._attn_mask(q_mask, k_mask)[0]
+    # query i sees keys j < i + 1 + |4 - 2| = i + 3; padding is not masked
+    assert allowed.tolist() == [[True, True, True, False], [True, True, True, True]]
+    m.mask_padding = True
+    assert m._attn_mask(q_mask, k_mask)[1].tolist() == [[True, True, False, False], [True, True, False, False]]
+    m.future_mask = False
+    assert m._attn_mask(q_mask, k_mask) is None  # the book's key-padding mask
+    m2 = bl.MulT("LA", {"L": 3, "A": 2}, 2, dim=4, heads=2, cross_layers=1, self_layers=1)
+    assert any("norm_kv" in n for n, _ in m2.cross.named_parameters())  # the book: separate LayerNorms
+    assert all(p.bias is not None for p in m2.proj.values())
+    shared = bl.CrossmodalBlock(4, 2, kv_norm="shared")
+    assert shared.norm_kv is None and sum(p.numel() for p in shared.parameters()) == \
+        sum(p.numel() for p in bl.CrossmodalBlock(4, 2).parameters()) - 8
+    assert not any("norm_kv" in n for n, _ in m2.self_attn.named_parameters())  # no unused LayerNorm
+    with pytest.raises(ValueError, match="pooling"):
+        bl.MulT("LA", {"L": 3, "A": 2}, 2, dim=4, heads=2, pooling="first")

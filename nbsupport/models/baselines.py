@@ -25,6 +25,7 @@ FE2E/MESM included) and :func:`model_macs` (MACs per utterance, for the table's 
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterable, Mapping
 
@@ -38,7 +39,7 @@ from nbsupport import flops
 from nbsupport.base import ParameterError, check_modalities, to_device
 
 __all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "build_baseline",
-           "sinusoidal_positions", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
+           "sinusoidal_positions", "fairseq_positions", "MULT_REFERENCE", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,6 +63,23 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(angle)
     pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
     return pe
+
+
+def fairseq_positions(x: torch.Tensor) -> torch.Tensor:
+    """The sinusoidal positions of the MulT reference code (fairseq/tensor2tensor form; Chapter 7):
+    ``[sin(p w_i), cos(p w_i)]`` (sines then cosines, not interleaved) with ``w_i = 10000^(-i / (D/2 - 1))``
+    and positions ``p = 1 .. L``; a position whose *first feature* is exactly 0 is taken for padding and
+    gets the zero vector (p = 0 row zeroed). x (B, L, D) -> (B, L, D), no gradient."""
+    b, length, dim = x.shape
+    half = dim // 2
+    rate = math.log(10000) / (half - 1) if half > 1 else 0.0
+    freq = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -rate)  # (half,)
+    pos = torch.arange(1, length + 1, dtype=torch.float32, device=x.device)[:, None] * freq[None]  # (L, half)
+    table = torch.cat([torch.sin(pos), torch.cos(pos)], 1)  # (L, 2 * half)
+    if dim % 2:
+        table = torch.cat([table, table.new_zeros(length, 1)], 1)
+    real = (x[..., 0] != 0).to(table.dtype)[..., None]  # (B, L, 1): the reference's padding test
+    return (table[None] * real).to(x.dtype).detach()
 
 
 def _check_modalities(name: str, modalities: str, input_dims: Mapping[str, int]) -> str:
@@ -211,27 +229,34 @@ class CrossmodalBlock(nn.Module):
     ``Z^ = Z + MHA(LN_q(Z), LN_kv(S), LN_kv(S))`` -- target sequence Z (queries) attends to the
     source modality S (keys/values), masked on S's padding; ``Z' = Z^ + FF(LN_ff(Z^))``.
     With ``source=None`` it is a self-attention layer (the source is Z itself, LN_q used for both),
-    the form of MulT's self-attention transformers.
+    the form of MulT's self-attention transformers. ``kv_norm="shared"``: one LayerNorm for the queries
+    and the keys/values, as the reference code (``layer_norms[0]`` applied to all three); a self-attention
+    layer never needs the second one, so MulT builds those shared.
     """
 
-    def __init__(self, dim: int, heads: int, ff_size: int | None = None, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, ff_size: int | None = None, dropout: float = 0.0,
+                 kv_norm: str = "separate"):
         super().__init__()
+        if kv_norm not in ("separate", "shared"):
+            raise ValueError(f"CrossmodalBlock: parameter 'kv_norm' must be 'separate' or 'shared', got {kv_norm!r}")
         self.attention = MultiHeadAttention(dim, heads, dropout)
         self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim) if kv_norm == "separate" else None
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = PositionwiseFeedForward(dim, ff_size or 4 * dim, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, target, target_mask=None, source=None, source_mask=None):
+    def forward(self, target, target_mask=None, source=None, source_mask=None, attn_mask=None):
         """target (B, Lt, dim); source (B, Ls, dim) or None (self-attention); masks (B, L) True =
-        real. Returns (B, Lt, dim); padded target rows are computed but never read by
-        :class:`MulT`."""
+        real; ``attn_mask`` (B, Lt, Ls), if given, replaces the key mask (MulT's reference switches).
+        Returns (B, Lt, dim); padded target rows are computed but never read by :class:`MulT`."""
         q = self.norm_q(target)
         if source is None:
             kv, kv_mask = q, target_mask
         else:
-            kv, kv_mask = self.norm_kv(source), source_mask
+            kv, kv_mask = (self.norm_kv or self.norm_q)(source), source_mask
+        if attn_mask is not None:
+            kv_mask = attn_mask
         z = target + self.dropout(self.attention(q, kv, kv, kv_mask))
         return z + self.dropout(self.ff(self.norm_ff(z)))
 
@@ -250,23 +275,43 @@ class MulT(_LateFusionBase):
     4. Each target sequence is pooled by a masked mean over its real positions (MulT reads the last
        element; with padding at the end, the mean is the padding-safe choice), the targets are
        concatenated, and MulT's residual MLP ``h + W2 ReLU(W1 h)`` and a linear layer give the logits.
+
+    Fidelity switches (book value first; :data:`MULT_REFERENCE` = the authors' ``MULTModel`` run with
+    its defaults, Chapter 7): ``entry`` -- "book" (positions added once after the projection) or
+    "reference" (every transformer scales its inputs by sqrt(width) and adds :func:`fairseq_positions` at
+    entry, to the queries and to the keys/values); ``kv_norm`` -- "separate" LayerNorms for queries and
+    keys/values, or one "shared"; ``proj_bias`` -- the input projection's bias (reference: none);
+    ``mask_padding`` -- padded keys masked (reference: no padding mask); ``future_mask`` -- the
+    reference's default ``attn_mask``: query i sees keys j < i + 1 + |L_k - L_q|; ``pooling`` -- "mean"
+    over real positions or the "last" position of the padded sequence (reference).
     """
 
     def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None, n_outputs: int = 6, *,
                  dim: int = 32, heads: int = 4, cross_layers: int = 2, self_layers: int = 1,
-                 ff_size: int | None = None, dropout: float = 0.1):
+                 ff_size: int | None = None, dropout: float = 0.1, entry: str = "book", kv_norm: str = "separate",
+                 proj_bias: bool = True, mask_padding: bool = True, future_mask: bool = False,
+                 pooling: str = "mean"):
         super().__init__(modalities, input_dims or {})
-        self.dim = dim
+        for name, value, allowed in (("entry", entry, ("book", "reference")), ("pooling", pooling, ("mean", "last")),
+                                     ("kv_norm", kv_norm, ("separate", "shared")),
+                                     ("proj_bias", proj_bias, (True, False)),
+                                     ("mask_padding", mask_padding, (True, False)),
+                                     ("future_mask", future_mask, (True, False))):
+            if value not in allowed or (isinstance(value, bool) != isinstance(allowed[0], bool)):
+                raise ValueError(f"MulT: parameter '{name}' must be one of {allowed}, got {value!r}")
+        self.dim, self.entry, self.pooling = dim, entry, pooling
+        self.mask_padding, self.future_mask = mask_padding, future_mask
         n_src = max(len(self.modalities) - 1, 1)
         tdim = dim * n_src
         if tdim % heads:
             raise ValueError(f"MulT: (number of modalities - 1) * dim = {tdim} must be divisible by heads={heads}")
-        self.proj = nn.ModuleDict({m: nn.Linear(self.input_dims[m], dim) for m in self.modalities})
-        self.cross = nn.ModuleDict({f"{a}2{b}": nn.ModuleList([CrossmodalBlock(dim, heads, ff_size, dropout)
+        self.proj = nn.ModuleDict({m: nn.Linear(self.input_dims[m], dim, bias=proj_bias) for m in self.modalities})
+        self.cross = nn.ModuleDict({f"{a}2{b}": nn.ModuleList([CrossmodalBlock(dim, heads, ff_size, dropout, kv_norm)
                                                                for _ in range(cross_layers)])
                                     for b in self.modalities for a in self.modalities if a != b})
         self.cross_norm = nn.ModuleDict({k: nn.LayerNorm(dim) for k in self.cross})
-        self.self_attn = nn.ModuleDict({b: nn.ModuleList([CrossmodalBlock(tdim, heads, ff_size, dropout)
+        # self-attention layers read one sequence: one LayerNorm serves queries and keys/values
+        self.self_attn = nn.ModuleDict({b: nn.ModuleList([CrossmodalBlock(tdim, heads, ff_size, dropout, "shared")
                                                           for _ in range(self_layers)]) for b in self.modalities})
         self.self_norm = nn.ModuleDict({b: nn.LayerNorm(tdim) for b in self.modalities})
         out_dim = tdim * len(self.modalities)
@@ -274,11 +319,31 @@ class MulT(_LateFusionBase):
         self.out = nn.Linear(out_dim, n_outputs)
         self.dropout = nn.Dropout(dropout)
 
+    def _enter(self, x: torch.Tensor) -> torch.Tensor:
+        """A transformer's entry: the reference scales by sqrt(width) and adds its positions; the book
+        added its positions once after the projection."""
+        if self.entry == "book":
+            return x
+        return math.sqrt(x.shape[-1]) * x + fairseq_positions(x)
+
+    def _attn_mask(self, q_mask: torch.Tensor, k_mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, Lq, Lk) allowed keys under the switches, or None for the plain key-padding mask."""
+        if self.mask_padding and not self.future_mask:
+            return None
+        b, lq, lk = q_mask.shape[0], q_mask.shape[1], k_mask.shape[1]
+        allowed = k_mask[:, None, :].expand(b, lq, lk) if self.mask_padding else k_mask.new_ones(b, lq, lk)
+        if self.future_mask:  # the reference's buffered_future_mask
+            i = torch.arange(lq, device=k_mask.device)[:, None]
+            j = torch.arange(lk, device=k_mask.device)[None, :]
+            allowed = allowed & (j < i + 1 + abs(lk - lq))
+        return allowed
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         seqs = {}
         for m in self.modalities:
             x, mask = self._inputs(batch, m)
-            seqs[m] = (self.proj[m](x) + sinusoidal_positions(x.shape[1], self.dim, x.device), mask)  # (B, L_m, dim)
+            z = self.proj[m](x)  # (B, L_m, dim)
+            seqs[m] = (z + sinusoidal_positions(x.shape[1], self.dim, x.device) if self.entry == "book" else z, mask)
         pooled = []
         for b in self.modalities:
             zb, mb = seqs[b]
@@ -287,17 +352,26 @@ class MulT(_LateFusionBase):
                 if a == b:
                     continue
                 za, ma = seqs[a]
-                z = zb
+                z, kv, am = self._enter(zb), self._enter(za), self._attn_mask(mb, ma)
                 for block in self.cross[f"{a}2{b}"]:
-                    z = block(z, mb, za, ma)  # queries from b, keys/values from a's low-level features
+                    z = block(z, mb, kv, ma, attn_mask=am)  # queries from b, keys/values from a's low-level features
                 parts.append(self.cross_norm[f"{a}2{b}"](z))
             h = torch.cat(parts, dim=-1) if parts else zb  # (B, L_b, (M-1) * dim)
+            h, am = self._enter(h), self._attn_mask(mb, mb)
             for block in self.self_attn[b]:
-                h = block(h, mb)
-            pooled.append(masked_mean(self.self_norm[b](h), mb))  # (B, (M-1) * dim)
+                h = block(h, mb, attn_mask=am)
+            h = self.self_norm[b](h)
+            pooled.append(h[:, -1] if self.pooling == "last" else masked_mean(h, mb))  # (B, (M-1) * dim)
         h = torch.cat(pooled, dim=-1)  # (B, M * (M-1) * dim)
         h = h + self.proj2(self.dropout(torch.relu(self.proj1(h))))
         return self.out(h)
+
+
+#: MulT as the authors' ``MULTModel`` builds it with ``main.py``'s defaults (yaohungt/Multimodal-Transformer:
+#: d = 30 per modality, 5 heads, ``nlevels`` 5 crossmodal layers, max(5, 3) = 5 self-attention layers,
+#: ``attn_mask`` on): ``MulT("LAV", dims, n, **MULT_REFERENCE)`` (Chapter 7).
+MULT_REFERENCE = dict(dim=30, heads=5, cross_layers=5, self_layers=5, entry="reference", kv_norm="shared",
+                      proj_bias=False, mask_padding=False, future_mask=True, pooling="last")
 
 
 #: Chapter 7's baseline names (metrics.json ``model`` field) -> classes.
