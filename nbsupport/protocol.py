@@ -287,13 +287,17 @@ def reference_bug_cost(build, loaders: Mapping[str, Iterable], *, seeds, epochs:
         rows.append(row)
     fixed, bug = [r["fixed"] for r in rows], [r["bug"] for r in rows]
     diff = evidence.seed_interval(bug, fixed)
+
+    def plain(est):  # metrics.json: an undefined interval end is null, not NaN
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in est.as_dict().items()}
+
     measures = {}
     for key in sorted({k.split(": ", 1)[1] for r in rows for k in r if k.startswith("fixed: ")}):
         a, b = [r[f"bug: {key}"] for r in rows], [r[f"fixed: {key}"] for r in rows]
-        measures[key] = {"fixed": evidence.seed_interval(b).as_dict(), "bug": evidence.seed_interval(a).as_dict(),
-                         "difference": evidence.seed_interval(a, b).as_dict()}
+        measures[key] = {"fixed": plain(evidence.seed_interval(b)), "bug": plain(evidence.seed_interval(a)),
+                         "difference": plain(evidence.seed_interval(a, b))}
     return {"metric": metric, "seeds": seeds, "per_seed": rows,
-            "difference": {**diff.as_dict(), "n_seeds": len(seeds)},
+            "difference": {**plain(diff), "n_seeds": len(seeds)},
             "sentence": evidence.seed_verdict(f"{name} with the bug", "without", diff, len(seeds), metric),
             "measures": measures, "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -141,7 +141,11 @@ def bug_cost_tables(cost: Mapping) -> tuple[pd.DataFrame, pd.DataFrame | None]:
                      percent_cols=[f"{metric} without the bug", f"{metric} with the bug", "bug − fixed"])
     if not cost.get("measures"):
         return per_seed, None
-    ci = lambda e: f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"  # noqa: E731
+    def ci(e):
+        if e["low"] is None:
+            return f"{e['value']:.3f} (no interval)"
+        return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+
     rows = [{"measure": k, "without the bug [95 % t CI]": ci(v["fixed"]), "with the bug [95 % t CI]": ci(v["bug"]),
              "bug − fixed [95 % t CI]": ci(v["difference"])} for k, v in cost["measures"].items()]
     return per_seed, pd.DataFrame(rows).set_index("measure")
