@@ -243,3 +243,39 @@ def test_mult_reference_switches_by_hand():
     assert not any("norm_kv" in n for n, _ in m2.self_attn.named_parameters())  # no unused LayerNorm
     with pytest.raises(ValueError, match="pooling"):
         bl.MulT("LA", {"L": 3, "A": 2}, 2, dim=4, heads=2, pooling="first")
+
+
+# ---------------------------------------------- LF-LSTM: MESM's lf_rnn.py as a preset
+def test_lf_lstm_reference_parameter_count_from_layer_sizes():
+    dims, n_out = {"L": 300, "A": 144, "V": 35}, 6  # MESM's hand-crafted feature sizes (hfc_sizes)
+
+    def bilstm(d, h):  # two directions: 4 gates, input and recurrent weights, two biases
+        return 2 * (4 * h * (d + h) + 2 * 4 * h)
+
+    def head(h):  # Linear(2h, h) -> ReLU -> Linear(h, 6)
+        return (2 * h * h + h) + (h * n_out + n_out)
+
+    expected = sum(bilstm(d, d) + head(d) for d in dims.values()) + 3  # + Linear(3, 1) fusion, no bias
+    assert expected == 2_026_336
+    model = bl.LFLSTM("LAV", dims, n_out, **bl.LF_LSTM_REFERENCE)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_lf_lstm_padded_readout_and_logit_fusion_by_hand():
+    torch.manual_seed(0)
+    model = bl.LFLSTM("LA", {"L": 3, "A": 2}, 2, **bl.LF_LSTM_REFERENCE).eval()
+    batch = {k: v for k, v in make_batch(b=2, lengths={"L": [4, 2], "A": [3, 1], "V": [1, 1]}).items()
+             if not k.startswith("video")}
+    batch["text"], batch["audio"] = batch["text"][..., :3], batch["audio"][..., :2]
+    with torch.no_grad():
+        out = model(batch)
+        x_l = batch["text"] * batch["text_mask"][..., None]  # padding zeroed, then run as a padded batch
+        x_a = batch["audio"] * batch["audio_mask"][..., None]
+        y_l, _ = model.lstms["L"](x_l)
+        _, (h_a, _) = model.lstms["A"](x_a)
+        # text: the output at the last *padded* step; audio: the final states after the padding
+        logits = torch.stack([model.heads["L"](y_l[:, -1]), model.heads["A"](torch.cat([h_a[0], h_a[1]], -1))], -1)
+        expected = logits @ model.weighted_fusion.weight[0]
+    assert torch.allclose(out, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="fusion='logits'"):
+        bl.LFLSTM("LA", {"L": 3, "A": 2}, 2, hidden="features")

@@ -39,7 +39,7 @@ from nbsupport import flops
 from nbsupport.base import ParameterError, check_modalities, to_device
 
 __all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "build_baseline",
-           "sinusoidal_positions", "fairseq_positions", "MULT_REFERENCE", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
+           "sinusoidal_positions", "fairseq_positions", "MULT_REFERENCE", "LF_LSTM_REFERENCE", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,21 +156,47 @@ class LFLSTM(_LateFusionBase):
     Late fusion: concatenation over modalities, then an MLP to ``n_outputs`` logits.
     ``model(batch) -> (B, n_outputs)``. Masks must be prefix masks (real positions first), as
     ``collate_umons`` makes them.
+
+    Fidelity switches (book value first; :data:`LF_LSTM_REFERENCE` = MESM's ``lf_rnn.py``): ``hidden`` an
+    int or ``"features"`` (each LSTM as wide as its modality's features); ``readout`` -- "packed" (final
+    states of the real positions) or "padded" (the reference runs the LSTM over the padded sequence:
+    text reads the output at the last padded step, audio/video the final states, both after the
+    padding); ``fusion`` -- "features" (concatenate, one MLP) or "logits" (the reference: per modality
+    ``Linear(2H, H) -> ReLU -> Linear(H, n_outputs)``, then an unnormalised ``Linear(M, 1)`` over the
+    logits).
     """
 
     def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None,
-                 n_outputs: int = 6, *, hidden: int = 64, layers: int = 1, dropout: float = 0.1):
+                 n_outputs: int = 6, *, hidden: int | str = 64, layers: int = 1, dropout: float = 0.1,
+                 readout: str = "packed", fusion: str = "features"):
         super().__init__(modalities, input_dims or {})
-        self.hidden = hidden
+        for name, value, allowed in (("readout", readout, ("packed", "padded")),
+                                     ("fusion", fusion, ("features", "logits"))):
+            if value not in allowed:
+                raise ValueError(f"LFLSTM: parameter '{name}' must be one of {allowed}, got {value!r}")
+        if hidden != "features" and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+            raise ValueError(f"LFLSTM: parameter 'hidden' must be an integer >= 1 or 'features', got {hidden!r}")
+        self.hidden, self.readout, self.fusion = hidden, readout, fusion
+        width = {m: self.input_dims[m] if hidden == "features" else hidden for m in self.modalities}
         self.lstms = nn.ModuleDict({
-            m: nn.LSTM(self.input_dims[m], hidden, num_layers=layers, batch_first=True,
+            m: nn.LSTM(self.input_dims[m], width[m], num_layers=layers, batch_first=True,
                        bidirectional=True, dropout=dropout if layers > 1 else 0.0)
             for m in self.modalities})
-        self.head = _fusion_head(2 * hidden * len(self.modalities), hidden, n_outputs, dropout)
+        if fusion == "features":
+            if hidden == "features":
+                raise ValueError("LFLSTM: hidden='features' needs fusion='logits' (the reference's heads)")
+            self.head = _fusion_head(2 * hidden * len(self.modalities), hidden, n_outputs, dropout)
+        else:  # the reference: one head per modality on its 2H vector, then Linear(M, 1) over the logits
+            self.heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(2 * width[m], width[m]), nn.ReLU(),
+                                                         nn.Linear(width[m], n_outputs)) for m in self.modalities})
+            self.weighted_fusion = nn.Linear(len(self.modalities), 1, bias=False)
 
     def encode(self, batch: Mapping[str, torch.Tensor], m: str) -> torch.Tensor:
         """Final forward and backward states of modality ``m``'s biLSTM, (B, 2 * hidden)."""
         x, mask = self._inputs(batch, m)
+        if self.readout == "padded":  # the reference: the padded sequence, padding included
+            out, (h_n, _) = self.lstms[m](x)
+            return out[:, -1] if m == "L" else torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
         lengths = mask.sum(1)
         if not torch.equal(mask, key_padding_mask(lengths, mask.shape[1])):
             raise ValueError(f"LFLSTM: batch['{MODALITY_KEYS[m]}_mask'] must be a prefix mask "
@@ -183,6 +209,9 @@ class LFLSTM(_LateFusionBase):
         return torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.fusion == "logits":  # (B, n_outputs, M) -> (B, n_outputs)
+            logits = torch.stack([self.heads[m](self.encode(batch, m)) for m in self.modalities], -1)
+            return logits[..., 0] if len(self.modalities) == 1 else self.weighted_fusion(logits).squeeze(-1)
         fused = torch.cat([self.encode(batch, m) for m in self.modalities], dim=-1)  # (B, M * 2H)
         return self.head(fused)
 
@@ -366,6 +395,9 @@ class MulT(_LateFusionBase):
         h = h + self.proj2(self.dropout(torch.relu(self.proj1(h))))
         return self.out(h)
 
+
+#: LF-LSTM as MESM's ``lf_rnn.py`` (``LF_RNN``) builds it: ``LFLSTM("LAV", dims, n, **LF_LSTM_REFERENCE)``.
+LF_LSTM_REFERENCE = dict(hidden="features", layers=1, readout="padded", fusion="logits")
 
 #: MulT as the authors' ``MULTModel`` builds it with ``main.py``'s defaults (yaohungt/Multimodal-Transformer:
 #: d = 30 per modality, 5 heads, ``nlevels`` 5 crossmodal layers, max(5, 3) = 5 self-attention layers,
