@@ -279,3 +279,41 @@ def test_lf_lstm_padded_readout_and_logit_fusion_by_hand():
     assert torch.allclose(out, expected, atol=1e-6)
     with pytest.raises(ValueError, match="fusion='logits'"):
         bl.LFLSTM("LA", {"L": 3, "A": 2}, 2, hidden="features")
+
+
+# ---------------------------------------------- LF-Transformer: MESM's lf_transformer.py as a preset
+def test_lf_transformer_reference_parameter_count_from_layer_sizes():
+    dims, n_out, layers, ff = {"L": 300, "A": 144, "V": 35}, 6, 2, 2048
+
+    def layer(d):  # PyTorch's encoder layer: attention (q, k, v, out with biases), d->2048->d, two LayerNorms
+        return 4 * (d * d + d) + (d * ff + ff) + (ff * d + d) + 2 * 2 * d
+
+    def head(d):  # Linear(d, d // 2) -> ReLU -> Linear(d // 2, 6)
+        return (d * (d // 2) + d // 2) + (d // 2 * n_out + n_out)
+
+    expected = sum(layers * layer(d) + d + head(d) for d in dims.values()) + 3  # + CLS vectors, Linear(3, 1)
+    assert expected == 4_898_702
+    model = bl.LFTransformer("LAV", dims, n_out, **bl.LF_TRANSFORMER_REFERENCE)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_lf_transformer_reference_reads_the_cls_and_lets_text_see_padding():
+    torch.manual_seed(0)
+    model = bl.LFTransformer("LA", {"L": 4, "A": 2}, 2, dim="features", layers=1, heads={"L": 2, "A": 1},
+                             ff_size=8, positions="none", pooling="cls", text_mask=False, fusion="logits",
+                             dropout=0.0).eval()
+    batch = {k: v for k, v in make_batch(b=2, lengths={"L": [4, 2], "A": [3, 1], "V": [1, 1]}).items()
+             if not k.startswith("video")}
+    batch["text"], batch["audio"] = batch["text"][..., :4], batch["audio"][..., :2]
+    with torch.no_grad():
+        out = model(batch)
+        # by hand: CLS prepended, the text block sees every position, audio's padding is masked
+        x_l = torch.cat([model.cls["L"].expand(2, 1, 4), batch["text"] * batch["text_mask"][..., None]], 1)
+        x_a = torch.cat([model.cls["A"].expand(2, 1, 2), batch["audio"] * batch["audio_mask"][..., None]], 1)
+        keep_a = torch.cat([torch.ones(2, 1, dtype=torch.bool), batch["audio_mask"]], 1)
+        h_l = model.encoders["L"][0](x_l, None)[:, 0]
+        h_a = model.encoders["A"][0](x_a, keep_a)[:, 0]
+        logits = torch.stack([model.heads["L"](h_l), model.heads["A"](h_a)], -1)
+    assert torch.allclose(out, logits @ model.weighted_fusion.weight[0], atol=1e-6)
+    with pytest.raises(ValueError, match="fusion='logits'"):
+        bl.LFTransformer("LA", {"L": 4, "A": 2}, 2, dim="features")

@@ -39,7 +39,8 @@ from nbsupport import flops
 from nbsupport.base import ParameterError, check_modalities, to_device
 
 __all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "build_baseline",
-           "sinusoidal_positions", "fairseq_positions", "MULT_REFERENCE", "LF_LSTM_REFERENCE", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
+           "sinusoidal_positions", "fairseq_positions", "MULT_REFERENCE", "LF_LSTM_REFERENCE",
+           "LF_TRANSFORMER_REFERENCE", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,27 +226,73 @@ class LFTransformer(_LateFusionBase):
     Per modality m: a linear map to ``dim``, sinusoidal positions (Vaswani et al. 2017, Sec. 3.5),
     ``layers`` :class:`nbsupport.attention.TransformerEncoderBlock` with the padding mask, and masked
     mean pooling over the real positions, (B, dim). Late fusion: concatenation, then an MLP.
+
+    Fidelity switches (book value first; :data:`LF_TRANSFORMER_REFERENCE` = MESM's ``lf_transformer.py``):
+    ``dim`` an int or ``"features"`` (no input projection: each transformer as wide as its features);
+    ``heads`` an int or one per modality; ``positions`` "sinusoidal" or "none"; ``pooling`` "mean" or
+    "cls" (a learned CLS vector, initial std 1, prepended and never masked; its output is read);
+    ``text_mask`` -- False: the language transformer attends to padding too (the reference passes no
+    lengths for text); ``fusion`` "features" or "logits" (per modality ``Linear(d, d // 2) -> ReLU ->
+    Linear(d // 2, n_outputs)``, then an unnormalised ``Linear(M, 1)``).
     """
 
     def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None, n_outputs: int = 6, *,
-                 dim: int = 64, layers: int = 2, heads: int = 4, ff_size: int | None = None, dropout: float = 0.1):
+                 dim: int | str = 64, layers: int = 2, heads: int | Mapping[str, int] = 4, ff_size: int | None = None,
+                 dropout: float = 0.1, positions: str = "sinusoidal", pooling: str = "mean", text_mask: bool = True,
+                 fusion: str = "features"):
         super().__init__(modalities, input_dims or {})
-        self.dim = dim
-        self.proj = nn.ModuleDict({m: nn.Linear(self.input_dims[m], dim) for m in self.modalities})
-        self.encoders = nn.ModuleDict({m: nn.ModuleList([TransformerEncoderBlock(dim, heads, ff_size or 2 * dim, dropout)
+        for name, value, allowed in (("positions", positions, ("sinusoidal", "none")),
+                                     ("pooling", pooling, ("mean", "cls")), ("fusion", fusion, ("features", "logits")),
+                                     ("text_mask", text_mask, (True, False))):
+            if value not in allowed:
+                raise ValueError(f"LFTransformer: parameter '{name}' must be one of {allowed}, got {value!r}")
+        if dim == "features" and fusion != "logits":
+            raise ValueError("LFTransformer: dim='features' needs fusion='logits' (the reference's heads)")
+        self.dim, self.positions, self.pooling, self.text_mask, self.fusion = dim, positions, pooling, text_mask, fusion
+        width = {m: self.input_dims[m] if dim == "features" else int(dim) for m in self.modalities}
+        n_heads = {m: heads[m] if isinstance(heads, Mapping) else heads for m in self.modalities}
+        self.width = width
+        # no projection when each transformer is as wide as its features (the reference)
+        self.proj = nn.ModuleDict({m: nn.Linear(self.input_dims[m], width[m]) for m in self.modalities
+                                   if dim != "features"})
+        self.encoders = nn.ModuleDict({m: nn.ModuleList([TransformerEncoderBlock(width[m], n_heads[m],
+                                                                                 ff_size or 2 * width[m], dropout)
                                                          for _ in range(layers)]) for m in self.modalities})
-        self.head = _fusion_head(dim * len(self.modalities), dim, n_outputs, dropout)
+        if pooling == "cls":  # an nn.Embedding(1, d) in the reference: initial std 1
+            self.cls = nn.ParameterDict({m: nn.Parameter(torch.randn(width[m])) for m in self.modalities})
+        if fusion == "features":
+            self.head = _fusion_head(int(dim) * len(self.modalities), int(dim), n_outputs, dropout)
+        else:
+            self.heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(width[m], width[m] // 2), nn.ReLU(),
+                                                         nn.Linear(width[m] // 2, n_outputs)) for m in self.modalities})
+            self.weighted_fusion = nn.Linear(len(self.modalities), 1, bias=False)
 
     def encode(self, batch: Mapping[str, torch.Tensor], m: str) -> torch.Tensor:
-        """Masked mean of modality ``m``'s transformer outputs, (B, dim)."""
+        """Modality ``m``'s transformer read out (masked mean, or the CLS output), (B, width)."""
         x, mask = self._inputs(batch, m)
-        h = self.proj[m](x) + sinusoidal_positions(x.shape[1], self.dim, x.device)  # (B, L, dim)
+        h = self.proj[m](x) if m in self.proj else x  # (B, L, width)
+        if self.positions == "sinusoidal":
+            h = h + sinusoidal_positions(x.shape[1], h.shape[-1], x.device)
+        attend = mask if (self.text_mask or m != "L") else torch.ones_like(mask)
+        if self.pooling == "cls":
+            h = torch.cat([self.cls[m].expand(h.shape[0], 1, -1), h], 1)  # (B, 1 + L, width)
+            attend = torch.cat([attend.new_ones(h.shape[0], 1), attend], 1)
         for block in self.encoders[m]:
-            h = block(h, mask)
-        return masked_mean(h, mask)
+            h = block(h, attend)
+        return h[:, 0] if self.pooling == "cls" else masked_mean(h, mask)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.fusion == "logits":  # (B, n_outputs, M) -> (B, n_outputs)
+            logits = torch.stack([self.heads[m](self.encode(batch, m)) for m in self.modalities], -1)
+            return logits[..., 0] if len(self.modalities) == 1 else self.weighted_fusion(logits).squeeze(-1)
         return self.head(torch.cat([self.encode(batch, m) for m in self.modalities], dim=-1))
+
+
+#: LF-Transformer as MESM's ``lf_transformer.py`` (``LF_Transformer``) builds it with ``main.py``'s defaults
+#: (2 layers; heads 4, 2, 5; PyTorch's encoder layer: feed-forward 2048, post-LayerNorm):
+#: ``LFTransformer("LAV", dims, n, **LF_TRANSFORMER_REFERENCE)``.
+LF_TRANSFORMER_REFERENCE = dict(dim="features", layers=2, heads={"L": 4, "A": 2, "V": 5}, ff_size=2048,
+                                positions="none", pooling="cls", text_mask=False, fusion="logits")
 
 
 # ------------------------------------------------------------------------------------------------
