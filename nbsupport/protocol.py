@@ -304,11 +304,12 @@ def reference_bug_cost(build, loaders: Mapping[str, Iterable], *, seeds, epochs:
 
 def umons_bug_cost(loaders: Mapping[str, Iterable], config: "umons_models.UmonsConfig", bug: Mapping, *,
                    seeds, modalities: str = "LAV", task: str = "emotion", n_emotions: int = 6, epochs: int,
-                   lr: float, device="auto", progress: bool = True) -> dict:
+                   lr: float, device="auto", metric: str | None = None, progress: bool = True) -> dict:
     """:func:`reference_bug_cost` for a UMONS bug (Chapter 4): ``config`` without and with the switches
     ``bug`` (e.g. ``{"video_glimpse_mask": "audio"}``, Model_LAV's video glimpse under the audio mask),
     built and trained as :func:`train_umons` does (inputs standardised on the training split, threshold
-    0.5)."""
+    0.5). ``metric`` defaults to the task's (wacc, acc7, acc2)."""
+    metric = metric or {"emotion": "wacc", "sentiment7": "acc7", "sentiment2": "acc2"}[task]
     first = next(iter(loaders["train"]))
     dims = umons_models.input_dims_from(first)
 
@@ -319,7 +320,7 @@ def umons_bug_cost(loaders: Mapping[str, Iterable], config: "umons_models.UmonsC
         return model.fit_input_normalisation(loaders["train"])
 
     return reference_bug_cost(build, loaders, seeds=seeds, epochs=epochs, lr=lr, device=device, task=task,
-                              thresholds=0.5, name=f"UMONS-{modalities}", progress=progress)
+                              metric=metric, thresholds=0.5, name=f"UMONS-{modalities}", progress=progress)
 
 
 def mesm_bug_cost(loaders: Mapping[str, Iterable], config: "mesm_models.MesmConfig", bug: Mapping, *, seeds,
