@@ -55,9 +55,9 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None,
     """Softmax over the last axis that gives masked keys exactly zero weight.
 
     Rows whose keys are all masked return zeros (not NaN). Bahdanau et al. 2015, eq. 6; Vaswani et
-    al. 2017, eq. 1. ``all_masked="uniform"`` is the UMONS reference code's ``masked_fill(mask,
-    -1e9)``: the same weights wherever a row has a real key, and ``1 / n_keys`` on every key of a row
-    that has none (Chapters 3-4, "Differences from the authors' code").
+    al. 2017, eq. 1. ``all_masked="uniform"`` is the UMONS reference code's
+    ``masked_fill(mask, -1e9)``: the same weights wherever a row has a real key, and
+    ``1 / n_keys`` on every key of a row that has none (Chapters 3-4).
     """
     if all_masked not in ALL_MASKED:
         raise ValueError(f"masked_softmax: parameter 'all_masked' must be one of {ALL_MASKED}, "

@@ -274,8 +274,8 @@ def test_lf_lstm_padded_readout_and_logit_fusion_by_hand():
         y_l, _ = model.lstms["L"](x_l)
         _, (h_a, _) = model.lstms["A"](x_a)
         # text: the output at the last *padded* step; audio: the final states after the padding
-        logits = torch.stack([model.heads["L"](y_l[:, -1]), model.heads["A"](torch.cat([h_a[0], h_a[1]], -1))], -1)
-        expected = logits @ model.weighted_fusion.weight[0]
+        logits = torch.stack([model.head.heads["L"](y_l[:, -1]), model.head.heads["A"](torch.cat([h_a[0], h_a[1]], -1))], -1)
+        expected = logits @ model.head.weighted_fusion.weight[0]
     assert torch.allclose(out, expected, atol=1e-6)
     with pytest.raises(ValueError, match="fusion='logits'"):
         bl.LFLSTM("LA", {"L": 3, "A": 2}, 2, hidden="features")
@@ -313,7 +313,7 @@ def test_lf_transformer_reference_reads_the_cls_and_lets_text_see_padding():
         keep_a = torch.cat([torch.ones(2, 1, dtype=torch.bool), batch["audio_mask"]], 1)
         h_l = model.encoders["L"][0](x_l, None)[:, 0]
         h_a = model.encoders["A"][0](x_a, keep_a)[:, 0]
-        logits = torch.stack([model.heads["L"](h_l), model.heads["A"](h_a)], -1)
-    assert torch.allclose(out, logits @ model.weighted_fusion.weight[0], atol=1e-6)
+        logits = torch.stack([model.head.heads["L"](h_l), model.head.heads["A"](h_a)], -1)
+    assert torch.allclose(out, logits @ model.head.weighted_fusion.weight[0], atol=1e-6)
     with pytest.raises(ValueError, match="fusion='logits'"):
         bl.LFTransformer("LA", {"L": 4, "A": 2}, 2, dim="features")

@@ -39,7 +39,7 @@ from nbsupport import flops
 from nbsupport.base import ParameterError, check_modalities, to_device
 
 __all__ = ["LFLSTM", "LFTransformer", "MulT", "CrossmodalBlock", "BASELINES", "build_baseline",
-           "sinusoidal_positions", "fairseq_positions", "MULT_REFERENCE", "LF_LSTM_REFERENCE",
+           "sinusoidal_positions", "fairseq_positions", "MULT_REFERENCE", "LF_LSTM_REFERENCE", "LogitFusion",
            "LF_TRANSFORMER_REFERENCE", "masked_mean", "input_dims_from", "model_macs", "emotion_table"]
 
 
@@ -148,49 +148,63 @@ def _fusion_head(in_dim: int, hidden: int, n_outputs: int, dropout: float) -> nn
 # ------------------------------------------------------------------------------------------------
 # LF-LSTM
 # ------------------------------------------------------------------------------------------------
+class LogitFusion(nn.Module):
+    """The late fusion of MESM's two-phase baselines (``lf_rnn.py``, ``lf_transformer.py``; Chapter 7):
+    per modality ``Linear(w, h) -> ReLU -> Linear(h, n_outputs)`` on its vector of width ``w``, then an
+    unnormalised ``Linear(M, 1)`` over the stacked logits (one modality: its logits).
+    ``widths``: {modality: (w, h)}."""
+
+    def __init__(self, widths: Mapping[str, tuple], n_outputs: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(w, h), nn.ReLU(), nn.Linear(h, n_outputs))
+                                    for m, (w, h) in widths.items()})
+        self.weighted_fusion = nn.Linear(len(widths), 1, bias=False)
+
+    def forward(self, vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits = torch.stack([self.heads[m](v) for m, v in vectors.items()], -1)  # (B, n_outputs, M)
+        return logits[..., 0] if logits.shape[-1] == 1 else self.weighted_fusion(logits).squeeze(-1)
+
+
+def _check_choices(owner: str, **choices) -> None:
+    """A switch must take one of its values: ``name=(value, allowed)`` (booleans only True/False)."""
+    for name, (value, allowed) in choices.items():
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ValueError(f"{owner}: parameter '{name}' must be one of {allowed}, got {value!r}")
+
+
+def _late_fusion(owner, fusion, width, hidden, widths, n_outputs, dropout):
+    """The book's concatenation + MLP (``fusion="features"``) or the reference's :class:`LogitFusion`."""
+    if fusion == "logits":
+        return LogitFusion(widths, n_outputs)
+    if width == "features":
+        raise ValueError(f"{owner}: a width of 'features' needs fusion='logits' (the reference's heads)")
+    return _fusion_head(sum(w for w, _ in widths.values()), hidden, n_outputs, dropout)
+
+
 class LFLSTM(_LateFusionBase):
     """LF-LSTM (the late-fusion LSTM baseline of MESM's Table 2; Chapter 7).
 
-    Per modality m: a bidirectional LSTM over the feature sequence, run on a *packed* sequence of
-    the real positions only; the modality vector is ``[h_fwd(T_m); h_bwd(1)]`` of the last layer,
-    (B, 2H).
-    Late fusion: concatenation over modalities, then an MLP to ``n_outputs`` logits.
-    ``model(batch) -> (B, n_outputs)``. Masks must be prefix masks (real positions first), as
-    ``collate_umons`` makes them.
-
-    Fidelity switches (book value first; :data:`LF_LSTM_REFERENCE` = MESM's ``lf_rnn.py``): ``hidden`` an
-    int or ``"features"`` (each LSTM as wide as its modality's features); ``readout`` -- "packed" (final
-    states of the real positions) or "padded" (the reference runs the LSTM over the padded sequence:
-    text reads the output at the last padded step, audio/video the final states, both after the
-    padding); ``fusion`` -- "features" (concatenate, one MLP) or "logits" (the reference: per modality
-    ``Linear(2H, H) -> ReLU -> Linear(H, n_outputs)``, then an unnormalised ``Linear(M, 1)`` over the
-    logits).
+    Per modality m: a biLSTM over the *packed* real positions (prefix masks, as ``collate_umons``
+    makes them); the vector is ``[h_fwd(T_m); h_bwd(1)]`` of the last layer, (B, 2H); late fusion:
+    concatenation, then an MLP. Switches (:data:`LF_LSTM_REFERENCE` = MESM's ``lf_rnn.py``):
+    ``hidden="features"``; ``readout="padded"`` (the padded sequence: text reads the output at the
+    last padded step, audio/video the final states); ``fusion="logits"`` (:class:`LogitFusion`).
     """
 
     def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None,
-                 n_outputs: int = 6, *, hidden: int | str = 64, layers: int = 1, dropout: float = 0.1,
-                 readout: str = "packed", fusion: str = "features"):
+                 n_outputs: int = 6, *, hidden: int | str = 64, layers: int = 1,
+                 dropout: float = 0.1, readout: str = "packed", fusion: str = "features"):
         super().__init__(modalities, input_dims or {})
-        for name, value, allowed in (("readout", readout, ("packed", "padded")),
-                                     ("fusion", fusion, ("features", "logits"))):
-            if value not in allowed:
-                raise ValueError(f"LFLSTM: parameter '{name}' must be one of {allowed}, got {value!r}")
-        if hidden != "features" and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
-            raise ValueError(f"LFLSTM: parameter 'hidden' must be an integer >= 1 or 'features', got {hidden!r}")
-        self.hidden, self.readout, self.fusion = hidden, readout, fusion
+        _check_choices("LFLSTM", readout=(readout, ("packed", "padded")),
+                       fusion=(fusion, ("features", "logits")))
+        self.hidden, self.readout = hidden, readout
         width = {m: self.input_dims[m] if hidden == "features" else hidden for m in self.modalities}
         self.lstms = nn.ModuleDict({
             m: nn.LSTM(self.input_dims[m], width[m], num_layers=layers, batch_first=True,
                        bidirectional=True, dropout=dropout if layers > 1 else 0.0)
             for m in self.modalities})
-        if fusion == "features":
-            if hidden == "features":
-                raise ValueError("LFLSTM: hidden='features' needs fusion='logits' (the reference's heads)")
-            self.head = _fusion_head(2 * hidden * len(self.modalities), hidden, n_outputs, dropout)
-        else:  # the reference: one head per modality on its 2H vector, then Linear(M, 1) over the logits
-            self.heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(2 * width[m], width[m]), nn.ReLU(),
-                                                         nn.Linear(width[m], n_outputs)) for m in self.modalities})
-            self.weighted_fusion = nn.Linear(len(self.modalities), 1, bias=False)
+        self.head = _late_fusion("LFLSTM", fusion, hidden, hidden,  # widths: (vector, head hidden)
+                                 {m: (2 * width[m], width[m]) for m in width}, n_outputs, dropout)
 
     def encode(self, batch: Mapping[str, torch.Tensor], m: str) -> torch.Tensor:
         """Final forward and backward states of modality ``m``'s biLSTM, (B, 2 * hidden)."""
@@ -203,18 +217,15 @@ class LFLSTM(_LateFusionBase):
             raise ValueError(f"LFLSTM: batch['{MODALITY_KEYS[m]}_mask'] must be a prefix mask "
                              "(real positions first, then padding), as collate_umons makes it")
         # an empty sequence reads one zero vector (padding was zeroed) instead of failing in pack
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        # h_n (layers * 2, B, H), in the original batch order
-        _, (h_n, _) = self.lstms[m](packed)
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), True, enforce_sorted=False)
+        _, (h_n, _) = self.lstms[m](packed)  # h_n (layers * 2, B, H), in the original batch order
         return torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.fusion == "logits":  # (B, n_outputs, M) -> (B, n_outputs)
-            logits = torch.stack([self.heads[m](self.encode(batch, m)) for m in self.modalities], -1)
-            return logits[..., 0] if len(self.modalities) == 1 else self.weighted_fusion(logits).squeeze(-1)
-        fused = torch.cat([self.encode(batch, m) for m in self.modalities], dim=-1)  # (B, M * 2H)
-        return self.head(fused)
+        vectors = {m: self.encode(batch, m) for m in self.modalities}  # each (B, 2H)
+        if isinstance(self.head, LogitFusion):
+            return self.head(vectors)
+        return self.head(torch.cat(list(vectors.values()), dim=-1))  # (B, M * 2H) -> logits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,17 +252,14 @@ class LFTransformer(_LateFusionBase):
                  dropout: float = 0.1, positions: str = "sinusoidal", pooling: str = "mean", text_mask: bool = True,
                  fusion: str = "features"):
         super().__init__(modalities, input_dims or {})
-        for name, value, allowed in (("positions", positions, ("sinusoidal", "none")),
-                                     ("pooling", pooling, ("mean", "cls")), ("fusion", fusion, ("features", "logits")),
-                                     ("text_mask", text_mask, (True, False))):
-            if value not in allowed:
-                raise ValueError(f"LFTransformer: parameter '{name}' must be one of {allowed}, got {value!r}")
-        if dim == "features" and fusion != "logits":
-            raise ValueError("LFTransformer: dim='features' needs fusion='logits' (the reference's heads)")
-        self.dim, self.positions, self.pooling, self.text_mask, self.fusion = dim, positions, pooling, text_mask, fusion
+        if dim == "features" and fusion != "logits":  # checked before any layer is built
+            raise ValueError("LFTransformer: a width of 'features' needs fusion='logits' (the reference's heads)")
+        _check_choices("LFTransformer", positions=(positions, ("sinusoidal", "none")),
+                       pooling=(pooling, ("mean", "cls")), fusion=(fusion, ("features", "logits")),
+                       text_mask=(text_mask, (True, False)))
+        self.dim, self.positions, self.pooling, self.text_mask = dim, positions, pooling, text_mask
         width = {m: self.input_dims[m] if dim == "features" else int(dim) for m in self.modalities}
         n_heads = {m: heads[m] if isinstance(heads, Mapping) else heads for m in self.modalities}
-        self.width = width
         # no projection when each transformer is as wide as its features (the reference)
         self.proj = nn.ModuleDict({m: nn.Linear(self.input_dims[m], width[m]) for m in self.modalities
                                    if dim != "features"})
@@ -260,12 +268,8 @@ class LFTransformer(_LateFusionBase):
                                                          for _ in range(layers)]) for m in self.modalities})
         if pooling == "cls":  # an nn.Embedding(1, d) in the reference: initial std 1
             self.cls = nn.ParameterDict({m: nn.Parameter(torch.randn(width[m])) for m in self.modalities})
-        if fusion == "features":
-            self.head = _fusion_head(int(dim) * len(self.modalities), int(dim), n_outputs, dropout)
-        else:
-            self.heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(width[m], width[m] // 2), nn.ReLU(),
-                                                         nn.Linear(width[m] // 2, n_outputs)) for m in self.modalities})
-            self.weighted_fusion = nn.Linear(len(self.modalities), 1, bias=False)
+        self.head = _late_fusion("LFTransformer", fusion, dim, dim if dim != "features" else 0,
+                                 {m: (width[m], width[m] // 2) for m in self.modalities}, n_outputs, dropout)
 
     def encode(self, batch: Mapping[str, torch.Tensor], m: str) -> torch.Tensor:
         """Modality ``m``'s transformer read out (masked mean, or the CLS output), (B, width)."""
@@ -282,10 +286,10 @@ class LFTransformer(_LateFusionBase):
         return h[:, 0] if self.pooling == "cls" else masked_mean(h, mask)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.fusion == "logits":  # (B, n_outputs, M) -> (B, n_outputs)
-            logits = torch.stack([self.heads[m](self.encode(batch, m)) for m in self.modalities], -1)
-            return logits[..., 0] if len(self.modalities) == 1 else self.weighted_fusion(logits).squeeze(-1)
-        return self.head(torch.cat([self.encode(batch, m) for m in self.modalities], dim=-1))
+        vectors = {m: self.encode(batch, m) for m in self.modalities}
+        if isinstance(self.head, LogitFusion):
+            return self.head(vectors)
+        return self.head(torch.cat(list(vectors.values()), dim=-1))
 
 
 #: LF-Transformer as MESM's ``lf_transformer.py`` (``LF_Transformer``) builds it with ``main.py``'s defaults
@@ -304,17 +308,16 @@ class CrossmodalBlock(nn.Module):
 
     ``Z^ = Z + MHA(LN_q(Z), LN_kv(S), LN_kv(S))`` -- target sequence Z (queries) attends to the
     source modality S (keys/values), masked on S's padding; ``Z' = Z^ + FF(LN_ff(Z^))``.
-    With ``source=None`` it is a self-attention layer (the source is Z itself, LN_q used for both),
-    the form of MulT's self-attention transformers. ``kv_norm="shared"``: one LayerNorm for the queries
-    and the keys/values, as the reference code (``layer_norms[0]`` applied to all three); a self-attention
-    layer never needs the second one, so MulT builds those shared.
+    With ``source=None`` it is a self-attention layer (the source is Z itself, LN_q used for
+    both), the form of MulT's self-attention transformers. ``kv_norm="shared"``: one LayerNorm
+    for queries and keys/values, as the reference code (``layer_norms[0]`` on all three); a
+    self-attention layer never needs the second one, so MulT builds those shared.
     """
 
     def __init__(self, dim: int, heads: int, ff_size: int | None = None, dropout: float = 0.0,
                  kv_norm: str = "separate"):
         super().__init__()
-        if kv_norm not in ("separate", "shared"):
-            raise ValueError(f"CrossmodalBlock: parameter 'kv_norm' must be 'separate' or 'shared', got {kv_norm!r}")
+        _check_choices("CrossmodalBlock", kv_norm=(kv_norm, ("separate", "shared")))
         self.attention = MultiHeadAttention(dim, heads, dropout)
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim) if kv_norm == "separate" else None
@@ -323,9 +326,9 @@ class CrossmodalBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, target, target_mask=None, source=None, source_mask=None, attn_mask=None):
-        """target (B, Lt, dim); source (B, Ls, dim) or None (self-attention); masks (B, L) True =
-        real; ``attn_mask`` (B, Lt, Ls), if given, replaces the key mask (MulT's reference switches).
-        Returns (B, Lt, dim); padded target rows are computed but never read by :class:`MulT`."""
+        """target (B, Lt, dim); source (B, Ls, dim) or None (self-attention); masks (B, L) True
+        = real; ``attn_mask`` (B, Lt, Ls), if given, replaces the key mask (MulT's reference
+        switches). Returns (B, Lt, dim); padded target rows are computed but never read."""
         q = self.norm_q(target)
         if source is None:
             kv, kv_mask = q, target_mask
@@ -368,13 +371,9 @@ class MulT(_LateFusionBase):
                  proj_bias: bool = True, mask_padding: bool = True, future_mask: bool = False,
                  pooling: str = "mean"):
         super().__init__(modalities, input_dims or {})
-        for name, value, allowed in (("entry", entry, ("book", "reference")), ("pooling", pooling, ("mean", "last")),
-                                     ("kv_norm", kv_norm, ("separate", "shared")),
-                                     ("proj_bias", proj_bias, (True, False)),
-                                     ("mask_padding", mask_padding, (True, False)),
-                                     ("future_mask", future_mask, (True, False))):
-            if value not in allowed or (isinstance(value, bool) != isinstance(allowed[0], bool)):
-                raise ValueError(f"MulT: parameter '{name}' must be one of {allowed}, got {value!r}")
+        _check_choices("MulT", entry=(entry, ("book", "reference")), pooling=(pooling, ("mean", "last")),
+                       kv_norm=(kv_norm, ("separate", "shared")), proj_bias=(proj_bias, (True, False)),
+                       mask_padding=(mask_padding, (True, False)), future_mask=(future_mask, (True, False)))
         self.dim, self.entry, self.pooling = dim, entry, pooling
         self.mask_padding, self.future_mask = mask_padding, future_mask
         n_src = max(len(self.modalities) - 1, 1)

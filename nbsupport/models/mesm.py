@@ -71,14 +71,15 @@ SITE_ORDERS = ("matched", "reference")
 
 
 def reference_site_order(s: "sparse_lib.SparseTensor") -> "sparse_lib.SparseTensor":
-    """The MESM reference code's first-block bug (``src/models/sparse_e2e.py``, faces and mel alike; Ch. 6).
+    """The MESM reference code's first-block bug (``src/models/sparse_e2e.py``; Ch. 6).
 
-    It builds SparseConvNet's input from ``locations = attn.permute(1, 2, 0).nonzero()`` -- the kept sites
-    sorted by (y, x, frame) -- and ``features = x[bs, :, y, x]`` with ``bs, y, x = attn.nonzero()`` --
-    sorted by (frame, y, x); ``InputLayer`` pairs row i with row i. ``s`` holds the kept sites in
-    (frame, y, x) order with their own features (:func:`nbsupport.sparse.to_sparse`); the result keeps
-    the features in that order and puts them on the sites sorted by (y, x, frame): the same set of sites,
-    nearly every one holding another site's features. Blocks 2 and 3 read both from one tensor.
+    Faces and mel alike, SparseConvNet's input is built from ``locations =
+    attn.permute(1, 2, 0).nonzero()`` -- the kept sites sorted by (y, x, frame) -- and
+    ``features = x[bs, :, y, x]`` with ``bs, y, x = attn.nonzero()`` -- sorted by (frame, y, x);
+    ``InputLayer`` pairs row i with row i. ``s`` holds the kept sites in (frame, y, x) order with
+    their own features (:func:`nbsupport.sparse.to_sparse`); the result keeps the features in that
+    order and puts them on the sites sorted by (y, x, frame): the same sites, nearly every one
+    holding another site's features. Blocks 2 and 3 read both from one tensor.
     """
     c = s.coords  # (N, 3) (frame, y, x), row-major order
     h, w = s.spatial_shape

@@ -181,7 +181,7 @@ class GlimpseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         scores = self.mlp(x).transpose(1, 2)  # (B, G, T)
-        weights = masked_softmax(scores, mask, self.all_masked)  # mask (B, T) broadcast over glimpses
+        weights = masked_softmax(scores, mask, self.all_masked)  # mask (B, T): over glimpses too
         self.weights = weights.detach()
         glimpses = weights @ x  # (B, G, hidden)
         if not self.merge:
