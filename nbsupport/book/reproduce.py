@@ -37,6 +37,7 @@ from nbsupport import evidence, protocol, train
 from nbsupport.base import atomic_write_json, atomic_write_text, jsonable
 from nbsupport.models import baselines, mesm, umons
 
+from .experiments import collect
 from .notebook import check_metrics
 
 __all__ = ["Published", "Recipe", "RECIPES", "run_point", "commands", "comparison", "comparison_markdown", "main"]
@@ -180,8 +181,6 @@ def comparison(*dirs, level: float = 0.95) -> pd.DataFrame:
     """One row per recipe found in the sweep folders ``dirs``: the published number and its source, the
     number of seeds, the measured mean of the recipe's metric over seeds with its t interval, and
     measured minus published (with the same interval shifted; NaN without a published number)."""
-    from .experiments import collect  # the sweep collector, beside this module
-
     table = collect(*dirs)
     if table.empty or "recipe" not in table.columns:
         raise ValueError(f"reproduce.comparison: no finished reproduction point in {', '.join(map(str, dirs))}")
