@@ -111,7 +111,7 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
                    epochs: int, lr: float, device="auto", seed: int = 0,
                    thresholds: str | float | None = None, patience: int | None = train.PROTOCOL_DEFAULT,
                    checkpoint_dir=None, progress: bool = True, protocol: str = "book",
-                   callbacks=()) -> tuple[dict, object]:
+                   callbacks=(), macs: bool = True) -> tuple[dict, object]:
     """The book's single protocol for every model (Chapters 3-8): fit, pick the best epoch, test.
 
     :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
@@ -122,7 +122,8 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time,
     without the time spent in ``callbacks``).
     End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
-    it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column.
+    it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column (``macs=False`` skips that
+    extra pass over the test split, e.g. for the bug costs' many short runs).
     ``callbacks`` (``cb(epoch, row)`` after each epoch, e.g. :class:`nbsupport.interpret.LiftTracker`) and
     ``protocol`` ("book", "paper", "umons", "mesm"; :data:`nbsupport.train.PROTOCOLS`) are passed to
     :func:`~nbsupport.train.fit`; ``thresholds=None`` means "validation" under the book's protocol and the
@@ -152,7 +153,7 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     res.extra["test"] = evidence.predictions_from(logits, labels, ids, task=task, thresholds=res.thresholds)
     row = {"model": name, "modalities": res.model.modalities, "task": task, **{k: float(v) for k, v in test.items()},
            "n_params": res.n_params, "epochs": epochs, "best_epoch": res.best_epoch, "seconds": round(seconds, 2)}
-    if isinstance(res.model, mesm_models.EndToEndModel):
+    if isinstance(res.model, mesm_models.EndToEndModel) and macs:
         ext = mesm_models.extractor_macs(res.model, loaders["test"])
         n_test = len(loaders["test"].dataset)
         row.update(top_p=float(res.model.top_p), macs=ext["macs"] / n_test, dense_macs=ext["dense_macs"] / n_test)
@@ -280,7 +281,7 @@ def reference_bug_cost(build, loaders: Mapping[str, Iterable], *, seeds, epochs:
         row = {"seed": seed}
         for setting, model in models.items():
             r, res = train_and_test(model, loaders, name=f"{name} ({setting})", epochs=epochs, lr=lr,
-                                    device=device, seed=seed, progress=progress, **fit_kw)
+                                    device=device, seed=seed, progress=progress, macs=False, **fit_kw)
             row[setting], row[f"{setting}_seconds"] = float(r[metric]), r["seconds"]
             for key, value in (measure(res.model) if measure else {}).items():
                 row[f"{setting}: {key}"] = float(value)
