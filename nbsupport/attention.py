@@ -18,7 +18,7 @@ from torch import nn
 __all__ = [
     "masked_softmax", "additive_attention", "scaled_dot_product_attention", "AdditiveAttention",
     "MultiHeadAttention", "PositionwiseFeedForward", "TransformerEncoderBlock", "key_padding_mask",
-    "ReferenceLayerNorm", "layer_norm", "LAYERNORM_KINDS",
+    "ReferenceLayerNorm", "layer_norm", "LAYERNORM_KINDS", "ALL_MASKED",
 ]
 
 #: LayerNorm variants: PyTorch's (biased variance, eps inside the square root) and the one of the
@@ -45,15 +45,28 @@ def _expand_mask(mask: torch.Tensor | None, scores: torch.Tensor) -> torch.Tenso
     return mask
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+#: What a query row whose keys are all masked gets: zero weights (the book) or uniform weights over
+#: every key (the UMONS reference code, which fills masked scores with -1e9 before the softmax).
+ALL_MASKED = ("zero", "uniform")
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None,
+                   all_masked: str = "zero") -> torch.Tensor:
     """Softmax over the last axis that gives masked keys exactly zero weight.
 
     Rows whose keys are all masked return zeros (not NaN). Bahdanau et al. 2015, eq. 6; Vaswani et
-    al. 2017, eq. 1.
+    al. 2017, eq. 1. ``all_masked="uniform"`` is the UMONS reference code's
+    ``masked_fill(mask, -1e9)``: the same weights wherever a row has a real key, and
+    ``1 / n_keys`` on every key of a row that has none (Chapters 3-4).
     """
+    if all_masked not in ALL_MASKED:
+        raise ValueError(f"masked_softmax: parameter 'all_masked' must be one of {ALL_MASKED}, "
+                         f"got {all_masked!r}")
     mask = _expand_mask(mask, scores)
     if mask is None:
         return torch.softmax(scores, dim=-1)
+    if all_masked == "uniform":  # the reference's fill: exp(-1e9 - max) is exactly 0 in float32
+        return torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1)
     scores = scores.masked_fill(~mask, float("-inf"))
     any_key = mask.any(dim=-1, keepdim=True)
     scores = torch.where(any_key, scores, torch.zeros_like(scores))  # avoid softmax of all -inf
@@ -154,8 +167,9 @@ class MultiHeadAttention(nn.Module):
     over learned projections, concatenated and projected. Called as ``mha(query, key, value,
     mask=None)``; stores the last attention weights (batch, heads, Q, K) in ``self.weights``."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, all_masked: str = "zero"):
         super().__init__()
+        self.all_masked = all_masked  # see masked_softmax
         if dim % heads:
             raise ValueError(f"MultiHeadAttention: dim={dim} must be divisible by heads={heads}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
@@ -174,7 +188,7 @@ class MultiHeadAttention(nn.Module):
         q = self._split(self.q_proj(query))  # (B, heads, Tq, d/heads)
         k, v = self._split(self.k_proj(key)), self._split(self.v_proj(value))  # (B, heads, Tk, ...)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, heads, Q, K)
-        weights = masked_softmax(scores, mask)
+        weights = masked_softmax(scores, mask, self.all_masked)
         self.weights = weights.detach()
         out = self.dropout(weights) @ v  # (B, heads, Q, head_dim)
         out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.dim)
@@ -195,12 +209,13 @@ class PositionwiseFeedForward(nn.Module):
 class TransformerEncoderBlock(nn.Module):
     """Post-LN encoder block ``x = LayerNorm(x + MHA(x)); x = LayerNorm(x + MLP(x))`` as in UMONS
     (Delbrouck et al. 2020, Sec. 2) and the original transformer (Vaswani et al. 2017, Sec. 3.1).
-    ``norm``: the LayerNorm kind (:func:`layer_norm`; ``"reference"`` = UMONS's code)."""
+    ``norm``: the LayerNorm kind (:func:`layer_norm`; ``"reference"`` = UMONS's code);
+    ``all_masked``: see :func:`masked_softmax`."""
 
     def __init__(self, dim: int, heads: int, ff_size: int | None = None, dropout: float = 0.0,
-                 norm: str = "torch"):
+                 norm: str = "torch", all_masked: str = "zero"):
         super().__init__()
-        self.attention = MultiHeadAttention(dim, heads, dropout)
+        self.attention = MultiHeadAttention(dim, heads, dropout, all_masked)
         self.norm1 = layer_norm(dim, norm)
         self.ff = PositionwiseFeedForward(dim, ff_size or 4 * dim, dropout)
         self.norm2 = layer_norm(dim, norm)

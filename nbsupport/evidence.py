@@ -22,7 +22,7 @@ from nbsupport import metrics
 
 __all__ = ["Predictions", "Estimate", "predictions_from", "statistic", "bootstrap",
            "paired_difference", "verdict", "intervals", "compare", "ratio_interval", "lift_verdict",
-           "difference_in_differences",
+           "difference_in_differences", "seed_interval", "seed_verdict",
            "BOOTSTRAP_RESAMPLES"]
 
 #: Resamples per interval: the percentile interval's end points move by well under 0.5 point between
@@ -210,3 +210,39 @@ def compare(preds: dict[str, Predictions], a: str, b: str, name: str = "wacc", *
     """The paired difference ``name(a) - name(b)`` and the verdict sentence computed from it."""
     diff = paired_difference(preds[a], preds[b], name, **kwargs)
     return diff, verdict(a, b, diff, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Across training seeds: the variance of training the model again (Chapters 4 and 6, the bug costs)
+# ------------------------------------------------------------------------------------------------
+def seed_interval(a, b=None, *, level: float = 0.95) -> Estimate:
+    """Mean of ``a - b`` paired by seed (``b=None``: the mean of ``a``) with its t interval over seeds
+    (``scipy.stats.ttest_rel`` / ``ttest_1samp``): an interval that includes the seed-to-seed variance of
+    training, which a bootstrap over one run's test utterances does not (the reference bugs' costs,
+    Chapters 4 and 6). ``a``, ``b``: one value per seed, in the same seed order. The interval is NaN with
+    fewer than two seeds or no spread between them (then t is undefined: no verdict)."""
+    x = np.asarray(a, dtype=float)
+    if x.ndim != 1 or (b is not None and np.shape(b) != x.shape):
+        raise ValueError(f"seed_interval: 'a' and 'b' must be 1-D with one value per seed, got shapes "
+                         f"{x.shape} and {np.shape(b) if b is not None else None}")
+    d = x - np.asarray(b, dtype=float) if b is not None else x
+    value = float(d.mean()) if d.size else float("nan")
+    if d.size < 2 or np.allclose(d, d[0]):
+        return Estimate(value, float("nan"), float("nan"), level)
+    ci = stats.ttest_1samp(d, 0.0).confidence_interval(confidence_level=level)
+    return Estimate(value, float(ci.low), float(ci.high), level)
+
+
+def seed_verdict(name_a: str, name_b: str, diff: Estimate, n_seeds: int, metric: str = "wacc",
+                 scale: float = 100.0, unit: str = " points") -> str:
+    """The sentence for ``metric(A) - metric(B)`` paired by seed (:func:`seed_interval`), from its interval."""
+    f = lambda v: f"{scale * v:+.1f}" if scale == 100.0 else f"{scale * v:+.3f}"  # noqa: E731
+    head = f"{name_a} minus {name_b} on {metric}, paired by seed over {n_seeds} seeds: {f(diff.value)}{unit}"
+    if not np.isfinite(diff.low):
+        return f"{head}; without two seeds that differ there is no interval, so no verdict."
+    ci = f"{100 * diff.level:.0f} % t interval [{f(diff.low)}, {f(diff.high)}]"
+    if diff.low > 0:
+        return f"{head}, {ci}: {name_a} is higher, across training seeds."
+    if diff.high < 0:
+        return f"{head}, {ci}: {name_b} is higher, across training seeds."
+    return f"{head}, {ci}: not distinguishable across training seeds."

@@ -8,6 +8,7 @@ chosen on validation. Models never import this module; it imports them.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Iterable, Mapping
 
@@ -24,7 +25,8 @@ from nbsupport.models import mesm as mesm_models
 from nbsupport.models import umons as umons_models
 
 __all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_and_test", "train_umons",
-           "top_p_sweep", "compare_attention_grad"]
+           "top_p_sweep", "compare_attention_grad", "reference_bug_cost",
+           "umons_bug_cost", "mesm_bug_cost"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
@@ -116,7 +118,7 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
                    epochs: int, lr: float, device="auto", seed: int = 0,
                    thresholds: str | float | None = None, patience: int | None = train.PROTOCOL_DEFAULT,
                    checkpoint_dir=None, progress: bool = True, protocol: str = "book",
-                   callbacks=()) -> tuple[dict, object]:
+                   callbacks=(), macs: bool = True) -> tuple[dict, object]:
     """The book's single protocol for every model (Chapters 3-8): fit, pick the best epoch, test.
 
     :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
@@ -127,7 +129,8 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     (and per-emotion ones), ``n_params``, ``epochs``, ``best_epoch`` and ``seconds`` (training wall time,
     without the time spent in ``callbacks``).
     End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
-    it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column.
+    it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column (``macs=False`` skips that
+    extra pass over the test split, e.g. for the bug costs' many short runs).
     ``callbacks`` (``cb(epoch, row)`` after each epoch, e.g. :class:`nbsupport.interpret.LiftTracker`) and
     ``protocol`` ("book", "paper", "umons", "mesm"; :data:`nbsupport.train.PROTOCOLS`) are passed to
     :func:`~nbsupport.train.fit`; ``thresholds=None`` means "validation" under the book's protocol and the
@@ -157,7 +160,7 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     res.extra["test"] = evidence.predictions_from(logits, labels, ids, task=task, thresholds=res.thresholds)
     row = {"model": name, "modalities": res.model.modalities, "task": task, **{k: float(v) for k, v in test.items()},
            "n_params": res.n_params, "epochs": epochs, "best_epoch": res.best_epoch, "seconds": round(seconds, 2)}
-    if isinstance(res.model, mesm_models.EndToEndModel):
+    if isinstance(res.model, mesm_models.EndToEndModel) and macs:
         ext = mesm_models.extractor_macs(res.model, loaders["test"])
         n_test = len(loaders["test"].dataset)
         row.update(top_p=float(res.model.top_p), macs=ext["macs"] / n_test, dense_macs=ext["dense_macs"] / n_test)
@@ -251,3 +254,92 @@ def compare_attention_grad(build, loaders: Mapping[str, Iterable], *, epochs: in
     diff, sentence = evidence.compare(preds, "MESM (reweight)", "MESM (none)", metric, resamples=resamples,
                                       seed=seed)
     return {"rows": rows, "fits": fits, "difference": diff, "verdict": sentence}
+
+
+def reference_bug_cost(build, loaders: Mapping[str, Iterable], *, seeds, epochs: int, lr: float,
+                       device="auto", metric: str = "wacc", measure=None, name: str = "model",
+                       progress: bool = True, **fit_kw) -> dict:
+    """What one bug of the authors' code costs, measured across training seeds (Chapters 4 and 6).
+
+    For every seed: ``build(bug)`` makes the model without (``False``) and with (``True``) the bug under
+    the same ``torch`` seed, the buggy one gets the fixed one's initial weights (the bug switches change
+    no parameter), and both train with :func:`train_and_test` on the same loaders with that seed (same
+    shuffle order and dropout draws; the corpus and its split stay fixed) and are scored on the test split.
+    The cost is ``metric(bug) - metric(fixed)`` paired by seed with a t interval over seeds
+    (:func:`nbsupport.evidence.seed_interval`): the variance of training again is in the interval, which a
+    bootstrap over one run's test utterances would leave out. ``measure(model) -> {key: number}``
+    (e.g. the attention's lift per layer) adds per-seed values of each trained model, each with its own
+    mean and t interval per setting and paired difference.
+
+    Returns ``per_seed`` (one row per seed: ``fixed``, ``bug``, their ``seconds`` and measured values),
+    ``difference`` (bug minus fixed, :class:`~nbsupport.evidence.Estimate` as a dict, with ``n_seeds``),
+    ``sentence`` (the verdict), ``measures`` ({key: {fixed, bug, difference}} intervals over seeds) and
+    ``seconds`` (wall time of all the training and measuring).
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"reference_bug_cost: parameter 'seeds' must be distinct integers, got {seeds!r}")
+    t0 = time.perf_counter()
+    rows = []
+    for seed in tqdm(seeds, desc=f"{name}: bug cost over seeds", disable=not progress, leave=False):
+        torch.manual_seed(seed)
+        models = {"fixed": build(False), "bug": build(True)}
+        models["bug"].load_state_dict(models["fixed"].state_dict())  # the same initial weights
+        row = {"seed": seed}
+        for setting, model in models.items():
+            r, res = train_and_test(model, loaders, name=f"{name} ({setting})", epochs=epochs, lr=lr,
+                                    device=device, seed=seed, progress=progress, macs=False, **fit_kw)
+            row[setting], row[f"{setting}_seconds"] = float(r[metric]), r["seconds"]
+            for key, value in (measure(res.model) if measure else {}).items():
+                row[f"{setting}: {key}"] = float(value)
+        rows.append(row)
+    fixed, bug = [r["fixed"] for r in rows], [r["bug"] for r in rows]
+    diff = evidence.seed_interval(bug, fixed)
+
+    def plain(est):  # metrics.json: an undefined interval end is null, not NaN
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in est.as_dict().items()}
+
+    measures = {}
+    for key in sorted({k.split(": ", 1)[1] for r in rows for k in r if k.startswith("fixed: ")}):
+        a, b = [r[f"bug: {key}"] for r in rows], [r[f"fixed: {key}"] for r in rows]
+        measures[key] = {"fixed": plain(evidence.seed_interval(b)), "bug": plain(evidence.seed_interval(a)),
+                         "difference": plain(evidence.seed_interval(a, b))}
+    return {"metric": metric, "seeds": seeds, "per_seed": rows,
+            "difference": {**plain(diff), "n_seeds": len(seeds)},
+            "sentence": evidence.seed_verdict(f"{name} with the bug", "without", diff, len(seeds), metric),
+            "measures": measures, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def umons_bug_cost(loaders: Mapping[str, Iterable], config: "umons_models.UmonsConfig", bug: Mapping, *,
+                   seeds, modalities: str = "LAV", task: str = "emotion", n_emotions: int = 6, epochs: int,
+                   lr: float, device="auto", metric: str | None = None, progress: bool = True) -> dict:
+    """:func:`reference_bug_cost` for a UMONS bug (Chapter 4): ``config`` without and with the switches
+    ``bug`` (e.g. ``{"video_glimpse_mask": "audio"}``, Model_LAV's video glimpse under the audio mask),
+    built and trained as :func:`train_umons` does (inputs standardised on the training split, threshold
+    0.5). ``metric`` defaults to the task's (wacc, acc7, acc2)."""
+    metric = metric or {"emotion": "wacc", "sentiment7": "acc7", "sentiment2": "acc2"}[task]
+    first = next(iter(loaders["train"]))
+    dims = umons_models.input_dims_from(first)
+
+    def build(with_bug: bool):
+        cfg = dataclasses.replace(config, **bug) if with_bug else config
+        model = umons_models.UmonsTransformer(modalities, train.n_outputs(task, n_emotions), config=cfg,
+                                              input_dims=dims)
+        return model.fit_input_normalisation(loaders["train"])
+
+    return reference_bug_cost(build, loaders, seeds=seeds, epochs=epochs, lr=lr, device=device, task=task,
+                              metric=metric, thresholds=0.5, name=f"UMONS-{modalities}", progress=progress)
+
+
+def mesm_bug_cost(loaders: Mapping[str, Iterable], config: "mesm_models.MesmConfig", bug: Mapping, *, seeds,
+                  modalities: str = "LAV", top_p: float = 0.7, text_model: str | None = None, epochs: int,
+                  lr: float, device="auto", measure=None, progress: bool = True) -> dict:
+    """:func:`reference_bug_cost` for a MESM bug (Chapter 6): MESM at ``top_p`` from ``config`` without and
+    with the switches ``bug`` (e.g. ``{"site_order": "reference"}``, the reference code's scrambled block-1
+    sites), trained with the book's protocol; ``measure`` as in :func:`reference_bug_cost`."""
+    def build(with_bug: bool):
+        cfg = dataclasses.replace(config, **bug) if with_bug else config
+        return mesm_models.MESM(modalities, top_p=top_p, config=cfg, text_model=text_model)
+
+    return reference_bug_cost(build, loaders, seeds=seeds, epochs=epochs, lr=lr, device=device, measure=measure,
+                              name="MESM", progress=progress)

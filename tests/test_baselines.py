@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -185,3 +186,134 @@ def test_bad_inputs_name_the_field():
     batch["text"] = batch["text"][..., :5]
     with pytest.raises(ValueError, match="text"):
         model(batch)
+
+
+# ---------------------------------------------- MulT: the authors' MULTModel as a preset, each difference a switch
+def test_mult_reference_parameter_count_from_layer_sizes():
+    # MULTModel with main.py's defaults on CMU-MOSEI's features (GloVe 300, COVAREP 74, FACET 35), 1 output
+    d, heads, layers, dims, n_out = 30, 5, 5, {"L": 300, "A": 74, "V": 35}, 1
+
+    def layer(w):  # attention (q, k, v, out with biases) + one shared LayerNorm + LN_ff + fc1 w->4w + fc2
+        return 4 * (w * w + w) + 2 * w + 2 * w + (w * 4 * w + 4 * w) + (4 * w * w + w)
+
+    proj = d * sum(dims.values())  # Conv1d(k=1) without bias
+    cross = 6 * (layers * layer(d) + 2 * d)  # six directions, final LayerNorm each
+    mem = 3 * (max(layers, 3) * layer(2 * d) + 2 * 2 * d)  # one self-attention transformer per target, width 2d
+    head = 2 * (6 * d * 6 * d + 6 * d) + (6 * d * n_out + n_out)  # proj1, proj2, out_layer on 3 * 2d
+    expected = proj + cross + mem + head
+    assert expected == 1_073_731
+    ref = bl.MulT("LAV", dims, n_out, **bl.MULT_REFERENCE)
+    assert sum(p.numel() for p in ref.parameters()) == expected
+    # the book's switches at the same sizes: separate key/value LayerNorms and projection biases
+    book = bl.MulT("LAV", dims, n_out, dim=d, heads=heads, cross_layers=layers, self_layers=max(layers, 3))
+    assert sum(p.numel() for p in book.parameters()) == expected + 6 * layers * 2 * d + 3 * d
+
+
+def test_fairseq_positions_by_hand():
+    x = torch.ones(1, 3, 4)
+    x[0, 2, 0] = 0.0  # first feature exactly 0: the reference reads it as padding
+    pe = bl.fairseq_positions(x)[0]
+    # width 4: half 2, frequencies exp(-i * ln(10000) / (2 - 1)) = 1, 1e-4; positions start at 1
+    for p in (1, 2):
+        expected = torch.tensor([math.sin(p), math.sin(p * 1e-4), math.cos(p), math.cos(p * 1e-4)])
+        assert torch.allclose(pe[p - 1], expected, atol=1e-6)
+    assert torch.equal(pe[2], torch.zeros(4))
+
+
+def test_mult_reference_switches_by_hand():
+    torch.manual_seed(0)
+    m = bl.MulT("LA", {"L": 3, "A": 2}, 2, dim=4, heads=2, cross_layers=1, self_layers=1, entry="reference",
+                mask_padding=False, future_mask=True, pooling="last")
+    x = torch.randn(2, 5, 4)
+    assert torch.allclose(m._enter(x), 2.0 * x + bl.fairseq_positions(x))  # sqrt(4) x + positions
+    q_mask, k_mask = torch.ones(2, 2, dtype=torch.bool), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    allowed = m._attn_mask(q_mask, k_mask)[0]
+    # query i sees keys j < i + 1 + |4 - 2| = i + 3; padding is not masked
+    assert allowed.tolist() == [[True, True, True, False], [True, True, True, True]]
+    m.mask_padding = True
+    assert m._attn_mask(q_mask, k_mask)[1].tolist() == [[True, True, False, False], [True, True, False, False]]
+    m.future_mask = False
+    assert m._attn_mask(q_mask, k_mask) is None  # the book's key-padding mask
+    m2 = bl.MulT("LA", {"L": 3, "A": 2}, 2, dim=4, heads=2, cross_layers=1, self_layers=1)
+    assert any("norm_kv" in n for n, _ in m2.cross.named_parameters())  # the book: separate LayerNorms
+    assert all(p.bias is not None for p in m2.proj.values())
+    shared = bl.CrossmodalBlock(4, 2, kv_norm="shared")
+    assert shared.norm_kv is None and sum(p.numel() for p in shared.parameters()) == \
+        sum(p.numel() for p in bl.CrossmodalBlock(4, 2).parameters()) - 8
+    assert not any("norm_kv" in n for n, _ in m2.self_attn.named_parameters())  # no unused LayerNorm
+    with pytest.raises(ValueError, match="pooling"):
+        bl.MulT("LA", {"L": 3, "A": 2}, 2, dim=4, heads=2, pooling="first")
+
+
+# ---------------------------------------------- LF-LSTM: MESM's lf_rnn.py as a preset
+def test_lf_lstm_reference_parameter_count_from_layer_sizes():
+    dims, n_out = {"L": 300, "A": 144, "V": 35}, 6  # MESM's hand-crafted feature sizes (hfc_sizes)
+
+    def bilstm(d, h):  # two directions: 4 gates, input and recurrent weights, two biases
+        return 2 * (4 * h * (d + h) + 2 * 4 * h)
+
+    def head(h):  # Linear(2h, h) -> ReLU -> Linear(h, 6)
+        return (2 * h * h + h) + (h * n_out + n_out)
+
+    expected = sum(bilstm(d, d) + head(d) for d in dims.values()) + 3  # + Linear(3, 1) fusion, no bias
+    assert expected == 2_026_336
+    model = bl.LFLSTM("LAV", dims, n_out, **bl.LF_LSTM_REFERENCE)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_lf_lstm_padded_readout_and_logit_fusion_by_hand():
+    torch.manual_seed(0)
+    model = bl.LFLSTM("LA", {"L": 3, "A": 2}, 2, **bl.LF_LSTM_REFERENCE).eval()
+    batch = {k: v for k, v in make_batch(b=2, lengths={"L": [4, 2], "A": [3, 1], "V": [1, 1]}).items()
+             if not k.startswith("video")}
+    batch["text"], batch["audio"] = batch["text"][..., :3], batch["audio"][..., :2]
+    with torch.no_grad():
+        out = model(batch)
+        x_l = batch["text"] * batch["text_mask"][..., None]  # padding zeroed, then run as a padded batch
+        x_a = batch["audio"] * batch["audio_mask"][..., None]
+        y_l, _ = model.lstms["L"](x_l)
+        _, (h_a, _) = model.lstms["A"](x_a)
+        # text: the output at the last *padded* step; audio: the final states after the padding
+        logits = torch.stack([model.head.heads["L"](y_l[:, -1]), model.head.heads["A"](torch.cat([h_a[0], h_a[1]], -1))], -1)
+        expected = logits @ model.head.weighted_fusion.weight[0]
+    assert torch.allclose(out, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="fusion='logits'"):
+        bl.LFLSTM("LA", {"L": 3, "A": 2}, 2, hidden="features")
+
+
+# ---------------------------------------------- LF-Transformer: MESM's lf_transformer.py as a preset
+def test_lf_transformer_reference_parameter_count_from_layer_sizes():
+    dims, n_out, layers, ff = {"L": 300, "A": 144, "V": 35}, 6, 2, 2048
+
+    def layer(d):  # PyTorch's encoder layer: attention (q, k, v, out with biases), d->2048->d, two LayerNorms
+        return 4 * (d * d + d) + (d * ff + ff) + (ff * d + d) + 2 * 2 * d
+
+    def head(d):  # Linear(d, d // 2) -> ReLU -> Linear(d // 2, 6)
+        return (d * (d // 2) + d // 2) + (d // 2 * n_out + n_out)
+
+    expected = sum(layers * layer(d) + d + head(d) for d in dims.values()) + 3  # + CLS vectors, Linear(3, 1)
+    assert expected == 4_898_702
+    model = bl.LFTransformer("LAV", dims, n_out, **bl.LF_TRANSFORMER_REFERENCE)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_lf_transformer_reference_reads_the_cls_and_lets_text_see_padding():
+    torch.manual_seed(0)
+    model = bl.LFTransformer("LA", {"L": 4, "A": 2}, 2, dim="features", layers=1, heads={"L": 2, "A": 1},
+                             ff_size=8, positions="none", pooling="cls", text_mask=False, fusion="logits",
+                             dropout=0.0).eval()
+    batch = {k: v for k, v in make_batch(b=2, lengths={"L": [4, 2], "A": [3, 1], "V": [1, 1]}).items()
+             if not k.startswith("video")}
+    batch["text"], batch["audio"] = batch["text"][..., :4], batch["audio"][..., :2]
+    with torch.no_grad():
+        out = model(batch)
+        # by hand: CLS prepended, the text block sees every position, audio's padding is masked
+        x_l = torch.cat([model.cls["L"].expand(2, 1, 4), batch["text"] * batch["text_mask"][..., None]], 1)
+        x_a = torch.cat([model.cls["A"].expand(2, 1, 2), batch["audio"] * batch["audio_mask"][..., None]], 1)
+        keep_a = torch.cat([torch.ones(2, 1, dtype=torch.bool), batch["audio_mask"]], 1)
+        h_l = model.encoders["L"][0](x_l, None)[:, 0]
+        h_a = model.encoders["A"][0](x_a, keep_a)[:, 0]
+        logits = torch.stack([model.head.heads["L"](h_l), model.head.heads["A"](h_a)], -1)
+    assert torch.allclose(out, logits @ model.head.weighted_fusion.weight[0], atol=1e-6)
+    with pytest.raises(ValueError, match="fusion='logits'"):
+        bl.LFTransformer("LA", {"L": 4, "A": 2}, 2, dim="features")

@@ -123,3 +123,23 @@ def test_difference_in_differences_against_a_hand_written_bootstrap():
     other = ev.Predictions("emotion", a2.decisions, labels, [f"v{i}" for i in range(n)])
     with pytest.raises(ValueError, match="different utterances"):
         ev.difference_in_differences(a1, b1, other, b2)
+
+
+def test_seed_interval_is_the_t_interval_over_seeds_by_hand():
+    from nbsupport.evidence import seed_interval, seed_verdict
+
+    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2 dof) = 4.302653 -> 2 -+ 4.302653 / sqrt(3)
+    est = seed_interval([1.5, 2.0, 3.5], [0.5, 0.0, 0.5])
+    half = 4.302653 / 3 ** 0.5
+    assert est.value == pytest.approx(2.0)
+    assert (est.low, est.high) == (pytest.approx(2 - half, abs=1e-5), pytest.approx(2 + half, abs=1e-5))
+    one = seed_interval([0.8, 0.9, 1.0])  # one sample: the mean's t interval
+    assert one.value == pytest.approx(0.9) and one.low == pytest.approx(0.9 - 4.302653 * 0.1 / 3 ** 0.5, abs=1e-6)
+    flat = seed_interval([0.5, 0.5], [0.25, 0.25])  # no spread: t undefined, no interval
+    assert flat.value == pytest.approx(0.25) and flat.low != flat.low
+    assert "no verdict" in seed_verdict("A", "B", flat, 2)
+    assert "not distinguishable" in seed_verdict("A", "B", est, 3)  # the interval [-0.48, 4.48] holds 0
+    assert "A is higher" in seed_verdict("A", "B", seed_interval([0.10, 0.12, 0.11], [0, 0, 0]), 3)
+    assert "B is higher" in seed_verdict("A", "B", seed_interval([0, 0, 0], [0.10, 0.12, 0.11]), 3)
+    with pytest.raises(ValueError, match="one value per seed"):
+        seed_interval([1, 2, 3], [1, 2])

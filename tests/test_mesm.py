@@ -363,18 +363,22 @@ def test_rgb_stem_on_grey_crops_equals_the_summed_kernel_and_biases_cancel_in_ba
 
 
 def test_paper_preset_builds_and_runs_small():
-    from nbsupport.models.mesm import paper_preset
+    from nbsupport.models.mesm import MesmConfig
 
     torch.manual_seed(0)
-    kw = paper_preset(tiny_text=True, stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2,
-                      flatten_hidden=16)
-    model = MESM("LAV", top_p=0.8, **kw).eval()
+    cfg = MesmConfig.paper("MESM", stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2,
+                           flatten_hidden=16)
+    model = cfg.build("LAV", tiny_text=True).eval()
     assert model(make_batch()).shape == (3, 6)
+    assert model.top_p == 0.8  # the README's -st=0.8
     assert model.pathways["V"].cross_attention[1].w_key.out_features == 4  # hidden = block input channels
     assert model.pathways["V"].cross_attention[2].w_key.out_features == 8
     assert model.pathways["V"].encoder[0].ff.net[0].out_features == 2048
-    with pytest.raises(ValueError, match="unknown"):
-        paper_preset(hidden=3)
+    assert MesmConfig.paper("FE2E").top_p == 1.0 and not MesmConfig.paper("FE2E").sparse
+    with pytest.raises(TypeError):
+        MesmConfig.paper(hidden=3)
+    with pytest.raises(ValueError, match="model"):
+        MesmConfig.paper("MulT")
 
 
 @pytest.mark.slow  # trains MESM twice (~7 s)
@@ -435,3 +439,119 @@ def test_training_seconds_leave_out_the_callbacks():
     wall = time.perf_counter() - start
     assert calls == [1, 2]
     assert row["seconds"] <= wall - 2.0 + 0.05  # the two 1 s sleeps are not training time
+
+
+# ---------------------------------------------- the reference code's bug and SparseConvNet's defaults as switches
+def test_reference_site_order_on_a_hand_made_grid():
+    from nbsupport.models.mesm import reference_site_order
+    from nbsupport.sparse import SparseTensor
+
+    # kept sites in (frame, y, x) order with features a..e (1 channel: 1..5)
+    coords = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 1], [1, 0, 0], [1, 1, 0]])
+    s = SparseTensor(torch.arange(1.0, 6.0)[:, None], coords, (2, 2), 2)
+    out = reference_site_order(s)
+    # the same sites sorted by (y, x, frame): (0,0,f0) (0,0,f1) (0,1,f0) (1,0,f1) (1,1,f0), row i <- feature i
+    expected = torch.zeros(2, 1, 2, 2)
+    expected[0, 0, 0, 0], expected[1, 0, 0, 0], expected[0, 0, 0, 1] = 1, 2, 3
+    expected[1, 0, 1, 0], expected[0, 0, 1, 1] = 4, 5
+    assert torch.equal(out.dense(), expected)
+    assert torch.equal(s.dense()[0, 0], torch.tensor([[1.0, 2.0], [0.0, 3.0]]))  # the input was untouched
+
+
+def test_reference_site_order_equals_the_reference_code_indexing():
+    """The scrambled block-1 input equals what the authors' lines build: locations from
+    ``attn.permute(1, 2, 0).nonzero()`` (y, x, frame) paired row by row with ``x[bs, :, y, x]``."""
+    from nbsupport.models.mesm import reference_site_order
+    from nbsupport.sparse import to_sparse
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 6, 4, generator=g)  # (frames, C, H, W) after the stem
+    attn = torch.rand(3, 6, 4, generator=g) * (torch.rand(3, 6, 4, generator=g) > 0.4)  # kept weights
+    locations = attn.permute(1, 2, 0).nonzero()  # (N, 3) = (y, x, frame)
+    bs, y, xx = attn.nonzero(as_tuple=True)
+    features = x[bs, :, y, xx]  # (N, C) in (frame, y, x) order
+    ref = torch.zeros(3, 5, 6, 4)
+    ref[locations[:, 2], :, locations[:, 0], locations[:, 1]] = features  # InputLayer: row i at location i
+    ours = reference_site_order(to_sparse(x, attn > 0)).dense()
+    assert torch.equal(ours, ref)
+    moved = (ref != x * (attn > 0)[:, None]).any(1) & (attn > 0)
+    assert int(moved.sum()) > 0.8 * int((attn > 0).sum())  # nearly every site holds another's features
+
+
+def _block1_input(model, m):
+    seen = {}
+    model.pathways[m].blocks[0].register_forward_pre_hook(lambda mod, args: seen.__setitem__("s", args[0]))
+    return seen
+
+
+@pytest.mark.parametrize("handoff", ["sparse", "dense"])
+def test_site_order_switch_scrambles_block_one_only(handoff):
+    from nbsupport.models.mesm import MesmConfig, reference_site_order
+
+    batch = make_batch()
+    inputs, outputs = {}, {}
+    for order in ("matched", "reference"):
+        torch.manual_seed(0)
+        cfg = MesmConfig(**{k: v for k, v in SMALL.items() if k != "tiny_text"}, site_order=order)
+        model = MESM("LAV", top_p=0.7, config=cfg, tiny_text=True).eval()
+        for p in model.pathways.values():
+            p.block_handoff = handoff
+        seen = _block1_input(model, "V")
+        with torch.no_grad():
+            outputs[order] = model(batch)
+        inputs[order] = seen["s"]
+        kept = [r.kept for r in model.last_maps["V"]]
+        if order == "matched":
+            kept_matched = kept
+    assert all(torch.equal(a, b) for a, b in zip(kept_matched[:1], kept[:1]))  # same sites kept in block 1
+    a, b = inputs["matched"], inputs["reference"]
+    assert torch.equal(reference_site_order(a).dense(), b.dense())
+    assert not torch.allclose(outputs["matched"], outputs["reference"])
+
+
+def test_sparse_bn_eps_and_he_initialisation_as_sparseconvnet():
+    from nbsupport.models.mesm import MesmConfig
+
+    torch.manual_seed(0)
+    cfg = MesmConfig(stem_channels=64, block_channels=(128, 8, 8), dim=8, layers=1, heads=2,
+                     sparse_bn_eps=1e-4, sparse_conv_init="he").mesm(0.7)
+    model = cfg.build("LV", tiny_text=True)
+    block = model.pathways["V"].blocks[0]
+    assert block.conv1.bn.eps == 1e-4 and block.conv2.bn.eps == 1e-4
+    w = block.conv1.conv.weight.detach()  # 128 x 64 x 3 x 3 = 73,728 draws of N(0, 2 / (64 * 9))
+    assert abs(float(w.mean())) < 5 * math.sqrt(2 / 576) / math.sqrt(w.numel())  # 5 standard errors
+    assert float(w.std()) == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.02)
+    book = MESM("LV", stem_channels=64, block_channels=(128, 8, 8), dim=8, layers=1, heads=2, tiny_text=True)
+    wb = book.pathways["V"].blocks[0].conv1.conv.weight.detach()  # PyTorch's kaiming_uniform(a=sqrt(5)): std 1/sqrt(3 fan_in)
+    assert float(wb.std()) == pytest.approx(1 / math.sqrt(3 * 576), rel=0.02)
+    assert book.pathways["V"].blocks[0].conv1.bn.eps == 1e-5
+    fe2e = FE2E("LV", config=cfg, tiny_text=True)  # dense blocks keep PyTorch's init (reference e2e.py)
+    assert fe2e.pathways["V"].blocks[0].conv1.bn.eps == 1e-5
+
+
+def test_mesm_config_paper_reference_bugs_and_one_line_builds():
+    import dataclasses
+
+    from nbsupport.models.mesm import REFERENCE_BUGS, MesmConfig
+
+    fixed, buggy = MesmConfig.paper(), MesmConfig.paper(reference_bugs=True)
+    diff = {f.name for f in dataclasses.fields(fixed) if getattr(fixed, f.name) != getattr(buggy, f.name)}
+    assert diff == set(REFERENCE_BUGS) == {"site_order"} and buggy.site_order == "reference"
+    assert (fixed.sparse_bn_eps, fixed.sparse_conv_init, fixed.top_p) == (1e-4, "he", 0.8)
+    book = MesmConfig()
+    assert (book.site_order, book.sparse_bn_eps, book.sparse_conv_init) == ("matched", 1e-5, "torch")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        book.dim = 3
+    params = dict(seed=0, epochs=4, stem_channels=4, block_channels=[4, 8, 8], dim=8, layers=1, heads=2,
+                  top_p=0.5, attention_hidden=8, dropout=0.0)
+    cfg = MesmConfig.from_parameters(params)
+    assert cfg.block_channels == (4, 8, 8) and cfg.top_p == 1.0  # the model choice is MESM()/FE2E()'s
+    torch.manual_seed(0)
+    one = MESM("LAV", top_p=0.5, config=cfg, tiny_text=True)
+    torch.manual_seed(0)
+    kw = MESM("LAV", top_p=0.5, **SMALL)
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), kw.state_dict().values()))
+    with pytest.raises(ValueError, match="site_order"):
+        MesmConfig(site_order="shuffled")
+    with pytest.raises(ValueError, match="not both"):
+        EndToEndModel("LAV", config=cfg, dim=4)

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from nbsupport.models.umons import PAPER_CONFIG, GlimpseLayer, UmonsConfig, UmonsTransformer
+from nbsupport.models.umons import BOOK_CONFIG_AT_PAPER_SIZES, GlimpseLayer, UmonsConfig, UmonsTransformer
 
 DIMS = {"L": 12, "A": 10, "V": 14}
 SMALL = dict(hidden_size=16, ff_size=32, layers=2, heads=2, dropout=0.0, seq_len=8)
@@ -136,7 +136,7 @@ def test_describe_reports_the_configuration_and_parameter_count():
 
 
 def test_paper_configuration_builds():
-    model = UmonsTransformer("LAV", 6, config=PAPER_CONFIG)
+    model = UmonsTransformer("LAV", 6, config=BOOK_CONFIG_AT_PAPER_SIZES)
     info = model.describe()
     assert info["n_params"] > 10_000_000
     batch = {"text": torch.randn(2, 70, 300), "audio": torch.randn(2, 50, 80), "video": torch.randn(2, 60, 512)}
@@ -311,7 +311,7 @@ def test_paper_preset_parameter_counts_from_layer_sizes():
     assert expected_lav == 44_071_461
     assert paper_parameter_count("LAV") == expected_lav
     # the book's variant at the same sizes: glimpse MLPs of width h and a final glimpse/head of width h
-    book = UmonsTransformer("LA", 6, config=PAPER_CONFIG)
+    book = UmonsTransformer("LA", 6, config=BOOK_CONFIG_AT_PAPER_SIZES)
     glimpse_book = (h * h + h) + (h * seq + seq)
     final_book = (h * h + h) + (h + 1) + (h * h + h)
     expected_book = (lstm + (audio * h + h) + layers * (sa + sga) + (layers - 1) * (2 * glimpse_book + 2 * _ln(h))
@@ -406,15 +406,144 @@ def test_masks_in_the_first_layer_only_as_the_reference():
         assert (glimpse_on_pad == 0.0) == every  # the reference's final glimpse has no mask
 
 
-def test_zero_padding_switch_keeps_the_adapter_output_of_zero_features():
+def test_zero_padding_false_zeroes_neither_inputs_nor_outputs():
     from nbsupport.models.umons import ModalityAdapter
 
     torch.manual_seed(0)
     ad = ModalityAdapter("A", 10, 16, 8, zero_padding=False)
     feats, mask = torch.randn(2, 5, 10), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     out, m = ad(feats, mask)
-    # padded positions (and the 3 appended to reach seq_len 8) see zero features: Linear(0) = its bias
-    assert torch.allclose(out[0, 3:], ad.net.bias.expand(5, -1), atol=1e-6)
+    # the batch's padded rows (3, 4) are read as given; the 3 rows appended to reach seq_len 8 are zero
+    # features, and Linear(0) is its bias
+    assert torch.allclose(out[0, :5], ad.net(feats[0]), atol=1e-6)
+    assert torch.allclose(out[0, 5:], ad.net.bias.expand(3, -1), atol=1e-6)
     assert torch.allclose(out[1, :5], ad.net(feats[1]), atol=1e-6)
     ad.zero_padding = True
     assert torch.all(ad(feats, mask)[0][0, 3:] == 0)
+
+
+# ---- the reference code's bugs, each a switch (off by default, on in paper(reference_bugs=True)) ----
+def test_all_masked_rows_uniform_as_the_reference_fill_by_hand():
+    from nbsupport.attention import masked_softmax
+
+    scores = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    e1, e3 = torch.exp(torch.tensor(1.0)), torch.exp(torch.tensor(3.0))
+    real = torch.stack([e1 / (e1 + e3), torch.tensor(0.0), e3 / (e1 + e3)])
+    book = masked_softmax(scores, mask)
+    ref = masked_softmax(scores, mask, all_masked="uniform")
+    assert torch.allclose(book[0], real) and torch.allclose(ref[0], real)  # same where a key is real
+    assert torch.equal(book[1], torch.zeros(3))  # the book: no key, no weight
+    assert torch.allclose(ref[1], torch.full((3,), 1 / 3))  # the reference's -1e9 fill: uniform
+    with pytest.raises(ValueError, match="all_masked"):
+        masked_softmax(scores, mask, all_masked="nan")
+
+
+def test_all_masked_switch_in_the_model_gives_uniform_audio_glimpse():
+    batch = _batch(lengths={"L": [5, 3, 7], "A": [8, 0, 6], "V": [4, 6, 1]})  # item 1: no audio at all
+    for setting, expected in (("zero", torch.zeros(8)), ("uniform", torch.full((8,), 1 / 8))):
+        torch.manual_seed(0)
+        model = UmonsTransformer("LA", 6, input_dims=DIMS, **SMALL, all_masked=setting).eval()
+        with torch.no_grad():
+            model(batch)
+        assert torch.allclose(model.attention_maps()["glimpse"]["A"][1], expected, atol=1e-7)
+        assert torch.allclose(model.co_blocks["A"][0].self_att.weights[1], expected[:8].expand(2, 8, 8), atol=1e-7)
+
+
+def test_video_glimpse_masked_with_the_audio_mask_as_model_lav():
+    # item 0: audio 2 real frames, video 5: the reference masks the video glimpse with the audio mask
+    batch = _batch(lengths={"L": [5, 3, 7], "A": [2, 8, 6], "V": [5, 6, 1]}, pad_to=8)
+    out = {}
+    for setting in ("video", "audio"):
+        torch.manual_seed(0)
+        model = UmonsTransformer("LAV", 6, input_dims=DIMS, **SMALL, video_glimpse_mask=setting).eval()
+        with torch.no_grad():
+            out[setting] = model(batch)
+        w = model.block_glimpses["V"][0].weights[0]  # (glimpses, T) of item 0
+        real = (w[:, :2] if setting == "audio" else w[:, :5]).sum(-1)
+        assert torch.allclose(real, torch.ones(w.shape[0]), atol=1e-6)  # all mass on the mask's positions
+        if setting == "audio":  # video frames 2-4 are real but get no weight; item 2: frames 1-5 get weight
+            assert float(w[:, 2:5].abs().sum()) == 0.0
+            assert float(model.block_glimpses["V"][0].weights[2][:, 1:6].sum()) > 0
+    assert not torch.allclose(out["video"], out["audio"])
+    # equal lengths: the two masks are the same and so are the logits
+    same = _batch(lengths={"L": [5, 3, 7], "A": [4, 6, 1], "V": [4, 6, 1]})
+    logits = []
+    for setting in ("video", "audio"):
+        torch.manual_seed(0)
+        model = UmonsTransformer("LAV", 6, input_dims=DIMS, **SMALL, video_glimpse_mask=setting).eval()
+        with torch.no_grad():
+            logits.append(model(same))
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_learned_pad_token_is_what_the_lstm_reads_at_padded_positions():
+    from nbsupport.models.umons import ModalityAdapter
+
+    torch.manual_seed(0)
+    ad = ModalityAdapter("L", 6, 8, 5, zero_padding=False, pad_token="learned")
+    assert ad.pad_vector.shape == (6,)
+    feats, mask = torch.randn(2, 3, 6), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    out, _ = ad(feats, mask)
+    # by hand: the LSTM's input has the pad vector at every padded position (2 given + 2 appended)
+    x = torch.cat([feats, torch.zeros(2, 2, 6)], 1)
+    real = torch.cat([mask, torch.zeros(2, 2, dtype=torch.bool)], 1)
+    x = torch.where(real[..., None], x, ad.pad_vector.detach())
+    assert torch.allclose(out, ad.net(x)[0], atol=1e-6)
+    out.sum().backward()
+    assert ad.pad_vector.grad is not None and float(ad.pad_vector.grad.abs().sum()) > 0  # it is trained
+    # the book's default reads zeros there, and only the language adapter has a pad token
+    assert ModalityAdapter("L", 6, 8, 5).pad_vector is None
+    assert ModalityAdapter("A", 6, 8, 5, pad_token="learned").pad_vector is None
+
+
+def test_paper_with_reference_bugs_turns_on_every_bug_and_nothing_else():
+    from nbsupport.models.umons import REFERENCE_BUGS
+
+    fixed, buggy = UmonsConfig.paper(), UmonsConfig.paper(reference_bugs=True)
+    assert (fixed.video_glimpse_mask, fixed.pad_token, fixed.all_masked) == ("video", "zero", "zero")
+    assert (buggy.video_glimpse_mask, buggy.pad_token, buggy.all_masked) == ("audio", "learned", "uniform")
+    diff = {k for k, v in dataclasses.asdict(buggy).items() if dataclasses.asdict(fixed)[k] != v}
+    assert diff == set(REFERENCE_BUGS)
+    assert UmonsConfig().video_glimpse_mask == "video"  # the book's default is fixed
+    for bad in (dict(video_glimpse_mask="text"), dict(pad_token="unk"), dict(all_masked="nan")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            UmonsConfig(**bad)
+    # the buggy preset has one more parameter vector: the pad token (300-d GloVe input)
+    n_fixed = sum(p.numel() for p in UmonsTransformer("LA", 6, config=UmonsConfig.paper()).parameters())
+    n_buggy = sum(p.numel() for p in UmonsTransformer("LA", 6, config=buggy).parameters())
+    assert n_buggy - n_fixed == 300
+
+
+def test_bug_cost_pairs_seeds_from_the_same_start_and_its_interval_is_over_seeds():
+    from torch.utils.data import DataLoader
+
+    from nbsupport import protocol
+    from nbsupport.evidence import seed_interval
+
+    batches = [_batch(lengths={"L": [5, 3, 7], "A": [2, 8, 6], "V": [5, 6, 1]}, seed=s, pad_to=8) for s in range(3)]
+    loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
+    starts = []
+    real_fit = protocol.train_and_test
+
+    def spy(model, *args, **kw):  # the initial weights each training starts from
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_fit(model, *args, **kw)
+
+    protocol.train_and_test = spy
+    try:
+        cost = protocol.umons_bug_cost(loaders, UmonsConfig(**SMALL), {"video_glimpse_mask": "audio"},
+                                       seeds=[0, 1, 2], epochs=1, lr=1e-2, device="cpu", progress=False)
+    finally:
+        protocol.train_and_test = real_fit
+    assert [r["seed"] for r in cost["per_seed"]] == [0, 1, 2] and len(starts) == 6
+    for fixed, bug in zip(starts[0::2], starts[1::2]):  # per seed: the same initial weights
+        assert all(torch.equal(fixed[k], bug[k]) for k in fixed)
+    assert not torch.equal(starts[0]["classifier.weight"], starts[2]["classifier.weight"])  # seeds differ
+    d = seed_interval([r["bug"] for r in cost["per_seed"]], [r["fixed"] for r in cost["per_seed"]])
+    assert cost["difference"]["value"] == pytest.approx(d.value) and cost["difference"]["n_seeds"] == 3
+    low = cost["difference"]["low"]
+    assert (low is None and d.low != d.low) or low == pytest.approx(d.low)  # null, not NaN, without spread
+    assert "paired by seed over 3 seeds" in cost["sentence"]
+    with pytest.raises(ValueError, match="seeds"):
+        protocol.reference_bug_cost(lambda bug: None, loaders, seeds=[1, 1], epochs=1, lr=1e-2)

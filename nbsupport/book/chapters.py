@@ -37,6 +37,9 @@ _UMONS = dict(n_utterances=Int(min=30), hidden_size=Int(min=4), ff_size=Int(min=
               heads=Int(min=1), dropout=Float(min=0, max=0.9), seq_len=Int(min=2), epochs=Int(min=1), lr=_POS,
               batch_size=Int(min=1))
 _UMONS_SMOKE = dict(n_utterances=lambda n: min(n, 60), epochs=1)
+#: A reference bug trained with and without, per seed (Chapters 4 and 6); smoke: two seeds, one epoch.
+_BUG_COST = dict(bug_cost_seeds=ListOf(Int(min=0), min_len=0), bug_cost_epochs=Int(min=1))
+_BUG_COST_SMOKE = dict(bug_cost_seeds=lambda s: s[:2], bug_cost_epochs=1)
 #: Chapter 7's regimes: a name -> the synthetic corpus's ``hidden_cue`` (nbsupport.data.synth.SynthConfig).
 _REGIMES = DictOf(item=Float(min=0, max=1))
 _BASELINE_SIZES = DictOf(keys=("LF-LSTM", "LF-Transformer", "MulT"), item=DictOf(item=Int(min=1)), complete=True)
@@ -95,9 +98,10 @@ SPECS: dict[str, Spec] = {
                    sentiment_task=Choice("", "sentiment7", "sentiment2"), modalities=ListOf(Choice("L", "A", "V"))),
         smoke=_UMONS_SMOKE),
     "04_umons_multimodal": Spec(
-        rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, **_UMONS, task=Choice("emotion", "sentiment7", "sentiment2"),
-                   modalities=ListOf(Modalities())),
-        smoke=_UMONS_SMOKE, check=_multimodal_needs_language),
+        rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, **_UMONS,
+                   task=Choice("emotion", "sentiment7", "sentiment2"), modalities=ListOf(Modalities()),
+                   **_BUG_COST),
+        smoke=dict(_UMONS_SMOKE, **_BUG_COST_SMOKE), check=_multimodal_needs_language),
     "05_fe2e": Spec(
         rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, **_MESM_SIZES),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES)),
@@ -107,9 +111,9 @@ SPECS: dict[str, Spec] = {
                    top_p_sweep=ListOf(_P), compare_fe2e=Bool(), compare_attention_grad=Bool(), explorer=Bool(), lift_by_epoch=Bool(),
                    analysis=Bool(),
                    cue_gain=Float(min=0, max=MAX_CUE_GAIN),
-                   **_MESM_SIZES, attention_hidden=Int(min=1)),
+                   **_MESM_SIZES, attention_hidden=Int(min=1), **_BUG_COST),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES,
-                   attention_hidden=16),
+                   attention_hidden=16, **_BUG_COST_SMOKE),
         check=_mesm_chapter_checks),
     "07_two_phase_vs_end_to_end": Spec(
         rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, n_utterances=Int(min=20), epochs=Int(min=1),

@@ -125,3 +125,24 @@ def train_step_table(path: str | Path) -> pd.DataFrame:
                      "MESM / FE2E extractor MACs": percent(r["extractor_macs"]["ratio"]),
                      "peak MB (MESM / FE2E)": f"{r['peak_mb']['mesm']:.0f} / {r['peak_mb']['fe2e']:.0f}"})
     return pd.DataFrame(rows).set_index("model size")
+
+
+def bug_cost_tables(cost: Mapping) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The two tables of a reference bug's cost (:func:`nbsupport.protocol.reference_bug_cost`; Chapters
+    4 and 6): the metric per seed without and with the bug and their difference, and each measured value
+    (e.g. an attention lift) as its mean over seeds with the t interval, per setting and bug minus fixed
+    (None without measures)."""
+    metric = cost["metric"]
+    per_seed = table([{"seed": r["seed"], f"{metric} without the bug": r["fixed"], f"{metric} with the bug": r["bug"],
+                       "bug − fixed": r["bug"] - r["fixed"]} for r in cost["per_seed"]], index="seed",
+                     percent_cols=[f"{metric} without the bug", f"{metric} with the bug", "bug − fixed"])
+    if not cost.get("measures"):
+        return per_seed, None
+    def ci(e):
+        if e["low"] is None:
+            return f"{e['value']:.3f} (no interval)"
+        return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+
+    rows = [{"measure": k, "without the bug [95 % t CI]": ci(v["fixed"]), "with the bug [95 % t CI]": ci(v["bug"]),
+             "bug − fixed [95 % t CI]": ci(v["difference"])} for k, v in cost["measures"].items()]
+    return per_seed, pd.DataFrame(rows).set_index("measure")

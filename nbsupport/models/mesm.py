@@ -38,7 +38,9 @@ them against the corpus' cue regions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +53,10 @@ from nbsupport.attention import AdditiveAttention, TransformerEncoderBlock
 from nbsupport.models.text import TextEncoder
 
 __all__ = [
-    "EndToEndModel", "FE2E", "MESM", "DenseStem", "VisualPathway", "run_block",
-    "sparse_backend_name", "INPUT_KEYS", "INPUT_SIZES", "ATTENTION_GRAD", "PAPER_PRESET", "paper_preset",
-    "paper_parameter_count", "LayerRecord", "is_extractor_layer", "extractor_macs", "SMOKE_SIZES",
-    "PAPER_SIZES",
+    "EndToEndModel", "FE2E", "MESM", "MesmConfig", "DenseStem", "VisualPathway", "run_block",
+    "sparse_backend_name", "INPUT_KEYS", "INPUT_SIZES", "ATTENTION_GRAD", "REFERENCE_SWITCHES",
+    "REFERENCE_BUGS", "SITE_ORDERS", "reference_site_order", "paper_parameter_count", "LayerRecord",
+    "is_extractor_layer", "extractor_macs", "PAPER_SIZES",
 ]
 
 #: Batch keys (``collate_mesm``) of each non-text modality: (inputs, mask).
@@ -63,6 +65,26 @@ INPUT_KEYS = {"V": ("faces", "faces_mask"), "A": ("mel", "mel_mask")}
 INPUT_SIZES = {"V": (48, 48), "A": (128, 32)}
 #: How the cross-modal attention acts: reweight the features (book) or only select (reference code).
 ATTENTION_GRAD = ("reweight", "none")
+#: Which sites the features entering the first sparse block land on: their own ("matched", book) or,
+#: as the reference code does, the sites sorted by (y, x, frame) (``reference_site_order``).
+SITE_ORDERS = ("matched", "reference")
+
+
+def reference_site_order(s: "sparse_lib.SparseTensor") -> "sparse_lib.SparseTensor":
+    """The MESM reference code's first-block bug (``src/models/sparse_e2e.py``; Ch. 6).
+
+    Faces and mel alike, SparseConvNet's input is built from ``locations =
+    attn.permute(1, 2, 0).nonzero()`` -- the kept sites sorted by (y, x, frame) -- and
+    ``features = x[bs, :, y, x]`` with ``bs, y, x = attn.nonzero()`` -- sorted by (frame, y, x);
+    ``InputLayer`` pairs row i with row i. ``s`` holds the kept sites in (frame, y, x) order with
+    their own features (:func:`nbsupport.sparse.to_sparse`); the result keeps the features in that
+    order and puts them on the sites sorted by (y, x, frame): the same sites, nearly every one
+    holding another site's features. Blocks 2 and 3 read both from one tensor.
+    """
+    c = s.coords  # (N, 3) (frame, y, x), row-major order
+    h, w = s.spatial_shape
+    order = torch.argsort((c[:, 1] * w + c[:, 2]) * max(s.batch_size, 1) + c[:, 0])  # (y, x, frame)
+    return sparse_lib.SparseTensor(s.features, c[order], s.spatial_shape, s.batch_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,17 +114,19 @@ class DenseStem(nn.Module):
         return self.vgg(x)
 
 
-def run_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None):
+def run_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, site_order: str = "matched"):
     """Run one of the three VGG blocks on a dense grid ``x`` (N,C,H,W) and a kept-site mask (N,H,W).
 
     Sparse block: only the kept sites go in (``to_sparse``), the pooled sparse output is scattered back
     to a zero-filled grid (N,C',H/2,W/2) with its active mask (the ``block_handoff="dense"`` strategy of
     :class:`VisualPathway`; by default MESM keeps the sites sparse between blocks instead). Dense block:
     the dropped sites are zeroed (no compute saving) and every output site is active.
-    Returns ``(y, active_out)``.
+    ``site_order="reference"``: the sparse block's input sites are scrambled as the reference code's
+    first block (:func:`reference_site_order`). Returns ``(y, active_out)``.
     """
     if isinstance(block, sparse_lib.SparseVggBlock):
-        out = block(sparse_lib.to_sparse(x, keep))
+        s = sparse_lib.to_sparse(x, keep)
+        out = block(reference_site_order(s) if site_order == "reference" else s)
         y = out.dense()  # (N, C', H/2, W/2), zeros at inactive sites
         active = torch.zeros(y.shape[0], y.shape[2], y.shape[3], dtype=torch.bool, device=y.device)
         active[out.coords[:, 0], out.coords[:, 1], out.coords[:, 2]] = True
@@ -135,7 +159,7 @@ class VisualPathway(nn.Module):
 
     Dense stem, three VGG blocks (sparse and attention-gated for MESM), a per-frame head, then a
     transformer with a CLS token over the frames/pieces. ``forward(images (B,T,H,W), mask (B,T),
-    text (B,d_text))`` -> (B, dim). Fidelity switches (see :data:`PAPER_PRESET` for the reference values):
+    text (B,d_text))`` -> (B, dim). Fidelity switches (see :meth:`MesmConfig.paper` for the reference values):
     ``head`` -- ``"pool"`` (book: average over the active sites, Linear to ``dim``) or ``"flatten"``
     (reference: flatten the final ``C x H/16 x W/16`` grid, Linear to ``flatten_hidden``, ReLU, Linear
     to ``dim``; needs ``input_size``); ``positions`` -- ``"learned"`` (book) or ``"none"`` (reference);
@@ -144,7 +168,10 @@ class VisualPathway(nn.Module):
     the attention learns) or ``"none"`` (reference: the attention only selects, receives no gradient and
     keeps its initial weights); ``in_channels`` 1 or 3 (RGB faces; grey input is repeated to 3);
     ``conv_bias``/``score_bias`` -- the reference's (functionally inert) biases; ``cls_std`` -- the CLS
-    vector's initial std (reference: 1, an ``nn.Embedding``).
+    vector's initial std (reference: 1, an ``nn.Embedding``); ``sparse_bn_eps`` / ``sparse_conv_init``
+    -- the sparse blocks' BatchNorm eps and weight initialisation (SparseConvNet: 1e-4 and He-normal
+    ``"he"``; book: PyTorch's 1e-5 and ``"torch"``); ``site_order`` -- ``"reference"`` reproduces the
+    reference code's first-block bug (:func:`reference_site_order`).
     """
 
     def __init__(self, text_dim: int, *, stem_channels: int = 64, block_channels=(128, 256, 512),
@@ -153,14 +180,20 @@ class VisualPathway(nn.Module):
                  attention_hidden: int | str = 64, head: str = "pool", input_size: tuple | None = None,
                  flatten_hidden: int = 1024, positions: str = "learned", attention_grad: str = "reweight",
                  in_channels: int = 1, conv_bias: bool = False, score_bias: bool = False,
-                 cls_std: float = 0.02):
+                 cls_std: float = 0.02, site_order: str = "matched", sparse_bn_eps: float = 1e-5,
+                 sparse_conv_init: str = "torch"):
         super().__init__()
-        self.attention, self.top_p = attention, top_p
+        self.attention, self.top_p, self.site_order = attention, top_p, site_order
         self.attention_grad, self.head, self.in_channels = attention_grad, head, in_channels
         self.stem = DenseStem(stem_channels, in_channels, conv_bias)
         chans = [stem_channels, *block_channels]
         if sparse:  # the reference's sparse (SparseConvNet) convolutions have no bias
             blocks = [sparse_lib.SparseVggBlock(chans[i], chans[i + 1]) for i in range(len(block_channels))]
+            for unit in (u for b in blocks for u in (b.conv1, b.conv2)):
+                unit.bn.eps = float(sparse_bn_eps)  # SparseConvNet's BatchNormReLU: 1e-4
+                if sparse_conv_init == "he":  # SparseConvNet: N(0, 2 / fan_in), fan_in = C_in * 3 * 3
+                    fan_in = unit.conv.in_channels * unit.conv.kernel_size ** 2
+                    nn.init.normal_(unit.conv.weight, 0.0, math.sqrt(2.0 / fan_in))
         else:
             blocks = [sparse_lib.DenseVggBlock(chans[i], chans[i + 1], bias=conv_bias)
                       for i in range(len(block_channels))]
@@ -263,6 +296,8 @@ class VisualPathway(nn.Module):
                     s_in, keep = s, active
             self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
                                             frames_cpu))
+            if i == 0 and self.site_order == "reference":  # the reference code's block-1 bug
+                s_in = reference_site_order(s_in)
             s = block(s_in)  # SparseTensor on the pooled grid
         if self.head == "flatten":  # reference: the whole final grid, zeros at inactive sites
             return s.dense().flatten(1)  # (N, C*h*w)
@@ -294,7 +329,7 @@ class VisualPathway(nn.Module):
                 keep, attn = active, torch.zeros(active.shape, device=x.device)
             self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
                                             frames_cpu))
-            x, active = run_block(block, x, keep)  # (N, C_{i+1}, H/2, W/2)
+            x, active = run_block(block, x, keep, self.site_order if i == 0 else "matched")  # (N, C', H/2, W/2)
         if self.head == "flatten":  # reference: the whole final grid, zeros at inactive sites
             return x.flatten(1)  # (N, C*h*w)
         a = active[:, None].to(x.dtype)
@@ -336,6 +371,130 @@ class VisualPathway(nn.Module):
         return seq[:, 0]  # (B, dim): CLS output
 
 
+#: Arguments of :class:`EndToEndModel` that choose the text encoder rather than the network.
+_TEXT_ARGS = ("text_model", "tiny_text", "text_encoder")
+
+
+@dataclass(frozen=True)
+class MesmConfig:
+    """Hyper-parameters and fidelity switches of FE2E / MESM (Dai et al. 2021; Chapters 5-6), built in one
+    line: ``MesmConfig.paper("MESM").build("LAV")`` or ``MESM("LAV", config=cfg, text_model=...)``.
+
+    Defaults = the book's model at the paper's sizes; ``attention``/``sparse``/``top_p`` choose FE2E
+    (False/False/1.0) or MESM (:meth:`mesm`). Sizes: ``stem_channels``, ``block_channels``, ``dim``,
+    ``layers``, ``heads``, ``ff_size`` (None = 4 * dim), ``dropout``, ``attention_hidden`` (an int or
+    ``"channels"``), ``text_lr_scale`` (text encoder's learning rate / ``lr``). Fidelity switches (book
+    value first, reference second; see :class:`VisualPathway` and :class:`EndToEndModel`): ``positions``
+    learned/none, ``head`` pool/flatten (with ``input_sizes``, ``flatten_hidden``), ``attention_grad``
+    reweight/none, ``face_channels`` 1/3, ``conv_bias`` and ``score_bias`` False/True, ``cls_std``
+    0.02/1.0, ``fusion`` softmax/linear, ``head_dropout`` True/False, ``text_head_lr`` full/text,
+    ``sparse_bn_eps`` 1e-5/1e-4 and ``sparse_conv_init`` torch/he (SparseConvNet's BatchNorm and
+    initialisation). The reference code's bug, off unless asked for: ``site_order`` matched/reference
+    (:func:`reference_site_order`).
+    """
+
+    stem_channels: int = 64
+    block_channels: tuple = (128, 256, 512)
+    dim: int = 64
+    layers: int = 4
+    heads: int = 4
+    ff_size: int | None = None
+    dropout: float = 0.1
+    attention: bool = False
+    sparse: bool = False
+    top_p: float = 1.0
+    attention_hidden: int | str = 64
+    text_lr_scale: float = 0.1
+    positions: str = "learned"
+    head: str = "pool"
+    input_sizes: Mapping | None = None
+    flatten_hidden: int = 1024
+    attention_grad: str = "reweight"
+    face_channels: int = 1
+    conv_bias: bool = False
+    score_bias: bool = False
+    cls_std: float = 0.02
+    fusion: str = "softmax"
+    head_dropout: bool = True
+    text_head_lr: str = "full"
+    sparse_bn_eps: float = 1e-5
+    sparse_conv_init: str = "torch"
+    site_order: str = "matched"
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
+        for name in ("stem_channels", "dim", "layers", "heads", "flatten_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MesmConfig: parameter '{name}' must be an integer >= 1, got {value!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"MesmConfig: parameter 'top_p' must be in (0, 1], got {self.top_p!r}")
+        if not float(self.sparse_bn_eps) > 0.0:
+            raise ValueError(f"MesmConfig: parameter 'sparse_bn_eps' must be > 0, got {self.sparse_bn_eps!r}")
+        for name, allowed in (("positions", ("learned", "none")), ("head", ("pool", "flatten")),
+                              ("attention_grad", ATTENTION_GRAD), ("fusion", ("softmax", "linear")),
+                              ("face_channels", (1, 3)), ("text_head_lr", ("full", "text")),
+                              ("sparse_conv_init", ("torch", "he")), ("site_order", SITE_ORDERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MesmConfig: parameter '{name}' must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
+        ah = self.attention_hidden
+        if ah != "channels" and (isinstance(ah, bool) or not isinstance(ah, int) or ah < 1):
+            raise ValueError(f"MesmConfig: parameter 'attention_hidden' must be an integer >= 1 or "
+                             f"'channels', got {ah!r}")
+
+    # -- the two models of the paper, and the authors' code --
+    def fe2e(self) -> "MesmConfig":
+        """The same sizes and switches as FE2E: dense blocks, no attention, no selection."""
+        return replace(self, attention=False, sparse=False, top_p=1.0)
+
+    def mesm(self, top_p: float | None = None) -> "MesmConfig":
+        """The same sizes and switches as MESM: attention, top-p (``top_p``, default: this config's), sparse blocks."""
+        return replace(self, attention=True, sparse=True, top_p=self.top_p if top_p is None else float(top_p))
+
+    @classmethod
+    def paper(cls, model: str = "MESM", reference_bugs: bool = False, **overrides) -> "MesmConfig":
+        """The authors' network (wenliangdai/Multimodal-End2end-Sparse, ``MME2E`` / ``MME2E_Sparse`` run as
+        its README says: transformer dim 64, 4 layers, 4 heads, ``-st=0.8`` for MESM) with every fidelity
+        switch at the reference (:data:`REFERENCE_SWITCHES`; Chapters 5-6). ``model``: "MESM" (top_p 0.8)
+        or "FE2E". ``reference_bugs=True`` also switches on the reference code's bug
+        (:data:`REFERENCE_BUGS`: block 1's scrambled sites). ``overrides`` change single fields."""
+        if model not in ("FE2E", "MESM"):
+            raise ValueError(f"MesmConfig.paper: parameter 'model' must be 'FE2E' or 'MESM', got {model!r}")
+        base = cls(**PAPER_SIZES, **REFERENCE_SWITCHES)
+        base = base.mesm(0.8) if model == "MESM" else base.fe2e()
+        return replace(base, **(REFERENCE_BUGS if reference_bugs else {}), **overrides)
+
+    @classmethod
+    def from_parameters(cls, params: Mapping, **overrides) -> "MesmConfig":
+        """The sizes and switches found in a chapter's parameters (``run.params``; Chapters 5-6), the
+        model choice (attention, sparse, top_p) left to :meth:`fe2e` / :meth:`mesm`."""
+        skip = {"attention", "sparse", "top_p"}
+        names = {f.name for f in fields(cls)} - skip
+        return cls(**{k: v for k, v in params.items() if k in names}, **overrides)
+
+    def build(self, modalities: str = "LAV", n_outputs: int = 6, **text) -> "EndToEndModel":
+        """:class:`EndToEndModel` from this config; ``text``: ``text_model``, ``tiny_text`` or ``text_encoder``."""
+        return EndToEndModel(modalities, n_outputs, config=self, **text)
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (``metrics.json``, sweeps)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+#: The fidelity switches at the MESM reference code's behaviour: PyTorch's default feed-forward size 2048,
+#: no positions, flatten + MLP(1024) head, attention hidden = the block's input channels (64/128/256) with
+#: a scoring bias, attention used only to select (no gradient), RGB faces, conv biases in the dense layers,
+#: CLS initialised N(0, 1), no dropout before the heads, unnormalised Linear(3, 1) fusion, text head at the
+#: text encoder's learning rate, SparseConvNet's BatchNorm eps 1e-4 and He-normal initialisation.
+REFERENCE_SWITCHES = dict(ff_size=2048, positions="none", head="flatten", flatten_hidden=1024,
+                          attention_hidden="channels", score_bias=True, attention_grad="none", face_channels=3,
+                          conv_bias=True, cls_std=1.0, head_dropout=False, fusion="linear", text_head_lr="text",
+                          dropout=0.1, text_lr_scale=0.1, sparse_bn_eps=1e-4, sparse_conv_init="he")
+#: The reference code's bugs, on in ``MesmConfig.paper(reference_bugs=True)``.
+REFERENCE_BUGS = dict(site_order="reference")
+
+
 # --------------------------------------------------------------------------------------------------
 # The full model
 # --------------------------------------------------------------------------------------------------
@@ -349,7 +508,8 @@ class EndToEndModel(nn.Module):
     (MESM trains it at lr/10). Sizes (``stem_channels``, ``block_channels``, ``dim``, ``layers``,
     ``heads``) default to the paper's.
 
-    Fidelity switches (defaults = the book's model; :data:`PAPER_PRESET` = the authors' code, Ch. 5-6):
+    Fidelity switches (fields of :class:`MesmConfig`; defaults = the book's model, :meth:`MesmConfig.paper` = the
+    authors' code, Ch. 5-6):
     ``ff_size`` (None = 4 * dim; reference 2048), ``positions``, ``head``/``input_sizes``/
     ``flatten_hidden``, ``attention_hidden``, ``attention_grad``, ``face_channels``, ``conv_bias``,
     ``score_bias``, ``cls_std`` (see :class:`VisualPathway`); ``fusion`` -- ``"softmax"`` (book:
@@ -363,57 +523,44 @@ class EndToEndModel(nn.Module):
     #: :data:`nbsupport.train.PROTOCOLS` entry of the authors' training code (``fit(protocol="paper")``).
     paper_protocol = "mesm"
 
-    def __init__(self, modalities: str = "LAV", n_outputs: int = 6, *, text_model: str | None = None,
-                 tiny_text: bool = False, text_encoder: nn.Module | None = None, stem_channels: int = 64,
-                 block_channels=(128, 256, 512), dim: int = 64, layers: int = 4, heads: int = 4,
-                 ff_size: int | None = None, dropout: float = 0.1, attention: bool = False,
-                 sparse: bool = False, top_p: float = 1.0, attention_hidden: int | str = 64,
-                 text_lr_scale: float = 0.1, positions: str = "learned", head: str = "pool",
-                 input_sizes: dict | None = None, flatten_hidden: int = 1024,
-                 attention_grad: str = "reweight", face_channels: int = 1, conv_bias: bool = False,
-                 score_bias: bool = False, cls_std: float = 0.02,
-                 fusion: str = "softmax", head_dropout: bool = True, text_head_lr: str = "full"):
+    def __init__(self, modalities: str = "LAV", n_outputs: int = 6, *, config: "MesmConfig | None" = None,
+                 text_model: str | None = None, tiny_text: bool = False, text_encoder: nn.Module | None = None,
+                 **config_kw):
         super().__init__()
+        if config is None:
+            config = MesmConfig(**config_kw)
+        elif config_kw:
+            raise ValueError(f"EndToEndModel: give either 'config' or keyword hyper-parameters, not both "
+                             f"(got {sorted(config_kw)})")
+        c = self.config = config
         if not isinstance(modalities, str) or not modalities or set(modalities) - set("LAV") or "L" not in modalities:
             raise ValueError(f"EndToEndModel: parameter 'modalities' must be letters from 'LAV' including 'L' "
                              f"(text drives the model), got {modalities!r}")
-        if not 0.0 < float(top_p) <= 1.0:
-            raise ValueError(f"EndToEndModel: parameter 'top_p' must be in (0, 1], got {top_p!r}")
-        if top_p < 1.0 and not attention:
+        if c.top_p < 1.0 and not c.attention:
             raise ValueError("EndToEndModel: parameter 'top_p' < 1 needs attention=True (the attention chooses the sites)")
-        for name, value, allowed in (("positions", positions, ("learned", "none")),
-                                     ("head", head, ("pool", "flatten")),
-                                     ("attention_grad", attention_grad, ATTENTION_GRAD),
-                                     ("fusion", fusion, ("softmax", "linear")),
-                                     ("face_channels", face_channels, (1, 3)),
-                                     ("text_head_lr", text_head_lr, ("full", "text"))):
-            if value not in allowed:
-                raise ValueError(f"EndToEndModel: parameter '{name}' must be one of {allowed}, got {value!r}")
-        if attention_hidden != "channels" and (isinstance(attention_hidden, bool)
-                                               or not isinstance(attention_hidden, int) or attention_hidden < 1):
-            raise ValueError(f"EndToEndModel: parameter 'attention_hidden' must be an integer >= 1 or "
-                             f"'channels', got {attention_hidden!r}")
-        sizes = {**INPUT_SIZES, **dict(input_sizes or {})}
-        if head == "flatten":
+        sizes = {**INPUT_SIZES, **dict(c.input_sizes or {})}
+        if c.head == "flatten":
             for m in modalities:
-                if m != "L" and any(int(v) % 2 ** (1 + len(block_channels)) for v in sizes[m]):
+                if m != "L" and any(int(v) % 2 ** (1 + len(c.block_channels)) for v in sizes[m]):
                     raise ValueError(f"EndToEndModel: parameter 'input_sizes'[{m!r}]={sizes[m]} must be "
-                                     f"divisible by {2 ** (1 + len(block_channels))} for head='flatten'")
+                                     f"divisible by {2 ** (1 + len(c.block_channels))} for head='flatten'")
         self.modalities = "".join(m for m in "LAV" if m in modalities)
-        self.attention, self.text_lr_scale = attention, text_lr_scale
-        self.fusion_kind, self.head_dropout, self.text_head_lr = fusion, head_dropout, text_head_lr
+        self.attention, self.text_lr_scale = c.attention, c.text_lr_scale
+        self.fusion_kind, self.head_dropout, self.text_head_lr = c.fusion, c.head_dropout, c.text_head_lr
         self.text = text_encoder if text_encoder is not None else TextEncoder(text_model or None, tiny=tiny_text)
         text_dim = self.text.hidden_size
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(c.dropout)
         self.pathways = nn.ModuleDict({m: VisualPathway(
-            text_dim, stem_channels=stem_channels, block_channels=tuple(block_channels), dim=dim, layers=layers,
-            heads=heads, ff_size=ff_size, dropout=dropout, attention=attention, sparse=sparse, top_p=top_p,
-            attention_hidden=attention_hidden, head=head, input_size=sizes[m], flatten_hidden=flatten_hidden,
-            positions=positions, attention_grad=attention_grad, in_channels=face_channels if m == "V" else 1,
-            conv_bias=conv_bias, score_bias=score_bias, cls_std=cls_std)
+            text_dim, stem_channels=c.stem_channels, block_channels=tuple(c.block_channels), dim=c.dim,
+            layers=c.layers, heads=c.heads, ff_size=c.ff_size, dropout=c.dropout, attention=c.attention,
+            sparse=c.sparse, top_p=c.top_p, attention_hidden=c.attention_hidden, head=c.head,
+            input_size=sizes[m], flatten_hidden=c.flatten_hidden, positions=c.positions,
+            attention_grad=c.attention_grad, in_channels=c.face_channels if m == "V" else 1,
+            conv_bias=c.conv_bias, score_bias=c.score_bias, cls_std=c.cls_std, site_order=c.site_order,
+            sparse_bn_eps=c.sparse_bn_eps, sparse_conv_init=c.sparse_conv_init)
             for m in self.modalities if m != "L"})
-        self.heads = nn.ModuleDict({m: nn.Linear(text_dim if m == "L" else dim, n_outputs) for m in self.modalities})
-        if fusion == "softmax":
+        self.heads = nn.ModuleDict({m: nn.Linear(text_dim if m == "L" else c.dim, n_outputs) for m in self.modalities})
+        if c.fusion == "softmax":
             self.fusion = nn.Parameter(torch.zeros(len(self.modalities)))  # softmax -> modality weights
         else:  # reference: Linear(n_modalities, 1, bias=False) over the stacked logits, weights unnormalised
             self.fusion = nn.Linear(len(self.modalities), 1, bias=False)
@@ -485,13 +632,24 @@ class EndToEndModel(nn.Module):
         return (w[:, None, None] * stacked).sum(0)
 
 
-def FE2E(modalities: str = "LAV", n_outputs: int = 6, **kwargs) -> EndToEndModel:
-    """FE2E (Dai et al. 2021, Sec. 3.1; Ch. 5): dense CNNs, no cross-modal selection."""
+def FE2E(modalities: str = "LAV", n_outputs: int = 6, *, config: "MesmConfig | None" = None,
+         **kwargs) -> EndToEndModel:
+    """FE2E (Dai et al. 2021, Sec. 3.1; Ch. 5): dense CNNs, no cross-modal selection. ``config``: a
+    :class:`MesmConfig` (its attention/sparse/top_p are set to FE2E's), else keyword hyper-parameters."""
+    if config is not None:
+        text = {k: kwargs.pop(k) for k in _TEXT_ARGS if k in kwargs}
+        return EndToEndModel(modalities, n_outputs, config=replace(config, **kwargs).fe2e(), **text)
     return EndToEndModel(modalities, n_outputs, attention=False, sparse=False, **kwargs)
 
 
-def MESM(modalities: str = "LAV", n_outputs: int = 6, top_p: float = 0.7, **kwargs) -> EndToEndModel:
-    """MESM (Dai et al. 2021, Sec. 3.2-3.3; Ch. 6): cross-modal attention, top-p selection, sparse blocks."""
+def MESM(modalities: str = "LAV", n_outputs: int = 6, top_p: float = 0.7, *,
+         config: "MesmConfig | None" = None, **kwargs) -> EndToEndModel:
+    """MESM (Dai et al. 2021, Sec. 3.2-3.3; Ch. 6): cross-modal attention, top-p selection, sparse blocks.
+    ``config``: a :class:`MesmConfig` (attention and sparse blocks switched on, ``top_p`` set), else
+    keyword hyper-parameters."""
+    if config is not None:
+        text = {k: kwargs.pop(k) for k in _TEXT_ARGS if k in kwargs}
+        return EndToEndModel(modalities, n_outputs, config=replace(config, **kwargs).mesm(top_p), **text)
     return EndToEndModel(modalities, n_outputs, attention=True, sparse=True, top_p=top_p, **kwargs)
 
 
@@ -531,33 +689,8 @@ def extractor_macs(model: EndToEndModel, batches) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Chapter plumbing: data loaders and sizes
 # --------------------------------------------------------------------------------------------------
-#: Model sizes of a smoke run (same code path, tiny tensors).
-SMOKE_SIZES = dict(stem_channels=8, block_channels=(8, 16, 16), dim=16, layers=1, heads=2, attention_hidden=16)
 #: The paper's sizes (Dai et al. 2021, Sec. 4.2).
 PAPER_SIZES = dict(stem_channels=64, block_channels=(128, 256, 512), dim=64, layers=4, heads=4)
-
-
-#: The authors' network (wenliangdai/Multimodal-End2end-Sparse, ``MME2E`` / ``MME2E_Sparse`` run as its README
-#: says: transformer dim 64, 4 layers, 4 heads) with every fidelity switch at the reference behaviour:
-#: PyTorch's default feed-forward size 2048, no positions, flatten + MLP(1024) head, attention hidden = the
-#: block's input channels (64/128/256) with a scoring bias, attention used only to select (no gradient),
-#: RGB faces, conv biases in the dense layers, CLS initialised N(0, 1), no dropout before the heads,
-#: unnormalised Linear(3, 1) fusion, text head at the text encoder's learning rate.
-PAPER_PRESET = dict(PAPER_SIZES, ff_size=2048, positions="none", head="flatten", flatten_hidden=1024,
-                    attention_hidden="channels", score_bias=True, attention_grad="none", face_channels=3,
-                    conv_bias=True, cls_std=1.0, head_dropout=False, fusion="linear", text_head_lr="text",
-                    dropout=0.1, text_lr_scale=0.1)
-
-
-def paper_preset(**overrides) -> dict:
-    """Keyword arguments of :class:`EndToEndModel` for the authors' FE2E / MESM (:data:`PAPER_PRESET`,
-    Chapters 5-6); ``overrides`` change single entries, e.g. ``FE2E("LAV", **paper_preset(dim=16))``."""
-    unknown = set(overrides) - set(PAPER_PRESET) - {"text_model", "tiny_text", "text_encoder", "input_sizes",
-                                                    "top_p", "block_channels", "stem_channels"}
-    if unknown:
-        raise ValueError(f"paper_preset: unknown parameter(s) {sorted(unknown)}; "
-                         f"known: {sorted(PAPER_PRESET)}")
-    return {**PAPER_PRESET, **overrides}
 
 
 #: ALBERT-base-v2, the reference's text encoder (Lan et al. 2020): sizes of its Hugging Face configuration.
@@ -584,8 +717,7 @@ def paper_parameter_count(model: str = "MESM", modalities: str = "LAV", n_output
     class _Width(nn.Module):  # only carries the CLS width; this model is counted, never run
         hidden_size = text_dim
 
-    build = FE2E if model == "FE2E" else MESM
-    net = build(modalities, n_outputs, text_encoder=_Width(), **paper_preset())
+    net = MesmConfig.paper(model).build(modalities, n_outputs, text_encoder=_Width())
     albert = AlbertModel(AlbertConfig(**ALBERT_BASE))
     text = count_parameters(albert) - albert.embeddings.word_embeddings.weight.numel()
     non_text = count_parameters(net)

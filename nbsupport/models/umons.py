@@ -29,12 +29,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nbsupport.attention import (LAYERNORM_KINDS, MultiHeadAttention, PositionwiseFeedForward,
+from nbsupport.attention import (ALL_MASKED, LAYERNORM_KINDS, MultiHeadAttention, PositionwiseFeedForward,
                                  TransformerEncoderBlock, layer_norm, masked_softmax)
 from nbsupport.base import ParameterError, check_modalities, count_parameters
 from nbsupport.data.features import split_words
 
-__all__ = ["UmonsConfig", "PAPER_CONFIG", "REFERENCE_SWITCHES", "paper_parameter_count",
+__all__ = ["UmonsConfig", "BOOK_CONFIG_AT_PAPER_SIZES", "REFERENCE_SWITCHES", "REFERENCE_BUGS",
+           "paper_parameter_count",
            "GlimpseLayer", "CoAttentionBlock", "ModalityAdapter",
            "UmonsTransformer", "MODALITY_KEYS", "input_dims_from", "masked_feature_moments", "utterance_words"]
 
@@ -65,8 +66,24 @@ class UmonsConfig:
     ``layernorm`` -- ``"torch"`` (book) or ``"reference"`` (unbiased std, eps added to the std).
     ``mask_every_layer`` -- padding masks in every attention and glimpse (book: True) or, as the
     reference does, only in the first layer with an unmasked final glimpse (False).
-    ``zero_padding`` -- padded positions are set to 0 after the input adapters (book: True); the
-    reference keeps what the adapters make of the zero padding (False).
+    ``zero_padding`` -- padded positions are set to 0 before and after the input adapters (book:
+    True). False zeroes nothing: the adapters read the padded inputs as the batch holds them
+    (standardised; ``collate_umons`` pads with zeros, as the reference's data) and their outputs at
+    padded positions are kept, as the reference code does.
+
+    Bugs of the reference code, each a switch that is off (book behaviour) by default and on in
+    ``UmonsConfig.paper(reference_bugs=True)`` (:data:`REFERENCE_BUGS`):
+
+    ``video_glimpse_mask`` -- ``"video"`` (book) or ``"audio"``: Model_LAV masks the video stream's
+    block glimpse with the *audio* mask (``self.att_vid(z, y_mask)``), so when the audio and video
+    lengths differ the video glimpse weighs the wrong positions (needs A and V).
+    ``pad_token`` -- ``"zero"`` (book: the language LSTM reads zero vectors at padded positions) or
+    ``"learned"``: the reference's LSTM reads the embedding row of token id 0 there, a trained vector
+    (set from the 'UNK' word vector by an off-by-one in its tokenizer); here a learned vector
+    ``adapters["L"].pad_vector`` (input size, initialised N(0, 1) in standardised units).
+    ``all_masked`` -- ``"zero"`` (book) or ``"uniform"``: an attention row with no real key (an item
+    whose audio is all padding) gets uniform weights from the reference's ``-1e9`` fill
+    (:func:`nbsupport.attention.masked_softmax`).
     """
 
     hidden_size: int = 512
@@ -84,6 +101,9 @@ class UmonsConfig:
     layernorm: str = "torch"
     mask_every_layer: bool = True
     zero_padding: bool = True
+    video_glimpse_mask: str = "video"
+    pad_token: str = "zero"
+    all_masked: str = "zero"
 
     def __post_init__(self):
         for name in ("hidden_size", "ff_size", "layers", "heads", "seq_len", "final_glimpse_mult"):
@@ -107,24 +127,35 @@ class UmonsConfig:
         if self.glimpse_hidden not in ("hidden", "ff"):
             raise ValueError(f"UmonsConfig: parameter 'glimpse_hidden' must be 'hidden' or 'ff', "
                              f"got {self.glimpse_hidden!r}")
+        for name, allowed in (("video_glimpse_mask", ("video", "audio")), ("pad_token", ("zero", "learned")),
+                              ("all_masked", ALL_MASKED)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"UmonsConfig: parameter '{name}' must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
         if self.layernorm not in LAYERNORM_KINDS:
             raise ValueError(f"UmonsConfig: parameter 'layernorm' must be one of "
                              f"{', '.join(LAYERNORM_KINDS)}, got {self.layernorm!r}")
 
     @classmethod
-    def paper(cls, **overrides) -> "UmonsConfig":
+    def paper(cls, reference_bugs: bool = False, **overrides) -> "UmonsConfig":
         """The authors' network (jbdel/MOSEI_UMONS, Model_LA / Model_LAV, run as its README says:
         hidden 512, ff 1024, 4 layers, 4 heads, dropout 0.1, 60 positions) with every fidelity switch
-        at the reference behaviour (Chapters 3-4). ``overrides`` change single fields (e.g. sizes)."""
-        return cls(**{**asdict(PAPER_CONFIG), **REFERENCE_SWITCHES, **overrides})
+        at the reference behaviour (Chapters 3-4). ``reference_bugs=True`` also switches on the
+        reference code's bugs (:data:`REFERENCE_BUGS`): the network exactly as its code runs.
+        ``overrides`` change single fields (e.g. sizes)."""
+        bugs = REFERENCE_BUGS if reference_bugs else {}
+        return cls(**{**asdict(BOOK_CONFIG_AT_PAPER_SIZES), **REFERENCE_SWITCHES, **bugs, **overrides})
 
 
-#: The sizes of the paper with the book's switches: hidden 512, ff 1024, 4 layers, 4 heads, dropout 0.1, 60.
-PAPER_CONFIG = UmonsConfig(512, 1024, 4, 4, 0.1, 60)
+#: The *book's* model at the paper's sizes (hidden 512, ff 1024, 4 layers, 4 heads, dropout 0.1, 60
+#: positions) with the book's switches; the authors' network is :meth:`UmonsConfig.paper`.
+BOOK_CONFIG_AT_PAPER_SIZES = UmonsConfig(512, 1024, 4, 4, 0.1, 60)
 #: The fidelity switches at the reference code's behaviour (see :class:`UmonsConfig`).
 REFERENCE_SWITCHES = dict(block_residual=True, lang_from_block_input=True, glimpse_hidden="ff",
                           final_glimpse_mult=2, layernorm="reference", mask_every_layer=False,
                           zero_padding=False)
+#: The reference code's bugs (see :class:`UmonsConfig`), on in ``UmonsConfig.paper(reference_bugs=True)``.
+REFERENCE_BUGS = dict(video_glimpse_mask="audio", pad_token="learned", all_masked="uniform")
 
 
 class GlimpseLayer(nn.Module):
@@ -133,13 +164,14 @@ class GlimpseLayer(nn.Module):
     ``scores = MLP(x)`` (B, T, G); ``w = softmax_T(scores)`` with padded positions at weight 0;
     ``g_k = sum_t w[t, k] x_t``. ``merge=True``: ``Linear(concat_k g_k)`` -> (B, out_size or
     hidden); ``merge=False``: the glimpses as a sequence (B, G, hidden). The last weights (B, G, T)
-    are kept in ``self.weights``.
+    are kept in ``self.weights``. ``all_masked``: see :func:`nbsupport.attention.masked_softmax`.
     """
 
     def __init__(self, hidden_size: int, glimpses: int = 1, mlp_size: int | None = None,
-                 dropout: float = 0.0, merge: bool = True, out_size: int | None = None):
+                 dropout: float = 0.0, merge: bool = True, out_size: int | None = None,
+                 all_masked: str = "zero"):
         super().__init__()
-        self.glimpses, self.merge = glimpses, merge
+        self.glimpses, self.merge, self.all_masked = glimpses, merge, all_masked
         mlp_size = mlp_size or hidden_size
         self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(mlp_size, glimpses))
@@ -149,7 +181,7 @@ class GlimpseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         scores = self.mlp(x).transpose(1, 2)  # (B, G, T)
-        weights = masked_softmax(scores, mask)  # mask (B, T) broadcast over glimpses
+        weights = masked_softmax(scores, mask, self.all_masked)  # mask (B, T): over glimpses too
         self.weights = weights.detach()
         glimpses = weights @ x  # (B, G, hidden)
         if not self.merge:
@@ -166,10 +198,10 @@ class CoAttentionBlock(nn.Module):
     """
 
     def __init__(self, hidden_size: int, heads: int, ff_size: int, dropout: float = 0.0,
-                 norm: str = "torch"):
+                 norm: str = "torch", all_masked: str = "zero"):
         super().__init__()
-        self.self_att = MultiHeadAttention(hidden_size, heads, dropout)
-        self.cross = MultiHeadAttention(hidden_size, heads, dropout)
+        self.self_att = MultiHeadAttention(hidden_size, heads, dropout, all_masked)
+        self.cross = MultiHeadAttention(hidden_size, heads, dropout, all_masked)
         self.ff = PositionwiseFeedForward(hidden_size, ff_size, dropout)
         self.norms = nn.ModuleList([layer_norm(hidden_size, norm) for _ in range(3)])
         self.dropout = nn.Dropout(dropout)
@@ -184,16 +216,19 @@ class CoAttentionBlock(nn.Module):
 class ModalityAdapter(nn.Module):
     """Input adapter: word vectors -> LSTM (language), frame features -> Linear (audio, video); UMONS Sec. 3.
 
-    Output (B, seq_len, hidden) with padded positions set to 0 (unless ``zero_padding=False``), and the
-    mask (B, seq_len). The LSTM
+    Output (B, seq_len, hidden) with padded positions set to 0 (unless ``zero_padding=False``, which
+    zeroes neither the padded inputs nor the outputs), and the mask (B, seq_len). ``pad_token="learned"``
+    (language only): padded positions of the LSTM's input hold the learned ``pad_vector``. The LSTM
     runs left to right, so padding after an utterance cannot change its real positions.
     ``input_dropout``: feature dropout on the standardised inputs in training (identity in eval).
     """
 
     def __init__(self, modality: str, in_dim: int, hidden_size: int, seq_len: int, input_dropout: float = 0.0,
-                 zero_padding: bool = True):
+                 zero_padding: bool = True, pad_token: str = "zero"):
         super().__init__()
         self.zero_padding = zero_padding
+        # the reference's language LSTM reads a trained pad-token embedding at padded positions
+        self.pad_vector = nn.Parameter(torch.randn(in_dim)) if pad_token == "learned" and modality == "L" else None
         self.input_dropout = nn.Dropout(input_dropout)
         self.modality, self.seq_len = modality, seq_len
         self.net = nn.LSTM(in_dim, hidden_size, batch_first=True) if modality == "L" else nn.Linear(in_dim, hidden_size)
@@ -213,7 +248,11 @@ class ModalityAdapter(nn.Module):
             feats = F.pad(feats, (0, 0, 0, pad))  # (B, seq_len, in_dim)
             mask = F.pad(mask, (0, pad), value=False)
         feats = (feats.float() - self.in_mean) / self.in_std
-        feats = self.input_dropout(feats * mask.unsqueeze(-1))  # padding never enters; dropout keeps zeros 0
+        if self.zero_padding:  # padding never enters; dropout keeps zeros 0
+            feats = feats * mask.unsqueeze(-1)
+        if self.pad_vector is not None:  # reference: the pad token's embedding at every padded position
+            feats = torch.where(mask.unsqueeze(-1), feats, self.pad_vector.to(feats.dtype))
+        feats = self.input_dropout(feats)
         h = self.net(feats)[0] if self.modality == "L" else self.net(feats)  # (B, seq_len, hidden)
         # zero_padding=False (UMONS reference): padded positions keep the adapter's output of zero features
         return (h * mask.unsqueeze(-1) if self.zero_padding else h), mask
@@ -252,26 +291,30 @@ class UmonsTransformer(nn.Module):
         glimpse_mlp = c.ff_size if c.glimpse_hidden == "ff" else c.hidden_size
         h, ff, heads, p = c.hidden_size, c.ff_size, c.heads, c.dropout
         self.adapters = nn.ModuleDict({m: ModalityAdapter(m, dims[m], h, c.seq_len, float(c.input_dropout),
-                                                          c.zero_padding) for m in modalities})
+                                                          c.zero_padding, c.pad_token) for m in modalities})
+        am = c.all_masked
         self.multimodal = len(modalities) > 1
         if not self.multimodal:
-            self.blocks = nn.ModuleList([TransformerEncoderBlock(h, heads, ff, p, ln) for _ in range(c.layers)])
+            self.blocks = nn.ModuleList([TransformerEncoderBlock(h, heads, ff, p, ln, am)
+                                         for _ in range(c.layers)])
         else:
-            self.lang_blocks = nn.ModuleList([TransformerEncoderBlock(h, heads, ff, p, ln)
+            self.lang_blocks = nn.ModuleList([TransformerEncoderBlock(h, heads, ff, p, ln, am)
                                               for _ in range(c.layers)])
-            self.co_blocks = nn.ModuleDict({m: nn.ModuleList([CoAttentionBlock(h, heads, ff, p, ln)
+            self.co_blocks = nn.ModuleDict({m: nn.ModuleList([CoAttentionBlock(h, heads, ff, p, ln, am)
                                                               for _ in range(c.layers)])
                                             for m in modalities if m != "L"})
             # a glimpse layer closes every block but the last: seq_len glimpses added back to the sequence
             self.block_glimpses = nn.ModuleDict({m: nn.ModuleList([GlimpseLayer(h, c.seq_len, glimpse_mlp,
-                                                                                dropout=p, merge=False)
+                                                                                dropout=p, merge=False,
+                                                                                all_masked=am)
                                                                    for _ in range(c.layers - 1)])
                                                  for m in modalities})
             self.block_norms = nn.ModuleDict({m: nn.ModuleList([layer_norm(h, ln) for _ in range(c.layers - 1)])
                                               for m in modalities})
         out = c.final_glimpse_mult * c.hidden_size  # 2 * hidden in the reference code
         self.final_glimpse = nn.ModuleDict({m: GlimpseLayer(c.hidden_size, 1, glimpse_mlp, dropout=c.dropout,
-                                                            merge=True, out_size=out) for m in modalities})
+                                                            merge=True, out_size=out, all_masked=am)
+                                            for m in modalities})
         self.norm = layer_norm(out, ln)
         self.classifier = nn.Linear(out, n_outputs)
         self.dropout = nn.Dropout(c.dropout)
@@ -314,7 +357,9 @@ class UmonsTransformer(nn.Module):
                 z[m] = h + z[m] if c.block_residual else h
             if i < c.layers - 1:
                 for m in self.modalities:  # z = LN(z + glimpses(z)), (B, seq_len, hidden)
-                    g = self.block_glimpses[m][i](z[m], mk[m])
+                    # reference bug (Model_LAV): the video glimpse is masked with the audio mask
+                    wrong = m == "V" and c.video_glimpse_mask == "audio" and "A" in mk
+                    g = self.block_glimpses[m][i](z[m], mk["A"] if wrong else mk[m])
                     z[m] = self.block_norms[m][i](z[m] + self.dropout(g))
         # the reference's final glimpse has no mask
         final_masks = masks if c.mask_every_layer else dict.fromkeys(masks)
