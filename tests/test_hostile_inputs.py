@@ -32,7 +32,8 @@ from nbsupport.data import DataError, load_split, mesm_dataset, synth
 from nbsupport.data import formats, prepare as P
 from nbsupport.data.raw import _emotion_vector
 
-from test_formats import SDK_ROWS, SEGMENTS as SDK_SEGMENTS, _mmsa_split, _mult_data, _write_csd, _write_mult
+from test_formats import SDK_NAMES, SDK_ROWS, SEGMENTS as SDK_SEGMENTS, _mmsa_split, _mult_data, _write_csd, \
+    _write_mult
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -418,7 +419,8 @@ def _csd(tmp: Path, labels_edit=None, split_edit=None, features_edit=None) -> Pa
     labels = {v: (np.asarray(r, np.float64), np.asarray(SDK_SEGMENTS[v], np.float64)) for v, r in SDK_ROWS.items()}
     if labels_edit:
         labels_edit(labels)
-    _write_csd(folder / "CMU_MOSEI_Labels.csd", "All Labels", labels, {"root name": "All Labels"})
+    _write_csd(folder / "CMU_MOSEI_Labels.csd", "All Labels", labels,
+               {"root name": "All Labels", "dimension names": list(SDK_NAMES)})
     rng = np.random.default_rng(1)
     data = {v: (rng.normal(size=(60, 3)).astype(np.float32), np.stack([np.arange(60) * 0.1,
                                                                         np.arange(60) * 0.1 + 0.1], 1))

@@ -683,8 +683,8 @@ def load_csd(folder, split: str, *, dataset: str = "mosei", seq_len: int = 60, c
     others = {s: _csd_utterances(labels, _read_split_ids(folder, s), folder / f"{s}_split.txt",
                                  roles["labels"].name)[0]
               for s in SPLITS if s != split and (folder / f"{s}_split.txt").is_file()}
-    check_disjoint({split: [u for u, _, _ in utts],
-                    **{s: [u for u, _, _ in o] for s, o in others.items()}}, f"{folder}: split files")
+    check_disjoint({s: [u for u, _, _ in (utts if s == split else others[s])]
+                    for s in SPLITS if s == split or s in others}, f"{folder}: split files")
     mods = {}
     for key in ("text", "audio", "video"):
         if key not in roles:
