@@ -48,7 +48,7 @@ from nbsupport.base import ParameterError, child_path
 
 from .common import EMOTIONS, SPLITS, DataError, check_dataset, check_split
 from .safe_pickle import load_pickle
-from .validate import EMOTION_RANGE, SDK_MOSEI_LABELS, SENTIMENT_RANGE, emotion_columns
+from .validate import EMOTION_RANGE, SDK_MOSEI_LABELS, SENTIMENT_RANGE, check_ids, emotion_columns
 
 __all__ = ["load_split", "RawSplit", "read_frame", "read_audio", "list_frames", "sample_frame_positions",
            "speaker_side", "utterance_folders", "read_cues", "load_umons_pickles", "UmonsPickleSplit", "FPS",
@@ -377,14 +377,7 @@ def read_split_ids(split_file, *, allow_overlap: bool = False) -> list[str]:
     for uid in ids:  # an id names a folder of the layout: it must not leave it
         child_path(split_file.parent, uid, what=f"{split_file}: utterance id", error=DataError)
     if not allow_overlap:
-        seen, dup = set(), []
-        for uid in ids:
-            if uid in seen and uid not in dup:
-                dup.append(uid)
-            seen.add(uid)
-        if dup:
-            raise DataError(f"{split_file}: ids listed more than once: {_few(dup)} "
-                            "(pass allow_overlap=True if this is on purpose)")
+        check_ids(ids, str(split_file), hint="pass allow_overlap=True if this is on purpose")
     return ids
 
 

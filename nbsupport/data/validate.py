@@ -114,8 +114,8 @@ def check_emotions(values, where: str, *, one_class: bool = False) -> np.ndarray
     return e.astype(np.float32)
 
 
-def check_ids(ids, where: str) -> list[str]:
-    """``ids`` as strings after checking that none is repeated (DataError listing a few)."""
+def check_ids(ids, where: str, hint: str = "") -> list[str]:
+    """``ids`` as strings after checking that none is repeated (DataError listing a few, then ``hint``)."""
     ids = [str(i) for i in ids]
     seen, dup = set(), []
     for u in ids:
@@ -123,7 +123,8 @@ def check_ids(ids, where: str) -> list[str]:
             dup.append(u)
         seen.add(u)
     if dup:
-        raise DataError(f"{where}: {len(dup)} id(s) listed more than once: {', '.join(map(repr, dup[:5]))}")
+        raise DataError(f"{where}: {len(dup)} id(s) listed more than once: {', '.join(map(repr, dup[:5]))}"
+                        + (f" ({hint})" if hint else ""))
     return ids
 
 
