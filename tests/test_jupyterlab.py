@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +43,12 @@ def _free_port() -> int:
 
 
 def _smoke_copy(src: Path, dst: Path) -> Path:
-    """Copy of the chapter whose parameters cell says ``smoke = True`` (same code path, small sizes)."""
+    """Copy of the chapter whose parameters cell says ``smoke = True`` (same code path, small sizes), in
+    ``dst/book/`` beside a copy of ``benchmarks/results/``: the repository's layout, which a chapter reading
+    a committed benchmark result from ``../benchmarks/results/`` (Chapter 6) relies on."""
+    shutil.copytree(ROOT / "benchmarks" / "results", dst / "benchmarks" / "results", dirs_exist_ok=True)
+    dst = dst / "book"
+    dst.mkdir(exist_ok=True)
     nb = nbformat.read(src, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     lines = cell.source.splitlines()
@@ -149,7 +155,7 @@ def test_slider_redraws_figure_in_jupyterlab(jupyterlab, tmp_path, chapter, slid
     browser = start_chromium(chromium, driver, tmp_path / "chromium-profile")
     try:
         browser.set_window_size(1400, 1100)
-        browser.get(f"{base}/lab/tree/{nb_path.name}?token={token}&reset")
+        browser.get(f"{base}/lab/tree/{nb_path.relative_to(work).as_posix()}?token={token}&reset")
         # wait for the notebook and a kernel
         deadline = time.monotonic() + 90
         while not browser.execute_script(
