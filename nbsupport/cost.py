@@ -295,6 +295,24 @@ class _Clock:
         return _Block()
 
 
+def _pipeline_rows(models: Mapping[str, nn.Module], family: str, clock, items: list, collate, device,
+                   macs_per_utterance) -> list[dict]:
+    """Rows of :func:`pipeline_costs` for one family: its feature stages (timed once by ``clock`` for all
+    its models) and each model's own per-utterance forward time (after one untimed warm-up) and MACs."""
+    n = len(items)
+    rows = []
+    for name, model in models.items():
+        rows += [dict(pipeline=name, family=family, stage=stage, seconds=sec / n, macs=np.nan)
+                 for stage, sec in clock.seconds.items()]
+        model.eval()
+        with torch.no_grad():
+            model(to_device(collate(items[:1]), device))  # warm-up, untimed
+            t = sum(_timed(lambda it=it: model(to_device(collate([it]), device))) for it in items)
+            macs = macs_per_utterance(model)
+        rows.append(dict(pipeline=name, family=family, stage="model", seconds=t / n, macs=macs))
+    return rows
+
+
 def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, nn.Module], hc_set, raw_set, *,
                    n_utterances: int = 3, text_model: str | None = None, device="cpu") -> pd.DataFrame:
     """Per-utterance wall time of every stage of every pipeline, from the raw frames and audio on disk to the
@@ -341,15 +359,8 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
             feats.prosody_windows(wav, sr, max_windows=hc["seq_len"])
             wv((feats.split_words(hc_set.raw.texts[i])[:hc["seq_len"]] or ["<empty>"]))
     items = [hc_set[i] for i in range(n)] if two_phase else []
-    for name, model in two_phase.items():
-        for stage, sec in hc_clock.seconds.items():
-            rows.append(dict(pipeline=name, family="two-phase", stage=stage, seconds=sec / n, macs=np.nan))
-        model.eval()
-        with torch.no_grad():
-            model(to_device(collate_umons(items[:1]), device))  # warm-up, untimed
-            t = sum(_timed(lambda it=it: model(to_device(collate_umons([it]), device))) for it in items)
-        macs = bl.model_macs(model, items, collate_umons, device=device)
-        rows.append(dict(pipeline=name, family="two-phase", stage="model", seconds=t / n, macs=macs))
+    rows += _pipeline_rows(two_phase, "two-phase", hc_clock, items, collate_umons, device,
+                           lambda model: bl.model_macs(model, items, collate_umons, device=device))
     # --- end-to-end view
     e2e_clock = _Clock()
     tok = load_tokenizer(text_model or None) if end_to_end else None
@@ -365,16 +376,10 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
             feats.mel_pieces(wav, sr)
             tok(raw_set.raw.texts[i], truncation=True, max_length=50)
     items = [raw_set[i] for i in range(n)] if end_to_end else []
-    for name, model in end_to_end.items():
-        for stage, sec in e2e_clock.seconds.items():
-            rows.append(dict(pipeline=name, family="end-to-end", stage=stage, seconds=sec / n, macs=np.nan))
-        model.eval()
-        with torch.no_grad():
-            model(to_device(collate_mesm(items[:1]), device))  # warm-up, untimed
-            t = sum(_timed(lambda it=it: model(to_device(collate_mesm([it]), device))) for it in items)
-            macs = sum(int(flops.count_macs(model, to_device(collate_mesm([it]), device))["macs"].sum())
-                       for it in items)
-        rows.append(dict(pipeline=name, family="end-to-end", stage="model", seconds=t / n, macs=macs / n))
+    rows += _pipeline_rows(end_to_end, "end-to-end", e2e_clock, items, collate_mesm, device,
+                           lambda model: sum(int(flops.count_macs(
+                               model, to_device(collate_mesm([it]), device))["macs"].sum())
+                               for it in items) / n)
     return pd.DataFrame(rows)
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,7 @@ from nbsupport.data import DataError, load_split, mesm_dataset, synth
 from nbsupport.data import formats, prepare as P
 from nbsupport.data.raw import _emotion_vector
 
+from test_bad_inputs import _copy, _ids
 from test_formats import SDK_NAMES, SDK_ROWS, SEGMENTS as SDK_SEGMENTS, _mmsa_split, _mult_data, _write_csd, \
     _write_mult
 
@@ -42,14 +42,6 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return synth.generate_corpus(tmp_path_factory.mktemp("hostile") / "c", n=10, seed=0, progress=False)
-
-
-def _copy(corpus: Path, tmp: Path) -> Path:
-    return shutil.copytree(corpus, tmp / "c")
-
-
-def _ids(root: Path, split: str = "train") -> list[str]:
-    return (root / "MOSEI_SPLIT" / f"{split}_split.txt").read_text().split()
 
 
 def _meta_path(root: Path) -> Path:
