@@ -22,7 +22,8 @@ from nbsupport import metrics
 
 __all__ = ["Predictions", "Estimate", "predictions_from", "statistic", "bootstrap",
            "paired_difference", "verdict", "intervals", "compare", "ratio_interval", "lift_verdict",
-           "difference_in_differences", "seed_interval", "seed_verdict",
+           "difference_in_differences", "seed_interval", "seed_verdict", "seed_difference",
+           "SeedVerdict", "compare_seeds", "compare_groups",
            "BOOTSTRAP_RESAMPLES"]
 
 #: Resamples per interval: the percentile interval's end points move by well under 0.5 point between
@@ -246,3 +247,139 @@ def seed_verdict(name_a: str, name_b: str, diff: Estimate, n_seeds: int, metric:
     if diff.high < 0:
         return f"{head}, {ci}: {name_b} is higher, across training seeds."
     return f"{head}, {ci}: not distinguishable across training seeds."
+
+
+# ------------------------------------------------------------------------------------------------
+# Method verdicts across training seeds, with the test sample's variance too (Chapters 4, 6, 7, 8)
+# ------------------------------------------------------------------------------------------------
+def _same_test_split(caller: str, runs) -> None:
+    first = runs[0]
+    if any(p.ids != first.ids for p in runs):
+        raise ValueError(f"nbsupport.evidence.{caller}: the runs were tested on different utterances (ids "
+                         f"differ); train every seed on one corpus and test split")
+
+
+def seed_difference(a_runs, b_runs, name: str = "wacc", *, resamples: int = 1000, level: float = 0.95,
+                    seed: int = 0) -> Estimate:
+    """``name(A) - name(B)`` averaged over training seeds, with an interval that counts both sources of
+    variance: training again (initialisation and data order) and the luck of the test sample.
+
+    ``a_runs[s]`` and ``b_runs[s]``: the two methods' test :class:`Predictions` trained with seed ``s``,
+    on one corpus and test split. With ``d_s`` the per-seed difference and ``S`` seeds, the variance of
+    the mean is ``var_s(d_s) / S`` (training: the sample variance over seeds) plus the variance of the
+    seed-averaged difference under a bootstrap over test utterances (one resample of indices shared by
+    every seed and both methods, so the pairing is kept). The interval is ``mean ± t(S-1) * sqrt(sum)``:
+    Student's t with ``S - 1`` degrees of freedom because the training term is estimated from ``S``
+    values, which a bootstrap over 5 seeds would under-cover. The sum counts the seed-by-utterance
+    interaction twice, so the interval is slightly conservative; a verdict from it is not over-confident.
+    NaN interval with fewer than two seeds."""
+    a_runs, b_runs = list(a_runs), list(b_runs)
+    if len(a_runs) != len(b_runs) or not a_runs:
+        raise ValueError(f"nbsupport.evidence.seed_difference: one run per seed for each method, got "
+                         f"{len(a_runs)} and {len(b_runs)}")
+    _same_test_split("seed_difference", a_runs + b_runs)
+    fn = statistic(name)
+
+    def diffs(i):
+        return np.array([fn(a.labels[i], a.decisions[i]) - fn(b.labels[i], b.decisions[i])
+                         for a, b in zip(a_runs, b_runs)], dtype=float)
+
+    per_seed = diffs(np.arange(len(a_runs[0])))
+    value, n_seeds = float(np.mean(per_seed)), len(per_seed)
+    if n_seeds < 2 or not np.all(np.isfinite(per_seed)):
+        return Estimate(value, float("nan"), float("nan"), level)
+    rng, n = np.random.default_rng(seed), len(a_runs[0])
+    with warnings.catch_warnings():  # an undefined resample (no positive of an emotion) is left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        boot = np.array([np.mean(diffs(rng.integers(0, n, n))) for _ in range(resamples)])
+    boot = boot[np.isfinite(boot)]
+    if len(boot) < resamples // 2:
+        return Estimate(value, float("nan"), float("nan"), level)
+    var = np.var(per_seed, ddof=1) / n_seeds + np.var(boot, ddof=1)
+    half = float(stats.t.ppf(0.5 + level / 2, n_seeds - 1) * np.sqrt(var))
+    return Estimate(value, value - half, value + half, level)
+
+
+@dataclass(frozen=True)
+class SeedVerdict:
+    """A method comparison decided across training seeds (:func:`compare_seeds`): the per-seed scores,
+    the difference with its interval (:func:`seed_difference`), the decision and its sentence."""
+
+    a: str
+    b: str
+    metric: str
+    seeds: tuple
+    a_values: tuple
+    b_values: tuple
+    difference: Estimate
+    chosen_from: tuple = ()  # group comparisons: the two groups the methods were chosen from
+
+    @property
+    def decision(self) -> str:
+        """``a``'s or ``b``'s name when the interval excludes 0, else ``"undecided"`` (also without one)."""
+        if self.difference.low > 0:
+            return self.a
+        if self.difference.high < 0:
+            return self.b
+        return "undecided"
+
+    @property
+    def sentence(self) -> str:
+        """The verdict a chapter prints, computed from the interval across seeds."""
+        d, n = self.difference, len(self.seeds)
+        pts = f"{100 * d.value:+.1f} points"
+        head = f"{self.a} against {self.b} on {self.metric} over {n} training seeds: {pts}"
+        if not np.isfinite(d.low):
+            return f"{head}; fewer than two seeds (or undefined scores), so no interval and no verdict."
+        ci = f"{100 * d.level:.0f} % interval [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+        if self.decision == "undecided":
+            return f"{head}, {ci}: not distinguishable across training seeds."
+        loser = self.b if self.decision == self.a else self.a
+        return f"{self.decision} beats {loser} on {self.metric} across training seeds: {pts}, {ci}."
+
+    def as_dict(self) -> dict:
+        """For ``metrics.json``: per-seed values, the interval (null where undefined), the decision."""
+        def plain(v):
+            return None if isinstance(v, float) and not np.isfinite(v) else v
+        per_seed = [{"seed": s, self.a: plain(float(x)), self.b: plain(float(y)),
+                     "difference": plain(float(x - y))}
+                    for s, x, y in zip(self.seeds, self.a_values, self.b_values)]
+        return {"a": self.a, "b": self.b, "metric": self.metric, "n_seeds": len(self.seeds),
+                "per_seed": per_seed, **{k: plain(v) for k, v in self.difference.as_dict().items()},
+                "interval": "t over seeds, training + test-sample variance (evidence.seed_difference)",
+                "decision": self.decision, "sentence": self.sentence,
+                **({"chosen_from": list(self.chosen_from)} if self.chosen_from else {})}
+
+
+def compare_seeds(runs, a: str, b: str, name: str = "wacc", *, chosen_from=(), **kwargs) -> SeedVerdict:
+    """Method ``a`` against method ``b`` across training seeds. ``runs[method][seed]``: the test
+    :class:`Predictions` of ``method`` trained with ``seed``; the two are paired on the seeds both have
+    (each must have every seed the other has)."""
+    for m in (a, b):
+        if m not in runs:
+            raise KeyError(f"nbsupport.evidence.compare_seeds: no runs of {m!r}; have {sorted(runs)}")
+    seeds = sorted(runs[a])
+    if seeds != sorted(runs[b]):
+        raise ValueError(f"nbsupport.evidence.compare_seeds: {a!r} has seeds {seeds} and {b!r} "
+                         f"{sorted(runs[b])}; pair them on the same seeds")
+    fn = statistic(name)
+    score = lambda p: float(fn(p.labels, p.decisions))  # noqa: E731
+    diff = seed_difference([runs[a][s] for s in seeds], [runs[b][s] for s in seeds], name, **kwargs)
+    return SeedVerdict(a, b, name, tuple(seeds), tuple(score(runs[a][s]) for s in seeds),
+                       tuple(score(runs[b][s]) for s in seeds), diff, tuple(chosen_from))
+
+
+def compare_groups(runs, valid, groups, name: str = "wacc", **kwargs) -> SeedVerdict:
+    """The best method of one group against the best of another, across seeds (Chapters 4 and 7: fusion
+    against the best single modality, end-to-end against two-phase). ``groups``: two ``label -> methods``
+    entries; each group's best is the method with the highest mean *validation* score over seeds
+    (``valid[method][seed]``), so the test split decides only the comparison, never the choice."""
+    if len(groups) != 2:
+        raise ValueError(f"nbsupport.evidence.compare_groups: two groups, got {list(groups)}")
+    best = []
+    for label, methods in groups.items():
+        have = [m for m in methods if m in runs]
+        if not have:
+            raise ValueError(f"nbsupport.evidence.compare_groups: group {label!r} has no runs among {methods}")
+        best.append(max(have, key=lambda m: float(np.mean([valid[m][s] for s in runs[m]]))))
+    return compare_seeds(runs, best[0], best[1], name, chosen_from=tuple(groups), **kwargs)

@@ -26,7 +26,7 @@ from nbsupport.models import umons as umons_models
 
 __all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_and_test", "train_umons",
            "top_p_sweep", "compare_attention_grad", "reference_bug_cost",
-           "umons_bug_cost", "mesm_bug_cost"]
+           "umons_bug_cost", "mesm_bug_cost", "SeedRuns", "train_seeds"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
@@ -343,3 +343,69 @@ def mesm_bug_cost(loaders: Mapping[str, Iterable], config: "mesm_models.MesmConf
 
     return reference_bug_cost(build, loaders, seeds=seeds, epochs=epochs, lr=lr, device=device, measure=measure,
                               name="MESM", progress=progress)
+
+
+# ------------------------------------------------------------------------------------------------
+# Method comparisons across training seeds (Chapters 4, 6 and 7)
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SeedRuns:
+    """Every (method, seed) training of a comparison decided across seeds: what
+    :func:`nbsupport.evidence.compare_seeds` needs (test predictions and validation scores per method and
+    seed) and the per-seed rows ``metrics.json`` carries. The trained models are not kept."""
+
+    metric: str = "wacc"
+    rows: list = dataclasses.field(default_factory=list)
+    test: dict = dataclasses.field(default_factory=dict)   # method -> {seed: evidence.Predictions}
+    valid: dict = dataclasses.field(default_factory=dict)  # method -> {seed: validation score}
+    seconds: float = 0.0
+
+    def add(self, name: str, seed: int, row: Mapping, fit_result) -> None:
+        """Record one trained run (``row, fit_result`` as :func:`train_and_test` returns them), e.g. the
+        chapter's own run at its seed, so that seed is not trained again."""
+        self.test.setdefault(name, {})[int(seed)] = fit_result.extra["test"]
+        self.valid.setdefault(name, {})[int(seed)] = float(fit_result.valid_metrics.get(self.metric, float("nan")))
+        keep = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) and not k.startswith("f1_")}
+        self.rows.append({"seed": int(seed), **keep, "model": name,
+                          f"valid_{self.metric}": self.valid[name][int(seed)]})
+
+    def has(self, name: str, seed: int) -> bool:
+        return int(seed) in self.test.get(name, {})
+
+    def table(self) -> pd.DataFrame:
+        """One row per (method, seed)."""
+        return pd.DataFrame(self.rows).sort_values(["model", "seed"]).reset_index(drop=True)
+
+    def compare(self, a: str, b: str, **kwargs) -> "evidence.SeedVerdict":
+        """``a`` against ``b`` across the seeds both were trained with (:func:`evidence.compare_seeds`)."""
+        return evidence.compare_seeds(self.test, a, b, self.metric, **kwargs)
+
+    def compare_groups(self, groups: Mapping, **kwargs) -> "evidence.SeedVerdict":
+        """Best of each group (chosen on validation) across seeds (:func:`evidence.compare_groups`)."""
+        return evidence.compare_groups(self.test, self.valid, groups, self.metric, **kwargs)
+
+
+def train_seeds(builders: Mapping, loaders: Mapping[str, Iterable], seeds, *, epochs: int, lr: float,
+                device="auto", metric: str = "wacc", runs: SeedRuns | None = None,
+                per_model: Mapping | None = None, progress: bool = True, **fit_kw) -> SeedRuns:
+    """Train every method of ``builders`` (name -> a function building the untrained model) with every
+    training seed and test it, with the book's protocol (:func:`train_and_test`): the seed sets the
+    initial weights (``torch.manual_seed`` before the build), the shuffle order and dropout draws; the
+    corpus and its split stay fixed, so the spread over seeds is the variance of training again. Runs
+    already in ``runs`` (e.g. the chapter's own seed, added with :meth:`SeedRuns.add`) are not repeated.
+    ``per_model[name]`` overrides keyword arguments for one method (``loaders``, ``epochs``, ...)."""
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ParameterError(f"train_seeds: parameter 'seeds' must be distinct integers, got {seeds!r}")
+    runs = runs if runs is not None else SeedRuns(metric)
+    t0 = time.perf_counter()
+    todo = [(s, n) for s in seeds for n in builders if not runs.has(n, s)]
+    for seed, name in tqdm(todo, desc="training seeds", disable=not progress, leave=False):
+        kw = {"loaders": loaders, "epochs": epochs, "lr": lr, **fit_kw, **(per_model or {}).get(name, {})}
+        torch.manual_seed(seed)
+        model = builders[name]()
+        row, res = train_and_test(model, kw.pop("loaders"), name=name, device=device, seed=seed,
+                                  progress=progress, macs=False, **kw)
+        runs.add(name, seed, row, res)
+    runs.seconds += round(time.perf_counter() - t0, 1)
+    return runs

@@ -143,3 +143,84 @@ def test_seed_interval_is_the_t_interval_over_seeds_by_hand():
     assert "B is higher" in seed_verdict("A", "B", seed_interval([0, 0, 0], [0.10, 0.12, 0.11]), 3)
     with pytest.raises(ValueError, match="one value per seed"):
         seed_interval([1, 2, 3], [1, 2])
+
+
+def _runs(rows, n=40, seed=0):
+    """Predictions for one emotion: ``rows`` -> per-seed accuracies; one shared test split."""
+    from nbsupport.evidence import Predictions
+
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 1)) < 0.5).astype(int)
+    ids = [f"u{i}" for i in range(n)]
+    out = []
+    for k, correct in enumerate(rows):
+        right = np.zeros(n, bool)
+        right[np.random.default_rng(100 + k).permutation(n)[:correct]] = True
+        out.append(Predictions("emotion", np.where(right[:, None], labels, 1 - labels), labels, ids))
+    return out
+
+
+def test_seed_difference_without_test_variance_is_the_t_interval_over_seeds():
+    from scipy import stats as st
+
+    from nbsupport.evidence import Predictions, seed_difference
+
+    # every utterance alike: a resample of utterances cannot move a score, so only the seeds vary
+    labels, ids = np.ones((10, 1), int), [f"u{i}" for i in range(10)]
+    right, wrong = (Predictions("emotion", np.full((10, 1), v), labels, ids) for v in (1, 0))
+    a, b = [right, wrong, right, right, wrong], [wrong] * 5  # acc differences 1, 0, 1, 1, 0
+    est = seed_difference(a, b, "acc", resamples=50)
+    ci = st.ttest_1samp([1, 0, 1, 1, 0], 0).confidence_interval(0.95)
+    assert est.value == pytest.approx(0.6)
+    assert (est.low, est.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    one = seed_difference(a[:1], b[:1], "acc")
+    assert one.value == 1.0 and one.low != one.low  # one seed: no interval
+
+
+def test_seed_difference_adds_the_test_sample_variance_to_the_seed_variance():
+    from nbsupport.evidence import paired_difference, seed_difference
+
+    a, b = _runs([30] * 5), _runs([20] * 5)  # every seed the same run: no training variance
+    a = [a[0]] * 5
+    b = [b[0]] * 5
+    est = seed_difference(a, b, "acc", resamples=2000)
+    boot = paired_difference(a[0], b[0], "acc", resamples=2000)  # the test-sample spread alone
+    sd = (boot.high - boot.low) / (2 * 1.96)
+    assert est.value == pytest.approx(0.25)
+    half = (est.high - est.low) / 2
+    assert half == pytest.approx(2.776445 * sd, rel=0.15)  # t(0.975, 4 dof) times the bootstrap SD
+    # with training variance too it is never narrower than the t interval over seeds alone
+    from nbsupport.evidence import seed_interval
+
+    a_acc, b_acc = [30, 34, 26, 31, 29], [20, 18, 24, 21, 19]
+    both = seed_difference(_runs(a_acc), _runs(b_acc), "acc")
+    seeds_only = seed_interval(np.array(a_acc) / 40, np.array(b_acc) / 40)
+    assert both.value == pytest.approx(seeds_only.value)
+    assert both.low < seeds_only.low and both.high > seeds_only.high
+
+
+def test_compare_seeds_decides_from_the_interval_and_groups_choose_on_validation():
+    import json
+
+    from nbsupport.evidence import compare_groups, compare_seeds
+
+    runs = {"A": dict(enumerate(_runs([36, 37, 35, 38, 36]))), "B": dict(enumerate(_runs([20, 22, 19, 21, 20]))),
+            "C": dict(enumerate(_runs([21, 20, 22, 20, 21])))}
+    v = compare_seeds(runs, "A", "B", "acc")
+    assert v.decision == "A" and v.sentence.startswith("A beats B on acc across training seeds")
+    assert [r["seed"] for r in v.as_dict()["per_seed"]] == [0, 1, 2, 3, 4]
+    assert v.as_dict()["per_seed"][0]["A"] == pytest.approx(36 / 40)
+    assert compare_seeds(runs, "B", "A", "acc").decision == "A"
+    tie = compare_seeds(runs, "B", "C", "acc")
+    assert tie.decision == "undecided" and "not distinguishable" in tie.sentence
+    json.dumps(tie.as_dict())
+    # validation chooses C from the single group (the test split never chooses)
+    valid = {"A": dict.fromkeys(range(5), 0.5), "B": dict.fromkeys(range(5), 0.6),
+             "C": dict.fromkeys(range(5), 0.7)}
+    g = compare_groups(runs, valid, {"single": ["B", "C"], "joint": ["A"]}, "acc")
+    assert (g.a, g.b, g.decision) == ("C", "A", "A") and g.as_dict()["chosen_from"] == ["single", "joint"]
+    del runs["C"][4]
+    with pytest.raises(ValueError, match="same seeds"):
+        compare_seeds(runs, "A", "C", "acc")
+    with pytest.raises(KeyError, match="no runs of 'D'"):
+        compare_seeds(runs, "A", "D", "acc")

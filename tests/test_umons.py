@@ -547,3 +547,42 @@ def test_bug_cost_pairs_seeds_from_the_same_start_and_its_interval_is_over_seeds
     assert "paired by seed over 3 seeds" in cost["sentence"]
     with pytest.raises(ValueError, match="seeds"):
         protocol.reference_bug_cost(lambda bug: None, loaders, seeds=[1, 1], epochs=1, lr=1e-2)
+
+
+def test_train_seeds_trains_each_method_per_seed_once_and_pairs_them():
+    from torch.utils.data import DataLoader
+
+    from nbsupport import protocol
+    from nbsupport.models import umons
+
+    batches = [_batch(lengths={"L": [5, 3, 7], "A": [2, 8, 6], "V": [5, 6, 1]}, seed=s, pad_to=8) for s in range(3)]
+    loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
+    dims = umons.input_dims_from(batches[0])
+    builders = {m: (lambda m=m: umons.UmonsTransformer(m, 6, config=UmonsConfig(**SMALL), input_dims=dims))
+                for m in ("L", "LA")}
+    starts = []
+    real_fit = protocol.train_and_test
+
+    def spy(model, *args, **kw):
+        starts.append((kw["name"], kw["seed"], model.state_dict()["classifier.weight"].clone()))
+        return real_fit(model, *args, **kw)
+
+    protocol.train_and_test = spy
+    try:
+        first = protocol.train_seeds({"L": builders["L"]}, loaders, [0], epochs=1, lr=1e-2, device="cpu",
+                                     progress=False)
+        runs = protocol.train_seeds(builders, loaders, [0, 1], epochs=1, lr=1e-2, device="cpu",
+                                    progress=False, runs=first)
+    finally:
+        protocol.train_and_test = real_fit
+    # ("L", 0) was in the runs already: trained once; every other (method, seed) once
+    assert [(n, s) for n, s, _ in starts] == [("L", 0), ("LA", 0), ("L", 1), ("LA", 1)]
+    torch.manual_seed(1)
+    assert torch.equal(starts[2][2], builders["L"]().state_dict()["classifier.weight"])  # seed -> init
+    table = runs.table()
+    assert list(zip(table["model"], table["seed"])) == [("L", 0), ("L", 1), ("LA", 0), ("LA", 1)]
+    assert "valid_wacc" in table and set(runs.test) == {"L", "LA"}
+    verdict = runs.compare("LA", "L")
+    assert verdict.seeds == (0, 1) and verdict.as_dict()["n_seeds"] == 2
+    with pytest.raises(ValueError, match="distinct"):
+        protocol.train_seeds(builders, loaders, [1, 1], epochs=1, lr=1e-2)
