@@ -22,11 +22,12 @@ from nbsupport.data import (EMOTIONS, SPLITS, collate_mesm, collate_umons, ensur
                             mesm_dataset, umons_dataset)
 from nbsupport.data.text import load_tokenizer
 from nbsupport.models import mesm as mesm_models
+from nbsupport.models import toy
 from nbsupport.models import umons as umons_models
 
 __all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_and_test", "train_umons",
            "top_p_sweep", "compare_attention_grad", "reference_bug_cost",
-           "umons_bug_cost", "mesm_bug_cost", "SeedRuns", "train_seeds"]
+           "umons_bug_cost", "mesm_bug_cost", "SeedRuns", "train_seeds", "pooling_verdict"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
@@ -409,3 +410,29 @@ def train_seeds(builders: Mapping, loaders: Mapping[str, Iterable], seeds, *, ep
         runs.add(name, seed, row, res)
     runs.seconds += round(time.perf_counter() - t0, 1)
     return runs
+
+
+def pooling_verdict(data, test, *, seeds, epochs: int, done: Mapping | None = None,
+                    done_seed: int = 0) -> "evidence.SeedVerdict":
+    """Attention pooling against mean pooling on the cue-word task (Chapter 1; Bahdanau et al. 2015's
+    additive attention as a pooling), decided across training seeds: each seed trains both poolings
+    (:func:`nbsupport.models.toy.train_pooling_classifier`, same data, that seed's initial weights) and
+    tests them on the same ``test`` sequences; the verdict is :func:`nbsupport.evidence.compare_seeds` on
+    accuracy. ``done[pooling] = (model, accuracy, losses)``: the chapter's own run at ``done_seed``, reused."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ParameterError(f"pooling_verdict: parameter 'seeds' must be distinct integers, got {seeds!r}")
+    tokens, lengths, labels, _ = test
+    ids = [str(i) for i in range(len(labels))]
+    truth = labels.numpy().astype(int)[:, None]
+    runs = {}
+    for pooling in ("attention", "mean"):
+        for seed in seeds:
+            if done and seed == done_seed and pooling in done:
+                model = done[pooling][0]
+            else:
+                model = toy.train_pooling_classifier(pooling, data, test, epochs=epochs, seed=seed)[0]
+            with torch.no_grad():
+                decisions = (model(tokens, lengths) > 0).numpy().astype(int)[:, None]
+            runs.setdefault(f"{pooling} pooling", {})[seed] = evidence.Predictions("emotion", decisions, truth, ids)
+    return evidence.compare_seeds(runs, "attention pooling", "mean pooling", "acc")

@@ -224,3 +224,23 @@ def test_compare_seeds_decides_from_the_interval_and_groups_choose_on_validation
         compare_seeds(runs, "A", "C", "acc")
     with pytest.raises(KeyError, match="no runs of 'D'"):
         compare_seeds(runs, "A", "D", "acc")
+
+
+def test_pooling_verdict_trains_both_poolings_per_seed_and_reuses_the_chapters_run():
+    import torch
+
+    from nbsupport import protocol
+    from nbsupport.models import toy
+
+    data, test = toy.cue_word_task(120, 8, seed=0), toy.cue_word_task(60, 8, seed=1)
+    done = {p: toy.train_pooling_classifier(p, data, test, epochs=5, seed=7) for p in ("attention", "mean")}
+    v = protocol.pooling_verdict(data, test, seeds=[7, 8], epochs=5, done=done, done_seed=7)
+    assert (v.a, v.b, v.metric, v.seeds) == ("attention pooling", "mean pooling", "acc", (7, 8))
+    assert v.a_values[0] == pytest.approx(done["attention"][1])  # seed 7: the chapter's own model
+    assert v.b_values[0] == pytest.approx(done["mean"][1])
+    model = toy.train_pooling_classifier("attention", data, test, epochs=5, seed=8)[0]  # seed 8, by hand
+    with torch.no_grad():
+        hand = ((model(test[0], test[1]) > 0).float() == test[2]).float().mean().item()
+    assert v.a_values[1] == pytest.approx(hand)
+    with pytest.raises(ValueError, match="distinct"):
+        protocol.pooling_verdict(data, test, seeds=[1, 1], epochs=1)

@@ -87,8 +87,10 @@ def _smoke_points(fixed: dict) -> dict:
 SPECS: dict[str, Spec] = {
     "01_attention_basics": Spec(
         rules=dict(n_train=Int(min=20, max=10**6), seq_len=Int(min=4), epochs=Int(min=1), sentence=Str(),
+                   seeds=ListOf(Int(min=0), min_len=1),
                    explorer_angles=ListOf(Float()), explorer_temperatures=ListOf(Float(min=0, open_min=True))),
-        smoke=dict(n_train=200, epochs=40, explorer_angles=[0, 90], explorer_temperatures=[0.5, 2.0])),
+        smoke=dict(n_train=200, epochs=40, explorer_angles=[0, 90], explorer_temperatures=[0.5, 2.0],
+                   seeds=lambda s: s[:2])),
     "02_multimodal_data": Spec(
         rules=dict(**_DATA, n_utterances=Int(min=12), style=Choice("mosei", "iemocap"),
                    placement_n=Int(min=24)),
