@@ -59,12 +59,41 @@ TIERS_OF_FIXTURE = {"smoke_runs": ("notebook",), "smoke_book": ("notebook",),
 SLOW_TIERS = ("notebook", "browser", "cluster", "fuzz", "slow")
 
 
+#: Fixtures that read the shared smoke runs (``site``: unless $NBSUPPORT_BOOK_HTML names a built book).
+SMOKE_FIXTURES = ("smoke_runs", "smoke_book", "site")
+
+
+def _needs_smoke_runs(item) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    if os.environ.get("NBSUPPORT_BOOK_HTML"):
+        names.discard("site")
+    return bool(names & set(SMOKE_FIXTURES))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark every test by the tiers of the fixtures it uses (see ``TIERS_OF_FIXTURE``)."""
+    """Mark every test by the tiers of the fixtures it uses (see ``TIERS_OF_FIXTURE``), and move the
+    tests on the smoke runs to the end (in their order): the runs start in the background when
+    collection ends (:func:`pytest_collection_finish`), so every other test runs beside them and
+    those tests rarely wait."""
     for item in items:
         for name in getattr(item, "fixturenames", ()):
             for tier in TIERS_OF_FIXTURE.get(name, ()):
                 item.add_marker(getattr(pytest.mark, tier))
+    items.sort(key=_needs_smoke_runs)  # stable: False (runs now) before True (reads the smoke runs)
+
+
+def pytest_collection_finish(session):
+    """Start the chapters' smoke runs and then the smoke book build in the background, once, when a
+    selected test reads them: on 2 cores the papermill kernels use the cores the rest of the suite
+    leaves idle (it runs one test at a time)."""
+    if any(_needs_smoke_runs(item) for item in session.items):
+        _background(session.config._tmp_path_factory)
+
+
+def pytest_sessionfinish(session):
+    """Cancel the smoke runs that have not started (an interrupted or failed-fast session)."""
+    if _BACKGROUND:
+        _BACKGROUND["pool"].shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -91,33 +120,24 @@ def run_papermill(notebook: Path, executed: Path, parameters: dict, env_extra: d
     return seconds, None if proc.returncode == 0 else (proc.stdout[-4000:] + proc.stderr[-8000:])
 
 
-@pytest.fixture(scope="session")
-def smoke_runs(tmp_path_factory) -> dict[str, SmokeRun]:
-    """Every notebook of the book executed once with smoke=True, two at a time."""
-    base = tmp_path_factory.mktemp("smoke")
-
-    def one(nb: Path) -> SmokeRun:
-        out = base / nb.stem
-        out.mkdir()
-        executed = base / f"{nb.stem}.executed.ipynb"
-        seconds, error = run_papermill(nb, executed, {"smoke": True, "output_dir": str(out)})
-        return SmokeRun(nb, executed, out, seconds, error)
-
-    with ThreadPoolExecutor(SMOKE_WORKERS) as pool:
-        runs = list(pool.map(one, NOTEBOOKS))
-    for r in runs:
-        print(f"smoke run {r.notebook.name}: {r.seconds:.1f} s{' FAILED' if r.error else ''}")
-    return {r.notebook.stem: r for r in runs}
+#: The background work of :func:`_background`: the pool, a future per smoke run, the book build's future.
+_BACKGROUND: dict = {}
 
 
-@pytest.fixture(scope="session")
-def smoke_book(smoke_runs, tmp_path_factory) -> Path:
-    """The HTML book built (execution off) from the smoke-executed notebooks; returns _build/html."""
-    site = tmp_path_factory.mktemp("site")
+def _smoke_run(nb: Path, base: Path) -> SmokeRun:
+    out = base / nb.stem
+    out.mkdir()
+    executed = base / f"{nb.stem}.executed.ipynb"
+    seconds, error = run_papermill(nb, executed, {"smoke": True, "output_dir": str(out)})
+    return SmokeRun(nb, executed, out, seconds, error)
+
+
+def _build_smoke_book(runs: dict[str, SmokeRun], site: Path) -> tuple[Path | None, str | None]:
+    """The HTML book built (execution off) from the smoke-executed notebooks: ``(_build/html copy, error)``."""
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / name, site / name)
     shutil.copytree(BOOK, site / "book", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-    for run in smoke_runs.values():
+    for run in runs.values():
         if run.error is None:
             shutil.copy(run.executed, site / "book" / run.notebook.name)
     cfg = yaml.safe_load((site / "_config.yml").read_text())
@@ -126,11 +146,46 @@ def smoke_book(smoke_runs, tmp_path_factory) -> Path:
     proc = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", str(site),
                            "--warningiserror", "--keep-going"], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        pytest.fail(f"jupyter-book build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}")
+        return None, f"jupyter-book build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
     artifacts = ROOT / "_build" / "smoke-html"
     shutil.rmtree(artifacts, ignore_errors=True)
     shutil.copytree(site / "_build" / "html", artifacts)
-    return artifacts
+    return artifacts, None
+
+
+def _background(tmp_path_factory) -> dict:
+    """Every notebook of the book run once with smoke=True, ``SMOKE_WORKERS`` at a time, then the book
+    built from them, all in background threads (each run is a papermill subprocess); started once."""
+    if not _BACKGROUND:
+        base, site = tmp_path_factory.mktemp("smoke"), tmp_path_factory.mktemp("site")
+        pool = ThreadPoolExecutor(SMOKE_WORKERS, thread_name_prefix="smoke")
+        runs = {nb.stem: pool.submit(_smoke_run, nb, base) for nb in NOTEBOOKS}
+
+        def book():  # after the last run; a thread of its own, so it never waits for a pool slot
+            return _build_smoke_book({k: f.result() for k, f in runs.items()}, site)
+
+        book_pool = ThreadPoolExecutor(1, thread_name_prefix="smoke-book")
+        _BACKGROUND.update(pool=pool, runs=runs, book=book_pool.submit(book), book_pool=book_pool)
+    return _BACKGROUND
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory) -> dict[str, SmokeRun]:
+    """Every notebook of the book executed once with smoke=True, two at a time (started in the
+    background when collection ends, see :func:`pytest_collection_finish`)."""
+    runs = {stem: f.result() for stem, f in _background(tmp_path_factory)["runs"].items()}
+    for r in runs.values():
+        print(f"smoke run {r.notebook.name}: {r.seconds:.1f} s{' FAILED' if r.error else ''}")
+    return runs
+
+
+@pytest.fixture(scope="session")
+def smoke_book(smoke_runs, tmp_path_factory) -> Path:
+    """The HTML book built (execution off) from the smoke-executed notebooks; returns _build/html."""
+    path, error = _background(tmp_path_factory)["book"].result()
+    if error:
+        pytest.fail(error)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
