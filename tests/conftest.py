@@ -2,6 +2,7 @@
 headless with papermill (smoke=True) and builds a fast HTML book from those executed copies."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -113,7 +114,10 @@ def run_papermill(notebook: Path, executed: Path, parameters: dict, env_extra: d
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(executed), "--cwd", str(notebook.parent),
            "--kernel", "python3", "--no-progress-bar"]
     for k, v in parameters.items():
-        cmd += ["-p", k, str(v)] if not isinstance(v, str) else ["-r", k, v]
+        if isinstance(v, (list, dict)):  # papermill's -p would hand the chapter a string
+            cmd += ["-y", json.dumps({k: v})]
+        else:
+            cmd += ["-p", k, str(v)] if not isinstance(v, str) else ["-r", k, v]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     seconds = time.perf_counter() - start
@@ -167,6 +171,16 @@ def _background(tmp_path_factory) -> dict:
         book_pool = ThreadPoolExecutor(1, thread_name_prefix="smoke-book")
         _BACKGROUND.update(pool=pool, runs=runs, book=book_pool.submit(book), book_pool=book_pool)
     return _BACKGROUND
+
+
+def only_parameters_of(notebook: Path, parameters: dict) -> dict:
+    """The entries of ``parameters`` that ``notebook``'s parameters cell defines: a test that switches
+    off work it does not check (e.g. a bug cost over seeds) keeps running when a chapter drops a switch."""
+    nb = json.loads(notebook.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    names = {line.split("=", 1)[0].strip() for line in "".join(cell["source"]).splitlines()
+             if "=" in line and not line.startswith((" ", "#"))}
+    return {k: v for k, v in parameters.items() if k in names}
 
 
 @pytest.fixture(scope="session")
