@@ -56,7 +56,8 @@ NOTEBOOKS = toc_notebooks()
 #: the smoke runs can never land in the fast tier by a forgotten decorator.
 TIERS_OF_FIXTURE = {"smoke_runs": ("notebook",), "smoke_book": ("notebook",),
                     "site": ("browser", "notebook"),  # tests/test_browser.py: the smoke-built book
-                    "jupyterlab": ("browser",), "local_sweep": ("cluster",), "dask_cluster": ("cluster",)}
+                    "jupyterlab": ("browser",), "local_sweep": ("cluster",), "dask_cluster": ("cluster",),
+                    "stop_runs": ("notebook",)}
 SLOW_TIERS = ("notebook", "browser", "cluster", "fuzz", "slow")
 
 
@@ -71,6 +72,15 @@ def _needs_smoke_runs(item) -> bool:
     return bool(names & set(SMOKE_FIXTURES))
 
 
+def _needs_stop_runs(item) -> bool:
+    return "stop_runs" in getattr(item, "fixturenames", ())
+
+
+def _reads_background(item) -> bool:
+    """True for a test on work that runs in the background (:func:`_background`, :func:`_background_stops`)."""
+    return _needs_smoke_runs(item) or _needs_stop_runs(item)
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark every test by the tiers of the fixtures it uses (see ``TIERS_OF_FIXTURE``), and move the
     tests on the smoke runs to the end (in their order): the runs start in the background when
@@ -80,7 +90,7 @@ def pytest_collection_modifyitems(config, items):
         for name in getattr(item, "fixturenames", ()):
             for tier in TIERS_OF_FIXTURE.get(name, ()):
                 item.add_marker(getattr(pytest.mark, tier))
-    items.sort(key=_needs_smoke_runs)  # stable: False (runs now) before True (reads the smoke runs)
+    items.sort(key=_reads_background)  # stable: False (runs now) before True (reads background work)
 
 
 def pytest_collection_finish(session):
@@ -89,11 +99,13 @@ def pytest_collection_finish(session):
     leaves idle (it runs one test at a time)."""
     if any(_needs_smoke_runs(item) for item in session.items):
         _background(session.config._tmp_path_factory)
+    if any(_needs_stop_runs(item) for item in session.items):
+        _background_stops(session.config._tmp_path_factory)
 
 
 def pytest_sessionfinish(session):
     """Cancel the smoke runs that have not started (an interrupted or failed-fast session)."""
-    if _BACKGROUND:
+    if "pool" in _BACKGROUND:
         _BACKGROUND["pool"].shutdown(wait=False, cancel_futures=True)
 
 
@@ -157,20 +169,54 @@ def _build_smoke_book(runs: dict[str, SmokeRun], site: Path) -> tuple[Path | Non
     return artifacts, None
 
 
+def _pool() -> ThreadPoolExecutor:
+    """The background papermill runs, ``SMOKE_WORKERS`` at a time, first submitted first run."""
+    if "pool" not in _BACKGROUND:
+        _BACKGROUND["pool"] = ThreadPoolExecutor(SMOKE_WORKERS, thread_name_prefix="notebooks")
+    return _BACKGROUND["pool"]
+
+
 def _background(tmp_path_factory) -> dict:
     """Every notebook of the book run once with smoke=True, ``SMOKE_WORKERS`` at a time, then the book
     built from them, all in background threads (each run is a papermill subprocess); started once."""
-    if not _BACKGROUND:
+    if "runs" not in _BACKGROUND:
         base, site = tmp_path_factory.mktemp("smoke"), tmp_path_factory.mktemp("site")
-        pool = ThreadPoolExecutor(SMOKE_WORKERS, thread_name_prefix="smoke")
+        pool = _pool()
         runs = {nb.stem: pool.submit(_smoke_run, nb, base) for nb in NOTEBOOKS}
 
         def book():  # after the last run; a thread of its own, so it never waits for a pool slot
             return _build_smoke_book({k: f.result() for k, f in runs.items()}, site)
 
         book_pool = ThreadPoolExecutor(1, thread_name_prefix="smoke-book")
-        _BACKGROUND.update(pool=pool, runs=runs, book=book_pool.submit(book), book_pool=book_pool)
+        _BACKGROUND.update(runs=runs, book=book_pool.submit(book), book_pool=book_pool)
     return _BACKGROUND
+
+
+#: Runs that must stop in their opening cells (tests/test_notebooks.py): (notebook stem, case) -> the
+#: papermill parameters; "seed": a wrong type, "typo": a misspelled name.
+STOP_CASES = {**{(nb.stem, "seed"): {"smoke": True, "seed": "notanumber"} for nb in NOTEBOOKS},
+              **{(nb.stem, "typo"): {"smoke": True, "epoch": 5} for nb in NOTEBOOKS
+                 if nb.stem in ("01_attention_basics", "06_mesm")}}
+
+
+def _stop_run(nb: Path, parameters: dict, executed: Path) -> tuple[Path, str | None]:
+    return executed, run_papermill(nb, executed, parameters)[1]
+
+
+def _background_stops(tmp_path_factory) -> dict:
+    """The :data:`STOP_CASES` runs in the background pool, after the smoke runs; started once."""
+    if "stops" not in _BACKGROUND:
+        base, by_stem = tmp_path_factory.mktemp("stops"), {nb.stem: nb for nb in NOTEBOOKS}
+        _BACKGROUND["stops"] = {(stem, case): _pool().submit(_stop_run, by_stem[stem], params,
+                                                             base / f"{stem}-{case}.ipynb")
+                                for (stem, case), params in STOP_CASES.items()}
+    return _BACKGROUND
+
+
+@pytest.fixture(scope="session")
+def stop_runs(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, str | None]]:
+    """``(stem, case) -> (executed notebook, papermill's error text or None)`` of :data:`STOP_CASES`."""
+    return {key: f.result() for key, f in _background_stops(tmp_path_factory)["stops"].items()}
 
 
 def only_parameters_of(notebook: Path, parameters: dict) -> dict:
