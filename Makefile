@@ -32,8 +32,9 @@ book: $(STAMP) assets
 	$(BIN)/jupyter-book build . --warningiserror --keep-going --path-output .
 	@echo "HTML book: $(CURDIR)/_build/html/index.html"
 
+# --durations: the log of every run (CI's included) says where the time went
 test: $(STAMP) assets
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 # The fast tier (README, "Tests"): units and contracts; no notebook, browser, Dask-cluster, fuzz or slow test
 # (pyproject.toml's markers, `pytest --markers`). `make test` runs these and every other test.

@@ -117,9 +117,8 @@ def loaders(kind: str, root, *, dataset: str = "mosei", batch_size: int = 16, se
 
 def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, name: str, task: str = "emotion",
                    epochs: int, lr: float, device="auto", seed: int = 0,
-                   thresholds: str | float | None = None, patience: int | None = train.PROTOCOL_DEFAULT,
-                   checkpoint_dir=None, progress: bool = True, protocol: str = "book",
-                   callbacks=(), macs: bool = True) -> tuple[dict, object]:
+                   protocol: "str | train.TrainProtocol" = "book", checkpoint_dir=None, progress: bool = True,
+                   callbacks=(), macs: bool = True, **settings) -> tuple[dict, object]:
     """The book's single protocol for every model (Chapters 3-8): fit, pick the best epoch, test.
 
     :func:`nbsupport.train.fit` on ``loaders["train"]`` (BCE with pos_weight for emotions; best epoch
@@ -132,14 +131,16 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
     End-to-end models (FE2E, MESM) add ``top_p`` and the feature extractor's MACs per test utterance as
     it ran (``macs``) and densely (``dense_macs``): the paper's FLOPs column (``macs=False`` skips that
     extra pass over the test split, e.g. for the bug costs' many short runs).
-    ``callbacks`` (``cb(epoch, row)`` after each epoch, e.g. :class:`nbsupport.interpret.LiftTracker`) and
-    ``protocol`` ("book", "paper", "umons", "mesm"; :data:`nbsupport.train.PROTOCOLS`) are passed to
-    :func:`~nbsupport.train.fit`; ``thresholds=None`` means "validation" under the book's protocol and the
-    protocol's own rule otherwise; ``patience`` left unset takes the protocol's.
+    ``callbacks`` (``cb(epoch, row)`` after each epoch, e.g. :class:`nbsupport.interpret.LiftTracker`) go
+    to :func:`~nbsupport.train.fit`, and so does the protocol: ``protocol`` (a
+    :class:`~nbsupport.train.TrainProtocol` or its name: "book", "paper", "umons", "mesm") with
+    ``settings`` (its fields, e.g. ``patience=3``) changed. Under the name "book" the thresholds are
+    chosen on validation unless ``thresholds`` is given; otherwise the protocol's own rule holds.
     """
     t0 = time.perf_counter()
-    if thresholds is None:
-        thresholds = "validation" if protocol == "book" else train.PROTOCOL_DEFAULT
+    if settings.get("thresholds") is None:  # the book's test protocol: thresholds chosen on validation
+        settings["thresholds"] = "validation" if protocol == "book" else train.PROTOCOL_DEFAULT
+    proto = train.TrainProtocol.named(protocol, model, **settings)
     spent = [0.0]  # seconds inside the callbacks: measurement, not training
 
     def timed(cb):
@@ -152,8 +153,8 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
         return run
 
     res = train.fit(model, loaders["train"], loaders["valid"], task=task, epochs=epochs, lr=lr, device=device,
-                    seed=seed, thresholds=thresholds, patience=patience, checkpoint_dir=checkpoint_dir,
-                    progress=progress, desc=name, protocol=protocol, callbacks=[timed(cb) for cb in callbacks])
+                    seed=seed, protocol=proto, checkpoint_dir=checkpoint_dir, progress=progress, desc=name,
+                    callbacks=[timed(cb) for cb in callbacks])
     seconds = time.perf_counter() - t0 - spent[0]
     logits, labels, ids = train.predict(res.model, loaders["test"], task=task, device=device)
     test = train.compute_metrics(logits, labels, task, res.thresholds)
@@ -170,13 +171,13 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
 
 def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str = "emotion",
                 config: "umons_models.UmonsConfig | None" = None, epochs: int = 10, lr: float = 1e-3,
-                device="auto", seed: int = 0, patience: int | None = train.PROTOCOL_DEFAULT,
-                checkpoint_dir=None, progress: bool = True, n_emotions: int = 6, normalise_inputs: bool = True,
-                protocol: str = "book"):
+                device="auto", seed: int = 0, checkpoint_dir=None, progress: bool = True, n_emotions: int = 6,
+                normalise_inputs: bool = True, protocol: "str | train.TrainProtocol" = "book", **settings):
     """Build a :class:`~nbsupport.models.umons.UmonsTransformer` for ``modalities`` (seeded: same
     initial weights for the same seed and modalities) and run :func:`train_and_test` on it with a 0.5
     threshold, as UMONS does (Chapters 3-4). ``config=UmonsConfig.paper()`` with ``protocol="paper"``
-    and ``normalise_inputs=False`` is the authors' network trained as their code trains it.
+    and ``normalise_inputs=False`` is the authors' network trained as their code trains it; ``settings``
+    change single fields of the protocol (:class:`~nbsupport.train.TrainProtocol`, e.g. ``patience``).
     Returns ``(row, fit_result)``."""
     torch.manual_seed(seed)
     first = next(iter(loaders["train"]))
@@ -185,9 +186,10 @@ def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str =
                                           input_dims=umons_models.input_dims_from(first))
     if normalise_inputs:
         model.fit_input_normalisation(loaders["train"])
+    proto = train.TrainProtocol.named(protocol, model, **{"thresholds": 0.5, **settings})
     return train_and_test(model, loaders, name=f"UMONS-{model.modalities}", task=task, epochs=epochs, lr=lr,
-                          device=device, seed=seed, thresholds=0.5, patience=patience,
-                          checkpoint_dir=checkpoint_dir, progress=progress, protocol=protocol)
+                          device=device, seed=seed, protocol=proto, checkpoint_dir=checkpoint_dir,
+                          progress=progress)
 
 
 def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, thresholds=None, device="cpu",

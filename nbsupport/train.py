@@ -36,7 +36,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -53,43 +53,108 @@ from .base import atomic_write, count_parameters, resolve_device, seed_everythin
 __all__ = [
     "TASKS", "n_outputs", "labels_for", "targets_from_labels", "targets_for", "sentiment_classes", "pos_weight_from", "make_loader", "fit", "evaluate", "predict",
     "FitResult", "resolve_device", "to_device", "compute_metrics", "choose_thresholds", "count_parameters",
-    "PROTOCOLS", "resolve_protocol", "cpu_determinism",
+    "PROTOCOLS", "PROTOCOL_DEFAULT", "TrainProtocol", "resolve_protocol", "cpu_determinism",
     "CheckpointError", "run_fingerprint", "load_checkpoint",
 ]
 
 #: Task name -> (number of outputs, metric monitored by early stopping).
 TASKS = {"emotion": (None, "wacc"), "sentiment7": (7, "acc7"), "sentiment2": (2, "acc2")}
 
-#: Training and evaluation protocols of :func:`fit` (Chapters 3-8, "Differences from the authors' code").
-#: ``"book"`` is the book's one protocol; ``"umons"`` and ``"mesm"`` follow the authors' code
-#: (jbdel/MOSEI_UMONS train.py; wenliangdai/Multimodal-End2end-Sparse main.py and emotiontrainer.py);
-#: ``protocol="paper"`` picks the model's own (its ``paper_protocol`` attribute). Entries:
-#: ``loss_reduction`` (BCE/CE over the batch: mean, or UMONS's sum); ``pos_weight`` ("auto" = neg/pos of
-#: the training labels, None = off); ``monitor`` (per task; None = :data:`TASKS`' default); ``thresholds``
-#: (0.5 or "validation"); ``threshold_ties`` (:func:`nbsupport.metrics.best_thresholds`); ``grad_clip``;
-#: ``lr_decay`` ((factor, times): on a non-improving epoch reload the best weights and multiply the learning
-#: rate by factor, up to times, before patience counts; UMONS's code); ``patience``; ``sentiment_bins``
-#: ("round" = round(clip(s)) + 3, "mosei" = CMU-MOSEI's 7 bins, :func:`nbsupport.metrics.sentiment7_bins`).
-PROTOCOLS = {
-    "book": dict(loss_reduction="mean", pos_weight="auto", monitor=None, thresholds=0.5,
-                 threshold_ties="closest", grad_clip=1.0, lr_decay=None, patience=None, sentiment_bins="round"),
-    "umons": dict(loss_reduction="sum", pos_weight=None,
-                  monitor={"emotion": "acc", "sentiment7": "acc7_bins", "sentiment2": "acc2_has0"},
-                  thresholds=0.5, threshold_ties="closest", grad_clip=None, lr_decay=(0.5, 2), patience=3,
-                  sentiment_bins="mosei"),
-    "mesm": dict(loss_reduction="mean", pos_weight="auto", monitor={"emotion": "f1"}, thresholds="validation",
-                 threshold_ties="lowest", grad_clip=None, lr_decay=None, patience=6, sentiment_bins="round"),
-}
-
 
 class _ProtocolDefault:
-    """Marker of a :func:`fit` argument left to the protocol (:data:`PROTOCOLS`)."""
+    """Marker of a :func:`fit` setting left to the protocol (:class:`TrainProtocol`); the same as leaving it out."""
 
     def __repr__(self) -> str:
         return "<protocol default>"
 
 
 PROTOCOL_DEFAULT = _ProtocolDefault()
+
+
+@dataclass(frozen=True)
+class TrainProtocol:
+    """How :func:`fit` trains and scores a model (Chapters 3-8, "Differences from the authors' code"):
+    one frozen value, like :class:`~nbsupport.models.umons.UmonsConfig`. The defaults are the book's
+    protocol; :data:`PROTOCOLS` names it and the authors' (jbdel/MOSEI_UMONS train.py;
+    wenliangdai/Multimodal-End2end-Sparse main.py and emotiontrainer.py), and :meth:`named` picks one by
+    name, "paper" being the model's own, with single settings changed.
+
+    ``loss_reduction`` -- BCE/CE over the batch: "mean", or UMONS's "sum".
+    ``pos_weight`` -- "auto" (neg/pos of the training labels), None (off) or a tensor; emotions only.
+    ``monitor`` -- the validation metric that picks the best epoch: a name, ``{task: name}`` or None
+    (:data:`TASKS`' default); "loss" is the validation loss, minimised.
+    ``thresholds`` -- a number (0.5), or "validation": per-emotion thresholds chosen by F1 on the
+    validation set every epoch (MESM), ``ties`` broken by ``threshold_ties``
+    (:func:`nbsupport.metrics.best_thresholds`; "lowest" is MESM's code).
+    ``grad_clip`` -- the gradient norm is clipped at this value (None: not clipped).
+    ``lr_decay`` -- None or ``(factor, times)``: on a non-improving epoch reload the best weights and
+    multiply the learning rate by factor, up to times, before patience counts (UMONS's code).
+    ``patience`` -- epochs without improvement before training stops (None: never).
+    ``sentiment_bins`` -- "round" (``round(clip(s)) + 3``) or "mosei" (CMU-MOSEI's 7 bins,
+    :func:`nbsupport.metrics.sentiment7_bins`).
+    """
+
+    loss_reduction: str = "mean"
+    pos_weight: Any = "auto"
+    monitor: Any = None
+    thresholds: Any = 0.5
+    threshold_ties: str = "closest"
+    grad_clip: float | None = 1.0
+    lr_decay: tuple | None = None
+    patience: int | None = None
+    sentiment_bins: str = "round"
+
+    def __post_init__(self):
+        where = "nbsupport.train.TrainProtocol: parameter"
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"{where} 'loss_reduction' must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        if self.sentiment_bins not in ("round", "mosei"):
+            raise ValueError(f"{where} 'sentiment_bins' must be 'round' or 'mosei', got {self.sentiment_bins!r}")
+        decay = self.lr_decay
+        if decay is not None and (len(decay) != 2 or not 0 < float(decay[0]) < 1 or int(decay[1]) < 0):
+            raise ValueError(f"{where} 'lr_decay' must be None or (factor in (0, 1), times >= 0), got {decay!r}")
+        if self.thresholds != "validation" and not isinstance(self.thresholds, (int, float)):
+            raise ValueError(f"{where} 'thresholds' must be a number or 'validation', got {self.thresholds!r}")
+        if isinstance(self.pos_weight, str) and self.pos_weight != "auto":
+            raise ValueError(f"{where} 'pos_weight' must be 'auto', None or a tensor, got {self.pos_weight!r}")
+
+    @classmethod
+    def named(cls, protocol: "str | TrainProtocol" = "book", model: nn.Module | None = None,
+              **settings) -> "TrainProtocol":
+        """The protocol ``protocol`` -- a name of :data:`PROTOCOLS`, "paper" (``model``'s own,
+        :func:`resolve_protocol`) or a :class:`TrainProtocol` -- with ``settings`` (fields) changed; a
+        setting given as :data:`PROTOCOL_DEFAULT` keeps the protocol's value (Chapters 3-8)."""
+        base = protocol if isinstance(protocol, cls) else PROTOCOLS[resolve_protocol(protocol, model)]
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise TypeError(f"nbsupport.train: unknown protocol setting {', '.join(map(repr, unknown))}; "
+                            f"the settings of TrainProtocol are {', '.join(names)}")
+        return replace(base, **{k: v for k, v in settings.items() if v is not PROTOCOL_DEFAULT})
+
+    def monitor_for(self, task: str) -> str:
+        """The metric that picks the best epoch of ``task`` (its :data:`TASKS` default when not set)."""
+        monitor = self.monitor.get(task) if isinstance(self.monitor, Mapping) else self.monitor
+        return monitor or TASKS[task][1]
+
+    def differences_from_book(self) -> dict:
+        """The settings of an authors' protocol that differ from the book's, of those the checkpoint
+        fingerprint does not already hold (:func:`run_fingerprint`)."""
+        book = PROTOCOLS["book"]
+        return {k: getattr(self, k) for k in ("loss_reduction", "threshold_ties", "lr_decay", "sentiment_bins")
+                if getattr(self, k) != getattr(book, k)}
+
+
+#: The trainer's protocols by name (:class:`TrainProtocol`; ``fit(protocol=...)``): ``"book"``, the
+#: book's one protocol, and the authors' training code, ``"umons"`` and ``"mesm"``.
+PROTOCOLS = {
+    "book": TrainProtocol(),
+    "umons": TrainProtocol(loss_reduction="sum", pos_weight=None,
+                           monitor={"emotion": "acc", "sentiment7": "acc7_bins", "sentiment2": "acc2_has0"},
+                           grad_clip=None, lr_decay=(0.5, 2), patience=3, sentiment_bins="mosei"),
+    "mesm": TrainProtocol(monitor={"emotion": "f1"}, thresholds="validation", threshold_ties="lowest",
+                          grad_clip=None, patience=6),
+}
 
 
 def resolve_protocol(protocol: str, model: nn.Module | None = None) -> str:
@@ -613,23 +678,167 @@ def _deterministic_on_cpu(train_fn):
     return wrapper
 
 
+class _Trainer:
+    """The pieces of one :func:`fit` call, resolved once, and its steps: set up (device, seed,
+    optimiser, loss), train one epoch, validate, keep the best epoch, write the checkpoint."""
+
+    def __init__(self, model: nn.Module, train_loader, *, task: str, lr: float, weight_decay: float,
+                 device, seed: int, protocol: TrainProtocol):
+        self.task, self.seed, self.protocol = task, seed, protocol
+        self.monitor = protocol.monitor_for(task)
+        self.maximise = self.monitor != "loss"
+        self.device = resolve_device(device)
+        torch.manual_seed(seed)
+        self.model = model.to(self.device)
+        self.net = _dist.wrap_model(self.model, self.device)
+        self.optimiser = torch.optim.AdamW(_param_groups(self.model, lr, weight_decay), lr=lr,
+                                           weight_decay=weight_decay)
+        self.pos_weight, self.criterion = self._loss(train_loader)
+
+    def _loss(self, train_loader):
+        """``(pos_weight, criterion)``: BCE-with-logits (with ``pos_weight``) for emotions, else cross-entropy."""
+        reduction = self.protocol.loss_reduction
+        if self.task != "emotion":
+            return None, nn.CrossEntropyLoss(reduction=reduction)
+        pos_weight = self.protocol.pos_weight
+        if isinstance(pos_weight, str):  # "auto"
+            pos_weight = pos_weight_from(_labels_of_loader(train_loader, self.task))
+        weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32).to(self.device)
+        return pos_weight, nn.BCEWithLogitsLoss(pos_weight=weight, reduction=reduction)
+
+    def train_epoch(self, loader, epoch: int) -> float:
+        """One pass over ``loader`` seeded by ``(seed, epoch)``; the mean training loss per item."""
+        _seed_epoch(loader, self.seed, epoch)
+        self.net.train()
+        total, count = 0.0, 0
+        grad_clip, bins = self.protocol.grad_clip, self.protocol.sentiment_bins
+        for batch in loader:
+            target = targets_for(batch, self.task, bins).to(self.device)
+            batch_dev = to_device(batch, self.device)
+            loss = self.criterion(self.net(batch_dev), target)
+            aux = _auxiliary_loss(self.model, batch_dev, self.criterion, target)
+            if aux is not None:  # e.g. UMONS per-modality heads (deep supervision), training only
+                loss = loss + aux
+            self.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+            self.optimiser.step()
+            total += float(loss.detach()) * (len(target) if self.protocol.loss_reduction == "mean" else 1)
+            count += len(target)
+        return total / max(count, 1)
+
+    def validate(self, loader, row: dict):
+        """Validation loss and metrics into ``row``; returns ``(metrics, thresholds, score)`` where the
+        thresholds are the protocol's (chosen on ``loader`` under "validation") and ``score`` the monitor's."""
+        task, proto = self.task, self.protocol
+        logits, labels, _ = predict(self.model, loader, task=task, device=self.device)
+        targets = targets_from_labels(labels, task, proto.sentiment_bins)
+        row["valid_loss"] = float(self.criterion(logits.to(self.device), targets.to(self.device)))
+        th = None
+        if task == "emotion" and proto.thresholds == "validation":
+            th = choose_thresholds(torch.sigmoid(logits).numpy(), labels.numpy(), proto.threshold_ties)
+        elif task == "emotion":
+            th = float(proto.thresholds)
+        scores = compute_metrics(logits, labels, task, th)
+        row.update({f"valid_{k}": v for k, v in scores.items()})
+        score = row["valid_loss"] if self.monitor == "loss" else scores.get(self.monitor)
+        if score is None:
+            raise ValueError(f"nbsupport.train.fit: parameter 'monitor'={self.monitor!r} is not a validation "
+                             f"metric of task {task!r}; available: loss, {', '.join(scores)}")
+        return scores, th, score
+
+    def keep_best(self, state: dict, row: dict, epoch: int, score: float, scores: dict, th) -> bool:
+        """Select the best epoch: an improvement of ``score`` keeps these weights; otherwise UMONS's
+        learning-rate decay from the best weights (``lr_decay``), then patience counts. True if improved."""
+        improved = score > state["best_score"] if self.maximise else score < state["best_score"]
+        lr_decay = self.protocol.lr_decay
+        if improved:
+            state.update(best_score=float(score), best_epoch=epoch, best_state=_cpu_state(self.model),
+                         best_metrics=scores, best_thresholds=th, bad_epochs=0)
+        elif lr_decay is not None and state.get("lr_decays", 0) < int(lr_decay[1]):
+            # UMONS's code: back to the best weights at a lower learning rate, before patience counts
+            state["lr_decays"] = state.get("lr_decays", 0) + 1
+            self.model.load_state_dict(state["best_state"])
+            for group in self.optimiser.param_groups:
+                group["lr"] *= float(lr_decay[0])
+            row["lr_decay"] = state["lr_decays"]
+        else:
+            state["bad_epochs"] += 1
+        patience = self.protocol.patience
+        if patience is not None and state["bad_epochs"] >= patience:
+            state["stopped_early"] = True
+        return improved
+
+    def fresh_state(self) -> dict:
+        """The training state before epoch 1 (what ``last.pt`` holds after each epoch)."""
+        return {"epoch": 0, "history": [], "best_state": _cpu_state(self.model),
+                "best_score": -math.inf if self.maximise else math.inf, "best_epoch": 0, "best_metrics": {},
+                "best_thresholds": None, "bad_epochs": 0, "stopped_early": False, "seconds": 0.0, "lr_decays": 0}
+
+    def fingerprint(self, train_loader, valid_loader, lr: float, weight_decay: float) -> dict:
+        """:func:`run_fingerprint` of this run: a resume from another run's checkpoint is refused."""
+        proto, pos_weight = self.protocol, self.pos_weight
+        return run_fingerprint(
+            self.model, train_loader, valid_loader, seed=self.seed, task=self.task, optimiser="AdamW", lr=lr,
+            weight_decay=weight_decay, param_group_lrs=[g["lr"] for g in self.optimiser.param_groups],
+            grad_clip=proto.grad_clip, patience=proto.patience, monitor=self.monitor, thresholds=proto.thresholds,
+            pos_weight=None if self.task != "emotion" or pos_weight is None
+            else [round(float(w), 6) for w in torch.as_tensor(pos_weight).reshape(-1)],
+            **proto.differences_from_book())
+
+    def save(self, ckpt_dir: Path, fingerprint: dict, state: dict, improved: bool, th) -> None:
+        """``last.pt`` (everything a resume needs) and, after an improvement, ``best.pt``; rank 0 only."""
+        if _dist.rank() != 0:
+            return
+        _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": _cpu_state(self.model),
+                      "optimiser": self.optimiser.state_dict(), "state": _plain(state), "rng": _rng_state(),
+                      "task": self.task, "seed": self.seed}, ckpt_dir / "last.pt")
+        if improved:
+            _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": state["best_state"],
+                          "epoch": state["epoch"], "score": state["best_score"], "thresholds": _plain(th)},
+                         ckpt_dir / "best.pt")
+
+
+def _check_run(epochs, lr, resume) -> None:
+    """Clear errors for the run arguments of :func:`fit` (the protocol's are checked by :class:`TrainProtocol`)."""
+    if resume not in (True, False, "fresh"):
+        raise ValueError(f"nbsupport.train.fit: parameter 'resume' must be True, False or 'fresh', got {resume!r}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"nbsupport.train.fit: parameter 'epochs' must be an integer >= 1, got {epochs!r}")
+    if not lr > 0:
+        raise ValueError(f"nbsupport.train.fit: parameter 'lr' must be > 0, got {lr!r}")
+
+
+def _epoch_bar(first: int, epochs: int, progress: bool, desc: str):
+    """The epochs still to run, as a tqdm bar on rank 0 when ``progress`` (else a plain range)."""
+    epochs_left = range(first, epochs + 1)
+    if not progress or _dist.rank() != 0:
+        return epochs_left
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return epochs_left
+    return tqdm(epochs_left, desc=desc, initial=first - 1, total=epochs, leave=False)
+
+
 @_deterministic_on_cpu
 def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emotion", epochs: int = 10,
         lr: float = 1e-3, weight_decay: float = 0.0, device="auto", seed: int = 0,
-        grad_clip: float | None = PROTOCOL_DEFAULT, patience: int | None = PROTOCOL_DEFAULT,
-        monitor: str | None = PROTOCOL_DEFAULT, checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool | str = True, thresholds: str | float = PROTOCOL_DEFAULT,
-        pos_weight: str | torch.Tensor | None = PROTOCOL_DEFAULT, progress: bool = True,
-        callbacks: Sequence[Callable] = (), desc: str | None = None, protocol: str = "book",
-        loss_reduction: str = PROTOCOL_DEFAULT, threshold_ties: str = PROTOCOL_DEFAULT,
-        lr_decay: tuple | None = PROTOCOL_DEFAULT, sentiment_bins: str = PROTOCOL_DEFAULT) -> FitResult:
+        protocol: str | TrainProtocol = "book", checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool | str = True, progress: bool = True, callbacks: Sequence[Callable] = (),
+        desc: str | None = None, **settings) -> FitResult:
     """Train ``model`` on ``train_loader``, early-stop on ``valid_loader``, keep the best weights (Ch. 3-8).
 
-    Loss: BCE-with-logits with ``pos_weight`` = neg/pos of the training labels for ``task="emotion"``
-    (``pos_weight=None`` switches it off, a tensor sets it), cross-entropy for ``sentiment7``/``sentiment2``.
-    Optimiser: AdamW over ``model.param_groups(lr)`` when defined; gradient norm clipped at ``grad_clip``.
-    Early stopping: after ``patience`` epochs without improvement of ``monitor`` (default ``wacc``,
-    ``acc7`` or ``acc2`` by task; ``"loss"`` = validation loss, minimised). ``thresholds="validation"``
+    ``protocol`` (:class:`TrainProtocol`, or its name in :data:`PROTOCOLS`: "book" (default), "umons",
+    "mesm", or "paper" = the model's own) says how: loss, ``pos_weight``, gradient clipping, the metric
+    that picks the best epoch, thresholds, learning-rate decay, patience, sentiment bins. ``settings``
+    change single fields of it (``grad_clip=None``, ``patience=3``, ``thresholds="validation"``, ...);
+    a setting given explicitly wins over the protocol. The "book" values are the ones this function
+    always had: BCE-with-logits with ``pos_weight`` = neg/pos of the training labels for
+    ``task="emotion"``, cross-entropy for ``sentiment7``/``sentiment2``; gradient norm clipped at 1;
+    best epoch by ``wacc``, ``acc7`` or ``acc2``; decisions at 0.5; no early stop.
+    Optimiser: AdamW over ``model.param_groups(lr)`` when defined. ``thresholds="validation"``
     tunes per-emotion thresholds on the validation set by F1 every epoch (MESM); the best epoch's are
     returned in ``FitResult.thresholds`` for the test set.
     ``checkpoint_dir``: ``last.pt`` (everything needed to resume) and ``best.pt`` (best weights) are
@@ -646,170 +855,51 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
     scalar is added to the training loss of each batch (``criterion``: logits -> loss with the batch's
     targets bound; see :func:`_auxiliary_loss`); ``train_loss`` in the history includes it, validation
     and evaluation do not.
-    ``protocol``: "book" (default), "umons", "mesm" or "paper" (the model's own), see :data:`PROTOCOLS`;
-    it sets every argument left at its default: ``grad_clip``, ``patience``, ``monitor``, ``thresholds``,
-    ``pos_weight``, ``loss_reduction``, ``threshold_ties``, ``lr_decay``, ``sentiment_bins``. An argument
-    given explicitly wins over the protocol. The "book" values are the ones this function always had.
     """
     _check_task(task)
-    proto = PROTOCOLS[resolve_protocol(protocol, model)]
-    given = dict(grad_clip=grad_clip, patience=patience, monitor=monitor, thresholds=thresholds,
-                 pos_weight=pos_weight, loss_reduction=loss_reduction, threshold_ties=threshold_ties,
-                 lr_decay=lr_decay, sentiment_bins=sentiment_bins)
-    opts = {k: (proto[k] if v is PROTOCOL_DEFAULT else v) for k, v in given.items()}
-    if isinstance(opts["monitor"], dict):
-        opts["monitor"] = opts["monitor"].get(task)
-    grad_clip, patience, monitor, thresholds, pos_weight = (
-        opts[k] for k in ("grad_clip", "patience", "monitor", "thresholds", "pos_weight"))
-    bins, ties, lr_decay = opts["sentiment_bins"], opts["threshold_ties"], opts["lr_decay"]
-    if opts["loss_reduction"] not in ("mean", "sum"):
-        raise ValueError(f"nbsupport.train.fit: parameter 'loss_reduction' must be 'mean' or 'sum', "
-                         f"got {opts['loss_reduction']!r}")
-    if bins not in ("round", "mosei"):
-        raise ValueError(f"nbsupport.train.fit: parameter 'sentiment_bins' must be 'round' or 'mosei', "
-                         f"got {bins!r}")
-    if lr_decay is not None and (len(lr_decay) != 2 or not 0 < float(lr_decay[0]) < 1
-                                 or int(lr_decay[1]) < 0):
-        raise ValueError(f"nbsupport.train.fit: parameter 'lr_decay' must be None or (factor in (0, 1), "
-                         f"times >= 0), got {lr_decay!r}")
-    if resume not in (True, False, "fresh"):
-        raise ValueError(f"nbsupport.train.fit: parameter 'resume' must be True, False or 'fresh', "
-                         f"got {resume!r}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"nbsupport.train.fit: parameter 'epochs' must be an integer >= 1, got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"nbsupport.train.fit: parameter 'lr' must be > 0, got {lr!r}")
-    if thresholds != "validation" and not isinstance(thresholds, (int, float)):
-        raise ValueError(f"nbsupport.train.fit: parameter 'thresholds' must be a number or 'validation', "
-                         f"got {thresholds!r}")
-    monitor = monitor or TASKS[task][1]
-    maximise = monitor != "loss"
-    device = resolve_device(device)
-    torch.manual_seed(seed)
-    model = model.to(device)
-    net = _dist.wrap_model(model, device)
-    optimiser = torch.optim.AdamW(_param_groups(model, lr, weight_decay), lr=lr, weight_decay=weight_decay)
-
-    if task == "emotion":
-        if isinstance(pos_weight, str):
-            if pos_weight != "auto":
-                raise ValueError(f"nbsupport.train.fit: parameter 'pos_weight' must be 'auto', None or a tensor, "
-                                 f"got {pos_weight!r}")
-            pos_weight = pos_weight_from(_labels_of_loader(train_loader, task))
-        criterion = nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else
-                                         torch.as_tensor(pos_weight, dtype=torch.float32).to(device),
-                                         reduction=opts["loss_reduction"])
-    else:
-        criterion = nn.CrossEntropyLoss(reduction=opts["loss_reduction"])
-
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    last_path = ckpt_dir / "last.pt" if ckpt_dir else None
-    state = {"epoch": 0, "history": [], "best_state": _cpu_state(model), "best_score": -math.inf if maximise
-             else math.inf, "best_epoch": 0, "best_metrics": {}, "best_thresholds": None, "bad_epochs": 0,
-             "stopped_early": False, "seconds": 0.0, "lr_decays": 0}
-    fingerprint = None
-    if last_path is not None:
-        # settings of the authors' protocols enter the fingerprint only where they differ from the book's
-        extra = {k: opts[k] for k in ("loss_reduction", "threshold_ties", "lr_decay", "sentiment_bins")
-                 if opts[k] != PROTOCOLS["book"][k]}
-        fingerprint = run_fingerprint(
-            model, train_loader, valid_loader, seed=seed, task=task, optimiser="AdamW", lr=lr,
-            weight_decay=weight_decay, param_group_lrs=[g["lr"] for g in optimiser.param_groups],
-            grad_clip=grad_clip, patience=patience, monitor=monitor, thresholds=thresholds,
-            pos_weight=None if task != "emotion" or pos_weight is None
-            else [round(float(w), 6) for w in torch.as_tensor(pos_weight).reshape(-1)], **extra)
-        if resume is True and last_path.exists():
-            state = _resume_state(last_path, fingerprint, epochs, model, optimiser)
+    proto = TrainProtocol.named(protocol, model, **settings)
+    _check_run(epochs, lr, resume)
+    run = _Trainer(model, train_loader, task=task, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
+                   protocol=proto)
+    state, ckpt_dir, fingerprint = run.fresh_state(), None, None
+    if checkpoint_dir is not None:
+        ckpt_dir = Path(checkpoint_dir)
+        fingerprint = run.fingerprint(train_loader, valid_loader, lr, weight_decay)
+        if resume is True and (ckpt_dir / "last.pt").exists():
+            state = _resume_state(ckpt_dir / "last.pt", fingerprint, epochs, run.model, run.optimiser)
         elif resume is not True and _dist.rank() == 0:
             _move_aside(ckpt_dir)
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    epoch_bar = range(state["epoch"] + 1, epochs + 1)
-    if progress and tqdm is not None and _dist.rank() == 0:
-        epoch_bar = tqdm(epoch_bar, desc=desc or f"fit {task}", initial=state["epoch"], total=epochs, leave=False)
-
-    for epoch in epoch_bar:
+    bar = _epoch_bar(state["epoch"] + 1, epochs, progress, desc or f"fit {task}")
+    for epoch in bar:
         if state["stopped_early"]:
             break
         t0 = time.perf_counter()
-        _seed_epoch(train_loader, seed, epoch)
-        net.train()
-        total, count = 0.0, 0
-        for batch in train_loader:
-            target = targets_for(batch, task, bins).to(device)
-            batch_dev = to_device(batch, device)
-            logits = net(batch_dev)
-            loss = criterion(logits, target)
-            aux = _auxiliary_loss(model, batch_dev, criterion, target)
-            if aux is not None:  # e.g. UMONS per-modality heads (deep supervision), training only
-                loss = loss + aux
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimiser.step()
-            total += float(loss.detach()) * (len(target) if opts["loss_reduction"] == "mean" else 1)
-            count += len(target)
-        row = {"epoch": epoch, "train_loss": total / max(count, 1)}
-        th = None
+        row = {"epoch": epoch, "train_loss": run.train_epoch(train_loader, epoch)}
         if valid_loader is not None:
-            v_logits, v_targets, _ = predict(model, valid_loader, task=task, device=device)
-            row["valid_loss"] = float(criterion(v_logits.to(device),
-                                                targets_from_labels(v_targets, task, bins).to(device)))
-            if task == "emotion" and thresholds == "validation":
-                th = choose_thresholds(torch.sigmoid(v_logits).numpy(), v_targets.numpy(), ties)
-            elif task == "emotion":
-                th = float(thresholds)
-            metrics = compute_metrics(v_logits, v_targets, task, th)
-            row.update({f"valid_{k}": v for k, v in metrics.items()})
-            score = row["valid_loss"] if monitor == "loss" else metrics.get(monitor)
-            if score is None:
-                raise ValueError(f"nbsupport.train.fit: parameter 'monitor'={monitor!r} is not a validation "
-                                 f"metric of task {task!r}; available: loss, {', '.join(metrics)}")
+            scores, th, score = run.validate(valid_loader, row)
         else:
-            metrics, score = {}, -row["train_loss"] if maximise else row["train_loss"]
-        improved = score > state["best_score"] if maximise else score < state["best_score"]
-        if improved:
-            state.update(best_score=float(score), best_epoch=epoch, best_state=_cpu_state(model),
-                         best_metrics=metrics, best_thresholds=th, bad_epochs=0)
-        elif lr_decay is not None and state.get("lr_decays", 0) < int(lr_decay[1]):
-            # UMONS's code: back to the best weights at a lower learning rate, before patience counts
-            state["lr_decays"] = state.get("lr_decays", 0) + 1
-            model.load_state_dict(state["best_state"])
-            for group in optimiser.param_groups:
-                group["lr"] *= float(lr_decay[0])
-            row["lr_decay"] = state["lr_decays"]
-        else:
-            state["bad_epochs"] += 1
+            scores, th, score = {}, None, -row["train_loss"] if run.maximise else row["train_loss"]
+        improved = run.keep_best(state, row, epoch, score, scores, th)
         state["seconds"] += time.perf_counter() - t0
         row["seconds"] = time.perf_counter() - t0
         state["history"].append(row)
         state["epoch"] = epoch
-        if patience is not None and state["bad_epochs"] >= patience:
-            state["stopped_early"] = True
-        if last_path is not None and _dist.rank() == 0:
-            _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": _cpu_state(model),
-                          "optimiser": optimiser.state_dict(), "state": _plain(state), "rng": _rng_state(),
-                          "task": task, "seed": seed}, last_path)
-            if improved:
-                _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint,
-                              "model": state["best_state"], "epoch": epoch, "score": state["best_score"], "thresholds": _plain(th)},
-                             ckpt_dir / "best.pt")
-        if hasattr(epoch_bar, "set_postfix"):
-            epoch_bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"
-                                   and isinstance(v, float) and k in ("train_loss", f"valid_{monitor}")})
+        if ckpt_dir is not None:
+            run.save(ckpt_dir, fingerprint, state, improved, th)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"
+                             and isinstance(v, float) and k in ("train_loss", f"valid_{run.monitor}")})
         for cb in callbacks:
             cb(epoch, dict(row))
         if state["stopped_early"]:
             break
-    if hasattr(epoch_bar, "close"):
-        epoch_bar.close()
+    if hasattr(bar, "close"):
+        bar.close()
 
     model.load_state_dict(state["best_state"])
     return FitResult(model=model, history=pd.DataFrame(state["history"]), best_epoch=state["best_epoch"],
-                     best_score=state["best_score"], monitor=monitor, valid_metrics=state["best_metrics"],
+                     best_score=state["best_score"], monitor=run.monitor, valid_metrics=state["best_metrics"],
                      thresholds=state["best_thresholds"], stopped_early=state["stopped_early"],
-                     seconds=state["seconds"], checkpoint=last_path, n_params=count_parameters(model))
+                     seconds=state["seconds"], checkpoint=ckpt_dir / "last.pt" if ckpt_dir else None,
+                     n_params=count_parameters(model))

@@ -33,6 +33,12 @@ pytestmark = [pytest.mark.browser, pytest.mark.notebook]  # Chromium + JupyterLa
 CASES = [("01_attention_basics.ipynb", "temperature", 5), ("04_umons_multimodal.ipynb", "layer", 1),
          ("06_mesm.ipynb", "top_p", 3)]
 ARTIFACTS = ROOT / "_build" / "test-artifacts" / "jupyterlab"
+#: Parameters switched off in the JupyterLab copy: work the slider does not need, which the chapter's
+#: shared smoke run (tests/conftest.py, ``smoke_runs``) already runs and checks (a parameter a chapter
+#: no longer has is left alone).
+SLIDER_ONLY = {"04_umons_multimodal.ipynb": {"bug_cost_seeds": "[]"},
+               "06_mesm.ipynb": {"compare_fe2e": "False", "compare_attention_grad": "False", "explorer": "False",
+                                 "lift_by_epoch": "False", "bug_cost_seeds": "[]"}}
 RUN_ALL_TIMEOUT_S = 360  # chapter 6 smoke-trains FE2E, MESM and both attention_grad settings, then its explorer
 
 
@@ -53,14 +59,18 @@ def _smoke_copy(src: Path, dst: Path) -> Path:
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     lines = cell.source.splitlines()
     assert any(l.startswith("smoke =") for l in lines), f"{src.name}: no 'smoke =' in the parameters cell"
-    cell.source = "\n".join("smoke = True" if l.startswith("smoke =") else l for l in lines)
+    trims = {"smoke": "True", **SLIDER_ONLY.get(src.name, {})}
+    cell.source = "\n".join(next((f"{k} = {v}" for k, v in trims.items() if l.startswith(f"{k} =")), l)
+                            for l in lines)
     nbformat.write(nb, dst / src.name)
     return dst / src.name
 
 
-@pytest.fixture
-def jupyterlab(tmp_path):
-    """A JupyterLab server serving ``tmp_path`` on 127.0.0.1; yields (base url, token, folder)."""
+@pytest.fixture(scope="module")
+def jupyterlab(tmp_path_factory):
+    """A JupyterLab server on 127.0.0.1 serving a temporary folder, one for the module's chapters (each
+    opens its own copy and kernel there); yields (base url, token, folder)."""
+    tmp_path = tmp_path_factory.mktemp("jupyterlab")
     port, token = _free_port(), secrets.token_hex(16)
     work = tmp_path / "lab"
     work.mkdir()
@@ -110,6 +120,17 @@ def jupyterlab(tmp_path):
             except subprocess.TimeoutExpired:
                 pass
         log.close()
+
+
+def _shut_down_kernels(base: str, token: str) -> None:
+    """Delete every kernel of the JupyterLab server at ``base`` (its REST API, ``/api/kernels``)."""
+    import json
+
+    with urllib.request.urlopen(f"{base}/api/kernels?token={token}", timeout=10) as answer:
+        kernels = json.load(answer)
+    for kernel in kernels:
+        request = urllib.request.Request(f"{base}/api/kernels/{kernel['id']}?token={token}", method="DELETE")
+        urllib.request.urlopen(request, timeout=30).close()
 
 
 _STATE_JS = """
@@ -210,3 +231,4 @@ def test_slider_redraws_figure_in_jupyterlab(jupyterlab, tmp_path, chapter, slid
         (ARTIFACTS / f"{nb_path.stem}_after_slider.png").write_bytes(base64.b64decode(shot["data"]))
     finally:
         browser.quit()
+        _shut_down_kernels(base, token)  # the server serves the next chapter: free this one's kernel

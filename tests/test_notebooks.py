@@ -4,7 +4,7 @@ import json
 import nbformat
 import pytest
 
-from conftest import NOTEBOOKS, ROOT, run_papermill
+from conftest import NOTEBOOKS, ROOT
 from nbsupport.book.notebook import check_metrics
 
 IDS = [nb.stem for nb in NOTEBOOKS]
@@ -64,9 +64,8 @@ def test_smoke_run_writes_metrics(path, smoke_runs):
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_wrong_parameter_stops_early_with_clear_message(path, tmp_path):
-    executed = tmp_path / "bad.ipynb"
-    _, error = run_papermill(path, executed, {"smoke": True, "seed": "notanumber"})
+def test_wrong_parameter_stops_early_with_clear_message(path, stop_runs):
+    executed, error = stop_runs[path.stem, "seed"]  # papermill with seed="notanumber" (conftest.STOP_CASES)
     assert error is not None, f"{path.name} accepted seed='notanumber'"
     assert "ParameterError" in error and "'seed'" in error and "integer" in error, error[-2000:]
     nb = nbformat.read(executed, as_version=4)
@@ -79,9 +78,8 @@ def test_wrong_parameter_stops_early_with_clear_message(path, tmp_path):
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", [nb for nb in NOTEBOOKS if nb.stem in ("01_attention_basics", "06_mesm")],
                          ids=["01_attention_basics", "06_mesm"])
-def test_misspelled_parameter_stops_with_the_closest_name(path, tmp_path):
-    executed = tmp_path / "typo.ipynb"
-    _, error = run_papermill(path, executed, {"smoke": True, "epoch": 5})
+def test_misspelled_parameter_stops_with_the_closest_name(path, stop_runs):
+    executed, error = stop_runs[path.stem, "typo"]  # papermill with epoch=5 (conftest.STOP_CASES)
     assert error is not None, f"{path.name} accepted the misspelled parameter 'epoch'"
     assert "unknown parameter 'epoch' (did you mean 'epochs'?)" in error, error[-2000:]
     code = [c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"]

@@ -29,8 +29,11 @@ def test_a_test_on_the_smoke_runs_is_marked_by_its_fixtures():
         def add_marker(self, mark):
             self.markers.append(mark.name)
 
-    items = [Item("tmp_path", "smoke_runs"), Item("smoke_book"), Item("site", "server"), Item("dask_cluster"),
-             Item("tmp_path")]
+    collected = [Item("tmp_path", "smoke_runs"), Item("smoke_book"), Item("site", "server"), Item("dask_cluster"),
+                 Item("tmp_path")]
+    items = list(collected)
     conftest.pytest_collection_modifyitems(None, items)
-    assert [sorted(i.markers) for i in items] == [["notebook"], ["notebook"], ["browser", "notebook"],
-                                                   ["cluster"], []]
+    assert [sorted(i.markers) for i in collected] == [["notebook"], ["notebook"], ["browser", "notebook"],
+                                                       ["cluster"], []]
+    # the tests on the smoke runs go last, in their order: the rest runs while the smoke runs work
+    assert items == [collected[3], collected[4], collected[0], collected[1], collected[2]]

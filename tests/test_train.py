@@ -501,7 +501,28 @@ def test_paper_protocol_comes_from_the_model_and_bad_names_are_named():
         _fit(epochs=1, protocol="authors")
     with pytest.raises(ValueError, match="loss_reduction"):
         _fit(epochs=1, loss_reduction="max")
-    assert train.PROTOCOLS["book"]["grad_clip"] == 1.0 and train.PROTOCOLS["book"]["pos_weight"] == "auto"
+    assert train.PROTOCOLS["book"].grad_clip == 1.0 and train.PROTOCOLS["book"].pos_weight == "auto"
+    with pytest.raises(TypeError, match="'grad_clipping'.*grad_clip"):  # a misspelt setting is named
+        _fit(epochs=1, grad_clipping=0.5)
+
+
+def test_protocol_config_is_one_frozen_value_with_named_overrides():
+    book, umons = train.PROTOCOLS["book"], train.TrainProtocol.named("umons", patience=5)
+    assert book == train.TrainProtocol() == train.TrainProtocol.named("book")
+    assert umons.patience == 5 and umons.loss_reduction == "sum" and train.PROTOCOLS["umons"].patience == 3
+    assert train.TrainProtocol.named(umons, patience=train.PROTOCOL_DEFAULT) == umons  # "the protocol's"
+    with pytest.raises(AttributeError):
+        book.patience = 2  # frozen: a protocol shared by every chapter cannot be changed in place
+    assert umons.monitor_for("emotion") == "acc" and book.monitor_for("sentiment7") == "acc7"
+    assert train.PROTOCOLS["mesm"].monitor_for("sentiment2") == "acc2"  # no entry: the task's default
+    # fit takes the config itself: the same run as by name with the same setting
+    by_name = _fit(epochs=2, protocol="umons", patience=5)
+    by_config = _fit(epochs=2, protocol=umons)
+    assert by_name.history["train_loss"].tolist() == by_config.history["train_loss"].tolist()
+    for bad, match in [(dict(sentiment_bins="sdk"), "sentiment_bins"), (dict(lr_decay=(2, 1)), "lr_decay"),
+                       (dict(thresholds="test"), "thresholds"), (dict(pos_weight="balanced"), "pos_weight")]:
+        with pytest.raises(ValueError, match=match):
+            train.TrainProtocol(**bad)
 
 
 def test_sentiment_bins_of_the_umons_protocol():

@@ -43,7 +43,7 @@ __all__ = ["UmonsConfig", "BOOK_CONFIG_AT_PAPER_SIZES", "REFERENCE_SWITCHES", "R
 MODALITY_KEYS = {"L": "text", "A": "audio", "V": "video"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class UmonsConfig:
     """Hyper-parameters with the paper's names (Delbrouck et al. 2020, Sec. 4): defaults = paper sizes.
 
