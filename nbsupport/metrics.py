@@ -15,7 +15,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 __all__ = ["per_emotion_accuracy", "weighted_accuracy", "per_emotion_weighted_accuracy", "f1_per_emotion",
            "weighted_f1", "auc_per_emotion", "best_thresholds", "emotion_metrics", "sentiment_metrics",
            "acc2", "acc2_with_zero", "acc2_has0", "acc2_non0", "acc5", "acc7", "acc7_bins", "sentiment7_bins",
-           "mae", "pearson_r", "sigmoid", "decisions", "THRESHOLD_TIES"]
+           "mae", "pearson_r", "sigmoid", "decisions", "is_score_output", "THRESHOLD_TIES"]
 
 #: Tie rules of :func:`best_thresholds`: the threshold closest to 0.5 (book) or the lowest (MESM's code).
 THRESHOLD_TIES = ("closest", "lowest")
@@ -111,14 +111,23 @@ def best_thresholds(y_true, probs, grid=None, ties: str = "closest") -> np.ndarr
     return out
 
 
+def is_score_output(outputs) -> bool:
+    """True when a sentiment model's outputs are one score per item, (N,) or (N, 1) (MulT's regression
+    head, Tsai et al. 2019), rather than class logits (N, 7) or (N, 2)."""
+    shape = tuple(outputs.shape)
+    return len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+
+
 def decisions(logits, task: str = "emotion", thresholds=None, *, probs: bool = False) -> np.ndarray:
     """The book's one rule from a model's outputs to its decisions (Chapters 3-8: metrics and evidence).
 
     ``emotion``: 1 where ``sigmoid(logit) > threshold`` (0.5, one per emotion from :func:`best_thresholds`,
     MESM's protocol; ``probs=True`` when ``logits`` already are probabilities), else 0, ``(n, emotions)``
     int8. ``sentiment7``: the predicted class minus 3, a score in -3..3. ``sentiment2``: +1 for class 1
-    (non-negative), -1 for class 0. :func:`nbsupport.train.compute_metrics` and
-    :func:`nbsupport.evidence.predictions_from` both decide through here.
+    (non-negative), -1 for class 0. A one-output model (:func:`is_score_output`): the score itself, which
+    the sentiment metrics clip and round (Acc-7) or compare by sign (Acc-2) as MulT's evaluation does.
+    :func:`nbsupport.train.compute_metrics` and :func:`nbsupport.evidence.predictions_from` both decide
+    through here.
     """
     s = np.asarray(logits.detach().cpu().numpy() if hasattr(logits, "detach") else logits, dtype=np.float64)
     if task == "emotion":
@@ -126,6 +135,8 @@ def decisions(logits, task: str = "emotion", thresholds=None, *, probs: bool = F
         return ((s if probs else sigmoid(s)) > th).astype(np.int8)
     if task not in ("sentiment7", "sentiment2"):
         raise ValueError(f"task must be 'emotion', 'sentiment7' or 'sentiment2', got {task!r}")
+    if is_score_output(s):  # one output per item: the predicted score itself (MulT's regression head)
+        return s.reshape(-1)
     pred = s.argmax(-1)
     return pred - 3.0 if task == "sentiment7" else np.where(pred == 1, 1.0, -1.0)
 

@@ -92,6 +92,11 @@ class TrainProtocol:
     ``patience`` -- epochs without improvement before training stops (None: never).
     ``sentiment_bins`` -- "round" (``round(clip(s)) + 3``) or "mosei" (CMU-MOSEI's 7 bins,
     :func:`nbsupport.metrics.sentiment7_bins`).
+    ``sentiment_head`` -- "classes" (7 or 2 logits, cross-entropy on the classes) or "score" (one output,
+    the sentiment score itself, L1 loss against the label; MulT's code, Tsai et al. 2019): the decisions
+    are then the score (:func:`nbsupport.metrics.decisions`).
+    ``plateau`` -- None or ``(factor, patience)``: ``ReduceLROnPlateau`` on the validation loss after
+    every epoch (MulT's code: factor 0.1 after 20 epochs without improvement).
     """
 
     loss_reduction: str = "mean"
@@ -103,6 +108,8 @@ class TrainProtocol:
     lr_decay: tuple | None = None
     patience: int | None = None
     sentiment_bins: str = "round"
+    sentiment_head: str = "classes"
+    plateau: tuple | None = None
 
     def __post_init__(self):
         where = "nbsupport.train.TrainProtocol: parameter"
@@ -110,6 +117,11 @@ class TrainProtocol:
             raise ValueError(f"{where} 'loss_reduction' must be 'mean' or 'sum', got {self.loss_reduction!r}")
         if self.sentiment_bins not in ("round", "mosei"):
             raise ValueError(f"{where} 'sentiment_bins' must be 'round' or 'mosei', got {self.sentiment_bins!r}")
+        if self.sentiment_head not in ("classes", "score"):
+            raise ValueError(f"{where} 'sentiment_head' must be 'classes' or 'score', got {self.sentiment_head!r}")
+        plateau = self.plateau
+        if plateau is not None and (len(plateau) != 2 or not 0 < float(plateau[0]) < 1 or int(plateau[1]) < 0):
+            raise ValueError(f"{where} 'plateau' must be None or (factor in (0, 1), patience >= 0), got {plateau!r}")
         decay = self.lr_decay
         if decay is not None and (len(decay) != 2 or not 0 < float(decay[0]) < 1 or int(decay[1]) < 0):
             raise ValueError(f"{where} 'lr_decay' must be None or (factor in (0, 1), times >= 0), got {decay!r}")
@@ -141,7 +153,8 @@ class TrainProtocol:
         """The settings of an authors' protocol that differ from the book's, of those the checkpoint
         fingerprint does not already hold (:func:`run_fingerprint`)."""
         book = PROTOCOLS["book"]
-        return {k: getattr(self, k) for k in ("loss_reduction", "threshold_ties", "lr_decay", "sentiment_bins")
+        return {k: getattr(self, k) for k in ("loss_reduction", "threshold_ties", "lr_decay", "sentiment_bins",
+                                                          "sentiment_head", "plateau")
                 if getattr(self, k) != getattr(book, k)}
 
 
@@ -154,17 +167,22 @@ PROTOCOLS = {
                            grad_clip=None, lr_decay=(0.5, 2), patience=3, sentiment_bins="mosei"),
     "mesm": TrainProtocol(monitor={"emotion": "f1"}, thresholds="validation", threshold_ties="lowest",
                           grad_clip=None, patience=6),
+    # MulT's src/train.py for CMU-MOSEI sentiment: one output, L1 loss, Adam (= AdamW at weight decay 0),
+    # gradient norm clipped at 1.0, ReduceLROnPlateau(factor 0.1, patience 20) on the validation loss, the
+    # epoch with the lowest validation loss kept, no early stop
+    "mult": TrainProtocol(pos_weight=None, monitor="loss", sentiment_head="score", plateau=(0.1, 20)),
 }
 
 
 def resolve_protocol(protocol: str, model: nn.Module | None = None) -> str:
-    """Name in :data:`PROTOCOLS` of ``protocol``: "book", "umons", "mesm", or "paper" = the model's own
-    (its ``paper_protocol`` attribute: UMONS -> "umons", FE2E/MESM -> "mesm"); Chapters 3-8."""
+    """Name in :data:`PROTOCOLS` of ``protocol``: "book", "umons", "mesm", "mult", or "paper" = the model's
+    own (its ``paper_protocol`` attribute: UMONS -> "umons", FE2E/MESM -> "mesm", MulT -> "mult");
+    Chapters 3-8."""
     if protocol == "paper":
         own = getattr(model, "paper_protocol", None)
         if own not in PROTOCOLS:
             raise ValueError(f"nbsupport.train: parameter 'protocol'='paper' needs a model with a paper "
-                             f"protocol (UMONS, FE2E, MESM); {type(model).__name__} has none: use one of "
+                             f"protocol (UMONS, FE2E, MESM, MulT); {type(model).__name__} has none: use one of "
                              f"{', '.join(PROTOCOLS)}")
         return own
     if protocol not in PROTOCOLS:
@@ -182,9 +200,12 @@ def _check_task(task: str) -> str:
     return task
 
 
-def n_outputs(task: str, n_emotions: int = 6) -> int:
-    """Size of the classifier for ``task``: ``n_emotions`` logits, 7 or 2 classes (Chapters 3-4)."""
+def n_outputs(task: str, n_emotions: int = 6, *, head: str = "classes") -> int:
+    """Size of the classifier for ``task``: ``n_emotions`` logits, 7 or 2 classes (Chapters 3-4), or one
+    output, the sentiment score, under a protocol whose ``sentiment_head`` is "score" (MulT's)."""
     n = TASKS[_check_task(task)][0]
+    if n is not None and head == "score":
+        return 1
     return n_emotions if n is None else n
 
 
@@ -219,15 +240,19 @@ def labels_for(batch: Mapping[str, Any], task: str) -> torch.Tensor:
     return labels
 
 
-def targets_from_labels(labels: torch.Tensor, task: str, bins: str = "round") -> torch.Tensor:
+def targets_from_labels(labels: torch.Tensor, task: str, bins: str = "round",
+                        head: str = "classes") -> torch.Tensor:
     """Training targets from raw labels: emotions as floats, sentiment scores as class ids (``bins``: see
-    :func:`sentiment_classes`)."""
-    return labels.float() if task == "emotion" else sentiment_classes(labels, task, bins)
+    :func:`sentiment_classes`), or the scores themselves for a ``head="score"`` model (MulT's)."""
+    if task == "emotion" or head == "score":
+        return labels.float()
+    return sentiment_classes(labels, task, bins)
 
 
-def targets_for(batch: Mapping[str, Any], task: str, bins: str = "round") -> torch.Tensor:
-    """The training target of ``task`` in a batch dict: ``emotion`` (B, E) float or sentiment classes (B,)."""
-    return targets_from_labels(labels_for(batch, task), task, bins)
+def targets_for(batch: Mapping[str, Any], task: str, bins: str = "round", head: str = "classes") -> torch.Tensor:
+    """The training target of ``task`` in a batch dict: ``emotion`` (B, E) float, sentiment classes (B,),
+    or sentiment scores (B,) for ``head="score"``."""
+    return targets_from_labels(labels_for(batch, task), task, bins, head)
 
 
 def pos_weight_from(labels: torch.Tensor) -> torch.Tensor:
@@ -341,6 +366,8 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str,
             out.update({f"{name}_{k}": float(v) for k, v in enumerate(out.pop(f"{name}_per"))})
         return out
     score = metrics.decisions(logits, task)  # sentiment7: class - 3; sentiment2: +1 for class 1 (non-negative)
+    if metrics.is_score_output(logits):  # one output, the score itself (MulT's head): every sentiment metric
+        return metrics.sentiment_metrics(labels, score)
     if task == "sentiment7":
         expected = torch.softmax(logits, -1).numpy() @ np.arange(-3, 4, dtype=float)  # (N,) expected score
         out = metrics.sentiment_metrics(labels, expected)
@@ -678,6 +705,19 @@ def _deterministic_on_cpu(train_fn):
     return wrapper
 
 
+class _ScoreL1(nn.Module):
+    """L1 loss between a one-output model's scores (B, 1) and the sentiment labels (B,): MulT's
+    ``nn.L1Loss`` on ``preds`` against ``batch_Y.squeeze(-1)``."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.l1_loss(output.reshape(-1), target.reshape(-1).to(output.dtype),
+                                     reduction=self.reduction)
+
+
 class _Trainer:
     """The pieces of one :func:`fit` call, resolved once, and its steps: set up (device, seed,
     optimiser, loss), train one epoch, validate, keep the best epoch, write the checkpoint."""
@@ -694,10 +734,23 @@ class _Trainer:
         self.optimiser = torch.optim.AdamW(_param_groups(self.model, lr, weight_decay), lr=lr,
                                            weight_decay=weight_decay)
         self.pos_weight, self.criterion = self._loss(train_loader)
+        factor_patience = protocol.plateau
+        self.plateau = None if factor_patience is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimiser, mode="min", factor=float(factor_patience[0]), patience=int(factor_patience[1]))
+
+    def schedule(self, state: dict, row: dict) -> None:
+        """After an epoch's validation: the protocol's plateau schedule steps on the validation loss (its
+        state travels in ``state``, so a resumed run continues the same schedule)."""
+        if self.plateau is not None and "valid_loss" in row:
+            self.plateau.step(row["valid_loss"])
+            state["plateau"] = self.plateau.state_dict()
 
     def _loss(self, train_loader):
-        """``(pos_weight, criterion)``: BCE-with-logits (with ``pos_weight``) for emotions, else cross-entropy."""
+        """``(pos_weight, criterion)``: BCE-with-logits (with ``pos_weight``) for emotions, else cross-entropy
+        on the classes, or L1 on the score for a "score" head (MulT's code)."""
         reduction = self.protocol.loss_reduction
+        if self.task != "emotion" and self.protocol.sentiment_head == "score":
+            return None, _ScoreL1(reduction)
         if self.task != "emotion":
             return None, nn.CrossEntropyLoss(reduction=reduction)
         pos_weight = self.protocol.pos_weight
@@ -713,7 +766,7 @@ class _Trainer:
         total, count = 0.0, 0
         grad_clip, bins = self.protocol.grad_clip, self.protocol.sentiment_bins
         for batch in loader:
-            target = targets_for(batch, self.task, bins).to(self.device)
+            target = targets_for(batch, self.task, bins, self.protocol.sentiment_head).to(self.device)
             batch_dev = to_device(batch, self.device)
             loss = self.criterion(self.net(batch_dev), target)
             aux = _auxiliary_loss(self.model, batch_dev, self.criterion, target)
@@ -733,7 +786,7 @@ class _Trainer:
         thresholds are the protocol's (chosen on ``loader`` under "validation") and ``score`` the monitor's."""
         task, proto = self.task, self.protocol
         logits, labels, _ = predict(self.model, loader, task=task, device=self.device)
-        targets = targets_from_labels(labels, task, proto.sentiment_bins)
+        targets = targets_from_labels(labels, task, proto.sentiment_bins, proto.sentiment_head)
         row["valid_loss"] = float(self.criterion(logits.to(self.device), targets.to(self.device)))
         th = None
         if task == "emotion" and proto.thresholds == "validation":
@@ -867,6 +920,8 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         fingerprint = run.fingerprint(train_loader, valid_loader, lr, weight_decay)
         if resume is True and (ckpt_dir / "last.pt").exists():
             state = _resume_state(ckpt_dir / "last.pt", fingerprint, epochs, run.model, run.optimiser)
+            if run.plateau is not None and state.get("plateau"):
+                run.plateau.load_state_dict(state["plateau"])
         elif resume is not True and _dist.rank() == 0:
             _move_aside(ckpt_dir)
 
@@ -881,6 +936,7 @@ def fit(model: nn.Module, train_loader, valid_loader=None, *, task: str = "emoti
         else:
             scores, th, score = {}, None, -row["train_loss"] if run.maximise else row["train_loss"]
         improved = run.keep_best(state, row, epoch, score, scores, th)
+        run.schedule(state, row)
         state["seconds"] += time.perf_counter() - t0
         row["seconds"] = time.perf_counter() - t0
         state["history"].append(row)

@@ -101,7 +101,7 @@ RECIPES: dict[str, Recipe] = {
                          smoke_sizes=_E2E_SMOKE, note="top_p 0.8 as the README's command"),
     "mult-mosei": Recipe("MulT", "mosei", "mult", "sentiment2", "acc2_non0", "LAV", 40, 1e-3, 24, _MISSING,
                          smoke_sizes=_MULT_SMOKE,
-                         note="trained with the book's protocol at MulT's lr, batch and epochs (no MulT protocol)"),
+                         note="MulT's protocol: one output, L1 loss, plateau decay, lowest validation loss"),
 }
 
 
@@ -113,7 +113,8 @@ def _recipe(name: str) -> Recipe:
 
 def _build(r: Recipe, first_batch: Mapping, n_emotions: int, *, smoke: bool, reference_bugs: bool,
            text_model: str):
-    n_out = train.n_outputs(r.task, n_emotions)
+    head = train.PROTOCOLS["mult"].sentiment_head if r.model == "MulT" else "classes"
+    n_out = train.n_outputs(r.task, n_emotions, head=head)  # MulT regresses the score
     sizes = dict(r.smoke_sizes) if smoke else {}
     if r.model == "UMONS":
         cfg = umons.UmonsConfig.paper(reference_bugs=reference_bugs, **sizes)
@@ -153,10 +154,9 @@ def run_point(recipe: str, *, data_root: str = "", seed: int = 0, device="auto",
     model = _build(r, next(iter(loaders["train"])), n_emotions, smoke=smoke, reference_bugs=reference_bugs,
                    text_model=text)
     run_epochs = 1 if smoke else (epochs or r.epochs)
-    own = r.model in ("UMONS", "FE2E", "MESM")  # MulT has no protocol of its own here
     row, _ = protocol.train_and_test(model, loaders, name=r.model, task=r.task, epochs=run_epochs, lr=r.lr,
                                      device=device, seed=seed, progress=False,
-                                     protocol="paper" if own else "book")
+                                     protocol="paper")
     params = dict(recipe=recipe, data_root=str(data_root), seed=seed, smoke=smoke, reference_bugs=reference_bugs,
                   text_model=text, epochs=run_epochs, data_format=fmt)
     data = jsonable({"parameters": params, "results": [{**row, "recipe": recipe}], "metric": r.metric,

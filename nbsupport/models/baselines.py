@@ -365,6 +365,9 @@ class MulT(_LateFusionBase):
     over real positions or the "last" position of the padded sequence (reference).
     """
 
+    #: ``fit(protocol="paper")`` trains MulT as its code does (:data:`nbsupport.train.PROTOCOLS` "mult")
+    paper_protocol = "mult"
+
     def __init__(self, modalities: str = "LAV", input_dims: Mapping[str, int] | None = None, n_outputs: int = 6, *,
                  dim: int = 32, heads: int = 4, cross_layers: int = 2, self_layers: int = 1,
                  ff_size: int | None = None, dropout: float = 0.1, entry: str = "book", kv_norm: str = "separate",
