@@ -109,7 +109,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
     """Start the chapters' smoke runs and then the smoke book build in the background, once, when a
     selected test reads them: on 2 cores the papermill kernels use the cores the rest of the suite
-    leaves idle (it runs one test at a time)."""
+    leaves idle (it runs one test at a time). Nothing starts under ``--collect-only``."""
+    if session.config.option.collectonly:
+        return
     if any(_needs_smoke_runs(item) for item in session.items):
         _background(session.config._tmp_path_factory)
     if any(_needs_stop_runs(item) for item in session.items):
