@@ -171,13 +171,13 @@ def train_and_test(model: torch.nn.Module, loaders: Mapping[str, Iterable], *, n
 
 def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str = "emotion",
                 config: "umons_models.UmonsConfig | None" = None, epochs: int = 10, lr: float = 1e-3,
-                device="auto", seed: int = 0, checkpoint_dir=None, progress: bool = True, n_emotions: int = 6,
-                normalise_inputs: bool = True, protocol: "str | train.TrainProtocol" = "book", **settings):
+                device="auto", seed: int = 0, patience: int | None = train.PROTOCOL_DEFAULT,
+                checkpoint_dir=None, progress: bool = True, n_emotions: int = 6, normalise_inputs: bool = True,
+                protocol: str = "book"):
     """Build a :class:`~nbsupport.models.umons.UmonsTransformer` for ``modalities`` (seeded: same
     initial weights for the same seed and modalities) and run :func:`train_and_test` on it with a 0.5
     threshold, as UMONS does (Chapters 3-4). ``config=UmonsConfig.paper()`` with ``protocol="paper"``
-    and ``normalise_inputs=False`` is the authors' network trained as their code trains it; ``settings``
-    change single fields of the protocol (:class:`~nbsupport.train.TrainProtocol`, e.g. ``patience``).
+    and ``normalise_inputs=False`` is the authors' network trained as their code trains it.
     Returns ``(row, fit_result)``."""
     torch.manual_seed(seed)
     first = next(iter(loaders["train"]))
@@ -186,10 +186,9 @@ def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str =
                                           input_dims=umons_models.input_dims_from(first))
     if normalise_inputs:
         model.fit_input_normalisation(loaders["train"])
-    proto = train.TrainProtocol.named(protocol, model, **{"thresholds": 0.5, **settings})
     return train_and_test(model, loaders, name=f"UMONS-{model.modalities}", task=task, epochs=epochs, lr=lr,
-                          device=device, seed=seed, protocol=proto, checkpoint_dir=checkpoint_dir,
-                          progress=progress)
+                          device=device, seed=seed, thresholds=0.5, patience=patience,
+                          checkpoint_dir=checkpoint_dir, progress=progress, protocol=protocol)
 
 
 def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, thresholds=None, device="cpu",

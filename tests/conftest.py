@@ -81,22 +81,37 @@ def _reads_background(item) -> bool:
     return _needs_smoke_runs(item) or _needs_stop_runs(item)
 
 
+#: Tiers whose tests mostly wait (sleeping sweep points, cluster start-ups, a fuzzer bounded in time): they
+#: run first, while the background runs keep both cores busy.
+WAITING_TIERS = ("cluster", "fuzz")
+
+
+def _order(item) -> int:
+    """0: a test that mostly waits; 1: any other; 2: a test on the background runs (they run last)."""
+    if _reads_background(item):
+        return 2
+    markers = {m.name for m in getattr(item, "iter_markers", lambda: ())()}
+    return 0 if markers & set(WAITING_TIERS) else 1
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark every test by the tiers of the fixtures it uses (see ``TIERS_OF_FIXTURE``), and move the
-    tests on the smoke runs to the end (in their order): the runs start in the background when
-    collection ends (:func:`pytest_collection_finish`), so every other test runs beside them and
-    those tests rarely wait."""
+    """Mark every test by the tiers of the fixtures it uses (see ``TIERS_OF_FIXTURE``), and order them
+    (stable, see :func:`_order`): the papermill runs start in the background when collection ends
+    (:func:`pytest_collection_finish`), the tests that mostly wait run beside them first, and the tests
+    that read them run last, when they are done."""
     for item in items:
         for name in getattr(item, "fixturenames", ()):
             for tier in TIERS_OF_FIXTURE.get(name, ()):
                 item.add_marker(getattr(pytest.mark, tier))
-    items.sort(key=_reads_background)  # stable: False (runs now) before True (reads background work)
+    items.sort(key=_order)
 
 
 def pytest_collection_finish(session):
     """Start the chapters' smoke runs and then the smoke book build in the background, once, when a
     selected test reads them: on 2 cores the papermill kernels use the cores the rest of the suite
-    leaves idle (it runs one test at a time)."""
+    leaves idle (it runs one test at a time). Nothing starts under ``--collect-only``."""
+    if session.config.option.collectonly:
+        return
     if any(_needs_smoke_runs(item) for item in session.items):
         _background(session.config._tmp_path_factory)
     if any(_needs_stop_runs(item) for item in session.items):

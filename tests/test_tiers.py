@@ -37,3 +37,24 @@ def test_a_test_on_the_smoke_runs_is_marked_by_its_fixtures():
                                                        ["cluster"], []]
     # the tests on the smoke runs go last, in their order: the rest runs while the smoke runs work
     assert items == [collected[3], collected[4], collected[0], collected[1], collected[2]]
+
+
+def test_tests_that_wait_run_first_and_tests_on_background_runs_last():
+    """The order of a collection: a cluster test (mostly waiting) first, then the others, then the
+    tests on the background papermill runs (here: one that asks for the stop runs), each group in its order."""
+    import conftest
+
+    class Item:
+        def __init__(self, name, fixtures=(), marks=()):
+            self.name, self.fixturenames, self.marks = name, list(fixtures), [type("M", (), {"name": m}) for m in marks]
+
+        def iter_markers(self):
+            return iter(self.marks)
+
+        def add_marker(self, mark):
+            self.marks.append(mark)
+
+    items = [Item("unit"), Item("stops", ["stop_runs"]), Item("sweep", marks=["cluster"]), Item("unit2"),
+             Item("fuzz", marks=["fuzz"]), Item("smoke", ["smoke_runs"])]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [i.name for i in items] == ["sweep", "fuzz", "unit", "unit2", "stops", "smoke"]
