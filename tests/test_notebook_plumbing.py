@@ -163,7 +163,7 @@ def test_out_of_range_numbers_stop_at_the_top(name, value, words):
     from nbsupport.book import chapters
 
     spec = chapters.spec("01_attention_basics")
-    ns = dict(_values(), n_train=2000, seq_len=8, epochs=3, sentence="a b", explorer_angles=[0.0],
+    ns = dict(_values(), n_train=2000, seq_len=8, epochs=3, sentence="a b", explorer_angles=[0.0], seeds=[0],
               explorer_temperatures=[1.0])
     ns[name] = value
     with pytest.raises(nb.ParameterError, match=re.escape(words)):
