@@ -240,12 +240,13 @@ class VisualPathway(nn.Module):
             weights = masked_softmax(scores, act)
         keep = sparse_lib.top_p_mask(weights, self.top_p) & act
         keep, weights = keep.view(n, h, w), weights.view(n, h, w)
+        if sparse_out:  # the kept sites' keys are their features (to_sparse(x, keep), gathered once)
+            s = sparse_lib.SparseTensor(keys[keep.flatten()], keep.nonzero(), (h, w), n)
         if self.attention_grad == "none":  # reference: the kept sites go on unchanged, only selected
-            return (sparse_lib.to_sparse(x, keep) if sparse_out else x), keep, weights
+            return (s if sparse_out else x), keep, weights
         # book: attention * n_active, 1 when uniform
         scale = weights * act.sum(1).to(weights.dtype).view(n, 1, 1)
         if sparse_out:  # MESM's sparse blocks: gather the kept sites first, then scale them
-            s = sparse_lib.to_sparse(x, keep)
             return s.replace(s.features * scale[keep][:, None]), keep, weights
         return x * scale[:, None], keep, weights
 
