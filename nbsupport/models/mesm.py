@@ -294,7 +294,7 @@ class VisualPathway(nn.Module):
                     s_in, weights, kept = self._select_sparse(i, s, query)
                     attn[b, yy, xx] = weights.detach().to(attn.dtype)
                     keep = torch.zeros_like(active)
-                    keep[b[kept], yy[kept], xx[kept]] = True
+                    keep[b, yy, xx] = kept  # sites are distinct: each cell written once
                 else:
                     s_in, keep = s, active
             self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),
