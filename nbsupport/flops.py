@@ -6,7 +6,8 @@ compute.  We count what actually ran: a dense convolution costs ``H_out * W_out 
 active neighbour) pair -- the size of the rulebook it executed -- and a linear layer
 ``in_features * out_features`` per row.  :class:`MacCounter` / :func:`count_macs` install forward
 hooks on ``nn.Conv2d``, ``nn.Linear`` and :class:`nbsupport.sparse.SubMConv2d` and return one row per
-call, with the dense-equivalent MACs of each sparse layer next to its real ones.  Attention matmuls
+call, with the dense-equivalent MACs of each sparse layer next to its real ones (MESM's fused site
+scores, ``AdditiveAttention(..., frame=)``, are counted as the ``W_k`` and ``v`` layers they run).  Attention matmuls
 and elementwise ops (BN, ReLU, pooling) are not counted: they are small next to the convolutions and
 are the same for FE2E and MESM.
 
