@@ -6,7 +6,8 @@ compute.  We count what actually ran: a dense convolution costs ``H_out * W_out 
 active neighbour) pair -- the size of the rulebook it executed -- and a linear layer
 ``in_features * out_features`` per row.  :class:`MacCounter` / :func:`count_macs` install forward
 hooks on ``nn.Conv2d``, ``nn.Linear`` and :class:`nbsupport.sparse.SubMConv2d` and return one row per
-call, with the dense-equivalent MACs of each sparse layer next to its real ones.  Attention matmuls
+call, with the dense-equivalent MACs of each sparse layer next to its real ones (MESM's fused site
+scores, ``AdditiveAttention(..., frame=)``, are counted as the ``W_k`` and ``v`` layers they run).  Attention matmuls
 and elementwise ops (BN, ReLU, pooling) are not counted: they are small next to the convolutions and
 are the same for FE2E and MESM.
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from . import sparse as sp
+from .attention import AdditiveAttention
 
 __all__ = ["dense_conv_macs", "subm_conv_macs", "linear_macs", "MacCounter", "count_macs", "summarize_macs"]
 
@@ -87,7 +89,34 @@ class MacCounter:
                 continue
             if isinstance(mod, (nn.Conv2d, nn.Linear, sp.SubMConv2d)):
                 self._handles.append(mod.register_forward_hook(self._hook(name or type(mod).__name__)))
+            elif isinstance(mod, AdditiveAttention):
+                pre, post = self._site_scores_hooks(name)
+                self._handles += [mod.register_forward_pre_hook(pre),
+                                  mod.register_forward_hook(post, with_kwargs=True)]
         return self
+
+    def _site_scores_hooks(self, name: str):
+        # MESM's packed-site scores (AdditiveAttention(..., frame=)) run W_k and v fused, not as nn.Linear
+        # calls: count them as the two linear layers they are, under those layers' names (unless those
+        # layers ran, and were counted, during this call)
+        start: list[int] = []  # rows recorded before each (possibly nested) call
+
+        def pre(mod, args):
+            start.append(len(self.rows))
+
+        def hook(mod, args, kwargs, output):
+            first = start.pop()
+            w_key = f"{name}.w_key" if name else "w_key"
+            if kwargs.get("frame") is None or any(r["layer"] == w_key for r in self.rows[first:]):
+                return
+            rows = args[1].shape[0]  # keys (M, d_k): one row per site
+            for layer in ("w_key", "v"):
+                lin = getattr(mod, layer)
+                macs = linear_macs(rows, lin.in_features, lin.out_features)
+                self.rows.append(dict(layer=f"{name}.{layer}" if name else layer, kind="linear", macs=macs,
+                                      dense_macs=macs, executed_macs=macs, sites=rows, dense_sites=rows,
+                                      density=1.0 if rows else 0.0))
+        return pre, hook
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:

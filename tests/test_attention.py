@@ -138,3 +138,33 @@ def test_pretrained_heads_reproduced():
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
     assert ours.shape == library.shape == (12, len(tokens), len(tokens))  # all-MiniLM-L6-v2: 12 heads
     torch.testing.assert_close(torch.from_numpy(ours), torch.from_numpy(library), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_sites,score_bias", [(7, False), (3000, True)])  # one chunk, three chunks
+def test_site_scores_match_the_composed_layers_values_and_gradients(n_sites, score_bias):
+    """MESM's packed-site scores (chunked, recomputed in backward, NumPy tanh) against the same
+    formula written with PyTorch's layers: scores and the gradients of every input and parameter."""
+    layer = att.AdditiveAttention(query_dim=6, key_dim=5, hidden=9, score_bias=score_bias)
+    frame = torch.sort(torch.randint(0, 4, (n_sites,))).values
+    query, keys = torch.randn(4, 6, requires_grad=True), torch.randn(n_sites, 5, requires_grad=True)
+    params = [query, keys, *layer.parameters()]
+    weights = torch.randn(n_sites)
+
+    def grads(scores):
+        return torch.autograd.grad((scores * weights).sum(), params)
+
+    got = layer(query, keys, frame=frame)
+    ref = layer.v(torch.tanh(layer.w_query(query)[frame] + layer.w_key(keys))).squeeze(1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads(got), grads(ref)):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    # the dense additive attention's softmax over one frame's sites is the softmax of these scores
+    f0 = frame == 0
+    _, w = layer(query[:1], keys[f0][None])
+    torch.testing.assert_close(w[0], torch.softmax(got[f0], 0), atol=1e-6, rtol=1e-5)
+
+
+def test_site_scores_shape_errors_name_the_parameters():
+    layer = att.AdditiveAttention(query_dim=6, key_dim=5, hidden=9)
+    with pytest.raises(ValueError, match="'keys' must be"):
+        layer(torch.randn(2, 6), torch.randn(2, 3, 5), frame=torch.zeros(2, dtype=torch.long))

@@ -555,3 +555,56 @@ def test_mesm_config_paper_reference_bugs_and_one_line_builds():
         MesmConfig(site_order="shuffled")
     with pytest.raises(ValueError, match="not both"):
         EndToEndModel("LAV", config=cfg, dim=4)
+
+
+@pytest.mark.parametrize("handoff", ["sparse", "dense"])
+def test_fused_site_scores_equal_the_composed_attention_layers_in_the_whole_model(handoff, monkeypatch):
+    """MESM's cross-modal attention runs through the fused, chunked ``site_scores``; with the scores
+    written instead with PyTorch's layers and tanh (the formula the model had before), a training
+    step gives the same logits, kept sites and gradients of every parameter."""
+    from nbsupport import attention
+
+    def composed(self, query, keys, values=None, mask=None, *, frame=None):
+        assert frame is not None  # the model scores packed sites only
+        return self.v(torch.tanh(self.w_query(query)[frame] + self.w_key(keys))).squeeze(1)
+
+    torch.manual_seed(2)
+    model = MESM("LAV", top_p=0.6, **dict(SMALL, attention_hidden=16)).train()
+    batch = make_batch(b=3, t=3, p=2, seed=7)
+    runs = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(attention.AdditiveAttention, "forward", composed)
+        for pathway in model.pathways.values():
+            pathway.block_handoff = handoff
+        model.zero_grad()
+        torch.manual_seed(0)
+        out = model(batch)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                     [r.kept for m in "AV" for r in model.last_maps[m]]))
+    (out_f, g_f, kept_f), (out_c, g_c, kept_c) = runs
+    torch.testing.assert_close(out_f, out_c, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(kept_f, kept_c, strict=True))
+    assert g_f.keys() == g_c.keys() and any(".cross_attention.2." in n for n in g_f)
+    for name in g_f:
+        torch.testing.assert_close(g_f[name], g_c[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mac_count_of_the_fused_attention_equals_the_composed_layers(monkeypatch):
+    """nbsupport.flops counts the fused site scores as the W_k and v linear layers they replace: the
+    extractor's MAC table (layer names, rows, MACs) equals the one of the layer-by-layer attention.
+    (top_p = 1: every site kept, so no float-level difference of the scores can move a selection
+    boundary and change the later blocks' sites.)"""
+    from nbsupport import attention
+    from nbsupport.models.mesm import extractor_macs
+
+    torch.manual_seed(4)
+    model = MESM("LAV", top_p=1.0, **SMALL)
+    batch = make_batch(seed=3)
+    fused = extractor_macs(model, batch)["table"]
+    monkeypatch.setattr(attention.AdditiveAttention, "forward", lambda self, query, keys, frame=None: self.v(
+        torch.tanh(self.w_query(query)[frame] + self.w_key(keys))).squeeze(1))
+    composed = extractor_macs(model, batch)["table"]
+    assert any(composed["layer"].str.endswith("cross_attention.0.w_key"))
+    assert fused.to_dict("records") == composed.to_dict("records")

@@ -532,3 +532,22 @@ def test_choose_strategy_considers_only_the_plans_it_can_run():
     assert sp.choose_strategy(nbr, (20, 20), 1) == "dense"
     assert sp.choose_strategy(nbr) == "im2col"
     assert set(sp.plan_costs(nbr)) == {"pairs", "im2col"}
+
+
+@pytest.mark.parametrize("shape,density", [((3, 24, 24), 0.6), ((2, 64, 16), 0.1), ((4, 6, 6), 0.9), ((1, 40, 3), 0.3)])
+def test_tile_count_agrees_with_the_built_plan(shape, density):
+    """The planner's cheap count (an occupancy grid, no plan built) gives the tile side and active-tile
+    count of the plan tile_plan builds (which counts tiles with torch.unique), and the same choice."""
+    b, h, w = shape
+    mask = torch.rand(shape) < density
+    mask[0, 0, 0] = True
+    coords = mask.nonzero()
+    plan = sp.tile_plan(coords, (h, w), b)
+    count = sp.tile_count(coords, (h, w), b)
+    assert (count.tile, count.halo, count.n_tiles) == (plan.tile, plan.halo, plan.n_tiles)
+    for t in sp.TILE_SIZES:  # each candidate side: distinct tiles by torch.unique
+        th, tw = min(t, h), min(t, w)
+        ref = torch.unique((coords[:, 0] * h + coords[:, 1] // th * th) * w + coords[:, 2] // tw).numel()
+        assert sp.tile_plan(coords, (h, w), b, tile=t).n_tiles == ref
+    nbr = sp.neighbour_table(coords, (h, w), b)
+    assert sp.choose_strategy(nbr, (h, w), b, tiles=count) == sp.choose_strategy(nbr, (h, w), b, tiles=plan)

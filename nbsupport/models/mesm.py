@@ -49,7 +49,7 @@ from torch import nn
 from nbsupport import flops
 from nbsupport import sparse as sparse_lib  # "sparse" is also a constructor flag below
 from nbsupport.base import count_parameters, to_device
-from nbsupport.attention import AdditiveAttention, TransformerEncoderBlock
+from nbsupport.attention import AdditiveAttention, TransformerEncoderBlock, masked_softmax
 from nbsupport.models.text import TextEncoder
 
 __all__ = [
@@ -231,19 +231,22 @@ class VisualPathway(nn.Module):
         Returns (reweighted x, kept mask, attention); ``sparse_out=True`` returns the kept sites
         only, as a SparseTensor, scaled after the gather (same products, a fraction of the work)."""
         n, c, h, w = x.shape
-        keys = x.flatten(2).transpose(1, 2)  # (N, H*W, C) one key per spatial site
+        keys = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # (N*H*W, C) one key per spatial site
+        frame = torch.arange(n, device=x.device).repeat_interleave(h * w)  # (N*H*W,)
         act = active.flatten(1)  # (N, H*W)
         # (N, H*W) softmax over the active sites; no gradient when the attention only selects
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.attention_grad == "reweight"):
-            _, weights = self.cross_attention[i](query, keys, keys, mask=act)
+            scores = self.cross_attention[i](query, keys, frame=frame).view(n, h * w)
+            weights = masked_softmax(scores, act)
         keep = sparse_lib.top_p_mask(weights, self.top_p) & act
         keep, weights = keep.view(n, h, w), weights.view(n, h, w)
+        if sparse_out:  # the kept sites' keys are their features (to_sparse(x, keep), gathered once)
+            s = sparse_lib.SparseTensor(keys[keep.flatten()], keep.nonzero(), (h, w), n)
         if self.attention_grad == "none":  # reference: the kept sites go on unchanged, only selected
-            return (sparse_lib.to_sparse(x, keep) if sparse_out else x), keep, weights
+            return (s if sparse_out else x), keep, weights
         # book: attention * n_active, 1 when uniform
         scale = weights * act.sum(1).to(weights.dtype).view(n, 1, 1)
         if sparse_out:  # MESM's sparse blocks: gather the kept sites first, then scale them
-            s = sparse_lib.to_sparse(x, keep)
             return s.replace(s.features * scale[keep][:, None]), keep, weights
         return x * scale[:, None], keep, weights
 
@@ -256,7 +259,7 @@ class VisualPathway(nn.Module):
         learn = self.attention_grad == "reweight"  # "none": the reference's attention gets no gradient
         # additive attention v^T tanh(W_q q + W_k k) per active site (AdditiveAttention's own layers)
         with torch.set_grad_enabled(torch.is_grad_enabled() and learn):
-            scores = att.v(torch.tanh(att.w_query(query)[frame] + att.w_key(s.features))).squeeze(1)  # (M,)
+            scores = att(query, s.features, frame=frame)  # (M,)
         # softmax over the active sites of each frame: torch has no segment softmax, so max-shift by hand
         top = scores.new_full((n,), -float("inf")).scatter_reduce(0, frame, scores.detach(), "amax")
         e = torch.exp(scores - top[frame])
@@ -291,7 +294,7 @@ class VisualPathway(nn.Module):
                     s_in, weights, kept = self._select_sparse(i, s, query)
                     attn[b, yy, xx] = weights.detach().to(attn.dtype)
                     keep = torch.zeros_like(active)
-                    keep[b[kept], yy[kept], xx[kept]] = True
+                    keep[b, yy, xx] = kept  # sites are distinct: each cell written once
                 else:
                     s_in, keep = s, active
             self.records.append(LayerRecord(attn.detach().cpu(), keep.detach().cpu(), active.detach().cpu(),

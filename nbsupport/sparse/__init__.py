@@ -62,8 +62,8 @@ from .backends import (SPARSE_BACKEND_CPU, SPCONV_SELFCHECK_TOL, SpconvSubm, bac
                        spconv_selfcheck)
 from .engine import (DENSE_POOL_MIN_DENSITY, IM2COL_COST, PAIRS_COST, PAIRS_FEW_CHANNELS, REFERENCE_CHANNELS,
                      TILE_GATHER_COST, TILE_GATHER_FEW_CHANNELS, TILE_SIZES, RulebookPairs,
-                     SparseTensor, TilePlan, choose_strategy, neighbour_table, offset_major, plan_costs,
-                     rulebook_pairs, sparse_max_pool2d, subm_conv2d, tile_plan, to_dense, to_sparse)
+                     SparseTensor, TileCount, TilePlan, choose_strategy, neighbour_table, offset_major, plan_costs,
+                     rulebook_pairs, sparse_max_pool2d, subm_conv2d, tile_count, tile_plan, to_dense, to_sparse)
 from .layers import DenseConvBNReLU, DenseVggBlock, SparseConvBNReLU, SparseMaxPool2d, SparseVggBlock, SubMConv2d
 from .topp import top_p_mask, top_p_mask_segments
 
@@ -71,7 +71,7 @@ __all__ = [
     "PAPER_SPARSE_INPUT", "SPARSE_BACKEND_CPU", "SPCONV_SELFCHECK_TOL", "sparse_backend", "backend_description",
     "spconv_selfcheck", "SpconvSubm", "top_p_mask", "top_p_mask_segments",
     "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "offset_major",
-    "choose_strategy", "plan_costs", "tile_plan", "TilePlan", "subm_conv2d", "sparse_max_pool2d",
+    "choose_strategy", "plan_costs", "tile_plan", "TilePlan", "tile_count", "TileCount", "subm_conv2d", "sparse_max_pool2d",
     "PAIRS_COST", "IM2COL_COST", "TILE_GATHER_COST", "TILE_SIZES", "REFERENCE_CHANNELS", "PAIRS_FEW_CHANNELS",
     "TILE_GATHER_FEW_CHANNELS", "DENSE_POOL_MIN_DENSITY",
     "SubMConv2d", "SparseConvBNReLU", "SparseMaxPool2d", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",

@@ -87,6 +87,13 @@ class SparseTensor:
             self.cache[key] = rulebook_pairs(self.neighbours(kernel_size))
         return self.cache[key]
 
+    def tile_count(self, kernel_size: int = 3) -> "TileCount":
+        """Cached tile side and active-tile count of :meth:`tiles`' plan (see :func:`tile_count`)."""
+        key = ("tile_count", int(kernel_size))
+        if key not in self.cache:
+            self.cache[key] = tile_count(self.coords, self.spatial_shape, self.batch_size, kernel_size)
+        return self.cache[key]
+
     def tiles(self, kernel_size: int = 3) -> "TilePlan":
         """Cached block-sparse plan of these sites (see :func:`tile_plan`)."""
         key = ("tiles", int(kernel_size))
@@ -437,6 +444,42 @@ def _tile_cost(n_tiles: int, th: int, tw: int, r: int, gather: float | None = No
     return n_tiles * (th * tw + gather * (th + 2 * r) * (tw + 2 * r))
 
 
+@dataclass(frozen=True)
+class TileCount:
+    """How many ``tile`` = (th, tw) output tiles hold an active site (``n_tiles``), with the ``halo``
+    k//2: what :func:`plan_costs` needs of a block-sparse plan, without building its gather tables."""
+
+    tile: tuple[int, int]
+    halo: int
+    n_tiles: int
+
+
+def _count_tiles(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: int, th: int, tw: int) -> int:
+    # distinct tiles holding a site: an occupancy grid over the tiles (no sort, unlike torch.unique)
+    key, nty, ntx = _tile_keys(coords, spatial_shape, th, tw)
+    occupied = torch.zeros(max(int(batch_size), 1) * nty * ntx, dtype=torch.bool, device=coords.device)
+    occupied[key] = True
+    return int(occupied.sum())
+
+
+def tile_count(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: int,
+               kernel_size: int = 3) -> TileCount:
+    """The tile side :func:`tile_plan` picks for these sites (the one of :data:`TILE_SIZES` of least
+    estimated cost) and its number of active tiles (Chapter 6's planner, :func:`choose_strategy`)."""
+    k = int(kernel_size)
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"nbsupport.sparse.tile_count: 'kernel_size' must be a positive odd integer, got {kernel_size!r}")
+    coords = coords.long()
+    n, r = coords.shape[0], k // 2
+    costs = []
+    for t in TILE_SIZES:
+        th, tw = _tile_sides(t, spatial_shape)
+        m = _count_tiles(coords, spatial_shape, batch_size, th, tw) if n else 0
+        costs.append((_tile_cost(m, th, tw, r), -t, t, m))
+    _, _, t, m = min(costs)
+    return TileCount(_tile_sides(t, spatial_shape), r, m)
+
+
 def tile_plan(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: int, kernel_size: int = 3,
               tile: int | None = None) -> TilePlan:
     """The block-sparse plan of a submanifold convolution (SBNet, Ren et al. 2018; Chapter 6): which
@@ -449,12 +492,7 @@ def tile_plan(coords: torch.Tensor, spatial_shape: Sequence[int], batch_size: in
     coords = coords.long()
     n, r = coords.shape[0], k // 2
     if tile is None:
-        costs = []
-        for t in TILE_SIZES:
-            th, tw = _tile_sides(t, spatial_shape)
-            m = int(torch.unique(_tile_keys(coords, spatial_shape, th, tw)[0]).numel()) if n else 0
-            costs.append((_tile_cost(m, th, tw, r), -t, t))
-        tile = min(costs)[2]
+        tile = max(tile_count(coords, spatial_shape, batch_size, k).tile)  # the sides, clipped alike
     if int(tile) < 1:
         raise ValueError(f"nbsupport.sparse.tile_plan: 'tile' must be >= 1, got {tile!r}")
     th, tw = _tile_sides(tile, spatial_shape)
@@ -605,7 +643,7 @@ def plan_costs(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = N
     costs = {"pairs": (PAIRS_COST + PAIRS_FEW_CHANNELS * few) * pairs / kk, "im2col": IM2COL_COST * n}
     if spatial_shape is not None and batch_size is not None:
         costs["dense"] = float(int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]))
-    if tiles is not None:
+    if tiles is not None:  # a TilePlan or its TileCount
         gather = TILE_GATHER_COST + TILE_GATHER_FEW_CHANNELS * few
         costs["tiles"] = float(_tile_cost(tiles.n_tiles, *tiles.tile, tiles.halo, gather))
     return costs

@@ -52,7 +52,7 @@ class SubMConv2d(nn.Module):
         if strategy == "auto":
             key = ("strategy", self.kernel_size, self.in_channels, self.out_channels)
             if key not in x.cache:
-                tiles = x.tiles(self.kernel_size) if x.num_sites > 0 else None
+                tiles = x.tile_count(self.kernel_size) if x.num_sites > 0 else None  # no plan built
                 x.cache[key] = choose_strategy(nbr, x.spatial_shape, x.batch_size, tiles=tiles,
                                                channels=(self.in_channels, self.out_channels))
             strategy = x.cache[key]
