@@ -23,7 +23,7 @@ from nbsupport import metrics
 __all__ = ["Predictions", "Estimate", "predictions_from", "statistic", "bootstrap",
            "paired_difference", "verdict", "intervals", "compare", "ratio_interval", "lift_verdict",
            "difference_in_differences", "seed_interval", "seed_verdict", "seed_difference",
-           "SeedVerdict", "compare_seeds", "compare_groups",
+           "SeedVerdict", "compare_seeds", "compare_groups", "seed_difference_in_differences", "compare_gaps",
            "BOOTSTRAP_RESAMPLES"]
 
 #: Resamples per interval: the percentile interval's end points move by well under 0.5 point between
@@ -383,3 +383,96 @@ def compare_groups(runs, valid, groups, name: str = "wacc", **kwargs) -> SeedVer
             raise ValueError(f"nbsupport.evidence.compare_groups: group {label!r} has no runs among {methods}")
         best.append(max(have, key=lambda m: float(np.mean([valid[m][s] for s in runs[m]]))))
     return compare_seeds(runs, best[0], best[1], name, chosen_from=tuple(groups), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# A change of a gap between two corpora, across training seeds (Chapter 7's two regimes)
+# ------------------------------------------------------------------------------------------------
+def seed_difference_in_differences(a2_runs, b2_runs, a1_runs, b1_runs, name: str = "wacc", *,
+                                   resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """``[name(A2) - name(B2)] - [name(A1) - name(B1)]`` averaged over training seeds (Chapter 7: does the
+    end-to-end minus two-phase gap change between the regimes?), with the two sources of variance of
+    :func:`seed_difference`: ``var_s(c_s) / S`` over the ``S`` per-seed contrasts ``c_s`` (training
+    again) plus the bootstrap variance of the seed-averaged contrast over test utterances, and a
+    Student t(S-1) interval. ``x_runs[s]``: the test :class:`Predictions` of that run with seed ``s``.
+    All four must hold the same utterance ids in the same order (two corpora that differ only in their
+    faces and voices, as Chapter 7's regimes): one resample of utterance indices is shared by every run,
+    as :func:`difference_in_differences` does for one run. NaN interval with fewer than two seeds."""
+    return _seed_contrast("seed_difference_in_differences",
+                          [(1, a2_runs), (-1, b2_runs), (-1, a1_runs), (1, b1_runs)], name, resamples=resamples,
+                          level=level, seed=seed)
+
+
+def _seed_contrast(caller: str, terms, name: str, *, resamples: int, level: float, seed: int) -> Estimate:
+    """``sum(sign * name(run_s))`` over ``terms`` [(sign, runs per seed)], averaged over seeds, with the
+    two-variance t(S-1) interval of :func:`seed_difference` (which is this contrast with the terms
+    ``[(1, a_runs), (-1, b_runs)]``); every run scored on one shared resample of the test utterances."""
+    signs, groups = [t[0] for t in terms], [list(t[1]) for t in terms]
+    if len({len(g) for g in groups}) != 1 or not groups[0]:
+        raise ValueError(f"nbsupport.evidence.{caller}: one run per seed for each method, got "
+                         f"{[len(g) for g in groups]}")
+    _same_test_split(caller, [p for g in groups for p in g])
+    fn = statistic(name)
+
+    def contrasts(i):
+        return np.array([sum(sign * fn(p.labels[i], p.decisions[i]) for sign, p in zip(signs, runs))
+                         for runs in zip(*groups)], dtype=float)
+
+    n = len(groups[0][0])
+    per_seed = contrasts(np.arange(n))
+    value, n_seeds = float(np.mean(per_seed)), len(per_seed)
+    if n_seeds < 2 or not np.all(np.isfinite(per_seed)):
+        return Estimate(value, float("nan"), float("nan"), level)
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():  # an undefined resample (no positive of an emotion) is left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        boot = np.array([np.mean(contrasts(rng.integers(0, n, n))) for _ in range(resamples)])
+    boot = boot[np.isfinite(boot)]
+    if len(boot) < resamples // 2:
+        return Estimate(value, float("nan"), float("nan"), level)
+    half = float(stats.t.ppf(0.5 + level / 2, n_seeds - 1)
+                 * np.sqrt(np.var(per_seed, ddof=1) / n_seeds + np.var(boot, ddof=1)))
+    return Estimate(value, value - half, value + half, level)
+
+
+def compare_gaps(runs2, pair2, runs1, pair1, name: str = "wacc", *, labels=("second", "first"),
+                 **kwargs) -> dict:
+    """Does the gap ``name(a) - name(b)`` change between two corpora, across training seeds (Chapter 7:
+    end-to-end minus two-phase, hidden regime against visible)? ``runs2[method][seed]`` and ``runs1``:
+    test :class:`Predictions` per corpus, ``pair2 = (a2, b2)``, ``pair1 = (a1, b1)`` the compared methods
+    (e.g. each regime's best end-to-end and best two-phase), paired on the seeds all four have.
+    Returns the fields every verdict of ``metrics.json`` has (``decision`` is ``"<label> gap"`` of the
+    larger gap or ``"undecided"``, ``sentence``, ``value``, ``low``, ``high``, ``n_seeds``, ``per_seed``
+    with both gaps), from :func:`seed_difference_in_differences` (``kwargs``: its ``resamples`` etc.)."""
+    (a2, b2), (a1, b1), (l2, l1) = pair2, pair1, labels
+    seeds = sorted(set(runs2[a2]) & set(runs2[b2]) & set(runs1[a1]) & set(runs1[b1]))
+    if any(sorted(r[m]) != seeds for r, m in ((runs2, a2), (runs2, b2), (runs1, a1), (runs1, b1))):
+        raise ValueError(f"nbsupport.evidence.compare_gaps: the four methods must have the same seeds; "
+                         f"{a2}, {b2} ({l2}) and {a1}, {b1} ({l1}) differ")
+    diff = seed_difference_in_differences(*([r[m][s] for s in seeds] for r, m in
+                                            ((runs2, a2), (runs2, b2), (runs1, a1), (runs1, b1))),
+                                          name, **kwargs)
+    fn = statistic(name)
+
+    def gap(runs, a, b, s):
+        return float(fn(runs[a][s].labels, runs[a][s].decisions) - fn(runs[b][s].labels, runs[b][s].decisions))
+
+    def plain(v):
+        return None if isinstance(v, float) and not np.isfinite(v) else v
+
+    per_seed = [{"seed": s, f"{l2} gap": plain(gap(runs2, a2, b2, s)), f"{l1} gap": plain(gap(runs1, a1, b1, s)),
+                 "difference": plain(gap(runs2, a2, b2, s) - gap(runs1, a1, b1, s))} for s in seeds]
+    what = f"the gap {name}({a2}) - {name}({b2}) in {l2} minus {name}({a1}) - {name}({b1}) in {l1}"
+    head = f"{what}, over {len(seeds)} training seeds: {100 * diff.value:+.1f} points"
+    if not np.isfinite(diff.low):
+        decision, sentence = "undecided", f"{head}; fewer than two seeds, so no interval and no verdict."
+    else:
+        ci = f"{100 * diff.level:.0f} % interval [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
+        decision = f"{l2} gap" if diff.low > 0 else f"{l1} gap" if diff.high < 0 else "undecided"
+        sentence = (f"{head}, {ci}: not distinguishable across training seeds." if decision == "undecided"
+                    else f"{head}, {ci}: the {decision} is larger, across training seeds.")
+    return {"a": f"{l2} gap", "b": f"{l1} gap", "metric": name, "pairs": {l2: list(pair2), l1: list(pair1)},
+            "n_seeds": len(seeds), "per_seed": per_seed, **{k: plain(v) for k, v in diff.as_dict().items()},
+            "interval": "t over seeds, training + test-sample variance "
+                        "(evidence.seed_difference_in_differences)",
+            "decision": decision, "sentence": sentence}

@@ -27,7 +27,8 @@ from nbsupport.models import umons as umons_models
 
 __all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_and_test", "train_umons",
            "top_p_sweep", "compare_attention_grad", "reference_bug_cost",
-           "umons_bug_cost", "mesm_bug_cost", "SeedRuns", "train_seeds", "pooling_verdict"]
+           "umons_bug_cost", "mesm_bug_cost", "SeedRuns", "train_seeds", "pooling_verdict",
+           "family_seed_runs"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
@@ -437,3 +438,36 @@ def pooling_verdict(data, test, *, seeds, epochs: int, done: Mapping | None = No
                 decisions = (model(tokens, lengths) > 0).numpy().astype(int)[:, None]
             runs.setdefault(f"{pooling} pooling", {})[seed] = evidence.Predictions("emotion", decisions, truth, ids)
     return evidence.compare_seeds(runs, "attention pooling", "mean pooling", "acc")
+def family_seed_runs(trained: Mapping, builders: Mapping, loaders: Mapping[str, Iterable], seeds, *,
+                     families: Mapping, keep=(), seed: int, epochs: int, lr: float, device="auto",
+                     metric: str = "wacc", per_model: Mapping | None = None,
+                     progress: bool = True) -> tuple[SeedRuns, dict]:
+    """The runs across training seeds that one corpus's family verdicts need, within a chapter's budget
+    (Chapter 7: best end-to-end against best two-phase, and MESM against FE2E, in each regime).
+
+    ``trained``: ``{method: (row, fit_result)}``, the chapter's own run of every method, trained with
+    ``seed`` as ``builders[method]`` builds it (under ``torch.manual_seed(seed)``) and
+    :func:`train_and_test` trains it (``per_model[method]``: its own ``loaders``, ``epochs``, ...).
+    ``families``: two ``label -> [methods]`` entries. Trained with every seed of ``seeds``
+    (:func:`train_seeds`; the chapter's run is entered with :meth:`SeedRuns.add` when ``seed`` is one of
+    them, so it is not repeated): every method of ``keep`` that was trained (e.g. FE2E and MESM, which a
+    verdict compares directly), and, from a family with no such method, only its method with the best
+    *validation* ``metric`` in the chapter's run -- chosen at that one seed (the budget), never on test.
+    Returns ``(runs, groups)``: ``groups`` maps each family to the methods trained with every seed (the
+    groups :meth:`SeedRuns.compare_groups` picks from by mean validation score over seeds; empty where
+    the family had no trained method)."""
+    seeds = [int(s) for s in seeds]
+    groups = {}
+    for label, methods in families.items():
+        have = [m for m in methods if m in trained]
+        kept = [m for m in have if m in keep]
+        best = max(have, key=lambda m: trained[m][1].valid_metrics[metric]) if have else None
+        groups[label] = kept or ([best] if best else [])
+    chosen = [m for ms in groups.values() for m in ms]
+    runs = SeedRuns(metric)
+    for m in chosen if seed in seeds else ():
+        runs.add(m, seed, *trained[m])
+    train_seeds({m: builders[m] for m in chosen}, loaders, seeds, epochs=epochs, lr=lr, device=device,
+                metric=metric, runs=runs, per_model={m: (per_model or {}).get(m, {}) for m in chosen},
+                progress=progress)
+    return runs, groups

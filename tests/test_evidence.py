@@ -244,3 +244,50 @@ def test_pooling_verdict_trains_both_poolings_per_seed_and_reuses_the_chapters_r
     assert v.a_values[1] == pytest.approx(hand)
     with pytest.raises(ValueError, match="distinct"):
         protocol.pooling_verdict(data, test, seeds=[1, 1], epochs=1)
+def test_seed_difference_in_differences_is_the_seed_difference_of_the_gaps_with_both_variances():
+    from nbsupport.evidence import seed_difference, seed_difference_in_differences, seed_interval
+
+    a2, b2 = _runs([34, 31, 36, 30, 33]), _runs([20, 22, 19, 24, 21])
+    same = _runs([25] * 5)
+    # a first corpus whose two methods decide alike: the change of gap is the second corpus's gap, and
+    # with the same resamples the interval is seed_difference's exactly
+    did = seed_difference_in_differences(a2, b2, same, same, "acc", resamples=300)
+    ref = seed_difference(a2, b2, "acc", resamples=300)
+    assert (did.value, did.low, did.high) == (pytest.approx(ref.value), pytest.approx(ref.low),
+                                              pytest.approx(ref.high))
+    # value by hand: per seed (a2 - b2) - (a1 - b1) accuracies, averaged over seeds
+    a1, b1 = _runs([30, 29, 31, 28, 30], seed=0), _runs([26, 27, 25, 25, 28], seed=0)
+    did = seed_difference_in_differences(a2, b2, a1, b1, "acc", resamples=300)
+    by_hand = (np.array([34, 31, 36, 30, 33]) - [20, 22, 19, 24, 21] - [30, 29, 31, 28, 30]
+               + [26, 27, 25, 25, 28]) / 40
+    assert did.value == pytest.approx(by_hand.mean())
+    seeds_only = seed_interval(by_hand)  # the t interval over seeds alone: the test sample adds width
+    assert did.low < seeds_only.low and did.high > seeds_only.high
+    one = seed_difference_in_differences(a2[:1], b2[:1], a1[:1], b1[:1], "acc")
+    assert one.low != one.low  # one seed: no interval
+    with pytest.raises(ValueError, match="one run per seed"):
+        seed_difference_in_differences(a2, b2, a1[:4], b1, "acc")
+    other = [_preds(p.decisions, p.labels, ids=[f"x{i}" for i in range(len(p))]) for p in b1]
+    with pytest.raises(ValueError, match="different utterances"):
+        seed_difference_in_differences(a2, b2, a1, other, "acc")
+
+
+def test_compare_gaps_decides_a_planted_change_of_gap_and_refuses_unpaired_seeds():
+    import json
+
+    from nbsupport.evidence import compare_gaps
+
+    second = {"E": dict(enumerate(_runs([36, 37, 35, 38, 36]))), "T": dict(enumerate(_runs([20, 22, 19, 21, 20])))}
+    first = {"E": dict(enumerate(_runs([28, 27, 29, 28, 27]))), "T": dict(enumerate(_runs([27, 28, 27, 26, 28])))}
+    v = compare_gaps(second, ("E", "T"), first, ("E", "T"), "acc", labels=("hidden", "visible"))
+    gaps = (np.array([36, 37, 35, 38, 36]) - [20, 22, 19, 21, 20]) / 40
+    assert v["per_seed"][2]["hidden gap"] == pytest.approx(gaps[2])
+    assert v["value"] == pytest.approx(np.mean(gaps - (np.array([28, 27, 29, 28, 27]) - [27, 28, 27, 26, 28]) / 40))
+    assert v["decision"] == "hidden gap" and v["low"] > 0 and "hidden gap is larger" in v["sentence"]
+    assert v["n_seeds"] == 5
+    json.dumps(v)
+    flat = compare_gaps(second, ("E", "T"), second, ("E", "T"), "acc")
+    assert flat["decision"] == "undecided" and flat["value"] == 0
+    del second["T"][4]
+    with pytest.raises(ValueError, match="same seeds"):
+        compare_gaps(second, ("E", "T"), first, ("E", "T"), "acc")

@@ -73,6 +73,13 @@ def _regimes_not_empty(params: dict) -> None:
         raise ParameterError("parameter 'regimes' must name at least one regime, e.g. {'visible': 0.0}")
 
 
+def _two_phase_chapter_checks(params: dict) -> None:
+    """Chapter 7: at least one regime, and distinct training seeds (each seed is one run per method)."""
+    _regimes_not_empty(params)
+    if len(set(params["seeds"])) != len(params["seeds"]):
+        raise ParameterError(f"parameter 'seeds' must hold distinct training seeds, got {params['seeds']}")
+
+
 def _shrink_grid(grid: dict) -> dict:
     return shrink_grid(grid, max_points=1)
 
@@ -126,12 +133,13 @@ SPECS: dict[str, Spec] = {
                                                                    complete=True),
                    baseline_sizes=_BASELINE_SIZES, regimes=_REGIMES,
                    later_regime_models=ListOf(Choice("LF-LSTM", "LF-Transformer", "MulT", "FE2E", "MESM"),
-                                              min_len=0)),
+                                              min_len=0), seeds=ListOf(Int(min=0))),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, baseline_epochs=1, text_model=TINY_TEXT_MODEL,
+                   seeds=lambda s: s[:2],
                    e2e_sizes=MESM_SMOKE_SIZES,
                    baseline_sizes={"LF-LSTM": dict(hidden=8), "LF-Transformer": dict(dim=8, layers=1, heads=2),
                                    "MulT": dict(dim=8, heads=2, cross_layers=1, self_layers=1)}),
-        check=_regimes_not_empty),
+        check=_two_phase_chapter_checks),
 }
 
 
