@@ -6,8 +6,8 @@ Usage (default sizes, about twice a cold chapter build; the book's Design page c
     python benchmarks/verdicts_travel.py --out benchmarks/results/verdicts_travel
 
 ``--smoke`` runs the chapters at smoke size, ``--chapters`` picks some, ``-p CHAPTER NAME VALUE`` (VALUE
-as JSON) sets a parameter of one chapter in both builds, ``--compare DIR_A DIR_B`` only compares two
-finished builds. Writes ``verdicts_travel.json`` and ``verdicts_travel.md`` (one row per chapter and
+as JSON) sets a parameter of one chapter in both builds, ``--build-a DIR`` takes a finished build for the
+first thread count (only the second runs), ``--compare DIR_A DIR_B`` only compares two finished builds. Writes ``verdicts_travel.json`` and ``verdicts_travel.md`` (one row per chapter and
 verdict key: both decisions, both sentences, same?) into ``--out`` and exits with 1 when a verdict reads
 differently (or a chapter failed), 0 when every decision is the same.
 """
@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("-p", nargs=3, action="append", default=[], metavar=("CHAPTER", "NAME", "VALUE"),
                     help="a chapter parameter for both builds, VALUE as JSON")
     ap.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"), help="compare two finished builds only")
+    ap.add_argument("--build-a", metavar="DIR", help="a finished build under A threads (<DIR>/<chapter>/"
+                    "metrics.json, e.g. the tests' smoke runs): only the B build runs")
     args = ap.parse_args(argv)
     out = Path(args.out)
     labels = tuple(str(t) for t in args.threads)
@@ -43,8 +45,9 @@ def main(argv=None) -> int:
         params: dict = {}
         for chapter, name, value in args.p:
             params.setdefault(chapter, {})[name] = json.loads(value)
-        dirs = [out / f"threads{t}" for t in args.threads]
-        for t, d in zip(args.threads, dirs):
+        dirs = [Path(args.build_a) if args.build_a else out / f"threads{args.threads[0]}",
+                out / f"threads{args.threads[1]}"]
+        for t, d in list(zip(args.threads, dirs))[1 if args.build_a else 0:]:
             runs[t] = travel.build(ROOT / "book", d, t, args.chapters, smoke=args.smoke, parameters=params)
             for chapter, r in runs[t].items():
                 print(f"{chapter} with {t} thread(s): {r['seconds']} s{' FAILED' if r['error'] else ''}")
