@@ -66,6 +66,7 @@ def test_read_verdicts_needs_a_decision(tmp_path):
     assert travel.read_verdicts(tmp_path / "missing.json") == {}
 
 
+@pytest.mark.slow
 def test_run_chapter_sets_the_kernels_threads_and_chapter_8s_threads_parameter(tmp_path):
     """The kernel of each build runs under the build's thread count (PyTorch's pool and the thread
     variables), and chapter 8's own ``threads`` parameter (its sweep points' threads) follows it."""
