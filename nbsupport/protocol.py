@@ -25,7 +25,8 @@ from nbsupport.models import mesm as mesm_models
 from nbsupport.models import toy
 from nbsupport.models import umons as umons_models
 
-__all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_and_test", "train_umons",
+__all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_and_test", "train_umons", "build_umons",
+           "umons_verdicts", "UMONS_BUG_NAME",
            "top_p_sweep", "compare_attention_grad", "reference_bug_cost",
            "umons_bug_cost", "mesm_bug_cost", "SeedRuns", "train_seeds", "pooling_verdict",
            "family_seed_runs"]
@@ -181,15 +182,83 @@ def train_umons(modalities: str, loaders: Mapping[str, Iterable], *, task: str =
     and ``normalise_inputs=False`` is the authors' network trained as their code trains it.
     Returns ``(row, fit_result)``."""
     torch.manual_seed(seed)
+    model = build_umons(modalities, loaders, config=config, task=task, n_emotions=n_emotions,
+                        normalise_inputs=normalise_inputs)
+    return train_and_test(model, loaders, name=f"UMONS-{model.modalities}", task=task, epochs=epochs, lr=lr,
+                          device=device, seed=seed, thresholds=0.5, patience=patience,
+                          checkpoint_dir=checkpoint_dir, progress=progress, protocol=protocol)
+
+
+def build_umons(modalities: str, loaders: Mapping[str, Iterable], *, config=None, task: str = "emotion",
+                n_emotions: int = 6, normalise_inputs: bool = True) -> "umons_models.UmonsTransformer":
+    """The untrained UMONS model :func:`train_umons` trains (Chapters 3-4): input sizes read from the first
+    training batch (the loader's own generator, so the global ``torch`` seed is untouched), inputs
+    standardised on the training split. Call it under ``torch.manual_seed(seed)`` for seeded weights."""
     first = next(iter(loaders["train"]))
     model = umons_models.UmonsTransformer(modalities, train.n_outputs(task, n_emotions),
                                           config=config or umons_models.UmonsConfig(),
                                           input_dims=umons_models.input_dims_from(first))
-    if normalise_inputs:
-        model.fit_input_normalisation(loaders["train"])
-    return train_and_test(model, loaders, name=f"UMONS-{model.modalities}", task=task, epochs=epochs, lr=lr,
-                          device=device, seed=seed, thresholds=0.5, patience=patience,
-                          checkpoint_dir=checkpoint_dir, progress=progress, protocol=protocol)
+    return model.fit_input_normalisation(loaders["train"]) if normalise_inputs else model
+
+
+#: Chapter 4's name for L+A+V trained with Model_LAV's video-mask bug (a method of its seed runs).
+UMONS_BUG_NAME = "LAV (video-mask bug)"
+
+
+def umons_verdicts(loaders: Mapping[str, Iterable], config: "umons_models.UmonsConfig", modalities, *, seeds,
+                   bug_seeds=(), bug: Mapping | None = None, task: str = "emotion", n_emotions: int = 6,
+                   epochs: int, lr: float, device="auto", runs: "SeedRuns | None" = None,
+                   progress: bool = True) -> tuple["SeedRuns", dict]:
+    """Chapter 4's three verdicts across training seeds, in one call: does fusion pay (the best joint
+    model against the best single modality, each chosen by mean validation score over seeds,
+    :func:`nbsupport.evidence.compare_groups`), does vision add (L+A+V against L+A), and what the
+    reference code's bug ``bug`` (e.g. ``{"video_glimpse_mask": "audio"}``) costs L+A+V.
+
+    Every method of ``modalities`` (named by its letters, e.g. ``"LAV"``) is trained with every seed of
+    ``seeds`` as :func:`train_umons` trains it (:func:`build_umons` under ``torch.manual_seed(seed)``, the
+    same trainer and threshold 0.5), so a run the chapter already made with :func:`train_umons` and entered
+    with :meth:`SeedRuns.add` is the same run and is not repeated. The bug is one more method,
+    :data:`UMONS_BUG_NAME`, trained with each seed of ``bug_seeds``: built from the same initial weights as
+    that seed's L+A+V (the bug switches change no parameter) and trained with the same data order and
+    dropout draws, so its "without the bug" runs are L+A+V's seed runs (trained here for a bug seed not
+    in ``seeds``). Returns ``(runs, verdicts)``: ``verdicts`` maps ``"fusion_gain"``, ``"vision_gain"``
+    and ``"video_mask_bug"`` (each only when its methods were asked for) to
+    :class:`~nbsupport.evidence.SeedVerdict`."""
+    metric = {"emotion": "wacc", "sentiment7": "acc7", "sentiment2": "acc2"}[task]
+    runs = runs if runs is not None else SeedRuns(metric)
+    fit_kw = dict(epochs=epochs, lr=lr, device=device, runs=runs, progress=progress, task=task, thresholds=0.5)
+
+    def builder(m: str, switches: Mapping | None = None):
+        def build():
+            model = build_umons(m, loaders, config=config, task=task, n_emotions=n_emotions)
+            if switches:  # same initial weights as the fixed model built first under this seed
+                buggy = build_umons(m, loaders, config=dataclasses.replace(config, **switches), task=task,
+                                    n_emotions=n_emotions)
+                buggy.load_state_dict(model.state_dict())
+                model = buggy
+            return model
+        return build
+
+    modalities = list(modalities)
+    train_seeds({m: builder(m) for m in modalities}, loaders, seeds, **fit_kw)
+    if bug and bug_seeds:
+        train_seeds({"LAV": builder("LAV"), UMONS_BUG_NAME: builder("LAV", bug)}, loaders, bug_seeds, **fit_kw)
+    def on(seed_list, table):  # the runs at these seeds of the methods trained with all of them
+        seed_list = [int(s) for s in seed_list]
+        return {m: {s: per[s] for s in seed_list} for m, per in table.items() if set(seed_list) <= set(per)}
+
+    test, valid = on(seeds, runs.test), on(seeds, runs.valid)
+    verdicts = {}
+    single, joint = [m for m in modalities if len(m) == 1], [m for m in modalities if len(m) > 1]
+    if single and joint:
+        verdicts["fusion_gain"] = evidence.compare_groups(test, valid, {"joint encoding": joint,
+                                                                        "single modality": single}, metric)
+    if {"LA", "LAV"} <= set(modalities):
+        verdicts["vision_gain"] = evidence.compare_seeds(test, "LAV", "LA", metric)
+    if bug and bug_seeds:
+        bug_runs = {m: v for m, v in on(bug_seeds, runs.test).items() if m in ("LAV", UMONS_BUG_NAME)}
+        verdicts["video_mask_bug"] = evidence.compare_seeds(bug_runs, UMONS_BUG_NAME, "LAV", metric)
+    return runs, verdicts
 
 
 def top_p_sweep(model: "mesm_models.EndToEndModel", loader, top_ps, *, thresholds=None, device="cpu",

@@ -1,6 +1,7 @@
 """Chapter 8's computed answer (nbsupport.book.sweep_stats) against hand-computed values and scipy."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -93,3 +94,28 @@ def test_paired_effect_without_spread_over_seeds_gives_no_interval():
     eff = ss.paired_effect(t, 1.0, 0.3)
     assert eff["value"] == pytest.approx(0.05) and eff["n"] == 3
     assert np.isnan(eff["low"]) and np.isnan(eff["high"])
+
+
+def test_sweep_answer_carries_the_top_p_effect_as_a_seed_verdict():
+    """Chapter 8's metrics.json entry "top_p_effect": per-seed values by hand, the t interval of
+    paired_effect, and a decision that follows it (the travel check compares it across builds)."""
+    t = table()
+    sv = ss.sweep_answer(t)["seed_verdict"]
+    eff = ss.paired_effect(t, 1.0, 0.3)
+    assert (sv["a"], sv["b"], sv["n_seeds"]) == ("top_p=1.0", "top_p=0.3", 3)
+    assert (sv["value"], sv["low"], sv["high"]) == pytest.approx((eff["value"], eff["low"], eff["high"]))
+    wide = t.pivot_table(index="seed", columns="top_p", values="wacc")
+    assert [r["seed"] for r in sv["per_seed"]] == [0, 1, 2]
+    for r in sv["per_seed"]:
+        assert r["top_p=1.0"] == pytest.approx(wide.loc[r["seed"], 1.0])
+        assert r["difference"] == pytest.approx(wide.loc[r["seed"], 1.0] - wide.loc[r["seed"], 0.3])
+    assert sv["decision"] == "top_p=1.0" and sv["sentence"] in ss.sweep_answer(t)["sentence"]
+    noisy = ss.sweep_answer(table({0.3: [0.60, 0.72, 0.54], 1.0: [0.80, 0.62, 0.74]}))["seed_verdict"]
+    assert noisy["decision"] == "undecided"
+    worse = ss.sweep_answer(table({0.3: [0.80, 0.82, 0.84], 1.0: [0.70, 0.71, 0.75]}))["seed_verdict"]
+    assert worse["decision"] == "top_p=0.3"
+    one = ss.sweep_answer(t[t["seed"] == 0])["seed_verdict"]
+    assert one["decision"] == "undecided" and one["low"] is None  # JSON-safe, no verdict
+    single = ss.sweep_answer(t[t["top_p"] == 1.0])["seed_verdict"]
+    assert single["decision"] == "undecided" and "One top_p value" in single["sentence"]
+    json.dumps(single, allow_nan=False)

@@ -586,3 +586,56 @@ def test_train_seeds_trains_each_method_per_seed_once_and_pairs_them():
     assert verdict.seeds == (0, 1) and verdict.as_dict()["n_seeds"] == 2
     with pytest.raises(ValueError, match="distinct"):
         protocol.train_seeds(builders, loaders, [1, 1], epochs=1, lr=1e-2)
+
+
+def test_umons_verdicts_reuse_the_chapters_run_and_pair_the_bug_with_lav_per_seed():
+    """Chapter 4's verdicts (protocol.umons_verdicts): a run made by train_umons is the seed run (same
+    predictions when trained again), the bug model starts from that seed's L+A+V weights, and a bug seed
+    outside ``seeds`` trains L+A+V too."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from nbsupport import protocol
+
+    batches = [_batch(lengths={"L": [5, 3, 7], "A": [2, 8, 6], "V": [5, 6, 1]}, seed=s, pad_to=8) for s in range(3)]
+    loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
+    cfg = UmonsConfig(**{**SMALL, "dropout": 0.2})
+    kw = dict(config=cfg, epochs=2, lr=1e-2, device="cpu", progress=False)
+    row, res = protocol.train_umons("LAV", loaders, seed=0, **kw)  # the chapter's own run
+    runs = protocol.SeedRuns("wacc")
+    runs.add("LAV", 0, row, res)
+    starts = []
+    real_fit = protocol.train_and_test
+
+    def spy(model, *args, **k):
+        starts.append((k["name"], k["seed"], {n: v.clone() for n, v in model.state_dict().items()}))
+        return real_fit(model, *args, **k)
+
+    protocol.train_and_test = spy
+    try:
+        runs, verdicts = protocol.umons_verdicts(loaders, cfg, ["L", "A", "LA", "LAV"], seeds=[0, 1],
+                                                 bug_seeds=[0, 1, 2], bug={"video_glimpse_mask": "audio"},
+                                                 runs=runs, **{k: v for k, v in kw.items() if k != "config"})
+    finally:
+        protocol.train_and_test = real_fit
+    bug = protocol.UMONS_BUG_NAME
+    trained = [(n, s) for n, s, _ in starts]
+    assert ("LAV", 0) not in trained and trained.count(("LAV", 1)) == 1 and ("LAV", 2) in trained
+    assert {s for n, s in trained if n == bug} == {0, 1, 2}
+    weights = {(n, s): w for n, s, w in starts}
+    torch.manual_seed(0)
+    lav0 = protocol.build_umons("LAV", loaders, config=cfg).state_dict()
+    for s in (0, 1, 2):  # the bug model starts where that seed's L+A+V starts
+        lav = lav0 if s == 0 else weights[("LAV", s)]
+        assert all(torch.equal(lav[k], weights[(bug, s)][k]) for k in lav)
+    again, res1 = protocol.train_umons("LA", loaders, seed=1, **kw)  # the same run as the seed run
+    assert np.array_equal(res1.extra["test"].decisions, runs.test["LA"][1].decisions)
+    assert set(verdicts) == {"fusion_gain", "vision_gain", "video_mask_bug"}
+    fusion = verdicts["fusion_gain"]
+    mean_valid = {m: np.mean([runs.valid[m][s] for s in (0, 1)]) for m in runs.valid}
+    assert fusion.a == max(["LA", "LAV"], key=mean_valid.get)  # chosen on validation, over seeds
+    assert fusion.b == max(["L", "A"], key=mean_valid.get) and fusion.seeds == (0, 1)
+    assert verdicts["vision_gain"].seeds == (0, 1) and (verdicts["vision_gain"].a, verdicts["vision_gain"].b) == \
+        ("LAV", "LA")
+    assert verdicts["video_mask_bug"].seeds == (0, 1, 2) and verdicts["video_mask_bug"].b == "LAV"
+    assert verdicts["video_mask_bug"].as_dict()["decision"] in (bug, "LAV", "undecided")

@@ -109,8 +109,9 @@ SPECS: dict[str, Spec] = {
     "04_umons_multimodal": Spec(
         rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, **_UMONS,
                    task=Choice("emotion", "sentiment7", "sentiment2"), modalities=ListOf(Modalities()),
-                   **_BUG_COST),
-        smoke=dict(_UMONS_SMOKE, **_BUG_COST_SMOKE), check=_multimodal_needs_language),
+                   seeds=ListOf(Int(min=0)), bug_cost_seeds=ListOf(Int(min=0), min_len=0)),
+        smoke=dict(_UMONS_SMOKE, seeds=lambda s: s[:2], bug_cost_seeds=lambda s: s[:2]),
+        check=_multimodal_needs_language),
     "05_fe2e": Spec(
         rules=dict(**_DATA, n_utterances=Int(min=20), modalities=Modalities(need_text=True), **_E2E, **_MESM_SIZES),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES)),

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["per_value_stats", "seed_noise", "paired_effect", "knee", "sweep_answer"]
+__all__ = ["per_value_stats", "seed_noise", "paired_effect", "knee", "sweep_answer", "effect_verdict"]
 
 
 def _json_safe(obj):
@@ -85,7 +85,9 @@ def paired_effect(table: pd.DataFrame, a, b, *, by: str = "top_p", seed: str = "
     d = x - y
     out = {"a": a, "b": b, "value": float(d.mean()) if len(d) else float("nan"), "low": float("nan"),
            "high": float("nan"), "level": level, "n": int(len(d)),
-           "sd": float(d.std(ddof=1)) if len(d) > 1 else float("nan"), "pvalue": float("nan")}
+           "sd": float(d.std(ddof=1)) if len(d) > 1 else float("nan"), "pvalue": float("nan"),
+           "per_seed": [{"seed": s.item() if hasattr(s, "item") else s, "a": float(u), "b": float(v)}
+                        for s, u, v in zip(wide.index[both], x, y)]}
     # without spread over seeds t is undefined: no interval, so no verdict
     if len(d) > 1 and not np.allclose(d, d[0]):
         res = stats.ttest_rel(x, y)
@@ -136,8 +138,11 @@ def sweep_answer(table: pd.DataFrame, *, by: str = "top_p", seed: str = "seed", 
     kn = knee(pv, noise, by=by, cost=cost, reference=ref) if cost in pv.columns else {by: None}
     n_seeds = int(pv["n_seeds"].max())
     if ref == low:
+        one = f"One {by} value only ({by}={ref}): no {by} effect to measure."
+        none = {"a": ref, "b": low, "value": float("nan"), "low": float("nan"), "high": float("nan"),
+                "level": level, "n": n_seeds}
         return _json_safe({"per_value": pv.to_dict("records"), "seed_noise_sd": noise, "effect": None, "knee": kn,
-                           "sentence": f"One {by} value only ({by}={ref}): no {by} effect to measure."})
+                           "sentence": one, "seed_verdict": effect_verdict(none, one, by=by, metric=metric)})
     eff = paired_effect(table, ref, low, by=by, seed=seed, metric=metric, level=level)
     pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731 - percentage points
     head = (f"{metric} at {by}={ref} minus {by}={low}, paired by seed: {pts(eff['value'])} points")
@@ -151,6 +156,7 @@ def sweep_answer(table: pd.DataFrame, *, by: str = "top_p", seed: str = "seed", 
                        f"({by}={better} scores higher).")
         else:
             verdict = (f"{head}, {ci}: the interval includes 0, so the {by} effect does not exceed seed noise.")
+    verdict_fields = effect_verdict(eff, verdict, by=by, metric=metric)
     noise_txt = (f"Seed noise (pooled SD of {metric} over {n_seeds} seeds): {100 * noise:.1f} points."
                  if np.isfinite(noise) else "One seed per value: seed noise is not measured.")
     if kn.get(by) is None:
@@ -159,4 +165,23 @@ def sweep_answer(table: pd.DataFrame, *, by: str = "top_p", seed: str = "seed", 
         knee_txt = (f"Knee: {by}={kn[by]} is the cheapest setting whose mean {metric} is within one seed-noise SD "
                     f"of {by}={ref}'s, at {100 * kn['cost_ratio']:.0f} % of its {cost}.")
     return _json_safe({"per_value": pv.to_dict("records"), "seed_noise_sd": noise, "effect": eff, "knee": kn,
-                       "sentence": " ".join([noise_txt, verdict, knee_txt])})
+                       "sentence": " ".join([noise_txt, verdict, knee_txt]), "seed_verdict": verdict_fields})
+
+
+def effect_verdict(effect: dict, sentence: str, *, by: str = "top_p", metric: str = "wacc") -> dict:
+    """:func:`paired_effect`'s result in the book's ``seed_verdicts`` form (the fields of
+    :meth:`nbsupport.evidence.SeedVerdict.as_dict`; Chapter 8's ``"top_p_effect"``): the two settings'
+    names (``"top_p=1.0"``), per-seed values, the t interval over seeds and the ``decision`` (the higher
+    setting's name when the interval excludes 0, else ``"undecided"``). Each sweep seed draws its own
+    corpus and split, so the spread over seeds already holds the test sample's variance as well as
+    training's: the plain t over seeds counts both."""
+    a, b = f"{by}={effect['a']}", f"{by}={effect['b']}"
+    low, high = effect["low"], effect["high"]
+    decision = a if low > 0 else b if high < 0 else "undecided"  # NaN compares False: undecided
+    per_seed = [{"seed": r["seed"], a: r["a"], b: r["b"], "difference": r["a"] - r["b"]}
+                for r in effect.get("per_seed", [])]
+    return _json_safe({"a": a, "b": b, "metric": metric, "n_seeds": effect["n"], "per_seed": per_seed,
+                       "value": effect["value"], "low": low, "high": high, "level": effect["level"],
+                       "interval": "t over seeds (scipy.stats.ttest_rel); each seed draws its own corpus, "
+                                   "so the spread holds training and test-sample variance",
+                       "decision": decision, "sentence": sentence})
