@@ -149,3 +149,23 @@ def test_static_explorer_shrinks_pictures_to_fit_the_budget():
                                 progress=False)
     assert small.scale < 1.0 and small.nbytes <= full.nbytes * 0.6
     assert _decode(small.images[0]).size == (round(288 * small.scale), round(216 * small.scale))
+
+
+def test_live_explorer_redraws_the_figure_of_the_controls_values():
+    calls = []
+
+    def draw(level, scale):
+        calls.append((level, scale))
+        return _figure(level * scale)
+
+    level, scale = W.IntSlider(value=1, min=0, max=2), W.FloatSlider(value=0.5, min=0.0, max=1.0)
+    box = nbw.live_explorer(draw, {"level": level, "scale": scale})
+    view = box.children[1]
+    assert calls == [(1, 0.5)] and bytes(view.value) == bytes(nbw.figure_view(_figure(0.5)).value)
+    assert nbw.LIVE_ONLY_CLASS in box._dom_classes and list(box.children[0].children) == [level, scale]
+    level.value = 2
+    assert calls[-1] == (2, 0.5) and bytes(view.value) == bytes(nbw.figure_view(_figure(1.0)).value)
+    scale.value = 0.0
+    assert calls[-1] == (2, 0.0)
+    with pytest.raises(TypeError, match="controls"):
+        nbw.live_explorer(draw, {"level": 3})

@@ -29,7 +29,7 @@ from nbsupport.base import ParameterError, atomic_write_text
 
 __all__ = ["KEY_WORDS", "key_vectors", "draw_query_attention", "attention_explorer", "show_in", "figure_view",
            "figure_png", "static_explorer", "StaticExplorer", "EXPLORER_BUDGET", "LIVE_ONLY_CLASS",
-           "attention_static_explorer"]
+           "attention_static_explorer", "live_explorer"]
 
 
 def figure_png(fig, dpi: int = 100) -> bytes:
@@ -68,6 +68,28 @@ def show_in(view, fig) -> None:
     if not isinstance(view, W.Image):
         raise TypeError(f"show_in: 'view' must be an ipywidgets.Image (figure_view()), got {type(view).__name__}")
     view.value = figure_png(fig)
+
+
+def live_explorer(draw: Callable, controls: dict) -> W.VBox:
+    """A live explorer for JupyterLab (Chapters 4 and 6: co-attention maps, MESM's kept sites): the
+    figure ``draw(**values)`` of the controls' current values, redrawn in a :func:`figure_view` whenever
+    one of ``controls`` (name -> an ipywidgets control with a ``value``) moves. The box is marked live
+    only: the rendered book shows the chapter's :func:`static_explorer` of the same ``draw`` instead.
+    Displays the box and returns it."""
+    if not controls or any(not hasattr(c, "observe") or not hasattr(c, "value") for c in controls.values()):
+        raise TypeError("live_explorer: 'controls' must map names to ipywidgets controls with a value")
+    view = figure_view()
+
+    def redraw(_=None):
+        show_in(view, draw(**{name: c.value for name, c in controls.items()}))
+
+    for c in controls.values():
+        c.observe(redraw, names="value")
+    box = W.VBox([W.HBox(list(controls.values())), view])
+    box.add_class(LIVE_ONLY_CLASS)
+    display(box)
+    redraw()
+    return box
 
 
 #: Words placed on a 2-D "meaning" plane (angle = kind of feeling) for the query explorer of Chapter 1.
