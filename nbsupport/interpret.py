@@ -39,7 +39,7 @@ __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_piec
            "lift_intervals", "LiftTracker", "lift_verdicts", "draw_lift_by_epoch",
            "face_crop_box", "face_region_from_box", "CueRegions", "measure_cue_attention", "utterance_maps",
            "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites",
-           "AnalysisPlan", "analysis_plan", "attention_lifts", "cue_sums",
+           "AnalysisPlan", "analysis_plan", "cue_sums",
            "seed_lift_intervals", "seed_lift_verdicts"]
 
 
@@ -626,13 +626,3 @@ def analysis_plan(test_set, *, analysis: bool = True, lift_by_epoch: bool = True
                    f"which only the synthetic corpus writes), so the cells that need it are skipped "
                    f"({_and(dropped)}), while {_and(kept)} run as usual.")
     return AnalysisPlan(**plan, skipped=skipped)
-
-
-
-def attention_lifts(model, loader, cues: CueRegions, *, device="cpu", seed: int = 0) -> dict:
-    """The attention's lift on the cue regions per modality and layer, as plain numbers keyed
-    ``"V layer 1"`` etc. (:func:`measure_cue_attention`'s point values, no interval): the per-seed
-    measurement of :func:`nbsupport.protocol.reference_bug_cost` in Chapter 6, whose intervals come from
-    the spread over training seeds instead."""
-    table = measure_cue_attention(model, loader, cues, device=device, progress=False, resamples=100, seed=seed)
-    return {f"{r.modality} layer {r.layer}": float(r.attention_lift) for r in table.itertuples()}
