@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from tqdm.auto import tqdm
 
@@ -38,7 +39,8 @@ __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_piec
            "lift_intervals", "LiftTracker", "lift_verdicts", "draw_lift_by_epoch",
            "face_crop_box", "face_region_from_box", "CueRegions", "measure_cue_attention", "utterance_maps",
            "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites",
-           "AnalysisPlan", "analysis_plan", "attention_lifts"]
+           "AnalysisPlan", "analysis_plan", "cue_sums",
+           "seed_lift_intervals", "seed_lift_verdicts"]
 
 
 def region_to_grid(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -254,12 +256,12 @@ class CueRegions:
 
 
 @torch.no_grad()
-def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_batches: int | None = None,
-                          progress: bool = True, resamples: int = evidence.BOOTSTRAP_RESAMPLES,
-                          seed: int = 0) -> pd.DataFrame:
-    """Share of attention mass and of kept sites inside the cue regions vs chance, per modality and
-    layer, over ``loader`` (Ch. 6's measured interpretability), each lift with its bootstrap interval
-    over the test utterances; see :func:`lift_intervals`."""
+def cue_sums(model, loader, cues: CueRegions, *, device="cpu", max_batches: int | None = None,
+             progress: bool = True) -> pd.DataFrame:
+    """The attention mass, kept sites and chance inside the cue regions, summed per modality, layer and
+    test utterance over ``loader`` (:func:`layer_cue_table` with owners; the model in eval mode, no
+    gradient): what :func:`lift_intervals` resamples for one model and :func:`seed_lift_intervals` for
+    one model per training seed (Chapter 6's measured interpretability)."""
     was_training = model.training
     model.eval()
     tables = []
@@ -272,7 +274,82 @@ def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_
             owners = np.repeat(np.asarray(batch["ids"], dtype=object), mask.sum(1).cpu().numpy().astype(int))
             tables.append(layer_cue_table(records, cues.for_batch(batch, m), m, owners=owners))
     model.train(was_training)
-    return lift_intervals(pd.concat(tables, ignore_index=True), resamples=resamples, seed=seed)
+    return pd.concat(tables, ignore_index=True)
+
+
+def measure_cue_attention(model, loader, cues: CueRegions, *, device="cpu", max_batches: int | None = None,
+                          progress: bool = True, resamples: int = evidence.BOOTSTRAP_RESAMPLES,
+                          seed: int = 0) -> pd.DataFrame:
+    """Share of attention mass and of kept sites inside the cue regions vs chance, per modality and
+    layer, over ``loader`` (Ch. 6's measured interpretability), each lift with its bootstrap interval
+    over the test utterances; see :func:`lift_intervals`."""
+    sums = cue_sums(model, loader, cues, device=device, max_batches=max_batches, progress=progress)
+    return lift_intervals(sums, resamples=resamples, seed=seed)
+
+
+def seed_lift_intervals(per_seed: Mapping, what: str = "attention", *, resamples: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """The lift on the cue regions of a *method*, across training seeds (Chapter 6's lift verdicts).
+
+    ``per_seed[s]``: :func:`cue_sums` of the model trained with seed ``s``, all on one test split. Per
+    modality and layer, seed ``s``'s lift is the sum of its ``{what}_sum`` over the utterances divided by
+    the sum of ``chance_sum``; ``lift`` is their mean over the ``S`` seeds. Its interval counts both
+    sources of variance, as :func:`nbsupport.evidence.seed_difference` does for a score: the variance
+    over seeds divided by ``S`` (training again) plus the variance of the seed-averaged lift under a
+    bootstrap over test utterances (one resample of utterances shared by every seed), with Student's t
+    at ``S - 1`` degrees of freedom. NaN interval with fewer than two seeds.
+    Returns one row per modality and layer: ``n_seeds``, ``n_utterances``, ``lift``, ``low``, ``high``,
+    ``level`` and ``per_seed`` ({seed: lift})."""
+    if not per_seed:
+        raise ValueError("seed_lift_intervals: 'per_seed' is empty (no measured seed)")
+    seeds = sorted(per_seed)
+    rng, rows = np.random.default_rng(seed), []
+    keys = sorted(set.intersection(*[set(map(tuple, per_seed[s][["modality", "layer"]].to_numpy()))
+                                     for s in seeds]))
+    for m, layer in keys:
+        tabs = [per_seed[s][(per_seed[s]["modality"] == m) & (per_seed[s]["layer"] == layer)]
+                .groupby("utterance")[[f"{what}_sum", "chance_sum"]].sum() for s in seeds]
+        utts = sorted(set.intersection(*[set(t.index) for t in tabs]))
+        num = np.stack([t.loc[utts, f"{what}_sum"].to_numpy(float) for t in tabs])   # (S, n)
+        den = np.stack([t.loc[utts, "chance_sum"].to_numpy(float) for t in tabs])
+        lifts = num.sum(1) / np.maximum(den.sum(1), 1e-12)
+        value, n_seeds, n = float(lifts.mean()), len(seeds), len(utts)
+        low = high = float("nan")
+        if n_seeds >= 2 and n >= 2 and np.all(np.isfinite(lifts)):
+            idx = rng.integers(0, n, (resamples, n))
+            boot = (num[:, idx].sum(-1) / np.maximum(den[:, idx].sum(-1), 1e-12)).mean(0)
+            var = np.var(lifts, ddof=1) / n_seeds + np.var(boot, ddof=1)
+            half = float(stats.t.ppf(0.5 + level / 2, n_seeds - 1) * np.sqrt(var))
+            low, high = value - half, value + half
+        rows.append(dict(modality=m, layer=int(layer), n_seeds=n_seeds, n_utterances=n, lift=value, low=low,
+                         high=high, level=level, per_seed={int(s): float(v) for s, v in zip(seeds, lifts)}))
+    return pd.DataFrame(rows)
+
+
+def seed_lift_verdicts(table: pd.DataFrame, what: str = "the attention", label: str = "") -> dict:
+    """Chapter 6's lift verdicts across training seeds, one per row of :func:`seed_lift_intervals`, keyed
+    ``"lift_{modality}_layer{layer}"`` (with ``label`` in front of the sentence): ``decision`` is
+    ``"cue regions"`` (the interval lies above 1: the attention prefers the cues), ``"elsewhere"`` (below
+    1) or ``"undecided"``; with ``sentence``, ``value``, ``low``, ``high``, ``n_seeds`` and ``per_seed``,
+    the fields every verdict in ``metrics.json`` carries."""
+    out = {}
+    for r in table.sort_values(["modality", "layer"]).itertuples():
+        head = f"{label}{r.modality} layer {r.layer}: {what}, over {r.n_seeds} training seeds: lift {r.lift:.3f}"
+        finite = bool(np.isfinite(r.low))
+        decision = "cue regions" if finite and r.low > 1 else "elsewhere" if finite and r.high < 1 else "undecided"
+        if not finite:
+            sentence = f"{head}; fewer than two seeds, so no interval and no verdict."
+        else:
+            ci = f"{100 * r.level:.0f} % interval [{r.low:.3f}, {r.high:.3f}]"
+            sentence = f"{head}, {ci}: " + {
+                "cue regions": "it prefers the cue regions (above 1), across training seeds.",
+                "elsewhere": "it avoids the cue regions (below 1), across training seeds.",
+                "undecided": "not distinguishable from chance across training seeds."}[decision]
+        out[f"lift_{r.modality}_layer{r.layer}"] = dict(
+            decision=decision, sentence=sentence, value=float(r.lift), low=float(r.low) if finite else None,
+            high=float(r.high) if finite else None, n_seeds=int(r.n_seeds),
+            per_seed=[{"seed": s, "lift": v} for s, v in r.per_seed.items()])
+    return out
 
 
 class LiftTracker:
@@ -549,13 +626,3 @@ def analysis_plan(test_set, *, analysis: bool = True, lift_by_epoch: bool = True
                    f"which only the synthetic corpus writes), so the cells that need it are skipped "
                    f"({_and(dropped)}), while {_and(kept)} run as usual.")
     return AnalysisPlan(**plan, skipped=skipped)
-
-
-
-def attention_lifts(model, loader, cues: CueRegions, *, device="cpu", seed: int = 0) -> dict:
-    """The attention's lift on the cue regions per modality and layer, as plain numbers keyed
-    ``"V layer 1"`` etc. (:func:`measure_cue_attention`'s point values, no interval): the per-seed
-    measurement of :func:`nbsupport.protocol.reference_bug_cost` in Chapter 6, whose intervals come from
-    the spread over training seeds instead."""
-    table = measure_cue_attention(model, loader, cues, device=device, progress=False, resamples=100, seed=seed)
-    return {f"{r.modality} layer {r.layer}": float(r.attention_lift) for r in table.itertuples()}

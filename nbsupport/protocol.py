@@ -29,7 +29,7 @@ __all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_an
            "umons_verdicts", "UMONS_BUG_NAME",
            "top_p_sweep", "compare_attention_grad", "reference_bug_cost",
            "umons_bug_cost", "mesm_bug_cost", "SeedRuns", "train_seeds", "pooling_verdict",
-           "family_seed_runs"]
+           "family_seed_runs", "MESM_SEED_VARIANTS", "mesm_seed_runs", "mesm_seed_verdicts"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
@@ -431,13 +431,19 @@ class SeedRuns:
     test: dict = dataclasses.field(default_factory=dict)   # method -> {seed: evidence.Predictions}
     valid: dict = dataclasses.field(default_factory=dict)  # method -> {seed: validation score}
     seconds: float = 0.0
+    measures: dict = dataclasses.field(default_factory=dict)  # method -> {seed: what measure returned}
 
-    def add(self, name: str, seed: int, row: Mapping, fit_result) -> None:
+    def add(self, name: str, seed: int, row: Mapping, fit_result, measured=None) -> None:
         """Record one trained run (``row, fit_result`` as :func:`train_and_test` returns them), e.g. the
-        chapter's own run at its seed, so that seed is not trained again."""
+        chapter's own run at its seed, so that seed is not trained again; ``measured``: what
+        :func:`train_seeds`' ``measure`` would have returned for its model (kept when not None)."""
+        if measured is not None:
+            self.measures.setdefault(name, {})[int(seed)] = measured
         self.test.setdefault(name, {})[int(seed)] = fit_result.extra["test"]
         self.valid.setdefault(name, {})[int(seed)] = float(fit_result.valid_metrics.get(self.metric, float("nan")))
-        keep = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) and not k.startswith("f1_")}
+        # the columns every run has, whether trained by train_seeds (macs=False) or added (the FLOPs pass)
+        keep = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) and not k.startswith("f1_")
+                and k not in ("top_p", "macs", "dense_macs")}
         self.rows.append({"seed": int(seed), **keep, "model": name,
                           f"valid_{self.metric}": self.valid[name][int(seed)]})
 
@@ -448,9 +454,14 @@ class SeedRuns:
         """One row per (method, seed)."""
         return pd.DataFrame(self.rows).sort_values(["model", "seed"]).reset_index(drop=True)
 
-    def compare(self, a: str, b: str, **kwargs) -> "evidence.SeedVerdict":
-        """``a`` against ``b`` across the seeds both were trained with (:func:`evidence.compare_seeds`)."""
-        return evidence.compare_seeds(self.test, a, b, self.metric, **kwargs)
+    def compare(self, a: str, b: str, *, seeds=None, **kwargs) -> "evidence.SeedVerdict":
+        """``a`` against ``b`` across the seeds both were trained with (:func:`evidence.compare_seeds`), or
+        across ``seeds`` only (e.g. where one method was trained with fewer seeds for the budget)."""
+        test = self.test
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            test = {m: {s: test[m][s] for s in seeds if s in test[m]} for m in (a, b) if m in test}
+        return evidence.compare_seeds(test, a, b, self.metric, **kwargs)
 
     def compare_groups(self, groups: Mapping, **kwargs) -> "evidence.SeedVerdict":
         """Best of each group (chosen on validation) across seeds (:func:`evidence.compare_groups`)."""
@@ -459,13 +470,17 @@ class SeedRuns:
 
 def train_seeds(builders: Mapping, loaders: Mapping[str, Iterable], seeds, *, epochs: int, lr: float,
                 device="auto", metric: str = "wacc", runs: SeedRuns | None = None,
-                per_model: Mapping | None = None, progress: bool = True, **fit_kw) -> SeedRuns:
+                per_model: Mapping | None = None, measure: Mapping | None = None, progress: bool = True,
+                **fit_kw) -> SeedRuns:
     """Train every method of ``builders`` (name -> a function building the untrained model) with every
     training seed and test it, with the book's protocol (:func:`train_and_test`): the seed sets the
     initial weights (``torch.manual_seed`` before the build), the shuffle order and dropout draws; the
     corpus and its split stay fixed, so the spread over seeds is the variance of training again. Runs
     already in ``runs`` (e.g. the chapter's own seed, added with :meth:`SeedRuns.add`) are not repeated.
-    ``per_model[name]`` overrides keyword arguments for one method (``loaders``, ``epochs``, ...)."""
+    ``per_model[name]`` overrides keyword arguments for one method (``loaders``, ``epochs``, ...).
+    ``measure[name](model) -> value`` (e.g. Chapter 6's attention on the cue regions,
+    :func:`nbsupport.interpret.cue_sums`) is called on each trained model of that method and kept in
+    ``runs.measures[name][seed]``; its time counts in ``runs.seconds``."""
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
         raise ParameterError(f"train_seeds: parameter 'seeds' must be distinct integers, got {seeds!r}")
@@ -478,7 +493,8 @@ def train_seeds(builders: Mapping, loaders: Mapping[str, Iterable], seeds, *, ep
         model = builders[name]()
         row, res = train_and_test(model, kw.pop("loaders"), name=name, device=device, seed=seed,
                                   progress=progress, macs=False, **kw)
-        runs.add(name, seed, row, res)
+        fn = (measure or {}).get(name)
+        runs.add(name, seed, row, res, measured=fn(res.model) if fn else None)
     runs.seconds += round(time.perf_counter() - t0, 1)
     return runs
 
@@ -507,6 +523,8 @@ def pooling_verdict(data, test, *, seeds, epochs: int, done: Mapping | None = No
                 decisions = (model(tokens, lengths) > 0).numpy().astype(int)[:, None]
             runs.setdefault(f"{pooling} pooling", {})[seed] = evidence.Predictions("emotion", decisions, truth, ids)
     return evidence.compare_seeds(runs, "attention pooling", "mean pooling", "acc")
+
+
 def family_seed_runs(trained: Mapping, builders: Mapping, loaders: Mapping[str, Iterable], seeds, *,
                      families: Mapping, keep=(), seed: int, epochs: int, lr: float, device="auto",
                      metric: str = "wacc", per_model: Mapping | None = None,
@@ -540,3 +558,54 @@ def family_seed_runs(trained: Mapping, builders: Mapping, loaders: Mapping[str, 
                 metric=metric, runs=runs, per_model={m: (per_model or {}).get(m, {}) for m in chosen},
                 progress=progress)
     return runs, groups
+
+
+#: Chapter 6's MESM variants trained across seeds: name -> the :class:`~nbsupport.models.mesm.MesmConfig`
+#: switches and MESM keyword arguments that make it (none change a parameter, so a variant built under the
+#: same ``torch`` seed starts from the book's MESM's initial weights).
+MESM_SEED_VARIANTS = {"MESM": ({}, {}),
+                      "MESM (fixed attention)": ({}, {"attention_grad": "none"}),
+                      "MESM (site-order bug)": ({"site_order": "reference"}, {})}
+
+
+def mesm_seed_runs(loaders: Mapping[str, Iterable], config: "mesm_models.MesmConfig", *, seeds, epochs: int,
+                   lr: float, modalities: str = "LAV", top_p: float = 0.7, text_model: str | None = None,
+                   device="auto", fe2e: bool = True, bug_cost: bool = True, attention_grad_seeds: int = 0,
+                   measure=None, runs: SeedRuns | None = None, progress: bool = True) -> SeedRuns:
+    """Chapter 6's trainings across seeds, shared by all its verdicts (:func:`train_seeds`, the book's
+    protocol, ``epochs`` each): the book's MESM at every seed of ``seeds``, FE2E (``fe2e``) and MESM with
+    the reference code's block-1 site order (``bug_cost``) at the same seeds, and MESM with the authors'
+    fixed attention (``attention_grad="none"``) at the first ``attention_grad_seeds`` of them. One MESM run
+    per seed serves every comparison: it is the "without the bug" run of :func:`mesm_bug_cost` (same build,
+    initial weights and order) and the ``"reweight"`` run of :func:`compare_attention_grad`.
+    ``measure(model)`` is called on every trained MESM variant (``runs.measures``); ``runs`` may hold the
+    chapter's own run (:meth:`SeedRuns.add`, when trained the same way), which is not repeated."""
+    seeds = [int(s) for s in seeds]
+
+    def builder(name):
+        switches, kw = MESM_SEED_VARIANTS[name]
+        cfg = dataclasses.replace(config, **switches)
+        return lambda: mesm_models.MESM(modalities, top_p=top_p, config=cfg, text_model=text_model, **kw)
+
+    names = ["MESM"] + (["MESM (site-order bug)"] if bug_cost else [])
+    builders = {n: builder(n) for n in names}
+    if fe2e:
+        builders["FE2E"] = lambda: mesm_models.FE2E(modalities, config=config, text_model=text_model)
+    measures = {n: measure for n in MESM_SEED_VARIANTS} if measure else None
+    kw = dict(epochs=epochs, lr=lr, device=device, measure=measures, progress=progress)
+    runs = train_seeds(builders, loaders, seeds, runs=runs, **kw)
+    if attention_grad_seeds:
+        fixed = {"MESM (fixed attention)": builder("MESM (fixed attention)")}
+        runs = train_seeds(fixed, loaders, seeds[:attention_grad_seeds], runs=runs, **kw)
+    return runs
+
+
+def mesm_seed_verdicts(runs: SeedRuns) -> dict:
+    """Chapter 6's method verdicts across training seeds from :func:`mesm_seed_runs`' runs, keyed as in
+    ``metrics.json``: ``"mesm_vs_fe2e"`` (MESM against FE2E), ``"site_order_bug"`` (the bug against
+    without), ``"attention_grad"`` (learned against fixed attention, on the seeds the fixed one was
+    trained with); each :class:`nbsupport.evidence.SeedVerdict` only where both methods ran."""
+    pairs = {"mesm_vs_fe2e": ("MESM", "FE2E"), "site_order_bug": ("MESM (site-order bug)", "MESM"),
+             "attention_grad": ("MESM", "MESM (fixed attention)")}
+    return {key: runs.compare(a, b, seeds=sorted(runs.test[b]))
+            for key, (a, b) in pairs.items() if a in runs.test and b in runs.test}

@@ -239,3 +239,52 @@ def test_lift_formatting_keeps_three_decimals_and_says_when_there_is_no_interval
     assert out["attention lift [95 % CI]"].tolist() == ["1.210 [1.127, 1.302]"]
     assert out["kept-site lift [95 % CI]"].tolist() == ["0.980 [0.969, 1.001]"]
     assert "attention lift [95 % CI]" not in table  # the input is left as it was
+
+
+def _seed_sums(ratios, chance, modality="V", layer=1):
+    """cue_sums-shaped rows: one per utterance, attention_sum = ratio * chance_sum."""
+    import pandas as pd
+    return pd.DataFrame({"modality": modality, "layer": layer, "grid": "6x6", "utterance": [f"u{i}" for i in
+                         range(len(chance))], "n": 1, "attention_sum": np.asarray(ratios) * chance,
+                         "kept_sum": chance, "chance_sum": chance})
+
+
+def test_seed_lift_interval_is_the_t_interval_over_seeds_when_utterances_agree():
+    """Within each seed every utterance has the same lift, so resampling utterances changes nothing and
+    the interval must be scipy's one-sample t interval of the per-seed lifts."""
+    from scipy import stats
+
+    from nbsupport.interpret import seed_lift_intervals, seed_lift_verdicts
+    chance = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    lifts = [1.10, 1.25, 1.05, 1.18, 1.12]
+    table = seed_lift_intervals({s: _seed_sums(np.full(5, x), chance) for s, x in enumerate(lifts)}, resamples=200)
+    r = table.iloc[0]
+    ci = stats.ttest_1samp(lifts, 0.0).confidence_interval(0.95)
+    assert r["lift"] == pytest.approx(np.mean(lifts)) and r["n_seeds"] == 5 and r["n_utterances"] == 5
+    assert (r["low"], r["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert r["per_seed"] == {s: pytest.approx(x) for s, x in enumerate(lifts)}
+    v = seed_lift_verdicts(table)["lift_V_layer1"]
+    assert v["decision"] == "cue regions" and "over 5 training seeds" in v["sentence"] and v["n_seeds"] == 5
+    below = seed_lift_intervals({s: _seed_sums(np.full(5, 2 - x), chance) for s, x in enumerate(lifts)})
+    assert seed_lift_verdicts(below)["lift_V_layer1"]["decision"] == "elsewhere"
+
+
+def test_seed_lift_interval_adds_the_test_sample_variance():
+    """Identical seeds (no training spread): the half-width is t(S-1) times the bootstrap standard error
+    of the one seed's ratio of sums over utterances (scipy.stats.bootstrap as the reference)."""
+    from scipy import stats
+
+    from nbsupport.interpret import seed_lift_intervals, seed_lift_verdicts
+    rng = np.random.default_rng(1)
+    chance = rng.uniform(0.05, 0.4, 60)
+    ratios = rng.uniform(0.6, 1.5, 60)
+    table = seed_lift_intervals({s: _seed_sums(ratios, chance) for s in range(3)}, resamples=4000)
+    r = table.iloc[0]
+    ref = stats.bootstrap((ratios * chance, chance), lambda a, c, axis=-1: a.sum(axis) / c.sum(axis), paired=True,
+                          vectorized=True, n_resamples=4000, random_state=np.random.default_rng(2)).standard_error
+    assert r["lift"] == pytest.approx((ratios * chance).sum() / chance.sum())
+    assert (r["high"] - r["low"]) / 2 == pytest.approx(stats.t.ppf(0.975, 2) * ref, rel=0.1)
+    one = seed_lift_intervals({0: _seed_sums(ratios, chance)})
+    assert np.isnan(one.iloc[0]["low"])
+    v = seed_lift_verdicts(one)["lift_V_layer1"]
+    assert v["decision"] == "undecided" and v["low"] is None and "no verdict" in v["sentence"]

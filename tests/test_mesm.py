@@ -608,3 +608,59 @@ def test_mac_count_of_the_fused_attention_equals_the_composed_layers(monkeypatch
     composed = extractor_macs(model, batch)["table"]
     assert any(composed["layer"].str.endswith("cross_attention.0.w_key"))
     assert fused.to_dict("records") == composed.to_dict("records")
+
+
+def test_mesm_seed_runs_share_one_mesm_run_per_seed_with_the_bug_cost():
+    """Chapter 6's verdicts across seeds: every (variant, seed) is trained once, each MESM variant of a seed
+    starts from that seed's MESM weights, and the MESM run of a seed is exactly the "without the bug" run
+    of protocol.mesm_bug_cost (same trained weights), so the chapter shares it instead of training twice."""
+    from torch.utils.data import DataLoader
+
+    from nbsupport import protocol
+    from nbsupport.data.text import TINY_TEXT_MODEL
+    from nbsupport.models.mesm import MesmConfig
+
+    batches = [make_batch(b=4, seed=s) for s in range(3)]
+    loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
+    cfg = MesmConfig(stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2, attention_hidden=8,
+                     dropout=0.0)
+
+    def checksum(model):  # the trained weights, as one number per parameter tensor
+        return {k: float(v.double().sum()) for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    starts, real = [], protocol.train_and_test
+
+    def spy(model, *args, **kw):
+        starts.append((kw["name"], kw["seed"], {k: v.clone() for k, v in model.state_dict().items()}))
+        return real(model, *args, **kw)
+
+    protocol.train_and_test = spy
+    try:
+        runs = protocol.mesm_seed_runs(loaders, cfg, seeds=[0, 1], epochs=1, lr=1e-2, text_model=TINY_TEXT_MODEL,
+                                       device="cpu", attention_grad_seeds=1, measure=checksum, progress=False)
+    finally:
+        protocol.train_and_test = real
+    trained = sorted((n, s) for n, s, _ in starts)
+    assert trained == [("FE2E", 0), ("FE2E", 1), ("MESM", 0), ("MESM", 1), ("MESM (fixed attention)", 0),
+                       ("MESM (site-order bug)", 0), ("MESM (site-order bug)", 1)]
+    start = {(n, s): w for n, s, w in starts}
+    for other in [("MESM (site-order bug)", 0), ("MESM (site-order bug)", 1), ("MESM (fixed attention)", 0)]:
+        mesm = start[("MESM", other[1])]
+        assert start[other].keys() == mesm.keys() and all(torch.equal(start[other][k], mesm[k]) for k in mesm)
+    assert not torch.equal(start[("MESM", 0)]["heads.A.weight"], start[("MESM", 1)]["heads.A.weight"])
+    assert set(runs.measures) == {"MESM", "MESM (site-order bug)", "MESM (fixed attention)"}  # not FE2E
+
+    cost = protocol.mesm_bug_cost(loaders, cfg, {"site_order": "reference"}, seeds=[0], text_model=TINY_TEXT_MODEL,
+                                  epochs=1, lr=1e-2, device="cpu", measure=checksum, progress=False)
+    row = cost["per_seed"][0]
+    for setting, name in (("fixed", "MESM"), ("bug", "MESM (site-order bug)")):
+        ours = runs.measures[name][0]
+        assert {k: row[f"{setting}: {k}"] for k in ours} == ours  # the same trained weights, exactly
+    table = runs.table().set_index(["model", "seed"])
+    assert row["fixed"] == table.loc[("MESM", 0), "wacc"] and row["bug"] == table.loc[("MESM (site-order bug)", 0),
+                                                                                      "wacc"]
+    verdicts = protocol.mesm_seed_verdicts(runs)
+    assert set(verdicts) == {"mesm_vs_fe2e", "site_order_bug", "attention_grad"}
+    assert verdicts["mesm_vs_fe2e"].seeds == (0, 1) and verdicts["attention_grad"].seeds == (0,)
+    assert (verdicts["site_order_bug"].a, verdicts["site_order_bug"].b) == ("MESM (site-order bug)", "MESM")
+    assert "top_p" not in table and not table["wacc"].isna().any()

@@ -40,6 +40,10 @@ _UMONS_SMOKE = dict(n_utterances=lambda n: min(n, 60), epochs=1)
 #: A reference bug trained with and without, per seed (Chapters 4 and 6); smoke: two seeds, one epoch.
 _BUG_COST = dict(bug_cost_seeds=ListOf(Int(min=0), min_len=0), bug_cost_epochs=Int(min=1))
 _BUG_COST_SMOKE = dict(bug_cost_seeds=lambda s: s[:2], bug_cost_epochs=1)
+#: Chapter 6's trainings across seeds (one MESM run per seed shared by every verdict); smoke: two seeds.
+_MESM_SEEDS = dict(seeds=ListOf(Int(min=0), min_len=0), seed_epochs=Int(min=1), attention_grad_seeds=Int(min=0),
+                   bug_cost=Bool())
+_MESM_SEEDS_SMOKE = dict(seeds=lambda s: s[:2], seed_epochs=1, attention_grad_seeds=lambda n: min(n, 2))
 #: Chapter 7's regimes: a name -> the synthetic corpus's ``hidden_cue`` (nbsupport.data.synth.SynthConfig).
 _REGIMES = DictOf(item=Float(min=0, max=1))
 _BASELINE_SIZES = DictOf(keys=("LF-LSTM", "LF-Transformer", "MulT"), item=DictOf(item=Int(min=1)), complete=True)
@@ -121,9 +125,9 @@ SPECS: dict[str, Spec] = {
                    top_p_sweep=ListOf(_P), compare_fe2e=Bool(), compare_attention_grad=Bool(), explorer=Bool(), lift_by_epoch=Bool(),
                    analysis=Bool(),
                    cue_gain=Float(min=0, max=MAX_CUE_GAIN),
-                   **_MESM_SIZES, attention_hidden=Int(min=1), **_BUG_COST),
+                   **_MESM_SIZES, attention_hidden=Int(min=1), **_MESM_SEEDS),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES,
-                   attention_hidden=16, **_BUG_COST_SMOKE),
+                   attention_hidden=16, **_MESM_SEEDS_SMOKE),
         check=_mesm_chapter_checks),
     "07_two_phase_vs_end_to_end": Spec(
         rules=dict(**_DATA, **_DATA_FORMAT, **_REAL_DATA, n_utterances=Int(min=20), epochs=Int(min=1),
