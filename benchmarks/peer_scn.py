@@ -246,9 +246,9 @@ def bench_extractor(modality: str, batch: int, top_p: float, repeats: int, seed:
     query = torch.randn(batch, text_dim, generator=g)
     sizes = {k: v for k, v in mesm.PAPER_SIZES.items() if k in ("stem_channels", "block_channels", "dim", "layers", "heads")}
     torch.manual_seed(seed)
-    sparse_path = mesm.VisualPathway(text_dim, attention=True, sparse=True, top_p=top_p, **sizes)
+    sparse_path = mesm.VisualPathway(text_dim, mesm.MesmConfig(attention=True, sparse=True, top_p=top_p, **sizes))
     peaked = common.PeakedAttention(sparse_path, common.site_prior(kind, batch, h, w, blob, g))
-    dense_path = mesm.VisualPathway(text_dim, attention=False, sparse=False, **sizes)
+    dense_path = mesm.VisualPathway(text_dim, mesm.MesmConfig(attention=False, sparse=False, **sizes))
     dense_path.load_state_dict(sparse_path.state_dict(), strict=False)  # same blocks (shared parameter names)
     fns = {}
 
@@ -301,9 +301,9 @@ def layer_profile(modality: str, batch: int, top_p: float, repeats: int, seed: i
     query = torch.randn(batch, 384, generator=g)
     sizes = {k: v for k, v in mesm.PAPER_SIZES.items() if k in ("stem_channels", "block_channels", "dim", "layers", "heads")}
     torch.manual_seed(seed)
-    path = mesm.VisualPathway(384, attention=True, sparse=True, top_p=top_p, **sizes)
+    path = mesm.VisualPathway(384, mesm.MesmConfig(attention=True, sparse=True, top_p=top_p, **sizes))
     peaked = common.PeakedAttention(path, common.peaked_prior(batch, h, w, blob, g))
-    dense = mesm.VisualPathway(384, attention=False, sparse=False, **sizes)
+    dense = mesm.VisualPathway(384, mesm.MesmConfig(attention=False, sparse=False, **sizes))
     dense.load_state_dict(path.state_dict(), strict=False)
     seen: dict = {}
 

@@ -84,7 +84,7 @@ def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: floa
     prior = common.peaked_prior(batch, h, w, blob, gen).to(device)
     sizes = {k: mesm.PAPER_SIZES[k] for k in ("stem_channels", "block_channels", "dim", "layers", "heads")}
     torch.manual_seed(seed)
-    dense = mesm.VisualPathway(TEXT_DIM, attention=False, sparse=False, **sizes).to(device)
+    dense = mesm.VisualPathway(TEXT_DIM, mesm.MesmConfig(attention=False, sparse=False, **sizes)).to(device)
 
     def run(path):
         def f():
@@ -95,7 +95,7 @@ def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: floa
     rows = []
     for p in top_ps:
         torch.manual_seed(seed)
-        m = mesm.VisualPathway(TEXT_DIM, attention=True, sparse=True, top_p=p, **sizes).to(device)
+        m = mesm.VisualPathway(TEXT_DIM, mesm.MesmConfig(attention=True, sparse=True, top_p=p, **sizes)).to(device)
         m.load_state_dict(dense.state_dict(), strict=False)  # shared blocks (same parameter names)
         common.PeakedAttention(m, prior)
         times = common.interleave({"sparse": run(m), "dense": run(dense)}, repeats)

@@ -37,9 +37,6 @@ _UMONS = dict(n_utterances=Int(min=30), hidden_size=Int(min=4), ff_size=Int(min=
               heads=Int(min=1), dropout=Float(min=0, max=0.9), seq_len=Int(min=2), epochs=Int(min=1), lr=_POS,
               batch_size=Int(min=1))
 _UMONS_SMOKE = dict(n_utterances=lambda n: min(n, 60), epochs=1)
-#: A reference bug trained with and without, per seed (Chapters 4 and 6); smoke: two seeds, one epoch.
-_BUG_COST = dict(bug_cost_seeds=ListOf(Int(min=0), min_len=0), bug_cost_epochs=Int(min=1))
-_BUG_COST_SMOKE = dict(bug_cost_seeds=lambda s: s[:2], bug_cost_epochs=1)
 #: Chapter 6's trainings across seeds (one MESM run per seed shared by every verdict); smoke: two seeds.
 _MESM_SEEDS = dict(seeds=ListOf(Int(min=0), min_len=0), seed_epochs=Int(min=1), attention_grad_seeds=Int(min=0),
                    bug_cost=Bool())

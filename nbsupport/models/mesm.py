@@ -159,7 +159,8 @@ class VisualPathway(nn.Module):
 
     Dense stem, three VGG blocks (sparse and attention-gated for MESM), a per-frame head, then a
     transformer with a CLS token over the frames/pieces. ``forward(images (B,T,H,W), mask (B,T),
-    text (B,d_text))`` -> (B, dim). Fidelity switches (see :meth:`MesmConfig.paper` for the reference values):
+    text (B,d_text))`` -> (B, dim). Sizes and switches come from one :class:`MesmConfig` (the fields below;
+    see :meth:`MesmConfig.paper` for the reference values):
     ``head`` -- ``"pool"`` (book: average over the active sites, Linear to ``dim``) or ``"flatten"``
     (reference: flatten the final ``C x H/16 x W/16`` grid, Linear to ``flatten_hidden``, ReLU, Linear
     to ``dim``; needs ``input_size``); ``positions`` -- ``"learned"`` (book) or ``"none"`` (reference);
@@ -174,55 +175,66 @@ class VisualPathway(nn.Module):
     reference code's first-block bug (:func:`reference_site_order`).
     """
 
-    def __init__(self, text_dim: int, *, stem_channels: int = 64, block_channels=(128, 256, 512),
-                 dim: int = 64, layers: int = 4, heads: int = 4, ff_size: int | None = None,
-                 dropout: float = 0.1, attention: bool = False, sparse: bool = False, top_p: float = 1.0,
-                 attention_hidden: int | str = 64, head: str = "pool", input_size: tuple | None = None,
-                 flatten_hidden: int = 1024, positions: str = "learned", attention_grad: str = "reweight",
-                 in_channels: int = 1, conv_bias: bool = False, score_bias: bool = False,
-                 cls_std: float = 0.02, site_order: str = "matched", sparse_bn_eps: float = 1e-5,
-                 sparse_conv_init: str = "torch"):
+    def __init__(self, text_dim: int, config: "MesmConfig | None" = None, *, input_size: tuple | None = None,
+                 in_channels: int = 1):
+        """One modality's pathway from ``config`` (:class:`MesmConfig`: sizes and switches; None = its
+        defaults), ``input_size`` (H, W; needed by ``head="flatten"``) and ``in_channels`` (1, or 3 for
+        RGB faces). Built in the order the parameters draw their random initial values: stem, blocks,
+        cross-modal attention, projection head, CLS and positions, transformer."""
         super().__init__()
-        self.attention, self.top_p, self.site_order = attention, top_p, site_order
-        self.attention_grad, self.head, self.in_channels = attention_grad, head, in_channels
-        self.stem = DenseStem(stem_channels, in_channels, conv_bias)
-        chans = [stem_channels, *block_channels]
-        if sparse:  # the reference's sparse (SparseConvNet) convolutions have no bias
-            blocks = [sparse_lib.SparseVggBlock(chans[i], chans[i + 1]) for i in range(len(block_channels))]
-            for unit in (u for b in blocks for u in (b.conv1, b.conv2)):
-                unit.bn.eps = float(sparse_bn_eps)  # SparseConvNet's BatchNormReLU: 1e-4
-                if sparse_conv_init == "he":  # SparseConvNet: N(0, 2 / fan_in), fan_in = C_in * 3 * 3
-                    fan_in = unit.conv.in_channels * unit.conv.kernel_size ** 2
-                    nn.init.normal_(unit.conv.weight, 0.0, math.sqrt(2.0 / fan_in))
-        else:
-            blocks = [sparse_lib.DenseVggBlock(chans[i], chans[i + 1], bias=conv_bias)
-                      for i in range(len(block_channels))]
-        self.blocks = nn.ModuleList(blocks)
-        hidden = [chans[i] if attention_hidden == "channels" else int(attention_hidden)
-                  for i in range(len(block_channels))]
+        c = config if config is not None else MesmConfig()
+        self.attention, self.top_p, self.site_order = c.attention, c.top_p, c.site_order
+        self.attention_grad, self.head, self.in_channels = c.attention_grad, c.head, in_channels
+        chans = [c.stem_channels, *c.block_channels]
+        self.stem = DenseStem(c.stem_channels, in_channels, c.conv_bias)
+        self.blocks = self._build_blocks(c, chans)
+        hidden = [chans[i] if c.attention_hidden == "channels" else int(c.attention_hidden)
+                  for i in range(len(c.block_channels))]
         self.cross_attention = nn.ModuleList(
-            [AdditiveAttention(text_dim, chans[i], hidden[i], score_bias) for i in range(len(block_channels))]
-        ) if attention else None
-        if head == "flatten":  # reference: flatten the final grid, MLP to dim
-            grid = [int(s) // 2 ** (1 + len(block_channels)) for s in input_size]
-            self.proj = nn.Sequential(nn.Linear(chans[-1] * grid[0] * grid[1], flatten_hidden), nn.ReLU(),
-                                      nn.Linear(flatten_hidden, dim))
-        else:
-            self.proj = nn.Linear(chans[-1], dim)
-        self.dim = dim
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+            [AdditiveAttention(text_dim, chans[i], hidden[i], c.score_bias) for i in range(len(c.block_channels))]
+        ) if c.attention else None
+        self.proj = self._build_head(c, chans, input_size)
+        self.dim = c.dim
+        self.cls = nn.Parameter(torch.zeros(1, 1, c.dim))
         # learned positions over frames/pieces (book); the reference has none (its positional encoding
         # is commented out), then at most 512 frames/pieces are still accepted
-        self.position = nn.Parameter(torch.zeros(1, 512, dim)) if positions == "learned" else None
-        nn.init.normal_(self.cls, std=cls_std)
+        self.position = nn.Parameter(torch.zeros(1, 512, c.dim)) if c.positions == "learned" else None
+        nn.init.normal_(self.cls, std=c.cls_std)
         if self.position is not None:
             nn.init.normal_(self.position, std=0.02)
-        self.encoder = nn.ModuleList([TransformerEncoderBlock(dim, heads, ff_size, dropout) for _ in range(layers)])
+        self.encoder = nn.ModuleList([TransformerEncoderBlock(c.dim, c.heads, c.ff_size, c.dropout)
+                                      for _ in range(c.layers)])
         self.records: list[LayerRecord] = []
         # How sparse blocks pass their sites on (an execution strategy: same outputs and gradients):
         # "sparse" keeps a SparseTensor from block to block (attention and top-p on the active sites only);
         # "dense" scatters each block's output to a zero-filled grid and gathers the kept sites again.
         self.block_handoff = "sparse"
+
+    @staticmethod
+    def _build_blocks(c: "MesmConfig", chans: list) -> nn.ModuleList:
+        """The three VGG blocks: sparse (MESM; SparseConvNet's BatchNorm eps and He initialisation when the
+        config asks for them, and no convolution bias, as in the reference) or dense (FE2E)."""
+        n = len(c.block_channels)
+        if not c.sparse:
+            return nn.ModuleList([sparse_lib.DenseVggBlock(chans[i], chans[i + 1], bias=c.conv_bias)
+                                  for i in range(n)])
+        blocks = [sparse_lib.SparseVggBlock(chans[i], chans[i + 1]) for i in range(n)]
+        for unit in (u for b in blocks for u in (b.conv1, b.conv2)):
+            unit.bn.eps = float(c.sparse_bn_eps)  # SparseConvNet's BatchNormReLU: 1e-4
+            if c.sparse_conv_init == "he":  # SparseConvNet: N(0, 2 / fan_in), fan_in = C_in * 3 * 3
+                fan_in = unit.conv.in_channels * unit.conv.kernel_size ** 2
+                nn.init.normal_(unit.conv.weight, 0.0, math.sqrt(2.0 / fan_in))
+        return nn.ModuleList(blocks)
+
+    @staticmethod
+    def _build_head(c: "MesmConfig", chans: list, input_size) -> nn.Module:
+        """Per-frame head to ``dim``: pool the active sites then Linear (book), or flatten the final grid
+        then an MLP (reference, ``head="flatten"``, which needs ``input_size``)."""
+        if c.head != "flatten":
+            return nn.Linear(chans[-1], c.dim)
+        grid = [int(s) // 2 ** (1 + len(c.block_channels)) for s in input_size]
+        return nn.Sequential(nn.Linear(chans[-1] * grid[0] * grid[1], c.flatten_hidden), nn.ReLU(),
+                             nn.Linear(c.flatten_hidden, c.dim))
 
     def _select(self, i: int, x: torch.Tensor, active: torch.Tensor, query: torch.Tensor, *,
                 sparse_out: bool = False):
@@ -553,14 +565,8 @@ class EndToEndModel(nn.Module):
         self.text = text_encoder if text_encoder is not None else TextEncoder(text_model or None, tiny=tiny_text)
         text_dim = self.text.hidden_size
         self.dropout = nn.Dropout(c.dropout)
-        self.pathways = nn.ModuleDict({m: VisualPathway(
-            text_dim, stem_channels=c.stem_channels, block_channels=tuple(c.block_channels), dim=c.dim,
-            layers=c.layers, heads=c.heads, ff_size=c.ff_size, dropout=c.dropout, attention=c.attention,
-            sparse=c.sparse, top_p=c.top_p, attention_hidden=c.attention_hidden, head=c.head,
-            input_size=sizes[m], flatten_hidden=c.flatten_hidden, positions=c.positions,
-            attention_grad=c.attention_grad, in_channels=c.face_channels if m == "V" else 1,
-            conv_bias=c.conv_bias, score_bias=c.score_bias, cls_std=c.cls_std, site_order=c.site_order,
-            sparse_bn_eps=c.sparse_bn_eps, sparse_conv_init=c.sparse_conv_init)
+        self.pathways = nn.ModuleDict({
+            m: VisualPathway(text_dim, c, input_size=sizes[m], in_channels=c.face_channels if m == "V" else 1)
             for m in self.modalities if m != "L"})
         self.heads = nn.ModuleDict({m: nn.Linear(text_dim if m == "L" else c.dim, n_outputs) for m in self.modalities})
         if c.fusion == "softmax":
