@@ -273,31 +273,8 @@ def seed_difference(a_runs, b_runs, name: str = "wacc", *, resamples: int = 1000
     values, which a bootstrap over 5 seeds would under-cover. The sum counts the seed-by-utterance
     interaction twice, so the interval is slightly conservative; a verdict from it is not over-confident.
     NaN interval with fewer than two seeds."""
-    a_runs, b_runs = list(a_runs), list(b_runs)
-    if len(a_runs) != len(b_runs) or not a_runs:
-        raise ValueError(f"nbsupport.evidence.seed_difference: one run per seed for each method, got "
-                         f"{len(a_runs)} and {len(b_runs)}")
-    _same_test_split("seed_difference", a_runs + b_runs)
-    fn = statistic(name)
-
-    def diffs(i):
-        return np.array([fn(a.labels[i], a.decisions[i]) - fn(b.labels[i], b.decisions[i])
-                         for a, b in zip(a_runs, b_runs)], dtype=float)
-
-    per_seed = diffs(np.arange(len(a_runs[0])))
-    value, n_seeds = float(np.mean(per_seed)), len(per_seed)
-    if n_seeds < 2 or not np.all(np.isfinite(per_seed)):
-        return Estimate(value, float("nan"), float("nan"), level)
-    rng, n = np.random.default_rng(seed), len(a_runs[0])
-    with warnings.catch_warnings():  # an undefined resample (no positive of an emotion) is left out
-        warnings.simplefilter("ignore", RuntimeWarning)
-        boot = np.array([np.mean(diffs(rng.integers(0, n, n))) for _ in range(resamples)])
-    boot = boot[np.isfinite(boot)]
-    if len(boot) < resamples // 2:
-        return Estimate(value, float("nan"), float("nan"), level)
-    var = np.var(per_seed, ddof=1) / n_seeds + np.var(boot, ddof=1)
-    half = float(stats.t.ppf(0.5 + level / 2, n_seeds - 1) * np.sqrt(var))
-    return Estimate(value, value - half, value + half, level)
+    return _seed_contrast("seed_difference", [(1, a_runs), (-1, b_runs)], name, resamples=resamples,
+                          level=level, seed=seed)
 
 
 @dataclass(frozen=True)
