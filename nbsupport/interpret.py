@@ -39,7 +39,7 @@ __all__ = ["region_to_grid", "cue_shares", "layer_cue_table", "audio_box_to_piec
            "lift_intervals", "LiftTracker", "lift_verdicts", "draw_lift_by_epoch",
            "face_crop_box", "face_region_from_box", "CueRegions", "measure_cue_attention", "utterance_maps",
            "draw_maps", "one_utterance_per_emotion", "maps_figure", "single_utterance", "draw_kept_sites",
-           "AnalysisPlan", "analysis_plan", "cue_sums",
+           "AnalysisPlan", "analysis_plan", "ANALYSES", "COMPARISONS", "cue_sums", "kept_sites_state",
            "seed_lift_intervals", "seed_lift_verdicts"]
 
 
@@ -491,8 +491,14 @@ def draw_kept_sites(model, batch: dict, b: int, top_p: float, fig=None):
     """Chapter 6's widget view: utterance ``b`` run at ``top_p``; kept sites of each sparse layer over
     the middle face frame and over the mel-spectrogram, with the feature extractor's MACs in the title.
     Returns the figure (a new one when ``fig`` is None). ``model.top_p`` is restored afterwards."""
-    import matplotlib.pyplot as plt
+    return kept_sites_state(model, batch, b, top_p, fig=fig)[0]
 
+
+def kept_sites_state(model, batch: dict, b: int, top_p: float, fig=None):
+    """One state of Chapter 6's kept-sites explorer: ``(figure, label)``, the figure of
+    :func:`draw_kept_sites` and, as its label, the extractor's MACs at ``top_p`` (MESM's top-p
+    selection, Dai et al. 2021) as computed by :func:`extractor_macs` (not read back from the figure)."""
+    import matplotlib.pyplot as plt
 
     one = single_utterance(batch, b)
     original, was_training = model.top_p, model.training
@@ -513,10 +519,10 @@ def draw_kept_sites(model, batch: dict, b: int, top_p: float, fig=None):
             kept, act = int(layer["kept"].sum()), int(layer["active"].sum())
             axes[r, j].set_title(f"{'face' if m == 'V' else 'mel'} layer {j + 1}: {kept}/{act} sites kept", fontsize=9)
     macs, dense = cost["macs"], cost["dense_macs"]
-    fig.suptitle(f"{one['ids'][0]}  top_p = {top_p:.2f}: extractor {macs / 1e6:.1f} M MACs "
-                 f"({macs / max(dense, 1):.0%} of dense)", fontsize=10)
+    label = f"extractor {macs / 1e6:.1f} M MACs ({macs / max(dense, 1):.0%} of dense)"
+    fig.suptitle(f"{one['ids'][0]}  top_p = {top_p:.2f}: {label}", fontsize=10)
     fig.tight_layout()
-    return fig
+    return fig, label
 
 
 # --------------------------------------------------------------------------------------------------
@@ -585,10 +591,18 @@ def _and(items: list) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+#: What Chapter 6 can train beside MESM (its ``compare`` parameter): FE2E, the reference code's fixed
+#: attention (``attention_grad="none"``) and MESM with the authors' block-1 site-order bug.
+COMPARISONS = ("FE2E", "fixed attention", "site-order bug")
+#: What Chapter 6 can analyse (its ``analyses`` parameter): the trained model (top_p sweep, attention maps,
+#: cue-region lifts, kept sites, step profile), the lift after every epoch, the static top_p explorer.
+ANALYSES = ("trained model", "lift by epoch", "explorer")
+
+
 @dataclass(frozen=True)
 class AnalysisPlan:
-    """Which of Chapter 6's analyses run (:func:`analysis_plan`); ``skipped`` is the one sentence that
-    says which were skipped for want of cue ground truth, and why ("" when none was)."""
+    """Which of Chapter 6's trainings and analyses run (:func:`analysis_plan`); ``skipped`` is the one
+    sentence that says which were skipped for want of cue ground truth, and why ("" when none was)."""
 
     sweep: bool
     maps: bool
@@ -597,31 +611,49 @@ class AnalysisPlan:
     lift_by_epoch: bool
     attention_grad: bool
     attention_grad_lifts: bool
+    fe2e: bool = False
+    bug_cost: bool = False
+    explorer: bool = False
     skipped: str = ""
 
+    @property
+    def seed_runs(self) -> bool:
+        """Whether the seed runs have anything to decide: a comparison, or the trained model's lifts."""
+        return self.fe2e or self.attention_grad or self.bug_cost or self.sweep
 
-def analysis_plan(test_set, *, analysis: bool = True, lift_by_epoch: bool = True,
-                  compare_attention_grad: bool = True) -> AnalysisPlan:
-    """Chapter 6's analyses on the corpus of ``test_set`` (a MESM dataset or its raw split), given the
-    chapter's switches. The ``top_p`` sweep, attention maps and kept sites need only the trained model;
-    the cue-region measures (lift table, verdicts and bar plot, lift by epoch, the lifts of the
-    ``attention_grad`` pair) need ``cue.pkl`` in every test utterance folder, which only the synthetic
+
+def _names(values, known: tuple, parameter: str) -> set:
+    values = set(values)
+    unknown = sorted(values - set(known))
+    if unknown:
+        raise ValueError(f"parameter {parameter!r}: unknown {unknown}, expected some of {list(known)}")
+    return values
+
+
+def analysis_plan(test_set, *, analyses=ANALYSES, compare=COMPARISONS) -> AnalysisPlan:
+    """Chapter 6's trainings and analyses on the corpus of ``test_set`` (a MESM dataset or its raw split),
+    given the chapter's ``analyses`` (some of :data:`ANALYSES`) and ``compare`` (some of
+    :data:`COMPARISONS`). The ``top_p`` sweep, attention maps and kept sites need only the trained
+    model; the cue-region measures (lift table, verdicts and bar plot, lift by epoch, the lifts of the
+    fixed-attention pair) need ``cue.pkl`` in every test utterance folder, which only the synthetic
     corpus writes. On real data those are skipped -- no switch to turn off -- and ``skipped`` names them."""
+    analyses, compare = _names(analyses, ANALYSES, "analyses"), _names(compare, COMPARISONS, "compare")
+    analysis, by_epoch = "trained model" in analyses, "lift by epoch" in analyses
+    fixed = "fixed attention" in compare
     raw = getattr(test_set, "raw", test_set)
     lacking = sum(not (Path(f) / "cue.pkl").is_file() for f in raw.folders)
     cues = lacking == 0
     plan = dict(sweep=analysis, maps=analysis, kept_sites=analysis, cue_lifts=analysis and cues,
-                lift_by_epoch=lift_by_epoch and cues, attention_grad=compare_attention_grad,
-                attention_grad_lifts=compare_attention_grad and cues)
+                lift_by_epoch=by_epoch and cues, attention_grad=fixed, attention_grad_lifts=fixed and cues,
+                fe2e="FE2E" in compare, bug_cost="site-order bug" in compare, explorer="explorer" in analyses)
     dropped = [name for wanted, name in (
         (analysis, "the cue-region lift table with its verdicts and bar plot"),
-        (lift_by_epoch, "the lift by epoch"),
-        (compare_attention_grad, "the cue lifts of the attention_grad pair")) if wanted and not cues]
+        (by_epoch, "the lift by epoch"),
+        (fixed, "the cue lifts of the attention_grad pair")) if wanted and not cues]
     skipped = ""
     if dropped:
         kept = ["training", "test"] + (["the top_p sweep", "the attention maps", "the kept sites"] if analysis
-                                       else []) + (["the attention_grad comparison"] if compare_attention_grad
-                                                   else [])
+                                       else []) + (["the attention_grad comparison"] if fixed else [])
         skipped = (f"No cue ground truth here ({lacking} of {len(raw.folders)} test utterances have no cue.pkl, "
                    f"which only the synthetic corpus writes), so the cells that need it are skipped "
                    f"({_and(dropped)}), while {_and(kept)} run as usual.")

@@ -288,3 +288,28 @@ def test_seed_lift_interval_adds_the_test_sample_variance():
     assert np.isnan(one.iloc[0]["low"])
     v = seed_lift_verdicts(one)["lift_V_layer1"]
     assert v["decision"] == "undecided" and v["low"] is None and "no verdict" in v["sentence"]
+
+
+def test_analysis_plan_reads_chapter6_lists_and_names_an_unknown_entry(tmp_path):
+    """Chapter 6's ``compare``/``analyses`` lists switch the trainings and analyses; the cue measures need
+    cue.pkl in every test folder (hand-made folders: one with, one without)."""
+    from types import SimpleNamespace
+
+    from nbsupport.interpret import ANALYSES, COMPARISONS, analysis_plan
+    with_cue, without = tmp_path / "a", tmp_path / "b"
+    with_cue.mkdir(), without.mkdir()
+    (with_cue / "cue.pkl").write_bytes(b"")
+    synthetic, real = SimpleNamespace(folders=[with_cue]), SimpleNamespace(folders=[with_cue, without])
+    full = analysis_plan(synthetic)
+    assert (full.fe2e, full.attention_grad, full.bug_cost, full.explorer, full.sweep, full.cue_lifts,
+            full.lift_by_epoch, full.seed_runs, full.skipped) == (True,) * 8 + ("",)
+    point = analysis_plan(synthetic, analyses=[], compare=[])  # Chapter 8's sweep points
+    assert not any((point.fe2e, point.attention_grad, point.bug_cost, point.explorer, point.sweep,
+                    point.maps, point.lift_by_epoch, point.seed_runs))
+    only_bug = analysis_plan(synthetic, analyses=[], compare=["site-order bug"])
+    assert only_bug.bug_cost and only_bug.seed_runs and not only_bug.fe2e
+    on_real = analysis_plan(real, analyses=ANALYSES, compare=COMPARISONS)
+    assert on_real.sweep and not on_real.cue_lifts and not on_real.lift_by_epoch
+    assert "1 of 2 test utterances have no cue.pkl" in on_real.skipped
+    with pytest.raises(ValueError, match="parameter 'compare': unknown \\['FE2F'\\]"):
+        analysis_plan(synthetic, compare=["FE2F"])

@@ -37,8 +37,7 @@ ARTIFACTS = ROOT / "_build" / "test-artifacts" / "jupyterlab"
 #: shared smoke run (tests/conftest.py, ``smoke_runs``) already runs and checks (a parameter a chapter
 #: no longer has is left alone).
 SLIDER_ONLY = {"04_umons_multimodal.ipynb": {"bug_cost_seeds": "[]"},
-               "06_mesm.ipynb": {"compare_fe2e": "False", "compare_attention_grad": "False", "explorer": "False",
-                                 "lift_by_epoch": "False", "bug_cost_seeds": "[]"}}
+               "06_mesm.ipynb": {"compare": "[]", "analyses": '["trained model"]'}}
 RUN_ALL_TIMEOUT_S = 360  # chapter 6 smoke-trains FE2E, MESM and both attention_grad settings, then its explorer
 
 

@@ -380,8 +380,8 @@ def test_chapter_6_runs_on_a_root_prepared_from_real_videos(prepared, tmp_path):
     executed = tmp_path / "06.ipynb"
     # FE2E, the bug cost over seeds and the static explorer read nothing of the prepared root that the
     # MESM run does not: off here, run and checked by the chapter's shared smoke run (tests/conftest.py)
-    not_needed = only_parameters_of(BOOK / "06_mesm.ipynb", {"compare_fe2e": False, "explorer": False,
-                                                             "bug_cost_seeds": []})
+    not_needed = only_parameters_of(BOOK / "06_mesm.ipynb", {"compare": ["fixed attention"],
+                                                             "analyses": ["trained model", "lift by epoch"]})
     seconds, error = run_papermill(BOOK / "06_mesm.ipynb", executed,
                                    {"smoke": True, "data_root": str(tmp_path / "root"),
                                     "output_dir": str(tmp_path / "out"), **not_needed},

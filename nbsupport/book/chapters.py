@@ -14,8 +14,9 @@ from nbsupport.base import ParameterError
 from nbsupport.data.formats import DATA_FORMATS, LABEL_COLUMNS
 from nbsupport.data.synth import MAX_CUE_GAIN
 from nbsupport.data.text import TINY_TEXT_MODEL
+from nbsupport.interpret import ANALYSES, COMPARISONS
 
-from .params import (Bool, Choice, DictOf, Float, GridRule, Int, ListOf, Modalities, ParamsRule, Path_, Spec, Str,
+from .params import (Choice, DictOf, Float, GridRule, Int, ListOf, Modalities, ParamsRule, Path_, Spec, Str,
                      shrink_grid)
 
 __all__ = ["SPECS", "spec", "MESM_SMOKE_SIZES"]
@@ -38,8 +39,9 @@ _UMONS = dict(n_utterances=Int(min=30), hidden_size=Int(min=4), ff_size=Int(min=
               batch_size=Int(min=1))
 _UMONS_SMOKE = dict(n_utterances=lambda n: min(n, 60), epochs=1)
 #: Chapter 6's trainings across seeds (one MESM run per seed shared by every verdict); smoke: two seeds.
-_MESM_SEEDS = dict(seeds=ListOf(Int(min=0), min_len=0), seed_epochs=Int(min=1), attention_grad_seeds=Int(min=0),
-                   bug_cost=Bool())
+_MESM_SEEDS = dict(seeds=ListOf(Int(min=0), min_len=0), seed_epochs=Int(min=1), attention_grad_seeds=Int(min=0))
+#: What Chapter 6 trains beside MESM and what it analyses (each a list; empty: MESM trained and tested only).
+_MESM_EXTRAS = dict(compare=ListOf(Choice(*COMPARISONS), min_len=0), analyses=ListOf(Choice(*ANALYSES), min_len=0))
 _MESM_SEEDS_SMOKE = dict(seeds=lambda s: s[:2], seed_epochs=1, attention_grad_seeds=lambda n: min(n, 2))
 #: Chapter 7's regimes: a name -> the synthetic corpus's ``hidden_cue`` (nbsupport.data.synth.SynthConfig).
 _REGIMES = DictOf(item=Float(min=0, max=1))
@@ -119,8 +121,7 @@ SPECS: dict[str, Spec] = {
     "06_mesm": Spec(
         rules=dict(**_DATA, **_DATA_FORMAT, dataset=Choice("mosei", "iemocap"), n_utterances=Int(min=20),
                    modalities=Modalities(need_text=True), **_E2E, top_p=_P,
-                   top_p_sweep=ListOf(_P), compare_fe2e=Bool(), compare_attention_grad=Bool(), explorer=Bool(), lift_by_epoch=Bool(),
-                   analysis=Bool(),
+                   top_p_sweep=ListOf(_P), **_MESM_EXTRAS,
                    cue_gain=Float(min=0, max=MAX_CUE_GAIN),
                    **_MESM_SIZES, attention_hidden=Int(min=1), **_MESM_SEEDS),
         smoke=dict(n_utterances=lambda n: min(n, 40), epochs=1, text_model=TINY_TEXT_MODEL, **MESM_SMOKE_SIZES,
