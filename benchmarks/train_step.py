@@ -37,10 +37,11 @@ PRESETS = {
 
 def bench_preset(name: str, sizes: dict, batches, top_p: float, repeats: int, seed: int, tiny_text: bool) -> dict:
     """FE2E and MESM(top_p) of one size preset, same initial weights, same batches, interleaved steps."""
+    config = mesm.MesmConfig(**sizes)
     torch.manual_seed(seed)
-    fe2e = mesm.FE2E("LAV", tiny_text=tiny_text, **sizes)
+    fe2e = mesm.FE2E("LAV", config=config, tiny_text=tiny_text)
     torch.manual_seed(seed)
-    model = mesm.MESM("LAV", top_p=top_p, tiny_text=tiny_text, **sizes)
+    model = mesm.MESM("LAV", top_p=top_p, config=config, tiny_text=tiny_text)
     model.load_state_dict(fe2e.state_dict(), strict=False)  # same CNN/text/transformer weights
     fns = {}
     for key, net in (("mesm", model), ("fe2e", fe2e)):

@@ -561,11 +561,11 @@ def family_seed_runs(trained: Mapping, builders: Mapping, loaders: Mapping[str, 
 
 
 #: Chapter 6's MESM variants trained across seeds: name -> the :class:`~nbsupport.models.mesm.MesmConfig`
-#: switches and MESM keyword arguments that make it (none change a parameter, so a variant built under the
-#: same ``torch`` seed starts from the book's MESM's initial weights).
-MESM_SEED_VARIANTS = {"MESM": ({}, {}),
-                      "MESM (fixed attention)": ({}, {"attention_grad": "none"}),
-                      "MESM (site-order bug)": ({"site_order": "reference"}, {})}
+#: switches that make it (none change a parameter, so a variant built under the same ``torch`` seed starts
+#: from the book's MESM's initial weights).
+MESM_SEED_VARIANTS = {"MESM": {},
+                      "MESM (fixed attention)": {"attention_grad": "none"},
+                      "MESM (site-order bug)": {"site_order": "reference"}}
 
 
 def mesm_seed_runs(loaders: Mapping[str, Iterable], config: "mesm_models.MesmConfig", *, seeds, epochs: int,
@@ -583,9 +583,8 @@ def mesm_seed_runs(loaders: Mapping[str, Iterable], config: "mesm_models.MesmCon
     seeds = [int(s) for s in seeds]
 
     def builder(name):
-        switches, kw = MESM_SEED_VARIANTS[name]
-        cfg = dataclasses.replace(config, **switches)
-        return lambda: mesm_models.MESM(modalities, top_p=top_p, config=cfg, text_model=text_model, **kw)
+        cfg = dataclasses.replace(config, **MESM_SEED_VARIANTS[name])
+        return lambda: mesm_models.MESM(modalities, top_p=top_p, config=cfg, text_model=text_model)
 
     names = ["MESM"] + (["MESM (site-order bug)"] if bug_cost else [])
     builders = {n: builder(n) for n in names}

@@ -337,7 +337,7 @@ def test_two_executions_of_one_point_install_it_once(toy_nb, tmp_path, fake_pape
     out = tmp_path / "twice"
     point = ex.expand_grid({"sleep": 0.5}, {"x": [7]})[0]
     point.recorded = dict(point.params)
-    job = sweep_run._Job(notebook=toy_nb, out=out, kernel="python3", cwd=toy_nb.parent, pass_output_dir=True,
+    job = sweep_run._Job(notebook=toy_nb, out=out, kernel="python3", cwd=toy_nb.parent, writes_metrics=True,
                   provenance={}, timeout=None)
     results = []
     threads = [threading.Thread(target=lambda: results.append(sweep_run._run_point(point, job))) for _ in range(2)]

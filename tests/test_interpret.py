@@ -205,8 +205,9 @@ def test_lift_tracker_measures_every_epoch_without_changing_training(tmp_path):
 
     def trained(callbacks_for):
         torch.manual_seed(0)
-        model = mesm.MESM("LAV", top_p=0.7, text_model=TINY_TEXT_MODEL, stem_channels=4, block_channels=[4, 8, 8],
-                          dim=8, layers=1, heads=2, attention_hidden=8)
+        config = mesm.MesmConfig(stem_channels=4, block_channels=[4, 8, 8], dim=8, layers=1, heads=2,
+                                 attention_hidden=8)
+        model = mesm.MESM("LAV", top_p=0.7, config=config, text_model=TINY_TEXT_MODEL)
         cbs = callbacks_for(model)
         protocol.train_and_test(model, loaders, name="MESM", epochs=2, lr=1e-3, device="cpu", seed=0,
                                 progress=False, callbacks=cbs)

@@ -5,11 +5,15 @@ import math
 import pytest
 import torch
 
-from nbsupport.models.mesm import EndToEndModel, FE2E, MESM
+from nbsupport.models.mesm import EndToEndModel, FE2E, MESM, MesmConfig
 from nbsupport.sparse import top_p_mask as top_p_keep
 
-SMALL = dict(tiny_text=True, stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2,
-             attention_hidden=8, dropout=0.0)
+SIZES = dict(stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2, attention_hidden=8, dropout=0.0)
+
+
+def small(**fields) -> MesmConfig:
+    """The tests' small :class:`MesmConfig` (``SIZES``) with ``fields`` changed."""
+    return MesmConfig(**{**SIZES, **fields})
 
 
 def make_batch(b=3, t=3, p=2, seed=0):
@@ -29,7 +33,7 @@ def make_batch(b=3, t=3, p=2, seed=0):
 @pytest.mark.parametrize("modalities", ["L", "LA", "LV", "LAV"])
 def test_shapes_every_modality_subset(modalities):
     torch.manual_seed(0)
-    model = MESM(modalities, top_p=0.7, **SMALL)
+    model = MESM(modalities, top_p=0.7, config=small(), tiny_text=True)
     out = model(make_batch())
     assert out.shape == (3, 6) and torch.isfinite(out).all()
     assert set(model.last_maps) == set(modalities) - {"L"}
@@ -49,8 +53,8 @@ def test_shapes_every_modality_subset(modalities):
 def test_sparse_blocks_without_attention_equal_fe2e(train):
     """Sparse blocks at full density (no attention, nothing dropped) = FE2E's dense torch conv blocks."""
     torch.manual_seed(1)
-    dense = FE2E("LAV", **SMALL)
-    sparse = EndToEndModel("LAV", attention=False, sparse=True, **SMALL)
+    dense = FE2E("LAV", config=small(), tiny_text=True)
+    sparse = EndToEndModel("LAV", config=small(attention=False, sparse=True), tiny_text=True)
     sparse.load_state_dict(dense.state_dict())  # shared parameter names
     dense.train(train), sparse.train(train)
     batch = make_batch()
@@ -63,8 +67,8 @@ def test_sparse_blocks_without_attention_equal_fe2e(train):
 def test_mesm_top_p_one_equals_dense_with_attention():
     """MESM with top_p = 1 keeps every site: same outputs as the dense model with the same attention."""
     torch.manual_seed(2)
-    mesm = MESM("LAV", top_p=1.0, **SMALL).eval()
-    dense_att = EndToEndModel("LAV", attention=True, sparse=False, **SMALL).eval()
+    mesm = MESM("LAV", top_p=1.0, config=small(), tiny_text=True).eval()
+    dense_att = EndToEndModel("LAV", config=small(attention=True, sparse=False), tiny_text=True).eval()
     dense_att.load_state_dict(mesm.state_dict())
     batch = make_batch()
     torch.testing.assert_close(mesm(batch), dense_att(batch), atol=1e-4, rtol=1e-4)
@@ -83,7 +87,7 @@ def test_uniform_attention_keeps_ceil_p_sites_per_frame():
     """With the score vector v = 0 the attention is uniform over the 24x24 sites, so top-p keeps
     ceil(p * 576) sites in every frame (hand count), and the features are not rescaled."""
     torch.manual_seed(3)
-    model = MESM("LV", top_p=0.3, **SMALL).eval()
+    model = MESM("LV", top_p=0.3, config=small(), tiny_text=True).eval()
     with torch.no_grad():
         for att in model.pathways["V"].cross_attention:
             att.v.weight.zero_()
@@ -98,7 +102,7 @@ def test_uniform_attention_keeps_ceil_p_sites_per_frame():
 
 def test_padding_frames_do_not_change_outputs():
     torch.manual_seed(4)
-    model = MESM("LAV", top_p=0.6, **SMALL)
+    model = MESM("LAV", top_p=0.6, config=small(), tiny_text=True)
     batch = make_batch()
     other = {k: v.clone() for k, v in batch.items()}
     pad = ~other["faces_mask"]
@@ -119,7 +123,7 @@ def test_padding_frames_do_not_change_outputs():
 
 def test_gradients_reach_text_encoder_and_attention():
     torch.manual_seed(5)
-    model = MESM("LAV", top_p=0.7, **SMALL)
+    model = MESM("LAV", top_p=0.7, config=small(), tiny_text=True)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(model(make_batch()), make_batch()["emotion"])
     loss.backward()
     text_grad = sum(p.grad.abs().sum() for p in model.text.parameters() if p.grad is not None)
@@ -133,7 +137,7 @@ def test_gradients_reach_text_encoder_and_attention():
 
 def test_trains_on_a_tiny_batch():
     torch.manual_seed(6)
-    model = MESM("LAV", top_p=0.7, **SMALL)
+    model = MESM("LAV", top_p=0.7, config=small(), tiny_text=True)
     batch = make_batch(b=4)
     opt = torch.optim.Adam(model.param_groups(1e-2))
     losses = []
@@ -148,12 +152,12 @@ def test_trains_on_a_tiny_batch():
 
 def test_bad_parameters_are_named():
     with pytest.raises(ValueError, match="modalities"):
-        FE2E("AV", **SMALL)
+        FE2E("AV", config=small(), tiny_text=True)
     with pytest.raises(ValueError, match="top_p"):
-        MESM("LV", top_p=1.5, **SMALL)
-    with pytest.raises(ValueError, match="top_p"):
-        FE2E("LV", top_p=0.5, **SMALL)
-    model = MESM("LV", **SMALL)
+        MESM("LV", top_p=1.5, config=small(), tiny_text=True)
+    with pytest.raises(ValueError, match="top_p"):  # dropping sites needs the attention that chooses them
+        EndToEndModel("LV", config=small(top_p=0.5), tiny_text=True)
+    model = MESM("LV", config=small(), tiny_text=True)
     model.top_p = 0.4
     assert model.top_p == 0.4
     with pytest.raises(KeyError, match="faces"):
@@ -170,14 +174,14 @@ def test_extractor_macs_hand_count_and_sparsity():
 
     torch.manual_seed(7)
     batch = make_batch(b=1, t=1)
-    fe2e = FE2E("LV", **SMALL)
+    fe2e = FE2E("LV", config=small(), tiny_text=True)
     conv = lambda hw, cin, cout, k=3: hw * cin * cout * k * k  # noqa: E731  dense conv, one image
     hand = (conv(48 * 48, 1, 4, 5) + 4 * conv(24 * 24, 4, 4)  # stem: 5x5 conv, two VGG-4 blocks
             + conv(24 * 24, 4, 4) + conv(24 * 24, 4, 4)  # block 1 (4 -> 4) at 24x24
             + conv(12 * 12, 4, 8) + conv(12 * 12, 8, 8)  # block 2 (4 -> 8) at 12x12
             + conv(6 * 6, 8, 8) + conv(6 * 6, 8, 8))  # block 3 (8 -> 8) at 6x6
     assert extractor_macs(fe2e, batch)["macs"] == hand
-    model = MESM("LV", top_p=1.0, **SMALL)
+    model = MESM("LV", top_p=1.0, config=small(), tiny_text=True)
     full = extractor_macs(model, batch)["macs"]
     model.top_p = 0.3
     assert extractor_macs(model, batch)["macs"] < full
@@ -188,12 +192,12 @@ def test_sparse_between_blocks_equals_densify_between_blocks(attention, top_p):
     """Keeping sites sparse from block to block is an execution strategy only: outputs, every parameter's
     gradient and the recorded maps equal those of scattering each block's output to a dense grid."""
     torch.manual_seed(11)
-    model = EndToEndModel("LAV", attention=attention, sparse=True, top_p=top_p, **SMALL).train()
+    model = EndToEndModel("LAV", config=small(attention=attention, sparse=True, top_p=top_p), tiny_text=True).train()
     batch = make_batch(b=3, t=3, p=2, seed=5)
     runs = {}
     for handoff in ("sparse", "dense"):
         for pathway in model.pathways.values():
-            pathway.block_handoff = handoff
+            pathway._block_handoff = handoff
         model.zero_grad()
         torch.manual_seed(0)  # the text encoder's dropout draws the same masks in both runs
         out = model(batch)
@@ -214,8 +218,8 @@ def test_sparse_between_blocks_equals_densify_between_blocks(attention, top_p):
 
 
 def test_block_handoff_bad_value_is_named():
-    model = MESM("LV", **SMALL)
-    model.pathways["V"].block_handoff = "scatter"
+    model = MESM("LV", config=small(), tiny_text=True)
+    model.pathways["V"]._block_handoff = "scatter"
     with pytest.raises(ValueError, match="block_handoff"):
         model(make_batch())
 
@@ -254,13 +258,10 @@ def test_paper_preset_parameter_counts_from_layer_sizes():
     assert counts["MESM"]["text_encoder"] + 30000 * 128 == pytest.approx(11.68e6, rel=0.01)
 
 
-REF = dict(SMALL, dropout=0.0)
-
-
 def test_attention_grad_none_only_selects_and_gets_no_gradient():
     torch.manual_seed(3)
-    none = MESM("LAV", top_p=1.0, attention_grad="none", **REF)
-    fe2e = FE2E("LAV", **REF)
+    none = MESM("LAV", top_p=1.0, config=small(attention_grad="none"), tiny_text=True)
+    fe2e = FE2E("LAV", config=small(), tiny_text=True)
     missing = fe2e.load_state_dict(none.state_dict(), strict=False)
     assert all(".cross_attention." in k for k in missing.unexpected_keys) and not missing.missing_keys
     batch = make_batch()
@@ -269,12 +270,12 @@ def test_attention_grad_none_only_selects_and_gets_no_gradient():
     torch.testing.assert_close(none(batch), fe2e(batch), atol=1e-4, rtol=1e-4)
     for mode, expect_grad in (("none", False), ("reweight", True)):
         torch.manual_seed(3)
-        model = MESM("LAV", top_p=0.6, attention_grad=mode, **REF).train()
+        model = MESM("LAV", top_p=0.6, config=small(attention_grad=mode), tiny_text=True).train()
         model(batch).sum().backward()
         grads = [p.grad for n, p in model.named_parameters() if ".cross_attention." in n]
         assert all((g is not None and bool(g.abs().sum() > 0)) == expect_grad for g in grads)
     # "none" keeps the sites' features: the block input equals the stem output at the kept sites
-    path = MESM("LA", top_p=0.5, attention_grad="none", **REF).eval().pathways["A"]
+    path = MESM("LA", top_p=0.5, config=small(attention_grad="none"), tiny_text=True).eval().pathways["A"]
     x = torch.randn(2, 4, 5, 3)
     active = torch.ones(2, 5, 3, dtype=torch.bool)
     out, keep, w = path._select(0, x, active, torch.randn(2, 32))
@@ -283,7 +284,7 @@ def test_attention_grad_none_only_selects_and_gets_no_gradient():
 
 def test_linear_fusion_with_hand_set_weights():
     torch.manual_seed(0)
-    model = MESM("LAV", top_p=0.7, fusion="linear", **REF).eval()
+    model = MESM("LAV", top_p=0.7, config=small(fusion="linear"), tiny_text=True).eval()
     assert isinstance(model.fusion, torch.nn.Linear) and model.fusion.weight.shape == (1, 3)
     with torch.no_grad():
         for k, m in enumerate("LAV"):  # head m outputs the constant k + 1 for every emotion
@@ -293,10 +294,10 @@ def test_linear_fusion_with_hand_set_weights():
     out = model(make_batch())
     assert torch.allclose(out, torch.full((3, 6), 0.5 * 1 - 1.0 * 2 + 2.0 * 3))  # 4.5, unnormalised
     assert model.fusion_weights() == {"L": 0.5, "A": -1.0, "V": 2.0}
-    soft = MESM("LAV", top_p=0.7, **REF).eval()
+    soft = MESM("LAV", top_p=0.7, config=small(), tiny_text=True).eval()
     soft.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fusion")}, strict=False)
     assert torch.allclose(soft(make_batch()), torch.full((3, 6), (1 + 2 + 3) / 3))  # softmax of zeros
-    single = FE2E("L", fusion="linear", **REF).eval()
+    single = FE2E("L", config=small(fusion="linear"), tiny_text=True).eval()
     torch.testing.assert_close(single(make_batch()), single.heads["L"](single.text(make_batch()["input_ids"])))
 
 
@@ -306,7 +307,7 @@ def test_without_positions_the_frames_are_a_set():
     perm = dict(batch, faces=batch["faces"][:, [2, 0, 3, 1]])
     for positions, invariant in (("none", True), ("learned", False)):
         torch.manual_seed(0)
-        model = FE2E("LV", positions=positions, **REF).eval()
+        model = FE2E("LV", config=small(positions=positions), tiny_text=True).eval()
         path = model.pathways["V"]
         assert (path.position is None) == (positions == "none")
         if path.position is not None:
@@ -323,29 +324,30 @@ def test_without_positions_the_frames_are_a_set():
 
 def test_flatten_head_rgb_stem_biases_and_text_group():
     torch.manual_seed(0)
-    model = FE2E("LAV", head="flatten", flatten_hidden=20, face_channels=3, conv_bias=True, score_bias=True,
-                 text_head_lr="text", **REF)
+    cfg = small(head="flatten", flatten_hidden=20, face_channels=3, conv_bias=True, score_bias=True,
+                text_head_lr="text")
+    model = FE2E("LAV", config=cfg, tiny_text=True)
     v, a = model.pathways["V"], model.pathways["A"]
     assert v.proj[0].in_features == 8 * 3 * 3 and a.proj[0].in_features == 8 * 8 * 2  # channels x grid
-    assert v.proj[0].out_features == 20 and v.proj[2].out_features == REF["dim"]
+    assert v.proj[0].out_features == 20 and v.proj[2].out_features == SIZES["dim"]
     assert v.stem.conv0.in_channels == 3 and a.stem.conv0.in_channels == 1
     assert v.stem.conv0.bias is not None and v.blocks[0].conv1.conv.bias is not None
     groups = model.param_groups(1.0)
     assert {id(p) for p in model.heads["L"].parameters()} <= {id(p) for p in groups[1]["params"]}
     assert groups[1]["lr"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="input_sizes"):
-        FE2E("LV", head="flatten", input_sizes={"V": (50, 50)}, **REF)
+        FE2E("LV", config=small(head="flatten", input_sizes={"V": (50, 50)}), tiny_text=True)
     with pytest.raises(ValueError, match="attention_grad"):
-        MESM("LV", attention_grad="detach", **REF)
+        MESM("LV", config=small(attention_grad="detach"), tiny_text=True)
     with pytest.raises(ValueError, match="fusion"):
-        FE2E("LV", fusion="mean", **REF)
+        FE2E("LV", config=small(fusion="mean"), tiny_text=True)
 
 
 def test_rgb_stem_on_grey_crops_equals_the_summed_kernel_and_biases_cancel_in_batchnorm():
     batch = make_batch()
     torch.manual_seed(0)
-    rgb = FE2E("LV", face_channels=3, conv_bias=True, **REF).train()
-    grey = FE2E("LV", **REF).train()
+    rgb = FE2E("LV", config=small(face_channels=3, conv_bias=True), tiny_text=True).train()
+    grey = FE2E("LV", config=small(), tiny_text=True).train()
     state = rgb.state_dict()
     state["pathways.V.stem.conv0.weight"] = state["pathways.V.stem.conv0.weight"].sum(1, keepdim=True)
     with torch.no_grad():  # random conv biases: BatchNorm (training statistics) subtracts them again
@@ -391,7 +393,7 @@ def test_compare_attention_grad_trains_both_settings_from_the_same_start():
     loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
 
     def build(setting):
-        return MESM("LAV", top_p=0.7, attention_grad=setting, **REF)
+        return MESM("LAV", top_p=0.7, config=small(attention_grad=setting), tiny_text=True)
 
     out = compare_attention_grad(build, loaders, epochs=2, lr=1e-2, device="cpu", resamples=50, progress=False)
     assert [r["attention_grad"] for r in out["rows"]] == ["reweight", "none"]
@@ -431,7 +433,7 @@ def test_training_seconds_leave_out_the_callbacks():
     batches = [make_batch(b=4, seed=s) for s in range(2)]
     loaders = {s: DataLoader(batches, batch_size=None) for s in ("train", "valid", "test")}
     torch.manual_seed(0)
-    model = MESM("LAV", top_p=0.7, **REF)
+    model = MESM("LAV", top_p=0.7, config=small(), tiny_text=True)
     calls = []
     start = time.perf_counter()
     row, _ = train_and_test(model, loaders, name="MESM", epochs=2, lr=1e-2, device="cpu", progress=False,
@@ -492,10 +494,10 @@ def test_site_order_switch_scrambles_block_one_only(handoff):
     inputs, outputs = {}, {}
     for order in ("matched", "reference"):
         torch.manual_seed(0)
-        cfg = MesmConfig(**{k: v for k, v in SMALL.items() if k != "tiny_text"}, site_order=order)
+        cfg = small(site_order=order)
         model = MESM("LAV", top_p=0.7, config=cfg, tiny_text=True).eval()
         for p in model.pathways.values():
-            p.block_handoff = handoff
+            p._block_handoff = handoff
         seen = _block1_input(model, "V")
         with torch.no_grad():
             outputs[order] = model(batch)
@@ -521,7 +523,8 @@ def test_sparse_bn_eps_and_he_initialisation_as_sparseconvnet():
     w = block.conv1.conv.weight.detach()  # 128 x 64 x 3 x 3 = 73,728 draws of N(0, 2 / (64 * 9))
     assert abs(float(w.mean())) < 5 * math.sqrt(2 / 576) / math.sqrt(w.numel())  # 5 standard errors
     assert float(w.std()) == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.02)
-    book = MESM("LV", stem_channels=64, block_channels=(128, 8, 8), dim=8, layers=1, heads=2, tiny_text=True)
+    book = MESM("LV", config=MesmConfig(stem_channels=64, block_channels=(128, 8, 8), dim=8, layers=1, heads=2),
+                tiny_text=True)
     wb = book.pathways["V"].blocks[0].conv1.conv.weight.detach()  # PyTorch's kaiming_uniform(a=sqrt(5)): std 1/sqrt(3 fan_in)
     assert float(wb.std()) == pytest.approx(1 / math.sqrt(3 * 576), rel=0.02)
     assert book.pathways["V"].blocks[0].conv1.bn.eps == 1e-5
@@ -549,12 +552,14 @@ def test_mesm_config_paper_reference_bugs_and_one_line_builds():
     torch.manual_seed(0)
     one = MESM("LAV", top_p=0.5, config=cfg, tiny_text=True)
     torch.manual_seed(0)
-    kw = MESM("LAV", top_p=0.5, **SMALL)
-    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), kw.state_dict().values()))
+    direct = MESM("LAV", top_p=0.5, config=small(), tiny_text=True)
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), direct.state_dict().values()))
     with pytest.raises(ValueError, match="site_order"):
         MesmConfig(site_order="shuffled")
-    with pytest.raises(ValueError, match="not both"):
-        EndToEndModel("LAV", config=cfg, dim=4)
+    with pytest.raises(TypeError):  # sizes and switches go in the config, never as keywords
+        EndToEndModel("LAV", dim=4)
+    with pytest.raises(TypeError, match="'config' must be a MesmConfig"):
+        EndToEndModel("LAV", config={"dim": 4})
 
 
 @pytest.mark.parametrize("handoff", ["sparse", "dense"])
@@ -569,14 +574,14 @@ def test_fused_site_scores_equal_the_composed_attention_layers_in_the_whole_mode
         return self.v(torch.tanh(self.w_query(query)[frame] + self.w_key(keys))).squeeze(1)
 
     torch.manual_seed(2)
-    model = MESM("LAV", top_p=0.6, **dict(SMALL, attention_hidden=16)).train()
+    model = MESM("LAV", top_p=0.6, config=small(attention_hidden=16), tiny_text=True).train()
     batch = make_batch(b=3, t=3, p=2, seed=7)
     runs = []
     for patch in (False, True):
         if patch:
             monkeypatch.setattr(attention.AdditiveAttention, "forward", composed)
         for pathway in model.pathways.values():
-            pathway.block_handoff = handoff
+            pathway._block_handoff = handoff
         model.zero_grad()
         torch.manual_seed(0)
         out = model(batch)
@@ -600,7 +605,7 @@ def test_mac_count_of_the_fused_attention_equals_the_composed_layers(monkeypatch
     from nbsupport.models.mesm import extractor_macs
 
     torch.manual_seed(4)
-    model = MESM("LAV", top_p=1.0, **SMALL)
+    model = MESM("LAV", top_p=1.0, config=small(), tiny_text=True)
     batch = make_batch(seed=3)
     fused = extractor_macs(model, batch)["table"]
     monkeypatch.setattr(attention.AdditiveAttention, "forward", lambda self, query, keys, frame=None: self.v(

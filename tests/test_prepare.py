@@ -21,11 +21,11 @@ from conftest import require_program
 from nbsupport import protocol
 from nbsupport.data import EMOTIONS, DataError, load_split
 from nbsupport.data import prepare as P
-from nbsupport.models.mesm import MESM
+from nbsupport.models.mesm import MESM, MesmConfig
 
 FPS, SIDE, SECONDS = 30, 96, 4.0
-TINY = dict(tiny_text=True, stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2,
-            attention_hidden=8, dropout=0.0)
+TINY = MesmConfig(stem_channels=4, block_channels=(4, 8, 8), dim=8, layers=1, heads=2, attention_hidden=8,
+                  dropout=0.0)
 PHOTO = cv2.resize(skimage.data.astronaut(), (SIDE, SIDE), interpolation=cv2.INTER_AREA)  # RGB
 
 
@@ -185,7 +185,7 @@ def test_prepared_data_trains_one_mesm_step(prepared):
     batch = next(iter(loaders["train"]))
     assert batch["faces"].shape[-2:] == (48, 48) and batch["mel"].shape[-2:] == (128, 32)
     torch.manual_seed(0)
-    model = MESM("LAV", top_p=0.7, **TINY)
+    model = MESM("LAV", top_p=0.7, config=TINY, tiny_text=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["emotion"])
     opt.zero_grad()

@@ -5,9 +5,13 @@ fixed ``-p`` values). This module turns the command line's strings into values (
 :func:`parse_grid_option`), checks every value against the chapter's own :class:`~nbsupport.book.params.Spec`
 before anything runs (:func:`check_parameters`), gives values the chapter treats as equal one canonical
 form (:func:`canonical_grid`: ``LVA`` is ``LAV``, ``1`` is ``1.0`` for a real-valued parameter) and
-expands the grid into named points (:func:`expand_grid`). ``output_dir`` belongs to the sweep (one
-folder per point): :data:`OUTPUT_DIR` is refused as a ``-p``/``--grid`` value here, and
-:func:`without_output_dir` is the one place that leaves it out of a point's recorded parameters.
+expands the grid into named points (:func:`expand_grid`).
+
+``output_dir`` belongs to the sweep (one folder per point), and this module is the one place that knows
+it: :func:`takes_output_dir` says whether a notebook has it (then it writes ``metrics.json``),
+:func:`refuse_output_dir` rejects it as a ``-p``/``--grid`` value, :func:`point_parameters` sets it to a
+point's folder, and :func:`without_output_dir` leaves it out of what identifies a point. The runner
+(:mod:`~nbsupport.book.sweep_run`) and the store (:mod:`~nbsupport.book.sweep_store`) call these.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from .params import COMMON_RULES, UNKNOWN, Bool, DictOf, Float, Int, ListOf, Spe
 __all__ = [
     "SweepError", "Point", "OUTPUT_DIR", "parse_value", "parse_grid_option", "parse_resources", "expand_grid",
     "point_name", "notebook_parameters", "parameter_spec", "check_parameters", "canonical_grid", "find_notebook",
-    "without_output_dir",
+    "takes_output_dir", "refuse_output_dir", "point_parameters", "without_output_dir",
 ]
 
 #: The parameter a sweep sets itself: each point's notebook writes its metrics and figures there.
@@ -39,6 +43,26 @@ _NAME_MAX = 100
 
 class SweepError(ValueError):
     """A sweep cannot start: bad option, unknown parameter, wrong type, or a clash with earlier results."""
+
+
+# ---------------------------------------------------------------------------------------------
+# output_dir, the sweep's own parameter (one folder per point)
+# ---------------------------------------------------------------------------------------------
+def takes_output_dir(defaults: Mapping[str, Any]) -> bool:
+    """Whether a notebook (its parameters cell's ``defaults``) has ``output_dir``: then each point gets
+    its folder there and must leave a ``metrics.json`` in it to count as finished."""
+    return OUTPUT_DIR in defaults
+
+
+def refuse_output_dir(params: Mapping[str, Any], grid: Mapping[str, Any]) -> None:
+    """Fail when a sweep's fixed ``params`` or its ``grid`` give ``output_dir``: the sweep sets it."""
+    if OUTPUT_DIR in params or OUTPUT_DIR in grid:
+        raise SweepError("parameter 'output_dir' is set by the sweep (one folder per point); do not pass it")
+
+
+def point_parameters(params: Mapping[str, Any], folder: str | os.PathLike, *, takes: bool = True) -> dict:
+    """``params`` with ``output_dir`` set to ``folder`` (for a notebook that ``takes`` it; else a copy)."""
+    return {**params, OUTPUT_DIR: str(folder)} if takes else dict(params)
 
 
 def without_output_dir(params: Mapping[str, Any]) -> dict:

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from nbsupport.base import atomic_write_json, atomic_write_text
 
 from .notebook import environment
-from .sweep_grid import (OUTPUT_DIR, UNKNOWN, Point, SweepError, _parse_gpus, canonical_grid, check_parameters,
-                         expand_grid, notebook_parameters, parse_resources, without_output_dir)
+from .sweep_grid import (UNKNOWN, Point, SweepError, _parse_gpus, canonical_grid, check_parameters, expand_grid,
+                         notebook_parameters, parse_resources, point_parameters, refuse_output_dir,
+                         takes_output_dir, without_output_dir)
 from .sweep_store import (CLAIMS, CORRUPT, DONE, LOCK, PARTIAL, StoreNotWritable, _commit, _duration, _load_metrics,
                           _params_equal, _requested, point_state, refusals_named)
 
@@ -62,7 +63,7 @@ class _Job:
     out: Path
     kernel: str
     cwd: Path
-    pass_output_dir: bool
+    writes_metrics: bool  # the notebook takes the point's folder (sweep_grid.takes_output_dir)
     provenance: dict
     timeout: float | None
     gpu_ids: list = field(default_factory=list)  # local cluster: worker k's kernel gets gpu_ids[k % n]
@@ -195,11 +196,10 @@ def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) ->
         shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an execution that died; we hold the claim
         tmp = scratch / uuid.uuid4().hex[:8]
         tmp.mkdir(parents=True)
-        # output_dir, the sweep's own parameter: the notebook writes metrics.json and figures into tmp,
-        # and the point's records name the folder it is installed as
-        installed_as = {OUTPUT_DIR: str(final)} if job.pass_output_dir else {}
-        params = {**point.params, **({OUTPUT_DIR: str(tmp)} if job.pass_output_dir else {})}
-        requested = {**point.recorded, **installed_as}
+        # the notebook writes metrics.json and figures into tmp; the point's records name the folder
+        # it is installed as
+        params = point_parameters(point.params, tmp, takes=job.writes_metrics)
+        requested = point_parameters(point.recorded, final, takes=job.writes_metrics)
         atomic_write_json(tmp / "params.json", requested)
         started, t0 = _now(), time.perf_counter()
         status, error = DONE, ""
@@ -215,13 +215,13 @@ def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) ->
             atomic_write_text(tmp / "error.txt", traceback.format_exc())
         duration = time.perf_counter() - t0
         ran = requested
-        if status == DONE and job.pass_output_dir:  # finished = a metrics.json of the shared shape
+        if status == DONE and job.writes_metrics:  # finished = a metrics.json of the shared shape
             try:
                 metrics = _load_metrics(tmp / "metrics.json")
             except ValueError as exc:
                 status, error = "FAILED", str(exc)
             else:  # what ran: the notebook's own validated parameters (after e.g. a smoke-size shrink)
-                ran = {**requested, **metrics["parameters"], **installed_as}
+                ran = point_parameters({**requested, **metrics["parameters"]}, final)
         atomic_write_json(tmp / "params.json", ran)
         worker = None
         with contextlib.suppress(ValueError):  # not inside a Dask worker (a direct call)
@@ -232,7 +232,7 @@ def _run_point(point: Point, job: _Job, env: Mapping[str, str] | None = None) ->
             "finished": _now(), "duration_s": round(duration, 3), "host": socket.gethostname(),
             "worker": worker, "env": env,
             "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
-            "writes_metrics": job.pass_output_dir, **job.provenance})
+            "writes_metrics": job.writes_metrics, **job.provenance})
         if status == DONE:
             atomic_write_text(tmp / DONE, _now() + "\n")  # last file of a complete point
         installed = _commit(tmp, final, scratch)
@@ -398,8 +398,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
             res = {"GPU": 1}
         threads = threads_per_point(workers, threads)
     defaults = notebook_parameters(notebook)
-    if OUTPUT_DIR in params or OUTPUT_DIR in grid:
-        raise SweepError("parameter 'output_dir' is set by the sweep (one folder per point); do not pass it")
+    refuse_output_dir(params, grid)
     check_parameters(notebook, params, defaults=defaults)
     for name, values in grid.items():
         for v in values:
@@ -432,7 +431,7 @@ def run_sweep(notebook: str | os.PathLike, out: str | os.PathLike, *, params: Ma
         if todo:
             job = _Job(notebook=notebook, out=out, kernel=kernel,
                        cwd=Path(cwd).resolve() if cwd is not None else notebook.parent,
-                       pass_output_dir=OUTPUT_DIR in defaults, timeout=timeout,
+                       writes_metrics=takes_output_dir(defaults), timeout=timeout,
                        gpu_ids=gpus if scheduler is None else [], threads=threads,
                        provenance={**_git_commit(notebook.parent), "versions": environment(),
                                    "python_executable": sys.executable, "platform": platform.platform()})

@@ -2,7 +2,8 @@
 
 Dai, Cahyawijaya et al., "Multimodal End-to-End Sparse Model for Emotion Recognition", NAACL 2021.
 
-One class, :class:`EndToEndModel`, implements both models of the paper:
+One class, :class:`EndToEndModel`, implements both models of the paper, built from one
+:class:`MesmConfig` (:func:`FE2E` and :func:`MESM` set its switches below):
 
 * **FE2E** (``attention=False, sparse=False``; Sec. 3.1): per visual modality (48x48 face crops every
   500 ms = ``"V"``, 128x32 mel-spectrogram pieces = ``"A"``, each treated as a one-channel image) a
@@ -118,8 +119,8 @@ def run_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, site
     """Run one of the three VGG blocks on a dense grid ``x`` (N,C,H,W) and a kept-site mask (N,H,W).
 
     Sparse block: only the kept sites go in (``to_sparse``), the pooled sparse output is scattered back
-    to a zero-filled grid (N,C',H/2,W/2) with its active mask (the ``block_handoff="dense"`` strategy of
-    :class:`VisualPathway`; by default MESM keeps the sites sparse between blocks instead). Dense block:
+    to a zero-filled grid (N,C',H/2,W/2) with its active mask (the ``"dense"`` hand-off between blocks,
+    :attr:`VisualPathway._block_handoff`; MESM keeps the sites sparse between blocks instead). Dense block:
     the dropped sites are zeroed (no compute saving) and every output site is active.
     ``site_order="reference"``: the sparse block's input sites are scrambled as the reference code's
     first block (:func:`reference_site_order`). Returns ``(y, active_out)``.
@@ -205,10 +206,11 @@ class VisualPathway(nn.Module):
         self.encoder = nn.ModuleList([TransformerEncoderBlock(c.dim, c.heads, c.ff_size, c.dropout)
                                       for _ in range(c.layers)])
         self.records: list[LayerRecord] = []
-        # How sparse blocks pass their sites on (an execution strategy: same outputs and gradients):
-        # "sparse" keeps a SparseTensor from block to block (attention and top-p on the active sites only);
-        # "dense" scatters each block's output to a zero-filled grid and gathers the kept sites again.
-        self.block_handoff = "sparse"
+        # A test seam, not a setting: how sparse blocks pass their sites on. "sparse" (always, outside the
+        # tests) keeps a SparseTensor from block to block (attention and top-p on the active sites only);
+        # "dense" scatters each block's output to a zero-filled grid and gathers the kept sites again,
+        # which tests/test_mesm.py sets to show both give the same outputs and gradients.
+        self._block_handoff = "sparse"
 
     @staticmethod
     def _build_blocks(c: "MesmConfig", chans: list) -> nn.ModuleList:
@@ -284,7 +286,7 @@ class VisualPathway(nn.Module):
         return scaled.select(keep), weights, keep
 
     def _blocks_sparse(self, x: torch.Tensor, query: torch.Tensor, frames_cpu: torch.Tensor) -> torch.Tensor:
-        """The three sparse blocks with sites kept sparse between them (``block_handoff="sparse"``):
+        """The three sparse blocks with sites kept sparse between them (``_block_handoff="sparse"``):
         x (N, C0, H, W) from the stem -> (N, C) mean of the last block's features over its active sites."""
         n = x.shape[0]
         s = None
@@ -326,15 +328,15 @@ class VisualPathway(nn.Module):
         x (N, C0, H, W) stem output, query (N, d_text) text vector per frame -> (N, C) mean of the last
         block's features over its active sites (``head="flatten"``: the whole last grid, (N, C*h*w)). Fills :attr:`records` (``frame_index`` (N, 2) goes into
         them; default: frame i of utterance 0)."""
-        if self.block_handoff not in ("sparse", "dense"):
-            raise ValueError(f"VisualPathway: 'block_handoff' must be 'sparse' or 'dense', "
-                             f"got {self.block_handoff!r}")
+        if self._block_handoff not in ("sparse", "dense"):
+            raise ValueError(f"VisualPathway: '_block_handoff' must be 'sparse' or 'dense', "
+                             f"got {self._block_handoff!r}")
         if frame_index is None:
             frame_index = torch.stack([torch.zeros(x.shape[0], dtype=torch.long), torch.arange(x.shape[0])], 1)
         frames_cpu = frame_index.cpu()  # shared by the records of every block
         self.records = []
         sparse_blocks = len(self.blocks) > 0 and isinstance(self.blocks[0], sparse_lib.SparseVggBlock)
-        if self.block_handoff == "sparse" and sparse_blocks:
+        if self._block_handoff == "sparse" and sparse_blocks:
             return self._blocks_sparse(x, query, frames_cpu)
         active = torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
         for i, block in enumerate(self.blocks):
@@ -384,10 +386,6 @@ class VisualPathway(nn.Module):
         for layer in self.encoder:
             seq = layer(seq, keep)
         return seq[:, 0]  # (B, dim): CLS output
-
-
-#: Arguments of :class:`EndToEndModel` that choose the text encoder rather than the network.
-_TEXT_ARGS = ("text_model", "tiny_text", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -488,9 +486,11 @@ class MesmConfig:
         names = {f.name for f in fields(cls)} - skip
         return cls(**{k: v for k, v in params.items() if k in names}, **overrides)
 
-    def build(self, modalities: str = "LAV", n_outputs: int = 6, **text) -> "EndToEndModel":
-        """:class:`EndToEndModel` from this config; ``text``: ``text_model``, ``tiny_text`` or ``text_encoder``."""
-        return EndToEndModel(modalities, n_outputs, config=self, **text)
+    def build(self, modalities: str = "LAV", n_outputs: int = 6, *, text_model: str | None = None,
+              tiny_text: bool = False, text_encoder: nn.Module | None = None) -> "EndToEndModel":
+        """:class:`EndToEndModel` from this config and a text encoder (see :class:`EndToEndModel`)."""
+        return EndToEndModel(modalities, n_outputs, config=self, text_model=text_model, tiny_text=tiny_text,
+                             text_encoder=text_encoder)
 
     def as_dict(self) -> dict:
         """The fields as a plain dict (``metrics.json``, sweeps)."""
@@ -517,11 +517,13 @@ class EndToEndModel(nn.Module):
     """FE2E / MESM (Dai et al. 2021; Ch. 5-6): ``model(batch) -> logits (B, n_outputs)``.
 
     ``modalities``: any subset of "LAV" containing "L". ``text_model``: '' / None = bundled
-    all-MiniLM-L6-v2, an HF id (local cache) or folder; ``tiny_text=True`` a small random BERT.
-    ``attention``/``sparse``/``top_p`` switch between FE2E and MESM (see module docstring).
-    ``text_lr_scale`` sets the text encoder's learning rate relative to ``lr`` in :meth:`param_groups`
-    (MESM trains it at lr/10). Sizes (``stem_channels``, ``block_channels``, ``dim``, ``layers``,
-    ``heads``) default to the paper's.
+    all-MiniLM-L6-v2, an HF id (local cache) or folder; ``tiny_text=True`` a small random BERT;
+    ``text_encoder``: a ready text module. Everything else comes from ``config``, one
+    :class:`MesmConfig` (None = its defaults): its ``attention``/``sparse``/``top_p`` switch between
+    FE2E and MESM (see module docstring; :func:`FE2E` and :func:`MESM` set them), ``text_lr_scale``
+    sets the text encoder's learning rate relative to ``lr`` in :meth:`param_groups` (MESM trains it at
+    lr/10), and the sizes (``stem_channels``, ``block_channels``, ``dim``, ``layers``, ``heads``)
+    default to the paper's.
 
     Fidelity switches (fields of :class:`MesmConfig`; defaults = the book's model, :meth:`MesmConfig.paper` = the
     authors' code, Ch. 5-6):
@@ -539,15 +541,11 @@ class EndToEndModel(nn.Module):
     paper_protocol = "mesm"
 
     def __init__(self, modalities: str = "LAV", n_outputs: int = 6, *, config: "MesmConfig | None" = None,
-                 text_model: str | None = None, tiny_text: bool = False, text_encoder: nn.Module | None = None,
-                 **config_kw):
+                 text_model: str | None = None, tiny_text: bool = False, text_encoder: nn.Module | None = None):
         super().__init__()
-        if config is None:
-            config = MesmConfig(**config_kw)
-        elif config_kw:
-            raise ValueError(f"EndToEndModel: give either 'config' or keyword hyper-parameters, not both "
-                             f"(got {sorted(config_kw)})")
-        c = self.config = config
+        if config is not None and not isinstance(config, MesmConfig):
+            raise TypeError(f"EndToEndModel: parameter 'config' must be a MesmConfig, got {type(config).__name__}")
+        c = self.config = config if config is not None else MesmConfig()
         if not isinstance(modalities, str) or not modalities or set(modalities) - set("LAV") or "L" not in modalities:
             raise ValueError(f"EndToEndModel: parameter 'modalities' must be letters from 'LAV' including 'L' "
                              f"(text drives the model), got {modalities!r}")
@@ -642,24 +640,25 @@ class EndToEndModel(nn.Module):
 
 
 def FE2E(modalities: str = "LAV", n_outputs: int = 6, *, config: "MesmConfig | None" = None,
-         **kwargs) -> EndToEndModel:
+         text_model: str | None = None, tiny_text: bool = False,
+         text_encoder: nn.Module | None = None) -> EndToEndModel:
     """FE2E (Dai et al. 2021, Sec. 3.1; Ch. 5): dense CNNs, no cross-modal selection. ``config``: a
-    :class:`MesmConfig` (its attention/sparse/top_p are set to FE2E's), else keyword hyper-parameters."""
-    if config is not None:
-        text = {k: kwargs.pop(k) for k in _TEXT_ARGS if k in kwargs}
-        return EndToEndModel(modalities, n_outputs, config=replace(config, **kwargs).fe2e(), **text)
-    return EndToEndModel(modalities, n_outputs, attention=False, sparse=False, **kwargs)
+    :class:`MesmConfig` for the sizes and switches (None = its defaults; its attention/sparse/top_p
+    are set to FE2E's); the text arguments as :class:`EndToEndModel`'s."""
+    config = config if config is not None else MesmConfig()
+    return config.fe2e().build(modalities, n_outputs, text_model=text_model, tiny_text=tiny_text,
+                               text_encoder=text_encoder)
 
 
 def MESM(modalities: str = "LAV", n_outputs: int = 6, top_p: float = 0.7, *,
-         config: "MesmConfig | None" = None, **kwargs) -> EndToEndModel:
+         config: "MesmConfig | None" = None, text_model: str | None = None, tiny_text: bool = False,
+         text_encoder: nn.Module | None = None) -> EndToEndModel:
     """MESM (Dai et al. 2021, Sec. 3.2-3.3; Ch. 6): cross-modal attention, top-p selection, sparse blocks.
-    ``config``: a :class:`MesmConfig` (attention and sparse blocks switched on, ``top_p`` set), else
-    keyword hyper-parameters."""
-    if config is not None:
-        text = {k: kwargs.pop(k) for k in _TEXT_ARGS if k in kwargs}
-        return EndToEndModel(modalities, n_outputs, config=replace(config, **kwargs).mesm(top_p), **text)
-    return EndToEndModel(modalities, n_outputs, attention=True, sparse=True, top_p=top_p, **kwargs)
+    ``config``: a :class:`MesmConfig` for the sizes and switches (None = its defaults; attention and
+    sparse blocks switched on, ``top_p`` set); the text arguments as :class:`EndToEndModel`'s."""
+    config = config if config is not None else MesmConfig()
+    return config.mesm(top_p).build(modalities, n_outputs, text_model=text_model, tiny_text=tiny_text,
+                                    text_encoder=text_encoder)
 
 
 # --------------------------------------------------------------------------------------------------
