@@ -9,7 +9,10 @@ is printed only when the whole range lies on one side of 1.
 """
 from __future__ import annotations
 
+import copy
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Mapping
 
@@ -18,6 +21,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
 
 from nbsupport import flops
 from nbsupport.base import to_device
@@ -25,6 +30,7 @@ from nbsupport.data import collate_mesm, collate_umons
 from nbsupport.data import features as feats
 from nbsupport.data.raw import read_audio, read_frame, sample_frame_positions
 from nbsupport.data.text import load_tokenizer
+from nbsupport.models import baselines as bl
 
 __all__ = ["interleave", "ratio_summary", "training_step", "compare_training_steps", "step_profile",
            "step_verdict", "profile_table", "profile_sentence", "pipeline_costs", "pipeline_table", "STAGES"]
@@ -112,8 +118,6 @@ def compare_training_steps(models: Mapping[str, nn.Module], batches: list[dict],
     MESM against FE2E).  The models are deep-copied, so trained weights are left as they are.  Returns
     ``times`` (seconds per round per model) and ``seconds`` (medians); read two of them with
     :func:`ratio_summary`."""
-    import copy
-
     fns = {name: training_step(copy.deepcopy(m), batches, lr, device) for name, m in models.items()}
     times = interleave(fns, rounds)
     return dict(times=times, seconds={k: statistics.median(v) for k, v in times.items()})
@@ -153,9 +157,6 @@ class _SilentFds:
     Python exceptions are unaffected."""
 
     def __enter__(self):
-        import os
-        import sys
-
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         self.saved = [os.dup(1), os.dup(2)]
@@ -166,8 +167,6 @@ class _SilentFds:
         return self
 
     def __exit__(self, *exc):
-        import os
-
         for fd, saved in zip((1, 2), self.saved):
             os.dup2(saved, fd)
             os.close(saved)
@@ -176,9 +175,6 @@ class _SilentFds:
 def _profile_once(model, batch, opt, loss_fn) -> tuple[dict, dict]:
     # one profiled step: wall ms per stage scope (its time minus the stage scopes nested in it, so Python
     # between ops counts where it runs), backward ms per stage of the forward op that created each node
-    from torch.autograd.profiler import record_function
-    from torch.profiler import ProfilerActivity, profile
-
     with _SilentFds(), profile(activities=[ProfilerActivity.CPU]) as prof:
         opt.zero_grad(set_to_none=True)
         with record_function("stage:heads, fusion, loss"):
@@ -224,10 +220,6 @@ def step_profile(model: nn.Module, batch: dict, *, lr: float = 1e-3, device="cpu
     accumulation) to "optimizer", and the backward time no node accounts for to "autograd engine".  ``repeats`` steps are profiled and each stage's median is kept.  Runs on
     a copy of ``model``.  Returns one row per stage: ``forward_ms``, ``backward_ms``, ``total_ms`` and
     ``share`` of the step (the profiler adds a small overhead per op)."""
-    import copy
-
-    from torch.autograd.profiler import record_function
-
     model = copy.deepcopy(model)  # the steps below train it: the caller's weights stay as they are
     step = training_step(model, [batch], lr, device)
     for _ in range(warmup):
@@ -331,8 +323,6 @@ def pipeline_costs(two_phase: Mapping[str, nn.Module], end_to_end: Mapping[str, 
     that :func:`~nbsupport.models.baselines.model_macs` counts; for FE2E/MESM the whole model's linear and
     convolution layers, sparse ones as they ran); feature extraction has no MAC count.  Returns one row per
     (pipeline, stage): ``seconds`` per utterance, ``macs`` per utterance (NaN where undefined)."""
-    from nbsupport.models import baselines as bl
-
     for name, ds, models in (("hc_set", hc_set, two_phase), ("raw_set", raw_set, end_to_end)):
         if models and not (hasattr(ds, "raw") and hasattr(ds, "settings")):
             raise ValueError(f"pipeline_costs: parameter '{name}' must be a dataset read from raw frames and "

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
     "DistInfo", "init_from_env", "shutdown", "is_distributed", "rank", "world_size", "local_rank", "is_main",
@@ -145,8 +147,6 @@ def distributed_sampler(dataset, *, shuffle: bool = True, seed: int = 0, drop_la
     """
     if not is_distributed():
         return None
-    from torch.utils.data.distributed import DistributedSampler
-
     return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed,
                               drop_last=drop_last)
 
@@ -155,8 +155,6 @@ def wrap_model(model: nn.Module, device: torch.device | None = None) -> nn.Modul
     """``DistributedDataParallel(model)`` under a process group (gradients all-reduced), else ``model``."""
     if not is_distributed():
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     device = device or next(model.parameters()).device
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import cv2
+import librosa
 import numpy as np
 import pandas as pd
 import torch
@@ -162,8 +164,6 @@ def audio_box_to_pieces(box: dict, n_pieces: int, *, sr: int = 16000, hop: int =
     (``librosa.mel_frequencies``) lies in [f0_hz, f1_hz]. Pieces are consecutive ``piece``-frame cuts
     (:func:`nbsupport.data.features.mel_pieces`).
     """
-    import librosa
-
     for key in ("t0", "t1", "f0_hz", "f1_hz"):
         if key not in box:
             raise KeyError(f"audio_box_to_pieces: 'box' lacks field '{key}' (expected t0, t1, f0_hz, f1_hz)")
@@ -190,8 +190,6 @@ def face_region_from_box(mask: np.ndarray, box, size: int = 48) -> np.ndarray:
     The mask is cut exactly as the crop itself (``grey[y0:y0+s, x0:x0+s]``, so clipped by the image
     border) and resized with area interpolation (OpenCV INTER_AREA), which gives each crop pixel its
     covered fraction."""
-    import cv2
-
     x0, y0, s = (int(v) for v in box)
     sub = np.asarray(mask, np.float32)[y0:y0 + s, x0:x0 + s]
     return np.clip(cv2.resize(sub, (size, size), interpolation=cv2.INTER_AREA), 0.0, 1.0)  # float round-off
@@ -448,7 +446,7 @@ def maps_figure(model, batch: dict, picks: Sequence[tuple[str, int]], modality: 
     :func:`one_utterance_per_emotion`), the attention map of each sparse layer of ``modality`` ("V" faces,
     "A" mel-spectrograms) then its kept sites, over the utterance's input (:func:`utterance_maps`,
     :func:`draw_maps`). Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: pyplot costs ~0.5 s; the sweep CLI imports this module and draws nothing
 
     n = len(model.last_maps[modality])
     cmap = "gray" if modality == "V" else "magma"
@@ -498,7 +496,7 @@ def kept_sites_state(model, batch: dict, b: int, top_p: float, fig=None):
     """One state of Chapter 6's kept-sites explorer: ``(figure, label)``, the figure of
     :func:`draw_kept_sites` and, as its label, the extractor's MACs at ``top_p`` (MESM's top-p
     selection, Dai et al. 2021) as computed by :func:`extractor_macs` (not read back from the figure)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: pyplot costs ~0.5 s; the sweep CLI imports this module and draws nothing
 
     one = single_utterance(batch, b)
     original, was_training = model.top_p, model.training
@@ -545,7 +543,7 @@ def coattention_maps(model, batch: dict, device="cpu") -> tuple[str, list[torch.
 def draw_coattention(ax, maps: Sequence[torch.Tensor], batch: dict, idx: int, layer: int, words: Sequence[str],
                      modality: str = "A", title: str = ""):
     """Heatmap of one utterance's co-attention at ``layer`` (heads averaged; real frames x real words)."""
-    import seaborn as sns
+    import seaborn as sns  # local: seaborn costs ~1.5 s to import; only this plot uses it
 
     key = {"A": "audio_mask", "V": "video_mask"}[modality]
     t_l = int(batch["text_mask"][idx].sum())
@@ -562,7 +560,7 @@ def draw_lift_by_epoch(table: pd.DataFrame, what: str = "attention", fig=None):
     """Lift on the cue regions against training epochs (Chapter 6), one panel per modality, one line per
     layer, with the bootstrap interval of every point as a band; the dashed line is chance (1).
     ``table``: :attr:`LiftTracker.table`."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: pyplot costs ~0.5 s; the sweep CLI imports this module and draws nothing
     from matplotlib.ticker import MaxNLocator
 
     mods = sorted(table["modality"].unique())

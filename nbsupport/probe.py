@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
 
 from nbsupport.data import (SPLITS, ensure_corpus, face_crop, face_geometry, handcrafted_dataset, load_split,
                             read_audio, read_cues, read_frame)
@@ -107,8 +108,6 @@ def cue_form_features(root, dataset: str = "mosei", progress: bool = True) -> di
     48 px crops; ``A_hand``: mean and std of :func:`~nbsupport.data.features.prosody_windows`), raw
     references (``V_raw``: :func:`_fine_sign_cells`; ``A_raw``: 128-band log-mel averaged over the recorded
     cue box's time span), ``y`` (index of the first labelled emotion) and ``form`` (the cue forms drawn)."""
-    from tqdm.auto import tqdm
-
     out = {k: [] for k in ("V_hand", "V_raw", "A_hand", "A_raw", "y", "form_V", "form_A")}
     for split in SPLITS:
         raw = load_split(root, dataset, split)

@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from tqdm.auto import tqdm
 
 from . import distributed as _dist
 from . import metrics
@@ -867,10 +868,6 @@ def _epoch_bar(first: int, epochs: int, progress: bool, desc: str):
     """The epochs still to run, as a tqdm bar on rank 0 when ``progress`` (else a plain range)."""
     epochs_left = range(first, epochs + 1)
     if not progress or _dist.rank() != 0:
-        return epochs_left
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
         return epochs_left
     return tqdm(epochs_left, desc=desc, initial=first - 1, total=epochs, leave=False)
 

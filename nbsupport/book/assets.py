@@ -317,7 +317,7 @@ def ensure_assets(static_dir: str | os.PathLike, *, npm: str = "npm", force: boo
 # --------------------------------------------------------------------------------------------
 def _check_assets(app) -> None:
     """builder-inited: stop an HTML build whose offline assets are missing (they would not render)."""
-    from sphinx.errors import ExtensionError  # here, not at the top: only the book build loads Sphinx
+    from sphinx.errors import ExtensionError  # local: only the book build loads Sphinx
 
     if app.builder.format != "html" or "://" in str(app.config.mathjax_path):
         return
@@ -438,7 +438,7 @@ def _results_directive():
     Paths are relative to the page. A missing file gives a visible note ("run `make benchmarks`")
     instead of failing the book build; the browser test checks the figure when results exist.
     """
-    # here, not at the top: docutils is Sphinx's, loaded only by the book build (a notebook that imports
+    # local: docutils is Sphinx's, loaded only by the book build (a notebook that imports
     # this module for its HTML helpers does not pay for it)
     from docutils import nodes
     from docutils.parsers.rst import Directive, directives

@@ -82,7 +82,7 @@ def _flock(path: Path, *, wait: bool, what: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")
     try:
-        try:  # here, not at the top: fcntl is POSIX-only (Windows: no lock, see above)
+        try:  # local: fcntl is POSIX-only (Windows: no lock, see above)
             import fcntl
         except ImportError:
             fcntl = None

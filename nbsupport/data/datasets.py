@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from nbsupport.base import atomic_write, child_path
 
@@ -199,8 +200,6 @@ class FeatureDataset(Dataset):
     def precompute(self, progress: bool = True) -> "FeatureDataset":
         """Compute every missing or stale cache entry now (tqdm progress bar; every entry is checked as in
         :meth:`features`); returns self."""
-        from tqdm.auto import tqdm
-
         for i in tqdm(range(len(self)), desc=f"{self.kind} features ({self.raw.split})", disable=not progress,
                       leave=False):
             self.features(i)

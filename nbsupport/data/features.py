@@ -18,7 +18,11 @@ import os
 import re
 from pathlib import Path
 
+import cv2
+import librosa  # cheap here: librosa loads its submodules (and numba) on first use
 import numpy as np
+import skimage.data  # cheap here: skimage loads hog and the cascade (~0.16 s) on first use
+import skimage.feature
 
 from .common import DataError
 from .text import default_text_model, load_tokenizer
@@ -37,8 +41,6 @@ def log_mel(wave: np.ndarray, sr: int = SR, n_mels: int = 128, n_fft: int = 400,
             hop: int = 200) -> np.ndarray:
     """Standardised log-mel spectrogram (n_mels, frames) with librosa (power, dB re 1, floor
     -100 dB; MESM's audio input before it is cut into pieces, Dai et al. 2021, Sec. 3.1)."""
-    import librosa
-
     m = librosa.feature.melspectrogram(y=np.asarray(wave, np.float32), sr=sr, n_fft=n_fft,
                                        win_length=n_fft, hop_length=hop, n_mels=n_mels, power=2.0)
     db = librosa.power_to_db(m, ref=1.0, amin=1e-10, top_db=None)
@@ -81,10 +83,7 @@ def _pool_frames(x: np.ndarray, seq_len: int) -> np.ndarray:
 def _face_detector():
     # OpenCV 5 moved the Haar/LBP cascades and HOGDescriptor out of the main wheel, so the bundled
     # detector here is scikit-image's copy of OpenCV's LBP frontal-face cascade (same algorithm family).
-    import skimage.data
-    from skimage.feature import Cascade
-
-    return Cascade(skimage.data.lbp_frontal_face_cascade_filename())
+    return skimage.feature.Cascade(skimage.data.lbp_frontal_face_cascade_filename())
 
 
 def face_box(img_bgr: np.ndarray, detect: bool = True) -> tuple[int, int, int, bool]:
@@ -95,8 +94,6 @@ def face_box(img_bgr: np.ndarray, detect: bool = True) -> tuple[int, int, int, b
     False) it is the central square of the frame, as MESM falls back to a centre crop. Chapter 6 draws
     attention maps back onto the frame with this box.
     """
-    import cv2
-
     grey = cv2.cvtColor(img_bgr, cv2.COLOR_BGR2GRAY) if img_bgr.ndim == 3 else img_bgr
     H, W = grey.shape
     if detect:
@@ -118,8 +115,6 @@ def face_crop(img_bgr: np.ndarray, size: int = 48, detect: bool = True) -> tuple
     The square is :func:`face_box` (largest detected face, widened, or the central square), cut from
     the grey frame (clipped at the border) and resized with area interpolation.
     """
-    import cv2
-
     grey = cv2.cvtColor(img_bgr, cv2.COLOR_BGR2GRAY) if img_bgr.ndim == 3 else img_bgr
     x0, y0, s, found = face_box(grey, detect)
     return cv2.resize(grey[y0:y0 + s, x0:x0 + s], (size, size), interpolation=cv2.INTER_AREA), found
@@ -129,18 +124,15 @@ def hog_features(face: np.ndarray, cell: int = 8, block: int = 2, bins: int = 9)
     """Histogram of oriented gradients (Dalal & Triggs 2005; ``skimage.feature.hog``, L2-Hys blocks)
     of a square uint8 face. 48x48 with the defaults gives 900 values (UMONS per-frame visual feature
     in this book, standing in for the paper's CNN features)."""
-    from skimage.feature import hog
-
-    return hog(face, orientations=bins, pixels_per_cell=(cell, cell), cells_per_block=(block, block),
-               block_norm="L2-Hys", feature_vector=True).astype(np.float32)
+    return skimage.feature.hog(face, orientations=bins, pixels_per_cell=(cell, cell),
+                               cells_per_block=(block, block), block_norm="L2-Hys",
+                               feature_vector=True).astype(np.float32)
 
 
 def face_geometry(face: np.ndarray) -> np.ndarray:
     """Hand-crafted per-frame face descriptor for the two-phase baselines (Chapter 7): coarse HOG
     (cells of 12 px, 324-d) plus a 4x4 grid of mean intensities and of vertical-gradient energy
     (brow/mouth edges move with action units), 356-d."""
-    import cv2
-
     f = face.astype(np.float32) / 255.0
     gy = np.abs(cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3))
     n = face.shape[0] // 4
@@ -157,8 +149,6 @@ def prosody_windows(wave: np.ndarray, sr: int = SR, win_s: float = 0.25, hop_s: 
     librosa computes every frame-level descriptor at hop 160 (10 ms); the window statistics are plain
     numpy means. Returns (windows, 33) float32 with at most ``max_windows`` windows.
     """
-    import librosa
-
     y = np.asarray(wave, np.float32)
     hop, nfft = 160, 400
     mfcc = librosa.feature.mfcc(y=y, sr=sr, n_mfcc=13, n_fft=nfft, hop_length=hop, n_mels=40)  # (13, F)
@@ -235,7 +225,7 @@ class WordVectors:
             self.dim = len(next(iter(table.values())))
             self._table = table
         else:
-            from transformers import AutoModel
+            from transformers import AutoModel  # local: transformers costs ~0.6 s to import; only here
 
             emb = AutoModel.from_pretrained(self.model).get_input_embeddings().weight.detach().cpu().numpy()
             self._table, self.dim = emb.astype(np.float32), emb.shape[1]

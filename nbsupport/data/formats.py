@@ -45,6 +45,7 @@ import re
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -477,8 +478,6 @@ def _csd_roles(folder: Path, sequences=None) -> dict:
     ``sequences`` ({role: file name, file stem or sequence name}) picks a role's file where the folder
     holds several (the SDK's high-level download has FACET and OpenFace2, two word-vector sequences);
     without it such a folder stops with a DataError listing them."""
-    import h5py
-
     sequences = dict(sequences or {})
     bad = [r for r in sequences if r not in ("labels", "text", "audio", "video")]
     if bad:

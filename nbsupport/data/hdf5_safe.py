@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from .common import DataError
@@ -55,8 +56,6 @@ class SafeHdf5:
         return DataError(f"{self.path}: key '{key}': {msg}")
 
     def _check_links(self) -> None:
-        import h5py
-
         soft = []
         seen = set()
         todo = [(self.fh["/"], "")]
@@ -94,8 +93,6 @@ class SafeHdf5:
                                 "(dangling link)")
 
     def _check_storage(self, ds, key: str) -> None:
-        import h5py
-
         plist = ds.id.get_create_plist()
         if plist.get_external_count() > 0:
             name = plist.get_external(0)[0]
@@ -109,8 +106,6 @@ class SafeHdf5:
         """The values of dataset ``ds`` (at ``key``, for messages) after checking its type and size:
         numbers only when ``numeric``; the declared size within what the file stores (uncompressed data)
         and within the file's remaining budget."""
-        import h5py
-
         if not isinstance(ds, h5py.Dataset):
             raise self._err(key, f"expected a dataset, found a {type(ds).__name__}")
         try:
@@ -160,8 +155,6 @@ class SafeHdf5:
         collection is checked here first, from the file's bytes: signature ``GCOL``, version 1, a size
         within the file, and objects that tile it up to the element's object of at least its length.
         Checked for contiguous datasets of 16-byte references (what h5py writes); DataError otherwise."""
-        import h5py
-
         plist = ds.id.get_create_plist()
         size = self.path.stat().st_size
         offset = ds.id.get_offset() if plist.get_layout() == h5py.h5d.CONTIGUOUS else None
@@ -207,8 +200,6 @@ def _heap_object_fits(fh, addr: int, index: int, length: int, file_size: int) ->
 
 
 def _address(obj):
-    import h5py
-
     info = h5py.h5o.get_info(obj.id)
     return getattr(info, "token", None) or getattr(info, "addr", None) or id(obj)
 
@@ -216,8 +207,6 @@ def _address(obj):
 def open_hdf5(path, what: str = "HDF5 file"):
     """``(h5py.File, SafeHdf5)`` for the file at ``path``, links checked; DataError naming the file when
     it is missing or not HDF5. Close the file (``with``) when done."""
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} missing")

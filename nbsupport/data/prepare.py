@@ -55,7 +55,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
+import soundfile as sf
+from tqdm.auto import tqdm
 
 from nbsupport.base import ParameterError, WriteError, atomic_write, atomic_write_json, atomic_write_text, \
     child_path
@@ -297,8 +301,6 @@ def _utterance_dir(raw_dir: Path, dataset: str, uid: str) -> Path:
 def _decode_frames(container, stream, seg: Segment, interval_ms: float, where: str):
     """Frames nearest to start, start + interval, ... (< end) -> ([(k, t, BGR image)], fps), k = round(t * fps)
     the frame's index in the source video (made unique), t its timestamp (s) from the stream's start."""
-    import av
-
     fps = float(stream.average_rate or stream.guessed_rate or 0)
     if fps <= 0:
         raise DataError(f"{where}: the video stream has no frame rate")
@@ -338,8 +340,6 @@ def _decode_frames(container, stream, seg: Segment, interval_ms: float, where: s
 
 def _decode_audio(container, stream, seg: Segment, channels: int, where: str) -> np.ndarray:
     """(channels, samples) float32 at 16 kHz of [start, end) (mono: a downmix; 2: the first two channels)."""
-    import av
-
     tb = float(stream.time_base)
     t0 = (stream.start_time or 0) * tb
     resampler = av.AudioResampler(format="fltp", layout="mono" if channels == 1 else "stereo", rate=SR)
@@ -382,10 +382,6 @@ def prepare_utterance(video_path, seg: Segment, out_dir, dataset: str = "mosei",
     (``frame_times`` {k: timestamp in s}, what the reader samples by). DataError naming the
     video and the problem for an unreadable file, no audio track, a segment past the end of the
     video, or corrupt frames (Chapter 5's data, "Running on your data")."""
-    import av
-    import cv2
-    import soundfile as sf
-
     video_path, out_dir = Path(video_path), Path(out_dir)
     where = f"{video_path} [{seg.id}]"
     try:
@@ -549,8 +545,6 @@ def prepare(videos, segments, labels, out, *, dataset: str = "mosei", splits=Non
     processes. ``meta.pkl`` and the split files list every finished utterance (including those of
     earlier runs), written atomically at the end. Returns a :class:`PrepareReport`; also written as
     ``<out>/prepare_report.json``."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     dataset = check_dataset(dataset)
     if img_interval <= 0:

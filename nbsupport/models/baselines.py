@@ -29,6 +29,7 @@ import math
 import time
 from typing import Iterable, Mapping
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -525,8 +526,6 @@ def model_macs(model: nn.Module, items: Iterable[Mapping], collate, *, device="c
 def emotion_table(rows: Iterable[Mapping], emotions: list[str]):
     """The paper's main-table layout (Dai et al. 2021, Table 2) from metric rows: one row per model,
     per-emotion ``Acc``/``WAcc``/``F1`` columns (in %), their averages, parameters and MACs."""
-    import pandas as pd
-
     out = []
     for r in rows:
         line = {"model": r["model"]}

@@ -32,7 +32,7 @@ def load_pretrained(name_or_path: str | os.PathLike | None = None, *, what: str 
 
     A model that is neither a local folder nor in the local Hugging Face cache raises a RuntimeError
     naming the parameter (``what`` says who asked)."""
-    from transformers import AutoModel
+    from transformers import AutoModel  # local: transformers costs ~0.6 s to import; only when a model loads
 
     path, local = resolve_text_model(name_or_path)
     try:
@@ -52,7 +52,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, name_or_path: str | os.PathLike | None = None, *, tiny: bool = False):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, BertConfig
+        from transformers import AutoConfig, AutoModel, BertConfig  # local: as in load_pretrained
 
         if tiny or str(name_or_path) == TINY_TEXT_MODEL:
             base, kwargs = resolve_text_model(name_or_path)

@@ -32,7 +32,7 @@ def _spconv_available() -> bool:
     global _SPCONV_OK
     if _SPCONV_OK is None:
         try:
-            import spconv.pytorch  # noqa: F401  (optional: CUDA-only engine, absent on most machines)
+            import spconv.pytorch  # noqa: F401  # local: optional CUDA-only engine, absent on most machines
             _SPCONV_OK = True
         except Exception:  # ImportError, or a CPU-only build failing to load its CUDA parts
             _SPCONV_OK = False
@@ -117,7 +117,7 @@ def backend_description(device: torch.device | str | None = None) -> str:
     """One line for the chapter: the backend in use on ``device`` and why."""
     name = sparse_backend(device)
     if name == "spconv":
-        import spconv  # optional: present when the line above chose it
+        import spconv  # local: optional, present when the line above chose it
         diff = _SPCONV_CHECKED.get(str(torch.device(device)), float("nan"))
         return (f"spconv {getattr(spconv, '__version__', '?')} on {device} (SubMConv2d, self-check against dense "
                 f"conv2d: max diff {diff:.1e}; sparse max-pool in PyTorch)")
@@ -147,7 +147,7 @@ class SpconvSubm:
         self._mod = None
 
     def __call__(self, x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        import spconv.pytorch as spc  # only on CUDA: the CPU wheel is never used
+        import spconv.pytorch as spc  # local: optional, CUDA only (the CPU wheel is never used)
 
         if self._mod is None:
             self._mod = spc.SubMConv2d(self.in_channels, self.out_channels, self.kernel_size,

@@ -58,6 +58,7 @@ import cv2
 import numpy as np
 import soundfile as sf
 from scipy import signal
+from tqdm.auto import tqdm
 
 __all__ = ["GENERATOR_VERSION", "EMOTIONS", "STYLES", "SynthConfig", "generate_corpus", "AU_REGIONS",
            "CUE_PROFILES", "SPECIALTIES", "carry_probability", "cue_profile_for", "main",
@@ -699,7 +700,6 @@ def generate_corpus(out, n: int = 600, seed: int = 0, style: str = "mosei", *, o
     t0 = time.perf_counter()
     meta, ids = {}, []
     try:
-        from tqdm.auto import tqdm
         it = tqdm(range(cfg.n), desc=f"synth {style}", disable=not progress, leave=False)
         for i in it:
             uid, folder, m, frames, wav, cue = _one(cfg, i)
