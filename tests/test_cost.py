@@ -7,7 +7,7 @@ import torch
 from nbsupport import cost
 from nbsupport.models import mesm
 
-from test_mesm import SMALL, make_batch
+from test_mesm import make_batch, small
 
 torch.set_num_threads(1)
 
@@ -41,7 +41,7 @@ def test_ratio_summary_hand_computed():
 @pytest.mark.parametrize("build,has_attention", [(mesm.MESM, True), (mesm.FE2E, False)])
 def test_step_profile_attributes_forward_and_backward_to_the_model_parts(build, has_attention):
     torch.manual_seed(0)
-    model = build("LAV", **SMALL)
+    model = build("LAV", config=small(), tiny_text=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     table = cost.step_profile(model, make_batch(b=2, t=2, p=2), repeats=1)
     assert list(table["stage"]) == list(cost.STAGES)
