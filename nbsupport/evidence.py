@@ -343,6 +343,11 @@ class SeedVerdict:
     chosen_from: tuple = ()  # group comparisons: the two groups the methods were chosen from
 
     @property
+    def pair(self) -> tuple[str, str]:
+        """``(a, b)``: the compared methods, e.g. a regime's pair for :func:`compare_gaps`."""
+        return self.a, self.b
+
+    @property
     def decision(self) -> str:
         """``a``'s or ``b``'s name when the interval excludes 0, else ``"undecided"`` (also without one)."""
         if self.difference.low > 0:

@@ -219,6 +219,7 @@ def test_compare_seeds_decides_from_the_interval_and_groups_choose_on_validation
              "C": dict.fromkeys(range(5), 0.7)}
     g = compare_groups(runs, valid, {"single": ["B", "C"], "joint": ["A"]}, "acc")
     assert (g.a, g.b, g.decision) == ("C", "A", "A") and g.as_dict()["chosen_from"] == ["single", "joint"]
+    assert g.pair == ("C", "A")
     del runs["C"][4]
     with pytest.raises(ValueError, match="same seeds"):
         compare_seeds(runs, "A", "C", "acc")
