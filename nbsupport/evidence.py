@@ -24,7 +24,7 @@ __all__ = ["Predictions", "Estimate", "predictions_from", "statistic", "bootstra
            "paired_difference", "verdict", "intervals", "compare", "ratio_interval", "lift_verdict",
            "difference_in_differences", "seed_interval", "seed_verdict", "seed_difference",
            "SeedVerdict", "compare_seeds", "compare_groups", "seed_difference_in_differences", "compare_gaps",
-           "BOOTSTRAP_RESAMPLES"]
+           "Comparison", "compare_best", "gap_change", "BOOTSTRAP_RESAMPLES"]
 
 #: Resamples per interval: the percentile interval's end points move by well under 0.5 point between
 #: seeds at this count on the chapters' test splits.
@@ -207,10 +207,61 @@ def intervals(preds: dict[str, Predictions], name: str = "wacc", **kwargs) -> di
     return {model: bootstrap(p, name, **kwargs) for model, p in preds.items()}
 
 
-def compare(preds: dict[str, Predictions], a: str, b: str, name: str = "wacc", **kwargs) -> tuple[Estimate, str]:
+@dataclass(frozen=True)
+class Comparison:
+    """One run's paired comparison over test resamples (:func:`compare`, :func:`compare_best`,
+    :func:`gap_change`): the difference with its bootstrap interval and the sentence computed from it. It
+    describes one trained model per method (the luck of the test sample), not the method: the verdicts
+    across training seeds are :class:`SeedVerdict`. Unpacks as ``difference, sentence``."""
+
+    a: str
+    b: str
+    metric: str
+    difference: Estimate
+    sentence: str
+
+    def __iter__(self):  # diff, sentence = evidence.compare(...)
+        return iter((self.difference, self.sentence))
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        """``(a, b)``: the compared methods, e.g. a regime's pair for :func:`gap_change`."""
+        return self.a, self.b
+
+    def as_dict(self) -> dict:
+        """For ``metrics.json``: the sentence and the interval (value, low, high, level)."""
+        return {"sentence": self.sentence, **self.difference.as_dict()}
+
+
+def compare(preds: dict[str, Predictions], a: str, b: str, name: str = "wacc", **kwargs) -> Comparison:
     """The paired difference ``name(a) - name(b)`` and the verdict sentence computed from it."""
     diff = paired_difference(preds[a], preds[b], name, **kwargs)
-    return diff, verdict(a, b, diff, name)
+    return Comparison(a, b, name, diff, verdict(a, b, diff, name))
+
+
+def _best_of_groups(caller: str, groups: dict, have, score: Callable[[str], float]) -> list[str]:
+    """Per group (two ``label -> methods`` entries), its method among ``have`` with the highest ``score``
+    (first in the group's order on a tie): how :func:`compare_best` and :func:`compare_groups` choose."""
+    if len(groups) != 2:
+        raise ValueError(f"nbsupport.evidence.{caller}: two groups, got {list(groups)}")
+    best = []
+    for label, methods in groups.items():
+        present = [m for m in methods if m in have]
+        if not present:
+            raise ValueError(f"nbsupport.evidence.{caller}: group {label!r} has no runs among {methods}")
+        best.append(max(present, key=score))
+    return best
+
+
+def compare_best(preds: dict[str, Predictions], valid, groups, name: str = "wacc", **kwargs) -> Comparison:
+    """The best method of one group against the best of another in *one* run (Chapter 7, "One run,
+    described": best end-to-end against best two-phase, Dai et al. 2021, Table 2). ``groups``: two
+    ``label -> methods`` entries (methods without predictions are skipped); each group's best is its method
+    with the highest *validation* score ``valid[method]``, so the test split decides only the comparison,
+    never the choice. The paired bootstrap of :func:`compare` (``kwargs``: its ``seed`` etc.); across
+    training seeds the same question is :func:`compare_groups`."""
+    a, b = _best_of_groups("compare_best", groups, preds, lambda m: float(valid[m]))
+    return compare(preds, a, b, name, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,6 +343,11 @@ class SeedVerdict:
     chosen_from: tuple = ()  # group comparisons: the two groups the methods were chosen from
 
     @property
+    def pair(self) -> tuple[str, str]:
+        """``(a, b)``: the compared methods, e.g. a regime's pair for :func:`compare_gaps`."""
+        return self.a, self.b
+
+    @property
     def decision(self) -> str:
         """``a``'s or ``b``'s name when the interval excludes 0, else ``"undecided"`` (also without one)."""
         if self.difference.low > 0:
@@ -351,14 +407,8 @@ def compare_groups(runs, valid, groups, name: str = "wacc", **kwargs) -> SeedVer
     against the best single modality, end-to-end against two-phase). ``groups``: two ``label -> methods``
     entries; each group's best is the method with the highest mean *validation* score over seeds
     (``valid[method][seed]``), so the test split decides only the comparison, never the choice."""
-    if len(groups) != 2:
-        raise ValueError(f"nbsupport.evidence.compare_groups: two groups, got {list(groups)}")
-    best = []
-    for label, methods in groups.items():
-        have = [m for m in methods if m in runs]
-        if not have:
-            raise ValueError(f"nbsupport.evidence.compare_groups: group {label!r} has no runs among {methods}")
-        best.append(max(have, key=lambda m: float(np.mean([valid[m][s] for s in runs[m]]))))
+    best = _best_of_groups("compare_groups", groups, runs,
+                           lambda m: float(np.mean([valid[m][s] for s in runs[m]])))
     return compare_seeds(runs, best[0], best[1], name, chosen_from=tuple(groups), **kwargs)
 
 
@@ -439,8 +489,7 @@ def compare_gaps(runs2, pair2, runs1, pair1, name: str = "wacc", *, labels=("sec
 
     per_seed = [{"seed": s, f"{l2} gap": plain(gap(runs2, a2, b2, s)), f"{l1} gap": plain(gap(runs1, a1, b1, s)),
                  "difference": plain(gap(runs2, a2, b2, s) - gap(runs1, a1, b1, s))} for s in seeds]
-    what = f"the gap {name}({a2}) - {name}({b2}) in {l2} minus {name}({a1}) - {name}({b1}) in {l1}"
-    head = f"{what}, over {len(seeds)} training seeds: {100 * diff.value:+.1f} points"
+    head = f"{_gap_what(name, pair2, pair1, labels)}, over {len(seeds)} training seeds: {100 * diff.value:+.1f} points"
     if not np.isfinite(diff.low):
         decision, sentence = "undecided", f"{head}; fewer than two seeds, so no interval and no verdict."
     else:
@@ -453,3 +502,25 @@ def compare_gaps(runs2, pair2, runs1, pair1, name: str = "wacc", *, labels=("sec
             "interval": "t over seeds, training + test-sample variance "
                         "(evidence.seed_difference_in_differences)",
             "decision": decision, "sentence": sentence}
+
+
+def _gap_what(name: str, pair2, pair1, labels) -> str:
+    """What :func:`compare_gaps` and :func:`gap_change` measure, in words."""
+    (a2, b2), (a1, b1), (l2, l1) = pair2, pair1, labels
+    return f"the gap {name}({a2}) - {name}({b2}) in {l2} minus {name}({a1}) - {name}({b1}) in {l1}"
+
+
+def gap_change(preds2: dict[str, Predictions], pair2, preds1: dict[str, Predictions], pair1, name: str = "wacc",
+               *, labels=("second", "first"), **kwargs) -> Comparison:
+    """Does the gap ``name(a) - name(b)`` change between two corpora, in *one* run (Chapter 7: end-to-end
+    minus two-phase, hidden regime against visible)? ``preds2``/``preds1``: each corpus's test
+    :class:`Predictions` per method, ``pair2 = (a2, b2)`` and ``pair1 = (a1, b1)`` the compared methods.
+    :func:`difference_in_differences` (one resample of the utterances shared by all four) with its
+    sentence: a description of one trained model per method; the verdict across training seeds is
+    :func:`compare_gaps`."""
+    (a2, b2), (a1, b1) = pair2, pair1
+    diff = difference_in_differences(preds2[a2], preds2[b2], preds1[a1], preds1[b1], name, **kwargs)
+    sentence = (f"this run, test resamples: {_gap_what(name, pair2, pair1, labels)}: "
+                f"{100 * diff.value:+.1f} points, {100 * diff.level:.0f} % CI "
+                f"[{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]; a description only")
+    return Comparison(f"{labels[0]} gap", f"{labels[1]} gap", name, diff, sentence)

@@ -29,7 +29,7 @@ __all__ = ["LOADER_KINDS", "chapter_data", "emotion_names", "loaders", "train_an
            "umons_verdicts", "UMONS_BUG_NAME",
            "top_p_sweep", "compare_attention_grad", "reference_bug_cost",
            "umons_bug_cost", "mesm_bug_cost", "SeedRuns", "train_seeds", "pooling_verdict",
-           "family_seed_runs", "MESM_SEED_VARIANTS", "mesm_seed_runs", "mesm_seed_verdicts"]
+           "family_seed_runs", "MESM_SEED_VARIANTS", "mesm_seed_runs", "mesm_seed_verdicts", "mesm_metrics"]
 
 #: What each model family reads: the dataset factory, its collate function, and whether the
 #: (small) feature sequences are held in memory once read.
@@ -608,3 +608,32 @@ def mesm_seed_verdicts(runs: SeedRuns) -> dict:
              "attention_grad": ("MESM", "MESM (fixed attention)")}
     return {key: runs.compare(a, b, seeds=sorted(runs.test[b]))
             for key, (a, b) in pairs.items() if a in runs.test and b in runs.test}
+
+
+def _records(table):
+    """A table's rows as dicts for ``metrics.json`` (None stays None)."""
+    return None if table is None else table.to_dict("records")
+
+
+def mesm_metrics(model: "mesm_models.EndToEndModel", fits: Mapping, *, seed: int, device="cpu", sweep=None,
+                 cue_table=None, lift_by_epoch=None, lift_verdicts=(), skipped="", this_run=None,
+                 seed_verdicts: Mapping | None = None, seed_runs: SeedRuns | None = None,
+                 seed_lifts: Mapping | None = None) -> dict:
+    """Chapter 6's keys of ``metrics.json`` beside its result rows, from the run's objects (None where an
+    analysis did not run): ``sweep`` (:func:`top_p_sweep`), ``interpretability`` (the cue lift table),
+    ``lift_by_epoch``, ``lift_verdicts``, ``skipped``, the sparse backend that ran on ``device``, the trained
+    ``model``'s fusion weights, each model of ``fits`` (name -> its fit) with its test ``wacc`` and bootstrap
+    interval (seeded by ``seed``), ``this_run_mesm_vs_fe2e`` (``this_run``, an
+    :class:`nbsupport.evidence.Comparison`; only where FE2E ran), the verdicts across training seeds, their
+    runs (:class:`SeedRuns`) and the lifts per seed (name -> table)."""
+    extra = {"sweep": _records(sweep), "interpretability": _records(cue_table),
+             "lift_by_epoch": _records(lift_by_epoch), "lift_verdicts": list(lift_verdicts), "skipped": skipped,
+             "sparse_backend": mesm_models.sparse_backend_name(device), "fusion_weights": model.fusion_weights(),
+             "intervals": {"wacc": {name: evidence.bootstrap(fit.extra["test"], "wacc", seed=seed).as_dict()
+                                    for name, fit in fits.items()}}}
+    if this_run is not None:  # this run's paired bootstrap: a description, not the verdict
+        extra["this_run_mesm_vs_fe2e"] = this_run.as_dict()
+    extra["seed_verdicts"] = dict(seed_verdicts or {})
+    extra["seed_runs"] = _records(seed_runs.table() if seed_runs is not None else None)
+    extra["seed_lifts"] = {n: _records(t) for n, t in (seed_lifts or {}).items()}
+    return extra

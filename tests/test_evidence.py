@@ -219,6 +219,7 @@ def test_compare_seeds_decides_from_the_interval_and_groups_choose_on_validation
              "C": dict.fromkeys(range(5), 0.7)}
     g = compare_groups(runs, valid, {"single": ["B", "C"], "joint": ["A"]}, "acc")
     assert (g.a, g.b, g.decision) == ("C", "A", "A") and g.as_dict()["chosen_from"] == ["single", "joint"]
+    assert g.pair == ("C", "A")
     del runs["C"][4]
     with pytest.raises(ValueError, match="same seeds"):
         compare_seeds(runs, "A", "C", "acc")
@@ -291,3 +292,46 @@ def test_compare_gaps_decides_a_planted_change_of_gap_and_refuses_unpaired_seeds
     del second["T"][4]
     with pytest.raises(ValueError, match="same seeds"):
         compare_gaps(second, ("E", "T"), first, ("E", "T"), "acc")
+
+
+def test_compare_best_chooses_each_groups_best_on_validation_and_compares_on_test():
+    """Chapter 7's one-run description: the best of each group by *validation* score, then the paired
+    bootstrap on test -- the test split never chooses (here the test favours the validation loser)."""
+    import json
+
+    from nbsupport.evidence import compare_best, paired_difference, verdict
+
+    a, b, c = _runs([36, 20, 30])  # test accuracies 0.9, 0.5, 0.75
+    preds = {"E1": a, "E2": c, "T1": b}
+    valid = {"E1": 0.6, "E2": 0.7, "T1": 0.5}  # validation prefers E2 although E1 tests better
+    best = compare_best(preds, valid, {"end-to-end": ["E1", "E2", "E3"], "two-phase": ["T1"]}, "acc",
+                        resamples=300, seed=4)
+    assert best.pair == ("E2", "T1")
+    ref = paired_difference(c, b, "acc", resamples=300, seed=4)
+    assert best.difference == ref and best.sentence == verdict("E2", "T1", ref, "acc")
+    diff, sentence = best  # unpacks as evidence.compare always returned
+    assert (diff, sentence) == (ref, best.sentence)
+    assert best.as_dict() == {"sentence": best.sentence, **ref.as_dict()}
+    json.dumps(best.as_dict())
+    tie = compare_best(preds, {"E1": 0.7, "E2": 0.7, "T1": 0.5}, {"e": ["E1", "E2"], "t": ["T1"]}, "acc")
+    assert tie.pair == ("E1", "T1")  # a tie goes to the first of the group, as compare_groups does
+    with pytest.raises(ValueError, match="group 't' has no runs"):
+        compare_best(preds, valid, {"e": ["E1"], "t": ["T9"]}, "acc")
+    with pytest.raises(ValueError, match="two groups"):
+        compare_best(preds, valid, {"e": ["E1"]}, "acc")
+
+
+def test_gap_change_is_the_difference_in_differences_of_the_two_pairs():
+    from nbsupport.evidence import difference_in_differences, gap_change
+
+    e2, t2, e1, t1 = _runs([36, 20, 28, 27])
+    second, first = {"E": e2, "T": t2, "X": t1}, {"E": e1, "T": t1}
+    change = gap_change(second, ("E", "T"), first, ("E", "T"), "acc", labels=("hidden", "visible"),
+                        resamples=300, seed=2)
+    ref = difference_in_differences(e2, t2, e1, t1, "acc", resamples=300, seed=2)
+    assert change.difference == ref
+    assert change.difference.value == pytest.approx((36 - 20 - 28 + 27) / 40)  # by hand
+    assert (change.a, change.b) == ("hidden gap", "visible gap")
+    assert change.sentence.startswith("this run, test resamples: the gap acc(E) - acc(T) in hidden minus "
+                                      "acc(E) - acc(T) in visible: +37.5 points, 95 % CI [")
+    assert change.sentence.endswith("; a description only")

@@ -669,3 +669,38 @@ def test_mesm_seed_runs_share_one_mesm_run_per_seed_with_the_bug_cost():
     assert verdicts["mesm_vs_fe2e"].seeds == (0, 1) and verdicts["attention_grad"].seeds == (0,)
     assert (verdicts["site_order_bug"].a, verdicts["site_order_bug"].b) == ("MESM (site-order bug)", "MESM")
     assert "top_p" not in table and not table["wacc"].isna().any()
+
+
+def test_mesm_metrics_carries_each_object_of_the_run_into_metrics_json():
+    """Chapter 6's ``metrics.json`` keys (protocol.mesm_metrics): tables as records, None where an analysis
+    did not run, each model's test wacc (the point of its interval) computed from its predictions."""
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from nbsupport import evidence, metrics, protocol
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (30, 6))
+    decisions = np.where(rng.random((30, 6)) < 0.8, labels, 1 - labels)
+    preds = evidence.Predictions("emotion", decisions, labels.astype(float), list(range(30)))
+    fits = {"MESM": SimpleNamespace(extra={"test": preds})}
+    model = SimpleNamespace(fusion_weights=lambda: {"L": 0.5, "V": 0.5})
+    sweep = pd.DataFrame({"top_p": [0.3, 1.0], "wacc": [0.6, 0.7]})
+    out = protocol.mesm_metrics(model, fits, seed=0, sweep=sweep, lift_verdicts=("s",), skipped="no cues")
+    assert list(out) == ["sweep", "interpretability", "lift_by_epoch", "lift_verdicts", "skipped",
+                         "sparse_backend", "fusion_weights", "intervals", "seed_verdicts", "seed_runs",
+                         "seed_lifts"]
+    assert out["sweep"] == [{"top_p": 0.3, "wacc": 0.6}, {"top_p": 1.0, "wacc": 0.7}]
+    assert out["interpretability"] is None and out["lift_by_epoch"] is None and out["seed_runs"] is None
+    assert out["lift_verdicts"] == ["s"] and out["skipped"] == "no cues" and out["fusion_weights"]["L"] == 0.5
+    wacc = out["intervals"]["wacc"]["MESM"]
+    assert wacc["value"] == pytest.approx(metrics.weighted_accuracy(labels, decisions))
+    assert wacc["low"] <= wacc["value"] <= wacc["high"]
+    this_run = evidence.Comparison("MESM", "FE2E", "wacc", evidence.Estimate(0.1, 0.0, 0.2), "S.")
+    with_fe2e = protocol.mesm_metrics(model, fits, seed=0, this_run=this_run)
+    assert with_fe2e["this_run_mesm_vs_fe2e"] == {"sentence": "S.", "value": 0.1, "low": 0.0, "high": 0.2,
+                                                  "level": 0.95}
+    json.dumps(with_fe2e)

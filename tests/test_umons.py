@@ -317,6 +317,7 @@ def test_paper_preset_parameter_counts_from_layer_sizes():
     expected_book = (lstm + (audio * h + h) + layers * (sa + sga) + (layers - 1) * (2 * glimpse_book + 2 * _ln(h))
                      + 2 * final_book + _ln(h) + (h * n_out + n_out))
     assert sum(p.numel() for p in book.parameters()) == expected_book
+    assert paper_parameter_count("LA", config=BOOK_CONFIG_AT_PAPER_SIZES) == expected_book  # Chapter 4
     assert 0.09 < 1 - expected_book / expected_la < 0.11  # the book's variant has ~10 % fewer parameters
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 __all__ = ["percent", "macs", "seconds", "count", "number", "table", "answer", "interval", "plain",
-           "train_step_table"]
+           "train_step_table", "mesm_answer"]
 
 
 def _missing(x) -> bool:
@@ -146,3 +146,33 @@ def bug_cost_tables(cost: Mapping) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     rows = [{"measure": k, "without the bug [95 % t CI]": ci(v["fixed"]), "with the bug [95 % t CI]": ci(v["bug"]),
              "bug − fixed [95 % t CI]": ci(v["difference"])} for k, v in cost["measures"].items()]
     return per_seed, pd.DataFrame(rows).set_index("measure")
+
+
+def mesm_answer(rows: Iterable[Mapping], *, this_run=None, seed_verdicts: Mapping | None = None,
+                cue_table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Chapter 6's measured answer (does MESM keep FE2E's quality at a fraction of its extractor MACs,
+    Dai et al. 2021, Table 3; does its attention find the cues?) as :func:`answer`'s table, from the run's
+    objects: ``rows`` (the result rows of MESM and, when trained, FE2E), ``this_run`` (MESM against FE2E
+    on this run's test resamples, :func:`nbsupport.evidence.compare`), ``seed_verdicts`` (key -> a
+    verdict's ``metrics.json`` dict, its ``sentence`` shown) and ``cue_table`` (the lift table of
+    :func:`lift_columns`: per modality the attention lift of each layer and the layers whose interval
+    lies above 1)."""
+    by = {r["model"]: r for r in rows}
+    mesm = by["MESM"]
+    items = {"MESM wacc": percent(mesm["wacc"]), "MESM MACs per utterance": macs(mesm["macs"])}
+    if "FE2E" in by:
+        fe2e = by["FE2E"]
+        items["FE2E wacc"] = percent(fe2e["wacc"])
+        items["MESM MACs / FE2E MACs"] = percent(mesm["macs"] / fe2e["macs"])
+        items["MESM train time / FE2E train time"] = f"{mesm['seconds'] / fe2e['seconds']:.2f}×"
+        items["MESM against FE2E, this run (test resamples; a description)"] = \
+            getattr(this_run, "sentence", this_run)
+    for key, v in (seed_verdicts or {}).items():  # the verdicts, across training seeds
+        items[f"across seeds: {key}"] = v["sentence"]
+    for m, g in cue_table.groupby("modality") if cue_table is not None else ():
+        items[f"{m}: attention lift, this run [95 % CI] (layers 1-3)"] = "; ".join(g["attention lift [95 % CI]"])
+        above = [str(r.layer) for r in g.itertuples() if r.attention_lift_low > 1]
+        no_ci = g["attention_lift_low"].isna().all()
+        items[f"{m}: this run's layers with the interval above 1"] = \
+            "no interval" if no_ci else (", ".join(above) or "none")
+    return answer(items)

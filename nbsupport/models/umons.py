@@ -437,13 +437,15 @@ class UmonsTransformer(nn.Module):
 
 
 def paper_parameter_count(modalities: str = "LAV", n_outputs: int = 6,
-                          input_dims: Mapping[str, int] | None = None) -> int:
+                          input_dims: Mapping[str, int] | None = None, config: UmonsConfig | None = None) -> int:
     """Trainable parameters of the UMONS paper preset (:meth:`UmonsConfig.paper`, the authors' Model_LA /
     Model_LAV) for ``modalities``, without the word-embedding table (the book feeds word vectors to the
-    LSTM). Defaults: GloVe 300-d words, 80 mel bins, 512-d video features, 6 emotions. Printed by
-    Chapters 3-4, e.g. ``paper_parameter_count("LA")``; pinned by a test that derives it from layer sizes."""
+    LSTM). Defaults: GloVe 300-d words, 80 mel bins, 512-d video features, 6 emotions. ``config``: another
+    network at these inputs, e.g. :data:`BOOK_CONFIG_AT_PAPER_SIZES` (the book's switches at the paper's
+    sizes). Printed by Chapters 3-4, e.g. ``paper_parameter_count("LA")``; pinned by a test that derives
+    it from layer sizes."""
 
-    return count_parameters(UmonsTransformer(modalities, n_outputs, config=UmonsConfig.paper(),
+    return count_parameters(UmonsTransformer(modalities, n_outputs, config=config or UmonsConfig.paper(),
                                              input_dims=input_dims))
 
 
