@@ -107,18 +107,26 @@ def peaked_prior(n: int, h: int, w: int, blob: float, gen: torch.Generator) -> t
 
 class PeakedAttention:
     """Benchmark scaffolding, not part of the model: adds a peaked log-prior to the score of every site
-    (forward hooks on the attention's score layer ``v``), because an untrained attention is nearly
-    uniform, unlike the maps MESM learns (one region per frame).  The model's own code runs unchanged.
-    ``sites[i]``: the (batch, y, x) of the rows scored before block i > 0 (set by hooks on the book's
-    blocks, or by the SparseConvNet extractor)."""
+    (forward hooks on each cross-modal attention, which returns one score per site when called with
+    ``frame=``), because an untrained attention is nearly uniform, unlike the maps MESM learns (one region
+    per frame).  The model's own code runs unchanged.  ``sites[i]``: the (batch, y, x) of the rows scored
+    before block i > 0 (set by hooks on the book's blocks, or by the SparseConvNet extractor); ``calls``
+    counts the scores the prior was added to (a benchmark checks it, so a model change that bypasses the
+    hooks cannot silently time uniform attention)."""
 
     def __init__(self, pathway: nn.Module, prior: torch.Tensor):
-        self.prior, self.sites = prior, {}  # prior (N, H, W) at the first block's resolution
+        self.prior, self.sites, self.calls = prior, {}, 0  # prior (N, H, W) at the first block's resolution
         self.handles = []
         for i, att in enumerate(pathway.cross_attention):
-            self.handles.append(att.v.register_forward_hook(self._score_hook(i)))
+            self.handles.append(att.register_forward_hook(self._score_hook(i)))
         for i, block in enumerate(pathway.blocks[:-1]):
             self.handles.append(block.register_forward_hook(self._sites_hook(i + 1)))
+
+    def check(self) -> None:
+        """Raise when no score got the prior (the model no longer calls the hooked attention)."""
+        if not self.calls:
+            raise RuntimeError("PeakedAttention: no attention score got the prior; the benchmark would time "
+                               "a nearly uniform attention")
 
     def _sites_hook(self, i):
         def hook(mod, inputs, out):
@@ -128,13 +136,16 @@ class PeakedAttention:
 
     def _score_hook(self, i):
         def hook(mod, inputs, out):
+            if not torch.is_tensor(out) or out.dim() != 1:  # not the per-site scores (frame= call)
+                return out
             scale = 2 ** i
             h, w = self.prior.shape[1] // scale, self.prior.shape[2] // scale
             pm = F.adaptive_avg_pool2d(self.prior[:, None], (h, w))[:, 0]  # prior at this block's grid
-            if out.dim() == 4:  # dense maps: (N, 1, H*W, 1)
-                return out + pm.reshape(out.shape)
-            c = self.sites[i]  # sparse sites: (M, 1)
-            return out + pm[c[:, 0], c[:, 1], c[:, 2]][:, None]
+            self.calls += 1
+            if out.shape[0] == pm.numel():  # every site of the grid, in (frame, y, x) order
+                return out + pm.reshape(-1)
+            c = self.sites[i]  # the active sites of a sparse tensor
+            return out + pm[c[:, 0], c[:, 1], c[:, 2]]
         return hook
 
 

@@ -273,6 +273,7 @@ def bench_extractor(modality: str, batch: int, top_p: float, repeats: int, seed:
         err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
     with torch.no_grad():
         sparse_path.extract(x, query)
+    peaked.check()
     densities = [round(float(r.kept.sum()) / r.kept.numel(), 4) for r in sparse_path.records]
     plans = [m.last_strategy for m in sparse_path.modules() if isinstance(m, sp.SubMConv2d)]
     times = common.interleave(fns, repeats)
@@ -319,6 +320,7 @@ def layer_profile(modality: str, batch: int, top_p: float, repeats: int, seed: i
     with torch.no_grad():
         path.extract(x, query)
         dense.extract(x, query)
+    peaked.check()
     for hd in handles:
         hd.remove()
     sites = dict(peaked.sites)

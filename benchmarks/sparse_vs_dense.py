@@ -97,8 +97,9 @@ def bench_extractors(modality: str, batch: int, top_ps, repeats: int, blob: floa
         torch.manual_seed(seed)
         m = mesm.VisualPathway(TEXT_DIM, mesm.MesmConfig(attention=True, sparse=True, top_p=p, **sizes)).to(device)
         m.load_state_dict(dense.state_dict(), strict=False)  # shared blocks (same parameter names)
-        common.PeakedAttention(m, prior)
+        peaked = common.PeakedAttention(m, prior)
         times = common.interleave({"sparse": run(m), "dense": run(dense)}, repeats)
+        peaked.check()
         with flops.MacCounter(m) as mc_s:  # MACs counted in the forward pass that measures memory
             sb = saved_bytes(lambda: m.extract(x.clone().requires_grad_(True), query), m)
         densities = [float(r.kept.sum()) / r.kept.numel() for r in m.records]
