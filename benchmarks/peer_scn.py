@@ -14,7 +14,9 @@ top-p keeps from a peaked attention map); the goals of the Performance page are 
   SparseConvNet's ``SubmanifoldConvolution`` and the dense ``nn.Conv2d`` (FE2E), on the same sites and
   weights.  Rulebooks are built once and reused by both sparse engines (as within a block); the build is
   timed separately (``rulebook_*``).  Both sparse outputs and both gradients are checked against the dense
-  convolution read at the active sites.
+  convolution read at the active sites.  ``gemm_bound_seconds``: the time of the layer's MACs over its active
+  (site, neighbour) pairs at the MAC rate the dense layer reached in the same run (no engine that multiplies
+  the pairs at oneDNN's rate can go below it); ``over_gemm_bound``: each sparse engine's time over it.
 * **whole extractor** at the paper's shapes (faces 64x24x24, mel pieces 64x64x16 after the dense stage):
   the three blocks of the book's own model (``VisualPathway.extract`` of ``nbsupport.models.mesm`` at
   ``PAPER_SIZES``) as MESM (attention + top-p + sparse blocks) and as FE2E (dense blocks), and the same
@@ -222,6 +224,13 @@ def bench_layer(densities, repeats: int, seed: int, batch: int, order: str | Non
             row["scn_over_dense"] = common.spread(times, "scn", "dense")
         row["peak_mb"] = {name: common.peak_rss_mb(fn) for name, fn in fns.items()}
         row["seconds"] = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+        # The GEMM bound: the layer's multiply-accumulates over its active (site, neighbour) pairs, forward
+        # and backward, at the MAC rate the dense layer reached in this run; every engine's time over it.
+        n_pairs = s0.pairs(3).n_pairs
+        bound = row["seconds"]["dense"] * n_pairs / (batch * h * w * 9)
+        row["pairs_per_site"] = n_pairs / s0.num_sites
+        row["gemm_bound_seconds"] = bound
+        row["over_gemm_bound"] = {name: t / bound for name, t in row["seconds"].items() if name != "dense"}
         rows.append(row)
         peer_txt = (f" | ours/scn {row['ours_over_scn']['ratio']:.2f} [{row['ours_over_scn']['ratio_min']:.2f}, "
                     f"{row['ours_over_scn']['ratio_max']:.2f}]") if "scn" in times else ""
