@@ -680,7 +680,9 @@ def test_mesm_metrics_carries_each_object_of_the_run_into_metrics_json():
     import numpy as np
     import pandas as pd
 
-    from nbsupport import evidence, metrics, protocol
+    from sklearn.metrics import balanced_accuracy_score
+
+    from nbsupport import evidence, protocol
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, (30, 6))
@@ -697,7 +699,9 @@ def test_mesm_metrics_carries_each_object_of_the_run_into_metrics_json():
     assert out["interpretability"] is None and out["lift_by_epoch"] is None and out["seed_runs"] is None
     assert out["lift_verdicts"] == ["s"] and out["skipped"] == "no cues" and out["fusion_weights"]["L"] == 0.5
     wacc = out["intervals"]["wacc"]["MESM"]
-    assert wacc["value"] == pytest.approx(metrics.weighted_accuracy(labels, decisions))
+    # WAcc = (TP N/P + TN) / 2N = balanced accuracy, averaged over the emotion columns (scikit-learn)
+    assert wacc["value"] == pytest.approx(np.mean([balanced_accuracy_score(labels[:, j], decisions[:, j])
+                                                   for j in range(6)]))
     assert wacc["low"] <= wacc["value"] <= wacc["high"]
     this_run = evidence.Comparison("MESM", "FE2E", "wacc", evidence.Estimate(0.1, 0.0, 0.2), "S.")
     with_fe2e = protocol.mesm_metrics(model, fits, seed=0, this_run=this_run)
