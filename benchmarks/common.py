@@ -172,6 +172,19 @@ def site_masks(kind: str, n: int, h: int, w: int, density: float, gen: torch.Gen
     return mask.view(n, h, w)
 
 
+def checked_out_and_masks(ap, args) -> list[str]:
+    """Command-line checks the sparse benchmarks share: ``--out`` must name a .json file and every kind
+    of ``--masks`` (comma-separated) must be one of :data:`MASK_KINDS` (else ``ap.error``, naming the
+    option); returns the mask kinds."""
+    if not args.out.endswith(".json"):
+        ap.error(f"--out must name a .json file, got {args.out!r}")
+    kinds = args.masks.split(",")
+    for k in kinds:
+        if k not in MASK_KINDS:
+            ap.error(f"--masks: unknown kind {k!r}, expected some of {', '.join(MASK_KINDS)}")
+    return kinds
+
+
 def site_prior(kind: str, n: int, h: int, w: int, blob: float, gen: torch.Generator) -> torch.Tensor:
     """Log-prior (n, h, w) added to the attention's scores by :class:`PeakedAttention`: ``"attention"``
     one blob per frame (:func:`peaked_prior`), ``"random"`` independent noise per site (std 2), so top-p

@@ -479,12 +479,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", default="faces", help="modalities of the step-by-step profile ('' for none)")
     ap.add_argument("--label", default="", help="free text describing the machine")
     args = ap.parse_args(argv)
-    if not args.out.endswith(".json"):
-        ap.error(f"--out must name a .json file, got {args.out!r}")
-    kinds = args.masks.split(",")
-    for k in kinds:
-        if k not in common.MASK_KINDS:
-            ap.error(f"--masks: unknown kind {k!r}, expected some of {', '.join(common.MASK_KINDS)}")
+    kinds = common.checked_out_and_masks(ap, args)
     threads = [int(t) for t in args.threads.split(",")]
     t0 = time.perf_counter()
     order = scn_filter_order() if scn is not None else None

@@ -387,35 +387,40 @@ def _plan_case(b, h, w, regions):
     return mask
 
 
-# Hand-counted plan costs (units: one output cell of the dense conv; PAIRS_COST 2.2, IM2COL_COST 1.9,
-# TILE_GATHER_COST 0.05).  A compact n x n block has (3n - 2)^2 active (site, neighbour) pairs.
-PLAN_CASES = [  # expected plan, mask, whether the block-sparse plan is offered
-    # isolated sites on a 20x20 map (every third row and column): 49 pairs, 49 sites -> pairs 12 < im2col 93
-    ("pairs", lambda: (torch.arange(20)[:, None] % 3 == 0) & (torch.arange(20) % 3 == 0), True),
-    # a 20x20 block of a 40x40 map: 58^2 = 3364 pairs -> pairs 822, im2col 760, dense 1600
-    ("im2col", lambda: _plan_case(1, 40, 40, [(0, 10, 30, 10, 30)]), False),
-    # a 16x16 block aligned to one 16x16 tile of a 32x32 map: 46^2 = 2116 pairs -> pairs 517, im2col 486,
-    # tiles 256 + 0.05 * 18^2 = 272.2, dense 1024
-    ("tiles", lambda: _plan_case(1, 32, 32, [(0, 0, 16, 0, 16)]), True),
-    # every site of a 20x20 map: pairs 822, im2col 760, tiles >= 400 + halo (25 4x4 tiles: 445), dense 400
-    ("dense", lambda: torch.ones(1, 20, 20, dtype=torch.bool), True),
+# Hand-counted plan costs (units: one output cell of the dense conv; PAIRS_COST 1.75, IM2COL_COST 1.8,
+# TILE_GATHER_COST 0.1 at the reference channels 64 -> 128; at 16 -> 32 the few-channel terms add
+# 14 x 0.0703125 and 5.5 x 0.0703125, i.e. 2.734375 per pair / 9 and 2.1867 per site, since
+# 1/16 + 1/32 - (1/64 + 1/128) = 0.0703125).  A compact n x n block has (3n - 2)^2 active
+# (site, neighbour) pairs.
+PLAN_CASES = [  # expected plan, mask, whether the block-sparse plan is offered, channels (None: reference)
+    # isolated sites on a 20x20 map (every third row and column): 49 pairs, 49 sites -> pairs 9.5 < im2col 88
+    ("pairs", lambda: (torch.arange(20)[:, None] % 3 == 0) & (torch.arange(20) % 3 == 0), True, None),
+    # a 20x20 block of a 40x40 map at 16 -> 32 channels: 58^2 = 3364 pairs -> pairs 1022.1, im2col 874.7,
+    # dense 1600 (at the reference channels pairs would win: 654.1 against 720)
+    ("im2col", lambda: _plan_case(1, 40, 40, [(0, 10, 30, 10, 30)]), False, (16, 32)),
+    # a 16x16 block aligned to one 16x16 tile of a 32x32 map: 46^2 = 2116 pairs -> pairs 411.4, im2col 460.8,
+    # tiles 256 + 0.1 * 18^2 = 288.4 (4x4 tiles: 16 * (16 + 3.6) = 313.6), dense 1024
+    ("tiles", lambda: _plan_case(1, 32, 32, [(0, 0, 16, 0, 16)]), True, None),
+    # every site of a 20x20 map: pairs 654.1, im2col 720, tiles >= 400 + halo (25 4x4 tiles: 490), dense 400
+    ("dense", lambda: torch.ones(1, 20, 20, dtype=torch.bool), True, None),
 ]
 
 
-@pytest.mark.parametrize("expected,make,offer_tiles", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
-def test_planner_picks_each_plan_from_hand_counted_costs(expected, make, offer_tiles):
+@pytest.mark.parametrize("expected,make,offer_tiles,channels", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_planner_picks_each_plan_from_hand_counted_costs(expected, make, offer_tiles, channels):
     mask = make()
     mask = mask[None] if mask.dim() == 2 else mask
     b, h, w = mask.shape
     nbr = _region_nbr(mask)
     tiles = sp.tile_plan(mask.nonzero(), (h, w), b) if offer_tiles else None
-    costs = sp.plan_costs(nbr, (h, w), b, tiles)
+    costs = sp.plan_costs(nbr, (h, w), b, tiles, channels=channels)
     n, pairs = int(mask.sum()), int((nbr < nbr.shape[0]).sum())
-    assert costs["pairs"] == pytest.approx(2.2 * pairs / 9) and costs["im2col"] == pytest.approx(1.9 * n)
+    per_pair, per_site = (1.75, 1.8) if channels is None else (2.734375, 1.8 + 5.5 * 0.0703125)
+    assert costs["pairs"] == pytest.approx(per_pair * pairs / 9) and costs["im2col"] == pytest.approx(per_site * n)
     assert costs["dense"] == b * h * w
-    assert sp.choose_strategy(nbr, (h, w), b, tiles=tiles) == expected
+    assert sp.choose_strategy(nbr, (h, w), b, tiles=tiles, channels=channels) == expected
     if expected == "tiles":
-        assert tiles.tile == (16, 16) and tiles.n_tiles == 1 and costs["tiles"] == pytest.approx(272.2)
+        assert tiles.tile == (16, 16) and tiles.n_tiles == 1 and costs["tiles"] == pytest.approx(288.4)
     if not offer_tiles:
         return
     # the module (which always offers the block-sparse plan) takes the same decision at the reference
@@ -430,23 +435,28 @@ def test_planner_picks_each_plan_from_hand_counted_costs(expected, make, offer_t
 
 
 def test_planner_prefers_dense_kernels_with_few_channels():
-    """A checkerboard of a 20x20 map (200 sites, each with its diagonal neighbours): at the reference
-    channels the pairs plan is cheapest; at 8 -> 16 channels a pair costs 2.2 + 700 (1/128 - 1/8192) = 7.58
-    dense taps, so im2col (1.9 x 200 = 380) beats it and the dense plan (400)."""
+    """A checkerboard of a 20x20 map (200 sites, each with its diagonal neighbours: 922 pairs): at the
+    reference channels the pairs plan is cheapest (1.75 x 922 / 9 = 179.3 against im2col 360 and dense
+    400); at 8 -> 16 channels 1/8 + 1/16 - (1/64 + 1/128) = 0.1640625, so a pair costs
+    1.75 + 14 x 0.1640625 = 4.046875 dense taps (pairs 414.6) and a site 1.8 + 5.5 x 0.1640625 in im2col
+    (540.5): the dense plan (400) wins."""
     mask = ((torch.arange(20)[:, None] + torch.arange(20)) % 2 == 0)[None]
     nbr = _region_nbr(mask)
     pairs = int((nbr < nbr.shape[0]).sum())
+    assert pairs == 922
     tiles = sp.tile_plan(mask.nonzero(), (20, 20), 1)
     assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles) == "pairs"
     assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles, channels=(64, 128)) == "pairs"
     costs = sp.plan_costs(nbr, (20, 20), 1, tiles, channels=(8, 16))
-    assert costs["pairs"] == pytest.approx((2.2 + 700 * (1 / 128 - 1 / 8192)) * pairs / 9)
-    assert costs["im2col"] == pytest.approx(380) and costs["dense"] == 400
-    assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles, channels=(8, 16)) == "im2col"
+    assert costs["pairs"] == pytest.approx(4.046875 * 922 / 9)
+    assert costs["im2col"] == pytest.approx((1.8 + 5.5 * 0.1640625) * 200) and costs["dense"] == 400
+    assert sp.choose_strategy(nbr, (20, 20), 1, tiles=tiles, channels=(8, 16)) == "dense"
     conv = sp.SubMConv2d(8, 16)
     x = sp.to_sparse(torch.randn(1, 8, 20, 20) * mask[:, None], mask)
-    conv(x)
-    assert conv.last_strategy == "im2col"
+    out = conv(x).features
+    assert conv.last_strategy == "dense"
+    ref = F.conv2d(x.dense(), conv.weight, padding=1).permute(0, 2, 3, 1)[mask]
+    torch.testing.assert_close(out, ref)
 
 
 def _compact_masks(seed, b, h, w, density):
@@ -520,8 +530,9 @@ def test_block_sparse_plan_bad_arguments_name_the_parameter():
 
 def test_choose_strategy_considers_only_the_plans_it_can_run():
     """A compact 5x5 region of a 20x20 map has 13 x 13 = 169 active (site, neighbour) pairs (hand count):
-    pairs 2.2 * 169 / 9 = 41.3 < im2col 1.9 * 25 = 47.5.  A full map is dense's, but without a grid size the
-    dense plan is not considered (im2col 760 < pairs 822), and without a tile plan the tiles are not."""
+    pairs 1.75 * 169 / 9 = 32.9 < im2col 1.8 * 25 = 45.  A full map is dense's, but without a grid size the
+    dense plan is not considered (pairs 1.75 * 3364 / 9 = 654.1 < im2col 720; at 16 -> 32 channels im2col
+    2.1867 * 400 = 874.7 < pairs 2.734375 * 3364 / 9 = 1022.1), and without a tile plan the tiles are not."""
     region = torch.zeros(1, 20, 20, dtype=torch.bool)
     region[0, 3:8, 10:15] = True
     nbr = sp.neighbour_table(region.nonzero(), (20, 20), 1)
@@ -530,7 +541,8 @@ def test_choose_strategy_considers_only_the_plans_it_can_run():
     full = torch.ones(1, 20, 20, dtype=torch.bool)
     nbr = sp.neighbour_table(full.nonzero(), (20, 20), 1)
     assert sp.choose_strategy(nbr, (20, 20), 1) == "dense"
-    assert sp.choose_strategy(nbr) == "im2col"
+    assert sp.choose_strategy(nbr) == "pairs"
+    assert sp.choose_strategy(nbr, channels=(16, 32)) == "im2col"
     assert set(sp.plan_costs(nbr)) == {"pairs", "im2col"}
 
 

@@ -34,7 +34,7 @@ The CPU then executes one of four plans with identical results, the cheapest by 
 (:func:`choose_strategy`, :func:`plan_costs`):
 
 * ``"pairs"`` (low density, the MESM regime): the classic gather -> GEMM -> scatter rulebook over the
-  *active* (output, input) pairs only, all non-centre offsets in one batched matmul; the work is the
+  *active* (output, input) pairs only, one kernel offset at a time (its buffers stay in cache); the work is the
   real rulebook size that :mod:`nbsupport.flops` counts;
 * ``"dense"`` (most of the grid active): oneDNN's ``conv2d`` on the zero-filled map, read at the sites;
 * ``"im2col"`` (compact regions, most neighbours active): one gather to (N, k*k*C_in) and one matmul.
@@ -60,7 +60,7 @@ from __future__ import annotations
 
 from .backends import (SPARSE_BACKEND_CPU, SPCONV_SELFCHECK_TOL, SpconvSubm, backend_description, sparse_backend,
                        spconv_selfcheck)
-from .engine import (DENSE_POOL_MIN_DENSITY, IM2COL_COST, PAIRS_COST, PAIRS_FEW_CHANNELS, REFERENCE_CHANNELS,
+from .engine import (DENSE_POOL_MIN_DENSITY, IM2COL_COST, IM2COL_FEW_CHANNELS, PAIRS_COST, PAIRS_FEW_CHANNELS, REFERENCE_CHANNELS,
                      TILE_GATHER_COST, TILE_GATHER_FEW_CHANNELS, TILE_SIZES, RulebookPairs,
                      SparseTensor, TileCount, TilePlan, choose_strategy, neighbour_table, offset_major, plan_costs,
                      rulebook_pairs, sparse_max_pool2d, subm_conv2d, tile_count, tile_plan, to_dense, to_sparse)
@@ -73,7 +73,7 @@ __all__ = [
     "SparseTensor", "to_sparse", "to_dense", "neighbour_table", "rulebook_pairs", "RulebookPairs", "offset_major",
     "choose_strategy", "plan_costs", "tile_plan", "TilePlan", "tile_count", "TileCount", "subm_conv2d", "sparse_max_pool2d",
     "PAIRS_COST", "IM2COL_COST", "TILE_GATHER_COST", "TILE_SIZES", "REFERENCE_CHANNELS", "PAIRS_FEW_CHANNELS",
-    "TILE_GATHER_FEW_CHANNELS", "DENSE_POOL_MIN_DENSITY",
+    "TILE_GATHER_FEW_CHANNELS", "IM2COL_FEW_CHANNELS", "DENSE_POOL_MIN_DENSITY",
     "SubMConv2d", "SparseConvBNReLU", "SparseMaxPool2d", "SparseVggBlock", "DenseConvBNReLU", "DenseVggBlock",
 ]
 

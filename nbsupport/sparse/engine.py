@@ -230,34 +230,29 @@ class _SubmConvFunction(torch.autograd.Function):
 
 @dataclass
 class RulebookPairs:
-    """Active (output, input) site pairs of a submanifold rulebook, per non-centre kernel offset, padded to
-    the longest offset so all offsets run as one batched matmul.  ``out_idx``/``in_idx`` (K-1, P_max)
-    long; padding points to row N (a zero input row / a discarded output row).  ``n_pairs`` counts the
-    real pairs including the centre tap (N)."""
+    """Active (output, input) site pairs of a submanifold rulebook, one list per non-centre kernel offset:
+    ``out_idx[m]`` and ``in_idx[m]`` (P_m,) long are the rows of the sites paired by offset
+    ``offsets[m]`` (row-major index into the k*k kernel), output rows ascending.  ``n_pairs`` counts all
+    real pairs, the centre tap's N included."""
 
-    out_idx: torch.Tensor
-    in_idx: torch.Tensor
+    out_idx: list[torch.Tensor]
+    in_idx: list[torch.Tensor]
     offsets: list[int]
     n_pairs: int
 
 
 def rulebook_pairs(nbr: torch.Tensor) -> RulebookPairs:
     """Turn a neighbour table (N, K) into :class:`RulebookPairs` (the classic gather-GEMM-scatter
-    rulebook)."""
+    rulebook): for every offset but the centre, the sites whose neighbour there is active."""
     n, kk = nbr.shape
     offsets = [j for j in range(kk) if j != kk // 2]
-    cols = nbr[:, offsets]  # (N, K-1)
-    active = cols < n
-    counts = active.sum(0)  # (K-1,)
-    p_max = int(counts.max()) if n > 0 and kk > 1 else 0
-    # stable order of the active rows per offset: sort "inactive" flags, active rows first
-    # (P_max, K-1) row ids
-    order = torch.argsort((~active).to(torch.int8), dim=0, stable=True)[:p_max]
-    valid = torch.arange(p_max, device=nbr.device)[:, None] < counts[None, :]
-    out_idx = torch.where(valid, order, torch.full_like(order, n)).t().contiguous()  # (K-1, P_max)
-    in_idx = torch.where(valid, torch.gather(cols, 0, order), torch.full_like(order, n))
-    in_idx = in_idx.t().contiguous()  # (K-1, P_max)
-    return RulebookPairs(out_idx, in_idx, offsets, int(counts.sum()) + n)
+    out_idx, in_idx = [], []
+    for j in offsets:
+        rows = (nbr[:, j] < n).nonzero()[:, 0]  # output sites with an active neighbour at offset j
+        out_idx.append(rows)
+        in_idx.append(nbr[rows, j])  # that neighbour's row
+    n_pairs = n + sum(int(r.numel()) for r in out_idx)
+    return RulebookPairs(out_idx, in_idx, offsets, n_pairs)
 
 
 def _weight_by_offset(weight: torch.Tensor) -> torch.Tensor:
@@ -312,72 +307,47 @@ class _StandardLayout(torch.autograd.Function):
 
 class _SubmConvPairsFunction(torch.autograd.Function):
     """Rulebook convolution over the active pairs only (the real rulebook size, best at low density):
-    centre tap as one matmul, the other offsets as gather -> batched matmul (two: the offsets before and
-    after the centre, reading slices of one offset-major weight copy) -> index_add."""
+    the centre tap as one matmul, then per kernel offset gather -> matmul by that offset's (C_in, C_out)
+    weight -> index_add into the output rows.  One offset at a time, not all offsets padded into one
+    ``bmm``: each offset's buffers then stay in the CPU's cache, and the layer ran 10 % to 60 % faster
+    (one thread; same sums in the same order, up to the GEMM library's rounding for another row count;
+    Performance page, ``benchmarks/layer_anatomy.py``)."""
 
     @staticmethod
     def forward(ctx, features, weight, holder):
         rb: RulebookPairs = holder.pairs
-        n, c_in = features.shape
-        c_out, _, kh, kw = weight.shape
-        kk, centre = kh * kw, (kh * kw) // 2
-        w_all = _weight_by_offset(weight)  # (K, C_in, C_out)
-        out = features.new_empty(n + 1, c_out)
-        torch.mm(features, w_all[centre], out=out[:n])  # centre tap: every site with itself
-        out[n] = 0
-        if rb.out_idx.numel():
-            # (N+1, C_in), row N = padding
-            fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)
-            x = fpad.index_select(0, rb.in_idx.reshape(-1))
-            x = x.view(*rb.in_idx.shape, c_in)  # (K-1, P, C_in)
-            y = features.new_empty(kk - 1, x.shape[1], c_out)  # (K-1, P, C_out)
-            torch.bmm(x[:centre], w_all[:centre], out=y[:centre])
-            torch.bmm(x[centre:], w_all[centre + 1:], out=y[centre:])
-            out.index_add_(0, rb.out_idx.reshape(-1), y.view(-1, c_out))
+        kh, kw = weight.shape[2:]
+        w_all = _weight_by_offset(weight)  # (K, C_in, C_out): a view for SubMConv2d's weights
+        out = features @ w_all[(kh * kw) // 2]  # centre tap: every site with itself
+        for j, rows_out, rows_in in zip(rb.offsets, rb.out_idx, rb.in_idx):
+            out.index_add_(0, rows_out, features.index_select(0, rows_in) @ w_all[j])
         ctx.save_for_backward(features, w_all)
         ctx.rb = rb
         ctx.kernel = (kh, kw)
         # layout only
         ctx.weight_ref = torch.empty_strided(weight.shape, weight.stride(), device="meta")
-        return out[:n]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         features, w_all = ctx.saved_tensors
         rb: RulebookPairs = ctx.rb
-        n, c_in = features.shape
-        c_out = w_all.shape[2]
         kh, kw = ctx.kernel
-        kk, centre = kh * kw, (kh * kw) // 2
+        centre = (kh * kw) // 2
         grad_out = grad_out.contiguous()
         need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_f = grad_w = None
-        has_pairs = rb.out_idx.numel() > 0
-        if has_pairs:
-            gpad = torch.cat([grad_out, grad_out.new_zeros(1, c_out)], 0)
-            g = gpad.index_select(0, rb.out_idx.reshape(-1)).view(*rb.out_idx.shape, c_out)  # (K-1, P, C_out)
-        if need_f:
-            gf = features.new_empty(n + 1, c_in)
-            torch.mm(grad_out, w_all[centre].t(), out=gf[:n])
-            gf[n] = 0
-            if has_pairs:
-                gx = features.new_empty(kk - 1, g.shape[1], c_in)  # (K-1, P, C_in)
-                torch.bmm(g[:centre], w_all[:centre].transpose(1, 2), out=gx[:centre])
-                torch.bmm(g[centre:], w_all[centre + 1:].transpose(1, 2), out=gx[centre:])
-                gf.index_add_(0, rb.in_idx.reshape(-1), gx.view(-1, c_in))
-            grad_f = gf[:n]
+        grad_f = grad_out @ w_all[centre].t() if need_f else None
+        gw = None
         if need_w:
-            gw = features.new_empty(kk, c_in, c_out)  # offset-major
+            gw = features.new_empty(w_all.shape)  # offset-major (K, C_in, C_out)
             torch.mm(features.t(), grad_out, out=gw[centre])
-            if has_pairs:
-                fpad = torch.cat([features, features.new_zeros(1, c_in)], 0)
-                xt = fpad.index_select(0, rb.in_idx.reshape(-1)).view(*rb.in_idx.shape, c_in).transpose(1, 2)
-                torch.bmm(xt[:centre], g[:centre], out=gw[:centre])
-                torch.bmm(xt[centre:], g[centre:], out=gw[centre + 1:])
-            else:
-                gw[:centre] = 0
-                gw[centre + 1:] = 0
-            grad_w = _grad_like(gw, ctx.weight_ref)  # (C_out, C_in, kh, kw) in the weight's layout
+        for j, rows_out, rows_in in zip(rb.offsets, rb.out_idx, rb.in_idx):
+            g = grad_out.index_select(0, rows_out)  # (P_j, C_out)
+            if need_f:  # the mirrored pairs: each input site collects from the outputs it fed
+                grad_f.index_add_(0, rows_in, g @ w_all[j].t())
+            if need_w:  # an offset without pairs gets zeros (an empty inner dimension)
+                torch.mm(features.index_select(0, rows_in).t(), g, out=gw[j])
+        grad_w = _grad_like(gw, ctx.weight_ref) if need_w else None  # in the weight's layout
         return grad_f, grad_w, None
 
 
@@ -533,24 +503,34 @@ def _subm_conv_tiles(features: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 #: Relative costs of the CPU plans, in units of one output cell of oneDNN's dense 3x3 convolution (forward +
 #: backward), measured on one thread at the first face block's shapes (64 -> 128 channels at 24x24, batch
-#: 32) on random and compact masks: the "pairs" plan pays PAIRS_COST per active (site, neighbour) pair
-#: divided by k*k (its gather-GEMM-scatter of 64-channel slices runs at about half oneDNN's rate), "im2col"
-#: IM2COL_COST per site (one GEMM over all k*k offsets, zero rows included, 1.8 to 2.1 measured), "tiles"
-#: one per output cell of its active tiles plus TILE_GATHER_COST per gathered input cell (its halo; 1.04 to
-#: 1.2 per output cell measured with 4x4 tiles), "dense" one per cell of the grid.  :func:`plan_costs`
-#: applies them.
-PAIRS_COST = 2.2
-IM2COL_COST = 1.9
-TILE_GATHER_COST = 0.05
-#: The constants above hold at C_in x C_out = REFERENCE_CHANNELS (64 -> 128).  With fewer channels a
-#: dense cell costs fewer MACs while gathering and scattering a row costs about as much, so the pairs
-#: plan and the tiles' halo cost relatively more: PAIRS_FEW_CHANNELS / (C_in C_out) and
-#: TILE_GATHER_FEW_CHANNELS / (C_in C_out) are added (each minus its value at the reference), fitted to
-#: the same measurements at 8 -> 16 and 16 -> 32 channels (chapter 6's widths), where the pairs plan cost
-#: 7.7 dense taps per pair and a 4x4 tile 1.7 dense cells per output cell.
-REFERENCE_CHANNELS = 64 * 128
-PAIRS_FEW_CHANNELS = 700.0
-TILE_GATHER_FEW_CHANNELS = 37.0
+#: 32) on random and compact masks at densities 0.2 to 0.7 (``benchmarks/layer_anatomy.py``, "planner"):
+#: the "pairs" plan pays PAIRS_COST per active (site, neighbour) pair divided by k*k (its per-offset
+#: GEMMs with inner size C_in run below oneDNN's rate; 1.56 to 1.92 measured), "im2col" IM2COL_COST per
+#: site (one GEMM over all k*k offsets, zero rows included; 1.44 to 2.29), "tiles" one per output cell of
+#: its active tiles plus TILE_GATHER_COST per gathered input cell (its halo; 1.07 to 1.28 per output cell
+#: with 4x4 and 8x8 tiles), "dense" one per cell of the grid.  :func:`plan_costs` applies them.
+PAIRS_COST = 1.75
+IM2COL_COST = 1.8
+TILE_GATHER_COST = 0.1
+#: The constants above hold at REFERENCE_CHANNELS (C_in, C_out) = (64, 128).  With fewer channels a dense
+#: cell costs fewer MACs (C_in C_out per tap) while the plans' gathers and scatters move C_in + C_out
+#: numbers per row, so each plan's overhead grows like 1/C_in + 1/C_out: PAIRS_FEW_CHANNELS,
+#: IM2COL_FEW_CHANNELS and TILE_GATHER_FEW_CHANNELS times (1/C_in + 1/C_out minus its value at the
+#: reference) are added to PAIRS_COST, IM2COL_COST and TILE_GATHER_COST, fitted to the same measurement
+#: at chapter 6's widths (8 -> 16 at 48x48, 16 -> 32 at 24x24, 32 -> 64 at 12x12, 56 frames), where a
+#: pair cost 3.9 to 4.3, 2.6 to 3.6 and 1.8 to 2.4 dense taps.
+REFERENCE_CHANNELS = (64, 128)
+PAIRS_FEW_CHANNELS = 14.0
+IM2COL_FEW_CHANNELS = 5.5
+TILE_GATHER_FEW_CHANNELS = 3.0
+
+
+def _few_channels(channels: tuple[int, int] | None) -> float:
+    # 1/C_in + 1/C_out above its value at the reference channels (0 for None: the reference itself)
+    if channels is None:
+        return 0.0
+    ref = 1.0 / REFERENCE_CHANNELS[0] + 1.0 / REFERENCE_CHANNELS[1]
+    return 1.0 / int(channels[0]) + 1.0 / int(channels[1]) - ref
 
 
 def _check_weight(weight: torch.Tensor, c_in: int) -> None:
@@ -639,8 +619,9 @@ def plan_costs(neighbours: torch.Tensor, spatial_shape: Sequence[int] | None = N
     "dense" with a grid size, "tiles" with a tile plan."""
     n, kk = neighbours.shape
     pairs = float((neighbours < n).sum())
-    few = 0.0 if channels is None else 1.0 / (int(channels[0]) * int(channels[1])) - 1.0 / REFERENCE_CHANNELS
-    costs = {"pairs": (PAIRS_COST + PAIRS_FEW_CHANNELS * few) * pairs / kk, "im2col": IM2COL_COST * n}
+    few = _few_channels(channels)
+    costs = {"pairs": (PAIRS_COST + PAIRS_FEW_CHANNELS * few) * pairs / kk,
+             "im2col": (IM2COL_COST + IM2COL_FEW_CHANNELS * few) * n}
     if spatial_shape is not None and batch_size is not None:
         costs["dense"] = float(int(batch_size) * int(spatial_shape[0]) * int(spatial_shape[1]))
     if tiles is not None:  # a TilePlan or its TileCount
