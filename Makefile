@@ -52,6 +52,7 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/sparse_vs_dense.py --out benchmarks/results/sparse_vs_dense.json
 	$(BIN)/python benchmarks/peer_scn.py --out benchmarks/results/peer_scn.json
 	$(BIN)/python benchmarks/train_step.py --out benchmarks/results/train_step.json
+	$(BIN)/python benchmarks/layer_anatomy.py --out benchmarks/results/layer_anatomy.json
 
 # The GPU check (README "Using a GPU"): `make gpu-bundle` here (needs PyPI) packs what a bare GPU machine lacks
 # into .gpu_bundle/ (gitignored, carried by the device tool); `make gpu-check OUT=folder` there runs the check

@@ -287,7 +287,7 @@ def main(argv=None) -> dict:
     rates = bench_rates(args.repeats, args.seed, args.batch)
     for k, v in rates.items():
         print(f"{k:40s} {v:6.1f} GFLOP/s", flush=True)
-    result = dict(machine=common.machine(args.label), parameters=vars(args), plans=rows, rates=rates, planner=planner,
+    result = dict(machine=common.machine(args.label), parameters=vars(args), plans=rows, rates=[dict(kernel=k, gflop_per_s=v) for k, v in rates.items()], planner=planner,
                   tiles=tile_limits(rows, rates), seconds_total=time.perf_counter() - t0)
     result["machine"]["threads"] = [1]
     atomic_write_json(Path(args.out), result)

@@ -516,9 +516,10 @@ TILE_GATHER_COST = 0.1
 #: cell costs fewer MACs (C_in C_out per tap) while the plans' gathers and scatters move C_in + C_out
 #: numbers per row, so each plan's overhead grows like 1/C_in + 1/C_out: PAIRS_FEW_CHANNELS,
 #: IM2COL_FEW_CHANNELS and TILE_GATHER_FEW_CHANNELS times (1/C_in + 1/C_out minus its value at the
-#: reference) are added to PAIRS_COST, IM2COL_COST and TILE_GATHER_COST, fitted to the same measurement
-#: at chapter 6's widths (8 -> 16 at 48x48, 16 -> 32 at 24x24, 32 -> 64 at 12x12, 56 frames), where a
-#: pair cost 3.9 to 4.3, 2.6 to 3.6 and 1.8 to 2.4 dense taps.
+#: reference, never below 0: wider layers keep the reference's constants) are added to PAIRS_COST,
+#: IM2COL_COST and TILE_GATHER_COST, fitted to the same measurement at chapter 6's widths (8 -> 16 at
+#: 48x48, 16 -> 32 at 24x24, 32 -> 64 at 12x12, 56 frames), where a pair cost 3.9 to 4.3, 2.6 to 3.6 and
+#: 1.8 to 2.4 dense taps.
 REFERENCE_CHANNELS = (64, 128)
 PAIRS_FEW_CHANNELS = 14.0
 IM2COL_FEW_CHANNELS = 5.5
@@ -526,11 +527,12 @@ TILE_GATHER_FEW_CHANNELS = 3.0
 
 
 def _few_channels(channels: tuple[int, int] | None) -> float:
-    # 1/C_in + 1/C_out above its value at the reference channels (0 for None: the reference itself)
+    # 1/C_in + 1/C_out above its value at the reference channels; 0 for None (the reference itself) and
+    # for wider layers, which keep the reference's constants (the fit did not go beyond 64 -> 128)
     if channels is None:
         return 0.0
     ref = 1.0 / REFERENCE_CHANNELS[0] + 1.0 / REFERENCE_CHANNELS[1]
-    return 1.0 / int(channels[0]) + 1.0 / int(channels[1]) - ref
+    return max(0.0, 1.0 / int(channels[0]) + 1.0 / int(channels[1]) - ref)
 
 
 def _check_weight(weight: torch.Tensor, c_in: int) -> None:
