@@ -1,12 +1,12 @@
 """Where one submanifold layer's time goes, plan by plan, and the rates of the kernels it hands work to
-(Performance page, "Why the layer goals are out of reach of this design").
+(Performance page, "Where one layer's time goes").
 
 Usage::
 
     python benchmarks/layer_anatomy.py --out benchmarks/results/layer_anatomy.json
 
 The layer is ``peer_scn.py``'s (3x3, 64 -> 128 channels, 24x24 maps, batch 32, forward + backward) on the
-two kinds of site mask of ``common.site_masks``.  Three measurements, all in one run, one thread:
+two kinds of site mask of ``common.site_masks``.  Four measurements, all in one run, one thread:
 
 * **plans**: the book's engine (:func:`nbsupport.sparse.subm_conv2d`) forced to each CPU plan ("pairs",
   "im2col", "tiles") and the dense ``conv2d``, timed interleaved (``common.interleave``); then each plan
@@ -19,7 +19,8 @@ two kinds of site mask of ``common.site_masks``.  Three measurements, all in one
   of the memory passes around the same kernel calls could give.
 * **rates**: GFLOP/s of the kernel calls these plans make, at the layer's sizes with the number of
   sites of density 0.3: MKL's ``mm`` with inner size K = C_in (one kernel offset, the pairs plan's
-  GEMM), 3 C_in (a kernel row) and 9 C_in (im2col), the pairs plan's 8-offset ``bmm``, and oneDNN's
+  GEMM), 3 C_in (a kernel row) and 9 C_in (im2col), the 8-offset ``bmm`` of the former, batched pairs
+  plan, and oneDNN's
   ``conv2d`` forward + backward on the whole 24x24 map and on 4x4 output tiles with their halo covering
   the same output cells (the block-sparse plan's kernel).
 * **planner**: at the reference layer and at chapter 6's widths (8 -> 16 at 48x48, 16 -> 32 at 24x24,
@@ -191,7 +192,7 @@ def bench_rates(repeats: int, seed: int, batch: int) -> dict:
         a, b = torch.randn(m, taps * C_IN, generator=g), torch.randn(taps * C_IN, C_OUT, generator=g)
         out[name] = 2 * m * taps * C_IN * C_OUT / median_time(lambda: a @ b, repeats) / 1e9
     a, b = torch.randn(8, m, C_IN, generator=g), torch.randn(8, C_IN, C_OUT, generator=g)
-    out["bmm 8 offsets x K=C_in (pairs)"] = 2 * 8 * m * C_IN * C_OUT / median_time(lambda: torch.bmm(a, b),
+    out["bmm 8 offsets x K=C_in (former batched pairs)"] = 2 * 8 * m * C_IN * C_OUT / median_time(lambda: torch.bmm(a, b),
                                                                                    repeats) / 1e9
     w = torch.randn(C_OUT, C_IN, K, K, generator=g)
     cells = batch * H * W

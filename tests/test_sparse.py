@@ -528,6 +528,21 @@ def test_block_sparse_plan_bad_arguments_name_the_parameter():
                        neighbours=sp.neighbour_table(coords, (4, 4), 1))
 
 
+def test_wider_layers_keep_the_reference_constants():
+    """The few-channel term is fitted between 8 and 128 channels: a layer wider than 64 -> 128 is priced
+    with the reference's constants (the term never goes below 0), a narrower one above them."""
+    region = torch.zeros(1, 20, 20, dtype=torch.bool)
+    region[0, 3:8, 10:15] = True
+    nbr = sp.neighbour_table(region.nonzero(), (20, 20), 1)
+    tiles = sp.tile_plan(region.nonzero(), (20, 20), 1)
+    ref = sp.plan_costs(nbr, (20, 20), 1, tiles)
+    for wide in ((128, 256), (512, 512), (64, 128)):
+        assert sp.plan_costs(nbr, (20, 20), 1, tiles, channels=wide) == pytest.approx(ref)
+    narrow = sp.plan_costs(nbr, (20, 20), 1, tiles, channels=(64, 64))  # 1/64 + 1/64 - 3/128 = 1/128
+    assert narrow["pairs"] == pytest.approx((1.75 + 14 / 128) * 169 / 9)
+    assert narrow["im2col"] == pytest.approx((1.8 + 5.5 / 128) * 25)
+
+
 def test_choose_strategy_considers_only_the_plans_it_can_run():
     """A compact 5x5 region of a 20x20 map has 13 x 13 = 169 active (site, neighbour) pairs (hand count):
     pairs 1.75 * 169 / 9 = 32.9 < im2col 1.8 * 25 = 45.  A full map is dense's, but without a grid size the

@@ -309,9 +309,9 @@ class _SubmConvPairsFunction(torch.autograd.Function):
     """Rulebook convolution over the active pairs only (the real rulebook size, best at low density):
     the centre tap as one matmul, then per kernel offset gather -> matmul by that offset's (C_in, C_out)
     weight -> index_add into the output rows.  One offset at a time, not all offsets padded into one
-    ``bmm``: each offset's buffers then stay in the CPU's cache, and the layer ran 10 % to 60 % faster
-    (one thread; same sums in the same order, up to the GEMM library's rounding for another row count;
-    Performance page, ``benchmarks/layer_anatomy.py``)."""
+    ``bmm``: each offset's buffers then stay in the CPU's cache, and the layer took 0.39 to 1.03 of the
+    batched version's time (one thread, 64 -> 128 and chapter 6's widths; same sums in the same order,
+    up to the GEMM library's rounding for another row count; Performance page)."""
 
     @staticmethod
     def forward(ctx, features, weight, holder):
@@ -502,13 +502,14 @@ def _subm_conv_tiles(features: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 #: Relative costs of the CPU plans, in units of one output cell of oneDNN's dense 3x3 convolution (forward +
-#: backward), measured on one thread at the first face block's shapes (64 -> 128 channels at 24x24, batch
-#: 32) on random and compact masks at densities 0.2 to 0.7 (``benchmarks/layer_anatomy.py``, "planner"):
-#: the "pairs" plan pays PAIRS_COST per active (site, neighbour) pair divided by k*k (its per-offset
-#: GEMMs with inner size C_in run below oneDNN's rate; 1.56 to 1.92 measured), "im2col" IM2COL_COST per
-#: site (one GEMM over all k*k offsets, zero rows included; 1.44 to 2.29), "tiles" one per output cell of
-#: its active tiles plus TILE_GATHER_COST per gathered input cell (its halo; 1.07 to 1.28 per output cell
-#: with 4x4 and 8x8 tiles), "dense" one per cell of the grid.  :func:`plan_costs` applies them.
+#: backward), fitted on one thread at the first face block's shapes (64 -> 128 channels at 24x24, batch
+#: 32) on random and compact masks to a run of ``benchmarks/layer_anatomy.py`` ("planner"): the "pairs"
+#: plan pays PAIRS_COST per active (site, neighbour) pair divided by k*k (its per-offset GEMMs with inner
+#: size C_in run below oneDNN's rate), "im2col" IM2COL_COST per site (one GEMM over all k*k offsets, zero
+#: rows included), "tiles" one per output cell of its active tiles plus TILE_GATHER_COST per gathered input
+#: cell (its halo), "dense" one per cell of the grid.  The committed run measured, at densities 0.2 to
+#: 0.7, 1.59 to 1.91 per pair / 9, 1.47 to 2.06 per im2col site and 1.10 to 1.24 per tile cell (4x4 and
+#: 8x8 tiles).  :func:`plan_costs` applies them.
 PAIRS_COST = 1.75
 IM2COL_COST = 1.8
 TILE_GATHER_COST = 0.1
@@ -518,8 +519,8 @@ TILE_GATHER_COST = 0.1
 #: IM2COL_FEW_CHANNELS and TILE_GATHER_FEW_CHANNELS times (1/C_in + 1/C_out minus its value at the
 #: reference, never below 0: wider layers keep the reference's constants) are added to PAIRS_COST,
 #: IM2COL_COST and TILE_GATHER_COST, fitted to the same measurement at chapter 6's widths (8 -> 16 at
-#: 48x48, 16 -> 32 at 24x24, 32 -> 64 at 12x12, 56 frames), where a pair cost 3.9 to 4.3, 2.6 to 3.6 and
-#: 1.8 to 2.4 dense taps.
+#: 48x48, 16 -> 32 at 24x24, 32 -> 64 at 12x12, 56 frames), where the committed run measured a pair at
+#: 3.9 to 4.5, 2.6 to 3.7 and 1.8 to 3.1 dense taps (densities 0.2 to 0.7).
 REFERENCE_CHANNELS = (64, 128)
 PAIRS_FEW_CHANNELS = 14.0
 IM2COL_FEW_CHANNELS = 5.5
