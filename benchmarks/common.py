@@ -172,17 +172,21 @@ def site_masks(kind: str, n: int, h: int, w: int, density: float, gen: torch.Gen
     return mask.view(n, h, w)
 
 
-def checked_out_and_masks(ap, args) -> list[str]:
-    """Command-line checks the sparse benchmarks share: ``--out`` must name a .json file and every kind
-    of ``--masks`` (comma-separated) must be one of :data:`MASK_KINDS` (else ``ap.error``, naming the
-    option); returns the mask kinds."""
-    if not args.out.endswith(".json"):
-        ap.error(f"--out must name a .json file, got {args.out!r}")
-    kinds = args.masks.split(",")
-    for k in kinds:
-        if k not in MASK_KINDS:
-            ap.error(f"--masks: unknown kind {k!r}, expected some of {', '.join(MASK_KINDS)}")
-    return kinds
+def json_out(ap, out: str) -> Path:
+    """The benchmarks' ``--out``: a path ending in .json (else ``ap.error`` naming the option)."""
+    if not out.endswith(".json"):
+        ap.error(f"--out must name a .json file, got {out!r}")
+    return Path(out)
+
+
+def listed(ap, option: str, text: str, allowed, noun: str) -> list[str]:
+    """A comma-separated command-line list whose every entry must be one of ``allowed`` (else
+    ``ap.error`` naming ``option`` and the ``noun`` of an entry); returns the entries."""
+    entries = text.split(",")
+    for e in entries:
+        if e not in allowed:
+            ap.error(f"{option}: unknown {noun} {e!r}, expected some of {', '.join(sorted(allowed))}")
+    return entries
 
 
 def site_prior(kind: str, n: int, h: int, w: int, blob: float, gen: torch.Generator) -> torch.Tensor:

@@ -279,7 +279,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label", default="", help="free text describing the machine")
     args = ap.parse_args(argv)
-    kinds = common.checked_out_and_masks(ap, args)
+    common.json_out(ap, args.out)
+    kinds = common.listed(ap, "--masks", args.masks, common.MASK_KINDS, "kind")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     densities = [float(d) for d in args.densities.split(",")]

@@ -479,7 +479,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", default="faces", help="modalities of the step-by-step profile ('' for none)")
     ap.add_argument("--label", default="", help="free text describing the machine")
     args = ap.parse_args(argv)
-    kinds = common.checked_out_and_masks(ap, args)
+    common.json_out(ap, args.out)
+    kinds = common.listed(ap, "--masks", args.masks, common.MASK_KINDS, "kind")
     threads = [int(t) for t in args.threads.split(",")]
     t0 = time.perf_counter()
     order = scn_filter_order() if scn is not None else None

@@ -249,18 +249,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
     ap.add_argument("--label", default="", help="free text describing the machine (stored in the JSON and plot)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix != ".json":
-        ap.error(f"--out must name a .json file, got {args.out!r}")
+    out = common.json_out(ap, args.out)
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         ap.error(f"--device: 'cpu', or 'cuda' on a machine with a GPU, got {args.device!r}")
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     top_ps = [float(p) for p in args.top_p.split(",")]
-    mods = args.modalities.split(",")
-    for m in mods:
-        if m not in sp.PAPER_SPARSE_INPUT:
-            ap.error(f"--modalities: unknown modality {m!r}, expected some of {sorted(sp.PAPER_SPARSE_INPUT)}")
+    mods = common.listed(ap, "--modalities", args.modalities, sp.PAPER_SPARSE_INPUT, "modality")
     if args.quick:
         batches, top_ps, args.repeats = [2], [0.7, 1.0], 1
     t0 = time.perf_counter()

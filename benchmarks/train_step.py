@@ -88,12 +88,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny-text", action="store_true", help="small random BERT instead of the bundled MiniLM")
     ap.add_argument("--label", default="")
     args = ap.parse_args(argv)
-    if not args.out.endswith(".json"):
-        ap.error(f"--out must name a .json file, got {args.out!r}")
-    presets = args.presets.split(",")
-    for p in presets:
-        if p not in PRESETS:
-            ap.error(f"--presets: unknown preset {p!r}, expected some of {', '.join(PRESETS)}")
+    common.json_out(ap, args.out)
+    presets = common.listed(ap, "--presets", args.presets, PRESETS, "preset")
     threads = [int(t) for t in args.threads.split(",")]
     from nbsupport import protocol
     from nbsupport.data import ensure_corpus
